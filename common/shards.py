@@ -1,0 +1,346 @@
+"""THE contract between `ft precompute` and `ft train`: WebDataset tar shards plus a manifest.
+
+A shard set is a folder holding `manifest.json` and `*.tar` shards. A sample is the tar members sharing a key:
+
+    <key>.latents.safetensors   the VAE posterior of the clip (the ModelSpec names the tensors: mean, logvar, ...)
+    <key>.cond.safetensors      the text conditioning (prompt_embeds, masks, pooled embeddings, ...)
+    <key>.json                  caption, source path, source fps, frame indices, bucket, latent shape, model family
+
+`<key>` is a content hash (`sample_key`) of everything that produced the sample, so a rerun, a grown dataset or
+another experiment can reuse what was already encoded. Tensors travel as safetensors and metadata as JSON: no
+pickle anywhere in the data path. Any plain WebDataset reader can read the shards; `iter_shard` here adds
+sha256 verification and a zero-copy decode (tensors are views of the bytes read from the tar).
+
+Shards are written to `<name>.tar.tmp` and renamed when complete, so a killed job never leaves a truncated
+`.tar` that looks whole; the manifest lists only completed shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import struct
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from . import __version__
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSOR_GROUPS = ("latents", "cond")
+
+
+def sample_key(parts: dict[str, Any]) -> str:
+    """The content hash naming a sample: sha256 of the canonical JSON of what produced it (first 32 hex chars)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bucket_name(frames: int, height: int, width: int) -> str:
+    """`(49, 480, 720)` -> `'49x480x720'`, the spelling of `--buckets` and of the manifest's histograms."""
+    return f"{frames}x{height}x{width}"
+
+
+# ---------------------------------------------------------------------------------------------- tensors <-> bytes
+
+_ST_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialize named tensors as safetensors bytes (contiguous CPU copies)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes into tensors that VIEW `buf` (no copy). Pass a bytearray for writable tensors."""
+    import torch
+
+    (header_len,) = struct.unpack("<Q", bytes(buf[:8]))
+    header = json.loads(bytes(buf[8 : 8 + header_len]))
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        shape = info["shape"]
+        if end == begin:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).view(shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class ShardInfo:
+    """One completed shard: its file name, sample count, size, sha256 and bucket histogram."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    buckets: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """What a shard set holds and how it was made. Written as `manifest.json` beside the shards."""
+
+    model_family: str
+    encoders: dict[str, Any]
+    encoder_fingerprint: str
+    encoding: dict[str, Any]
+    shapes: dict[str, Any]
+    shards: list[ShardInfo] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    tool: str = "ft"
+    tool_version: str = __version__
+    updated: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def bucket_histogram(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for s in self.shards:
+            total.update(s.buckets)
+        return dict(sorted(total.items()))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write atomically: a reader never sees a half-written manifest."""
+        self.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).exists():
+            raise UserError(f"{folder}: no such shard folder. Run `ft precompute ... --out {folder}` first.")
+        if not path.is_file():
+            raise UserError(f"{folder} has no {MANIFEST_NAME}: it is not a shard set written by `ft precompute`.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); rerun `ft precompute` to rewrite it.") from e
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{path} has schema version {version}; this ft reads version {SCHEMA_VERSION}. "
+                            "Re-encode with this version of `ft precompute`.")
+        data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def open_shard_set(folder: str | Path) -> tuple[Manifest, list[Path]]:
+    """The manifest and the shard paths of a shard set, checking that every listed shard is there."""
+    manifest = Manifest.load(folder)
+    paths = [Path(folder) / s.name for s in manifest.shards]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{folder}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing "
+                        f"(first: {missing[0]}). Rerun `ft precompute` with the same --out to rebuild them.")
+    if not paths:
+        raise UserError(f"{folder} holds no samples (every input was rejected?); see `ft inspect {folder}`.")
+    return manifest, paths
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
+class ShardWriter:
+    """Writes samples into `<prefix>-NNNNNN.tar` shards of at most `max_samples` samples / `max_bytes` bytes.
+
+    `on_shard` is called with each completed shard's `ShardInfo`, after its rename, so the caller can record it in
+    the manifest at once (a kill then loses at most the shard being written).
+    """
+
+    def __init__(self, folder: str | Path, prefix: str = "shard", start_index: int = 0, max_samples: int = 256,
+                 max_bytes: int = 1 << 30, on_shard: Callable[[ShardInfo], None] | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.index = prefix, start_index
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.on_shard = on_shard
+        self.completed: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+
+    def _open(self) -> None:
+        self._name = f"{self.prefix}-{self.index:06d}.tar"
+        self._file = open(self.folder / (self._name + ".tmp"), "wb")
+        self._hasher = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._samples, self._buckets = 0, Counter()
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        assert self._tar is not None
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        """Add one sample: `tensors` maps a group ('latents', 'cond') to named tensors; `meta` is its JSON."""
+        assert set(tensors) <= set(TENSOR_GROUPS), tensors.keys()
+        if self._tar is None:
+            self._open()
+        for group, named in tensors.items():
+            self._add(f"{key}.{group}.safetensors", tensors_to_bytes(named))
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self._samples += 1
+        self._buckets[bucket_name(*meta["bucket"])] += 1
+        if self._samples >= self.max_samples or self._hasher.size >= self.max_bytes:
+            self.finish_shard()
+
+    def finish_shard(self) -> ShardInfo | None:
+        """Close the shard being written (if any), rename it into place and report it."""
+        if self._tar is None:
+            return None
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.folder / (self._name + ".tmp"), self.folder / self._name)
+        info = ShardInfo(self._name, self._samples, self._hasher.size, self._hasher.sha.hexdigest(),
+                         dict(sorted(self._buckets.items())))
+        self._tar = None
+        self.index += 1
+        self.completed.append(info)
+        if self.on_shard:
+            self.on_shard(info)
+        return info
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Sample:
+    """One decoded sample: tensor groups (views of the shard's bytes) and its JSON metadata."""
+
+    key: str
+    tensors: dict[str, dict[str, torch.Tensor]]
+    meta: dict[str, Any]
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.f.readinto(b)
+        if n:
+            self.sha.update(memoryview(b)[:n])
+        return n or 0
+
+
+class ShardCorruptError(UserError):
+    """A shard's bytes do not match the sha256 in its manifest, or the tar cannot be read."""
+
+
+def iter_shard(path: str | Path, expected_sha256: str | None = None) -> Iterator[Sample]:
+    """Stream the samples of one tar shard. With `expected_sha256`, verify the bytes as they are read.
+
+    Members of a sample must be adjacent (as `ShardWriter` and every WebDataset writer leave them).
+    """
+    path = Path(path)
+    raw = open(path, "rb")
+    reader = _HashingReader(raw) if expected_sha256 else raw
+    try:
+        tar = tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|")  # type: ignore[arg-type]
+        key, tensors, meta = None, {}, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            k, _, ext = base.partition(".")
+            if k != key:
+                if key is not None and meta is not None:
+                    yield Sample(key, tensors, meta)
+                key, tensors, meta = k, {}, None
+            fobj = tar.extractfile(member)
+            assert fobj is not None
+            buf = bytearray(member.size)
+            view, got = memoryview(buf), 0
+            while got < member.size:
+                n = fobj.readinto(view[got:])
+                if not n:
+                    raise ShardCorruptError(f"{path}: {member.name} is truncated; re-run `ft precompute`.")
+                got += n
+            if ext == "json":
+                meta = json.loads(buf)
+            elif ext.endswith(".safetensors"):
+                tensors[ext[: -len(".safetensors")]] = tensors_from_bytes(buf)
+        if key is not None and meta is not None:
+            yield Sample(key, tensors, meta)
+        if expected_sha256:
+            while reader.read(1 << 20):
+                pass
+            if reader.sha.hexdigest() != expected_sha256:
+                raise ShardCorruptError(f"{path}: sha256 does not match {MANIFEST_NAME}; the shard is damaged. "
+                                        "Delete it and rerun `ft precompute` with the same --out to rebuild it.")
+    except tarfile.TarError as e:
+        raise ShardCorruptError(f"{path}: not a readable tar ({e}). Delete it and rerun `ft precompute`.") from e
+    finally:
+        raw.close()
+
+
+def shard_keys(path: str | Path) -> set[str]:
+    """The sample keys in a shard, from its member names only (no tensor bytes are decoded)."""
+    with tarfile.open(path, "r:") as tar:
+        return {os.path.basename(n).partition(".")[0] for n in tar.getnames()}

@@ -1,0 +1,230 @@
+"""Video and image decoding, frame sampling, bucketing, resize/crop, and writing mp4.
+
+Decoding uses decord when it is installed (fast, seeks by index) and PyAV otherwise; images (png, jpg, webp) are
+1-frame videos. `open_media` probes a file without decoding all of it; `MediaReader.read(indices)` decodes just the
+frames a bucket needs. Frames are returned as uint8 tensors [F, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif"}
+FRAME_SAMPLING = ("head", "uniform")
+
+
+class MediaError(Exception):
+    """A media file could not be read; precompute records it as a rejected input with this reason."""
+
+
+def is_image(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class MediaReader:
+    """A probed media file: its frame count, fps and size, and a way to decode chosen frames."""
+
+    path: Path
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    _decord: object | None = None
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        """Decode the frames at `indices` as uint8 [F, H, W, 3]."""
+        if is_image(self.path):
+            return _read_image(self.path)[None].repeat(len(indices), 0)
+        if self._decord is not None:
+            try:
+                return self._decord.get_batch(indices).asnumpy()  # type: ignore[attr-defined]
+            except Exception:  # decord fails on some frame sizes (row alignment); PyAV decodes them
+                self._decord = None
+        return _pyav_read(self.path, indices)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for bad files
+        raise MediaError(f"not a readable image: {e}") from e
+
+
+def _have_decord() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
+    """Probe a video or image. `backend` is 'auto' (decord, else PyAV), 'decord' or 'pyav'."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError("file not found")
+    if is_image(path):
+        frame = _read_image(path)
+        return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1])
+    if backend in ("auto", "decord") and _have_decord():
+        import decord
+
+        try:
+            vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+            n = len(vr)
+            if n == 0:
+                raise MediaError("the video has no frames")
+            h, w = vr[0].shape[:2]
+            vr.seek(0)
+            return MediaReader(path, n, float(vr.get_avg_fps()), int(h), int(w), vr)
+        except MediaError:
+            raise
+        except Exception as e:
+            if backend == "decord":
+                raise MediaError(f"not a readable video: {e}") from e
+    return _pyav_probe(path)
+
+
+def _pyav_probe(path: Path) -> MediaReader:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError("the file has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            n = stream.frames
+            h, w = stream.codec_context.height, stream.codec_context.width
+            if not n:  # the container does not say: count by decoding
+                n = sum(1 for _ in container.decode(video=0))
+    except MediaError:
+        raise
+    except Exception as e:  # av.error.* and friends
+        raise MediaError(f"not a readable video: {e}") from e
+    if n == 0:
+        raise MediaError("the video has no frames")
+    return MediaReader(path, n, fps, h, w)
+
+
+def _pyav_read(path: Path, indices: list[int]) -> np.ndarray:
+    import av
+
+    wanted = set(indices)
+    frames: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= max(indices):
+                    break
+    except Exception as e:
+        raise MediaError(f"decoding frames failed: {e}") from e
+    missing = wanted - frames.keys()
+    if missing:
+        raise MediaError(f"the video ended before frame {min(missing)}")
+    return np.stack([frames[i] for i in indices])
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+
+
+def parse_bucket(text: str) -> tuple[int, int, int]:
+    """`'49x480x720'` -> (49, 480, 720): frames x height x width."""
+    try:
+        f, h, w = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--buckets {text!r}: write each bucket as FRAMESxHEIGHTxWIDTH, e.g. 49x480x720.") from None
+    if min(f, h, w) <= 0:
+        raise UserError(f"--buckets {text!r}: frames, height and width must be positive.")
+    return f, h, w
+
+
+def frames_needed(frames: int, sampling: str, stride: int) -> int:
+    """How many source frames a bucket of `frames` frames consumes."""
+    return (frames - 1) * stride + 1 if sampling == "head" else frames
+
+
+def choose_bucket(num_frames: int, height: int, width: int, buckets: list[tuple[int, int, int]], sampling: str,
+                  stride: int, image: bool = False) -> tuple[int, int, int] | None:
+    """The bucket nearest in aspect ratio among those whose frame count the clip can fill.
+
+    Ties go to more frames, then more pixels. An image takes a 1-frame bucket when there is one, else the size of
+    the nearest-aspect bucket with 1 frame. None when the clip is too short for every bucket.
+    """
+    aspect = math.log(width / height)
+    if image:
+        singles = [b for b in buckets if b[0] == 1]
+        pool = singles or [(1, h, w) for _, h, w in buckets]
+    else:
+        pool = [b for b in buckets if frames_needed(b[0], sampling, stride) <= num_frames]
+    if not pool:
+        return None
+    return min(pool, key=lambda b: (round(abs(math.log(b[2] / b[1]) - aspect), 6), -b[0], -b[1] * b[2]))
+
+
+def frame_indices(num_frames: int, frames: int, sampling: str, stride: int) -> list[int]:
+    """Which source frames fill a bucket of `frames`: the head of the clip at `stride`, or spread uniformly."""
+    if frames == 1:
+        return [0]
+    if sampling == "head":
+        return list(range(0, (frames - 1) * stride + 1, stride))
+    return [int(round(x)) for x in np.linspace(0, num_frames - 1, frames)]
+
+
+def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [F, 3, height, width] in [-1, 1]: scaled to cover, then centre-cropped."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
+    """Write uint8 [F, H, W, 3] frames as an H.264 mp4 (yuv420p; odd sizes are padded to even)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.asarray(frames, dtype=np.uint8)
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=int(round(fps)) or 8)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
