@@ -2,7 +2,7 @@
 
 Every command's settings are a dataclass whose fields carry their help text (`opt(default, "help")`). The CLI is
 built from those fields, so the `--help` a user reads and the config the code runs on cannot drift apart:
-- each field `foo_bar` becomes `--foo-bar`, and finetrainers' spelling `--foo_bar` is accepted too;
+- each field `foo_bar` becomes `--foo-bar`; finetrainers' spelling `--foo_bar` is rewritten to it (`kebab_flags`);
 - `bool` fields become `--foo/--no-foo`; `list[str]` fields take several values (`--buckets 49x480x720 49x720x480`);
 - `--config run.toml` (or .yaml/.json) supplies values; flags on the command line override them;
 - `__post_init__` checks values and raises `UserError` naming the flag.
@@ -56,8 +56,6 @@ def _param_for(field: dataclasses.Field, hints: dict[str, Any]) -> inspect.Param
         names = [f"{long}/--no-{long[2:]}"]
     else:
         names = [long]
-    if "_" in field.name:
-        names.append("--" + field.name)
     if field.metadata.get("short"):
         names.append(field.metadata["short"])
     default = field.default
@@ -76,7 +74,18 @@ def list_options(config_cls: type) -> set[str]:
     out = set()
     for f in dataclasses.fields(config_cls):
         if _is_list(hints[f.name]):
-            out |= {flag_name(f.name), "--" + f.name}
+            out.add(flag_name(f.name))
+    return out
+
+
+def kebab_flags(argv: list[str]) -> list[str]:
+    """`--dp_degree 2` -> `--dp-degree 2`: finetrainers' underscore spellings, accepted without cluttering --help."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
     return out
 
 

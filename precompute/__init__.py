@@ -1,0 +1,1 @@
+"""Stage 1: encode videos and captions into WebDataset shards (`ft precompute`)."""

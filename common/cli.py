@@ -1,0 +1,121 @@
+"""The `ft` command line (typer): precompute, train, generate, demo, inspect, models.
+
+Each command's flags come from its config dataclass (see config.py), so `--help` is the dataclass's field docs.
+finetrainers' underscore spellings are accepted, list flags take several values, `--config FILE` supplies values
+that flags override. A `UserError` prints its message and exits 2 with no traceback. Heavy libraries (torch,
+diffusers) are imported only inside the commands, so `ft --help` is instant.
+
+This module is the composition root: it is the one place in `ft.common` that reaches into precompute and train
+(lazily, inside the commands).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .config import expand_multi_value_flags, kebab_flags, list_options, load_config_file, make_command, pop_config_flag
+from .errors import UserError
+from .logs import log, setup_logging
+
+app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: precompute, then train.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _configs() -> dict[str, type]:
+    from ft.precompute.config import PrecomputeConfig
+    from ft.train.config import TrainConfig
+    from ft.train.generate import GenerateConfig
+
+    return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig}
+
+
+def _run_precompute(cfg: object) -> None:
+    from ft.precompute.encode import run_precompute
+
+    run_precompute(cfg)  # type: ignore[arg-type]
+
+
+def _run_train(cfg: object) -> None:
+    from ft.train.trainer import run_train
+
+    run_train(cfg)  # type: ignore[arg-type]
+
+
+def _run_generate(cfg: object) -> None:
+    from ft.train.generate import run_generate
+
+    run_generate(cfg)  # type: ignore[arg-type]
+
+
+def _register() -> None:
+    configs = _configs()
+    app.command("precompute", help=configs["precompute"].__doc__)(
+        make_command(configs["precompute"], _run_precompute, configs["precompute"].__doc__))
+    app.command("train", help=configs["train"].__doc__)(
+        make_command(configs["train"], _run_train, configs["train"].__doc__))
+    app.command("generate", help=configs["generate"].__doc__)(
+        make_command(configs["generate"], _run_generate, configs["generate"].__doc__))
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[str, typer.Option("--workdir", help="Where the demo writes its model, data, shards and "
+                                                           "outputs.")] = "demo-run",
+    steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 60,
+    model: Annotated[str, typer.Option("--model", help="Model family to demo.")] = "cogvideox",
+) -> None:
+    """Run the whole pipeline on a tiny random model and a generated dataset, on a CPU, in minutes."""
+    from .demo import run_demo
+
+    run_demo(workdir, steps=steps, model=model)
+
+
+@app.command("inspect")
+def inspect_shards(
+    shards: Annotated[str, typer.Argument(help="A shard folder written by `ft precompute`.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every shard and check its sha256.")] = False,
+) -> None:
+    """Print what a shard set holds: samples, buckets, bytes, rejects, the encoders' fingerprint."""
+    from .inspect_shards import describe
+
+    typer.echo(describe(shards, verify=verify))
+
+
+@app.command("models")
+def models() -> None:
+    """List the model families ft can train."""
+    from ft.pipelines.registry import SPECS
+
+    for name, cls in sorted(SPECS.items()):
+        typer.echo(f"{name:12s} {cls.display_name}: LoRA targets {', '.join(cls.default_lora_targets)}; "
+                   f"default buckets {', '.join(cls.default_buckets)}")
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: `ft ...`."""
+    setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, config_path = pop_config_flag(kebab_flags(args))
+        multi: set[str] = set()
+        for cls in _configs().values():
+            multi |= list_options(cls)
+        args = expand_multi_value_flags(args, multi)
+        default_map = None
+        if config_path:
+            command = next((a for a in args if not a.startswith("-")), None)
+            default_map = {command: load_config_file(config_path)} if command else None
+        app(args=args, prog_name="ft", default_map=default_map)
+    except UserError as e:
+        log.error(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`ft inspect`: a readable summary of a shard set from its manifest (and, with --verify, its bytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .shards import Manifest, iter_shard
+
+
+def describe(folder: str, verify: bool = False) -> str:
+    manifest = Manifest.load(folder)
+    lines = [
+        f"shard set      {folder}",
+        f"model family   {manifest.model_family}",
+        f"samples        {manifest.num_samples} in {len(manifest.shards)} shards, {manifest.num_bytes / 1e6:.2f} MB",
+        f"encoders       fingerprint {manifest.encoder_fingerprint}",
+    ]
+    for name, info in manifest.encoders.items():
+        detail = f"{info.get('class', '?')}"
+        if "weights" in info:
+            detail += f" weights {info['weights'][:12]} {info.get('dtype', '')}"
+        if "vocab_size" in info:
+            detail += f" vocab {info['vocab_size']}"
+        lines.append(f"  {name:13s}{detail}")
+    enc = manifest.encoding
+    lines.append(f"encoding       max_sequence_length {enc.get('max_sequence_length')}, frames "
+                 f"{enc.get('frame_sampling')} stride {enc.get('frame_stride')}, {enc.get('resize_mode')}")
+    lines.append(f"shapes         {manifest.shapes}")
+    lines.append("buckets")
+    for bucket, count in manifest.bucket_histogram().items():
+        lines.append(f"  {bucket:14s}{count}")
+    lines.append(f"rejected       {len(manifest.rejected)}")
+    for r in manifest.rejected[:20]:
+        lines.append(f"  {r['path']}: {r['reason']}")
+    if len(manifest.rejected) > 20:
+        lines.append(f"  ... and {len(manifest.rejected) - 20} more (see manifest.json)")
+    if verify:
+        for shard in manifest.shards:
+            n = sum(1 for _ in iter_shard(Path(folder) / shard.name, expected_sha256=shard.sha256))
+            assert n == shard.samples, f"{shard.name}: {n} samples, manifest says {shard.samples}"
+        lines.append(f"verified       {len(manifest.shards)} shards: sha256 and sample counts match")
+    lines.append(f"written by     {manifest.tool} {manifest.tool_version}, updated {manifest.updated}")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Logging for ft: plain lines on stderr for people, and quieter third-party libraries.
+
+`log` is the project's logger. `setup_logging()` is called once by the CLI; `quiet_libraries()` silences the
+per-file "Loading weights" bars and advisory warnings of transformers/diffusers that would bury our own output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+log = logging.getLogger("ft")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[ft] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def quiet_libraries() -> None:
+    """Call before loading models. Keeps real errors; drops progress bars and chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass

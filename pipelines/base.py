@@ -1,0 +1,263 @@
+"""The ModelSpec interface: everything precompute, train and generate need to know about a model family.
+
+precompute and train never branch on a model's name; they ask the spec. A spec says:
+- loading: which classes make up the family, and how `--pretrained` plus per-component overrides and dtypes
+  (`ModelArgs`) become loaded modules, with a clear error for a folder that is not of this family;
+- stage 1: `encode_video(vae, frames)` and `encode_prompts(encoders, prompts)`, each returning named tensors that
+  become the `latents` and `cond` groups of a shard sample;
+- stage 2: `prepare_latents` (stored posterior -> model latents) and `forward`, giving prediction, target and
+  per-sample loss weights for a batch;
+- facts: LoRA target modules, valid frame counts and size multiples, default buckets;
+- `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
+Adding a family is adding a file with a subclass and a line in registry.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ft.common.dtypes import dtype_name, parse_dtype
+from ft.common.errors import UserError
+from ft.common.model_args import ModelArgs
+
+if TYPE_CHECKING:
+    import torch
+    from ft.common.shards import Manifest
+
+
+def import_class(module: str, name: str) -> type:
+    return getattr(importlib.import_module(module), name)
+
+
+def resolve_source(override: str, component: str) -> tuple[str, str | None]:
+    """Where an override (`--vae-id X`) points: (path or repo id, subfolder or None). See common/model_args.py."""
+    path = Path(override)
+    if path.exists():
+        if path.is_dir() and (path / component).is_dir():
+            return str(path), component
+        return str(path), None
+    parts = override.split("/")
+    if len(parts) > 2:  # owner/name/subfolder on the hub
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return override, None
+
+
+def _config_dict(module: Any) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    drop = {"_name_or_path", "_commit_hash", "transformers_version", "_diffusers_version", "dtype", "torch_dtype",
+            "_use_default_values", "architectures", "name_or_path"}
+    return json.loads(json.dumps({k: v for k, v in data.items() if k not in drop}, default=str, sort_keys=True))
+
+
+def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
+    """A digest of a module's weights: every tensor's name, shape and dtype, and up to 64 KiB of its bytes
+    (start, middle, end). Distinguishes finetunes without hashing gigabytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if flat.numel() == 0:
+            continue
+        raw = (flat if tensor.dtype.is_floating_point else flat.to(torch.int64)).cpu().view(torch.uint8)
+        third = sample_bytes // 3
+        for start in (0, max(0, raw.numel() // 2 - third // 2), max(0, raw.numel() - third)):
+            h.update(raw[start : start + third].numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def fingerprint(module: Any, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """What identifies an encoder in a manifest: its class, config, weights digest and dtype."""
+    info: dict[str, Any] = {"class": type(module).__name__, "config": _config_dict(module)}
+    if hasattr(module, "state_dict"):
+        info["weights"] = weights_digest(module)
+    if dtype is not None:
+        info["dtype"] = dtype_name(dtype)
+    if hasattr(module, "get_vocab"):  # a tokenizer
+        vocab = module.get_vocab()
+        info["vocab"] = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:32]
+        info["vocab_size"] = len(vocab)
+    return info
+
+
+class ModelSpec(ABC):
+    """One model family. Subclasses fill in the class attributes and the stage-1 / stage-2 methods."""
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    pipeline_class: ClassVar[tuple[str, str]]
+    # component name -> (module, class); tokenizers and text encoders are listed in the order the pipeline takes them
+    component_classes: ClassVar[dict[str, tuple[str, str]]]
+    text_components: ClassVar[tuple[str, ...]]
+    scheduler_class: ClassVar[tuple[str, str]]
+    default_lora_targets: ClassVar[list[str]]
+    default_buckets: ClassVar[list[str]]
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    def component_class(self, component: str) -> type:
+        return import_class(*self.component_classes[component])
+
+    def _source(self, component: str, args: ModelArgs) -> tuple[str, str | None, str | None]:
+        override = args.source_of(component)
+        if override:
+            return (*resolve_source(override, component), None)
+        root = Path(args.pretrained)
+        if root.exists():
+            if not root.is_dir():
+                raise UserError(f"--pretrained {args.pretrained} is a file; pass a diffusers {self.display_name} "
+                                "folder (with model_index.json) or a hub id.")
+            if not (root / component).is_dir():
+                have = sorted(p.name for p in root.iterdir() if p.is_dir())
+                raise UserError(
+                    f"--pretrained {args.pretrained} has no {component}/ folder (it has: {', '.join(have) or 'none'}). "
+                    f"Pass a diffusers {self.display_name} folder, or name the {component} with "
+                    f"--{component.replace('_', '-')}-id.")
+        return args.pretrained, component, args.revision
+
+    def load_config(self, component: str, args: ModelArgs) -> dict[str, Any]:
+        """A component's config.json only: cheap, no weights."""
+        source, subfolder, revision = self._source(component, args)
+        cls = self.component_class(component)
+        try:
+            return dict(cls.load_config(source, subfolder=subfolder, revision=revision))
+        except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
+            raise UserError(f"could not read the {component} config from {source}"
+                            f"{'/' + subfolder if subfolder else ''}: {e}") from e
+
+    def load_component(self, component: str, args: ModelArgs, device: str | torch.device | None = None) -> Any:
+        """Load one component (`transformer`, `vae`, `text_encoder_2`, `tokenizer`, ...) in its configured dtype."""
+        cls = self.component_class(component)
+        source, subfolder, revision = self._source(component, args)
+        kwargs: dict[str, Any] = {}
+        dtype = None
+        if not component.startswith("tokenizer"):
+            dtype = parse_dtype(args.dtype_of(component), f"--{component.replace('_', '-')}-dtype")
+            kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
+        try:
+            if source.endswith(".safetensors") and hasattr(cls, "from_single_file"):
+                module = cls.from_single_file(source, **kwargs)
+            else:
+                if subfolder:
+                    kwargs["subfolder"] = subfolder
+                module = cls.from_pretrained(source, revision=revision, **kwargs)
+        except Exception as e:  # from_pretrained raises OSError/ValueError/hub errors for a bad source
+            where = f"{source}/{subfolder}" if subfolder else source
+            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}") from e
+        if device is not None and hasattr(module, "to"):
+            module = module.to(device)
+        if hasattr(module, "eval"):
+            module.eval()
+        return module
+
+    def load_scheduler(self, args: ModelArgs) -> Any:
+        cls = import_class(*self.scheduler_class)
+        source, subfolder, revision = args.pretrained, "scheduler", args.revision
+        try:
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision)
+        except Exception as e:
+            raise UserError(f"could not load the scheduler from {source}/scheduler: {e}") from e
+
+    def load_text_encoders(self, args: ModelArgs, device: str | torch.device) -> dict[str, Any]:
+        """The tokenizers and text encoders, by component name."""
+        return {name: self.load_component(name, args, device) for name in self.text_components}
+
+    def load_pipeline(self, args: ModelArgs, device: str | torch.device) -> Any:
+        """The diffusers pipeline with every component loaded through `load_component` (so overrides apply)."""
+        parts = {name: self.load_component(name, args, device) for name in self.component_classes}
+        parts["scheduler"] = self.pipeline_scheduler(args)
+        return import_class(*self.pipeline_class)(**parts)
+
+    def pipeline_scheduler(self, args: ModelArgs) -> Any:
+        """The scheduler the pipeline samples with: the class saved in the model folder."""
+        from diffusers import SchedulerMixin  # noqa: F401  (import check)
+
+        source = Path(args.pretrained) / "scheduler" / "scheduler_config.json"
+        if source.is_file():
+            name = json.loads(source.read_text()).get("_class_name")
+            if name:
+                return import_class("diffusers", name).from_pretrained(args.pretrained, subfolder="scheduler")
+        return self.load_scheduler(args)
+
+    def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
+        out = {}
+        for name, module in {**encoders, "vae": vae}.items():
+            dtype = None if name.startswith("tokenizer") else parse_dtype(args.dtype_of(name))
+            out[name] = fingerprint(module, dtype)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ facts
+
+    @abstractmethod
+    def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
+        """Why the model cannot take this frames x height x width bucket, or None if it can."""
+
+    def default_sequence_length(self, transformer_config: dict) -> int:
+        return 226
+
+    # ------------------------------------------------------------------------------------------------ stage 1
+
+    @abstractmethod
+    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample)."""
+
+    @abstractmethod
+    def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
+                       ) -> dict[str, torch.Tensor]:
+        """Captions -> named conditioning tensors with the batch first."""
+
+    # ------------------------------------------------------------------------------------------------ stage 2
+
+    @abstractmethod
+    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        """Raise UserError when a shard set cannot train this transformer (family, channels, text shapes)."""
+
+    @abstractmethod
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """Stored posterior tensors (batched) -> the clean latents the transformer is trained on."""
+
+    @abstractmethod
+    def forward(self, transformer: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                noise: torch.Tensor, timesteps: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One denoising forward pass: (prediction, target, per-sample loss weights)."""
+
+    def sample_timesteps(self, scheduler: Any, batch_size: int, generator: torch.Generator | None,
+                         device: torch.device) -> torch.Tensor:
+        import torch
+
+        n = scheduler.config.num_train_timesteps
+        return torch.randint(0, n, (batch_size,), generator=generator, device=generator.device if generator else
+                             "cpu").to(device)
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
+        """Frames, height and width the base model was trained at."""
+        return {}
+
+    def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
+        """Family-specific arguments of the pipeline's __call__ (e.g. the text length the transformer takes)."""
+        return {}
+
+    def save_lora(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor], adapter_config: dict) -> None:
+        """Save transformer LoRA weights so that `pipe.load_lora_weights(out_dir)` loads them."""
+        pipeline = import_class(*self.pipeline_class)
+        pipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict,
+                                   transformer_lora_adapter_metadata=adapter_config)
+
+    # ------------------------------------------------------------------------------------------------ tests
+
+    @abstractmethod
+    def tiny_components(self, seed: int = 0) -> dict[str, Any]:
+        """The family at toy size with random weights: pipeline components by name (scheduler included)."""

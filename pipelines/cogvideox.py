@@ -1,0 +1,184 @@
+"""CogVideoX (2b, 5b, 1.5) and its finetunes: T5 text conditioning, a 3D causal VAE, v-prediction on DDPM.
+
+Training follows the objective CogVideoX was trained with (see diffusers' examples/cogvideo and the pipeline):
+noise is added with the scheduler's `add_noise`, the transformer's output is turned into a clean-latent estimate
+with `get_velocity`, the target is the clean latents, and each sample is weighted by 1 / (1 - alphas_cumprod[t]).
+The transformer is fed exactly as `CogVideoXPipeline` feeds it: latents [B, F, C, H, W] scaled by the VAE's
+scaling factor, the T5 embeddings padded to `max_text_seq_length`, and 3D rotary embeddings when the config uses
+them (the 1.0 "crop" grid, or the 1.5 "slice" grid when the config has `patch_size_t`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ft.common.errors import UserError
+
+from .base import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from ft.common.shards import Manifest
+
+TEMPORAL_COMPRESSION = 4
+
+
+class CogVideoXSpec(ModelSpec):
+    name = "cogvideox"
+    display_name = "CogVideoX"
+    pipeline_class = ("diffusers", "CogVideoXPipeline")
+    component_classes = {
+        "tokenizer": ("transformers", "AutoTokenizer"),
+        "text_encoder": ("transformers", "T5EncoderModel"),
+        "vae": ("diffusers", "AutoencoderKLCogVideoX"),
+        "transformer": ("diffusers", "CogVideoXTransformer3DModel"),
+    }
+    text_components = ("tokenizer", "text_encoder")
+    scheduler_class = ("diffusers", "CogVideoXDPMScheduler")
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    default_buckets = ["49x480x720"]
+
+    # ------------------------------------------------------------------------------------------------ facts
+
+    @staticmethod
+    def _spatial_factor(vae_config: dict) -> int:
+        return 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+    def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
+        frames, height, width = bucket
+        if (frames - 1) % TEMPORAL_COMPRESSION:
+            return f"CogVideoX takes 4k+1 frames (1, 5, 9, ..., 49, ...), not {frames}"
+        p_t = transformer_config.get("patch_size_t")
+        if p_t and frames > 1 and ((frames - 1) // TEMPORAL_COMPRESSION + 1) % p_t:
+            return (f"this CogVideoX (1.5, patch_size_t={p_t}) needs a latent frame count divisible by {p_t}: "
+                    f"frames = 8k+5 such as 45, 77 or 85, not {frames}")
+        multiple = self._spatial_factor(vae_config) * transformer_config.get("patch_size", 2)
+        if height % multiple or width % multiple:
+            return f"height and width must be multiples of {multiple}, not {height}x{width}"
+        return None
+
+    def default_sequence_length(self, transformer_config: dict) -> int:
+        return int(transformer_config.get("max_text_seq_length", 226))
+
+    # ------------------------------------------------------------------------------------------------ stage 1
+
+    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
+        return {"mean": posterior.mean, "logvar": posterior.logvar}
+
+    def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
+                       ) -> dict[str, torch.Tensor]:
+        tokenizer, text_encoder = encoders["tokenizer"], encoders["text_encoder"]
+        ids = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        embeds = text_encoder(ids.to(text_encoder.device))[0]
+        return {"prompt_embeds": embeds}
+
+    # ------------------------------------------------------------------------------------------------ stage 2
+
+    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        if manifest.model_family != self.name:
+            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
+                            f"precompute them again with --model {self.name}.")
+        shapes = manifest.shapes
+        in_channels = transformer_config.get("in_channels")
+        if shapes.get("latent_channels") != in_channels:
+            raise UserError(f"the shards hold latents with {shapes.get('latent_channels')} channels but the "
+                            f"transformer takes {in_channels}: they were encoded with another VAE.")
+        seq, dim = shapes.get("prompt_embeds", [None, None])
+        if dim != transformer_config.get("text_embed_dim"):
+            raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
+                            f"{transformer_config.get('text_embed_dim')}: they were encoded with another text encoder.")
+        uses_positions = not transformer_config.get("use_rotary_positional_embeddings", False) or \
+            transformer_config.get("use_learned_positional_embeddings", False)
+        if uses_positions and seq != transformer_config.get("max_text_seq_length"):
+            raise UserError(f"the shards hold {seq} text tokens but this transformer takes exactly "
+                            f"{transformer_config.get('max_text_seq_length')}: precompute with "
+                            f"--max-sequence-length {transformer_config.get('max_text_seq_length')}.")
+
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        import torch
+
+        mean, logvar = latents["mean"].float(), latents["logvar"].float()
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+        sample = mean + std * noise.to(mean.device)
+        scale = vae_config.get("scaling_factor", 1.15258426)
+        return (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
+
+    def rotary_embeddings(self, transformer_config: dict, latent_frames: int, latent_height: int,
+                          latent_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The 3D RoPE tables `CogVideoXPipeline._prepare_rotary_positional_embeddings` makes, from latent sizes."""
+        if not transformer_config.get("use_rotary_positional_embeddings", False):
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        p = transformer_config["patch_size"]
+        p_t = transformer_config.get("patch_size_t")
+        grid_h, grid_w = latent_height // p, latent_width // p
+        base_w, base_h = transformer_config["sample_width"] // p, transformer_config["sample_height"] // p
+        head_dim = transformer_config["attention_head_dim"]
+        if p_t is None:
+            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+            return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=crops, grid_size=(grid_h, grid_w),
+                                           temporal_size=latent_frames, device=device)
+        return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                       temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
+                                       max_size=(base_h, base_w), device=device)
+
+    def forward(self, transformer: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                noise: torch.Tensor, timesteps: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        config = transformer.config
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        _, frames, _, height, width = latents.shape
+        rotary = self.rotary_embeddings(config, frames, height, width, latents.device)
+        output = transformer(hidden_states=noisy.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                             timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
+        prediction = scheduler.get_velocity(output.float(), noisy, timesteps)
+        alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+        weights = 1.0 / (1.0 - alphas)
+        return prediction, latents, weights
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
+        s = self._spatial_factor(vae_config)
+        return {"num_frames": transformer_config.get("sample_frames", 49),
+                "height": transformer_config.get("sample_height", 60) * s,
+                "width": transformer_config.get("sample_width", 90) * s}
+
+    def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
+        return {"max_sequence_length": self.default_sequence_length(transformer_config)}
+
+    # ------------------------------------------------------------------------------------------------ tests
+
+    def tiny_components(self, seed: int = 0) -> dict[str, Any]:
+        import torch
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+        from transformers import T5Config, T5EncoderModel
+
+        from .tiny import t5_tokenizer
+
+        torch.manual_seed(seed)
+        tokenizer = t5_tokenizer()
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        vae = AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            temporal_compression_ratio=4)
+        # Rotary embeddings on, as in CogVideoX-5b, so the tiny model exercises that path.
+        transformer = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
+            text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True)
+        scheduler = CogVideoXDDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
+            timestep_spacing="trailing")
+        return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+                "scheduler": scheduler}

@@ -1,0 +1,21 @@
+"""The model families `ft` knows, by name: a plain dict. An unknown name is an error listing the known ones."""
+
+from __future__ import annotations
+
+from ft.common.errors import UserError
+
+from .base import ModelSpec
+from .cogvideox import CogVideoXSpec
+
+SPECS: dict[str, type[ModelSpec]] = {
+    CogVideoXSpec.name: CogVideoXSpec,
+}
+ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox"}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for `--model NAME` (case-insensitive; a few common aliases accepted)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in SPECS:
+        raise UserError(f"--model {name!r} is not a model family ft knows; use one of: {', '.join(sorted(SPECS))}.")
+    return SPECS[key]()

@@ -1,0 +1,50 @@
+"""`ft precompute` settings: the dataset, the buckets and frame sampling, and how shards are written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.model_args import ModelArgs
+from ft.common.video import FRAME_SAMPLING
+
+DATA = "Data"
+OUTPUT = "Output"
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig(ModelArgs):
+    """Encode a dataset through the VAE and text encoders into sharded WebDataset tars with a manifest."""
+
+    dataset: str = opt(REQUIRED, "Dataset folder or metadata file (videos.txt+prompts.txt, metadata.csv/json/jsonl/"
+                                 "parquet, or media with .txt captions).", panel=DATA)
+    out: str = opt(REQUIRED, "Folder for the shards and manifest.json. Rerunning into the same folder reuses what "
+                             "is already encoded.", panel=OUTPUT)
+    video_column: str | None = opt(None, "Column (or .txt file) holding media paths; found by itself if unset.",
+                                   panel=DATA)
+    caption_column: str | None = opt(None, "Column (or .txt file) holding captions; found by itself if unset.",
+                                     panel=DATA)
+    buckets: list[str] = opt([], "FRAMESxHEIGHTxWIDTH buckets, e.g. 49x480x720 49x720x480. Each clip goes to the "
+                                 "nearest aspect ratio it has frames for. Default: the model's.", panel=DATA)
+    frame_sampling: str = opt("head", "Which frames fill a bucket: head (from the start, every --frame-stride-th) "
+                                      "or uniform (spread over the clip).", panel=DATA)
+    frame_stride: int = opt(1, "With head sampling, take every Nth frame.", panel=DATA)
+    max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
+                                                "max_text_seq_length (226 for CogVideoX).", panel=DATA)
+    batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).")
+    shard_samples: int = opt(256, "Samples per shard at most.", panel=OUTPUT)
+    shard_max_mb: int = opt(1024, "Shard size at most, in MB.", panel=OUTPUT)
+    decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.")
+    decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.")
+    vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.frame_sampling, FRAME_SAMPLING, "frame_sampling")
+        check_choice(self.decoder, ("auto", "decord", "pyav"), "decoder")
+        for name in ("frame_stride", "batch_size", "shard_samples", "shard_max_mb"):
+            check_positive(getattr(self, name), name)
+        check_positive(self.decode_workers, "decode_workers", allow_zero=True)
+        if self.max_sequence_length is not None:
+            check_positive(self.max_sequence_length, "max_sequence_length")

@@ -1,0 +1,52 @@
+"""LoRA on the transformer with PEFT, and its export in the diffusers format.
+
+The adapters are kept in fp32 on a base in `--transformer-dtype`. The export goes through the family's pipeline
+class (`save_lora_weights`, with the adapter config as metadata), because a state dict with peft's raw keys is
+loaded by `pipe.load_lora_weights` as nothing at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ft.common.errors import UserError
+from ft.pipelines.base import ModelSpec
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str]) -> list[Any]:
+    """Freeze the transformer, add a LoRA adapter, and return its (fp32) trainable parameters."""
+    import torch
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=target_modules)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise UserError(f"--target-modules {' '.join(target_modules)}: {e}") from e
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.to(torch.float32)
+    return params
+
+
+def lora_state_dict(transformer: Any) -> dict[str, Any]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def adapter_metadata(transformer: Any) -> dict[str, Any]:
+    config = transformer.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec.save_lora(out_dir, lora_state_dict(transformer), adapter_metadata(transformer))
+    return out_dir / LORA_WEIGHTS_NAME
