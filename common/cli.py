@@ -32,22 +32,22 @@ def _configs() -> dict[str, type]:
     return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig}
 
 
-def _run_precompute(cfg: object) -> None:
+def _run_precompute(cfg: object) -> object:
     from ft.precompute.encode import run_precompute
 
-    run_precompute(cfg)  # type: ignore[arg-type]
+    return run_precompute(cfg)  # type: ignore[arg-type]
 
 
-def _run_train(cfg: object) -> None:
+def _run_train(cfg: object) -> object:
     from ft.train.trainer import run_train
 
-    run_train(cfg)  # type: ignore[arg-type]
+    return run_train(cfg)  # type: ignore[arg-type]
 
 
-def _run_generate(cfg: object) -> None:
+def _run_generate(cfg: object) -> object:
     from ft.train.generate import run_generate
 
-    run_generate(cfg)  # type: ignore[arg-type]
+    return run_generate(cfg)  # type: ignore[arg-type]
 
 
 def _register() -> None:
@@ -97,21 +97,25 @@ def models() -> None:
 _register()
 
 
+def invoke(argv: list[str], standalone: bool = True) -> object:
+    """Parse `argv` as the `ft` command line would and run it; returns the command's result when not standalone."""
+    args, config_path = pop_config_flag(kebab_flags(list(argv)))
+    multi: set[str] = set()
+    for cls in _configs().values():
+        multi |= list_options(cls)
+    args = expand_multi_value_flags(args, multi)
+    default_map = None
+    if config_path:
+        command = next((a for a in args if not a.startswith("-")), None)
+        default_map = {command: load_config_file(config_path)} if command else None
+    return app(args=args, prog_name="ft", default_map=default_map, standalone_mode=standalone)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `ft ...`."""
     setup_logging()
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, config_path = pop_config_flag(kebab_flags(args))
-        multi: set[str] = set()
-        for cls in _configs().values():
-            multi |= list_options(cls)
-        args = expand_multi_value_flags(args, multi)
-        default_map = None
-        if config_path:
-            command = next((a for a in args if not a.startswith("-")), None)
-            default_map = {command: load_config_file(config_path)} if command else None
-        app(args=args, prog_name="ft", default_map=default_map)
+        invoke(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         log.error(f"error: {e}")
         sys.exit(2)

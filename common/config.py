@@ -23,7 +23,6 @@ from typing import Annotated, Any
 
 from .errors import UserError
 
-
 REQUIRED: Any = dataclasses.MISSING
 
 
@@ -65,7 +64,8 @@ def _param_for(field: dataclasses.Field, hints: dict[str, Any]) -> inspect.Param
         default = None
         tp = tp | None if type(None) not in typing.get_args(tp) else tp
     option = typer.Option(*names, help=field.metadata.get("help", ""), rich_help_panel=field.metadata.get("panel"))
-    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[tp, option])
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[tp, option])
 
 
 def list_options(config_cls: type) -> set[str]:

@@ -166,14 +166,16 @@ def choose_bucket(num_frames: int, height: int, width: int, buckets: list[tuple[
     """The bucket nearest in aspect ratio among those whose frame count the clip can fill.
 
     Ties go to more frames, then more pixels. An image takes a 1-frame bucket when there is one, else the size of
-    the nearest-aspect bucket with 1 frame. None when the clip is too short for every bucket.
+    the nearest-aspect bucket with 1 frame; a video takes a multi-frame bucket when there is one. None when the
+    clip is too short for every bucket it may take.
     """
     aspect = math.log(width / height)
     if image:
         singles = [b for b in buckets if b[0] == 1]
         pool = singles or [(1, h, w) for _, h, w in buckets]
-    else:
-        pool = [b for b in buckets if frames_needed(b[0], sampling, stride) <= num_frames]
+    else:  # 1-frame buckets are for images, unless they are all there is (training on stills of videos)
+        video_buckets = [b for b in buckets if b[0] > 1] or buckets
+        pool = [b for b in video_buckets if frames_needed(b[0], sampling, stride) <= num_frames]
     if not pool:
         return None
     return min(pool, key=lambda b: (round(abs(math.log(b[2] / b[1]) - aspect), 6), -b[0], -b[1] * b[2]))

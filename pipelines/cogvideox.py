@@ -89,9 +89,8 @@ class CogVideoXSpec(ModelSpec):
         if dim != transformer_config.get("text_embed_dim"):
             raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
                             f"{transformer_config.get('text_embed_dim')}: they were encoded with another text encoder.")
-        uses_positions = not transformer_config.get("use_rotary_positional_embeddings", False) or \
-            transformer_config.get("use_learned_positional_embeddings", False)
-        if uses_positions and seq != transformer_config.get("max_text_seq_length"):
+        # Generation feeds max_text_seq_length tokens; training on another length would learn another model.
+        if seq != self.default_sequence_length(transformer_config):
             raise UserError(f"the shards hold {seq} text tokens but this transformer takes exactly "
                             f"{transformer_config.get('max_text_seq_length')}: precompute with "
                             f"--max-sequence-length {transformer_config.get('max_text_seq_length')}.")

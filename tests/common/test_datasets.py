@@ -1,0 +1,217 @@
+"""Every dataset layout reads into the same `DatasetItem` list; bad layouts raise a `UserError` naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from ft.common.datasets import DatasetItem, load_dataset, read_table
+from ft.common.errors import UserError
+from ft.common.synthetic import LAYOUTS, make_shapes_dataset
+
+NUM_CLIPS, NUM_IMAGES = 3, 1
+
+
+def _make(folder: Path, layout: str) -> Path:
+    return make_shapes_dataset(folder, num_clips=NUM_CLIPS, frames=5, layout=layout, num_images=NUM_IMAGES, seed=3)
+
+
+def _relative(items: list[DatasetItem], root: Path) -> list[tuple[str, str]]:
+    return [(item.path.relative_to(root).as_posix(), item.caption) for item in items]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
+    """What every layout must give: the (relative path, caption) pairs as the generator wrote them."""
+    root = _make(tmp_path_factory.mktemp("ref"), "list")
+    paths = (root / "videos.txt").read_text().splitlines()
+    captions = (root / "prompts.txt").read_text().splitlines()
+    return list(zip(paths, captions, strict=True))
+
+
+def test_reference_dataset_has_clips_and_an_image(reference: list[tuple[str, str]]) -> None:
+    assert len(reference) == NUM_CLIPS + NUM_IMAGES
+    assert [p.rsplit(".", 1)[1] for p, _ in reference] == ["mp4"] * NUM_CLIPS + ["png"] * NUM_IMAGES
+    assert all(c.startswith("a ") and c.endswith("on a dark background") for _, c in reference)
+    assert all(" moving " in c for _, c in reference[:NUM_CLIPS])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_loads_the_same_items(tmp_path: Path, layout: str, reference: list[tuple[str, str]]) -> None:
+    root = _make(tmp_path / "data", layout)
+    items = load_dataset(root)
+    assert all(isinstance(i, DatasetItem) for i in items)
+    assert _relative(items, root) == reference
+    assert all(i.path.is_file() for i in items)
+    # str and Path are both accepted
+    assert load_dataset(str(root)) == items
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl", "json", "parquet"])
+def test_metadata_file_itself_as_dataset(tmp_path: Path, layout: str, reference: list[tuple[str, str]]) -> None:
+    root = _make(tmp_path / "data", layout)
+    table = root / f"metadata.{layout}"
+    assert table.is_file()
+    items = load_dataset(table)
+    assert items == load_dataset(root)
+    assert _relative(items, root) == reference
+
+
+def test_table_paths_are_relative_to_the_table_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    table = tmp_path / "sub" / "any_name.jsonl"
+    table.write_text(json.dumps({"path": "a/b.mp4", "text": "  hello  "}) + "\n")
+    assert load_dataset(table) == [DatasetItem(tmp_path / "sub" / "a" / "b.mp4", "hello")]
+
+
+def test_dataset_file_of_unsupported_type(tmp_path: Path) -> None:
+    f = tmp_path / "clips.txt"
+    f.write_text("a.mp4\n")
+    with pytest.raises(UserError, match="clips.txt"):
+        load_dataset(f)
+
+
+def _write_clip_desc_csv(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"clip": "v/one.mp4", "desc": "first clip"}, {"clip": "v/two.mp4", "desc": "second clip"}]
+    pacsv.write_csv(pa.Table.from_pylist(rows), root / "metadata.csv")
+    return root / "metadata.csv"
+
+
+def test_explicit_column_names(tmp_path: Path) -> None:
+    table = _write_clip_desc_csv(tmp_path / "data")
+    expected = [DatasetItem(tmp_path / "data" / "v" / "one.mp4", "first clip"),
+                DatasetItem(tmp_path / "data" / "v" / "two.mp4", "second clip")]
+    assert load_dataset(tmp_path / "data", video_column="clip", caption_column="desc") == expected
+    assert load_dataset(table, video_column="clip", caption_column="desc") == expected
+
+
+def test_unrecognised_columns_are_listed(tmp_path: Path) -> None:
+    _write_clip_desc_csv(tmp_path / "data")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path / "data")
+    msg = str(e.value)
+    assert "metadata.csv" in msg and "clip" in msg and "desc" in msg and "--video-column" in msg
+
+
+def test_no_caption_column_lists_columns(tmp_path: Path) -> None:
+    rows = [{"video": "a.mp4", "label": "x", "score": 1}]
+    (tmp_path / "metadata.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path)
+    msg = str(e.value)
+    assert "metadata.json" in msg and "video, label, score" in msg and "--caption-column" in msg
+
+
+def test_explicit_column_that_is_absent(tmp_path: Path) -> None:
+    _write_clip_desc_csv(tmp_path / "data")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path / "data", video_column="clip", caption_column="caption")
+    msg = str(e.value)
+    assert "metadata.csv" in msg and "'caption'" in msg and "clip, desc" in msg
+
+
+def test_list_layout_with_other_txt_names(tmp_path: Path) -> None:
+    (tmp_path / "files.txt").write_text("a.mp4\nb.png\n")
+    (tmp_path / "captions.txt").write_text("cap a\n\ncap b\n")  # blank lines are skipped
+    items = load_dataset(tmp_path, video_column="files.txt", caption_column="captions.txt")
+    assert items == [DatasetItem(tmp_path / "a.mp4", "cap a"), DatasetItem(tmp_path / "b.png", "cap b")]
+
+
+def test_json_wrapped_in_a_single_key_object(tmp_path: Path) -> None:
+    (tmp_path / "metadata.json").write_text(json.dumps({"data": [{"file_name": "x.mp4", "prompt": "p"}]}))
+    assert load_dataset(tmp_path) == [DatasetItem(tmp_path / "x.mp4", "p")]
+
+
+def test_column_names_match_case_insensitively(tmp_path: Path) -> None:
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"Video": "x.mp4", "Caption": "c"}) + "\n")
+    assert load_dataset(tmp_path) == [DatasetItem(tmp_path / "x.mp4", "c")]
+
+
+def test_read_table_rows(tmp_path: Path) -> None:
+    table = _write_clip_desc_csv(tmp_path)
+    assert read_table(table) == [{"clip": "v/one.mp4", "desc": "first clip"},
+                                 {"clip": "v/two.mp4", "desc": "second clip"}]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_dataset_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(UserError, match="nope"):
+        load_dataset(missing)
+
+
+def test_videos_txt_without_prompts_txt(tmp_path: Path) -> None:
+    (tmp_path / "videos.txt").write_text("a.mp4\n")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path)
+    assert "videos.txt" in str(e.value) and "prompts.txt" in str(e.value)
+
+
+def test_prompts_txt_without_videos_txt(tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("a caption\n")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path)
+    assert "videos.txt" in str(e.value) and "prompts.txt" in str(e.value)
+
+
+def test_line_count_mismatch(tmp_path: Path) -> None:
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\nc.mp4\n")
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path)
+    msg = str(e.value)
+    assert "videos.txt has 3 lines" in msg and "prompts.txt has 2" in msg
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):
+        load_dataset(tmp_path / "empty")
+
+
+def test_folder_of_uncaptioned_media_finds_no_dataset(tmp_path: Path) -> None:
+    root = _make(tmp_path / "data", "sidecar")
+    for caption in root.rglob("*.txt"):
+        caption.unlink()
+    with pytest.raises(UserError, match="found no dataset"):
+        load_dataset(root)
+
+
+def test_sidecar_media_without_caption(tmp_path: Path) -> None:
+    root = _make(tmp_path / "data", "sidecar")
+    (root / "videos" / "clip_001.txt").unlink()
+    with pytest.raises(UserError) as e:
+        load_dataset(root)
+    msg = str(e.value)
+    assert "clip_001.mp4" in msg and "clip_001.txt" in msg and "1 media files" in msg
+
+
+def test_table_with_no_rows(tmp_path: Path) -> None:
+    (tmp_path / "metadata.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="metadata.jsonl has no rows"):
+        load_dataset(tmp_path)
+
+
+def test_table_row_with_empty_path(tmp_path: Path) -> None:
+    rows = [{"video": "a.mp4", "caption": "ok"}, {"video": "", "caption": "no path"}]
+    (tmp_path / "metadata.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError, match="row 2"):
+        load_dataset(tmp_path)
+
+
+def test_unparseable_table(tmp_path: Path) -> None:
+    (tmp_path / "metadata.json").write_text("{not json")
+    with pytest.raises(UserError, match="metadata.json could not be read"):
+        load_dataset(tmp_path)
+
+
+def test_json_that_is_not_a_list(tmp_path: Path) -> None:
+    (tmp_path / "metadata.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(UserError, match="list of objects"):
+        load_dataset(tmp_path)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny CogVideoX saved as a diffusers folder, datasets of real mp4 clips, encoded shards.
+
+Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from helpers import BUCKETS, FP32, run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_cog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.pipelines.tiny import save_tiny_model
+
+    return save_tiny_model("cogvideox", tmp_path_factory.mktemp("models") / "tiny-cogvideox", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.common.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_clips=8, frames=17,
+                               sizes=((32, 32), (32, 64)), num_images=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cog_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cog: Path, shapes_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "cog"
+    run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+             "--out", out, *BUCKETS, "--batch-size", "2"])
+    return out

@@ -1,0 +1,13 @@
+"""Helpers the tests share (importable as `helpers`: pyproject puts tests/ on the path)."""
+
+from __future__ import annotations
+
+FP32 = ["--transformer-dtype", "fp32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
+BUCKETS = ["--buckets", "9x32x32", "9x32x64", "1x32x32"]
+
+
+def run_cli(argv: list[object]) -> object:
+    """Run `ft argv` through the real command-line parser; returns the command's result."""
+    from ft.common.cli import invoke
+
+    return invoke([str(a) for a in argv], standalone=False)

@@ -1,0 +1,108 @@
+"""CogVideoXSpec against diffusers' own CogVideoXPipeline: the trainer must feed the transformer as it does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ft.common.errors import UserError
+from ft.common.model_args import ModelArgs
+from ft.pipelines.registry import get_spec
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_spec("cogvideox")
+
+
+@pytest.fixture(scope="module")
+def args(tiny_cog):
+    return ModelArgs(model="cogvideox", pretrained=str(tiny_cog), transformer_dtype="fp32", vae_dtype="fp32",
+                     text_encoder_dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def pipe(spec, args):
+    return spec.load_pipeline(args, "cpu")
+
+
+def test_registry_lists_known_families_on_a_typo():
+    with pytest.raises(UserError, match="cogvideox"):
+        get_spec("cogvidex")
+    assert get_spec("CogVideoX").name == "cogvideox"
+
+
+def test_prompt_encoding_matches_the_pipeline(spec, pipe):
+    prompts = ["a red circle moving left to right on a dark background", "a blue square"]
+    ours = spec.encode_prompts({"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}, prompts, 16)
+    theirs = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=16, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(ours["prompt_embeds"], theirs)
+
+
+@pytest.mark.parametrize("latent_size", [(3, 4, 4), (3, 4, 8), (1, 4, 4)])
+def test_rotary_embeddings_match_the_pipeline(spec, pipe, latent_size):
+    frames, h, w = latent_size
+    ours = spec.rotary_embeddings(dict(pipe.transformer.config), frames, h, w, torch.device("cpu"))
+    theirs = pipe._prepare_rotary_positional_embeddings(h * pipe.vae_scale_factor_spatial,
+                                                        w * pipe.vae_scale_factor_spatial, frames, "cpu")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_latents_are_scaled_like_the_pipeline_decodes_them(spec, pipe):
+    mean = torch.randn(2, 4, 3, 4, 4)
+    stored = {"mean": mean, "logvar": torch.full_like(mean, -60.0)}  # no variance: the draw is the mean
+    latents = spec.prepare_latents(stored, dict(pipe.vae.config), torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 3, 4, 4, 4)  # [B, F, C, H, W] as the transformer takes them
+    torch.testing.assert_close(latents, mean.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor)
+
+
+def test_forward_gives_velocity_prediction_target_and_weights(spec, pipe, args):
+    scheduler = spec.load_scheduler(args)
+    latents = torch.randn(2, 3, 4, 4, 4)
+    noise = torch.randn_like(latents)
+    t = torch.tensor([10, 900])
+    cond = {"prompt_embeds": torch.randn(2, 16, 32)}
+    pred, target, weights = spec.forward(pipe.transformer, scheduler, latents, cond, noise, t, torch.float32)
+    assert pred.shape == target.shape == latents.shape
+    assert torch.equal(target, latents)
+    alphas = scheduler.alphas_cumprod[t]
+    torch.testing.assert_close(weights.double(), (1 / (1 - alphas)).double())
+    # get_velocity turns the v-prediction into a clean-latent estimate: a perfect v gives back the target
+    noisy = scheduler.add_noise(latents, noise, t)
+    v = scheduler.get_velocity(latents, noise, t)
+    torch.testing.assert_close(scheduler.get_velocity(v, noisy, t), latents, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bucket,ok", [((49, 480, 720), True), ((1, 32, 32), True), ((48, 480, 720), False),
+                                       ((49, 480, 700), False)])
+def test_bucket_rules(spec, bucket, ok):
+    problem = spec.check_bucket(bucket, {"block_out_channels": [128, 256, 256, 512]}, {"patch_size": 2})
+    assert (problem is None) == ok, problem
+
+
+def test_cogvideox_1_5_needs_latent_frames_divisible_by_patch_size_t(spec):
+    vae = {"block_out_channels": [128, 256, 256, 512]}
+    assert spec.check_bucket((81, 768, 1360), vae, {"patch_size": 2, "patch_size_t": 2}) is not None
+    assert spec.check_bucket((85, 768, 1360), vae, {"patch_size": 2, "patch_size_t": 2}) is None
+
+
+def test_a_folder_without_a_transformer_is_a_clear_error(spec, tmp_path, tiny_cog):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_cog, broken)
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(UserError, match="no transformer/ folder.*--transformer-id"):
+        spec.load_config("transformer", ModelArgs(model="cogvideox", pretrained=str(broken)))
+
+
+def test_component_override_loads_from_another_folder(spec, tmp_path, tiny_cog):
+    import shutil
+
+    # A "finetune" that ships only its transformer, loaded beside the base's other components.
+    shutil.copytree(tiny_cog / "transformer", tmp_path / "my-finetune")
+    args = ModelArgs(model="cogvideox", pretrained=str(tiny_cog), transformer_id=str(tmp_path / "my-finetune"),
+                     transformer_dtype="fp32")
+    transformer = spec.load_component("transformer", args)
+    assert transformer.dtype == torch.float32
+    assert transformer.config.num_layers == 2

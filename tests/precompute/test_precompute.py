@@ -1,0 +1,141 @@
+"""`ft precompute` end to end on real mp4 clips: shards, manifest, reuse, rejects, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from ft.common.errors import UserError
+from ft.common.shards import Manifest, iter_shard, open_shard_set
+from ft.common.synthetic import make_shapes_dataset
+from helpers import BUCKETS, FP32, run_cli
+
+
+def precompute(model, data, out, *extra):
+    return run_cli(["precompute", "--model", "cogvideox", "--pretrained", model, *FP32, "--dataset", data,
+                    "--out", out, *BUCKETS, *extra])
+
+
+def test_manifest_describes_the_shards(cog_shards, shapes_data):
+    manifest, paths = open_shard_set(cog_shards)
+    assert manifest.model_family == "cogvideox"
+    assert manifest.num_samples == 10 and not manifest.rejected
+    assert manifest.bucket_histogram() == {"1x32x32": 2, "9x32x32": 4, "9x32x64": 4}
+    assert manifest.shapes == {"latent_channels": 4, "prompt_embeds": [16, 32]}
+    assert manifest.encoding["max_sequence_length"] == 16  # the tiny transformer's max_text_seq_length
+    assert set(manifest.encoders) == {"tokenizer", "text_encoder", "vae"}
+    assert manifest.encoders["vae"]["config"]["scaling_factor"] > 0
+    captions = {line.strip() for line in (shapes_data / "prompts.txt").read_text().splitlines()}
+    for shard, path in zip(manifest.shards, paths, strict=True):
+        samples = list(iter_shard(path, expected_sha256=shard.sha256))
+        assert len(samples) == shard.samples
+        for s in samples:
+            assert s.meta["caption"] in captions
+            assert s.meta["model_family"] == "cogvideox"
+            frames, height, width = s.meta["bucket"]
+            assert s.tensors["latents"]["mean"].shape == (4, (frames - 1) // 4 + 1, height // 8, width // 8)
+            assert list(s.tensors["latents"]["logvar"].shape) == s.meta["latent_shape"]
+            assert s.tensors["cond"]["prompt_embeds"].shape == (16, 32)
+            assert len(s.meta["frame_indices"]) == frames
+            assert s.meta["source_fps"] == (0.0 if s.meta["source"].endswith(".png") else 8.0)
+
+
+def test_rerun_reuses_everything_and_a_grown_dataset_encodes_only_the_new(tmp_path, tiny_cog, shapes_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    out = tmp_path / "shards"
+    first = precompute(tiny_cog, data, out)
+    assert first.num_samples == 10
+    again = precompute(tiny_cog, data, out)
+    assert [s.name for s in again.shards] == [s.name for s in first.shards]  # nothing new written
+    # grow the dataset by two clips
+    more = make_shapes_dataset(tmp_path / "more", num_clips=2, seed=7)
+    for line_v, line_p in zip((more / "videos.txt").read_text().splitlines(),
+                              (more / "prompts.txt").read_text().splitlines(), strict=True):
+        target = data / "videos" / ("new_" + line_v.split("/")[-1])
+        shutil.copy(more / line_v, target)
+        with open(data / "videos.txt", "a") as f:
+            f.write(f"videos/{target.name}\n")
+        with open(data / "prompts.txt", "a") as f:
+            f.write(line_p + f", new clip {target.name}\n")  # clips may repeat; the captions make them new
+    grown = precompute(tiny_cog, data, out)
+    assert grown.num_samples == 12
+    assert len(grown.shards) == len(first.shards) + 1 and grown.shards[-1].samples == 2
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_the_rest_encoded(tmp_path, tiny_cog):
+    data = make_shapes_dataset(tmp_path / "data", num_clips=3, seed=1)
+    (data / "videos" / "garbage.mp4").write_bytes(b"\x00not a video" * 100)
+    short = make_shapes_dataset(tmp_path / "short", num_clips=1, frames=5, seed=2)
+    shutil.copy(short / "videos" / "clip_000.mp4", data / "videos" / "short.mp4")
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/garbage.mp4\nvideos/missing.mp4\nvideos/short.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("garbage\nmissing\nshort\n")
+    manifest = precompute(tiny_cog, data, tmp_path / "out")
+    assert manifest.num_samples == 3
+    reasons = {r["path"].split("/")[-1]: r["reason"] for r in manifest.rejected}
+    assert set(reasons) == {"garbage.mp4", "missing.mp4", "short.mp4"}
+    assert reasons["short.mp4"].startswith("too short: 5 frames")  # the 1-frame bucket is for images
+    assert "not a readable video" in reasons["garbage.mp4"]
+    assert reasons["missing.mp4"] == "file not found"
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(on_disk["rejected"]) == 3
+
+
+def test_a_clip_too_short_for_every_bucket_is_rejected(tmp_path, tiny_cog):
+    data = make_shapes_dataset(tmp_path / "data", num_clips=2, frames=5, seed=3)
+    make_shapes_dataset(tmp_path / "long", num_clips=1, frames=17, seed=4)
+    shutil.copy(tmp_path / "long" / "videos" / "clip_000.mp4", data / "videos" / "long.mp4")
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/long.mp4\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("a long clip\n")
+    manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data,
+                        "--out", tmp_path / "out", "--buckets", "9x32x32"])
+    assert manifest.num_samples == 1
+    assert all("too short: 5 frames, the smallest bucket needs 9" in r["reason"] for r in manifest.rejected)
+
+
+def test_a_killed_runs_partial_shard_is_discarded(tmp_path, tiny_cog, shapes_data):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar.tmp").write_bytes(b"half a shard")
+    manifest = precompute(tiny_cog, shapes_data, out)
+    assert not list(out.glob("*.tmp")) and manifest.num_samples == 10
+
+
+def test_an_out_folder_of_other_encoders_is_refused(tmp_path, tiny_cog, shapes_data, cog_shards):
+    out = tmp_path / "out"
+    shutil.copytree(cog_shards, out)
+    with pytest.raises(UserError, match="other encoders.*new --out"):
+        run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, "--vae-dtype", "fp32",
+                 "--dataset", shapes_data, "--out", out, *BUCKETS])  # text encoder in bf16 this time
+
+
+def test_uniform_frame_sampling_and_stride(tmp_path, tiny_cog, shapes_data):
+    manifest = precompute(tiny_cog, shapes_data, tmp_path / "uniform", "--frame-sampling", "uniform")
+    samples = [s for p in manifest.shards for s in iter_shard(tmp_path / "uniform" / p.name)]
+    video = [s for s in samples if s.meta["bucket"][0] == 9]
+    assert all(s.meta["frame_indices"] == [0, 2, 4, 6, 8, 10, 12, 14, 16] for s in video)
+    manifest = precompute(tiny_cog, shapes_data, tmp_path / "stride", "--frame-stride", "2")
+    samples = [s for p in manifest.shards for s in iter_shard(tmp_path / "stride" / p.name)]
+    assert all(s.meta["frame_indices"] == list(range(0, 17, 2)) for s in samples if s.meta["bucket"][0] == 9)
+
+
+def test_latents_are_the_vae_posterior_of_the_decoded_frames(cog_shards, tiny_cog, shapes_data):
+    from ft.common.model_args import ModelArgs
+    from ft.common.video import open_media, resize_center_crop
+    from ft.pipelines.registry import get_spec
+
+    spec = get_spec("cogvideox")
+    vae = spec.load_component("vae", ModelArgs(model="cogvideox", pretrained=str(tiny_cog), vae_dtype="fp32"))
+    manifest = Manifest.load(cog_shards)
+    sample = next(s for s in iter_shard(cog_shards / manifest.shards[0].name) if s.meta["bucket"][0] == 9)
+    frames = open_media(sample.meta["source"]).read(sample.meta["frame_indices"])
+    x = resize_center_crop(frames, *sample.meta["bucket"][1:]).permute(1, 0, 2, 3)[None]
+    with torch.no_grad():
+        expected = spec.encode_video(vae, x)
+    torch.testing.assert_close(sample.tensors["latents"]["mean"], expected["mean"][0], atol=1e-4, rtol=1e-4)
