@@ -11,6 +11,7 @@ holding the list or table. A missing media file is not an error here: precompute
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,9 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     """Rows of a .csv, .json (a list of objects), .jsonl, .parquet or .arrow table, as dicts."""
     suffix = path.suffix.lower()
     try:
-        if suffix == ".csv":
-            import pyarrow.csv as pacsv
-
-            return pacsv.read_csv(path).to_pylist()
+        if suffix == ".csv":  # the csv module keeps every value a string: a caption "007" stays "007"
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+                return list(csv.DictReader(f))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 

@@ -241,7 +241,8 @@ class ShardWriter:
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self._samples += 1
         self._buckets[bucket_name(*meta["bucket"])] += 1
-        if self._samples >= self.max_samples or self._hasher.size >= self.max_bytes:
+        # tar.offset counts the bytes in the archive, including those tarfile still buffers before writing
+        if self._samples >= self.max_samples or self._tar.offset >= self.max_bytes:
             self.finish_shard()
 
     def finish_shard(self) -> ShardInfo | None:
@@ -322,10 +323,14 @@ def iter_shard(path: str | Path, expected_sha256: str | None = None) -> Iterator
                 if not n:
                     raise ShardCorruptError(f"{path}: {member.name} is truncated; re-run `ft precompute`.")
                 got += n
-            if ext == "json":
-                meta = json.loads(buf)
-            elif ext.endswith(".safetensors"):
-                tensors[ext[: -len(".safetensors")]] = tensors_from_bytes(buf)
+            try:
+                if ext == "json":
+                    meta = json.loads(buf)
+                elif ext.endswith(".safetensors"):
+                    tensors[ext[: -len(".safetensors")]] = tensors_from_bytes(buf)
+            except (ValueError, KeyError, struct.error, RuntimeError) as e:  # damaged JSON or safetensors header
+                raise ShardCorruptError(f"{path}: member {member.name} is damaged ({e}). Delete the shard and rerun "
+                                        "`ft precompute` with the same --out to rebuild it.") from e
         if key is not None and meta is not None:
             yield Sample(key, tensors, meta)
         if expected_sha256:

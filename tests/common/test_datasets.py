@@ -215,3 +215,15 @@ def test_json_that_is_not_a_list(tmp_path: Path) -> None:
     (tmp_path / "metadata.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(UserError, match="list of objects"):
         load_dataset(tmp_path)
+
+
+def test_csv_with_quoted_commas_and_excel_bom(tmp_path: Path) -> None:
+    (tmp_path / "metadata.csv").write_bytes(
+        b'\xef\xbb\xbfvideo,caption\na.mp4,"a cat, then a dog"\nb.mp4,"she said ""hi"""\n')
+    assert load_dataset(tmp_path) == [DatasetItem(tmp_path / "a.mp4", "a cat, then a dog"),
+                                      DatasetItem(tmp_path / "b.mp4", 'she said "hi"')]
+
+
+def test_csv_captions_are_kept_as_written(tmp_path: Path) -> None:
+    (tmp_path / "metadata.csv").write_text("video,caption\na.mp4,007\nb.mp4,1984\n")
+    assert [i.caption for i in load_dataset(tmp_path)] == ["007", "1984"]
