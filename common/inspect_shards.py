@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .shards import Manifest, iter_shard
+from .shards import MANIFEST_NAME, Manifest, ShardCorruptError, iter_shard
 
 
 def describe(folder: str, verify: bool = False) -> str:
@@ -37,7 +37,9 @@ def describe(folder: str, verify: bool = False) -> str:
     if verify:
         for shard in manifest.shards:
             n = sum(1 for _ in iter_shard(Path(folder) / shard.name, expected_sha256=shard.sha256))
-            assert n == shard.samples, f"{shard.name}: {n} samples, manifest says {shard.samples}"
+            if n != shard.samples:
+                raise ShardCorruptError(f"{shard.name}: {n} samples, but {MANIFEST_NAME} says {shard.samples}; "
+                                        "rerun `ft precompute` with the same --out to rebuild it.")
         lines.append(f"verified       {len(manifest.shards)} shards: sha256 and sample counts match")
     lines.append(f"written by     {manifest.tool} {manifest.tool_version}, updated {manifest.updated}")
     return "\n".join(lines)

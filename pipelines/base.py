@@ -178,15 +178,13 @@ class ModelSpec(ABC):
         return import_class(*self.pipeline_class)(**parts)
 
     def pipeline_scheduler(self, args: ModelArgs) -> Any:
-        """The scheduler the pipeline samples with: the class saved in the model folder."""
-        from diffusers import SchedulerMixin  # noqa: F401  (import check)
-
-        source = Path(args.pretrained) / "scheduler" / "scheduler_config.json"
-        if source.is_file():
-            name = json.loads(source.read_text()).get("_class_name")
-            if name:
-                return import_class("diffusers", name).from_pretrained(args.pretrained, subfolder="scheduler")
-        return self.load_scheduler(args)
+        """The scheduler the pipeline samples with: the class named in the model's scheduler config."""
+        config = import_class(*self.scheduler_class).load_config(args.pretrained, subfolder="scheduler",
+                                                                 revision=args.revision)
+        name = config.get("_class_name")
+        if not name:
+            return self.load_scheduler(args)
+        return import_class("diffusers", name).from_config(config)
 
     def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
         out = {}

@@ -106,3 +106,28 @@ def test_component_override_loads_from_another_folder(spec, tmp_path, tiny_cog):
     transformer = spec.load_component("transformer", args)
     assert transformer.dtype == torch.float32
     assert transformer.config.num_layers == 2
+
+
+def test_cogvideox_1_5_layout_rotary_and_forward(spec, args):
+    """The 1.5 transformer (temporal patches, 'slice' RoPE grid) is fed as its pipeline feeds it."""
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=32, num_layers=1, sample_width=8, sample_height=8, sample_frames=13, patch_size=2,
+        patch_size_t=2, patch_bias=False, temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=True)
+    config = dict(transformer.config)
+    ours = spec.rotary_embeddings(config, 4, 4, 8, torch.device("cpu"))
+    fake_pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**config)),
+                                vae_scale_factor_spatial=8)
+    theirs = CogVideoXPipeline._prepare_rotary_positional_embeddings(fake_pipe, 32, 64, 4, "cpu")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    scheduler = spec.load_scheduler(args)
+    latents = torch.randn(1, 4, 4, 4, 8)  # 4 latent frames: divisible by patch_size_t
+    pred, target, _ = spec.forward(transformer, scheduler, latents, {"prompt_embeds": torch.randn(1, 16, 32)},
+                                   torch.randn_like(latents), torch.tensor([500]), torch.float32)
+    assert pred.shape == target.shape == latents.shape

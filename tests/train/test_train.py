@@ -63,7 +63,9 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_cog):
     pipe = CogVideoXPipeline.from_pretrained(tiny_cog)  # fp32
     base = render(pipe)
     pipe.load_lora_weights(out)
-    assert pipe.get_active_adapters(), "diffusers loaded no adapter"
+    (adapter,) = pipe.get_active_adapters()
+    loaded = pipe.transformer.peft_config[adapter]
+    assert (loaded.r, loaded.lora_alpha) == (8, 16)  # alpha travels in the metadata: the scale is what was trained
     tuned = render(pipe)
     assert np.abs(tuned - base).max() > 1e-3
 
