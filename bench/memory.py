@@ -129,7 +129,7 @@ def main() -> None:
     if args.measure:
         if not torch.cuda.is_available():
             raise SystemExit("--measure needs a CUDA device")
-        print(f"\n| model | bucket | gradient checkpointing | peak GPU memory, one LoRA step |\n|---|---|---|---|")
+        print("\n| model | bucket | gradient checkpointing | peak GPU memory, one LoRA step |\n|---|---|---|---|")
         for name, kwargs in VARIANTS.items():
             for ckpt in (True, False):
                 peak = measure_step(kwargs, args.rank, frames, height, width, ckpt)

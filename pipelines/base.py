@@ -27,6 +27,7 @@ from ft.common.model_args import ModelArgs
 
 if TYPE_CHECKING:
     import torch
+
     from ft.common.shards import Manifest
 
 

@@ -18,6 +18,7 @@ from .base import ModelSpec
 
 if TYPE_CHECKING:
     import torch
+
     from ft.common.shards import Manifest
 
 TEMPORAL_COMPRESSION = 4

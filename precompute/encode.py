@@ -7,6 +7,7 @@ what is new. Leftover `*.tar.tmp` files of a killed run are removed and their sa
 
 from __future__ import annotations
 
+import tarfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,14 +39,23 @@ def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transform
 
 
 def _existing_keys(out: Path, manifest: Manifest | None) -> set[str]:
+    """Keys already encoded in `out`. Shards that are listed but missing or unreadable are dropped from the
+    manifest (their samples are encoded again); leftovers of a killed run (`*.tar.tmp`) are removed."""
     for stale in out.glob("*.tar.tmp"):
         log.info(f"removing {stale.name}, a shard left unfinished by an earlier run")
         stale.unlink()
     if manifest is None:
         return set()
     keys: set[str] = set()
+    kept = []
     for shard in manifest.shards:
-        keys |= shard_keys(out / shard.name)
+        path = out / shard.name
+        try:
+            keys |= shard_keys(path)
+            kept.append(shard)
+        except (OSError, tarfile.TarError) as e:
+            log.warning(f"{path} is listed in the manifest but cannot be read ({e}); its samples are encoded again")
+    manifest.shards = kept
     return keys
 
 
@@ -111,11 +121,11 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
 
     started = time.time()
     spec = get_spec(cfg.model)
+    items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
     seq_len = cfg.max_sequence_length or spec.default_sequence_length(transformer_config)
-    items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
     planned, rejected = plan_samples(items, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
@@ -154,7 +164,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
         manifest.shards.append(shard)
         manifest.save(out)
 
-    start_index = 1 + max((int(s.name.rsplit("-", 1)[1].split(".")[0]) for s in manifest.shards), default=-1)
+    start_index = 1 + max((int(p.name.split("-")[1].split(".")[0]) for p in out.glob("shard-*.tar")), default=-1)
     writer = ShardWriter(out, "shard", start_index, cfg.shard_samples, cfg.shard_max_mb << 20, on_shard=record)
     encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, manifest)
     log.info(f"encoding {len(todo)} clips on {device} ({len(planned) - len(todo)} already in {out})")

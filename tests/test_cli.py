@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import BUCKETS, FP32, run_cli
 
 FT = [sys.executable, "-m", "ft.common.cli"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ft.common.synthetic import shape_clip
 from ft.common.video import write_video
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from ft.common.config import (
     check_choice,
     check_positive,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+
 from ft.common.datasets import DatasetItem, load_dataset, read_table
 from ft.common.errors import UserError
 from ft.common.synthetic import LAYOUTS, make_shapes_dataset

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ft.common.errors import UserError
 from ft.common.shards import (
     MANIFEST_NAME,

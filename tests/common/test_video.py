@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from ft.common.errors import UserError
 from ft.common.synthetic import COLORS, shape_clip
 from ft.common.video import (
@@ -21,7 +23,6 @@ from ft.common.video import (
     resize_center_crop,
     write_video,
 )
-from PIL import Image
 
 BACKENDS = ("auto", "decord", "pyav")
 

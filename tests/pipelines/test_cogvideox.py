@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.pipelines.registry import get_spec

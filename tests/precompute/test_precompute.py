@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard, open_shard_set
 from ft.common.synthetic import make_shapes_dataset
@@ -139,3 +140,15 @@ def test_latents_are_the_vae_posterior_of_the_decoded_frames(cog_shards, tiny_co
     with torch.no_grad():
         expected = spec.encode_video(vae, x)
     torch.testing.assert_close(sample.tensors["latents"]["mean"], expected["mean"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_lost_shard_is_encoded_again(tmp_path, tiny_cog, shapes_data):
+    out = tmp_path / "out"
+    first = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")
+    assert len(first.shards) == 3
+    (out / first.shards[1].name).unlink()
+    again = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")
+    assert again.num_samples == 10
+    assert [s.name for s in again.shards] == [first.shards[0].name, first.shards[2].name, "shard-000003.tar"]
+    _, paths = open_shard_set(out)
+    assert all(p.is_file() for p in paths)

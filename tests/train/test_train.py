@@ -8,10 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from ft.common.errors import UserError
 from ft.common.shards import Manifest
 from helpers import FP32, run_cli
-from safetensors.torch import load_file
 
 PROMPT = "a red circle moving left to right on a dark background"
 
