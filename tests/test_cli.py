@@ -57,11 +57,11 @@ def test_help_does_not_import_torch():
 @pytest.mark.parametrize("argv,message", [
     (["precompute", "--model", "cogvideox", "--pretrained", "{model}", "--dataset", "{tmp}/nope", "--out", "{tmp}/o"],
      "--dataset {tmp}/nope: no such file or folder"),
-    (["precompute", "--model", "cogvideox", "--pretrained", "{tmp}", "--dataset", "{tmp}", "--out", "{tmp}/o"],
+    (["precompute", "--model", "cogvideox", "--pretrained", "{tmp}", "--dataset", "{data}", "--out", "{tmp}/o"],
      "has no vae/ folder"),
-    (["precompute", "--model", "cogvideox", "--pretrained", "{model}", "--dataset", "{tmp}", "--out", "{tmp}/o",
+    (["precompute", "--model", "cogvideox", "--pretrained", "{model}", "--dataset", "{data}", "--out", "{tmp}/o",
       "--buckets", "10x32x32"], "--buckets 10x32x32: CogVideoX takes 4k+1 frames"),
-    (["precompute", "--model", "cogvideox", "--pretrained", "{model}", "--dataset", "{tmp}", "--out", "{tmp}/o",
+    (["precompute", "--model", "cogvideox", "--pretrained", "{model}", "--dataset", "{data}", "--out", "{tmp}/o",
       "--buckets", "9x30x32"], "multiples of 16"),
     (["train", "--model", "sora", "--pretrained", "{model}", "--shards", "{tmp}", "--output-dir", "{tmp}/o"],
      "--model 'sora' is not a model family ft knows; use one of: cogvideox"),
@@ -70,8 +70,8 @@ def test_help_does_not_import_torch():
     (["train", "--model", "cogvideox", "--pretrained", "{model}", "--shards", "{tmp}", "--output-dir", "{tmp}/o"],
      "has no manifest.json"),
 ])
-def test_user_mistakes_get_a_clear_message_and_no_traceback(argv, message, tmp_path, tiny_cog):
-    fill = {"model": tiny_cog, "tmp": tmp_path}
+def test_user_mistakes_get_a_clear_message_and_no_traceback(argv, message, tmp_path, tiny_cog, shapes_data):
+    fill = {"model": tiny_cog, "tmp": tmp_path, "data": shapes_data}
     result = ft(*[a.format(**fill) for a in argv])
     assert result.returncode == 2, result.stderr
     assert message.format(**fill) in result.stderr
