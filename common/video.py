@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -220,7 +221,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=int(round(fps)) or 8)
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001) if fps > 0 else 8)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"}

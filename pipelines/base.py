@@ -69,10 +69,11 @@ def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if flat.numel() == 0:
             continue
-        raw = (flat if tensor.dtype.is_floating_point else flat.to(torch.int64)).cpu().view(torch.uint8)
+        # bytes are sampled where the tensor lives; only the samples cross to the host
+        raw = (flat if tensor.dtype.is_floating_point else flat.to(torch.int64)).view(torch.uint8)
         third = sample_bytes // 3
         for start in (0, max(0, raw.numel() // 2 - third // 2), max(0, raw.numel() - third)):
-            h.update(raw[start : start + third].numpy().tobytes())
+            h.update(raw[start : start + third].cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
