@@ -94,6 +94,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
+    if device.startswith("cuda"):  # the fp32 LoRA matmuls run on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
     transformer = spec.load_component("transformer", cfg, device)
     scheduler = spec.load_scheduler(cfg)
     params = add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets)
@@ -151,6 +155,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                                                 cfg.seed)
         log.info(f"fixed-noise loss on {len(eval_set)} batches: {summary['eval_loss_before']:.4f} -> "
                  f"{summary['eval_loss_after']:.4f}")
+    if device.startswith("cuda"):
+        summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
     lora_path = save_lora(spec, transformer, out)
     window = max(1, min(10, len(losses) // 4))
     summary.update(steps=len(losses), first_loss=sum(losses[:window]) / window,
