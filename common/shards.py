@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+ACTIVE_KEYS_NAME = "active_keys.txt"
 TENSOR_GROUPS = ("latents", "cond")
 
 
@@ -124,6 +125,9 @@ class Manifest:
     shapes: dict[str, Any]
     shards: list[ShardInfo] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    # The dataset's view of the cache: the keys of the last completed precompute run (in ACTIVE_KEYS_NAME) and
+    # their bucket histogram. Samples outside it (old captions, removed clips) stay cached but are not trained on.
+    active: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     tool: str = "ft"
     tool_version: str = __version__
@@ -138,10 +142,32 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     def bucket_histogram(self) -> dict[str, int]:
+        """Samples per bucket over every shard (cached samples outside the active view included)."""
         total: Counter[str] = Counter()
         for s in self.shards:
             total.update(s.buckets)
         return dict(sorted(total.items()))
+
+    def training_histogram(self) -> dict[str, int]:
+        """Samples per bucket that training uses: the active view when there is one, else every sample."""
+        return dict(self.active["buckets"]) if self.active else self.bucket_histogram()
+
+    def set_active(self, folder: str | Path, keys: list[str], buckets: dict[str, int]) -> None:
+        """Record the current dataset's keys (written atomically to ACTIVE_KEYS_NAME) as the training view."""
+        path = Path(folder) / ACTIVE_KEYS_NAME
+        tmp = path.with_suffix(".txt.tmp")
+        tmp.write_text("".join(k + "\n" for k in keys))
+        os.replace(tmp, path)
+        self.active = {"keys_file": ACTIVE_KEYS_NAME, "samples": len(keys), "buckets": dict(sorted(buckets.items()))}
+
+    def active_keys(self, folder: str | Path) -> set[str] | None:
+        """The keys training uses, or None for all of them."""
+        if not self.active:
+            return None
+        path = Path(folder) / self.active["keys_file"]
+        if not path.is_file():
+            raise UserError(f"{path} is missing; rerun `ft precompute` with the same --out to rewrite it.")
+        return set(path.read_text().split())
 
     def save(self, folder: str | Path) -> Path:
         """Write atomically: a reader never sees a half-written manifest."""
@@ -195,6 +221,9 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.size
+
     def write(self, b: Any) -> int:
         self.sha.update(b)
         self.size += len(b)
@@ -217,12 +246,14 @@ class ShardWriter:
         self.on_shard = on_shard
         self.completed: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
+        self._writing = False
 
     def _open(self) -> None:
         self._name = f"{self.prefix}-{self.index:06d}.tar"
         self._file = open(self.folder / (self._name + ".tmp"), "wb")
         self._hasher = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._hasher, mode="w|", format=tarfile.USTAR_FORMAT)
+        # plain "w" mode writes each member through at once (stream mode would hold 10 KiB back)
+        self._tar = tarfile.open(fileobj=self._hasher, mode="w", format=tarfile.USTAR_FORMAT)
         self._samples, self._buckets = 0, Counter()
 
     def _add(self, name: str, data: bytes) -> None:
@@ -234,20 +265,28 @@ class ShardWriter:
     def write(self, key: str, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
         """Add one sample: `tensors` maps a group ('latents', 'cond') to named tensors; `meta` is its JSON."""
         assert set(tensors) <= set(TENSOR_GROUPS), tensors.keys()
+        members = [(f"{key}.{group}.safetensors", tensors_to_bytes(named)) for group, named in tensors.items()]
+        members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))  # last: marks the sample whole
         if self._tar is None:
             self._open()
-        for group, named in tensors.items():
-            self._add(f"{key}.{group}.safetensors", tensors_to_bytes(named))
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self._writing = True  # an interrupt between here and the end leaves a half-written sample
+        for name, data in members:
+            self._add(name, data)
+        self._writing = False
         self._samples += 1
         self._buckets[bucket_name(*meta["bucket"])] += 1
-        # tar.offset counts the bytes in the archive, including those tarfile still buffers before writing
-        if self._samples >= self.max_samples or self._tar.offset >= self.max_bytes:
+        if self._samples >= self.max_samples or self._hasher.size >= self.max_bytes:
             self.finish_shard()
 
     def finish_shard(self) -> ShardInfo | None:
         """Close the shard being written (if any), rename it into place and report it."""
         if self._tar is None:
+            return None
+        if self._writing:  # interrupted inside a sample: the tar's end is damaged, so the shard is not kept
+            self._tar.closed = True  # nothing more may be written to it
+            self._file.close()
+            (self.folder / (self._name + ".tmp")).unlink()
+            self._tar, self._writing = None, False
             return None
         self._tar.close()
         self._file.flush()
@@ -367,6 +406,7 @@ def iter_shard(path: str | Path, expected_sha256: str | None = None) -> Iterator
 
 
 def shard_keys(path: str | Path) -> set[str]:
-    """The sample keys in a shard, from its member names only (no tensor bytes are decoded)."""
+    """The keys of the whole samples in a shard (those with their `.json`, written last), from member names only."""
     with tarfile.open(path, "r:") as tar:
-        return {os.path.basename(n).partition(".")[0] for n in tar.getnames()}
+        names = [os.path.basename(n).partition(".") for n in tar.getnames()]
+    return {key for key, _, ext in names if ext == "json"}

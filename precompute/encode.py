@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tarfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, prefetch_map
-from ft.common.shards import MANIFEST_NAME, Manifest, ShardWriter, sample_key, shard_keys
+from ft.common.shards import MANIFEST_NAME, Manifest, ShardWriter, bucket_name, sample_key, shard_keys
 from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
@@ -77,7 +77,7 @@ class _Encoder:
         self.spec, self.encoders, self.vae, self.writer = spec, encoders, vae, writer
         self.seq_len, self.batch_size, self.manifest = seq_len, batch_size, manifest
         self.pending: dict[tuple, list] = defaultdict(list)
-        self.written = 0
+        self.written: set[str] = set()
 
     def add(self, sample: PlannedSample, frames: Any) -> None:
         self.pending[sample.bucket].append((sample, frames))
@@ -108,7 +108,7 @@ class _Encoder:
                 "model_family": self.spec.name,
             }
             self.writer.write(sample.key, {"latents": lat, "cond": con}, meta)
-            self.written += 1
+            self.written.add(sample.key)
 
     def flush_all(self) -> None:
         for bucket in list(self.pending):
@@ -157,7 +157,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
     manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
                         encoding=encoding, shapes=existing.shapes if existing else {},
-                        shards=existing.shards if existing else [])
+                        shards=existing.shards if existing else [], active=existing.active if existing else {})
     manifest.rejected = [r.to_dict() for r in rejected]
 
     def record(shard: Any) -> None:
@@ -189,10 +189,17 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     finally:
         writer.finish_shard()  # keep what was encoded, even on Ctrl-C
         manifest.save(out)
-    log.info(f"wrote {encoder.written} new samples ({manifest.num_samples} in all, {len(manifest.shards)} shards, "
-             f"{manifest.num_bytes / 1e6:.1f} MB) to {out} in {time.time() - started:.1f}s; "
+    # Only a completed run changes what training sees: this dataset's samples, not older cached ones.
+    encoded = done | encoder.written
+    active = [p for p in planned if p.key in encoded]
+    manifest.set_active(out, [p.key for p in active], Counter(bucket_name(*p.bucket) for p in active))
+    manifest.save(out)
+    cached = manifest.num_samples - len(active)
+    log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: the dataset is "
+             f"{len(active)} samples in {len(manifest.shards)} shards ({manifest.num_bytes / 1e6:.1f} MB)"
+             f"{f', beside {cached} cached from earlier runs that training skips' if cached else ''}; "
              f"{len(manifest.rejected)} rejected")
-    if manifest.num_samples == 0:
+    if not active:
         raise UserError(f"no usable clips in {cfg.dataset}: all {len(items)} were rejected (reasons above and in "
                         f"{out / MANIFEST_NAME}).")
     return manifest

@@ -53,8 +53,18 @@ def fixed_loss(spec: ModelSpec, transformer: Any, scheduler: Any, batches: list[
     return sum(losses) / max(1, len(losses))
 
 
+def check_buckets_fit(spec: ModelSpec, manifest: Manifest, vae_config: dict, transformer_config: dict,
+                     folder: str) -> None:
+    """Every bucket in the shards must be one this transformer takes (a 1.5 transformer on 1.0 shards, say)."""
+    for bucket in manifest.training_histogram():
+        problem = spec.check_bucket(tuple(int(x) for x in bucket.split("x")), vae_config, transformer_config)
+        if problem:
+            raise UserError(f"{folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
+                            "Precompute again with --buckets that fit it.")
+
+
 def check_batches_possible(manifest: Manifest, batch_size: int, folder: str) -> None:
-    histogram = manifest.bucket_histogram()
+    histogram = manifest.training_histogram()
     usable = {b: n for b, n in histogram.items() if n >= batch_size}
     if not usable:
         raise UserError(f"--batch-size {batch_size}: no bucket of {folder} has that many samples "
@@ -84,8 +94,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     manifest, _ = open_shard_set(cfg.shards)
     transformer_config = spec.load_config("transformer", cfg)
     spec.check_shards(manifest, transformer_config)
-    check_batches_possible(manifest, cfg.batch_size, cfg.shards)
     vae_config = manifest.encoders.get("vae", {}).get("config", {})
+    check_buckets_fit(spec, manifest, vae_config, transformer_config, cfg.shards)
+    check_batches_possible(manifest, cfg.batch_size, cfg.shards)
+    active = manifest.active_keys(cfg.shards)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(to_jsonable(cfg), indent=2) + "\n")
@@ -106,10 +118,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     transformer.train()
     optimizer, lr_schedule = build_optimizer(cfg, params)
     n_trainable = sum(p.numel() for p in params)
+    n_samples = len(active) if active is not None else manifest.num_samples
     log.info(f"training {spec.display_name} LoRA rank {cfg.rank} ({n_trainable / 1e6:.2f}M parameters) on {device}, "
-             f"{manifest.num_samples} samples in {len(manifest.shards)} shards")
+             f"{n_samples} samples in {len(manifest.shards)} shards")
 
-    stream = ShardStream(cfg.shards, manifest, cfg.batch_size, cfg.seed, cfg.shuffle_buffer)
+    stream = ShardStream(cfg.shards, manifest, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, active)
     batches = background(iter(stream))
     eval_set = [next(batches) for _ in range(cfg.eval_batches)]
     summary: dict[str, Any] = {"output_dir": str(out)}
@@ -126,6 +139,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             step_loss = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches).to(device)
+                epoch = batch.epoch
                 loss = batch_loss(spec, transformer, scheduler, batch, vae_config, generator, dtype).mean()
                 (loss / cfg.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / cfg.gradient_accumulation_steps
@@ -144,7 +158,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
             if step % cfg.logging_steps == 0 or step == cfg.train_steps:
                 log_file.write(json.dumps({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                           "seconds": round(seconds, 4), "epoch": stream.epoch}) + "\n")
+                                           "seconds": round(seconds, 4), "epoch": epoch}) + "\n")
                 log_file.flush()
     finally:
         log_file.close()

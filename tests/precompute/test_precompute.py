@@ -152,3 +152,48 @@ def test_a_lost_shard_is_encoded_again(tmp_path, tiny_cog, shapes_data):
     assert [s.name for s in again.shards] == [first.shards[0].name, first.shards[2].name, "shard-000003.tar"]
     _, paths = open_shard_set(out)
     assert all(p.is_file() for p in paths)
+
+
+def test_a_rerun_on_an_edited_dataset_trains_only_on_what_it_now_holds(tmp_path, tiny_cog):
+    from ft.train.loader import ShardStream
+
+    data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=11)
+    out = tmp_path / "out"
+    first = precompute(tiny_cog, data, out)
+    assert first.active["samples"] == 4
+    videos = (data / "videos.txt").read_text().splitlines()
+    prompts = (data / "prompts.txt").read_text().splitlines()
+    (data / "videos.txt").write_text("\n".join(videos[:3]) + "\n")  # one clip removed
+    (data / "prompts.txt").write_text("\n".join([prompts[0] + ", at dusk", *prompts[1:3]]) + "\n")  # one recaptioned
+    second = precompute(tiny_cog, data, out)
+    assert second.num_samples == 5  # the old samples stay cached ...
+    assert second.active["samples"] == 3 and second.training_histogram() == {"9x32x32": 3}
+    active = second.active_keys(out)
+    stream = iter(ShardStream(out, second, batch_size=1, seed=0, active=active))
+    captions = {next(stream).meta[0]["caption"] for _ in range(12)}
+    assert captions == {prompts[0] + ", at dusk", *prompts[1:3]}  # ... but training sees only the dataset
+
+
+def test_an_interrupt_inside_a_sample_leaves_no_half_sample(tmp_path):
+    from ft.common.shards import ShardWriter, shard_keys
+
+    class Interrupted(ShardWriter):
+        calls = 0
+
+        def _add(self, name, data):
+            Interrupted.calls += 1
+            if Interrupted.calls == 5:  # the second member of the second sample
+                raise KeyboardInterrupt
+            super()._add(name, data)
+
+    writer = Interrupted(tmp_path)
+    sample = {"latents": {"mean": torch.zeros(2)}, "cond": {"prompt_embeds": torch.zeros(3)}}
+    writer.write("a", sample, {"bucket": [1, 8, 8]})
+    with pytest.raises(KeyboardInterrupt):
+        writer.write("b", sample, {"bucket": [1, 8, 8]})
+    assert writer.finish_shard() is None  # the damaged shard is discarded, its samples encoded again next run
+    assert not list(tmp_path.iterdir())
+    whole = ShardWriter(tmp_path / "ok")
+    whole.write("a", sample, {"bucket": [1, 8, 8]})
+    whole.finish_shard()
+    assert shard_keys(tmp_path / "ok" / "shard-000000.tar") == {"a"}

@@ -128,3 +128,18 @@ def test_user_errors_name_the_flag(tiny_cog, cog_shards, tmp_path):
         train(tiny_cog, tmp_path / "nothing", tmp_path / "o")
     with pytest.raises(UserError, match="--lora"):
         run_cli(["generate", "--model", "cogvideox", "--pretrained", tiny_cog, "--prompt", "x", "--lora", tmp_path])
+
+
+def test_a_bucket_too_small_for_a_batch_never_repeats_a_sample(tmp_path):
+    from ft.common.shards import Manifest, ShardWriter
+    from ft.train.loader import ShardStream
+
+    writer = ShardWriter(tmp_path)
+    for key, size in [("a0", 4), ("a1", 4), ("a2", 4), ("b0", 8)]:
+        writer.write(key, {"latents": {"mean": torch.zeros(size)}}, {"bucket": [1, size, size], "key": key})
+    writer.finish_shard()
+    manifest = Manifest("cogvideox", {}, "", {}, {}, shards=writer.completed)
+    stream = iter(ShardStream(tmp_path, manifest, batch_size=2, seed=0))
+    batches = [[m["key"] for m in next(stream).meta] for _ in range(12)]
+    assert all(len(set(b)) == 2 for b in batches), batches  # never [b0, b0]
+    assert {k for b in batches for k in b} == {"a0", "a1", "a2"}  # b0 alone cannot fill a batch
