@@ -16,7 +16,15 @@ from typing import Annotated
 
 import typer
 
-from .config import expand_multi_value_flags, kebab_flags, list_options, load_config_file, make_command, pop_config_flag
+from .config import (
+    check_config_keys,
+    expand_multi_value_flags,
+    kebab_flags,
+    list_options,
+    load_config_file,
+    make_command,
+    pop_config_flag,
+)
 from .errors import UserError
 from .logs import log, setup_logging
 
@@ -107,7 +115,12 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
     default_map = None
     if config_path:
         command = next((a for a in args if not a.startswith("-")), None)
-        default_map = {command: load_config_file(config_path)} if command else None
+        configs = _configs()
+        if command not in configs:
+            raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")
+        values = load_config_file(config_path)
+        check_config_keys(values, configs[command], config_path)
+        default_map = {command: values}
     return app(args=args, prog_name="ft", default_map=default_map, standalone_mode=standalone)
 
 

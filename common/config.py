@@ -162,6 +162,18 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
 
 
+def check_config_keys(values: dict[str, Any], config_cls: type, path: str) -> None:
+    """A key in a config file that is no flag of the command is a typo: say so (a silent default costs a run)."""
+    import difflib
+
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {flag_name(close[0])[2:]!r}?" if close else ""
+            raise UserError(f"--config {path}: {key!r} is not a setting of this command{hint}")
+
+
 def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
     """Take `--config FILE` (or `--config=FILE`) out of argv."""
     out, path = [], None

@@ -2,7 +2,9 @@
 
 Shared by precompute, train and generate. `--pretrained` names a diffusers folder or hub id; each component may
 come from elsewhere (`--transformer-id`, `--vae-id`, `--text-encoder-id`, ...), which is how finetunes such as
-SkyReels-V1-Hunyuan-T2V (a transformer on a HunyuanVideo base) are trained. An override is read as:
+SkyReels-V1-Hunyuan-T2V (a transformer on a HunyuanVideo base) are trained. Every command takes the same flags so
+that command lines carry over; each uses the components it loads, and an override of a component the family does
+not have is refused (ModelSpec.check_args). An override is read as:
 - a local folder that holds a subfolder named after the component: that subfolder;
 - any other local folder, or a `.safetensors` file: the component itself;
 - a hub id `owner/name`: the repo root; `owner/name/subfolder`: that subfolder of the repo.
@@ -16,7 +18,7 @@ from .config import REQUIRED, check_choice, opt
 from .dtypes import DTYPE_NAMES
 from .errors import UserError
 
-MODEL_PANEL = "Model"
+_P = "Model"  # the --help panel of these flags
 
 COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
               "transformer")
@@ -26,24 +28,25 @@ COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_e
 class ModelArgs:
     """The model family and the sources and dtypes of its components."""
 
-    model: str = opt(REQUIRED, "Model family: cogvideox (more to come). See `ft models`.", panel=MODEL_PANEL)
-    pretrained: str = opt(REQUIRED, "A diffusers folder or hub id of the base model.", panel=MODEL_PANEL)
-    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --pretrained.", panel=MODEL_PANEL)
-    tokenizer_id: str | None = opt(None, "Load the tokenizer from here instead of --pretrained.", panel=MODEL_PANEL)
-    tokenizer_2_id: str | None = opt(None, "Load the second tokenizer from here.", panel=MODEL_PANEL)
-    tokenizer_3_id: str | None = opt(None, "Load the third tokenizer from here.", panel=MODEL_PANEL)
-    text_encoder_id: str | None = opt(None, "Load the text encoder from here.", panel=MODEL_PANEL)
-    text_encoder_2_id: str | None = opt(None, "Load the second text encoder from here.", panel=MODEL_PANEL)
-    text_encoder_3_id: str | None = opt(None, "Load the third text encoder from here.", panel=MODEL_PANEL)
-    transformer_id: str | None = opt(None, "Load the transformer from here (a finetune of the family).",
-                                     panel=MODEL_PANEL)
-    vae_id: str | None = opt(None, "Load the VAE from here.", panel=MODEL_PANEL)
-    text_encoder_dtype: str = opt("bf16", "dtype of the text encoder: bf16, fp16 or fp32.", panel=MODEL_PANEL)
-    text_encoder_2_dtype: str = opt("bf16", "dtype of the second text encoder.", panel=MODEL_PANEL)
-    text_encoder_3_dtype: str = opt("bf16", "dtype of the third text encoder.", panel=MODEL_PANEL)
-    transformer_dtype: str = opt("bf16", "dtype of the transformer's weights, and the training precision.",
-                                 panel=MODEL_PANEL)
-    vae_dtype: str = opt("bf16", "dtype of the VAE.", panel=MODEL_PANEL)
+    model: str = opt(REQUIRED, "Model family: cogvideox (more to come). See `ft models`.", panel=_P)
+    pretrained: str = opt(REQUIRED, "A diffusers folder or hub id of the base model.", panel=_P)
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --pretrained.", panel=_P)
+    tokenizer_id: str | None = opt(None, "Load the tokenizer from here instead of --pretrained (precompute, "
+                                         "generate).", panel=_P)
+    tokenizer_2_id: str | None = opt(None, "Load the second tokenizer from here.", panel=_P)
+    tokenizer_3_id: str | None = opt(None, "Load the third tokenizer from here.", panel=_P)
+    text_encoder_id: str | None = opt(None, "Load the text encoder from here (precompute, generate).", panel=_P)
+    text_encoder_2_id: str | None = opt(None, "Load the second text encoder from here.", panel=_P)
+    text_encoder_3_id: str | None = opt(None, "Load the third text encoder from here.", panel=_P)
+    transformer_id: str | None = opt(None, "Load the transformer from here (a finetune of the family).", panel=_P)
+    vae_id: str | None = opt(None, "Load the VAE from here (precompute, generate).", panel=_P)
+    text_encoder_dtype: str = opt("bf16", "dtype of the text encoder: bf16, fp16 or fp32 (precompute, generate).",
+                                  panel=_P)
+    text_encoder_2_dtype: str = opt("bf16", "dtype of the second text encoder.", panel=_P)
+    text_encoder_3_dtype: str = opt("bf16", "dtype of the third text encoder.", panel=_P)
+    transformer_dtype: str = opt("bf16", "dtype of the transformer's weights and the training precision (train, "
+                                         "generate).", panel=_P)
+    vae_dtype: str = opt("bf16", "dtype of the VAE (precompute, generate).", panel=_P)
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_dtype", "text_encoder_2_dtype", "text_encoder_3_dtype", "transformer_dtype",

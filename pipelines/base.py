@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
-from ft.common.model_args import ModelArgs
+from ft.common.model_args import COMPONENTS, ModelArgs
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +105,18 @@ class ModelSpec(ABC):
     default_buckets: ClassVar[list[str]]
 
     # ------------------------------------------------------------------------------------------------ loading
+
+    def check_args(self, args: ModelArgs) -> None:
+        """Refuse overrides of components this family does not have (a flag that would silently do nothing)."""
+        for component in COMPONENTS:
+            if component in self.component_classes:
+                continue
+            flag = "--" + component.replace("_", "-")
+            if args.source_of(component):
+                raise UserError(f"{flag}-id: {self.display_name} has no {component}; its components are "
+                                f"{', '.join(self.component_classes)}.")
+            if not component.startswith("tokenizer") and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
+                raise UserError(f"{flag}-dtype: {self.display_name} has no {component}.")
 
     def component_class(self, component: str) -> type:
         return import_class(*self.component_classes[component])
@@ -204,6 +216,10 @@ class ModelSpec(ABC):
     def default_sequence_length(self, transformer_config: dict) -> int:
         return 226
 
+    def check_sequence_length(self, length: int, transformer_config: dict) -> str | None:
+        """Why captions of `length` tokens cannot train this transformer, or None."""
+        return None
+
     # ------------------------------------------------------------------------------------------------ stage 1
 
     @abstractmethod
@@ -243,8 +259,13 @@ class ModelSpec(ABC):
     # ------------------------------------------------------------------------------------------------ generation
 
     def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
-        """Frames, height and width the base model was trained at."""
+        """Frames, height and width the base model was trained at: keys num_frames, height, width."""
         return {}
+
+    def check_generation_size(self, size: tuple[int, int, int], vae_config: dict, transformer_config: dict
+                              ) -> str | None:
+        """Why the pipeline cannot generate frames x height x width, or None. Training's rule by default."""
+        return self.check_bucket(size, vae_config, transformer_config)
 
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         """Family-specific arguments of the pipeline's __call__ (e.g. the text length the transformer takes)."""

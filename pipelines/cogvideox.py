@@ -50,7 +50,7 @@ class CogVideoXSpec(ModelSpec):
         if (frames - 1) % TEMPORAL_COMPRESSION:
             return f"CogVideoX takes 4k+1 frames (1, 5, 9, ..., 49, ...), not {frames}"
         p_t = transformer_config.get("patch_size_t")
-        if p_t and frames > 1 and ((frames - 1) // TEMPORAL_COMPRESSION + 1) % p_t:
+        if p_t and ((frames - 1) // TEMPORAL_COMPRESSION + 1) % p_t:
             return (f"this CogVideoX (1.5, patch_size_t={p_t}) needs a latent frame count divisible by {p_t}: "
                     f"frames = 8k+5 such as 45, 77 or 85, not {frames}")
         multiple = self._spatial_factor(vae_config) * transformer_config.get("patch_size", 2)
@@ -60,6 +60,13 @@ class CogVideoXSpec(ModelSpec):
 
     def default_sequence_length(self, transformer_config: dict) -> int:
         return int(transformer_config.get("max_text_seq_length", 226))
+
+    def check_sequence_length(self, length: int, transformer_config: dict) -> str | None:
+        # Generation feeds max_text_seq_length tokens; training on another length would learn another model.
+        expected = self.default_sequence_length(transformer_config)
+        if length != expected:
+            return f"this transformer takes exactly {expected} text tokens, not {length}"
+        return None
 
     # ------------------------------------------------------------------------------------------------ stage 1
 
@@ -90,11 +97,10 @@ class CogVideoXSpec(ModelSpec):
         if dim != transformer_config.get("text_embed_dim"):
             raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
                             f"{transformer_config.get('text_embed_dim')}: they were encoded with another text encoder.")
-        # Generation feeds max_text_seq_length tokens; training on another length would learn another model.
-        if seq != self.default_sequence_length(transformer_config):
-            raise UserError(f"the shards hold {seq} text tokens but this transformer takes exactly "
-                            f"{transformer_config.get('max_text_seq_length')}: precompute with "
-                            f"--max-sequence-length {transformer_config.get('max_text_seq_length')}.")
+        problem = self.check_sequence_length(seq, transformer_config)
+        if problem:
+            raise UserError(f"the shards hold {seq} text tokens but {problem}: precompute with "
+                            f"--max-sequence-length {self.default_sequence_length(transformer_config)}.")
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
                         generator: torch.Generator | None) -> torch.Tensor:
@@ -149,6 +155,11 @@ class CogVideoXSpec(ModelSpec):
         return {"num_frames": transformer_config.get("sample_frames", 49),
                 "height": transformer_config.get("sample_height", 60) * s,
                 "width": transformer_config.get("sample_width", 90) * s}
+
+    def check_generation_size(self, size: tuple[int, int, int], vae_config: dict, transformer_config: dict
+                              ) -> str | None:
+        # the 1.5 pipeline pads the latent frames to its temporal patch itself
+        return self.check_bucket(size, vae_config, {**transformer_config, "patch_size_t": None})
 
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         return {"max_sequence_length": self.default_sequence_length(transformer_config)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ft.common.errors import UserError
+from ft.common.model_args import ModelArgs
 
 from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
@@ -19,3 +20,10 @@ def get_spec(name: str) -> ModelSpec:
     if key not in SPECS:
         raise UserError(f"--model {name!r} is not a model family ft knows; use one of: {', '.join(sorted(SPECS))}.")
     return SPECS[key]()
+
+
+def spec_for(args: ModelArgs) -> ModelSpec:
+    """The spec for `args.model`, after checking the component flags make sense for that family."""
+    spec = get_spec(args.model)
+    spec.check_args(args)
+    return spec

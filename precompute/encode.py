@@ -20,7 +20,7 @@ from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import MANIFEST_NAME, Manifest, ShardWriter, bucket_name, sample_key, shard_keys
 from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
 from ft.pipelines.base import ModelSpec
-from ft.pipelines.registry import get_spec
+from ft.pipelines.registry import spec_for
 
 from .config import PrecomputeConfig
 from .plan import RESIZE_MODE, PlannedSample, Rejected, assign_keys, plan_samples
@@ -120,16 +120,19 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     from tqdm import tqdm
 
     started = time.time()
-    spec = get_spec(cfg.model)
+    spec = spec_for(cfg)
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
     seq_len = cfg.max_sequence_length or spec.default_sequence_length(transformer_config)
+    problem = spec.check_sequence_length(seq_len, transformer_config)
+    if problem:
+        raise UserError(f"--max-sequence-length {seq_len}: {problem}.")
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
     planned, rejected = plan_samples(items, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
-                                     cfg.decode_workers)
+                                     cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config))
     for r in rejected:
         log.info(f"rejected {r.path}: {r.reason}")
 

@@ -6,6 +6,7 @@ videos) show up in seconds, as rejected inputs with reasons, not after the encod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from ft.common.shards import file_digest, sample_key
 from ft.common.video import MediaError, choose_bucket, frame_indices, frames_needed, is_image, open_media
 
 RESIZE_MODE = "center-crop"
+BucketCheck = Callable[[tuple[int, int, int]], "str | None"]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Rejected:
 
 
 def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-              decoder: str) -> PlannedSample | Rejected:
+              decoder: str, check: BucketCheck) -> PlannedSample | Rejected:
     try:
         media = open_media(item.path, decoder)
     except MediaError as e:
@@ -57,15 +59,19 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
         shortest = min(frames_needed(b[0], sampling, stride) for b in buckets)
         return Rejected(str(item.path), f"too short: {media.num_frames} frames, the smallest bucket needs {shortest}"
                                         f" (with --frame-sampling {sampling} --frame-stride {stride})")
+    problem = check(bucket)  # an image's 1-frame bucket may be derived, not one the user gave
+    if problem:
+        return Rejected(str(item.path), f"no bucket for it: {problem}")
     indices = frame_indices(media.num_frames, bucket[0], sampling, stride)
     return PlannedSample(item, bucket, indices, media.fps, media.num_frames, file_digest(item.path))
 
 
 def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-                 decoder: str, workers: int) -> tuple[list[PlannedSample], list[Rejected]]:
-    """Plan every item (in parallel threads); rejected items come back with their reasons."""
+                 decoder: str, workers: int, check: BucketCheck) -> tuple[list[PlannedSample], list[Rejected]]:
+    """Plan every item (in parallel threads); rejected items come back with their reasons. `check` says why the
+    model cannot take a bucket (None when it can)."""
     planned, rejected = [], []
-    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder), items, workers,
+    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check), items, workers,
                                ahead=max(4, workers * 4)):
         (rejected if isinstance(result, Rejected) else planned).append(result)
     return planned, rejected

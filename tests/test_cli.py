@@ -114,3 +114,29 @@ def test_precompute_accepts_each_dataset_layout(tmp_path, tiny_cog):
         manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data,
                             "--out", tmp_path / f"{layout}-shards", *BUCKETS])
         assert manifest.num_samples == 3 and not manifest.rejected, layout
+
+
+def test_a_typo_in_a_config_file_is_an_error(tmp_path, tiny_cog, cog_shards):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: cogvideox\npretrained: {tiny_cog}\ntrain_step: 2\n")
+    result = ft("train", "--config", config, "--shards", cog_shards, "--output-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "'train_step' is not a setting of this command; did you mean 'train-steps'?" in result.stderr
+
+
+@pytest.mark.parametrize("size,message", [(["--height", "30"], "multiples of 16"),
+                                          (["--num-frames", "10"], "4k+1 frames")])
+def test_generate_checks_the_size_before_loading_anything(size, message, tiny_cog, tmp_path):
+    result = ft("generate", "--model", "cogvideox", "--pretrained", tiny_cog, "--prompt", "x", "--out",
+                tmp_path / "v.mp4", *size)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("flags,message", [(["--text-encoder-2-id", "x"], "--text-encoder-2-id: CogVideoX has no"),
+                                           (["--text-encoder-3-dtype", "fp32"], "CogVideoX has no text_encoder_3"),
+                                           (["--max-sequence-length", "8"], "takes exactly 16 text tokens")])
+def test_flags_that_would_do_nothing_are_refused(flags, message, tiny_cog, shapes_data, tmp_path):
+    result = ft("precompute", "--model", "cogvideox", "--pretrained", tiny_cog, "--dataset", shapes_data,
+                "--out", tmp_path / "o", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

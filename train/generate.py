@@ -17,7 +17,8 @@ from ft.common.logs import log, quiet_libraries
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import pick_device
 from ft.common.video import write_video
-from ft.pipelines.registry import get_spec
+from ft.pipelines.base import ModelSpec
+from ft.pipelines.registry import spec_for
 
 from .lora import LORA_WEIGHTS_NAME
 
@@ -58,8 +59,21 @@ def check_lora_folder(path: str) -> Path:
     return folder
 
 
-def load_pipeline_with_lora(cfg: GenerateConfig, device: str) -> Any:
-    spec = get_spec(cfg.model)
+def resolve_size(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
+    """num_frames, height and width: the flags, else the model's defaults; checked before anything is loaded."""
+    transformer_config, vae_config = spec.load_config("transformer", cfg), spec.load_config("vae", cfg)
+    defaults = spec.generation_defaults(transformer_config, vae_config)
+    size = {"num_frames": cfg.num_frames or defaults["num_frames"], "height": cfg.height or defaults["height"],
+            "width": cfg.width or defaults["width"]}
+    problem = spec.check_generation_size((size["num_frames"], size["height"], size["width"]), vae_config,
+                                         transformer_config)
+    if problem:
+        raise UserError(f"--num-frames {size['num_frames']} --height {size['height']} --width {size['width']}: "
+                        f"{problem}.")
+    return size
+
+
+def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
     lora = check_lora_folder(cfg.lora) if cfg.lora else None
     pipe = spec.load_pipeline(cfg, device)
     if lora is not None:
@@ -71,7 +85,7 @@ def load_pipeline_with_lora(cfg: GenerateConfig, device: str) -> Any:
     return pipe
 
 
-def generate_frames(cfg: GenerateConfig, pipe: Any) -> Any:
+def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
     The captions are encoded with the spec's `encode_prompts`, the very code precompute used, so the LoRA sees
@@ -80,7 +94,6 @@ def generate_frames(cfg: GenerateConfig, pipe: Any) -> Any:
     import numpy as np
     import torch
 
-    spec = get_spec(cfg.model)
     transformer_config = dict(pipe.transformer.config)
     dtype = pipe.transformer.dtype
     pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
@@ -95,22 +108,20 @@ def generate_frames(cfg: GenerateConfig, pipe: Any) -> Any:
     embeds = {k: v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype) for k, v in prompt.items()}
     embeds |= {f"negative_{k}": v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype)
                for k, v in negative.items()}
-    defaults = spec.generation_defaults(transformer_config, dict(pipe.vae.config))
-    sizes = {"num_frames": cfg.num_frames or defaults.get("num_frames"), "height": cfg.height or defaults.get("height"),
-             "width": cfg.width or defaults.get("width")}
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     result = pipe(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=generator,
-                  output_type="np", **embeds, **spec.pipeline_call_kwargs(transformer_config),
-                  **{k: v for k, v in sizes.items() if v is not None})
+                  output_type="np", **embeds, **spec.pipeline_call_kwargs(transformer_config), **size)
     frames = np.asarray(result.frames[0])
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
+    spec = spec_for(cfg)
+    size = resolve_size(spec, cfg)
     quiet_libraries()
     device = pick_device(cfg.device)
-    pipe = load_pipeline_with_lora(cfg, device)
-    frames = generate_frames(cfg, pipe)
+    pipe = load_pipeline_with_lora(spec, cfg, device)
+    frames = generate_frames(spec, cfg, pipe, size)
     path = write_video(cfg.out, frames, cfg.fps)
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

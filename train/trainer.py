@@ -21,7 +21,7 @@ from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import Manifest, open_shard_set
 from ft.pipelines.base import ModelSpec
-from ft.pipelines.registry import get_spec
+from ft.pipelines.registry import spec_for
 
 from .config import TrainConfig
 from .loader import Batch, ShardStream, background
@@ -90,7 +90,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    spec = get_spec(cfg.model)
+    spec = spec_for(cfg)
     manifest, _ = open_shard_set(cfg.shards)
     transformer_config = spec.load_config("transformer", cfg)
     spec.check_shards(manifest, transformer_config)

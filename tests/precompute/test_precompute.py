@@ -197,3 +197,25 @@ def test_an_interrupt_inside_a_sample_leaves_no_half_sample(tmp_path):
     whole.write("a", sample, {"bucket": [1, 8, 8]})
     whole.finish_shard()
     assert shard_keys(tmp_path / "ok" / "shard-000000.tar") == {"a"}
+
+
+def test_images_are_rejected_when_the_model_cannot_take_one_frame(tmp_path, tiny_cog):
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = tmp_path / "cogvideox-1.5-tiny"
+    shutil.copytree(tiny_cog, model)
+    shutil.rmtree(model / "transformer")
+    CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
+        text_embed_dim=32, num_layers=1, sample_width=8, sample_height=8, sample_frames=13, patch_size=2,
+        patch_size_t=2, patch_bias=False, temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=True).save_pretrained(model / "transformer")
+    data = make_shapes_dataset(tmp_path / "data", num_clips=2, num_images=1, seed=5)
+    manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", model, *FP32, "--dataset", data,
+                        "--out", tmp_path / "out", "--buckets", "13x32x32"])
+    assert manifest.training_histogram() == {"13x32x32": 2}
+    (rejected,) = manifest.rejected
+    assert rejected["path"].endswith(".png") and "latent frame count divisible by 2" in rejected["reason"]
+    with pytest.raises(UserError, match="--buckets 9x32x32: .*patch_size_t=2"):
+        run_cli(["precompute", "--model", "cogvideox", "--pretrained", model, *FP32, "--dataset", data,
+                 "--out", tmp_path / "out2", "--buckets", "9x32x32"])
