@@ -26,8 +26,12 @@ def describe(folder: str, verify: bool = False) -> str:
     lines.append(f"encoding       max_sequence_length {enc.get('max_sequence_length')}, frames "
                  f"{enc.get('frame_sampling')} stride {enc.get('frame_stride')}, {enc.get('resize_mode')}")
     lines.append(f"shapes         {manifest.shapes}")
-    lines.append("buckets")
-    for bucket, count in manifest.bucket_histogram().items():
+    if manifest.active:
+        cached = manifest.num_samples - manifest.active["samples"]
+        lines.append(f"training view  {manifest.active['samples']} samples of the dataset's last run"
+                     + (f"; {cached} more cached from earlier runs, not trained on" if cached else ""))
+    lines.append("buckets (trained on)")
+    for bucket, count in manifest.training_histogram().items():
         lines.append(f"  {bucket:14s}{count}")
     lines.append(f"rejected       {len(manifest.rejected)}")
     for r in manifest.rejected[:20]:

@@ -92,7 +92,8 @@ def test_finetrainers_spellings_and_a_config_file(tmp_path, tiny_cog, cog_shards
 def test_inspect_describes_and_verifies(cog_shards):
     result = ft("inspect", cog_shards, "--verify")
     assert result.returncode == 0, result.stderr
-    for text in ("samples        10 in 1 shards", "9x32x64", "1x32x32", "rejected       0", "verified", "fingerprint"):
+    for text in ("samples        10 in 1 shards", "training view  10 samples", "9x32x64", "1x32x32",
+                 "rejected       0", "verified", "fingerprint"):
         assert text in result.stdout
 
 
