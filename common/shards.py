@@ -405,6 +405,17 @@ def iter_shard(path: str | Path, expected_sha256: str | None = None) -> Iterator
                                         "Delete it and rerun `ft precompute` with the same --out to rebuild it.")
 
 
+def describe_shard(path: str | Path) -> ShardInfo:
+    """A `ShardInfo` made by reading a shard (for one that is complete on disk but missing from its manifest)."""
+    buckets: Counter[str] = Counter()
+    samples = 0
+    for sample in iter_shard(path):
+        samples += 1
+        buckets[bucket_name(*sample.meta["bucket"])] += 1
+    path = Path(path)
+    return ShardInfo(path.name, samples, path.stat().st_size, file_digest(path), dict(sorted(buckets.items())))
+
+
 def shard_keys(path: str | Path) -> set[str]:
     """The keys of the whole samples in a shard (those with their `.json`, written last), from member names only."""
     with tarfile.open(path, "r:") as tar:

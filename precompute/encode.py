@@ -17,7 +17,15 @@ from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, prefetch_map
-from ft.common.shards import MANIFEST_NAME, Manifest, ShardWriter, bucket_name, sample_key, shard_keys
+from ft.common.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardWriter,
+    bucket_name,
+    describe_shard,
+    sample_key,
+    shard_keys,
+)
 from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
@@ -40,12 +48,21 @@ def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transform
 
 def _existing_keys(out: Path, manifest: Manifest | None) -> set[str]:
     """Keys already encoded in `out`. Shards that are listed but missing or unreadable are dropped from the
-    manifest (their samples are encoded again); leftovers of a killed run (`*.tar.tmp`) are removed."""
+    manifest (their samples are encoded again); complete shards missing from it are adopted; leftovers of a
+    killed run (`*.tar.tmp`) are removed."""
     for stale in out.glob("*.tar.tmp"):
         log.info(f"removing {stale.name}, a shard left unfinished by an earlier run")
         stale.unlink()
     if manifest is None:
         return set()
+    listed = {s.name for s in manifest.shards}
+    for path in sorted(out.glob("shard-*.tar")):
+        if path.name not in listed:  # renamed into place, then killed before the manifest was saved
+            try:
+                manifest.shards.append(describe_shard(path))
+                log.info(f"adopting {path.name}: complete on disk but missing from the manifest")
+            except (OSError, UserError) as e:
+                log.warning(f"{path} is not in the manifest and cannot be read ({e}); ignoring it")
     keys: set[str] = set()
     kept = []
     for shard in manifest.shards:

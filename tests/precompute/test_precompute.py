@@ -219,3 +219,15 @@ def test_images_are_rejected_when_the_model_cannot_take_one_frame(tmp_path, tiny
     with pytest.raises(UserError, match="--buckets 9x32x32: .*patch_size_t=2"):
         run_cli(["precompute", "--model", "cogvideox", "--pretrained", model, *FP32, "--dataset", data,
                  "--out", tmp_path / "out2", "--buckets", "9x32x32"])
+
+
+def test_a_complete_shard_missing_from_the_manifest_is_adopted(tmp_path, tiny_cog, shapes_data):
+    out = tmp_path / "out"
+    first = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")
+    manifest = Manifest.load(out)
+    lost = manifest.shards.pop()  # as if killed between the shard's rename and the manifest's save
+    manifest.save(out)
+    again = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")
+    assert sorted(s.name for s in again.shards) == sorted(s.name for s in first.shards)
+    adopted = next(s for s in again.shards if s.name == lost.name)
+    assert adopted == lost  # samples, bytes, sha256 and buckets rebuilt from the file itself
