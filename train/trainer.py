@@ -144,8 +144,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 (loss / cfg.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / cfg.gradient_accumulation_steps
             if not math.isfinite(step_loss):
-                raise RuntimeError(f"step {step}: the loss is {step_loss}; lower --lr or use --transformer-dtype "
-                                   "fp32 to find the cause")
+                raise UserError(f"step {step}: the loss is {step_loss}; training diverged. Lower --lr, or train "
+                                "with --transformer-dtype fp32 to find the cause.")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
                                                        float("inf")).item()
             optimizer.step()
