@@ -224,7 +224,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001) if fps > 0 else 8)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"crf": "18", "threads": "1"}  # x264 with threads gave different bytes run to run
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
