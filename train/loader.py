@@ -90,23 +90,42 @@ class ShardStream:
 
 
 def background(iterator: Iterator[Any], size: int = 4) -> Iterator[Any]:
-    """Run `iterator` in a daemon thread, `size` items ahead; exceptions are re-raised in the consumer."""
+    """Run `iterator` in a daemon thread, `size` items ahead; exceptions are re-raised in the consumer.
+
+    When the consumer stops (the generator is closed or collected), the thread stops too instead of blocking on
+    a full queue for the rest of the process.
+    """
     q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in iterator:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # handed to the consumer, which re-raises it
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is done:
+            put(e)
             return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+        put(done)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

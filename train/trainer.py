@@ -161,6 +161,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                                            "seconds": round(seconds, 4), "epoch": epoch}) + "\n")
                 log_file.flush()
     finally:
+        batches.close()  # stops the reader thread
         log_file.close()
         bar.close()
     transformer.eval()

@@ -143,3 +143,20 @@ def test_a_bucket_too_small_for_a_batch_never_repeats_a_sample(tmp_path):
     batches = [[m["key"] for m in next(stream).meta] for _ in range(12)]
     assert all(len(set(b)) == 2 for b in batches), batches  # never [b0, b0]
     assert {k for b in batches for k in b} == {"a0", "a1", "a2"}  # b0 alone cannot fill a batch
+
+
+def test_the_background_reader_stops_with_its_consumer():
+    import threading
+
+    from ft.train.loader import background
+
+    before = threading.active_count()
+    reader = background(iter(range(10**9)), size=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    assert threading.active_count() == before + 1
+    reader.close()
+    for _ in range(50):
+        if threading.active_count() == before:
+            break
+        threading.Event().wait(0.05)
+    assert threading.active_count() == before
