@@ -58,14 +58,15 @@ def _run_generate(cfg: object) -> object:
     return run_generate(cfg)  # type: ignore[arg-type]
 
 
+CONFIG_EPILOG = ("Also: --config FILE (.toml, .yaml or .json) supplies any of these flags, in either spelling; "
+                 "flags given on the command line override it. finetrainers' spellings (--train_steps) work too.")
+
+
 def _register() -> None:
-    configs = _configs()
-    app.command("precompute", help=configs["precompute"].__doc__)(
-        make_command(configs["precompute"], _run_precompute, configs["precompute"].__doc__))
-    app.command("train", help=configs["train"].__doc__)(
-        make_command(configs["train"], _run_train, configs["train"].__doc__))
-    app.command("generate", help=configs["generate"].__doc__)(
-        make_command(configs["generate"], _run_generate, configs["generate"].__doc__))
+    runners = {"precompute": _run_precompute, "train": _run_train, "generate": _run_generate}
+    for name, config_cls in _configs().items():
+        app.command(name, help=config_cls.__doc__, epilog=CONFIG_EPILOG)(
+            make_command(config_cls, runners[name], config_cls.__doc__))
 
 
 @app.command("demo")
