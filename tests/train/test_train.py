@@ -160,3 +160,34 @@ def test_the_background_reader_stops_with_its_consumer():
             break
         threading.Event().wait(0.05)
     assert threading.active_count() == before
+
+
+def test_the_saved_lora_is_exactly_the_trained_one_after_load_lora_weights(tiny_cog, tmp_path):
+    """What ft trains is what diffusers runs: same rank, alpha and weights, so the same transformer output."""
+    from diffusers import CogVideoXPipeline
+
+    from ft.common.model_args import ModelArgs
+    from ft.pipelines.registry import get_spec
+    from ft.train.lora import add_lora, save_lora
+
+    spec = get_spec("cogvideox")
+    transformer = spec.load_component("transformer", ModelArgs(model="cogvideox", pretrained=str(tiny_cog),
+                                                                transformer_dtype="fp32"))
+    params = add_lora(transformer, rank=4, alpha=12, target_modules=spec.default_lora_targets)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)  # stand-in for trained weights, B included
+    save_lora(spec, transformer, tmp_path)
+
+    inputs = {"hidden_states": torch.randn(1, 3, 4, 4, 4), "encoder_hidden_states": torch.randn(1, 16, 32),
+              "timestep": torch.tensor([300]),
+              "image_rotary_emb": spec.rotary_embeddings(dict(transformer.config), 3, 4, 4, torch.device("cpu"))}
+    with torch.no_grad():
+        ours = transformer(**inputs, return_dict=False)[0]
+        pipe = CogVideoXPipeline.from_pretrained(tiny_cog)
+        base = pipe.transformer(**inputs, return_dict=False)[0]
+        pipe.load_lora_weights(tmp_path)
+        loaded = pipe.transformer(**inputs, return_dict=False)[0]
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-5)
