@@ -10,6 +10,7 @@ from ft.common.video import FRAME_SAMPLING
 
 DATA = "Data"
 OUTPUT = "Output"
+ENCODING = "Encoding"
 
 
 @dataclass(kw_only=True)
@@ -31,13 +32,15 @@ class PrecomputeConfig(ModelArgs):
     frame_stride: int = opt(1, "With head sampling, take every Nth frame.", panel=DATA)
     max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
                                                 "max_text_seq_length (226 for CogVideoX).", panel=DATA)
-    batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).")
+    batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).",
+                          panel=ENCODING)
     shard_samples: int = opt(256, "Samples per shard at most.", panel=OUTPUT)
     shard_max_mb: int = opt(1024, "Shard size at most, in MB.", panel=OUTPUT)
-    decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.")
-    decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.")
-    vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.", panel=ENCODING)
+    decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.", panel=ENCODING)
+    vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.",
+                           panel=ENCODING)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=ENCODING)
 
     def __post_init__(self) -> None:
         super().__post_init__()
