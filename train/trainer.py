@@ -20,6 +20,7 @@ from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import Manifest, open_shard_set
+from ft.common.video import parse_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
@@ -57,7 +58,7 @@ def check_buckets_fit(spec: ModelSpec, manifest: Manifest, vae_config: dict, tra
                      folder: str) -> None:
     """Every bucket in the shards must be one this transformer takes (a 1.5 transformer on 1.0 shards, say)."""
     for bucket in manifest.training_histogram():
-        problem = spec.check_bucket(tuple(int(x) for x in bucket.split("x")), vae_config, transformer_config)
+        problem = spec.check_bucket(parse_bucket(bucket), vae_config, transformer_config)
         if problem:
             raise UserError(f"{folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
                             "Precompute again with --buckets that fit it.")
