@@ -1,58 +1,138 @@
-"""`ft train` settings: the shards, the LoRA, the optimizer and schedule, and the run's bookkeeping."""
+"""`ft train` settings: the shards, what trains (LoRA or every weight), the objective's knobs, the optimizer and
+schedule, checkpoints, and how the run is watched.
+
+Precision: `--transformer-dtype` is the one precision flag. The frozen base (LoRA) or the trained weights (full
+finetune) live in it; LoRA adapters train in fp32; `--master-dtype fp32` keeps fp32 master weights for a full
+finetune while the forward and backward run in `--transformer-dtype` (autocast).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-TRAINING_TYPES = ("lora",)
+TRAINING_TYPES = ("lora", "full-finetune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
+FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+REPORT_TO = ("tensorboard", "wandb", "none")
+MASTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 LORA = "LoRA"
 OPTIM = "Optimizer"
 RUN = "Run"
+CKPT = "Checkpoints"
+OBJECTIVE = "Objective (noise, timesteps, loss weights)"
+WATCH = "Watching the run"
 
 
 @dataclass(kw_only=True)
 class TrainConfig(ModelArgs):
     """Train the transformer on precomputed shards: only the transformer and scheduler are loaded."""
 
-    shards: str = opt(REQUIRED, "Shard folder written by `ft precompute`.", panel=RUN)
-    output_dir: str = opt(REQUIRED, "Where the LoRA (pytorch_lora_weights.safetensors), train_log.jsonl and the "
-                                    "resolved config go.", panel=RUN)
-    training_type: str = opt("lora", "What to train: lora.", panel=RUN)
-    train_steps: int = opt(1000, "Optimizer steps to take.", panel=RUN)
-    batch_size: int = opt(1, "Samples per micro-batch (samples of one bucket are batched together).", panel=RUN)
+    shards: list[str] = opt(REQUIRED, "Shard folder written by `ft precompute`. Give several to mix them: "
+                                      "`--shards A B:0.3` draws batches from B with weight 0.3 against A's 1.",
+                            panel=RUN)
+    output_dir: str = opt(REQUIRED, "Where the result (LoRA: pytorch_lora_weights.safetensors; full finetune: "
+                                    "transformer/), checkpoints/, train_log.jsonl and the resolved config go.",
+                          panel=RUN)
+    training_type: str = opt("lora", "What to train: lora (adapters on a frozen transformer) or full-finetune "
+                                     "(every transformer weight).", panel=RUN)
+    train_steps: int = opt(1000, "Optimizer steps to take (in all, counting steps before a resume).", panel=RUN)
+    batch_size: int = opt(1, "Samples per micro-batch on each process (samples of one bucket are batched together)"
+                             ".", panel=RUN)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", panel=RUN)
-    seed: int = opt(42, "Seed for LoRA init, data order, noise and timesteps.", panel=RUN)
+    seed: int = opt(42, "Seed for LoRA init, data order, and each sample's latent draw, noise and timestep.",
+                    panel=RUN)
     shuffle_buffer: int = opt(256, "Samples held for shuffling while streaming.", panel=RUN)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: much less memory, ~30% slower.",
                                        panel=RUN)
-    eval_batches: int = opt(0, "Batches for a fixed-noise loss measured before and after training (0: off).",
-                            panel=RUN)
-    logging_steps: int = opt(1, "Write train_log.jsonl every N optimizer steps.", panel=RUN)
+    master_dtype: str = opt("auto", "dtype of the weights the optimizer updates. auto: fp32 LoRA adapters; a full "
+                                    "finetune trains its weights in --transformer-dtype (as finetrainers does). "
+                                    "fp32: fp32 master weights, computing in --transformer-dtype.", panel=RUN)
+    caption_dropout_p: float = opt(0.0, "Probability of training a sample on the empty caption (for classifier-free "
+                                        "guidance); uses the empty-caption conditioning `ft precompute` stores.",
+                                   panel=RUN)
+    eval_batches: int = opt(0, "Batches for a fixed-noise loss measured before and after training (0: off). They "
+                               "are chosen by sample key, not taken from the training stream.", panel=RUN)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
+    checkpointing_steps: int = opt(500, "Save a checkpoint every N optimizer steps (0: never). A checkpoint holds "
+                                        "what exact resume needs: trainable weights, optimizer, LR schedule, RNG, "
+                                        "step and data position.", panel=CKPT)
+    checkpointing_limit: int | None = opt(None, "Keep at most this many checkpoints; the oldest are deleted.",
+                                          panel=CKPT)
+    resume_from_checkpoint: str | None = opt(None, "Resume from OUTPUT_DIR/checkpoints: a step number, `latest`, "
+                                                   "or a checkpoint folder.", panel=CKPT)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
     target_modules: list[str] = opt([], "Module names to put LoRA on. Default: the model's attention "
                                         "projections (to_q to_k to_v to_out.0).", panel=LORA)
+    optimizer: str = opt("adamw", f"Optimizer: {', '.join(OPTIMIZERS)} (adamw-8bit needs bitsandbytes).",
+                         panel=OPTIM)
     lr: float = opt(1e-4, "Peak learning rate.", panel=OPTIM)
     lr_scheduler: str = opt("constant_with_warmup", f"LR schedule: {', '.join(LR_SCHEDULERS)}.", panel=OPTIM)
     lr_warmup_steps: int = opt(100, "Linear warmup steps.", panel=OPTIM)
     lr_num_cycles: int = opt(1, "Cycles for cosine_with_restarts.", panel=OPTIM)
-    beta1: float = opt(0.9, "AdamW beta1.", panel=OPTIM)
-    beta2: float = opt(0.95, "AdamW beta2.", panel=OPTIM)
-    weight_decay: float = opt(1e-4, "AdamW weight decay.", panel=OPTIM)
-    epsilon: float = opt(1e-8, "AdamW epsilon.", panel=OPTIM)
-    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", panel=OPTIM)
+    lr_power: float = opt(1.0, "Power of the polynomial schedule.", panel=OPTIM)
+    beta1: float = opt(0.9, "Adam beta1.", panel=OPTIM)
+    beta2: float = opt(0.95, "Adam beta2.", panel=OPTIM)
+    weight_decay: float = opt(1e-4, "Weight decay (decoupled for adamw, L2 for adam).", panel=OPTIM)
+    epsilon: float = opt(1e-8, "Adam epsilon.", panel=OPTIM)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this once per optimizer step (0: no clipping).",
+                               panel=OPTIM)
+    flow_weighting_scheme: str = opt("none", "How sigmas are drawn and losses weighted: none (uniform), "
+                                             "logit_normal, mode (draw densities), sigma_sqrt, cosmap (loss "
+                                             "weights, flow matching only).", panel=OBJECTIVE)
+    flow_logit_mean: float = opt(0.0, "Mean of the logit_normal density.", panel=OBJECTIVE)
+    flow_logit_std: float = opt(1.0, "Standard deviation of the logit_normal density.", panel=OBJECTIVE)
+    flow_mode_scale: float = opt(1.29, "Scale of the mode density.", panel=OBJECTIVE)
+    flow_shift: float = opt(1.0, "Shift sigmas towards noise: s' = shift*s / (1 + (shift-1)*s). 1: none.",
+                            panel=OBJECTIVE)
+    flow_resolution_shifting: bool = opt(False, "Shift by the latent sequence length instead of --flow-shift, "
+                                                "interpolating between the base and max shifts below.",
+                                         panel=OBJECTIVE)
+    flow_base_seq_len: int = opt(256, "Sequence length that gets --flow-base-shift.", panel=OBJECTIVE)
+    flow_max_seq_len: int = opt(4096, "Sequence length that gets --flow-max-shift.", panel=OBJECTIVE)
+    flow_base_shift: float = opt(0.5, "Shift exponent (mu) at --flow-base-seq-len.", panel=OBJECTIVE)
+    flow_max_shift: float = opt(1.15, "Shift exponent (mu) at --flow-max-seq-len.", panel=OBJECTIVE)
+    logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
+    report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
+                                        "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
         check_choice(self.lr_scheduler, LR_SCHEDULERS, "lr_scheduler")
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        check_choice(self.flow_weighting_scheme, FLOW_WEIGHTING_SCHEMES, "flow_weighting_scheme")
+        check_choice(self.report_to, REPORT_TO, "report_to")
+        check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",
-                     "logging_steps", "lora_alpha"):
+                     "logging_steps", "lora_alpha", "flow_logit_std", "flow_shift", "flow_base_seq_len", "lr_power"):
             check_positive(getattr(self, name), name)
-        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "eval_batches"):
+        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "eval_batches", "checkpointing_steps"):
             check_positive(getattr(self, name), name, allow_zero=True)
+        if self.checkpointing_limit is not None:
+            check_positive(self.checkpointing_limit, "checkpointing_limit")
+        if not 0.0 <= self.caption_dropout_p <= 1.0:
+            raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
+        if self.flow_max_seq_len <= self.flow_base_seq_len:
+            raise UserError(f"--flow-max-seq-len ({self.flow_max_seq_len}) must be greater than --flow-base-seq-len "
+                            f"({self.flow_base_seq_len}).")
+        if self.training_type == "lora" and self.master_dtype not in ("auto", "fp32"):
+            raise UserError(f"--master-dtype {self.master_dtype}: LoRA adapters train in fp32; leave --master-dtype "
+                            "at auto (or fp32).")
+        if self.lr_scheduler != "polynomial" and self.lr_power != 1.0:
+            raise UserError(f"--lr-power applies to --lr-scheduler polynomial, not {self.lr_scheduler}.")
+        if self.lr_scheduler != "cosine_with_restarts" and self.lr_num_cycles != 1:
+            raise UserError(f"--lr-num-cycles applies to --lr-scheduler cosine_with_restarts, not "
+                            f"{self.lr_scheduler}.")
+        if self.training_type == "full-finetune":
+            for name, default in (("rank", 64), ("lora_alpha", 64.0)):
+                if getattr(self, name) != default:
+                    raise UserError(f"--{name.replace('_', '-')} applies to --training-type lora, not "
+                                    "full-finetune.")
+            if self.target_modules:
+                raise UserError("--target-modules applies to --training-type lora, not full-finetune.")

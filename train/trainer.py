@@ -92,13 +92,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     spec = spec_for(cfg)
-    manifest, _ = open_shard_set(cfg.shards)
+    shards = cfg.shards[0]  # one shard set until mixing lands
+    manifest, _ = open_shard_set(shards)
     transformer_config = spec.load_config("transformer", cfg)
     spec.check_shards(manifest, transformer_config)
     vae_config = manifest.encoders.get("vae", {}).get("config", {})
-    check_buckets_fit(spec, manifest, vae_config, transformer_config, cfg.shards)
-    check_batches_possible(manifest, cfg.batch_size, cfg.shards)
-    active = manifest.active_keys(cfg.shards)
+    check_buckets_fit(spec, manifest, vae_config, transformer_config, shards)
+    check_batches_possible(manifest, cfg.batch_size, shards)
+    active = manifest.active_keys(shards)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(to_jsonable(cfg), indent=2) + "\n")
@@ -123,7 +124,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     log.info(f"training {spec.display_name} LoRA rank {cfg.rank} ({n_trainable / 1e6:.2f}M parameters) on {device}, "
              f"{n_samples} samples in {len(manifest.shards)} shards")
 
-    stream = ShardStream(cfg.shards, manifest, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, active)
+    stream = ShardStream(shards, manifest, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, active)
     batches = background(iter(stream))
     eval_set = [next(batches) for _ in range(cfg.eval_batches)]
     summary: dict[str, Any] = {"output_dir": str(out)}

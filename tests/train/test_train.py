@@ -108,7 +108,7 @@ def test_shards_of_another_family_or_shape_are_refused(tiny_cog, cog_shards, tmp
                                   ("shapes", {"latent_channels": 16, "prompt_embeds": [16, 32]}, "16 channels"),
                                   ("shapes", {"latent_channels": 4, "prompt_embeds": [16, 4096]}, "width 4096"),
                                   ("shapes", {"latent_channels": 4, "prompt_embeds": [226, 32]}, "226 text tokens")]:
-        shards = tmp_path / f"{field}-{message[:3]}"
+        shards = tmp_path / f"{field}-{message[:3].strip()}"
         shutil.copytree(cog_shards, shards)
         manifest = Manifest.load(shards)
         setattr(manifest, field, value)
