@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ACTIVE_KEYS_NAME = "active_keys.txt"
+EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 TENSOR_GROUPS = ("latents", "cond")
 
 
@@ -128,6 +129,8 @@ class Manifest:
     # The dataset's view of the cache: the keys of the last completed precompute run (in ACTIVE_KEYS_NAME) and
     # their bucket histogram. Samples outside it (old captions, removed clips) stay cached but are not trained on.
     active: dict[str, Any] = field(default_factory=dict)
+    # The conditioning of the empty caption, for caption dropout: {"file": EMPTY_CAPTION_NAME, "sha256": ...}
+    empty_caption: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     tool: str = "ft"
     tool_version: str = __version__
@@ -159,6 +162,15 @@ class Manifest:
         tmp.write_text("".join(k + "\n" for k in keys))
         os.replace(tmp, path)
         self.active = {"keys_file": ACTIVE_KEYS_NAME, "samples": len(keys), "buckets": dict(sorted(buckets.items()))}
+
+    def set_empty_caption(self, folder: str | Path, cond: dict[str, torch.Tensor]) -> None:
+        """Store the empty caption's conditioning (one sample, batch dimension dropped) beside the shards."""
+        data = tensors_to_bytes(cond)
+        path = Path(folder) / EMPTY_CAPTION_NAME
+        tmp = path.with_suffix(".safetensors.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.empty_caption = {"file": EMPTY_CAPTION_NAME, "sha256": hashlib.sha256(data).hexdigest()}
 
     def active_keys(self, folder: str | Path) -> set[str] | None:
         """The keys training uses, or None for all of them."""
@@ -332,12 +344,14 @@ def _read_exact(f: BinaryIO, buf: bytearray | memoryview, sha: Any) -> int:
     return got
 
 
-def _tar_members(f: BinaryIO, sha: Any, path: Path) -> Iterator[tuple[str, bytearray]]:
+def _tar_members(f: BinaryIO, sha: Any, path: Path, wanted: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, bytearray]]:
     """Regular-file members of an uncompressed tar as (name, bytes), each read with one `readinto`.
 
     Python's tarfile streams members through 10 KiB buffers, which made reading cached latents slower than
     torch.load; this reads each member's bytes once into the buffer its tensors will view. It understands ustar,
     GNU long names ('L') and pax path records ('x'), which covers what WebDataset writers produce.
+    Members whose name `wanted` refuses are skipped: seeked over, or read and hashed when `sha` is verifying.
     """
     header = bytearray(512)
     long_name = None
@@ -351,10 +365,25 @@ def _tar_members(f: BinaryIO, sha: Any, path: Path) -> Iterator[tuple[str, bytea
             info = tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
             raise ShardCorruptError(f"{path}: not a readable tar ({e}).") from e
+        padding = -info.size % 512
+        if (wanted is not None and info.type in tarfile.REGULAR_TYPES
+                and not wanted(long_name or info.name)):
+            long_name = None
+            if sha is None:
+                f.seek(info.size + padding, os.SEEK_CUR)
+                continue
+            scratch = bytearray(min(info.size + padding, 1 << 20) or 1)
+            left = info.size + padding
+            while left:
+                view = memoryview(scratch)[: min(left, len(scratch))]
+                got = _read_exact(f, view, sha)
+                if got < len(view):
+                    raise ShardCorruptError(f"{path}: the tar ends inside a member; the shard is truncated.")
+                left -= got
+            continue
         data = bytearray(info.size)
         if _read_exact(f, data, sha) < info.size:
             raise ShardCorruptError(f"{path}: {info.name} is truncated; the shard is incomplete.")
-        padding = -info.size % 512
         if padding:
             pad = bytearray(padding)
             _read_exact(f, pad, sha)
@@ -371,17 +400,24 @@ def _tar_members(f: BinaryIO, sha: Any, path: Path) -> Iterator[tuple[str, bytea
             long_name = None
 
 
-def iter_shard(path: str | Path, expected_sha256: str | None = None) -> Iterator[Sample]:
+def _member_key(name: str) -> str:
+    return os.path.basename(name).partition(".")[0]
+
+
+def iter_shard(path: str | Path, expected_sha256: str | None = None,
+               wanted: Callable[[str], bool] | None = None) -> Iterator[Sample]:
     """Stream the samples of one tar shard. With `expected_sha256`, verify the bytes as they are read.
 
     Members of a sample must be adjacent (as `ShardWriter` and every WebDataset writer leave them). The sha256
-    covers the whole file, so a damaged shard is reported once it has been read to the end.
+    covers the whole file, so a damaged shard is reported once it has been read to the end. With `wanted`, only
+    the samples whose key it accepts are decoded; the others' bytes are skipped (or only hashed).
     """
     path = Path(path)
     sha = hashlib.sha256() if expected_sha256 else None
+    member_wanted = None if wanted is None else (lambda name: wanted(_member_key(name)))
     with open(path, "rb", buffering=0) as f:
         key, tensors, meta = None, {}, None
-        for name, buf in _tar_members(f, sha, path):  # type: ignore[arg-type]
+        for name, buf in _tar_members(f, sha, path, member_wanted):  # type: ignore[arg-type]
             k, _, ext = os.path.basename(name).partition(".")
             if k != key:
                 if key is not None and meta is not None:
@@ -421,3 +457,19 @@ def shard_keys(path: str | Path) -> set[str]:
     with tarfile.open(path, "r:") as tar:
         names = [os.path.basename(n).partition(".") for n in tar.getnames()]
     return {key for key, _, ext in names if ext == "json"}
+
+
+def shard_index(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(key, JSON metadata) of each whole sample of a shard, in file order, reading only tar headers and the JSON
+    members: tensors are seeked over. This is what lets training plan an epoch, or fast-forward a resumed one,
+    without reading any latents."""
+    path = Path(path)
+    out = []
+    with open(path, "rb", buffering=0) as f:
+        for name, buf in _tar_members(f, None, path, lambda n: n.endswith(".json")):  # type: ignore[arg-type]
+            try:
+                out.append((_member_key(name), json.loads(buf)))
+            except ValueError as e:
+                raise ShardCorruptError(f"{path}: member {name} is damaged ({e}). Delete the shard and rerun "
+                                        "`ft precompute` with the same --out to rebuild it.") from e
+    return out

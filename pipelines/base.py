@@ -5,8 +5,9 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   (`ModelArgs`) become loaded modules, with a clear error for a folder that is not of this family;
 - stage 1: `encode_video(vae, frames)` and `encode_prompts(encoders, prompts)`, each returning named tensors that
   become the `latents` and `cond` groups of a shard sample;
-- stage 2: `prepare_latents` (stored posterior -> model latents) and `forward`, giving prediction, target and
-  per-sample loss weights for a batch;
+- stage 2: the objective it trains with (by name; the objectives are shared code in ft.train), `prepare_latents`
+  (stored posterior -> model latents, one generator per sample) and `predict` (the transformer call, fed
+  exactly as the family's pipeline feeds it, with the batch's metadata, generators and the run's options);
 - facts: LoRA target modules, valid frame counts and size multiples, default buckets;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
 Adding a family is adding a file with a subclass and a line in registry.py.
@@ -18,6 +19,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -91,11 +93,40 @@ def fingerprint(module: Any, dtype: torch.dtype | None = None) -> dict[str, Any]
     return info
 
 
+def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator],
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """A [B, *shape] standard normal tensor whose row i comes from generators[i] alone, so a sample's draw does
+    not depend on which other samples share its batch, rank or micro-batch."""
+    import torch
+
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
+@dataclass
+class StepInputs:
+    """What a family's `predict` receives for one batch: the clean latents and the noise, the noised latents
+    and where on the schedule each sample is (`sigmas` in [0, 1]; `timesteps` as the transformer takes them), the
+    conditioning, each sample's metadata (fps, frames, caption, ...), its generator, and the run's options."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    meta: list[dict[str, Any]]
+    generators: list[torch.Generator]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 class ModelSpec(ABC):
     """One model family. Subclasses fill in the class attributes and the stage-1 / stage-2 methods."""
 
     name: ClassVar[str]
     display_name: ClassVar[str]
+    # the training objective in ft.train.objectives: "ddpm_v_prediction" (CogVideoX) or "flow_matching"
+    objective: ClassVar[str]
+    channel_dim: ClassVar[int] = 1  # where the channels are in prepare_latents' output
     pipeline_class: ClassVar[tuple[str, str]]
     # component name -> (module, class); tokenizers and text encoders are listed in the order the pipeline takes them
     component_classes: ClassVar[dict[str, tuple[str, str]]]
@@ -103,6 +134,10 @@ class ModelSpec(ABC):
     scheduler_class: ClassVar[tuple[str, str]]
     default_lora_targets: ClassVar[list[str]]
     default_buckets: ClassVar[list[str]]
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        """`options`: the run's settings (a config as a dict) for families whose stage 2 has knobs of its own."""
+        self.options = dict(options or {})
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -232,6 +267,9 @@ class ModelSpec(ABC):
         """Captions -> named conditioning tensors with the batch first."""
 
     # ------------------------------------------------------------------------------------------------ stage 2
+    # The objective (how noise is added, what is predicted, the loss weights) is shared code in ft.train,
+    # named here; the family gives only what is its own: the latents from the stored posterior and the call of
+    # its transformer, exactly as its diffusers pipeline makes it.
 
     @abstractmethod
     def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
@@ -239,23 +277,22 @@ class ModelSpec(ABC):
 
     @abstractmethod
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
-                        generator: torch.Generator | None) -> torch.Tensor:
-        """Stored posterior tensors (batched) -> the clean latents the transformer is trained on."""
+                        generators: list[torch.Generator]) -> torch.Tensor:
+        """Stored posterior tensors (batched) -> the clean latents the objective noises, in the layout the
+        transformer takes. Sample i's posterior draw comes from `generators[i]` (see `randn_per_sample`)."""
+
+    def latent_sequence_length(self, latents: torch.Tensor) -> int:
+        """Tokens of one sample's latents before patching (frames x height x width), for resolution-dependent
+        sigma shifting. `latents` is what `prepare_latents` returned."""
+        return int(latents[0].numel() // latents.shape[self.channel_dim])
 
     @abstractmethod
-    def forward(self, transformer: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
-                noise: torch.Tensor, timesteps: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One denoising forward pass: (prediction, target, per-sample loss weights)."""
+    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Call the transformer on `step.noisy` as the family's pipeline does. Returns its raw output and optional
+        per-element loss weights (broadcastable to the output; None for all ones)."""
 
-    def sample_timesteps(self, scheduler: Any, batch_size: int, generator: torch.Generator | None,
-                         device: torch.device) -> torch.Tensor:
-        import torch
-
-        n = scheduler.config.num_train_timesteps
-        return torch.randint(0, n, (batch_size,), generator=generator, device=generator.device if generator else
-                             "cpu").to(device)
-
+    # ------------------------------------------------------------------------------------------------ generation
     # ------------------------------------------------------------------------------------------------ generation
 
     def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:

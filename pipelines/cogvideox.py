@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import ModelSpec
+from .base import ModelSpec, StepInputs, randn_per_sample
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,8 @@ TEMPORAL_COMPRESSION = 4
 class CogVideoXSpec(ModelSpec):
     name = "cogvideox"
     display_name = "CogVideoX"
+    objective = "ddpm_v_prediction"
+    channel_dim = 2  # latents are [B, F, C, H, W]
     pipeline_class = ("diffusers", "CogVideoXPipeline")
     component_classes = {
         "tokenizer": ("transformers", "AutoTokenizer"),
@@ -103,13 +105,12 @@ class CogVideoXSpec(ModelSpec):
                             f"--max-sequence-length {self.default_sequence_length(transformer_config)}.")
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
-                        generator: torch.Generator | None) -> torch.Tensor:
+                        generators: list[torch.Generator]) -> torch.Tensor:
         import torch
 
         mean, logvar = latents["mean"].float(), latents["logvar"].float()
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
-        sample = mean + std * noise.to(mean.device)
+        sample = mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
         scale = vae_config.get("scaling_factor", 1.15258426)
         return (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
 
@@ -134,19 +135,14 @@ class CogVideoXSpec(ModelSpec):
                                        temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
                                        max_size=(base_h, base_w), device=device)
 
-    def forward(self, transformer: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
-                noise: torch.Tensor, timesteps: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        config = transformer.config
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        _, frames, _, height, width = latents.shape
-        rotary = self.rotary_embeddings(config, frames, height, width, latents.device)
-        output = transformer(hidden_states=noisy.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                             timestep=timesteps, image_rotary_emb=rotary, return_dict=False)[0]
-        prediction = scheduler.get_velocity(output.float(), noisy, timesteps)
-        alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-        weights = 1.0 / (1.0 - alphas)
-        return prediction, latents, weights
+    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
+        """The transformer's v-prediction output for the noised latents, fed as CogVideoXPipeline feeds it."""
+        _, frames, _, height, width = step.noisy.shape
+        rotary = self.rotary_embeddings(transformer.config, frames, height, width, step.noisy.device)
+        output = transformer(hidden_states=step.noisy.to(dtype),
+                             encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
+                             timestep=step.timesteps, image_rotary_emb=rotary, return_dict=False)[0]
+        return output, None
 
     # ------------------------------------------------------------------------------------------------ generation
 

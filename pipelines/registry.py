@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
@@ -14,16 +17,18 @@ SPECS: dict[str, type[ModelSpec]] = {
 ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox"}
 
 
-def get_spec(name: str) -> ModelSpec:
-    """The spec for `--model NAME` (case-insensitive; a few common aliases accepted)."""
+def get_spec(name: str, options: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec for `--model NAME` (case-insensitive; a few common aliases accepted), built with the run's
+    options."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in SPECS:
         raise UserError(f"--model {name!r} is not a model family ft knows; use one of: {', '.join(sorted(SPECS))}.")
-    return SPECS[key]()
+    return SPECS[key](options)
 
 
 def spec_for(args: ModelArgs) -> ModelSpec:
-    """The spec for `args.model`, after checking the component flags make sense for that family."""
-    spec = get_spec(args.model)
+    """The spec for `args.model`, built with the run's settings, after checking the component flags make sense
+    for that family."""
+    spec = get_spec(args.model, dataclasses.asdict(args))
     spec.check_args(args)
     return spec

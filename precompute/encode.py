@@ -177,8 +177,15 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
     manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
                         encoding=encoding, shapes=existing.shapes if existing else {},
-                        shards=existing.shards if existing else [], active=existing.active if existing else {})
+                        shards=existing.shards if existing else [], active=existing.active if existing else {},
+                        empty_caption=existing.empty_caption if existing else {})
     manifest.rejected = [r.to_dict() for r in rejected]
+    if not manifest.empty_caption or (existing and not (out / manifest.empty_caption["file"]).is_file()):
+        import torch
+
+        with torch.no_grad():  # stored once per shard set, for caption dropout in training
+            empty = spec.encode_prompts(encoders, [""], seq_len)
+        manifest.set_empty_caption(out, {k: v[0] for k, v in empty.items()})
 
     def record(shard: Any) -> None:
         manifest.shards.append(shard)

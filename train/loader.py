@@ -1,92 +1,279 @@
-"""Streams shard samples into batches for training: shuffled, bucketed by shape, read in a background thread.
+"""Streams shard samples into global batches: an order that is a pure function of (seed, epoch, shard set), a
+position that can be saved, and a rank split.
 
-Each pass ("epoch") visits the shards in a seeded random order; samples go through a shuffle buffer; samples of
-equal tensor shapes (one bucket) are collected until a batch is full; a bucket's remainder at the end of a pass is
-dropped. The first pass verifies every shard's
-sha256 against the manifest as it reads (no extra I/O). Tensors arrive as zero-copy views of the tar bytes.
+Planning. Each pass ("epoch") over a shard set is planned from the shards' tar headers and JSON members only
+(`shard_index`, read once per process): the shards in an order seeded by (seed, epoch), samples through a
+shuffle buffer seeded likewise, samples of one bucket collected into *global* batches of `batch_size x world`
+samples; a bucket's remainder at the end of the pass is dropped (a batch never holds a sample twice, and a key
+that appears twice on disk is used once per pass). Rank r takes slice r of each global batch.
+
+Reading. The shards are then read in the plan's order, decoding only the samples this rank needs from the
+current position on (the others' bytes are seeked over), and each batch is emitted once all its samples are
+in; memory stays what the shuffle buffer holds. A shard is verified against its manifest sha256 the first time
+this process reads it. Resuming at a position costs headers and JSON, never tensors.
+
+Several shard sets are mixed per global batch: batch n comes from set i with probability weight_i / sum, drawn
+from (seed, n). The position (`Batch.position`, saved in checkpoints) is the global batch count and each set's
+(epoch, batches taken in that epoch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import random
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.shards import Manifest, Sample, iter_shard
+from ft.common.errors import UserError
+from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, shard_index, tensors_from_bytes
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts: independent streams for (seed, epoch, purpose)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
 class Batch:
-    """Stacked tensors of equal-shape samples: `latents` and `cond` groups, each sample's metadata, and the pass
-    over the data ("epoch", from 0) they came from."""
+    """Stacked tensors of equal-shape samples (`latents`, `cond`), each sample's metadata, the shard set they
+    came from, its epoch, and the stream position after this batch."""
 
     latents: dict[str, Any]
     cond: dict[str, Any]
     meta: list[dict[str, Any]]
+    keys: list[str] = field(default_factory=list)
+    set_index: int = 0
     epoch: int = 0
+    position: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: Any) -> Batch:
         return Batch({k: v.to(device, non_blocking=True) for k, v in self.latents.items()},
-                     {k: v.to(device, non_blocking=True) for k, v in self.cond.items()}, self.meta, self.epoch)
+                     {k: v.to(device, non_blocking=True) for k, v in self.cond.items()}, self.meta, self.keys,
+                     self.set_index, self.epoch, self.position)
 
 
-def _shape_key(sample: Sample) -> tuple:
-    return tuple((g, n, tuple(t.shape)) for g in sorted(sample.tensors) for n, t in sorted(sample.tensors[g].items()))
-
-
-def collate(samples: list[Sample], epoch: int = 0) -> Batch:
+def collate(samples: list[Sample], **info: Any) -> Batch:
     import torch
 
     groups = {g: {n: torch.stack([s.tensors[g][n] for s in samples]) for n in samples[0].tensors[g]}
               for g in samples[0].tensors}
-    return Batch(groups.get("latents", {}), groups.get("cond", {}), [s.meta for s in samples], epoch)
+    return Batch(groups.get("latents", {}), groups.get("cond", {}), [s.meta for s in samples],
+                 [s.key for s in samples], **info)
 
 
-class ShardStream:
-    """An endless iterator of `Batch`es over a shard set.
+@dataclass(frozen=True)
+class Entry:
+    """A sample as the planner sees it: where it is and which bucket it belongs to."""
 
-    Only the samples in `active` (the keys of the dataset's last precompute run, see Manifest.active_keys) are
-    used when it is given. Samples of a bucket left over at the end of a pass, too few for a batch, are dropped
-    rather than carried into the next pass, so a batch never holds the same sample twice.
-    """
+    shard: str
+    key: str
+    bucket: tuple[int, ...]
 
-    def __init__(self, folder: str | Path, manifest: Manifest, batch_size: int, seed: int, shuffle_buffer: int = 256,
-                 active: set[str] | None = None):
-        self.folder, self.manifest = Path(folder), manifest
-        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
-        self.active = active
 
-    def epoch_samples(self, epoch: int, rng: random.Random) -> Iterator[Sample]:
-        """One pass: shards in a seeded order, samples through a shuffle buffer; sha256 verified on pass 0."""
-        shards = list(self.manifest.shards)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
-        buffer: list[Sample] = []
-        for shard in shards:
-            for sample in iter_shard(self.folder / shard.name, expected_sha256=shard.sha256 if epoch == 0 else None):
-                if self.active is not None and sample.key not in self.active:
-                    continue
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+class ShardSet:
+    """One shard folder with its manifest, the keys training uses (the dataset's active view) and a lazily read
+    index of (shard, key, bucket)."""
 
-    def __iter__(self) -> Iterator[Batch]:
-        rng = random.Random(self.seed)
-        epoch = 0
+    def __init__(self, folder: str | Path, weight: float = 1.0):
+        self.folder, self.weight = Path(folder), weight
+        self.manifest, _ = open_shard_set(self.folder)
+        self.active = self.manifest.active_keys(self.folder)
+        self._index: dict[str, list[Entry]] | None = None
+        self.verified: set[str] = set()
+
+    def index(self) -> dict[str, list[Entry]]:
+        """Shard name -> its usable samples in file order (headers and JSON only; read once)."""
+        if self._index is None:
+            self._index = {}
+            for shard in self.manifest.shards:
+                entries = [Entry(shard.name, key, tuple(meta["bucket"]))
+                           for key, meta in shard_index(self.folder / shard.name)
+                           if self.active is None or key in self.active]
+                self._index[shard.name] = entries
+        return self._index
+
+    def empty_caption(self) -> dict[str, Any] | None:
+        """The conditioning of the empty caption stored by `ft precompute`, or None for an older shard set."""
+        info = self.manifest.empty_caption
+        if not info:
+            return None
+        path = self.folder / info["file"]
+        if not path.is_file():
+            raise UserError(f"{path} is missing; rerun `ft precompute` with the same --out to rewrite it.")
+        return tensors_from_bytes(bytearray(path.read_bytes()))
+
+
+def plan_epoch(index: dict[str, list[Entry]], seed: int, epoch: int, global_batch: int, shuffle_buffer: int
+               ) -> tuple[list[str], list[list[Entry]]]:
+    """The shard order and the global batches of one pass: a pure function of its arguments."""
+    shards = sorted(index)
+    random.Random(mix_seed(seed, epoch, "shards")).shuffle(shards)
+    rng = random.Random(mix_seed(seed, epoch, "buffer"))
+    seen: set[str] = set()
+    buffer: list[Entry] = []
+    pending: dict[tuple, list[Entry]] = defaultdict(list)
+    batches: list[list[Entry]] = []
+
+    def take(entry: Entry) -> None:
+        pending[entry.bucket].append(entry)
+        if len(pending[entry.bucket]) == global_batch:
+            batches.append(pending.pop(entry.bucket))
+
+    for shard in shards:
+        for entry in index[shard]:
+            if entry.key in seen:  # the same sample in two shards: used once per pass
+                continue
+            seen.add(entry.key)
+            buffer.append(entry)
+            if len(buffer) >= shuffle_buffer:
+                take(buffer.pop(rng.randrange(len(buffer))))
+    rng.shuffle(buffer)
+    for entry in buffer:
+        take(entry)
+    return shards, batches
+
+
+class SetStream:
+    """Endless batches of one shard set for one rank, from a position (epoch, batches already taken)."""
+
+    def __init__(self, shard_set: ShardSet, set_index: int, seed: int, batch_size: int, rank: int = 0,
+                 world: int = 1, shuffle_buffer: int = 256):
+        self.set, self.set_index, self.seed = shard_set, set_index, seed
+        self.batch_size, self.rank, self.world, self.shuffle_buffer = batch_size, rank, world, shuffle_buffer
+
+    def plan(self, epoch: int) -> tuple[list[str], list[list[Entry]]]:
+        shards, batches = plan_epoch(self.set.index(), self.seed, epoch, self.batch_size * self.world,
+                                     self.shuffle_buffer)
+        if not batches:
+            raise UserError(f"{self.set.folder}: no bucket has {self.batch_size * self.world} samples for one "
+                            "global batch; lower --batch-size.")
+        return shards, batches
+
+    def batches(self, epoch: int = 0, taken: int = 0) -> Iterator[Batch]:
         while True:
-            pending: dict[tuple, list[Sample]] = defaultdict(list)
-            for sample in self.epoch_samples(epoch, rng):
-                key = _shape_key(sample)
-                pending[key].append(sample)
-                if len(pending[key]) == self.batch_size:
-                    yield collate(pending.pop(key), epoch)
-            epoch += 1
+            shards, plan = self.plan(epoch)
+            if taken >= len(plan):
+                epoch, taken = epoch + 1, 0
+                continue
+            mine = [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in plan[taken:]]
+            for i, samples in enumerate(self._read(shards, mine)):
+                done = taken + i + 1
+                position = {"epoch": epoch + 1, "taken": 0} if done == len(plan) else {"epoch": epoch,
+                                                                                       "taken": done}
+                yield collate(samples, set_index=self.set_index, epoch=epoch, position=position)
+            epoch, taken = epoch + 1, 0
+
+    def _read(self, shards: list[str], mine: list[list[Entry]]) -> Iterator[list[Sample]]:
+        needed = {e.key for part in mine for e in part}
+        loaded: dict[str, Sample] = {}
+        emitted = 0
+        infos = {s.name: s for s in self.set.manifest.shards}
+        for name in shards:
+            info = infos[name]
+            verify = name not in self.set.verified
+            if not verify and not any(e.key in needed for e in self.set.index()[name]):
+                continue
+            for sample in iter_shard(self.set.folder / name, info.sha256 if verify else None,
+                                     wanted=lambda key: key in needed and key not in loaded):
+                loaded[sample.key] = sample
+                while emitted < len(mine) and all(e.key in loaded for e in mine[emitted]):
+                    needed.difference_update(e.key for e in mine[emitted])
+                    yield [loaded.pop(e.key) for e in mine[emitted]]
+                    emitted += 1
+            if verify:
+                self.set.verified.add(name)
+        if emitted < len(mine):
+            raise UserError(f"{self.set.folder}: {len(mine) - emitted} planned batches could not be read; the "
+                            "shards changed during training. Rerun `ft precompute` and train again.")
+
+
+class DataStream:
+    """Global batches mixed from one or more shard sets; `batches(position)` resumes at a saved position."""
+
+    def __init__(self, sets: list[ShardSet], seed: int, batch_size: int, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 256):
+        self.sets, self.seed = sets, seed
+        # set 0 keeps the run's seed, so adding a second set does not reorder the first
+        self.streams = [SetStream(s, i, seed if i == 0 else mix_seed(seed, "set", i), batch_size, rank, world,
+                                  shuffle_buffer) for i, s in enumerate(sets)]
+        total = sum(s.weight for s in sets)
+        self.weights = [s.weight / total for s in sets]
+
+    def initial_position(self) -> dict[str, Any]:
+        return {"batches": 0, "sets": [{"epoch": 0, "taken": 0} for _ in self.sets]}
+
+    def choose_set(self, n: int) -> int:
+        if len(self.sets) == 1:
+            return 0
+        return random.Random(mix_seed(self.seed, n, "mix")).choices(range(len(self.sets)), self.weights)[0]
+
+    def batches(self, position: dict[str, Any] | None = None) -> Iterator[Batch]:
+        position = position or self.initial_position()
+        if len(position["sets"]) != len(self.sets):
+            raise UserError(f"the checkpoint was taken mixing {len(position['sets'])} shard sets, not "
+                            f"{len(self.sets)}: pass the same --shards to resume.")
+        sets = [dict(p) for p in position["sets"]]
+        iterators = [s.batches(p["epoch"], p["taken"]) for s, p in zip(self.streams, sets, strict=True)]
+        n = position["batches"]
+        while True:
+            i = self.choose_set(n)
+            batch = next(iterators[i])
+            sets[i] = batch.position
+            n += 1
+            batch.position = {"batches": n, "sets": [dict(p) for p in sets]}
+            yield batch
+
+
+def eval_batches(shard_set: ShardSet, batch_size: int, count: int) -> list[Batch]:
+    """Fixed batches for the fixed-noise loss, chosen by sample key (the smallest keys of each bucket, buckets in
+    turn), so they do not depend on the training order and are the same in a resumed run."""
+    by_bucket: dict[tuple, list[Entry]] = defaultdict(list)
+    for entries in shard_set.index().values():
+        for e in entries:
+            by_bucket[e.bucket].append(e)
+    queues = {b: sorted(es, key=lambda e: e.key) for b, es in sorted(by_bucket.items())}
+    chosen: list[list[Entry]] = []
+    while len(chosen) < count and any(len(q) >= batch_size for q in queues.values()):
+        for q in queues.values():
+            if len(q) >= batch_size and len(chosen) < count:
+                chosen.append([q.pop(0) for _ in range(batch_size)])
+    wanted = {e.key for b in chosen for e in b}
+    samples: dict[str, Sample] = {}
+    for shard in {e.shard for b in chosen for e in b}:
+        for sample in iter_shard(shard_set.folder / shard, wanted=wanted.__contains__):
+            samples[sample.key] = sample
+    return [collate([samples[e.key] for e in b]) for b in chosen]
+
+
+def check_compatible(sets: list[ShardSet]) -> Manifest:
+    """Shard sets mixed in one run must hold the same family and shapes; returns the first one's manifest."""
+    first = sets[0].manifest
+    for s in sets[1:]:
+        m = s.manifest
+        if m.model_family != first.model_family or m.shapes != first.shapes:
+            raise UserError(f"--shards {s.folder} holds {m.model_family} samples of shapes {m.shapes}, but "
+                            f"{sets[0].folder} holds {first.model_family} samples of shapes {first.shapes}: only "
+                            "shard sets of one family and shape can be mixed.")
+    return first
+
+
+def parse_shard_arg(arg: str) -> tuple[str, float]:
+    """`PATH` or `PATH:WEIGHT` -> (path, weight)."""
+    path, sep, weight = arg.rpartition(":")
+    if sep and path and not Path(arg).exists():
+        try:
+            value = float(weight)
+        except ValueError:
+            return arg, 1.0
+        if not value > 0:
+            raise UserError(f"--shards {arg}: the weight after ':' must be > 0.")
+        return path, value
+    return arg, 1.0
 
 
 def background(iterator: Iterator[Any], size: int = 4) -> Iterator[Any]:

@@ -1,9 +1,11 @@
-"""The `ft train` run: load the transformer only, add LoRA, stream shard batches, optimize, save.
+"""The `ft train` run: load only the transformer, stream global batches from the shards, optimize, checkpoint.
 
-The loss is the family's own objective (ModelSpec.forward gives prediction, target and per-sample weights):
-mean over elements of weight * (prediction - target)^2, averaged over the batch. Gradient accumulation counts in
-optimizer steps: `--train-steps` optimizer steps of `--gradient-accumulation-steps` micro-batches each.
-Progress goes to a tqdm bar (loss, lr, s/step) and to OUT/train_log.jsonl, one JSON line per logged step.
+One optimizer step is `--gradient-accumulation-steps` micro-batches. For each sample of a micro-batch, a generator
+keyed on (seed, step, sample key) draws, in this order, its caption-dropout coin, its latent from the stored
+posterior, its noise and its sigma; the family feeds its transformer (ModelSpec.predict) and the shared objective
+(objectives.py) scores the output: the loss is the mean over elements of weight * (prediction - target)^2,
+averaged over the batch. The state (TrainState) is checkpointed every `--checkpointing-steps`; a run resumed from
+step N ends bitwise equal to a straight one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,166 +22,252 @@ from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, seed_everything
-from ft.common.shards import Manifest, open_shard_set
 from ft.common.video import parse_bucket
-from ft.pipelines.base import ModelSpec
+from ft.pipelines.base import ModelSpec, StepInputs, randn_per_sample
 from ft.pipelines.registry import spec_for
 
+from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .loader import Batch, ShardStream, background
-from .lora import add_lora, save_lora
+from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
+from .objectives import build_objective, sample_generator, uniform_per_sample
+from .reporting import PLOT_NAME, RunLog, plot_losses
+from .state import TrainState
+from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
+
+EVAL_STEP = -1  # the "step" keying the fixed-noise eval draws
+# settings that change what a resumed run computes: a difference from the checkpoint's run is reported
+RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "batch_size", "gradient_accumulation_steps",
+                    "seed", "shuffle_buffer", "training_type", "rank", "lora_alpha", "target_modules",
+                    "caption_dropout_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps")
 
 
-def batch_loss(spec: ModelSpec, transformer: Any, scheduler: Any, batch: Batch, vae_config: dict,
-               generator: Any, dtype: Any) -> Any:
-    """Per-sample losses [B] of one batch: fresh latent draw, noise and timesteps from `generator`."""
-    import torch
-
-    latents = spec.prepare_latents(batch.latents, vae_config, generator)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-    timesteps = spec.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
-    prediction, target, weights = spec.forward(transformer, scheduler, latents, batch.cond, noise, timesteps, dtype)
-    weights = weights.float().reshape(-1, *([1] * (prediction.ndim - 1)))
-    return (weights * (prediction.float() - target.float()) ** 2).flatten(1).mean(1)
-
-
-def fixed_loss(spec: ModelSpec, transformer: Any, scheduler: Any, batches: list[Batch], vae_config: dict,
-               device: str, dtype: Any, seed: int) -> float:
-    """Mean loss over `batches` with a fixed seed for latents, noise and timesteps: comparable across a run."""
-    import torch
-
-    generator = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        losses = [batch_loss(spec, transformer, scheduler, b.to(device), vae_config, generator, dtype).mean().item()
-                  for b in batches]
-    return sum(losses) / max(1, len(losses))
-
-
-def check_buckets_fit(spec: ModelSpec, manifest: Manifest, vae_config: dict, transformer_config: dict,
-                     folder: str) -> None:
-    """Every bucket in the shards must be one this transformer takes (a 1.5 transformer on 1.0 shards, say)."""
-    for bucket in manifest.training_histogram():
-        problem = spec.check_bucket(parse_bucket(bucket), vae_config, transformer_config)
-        if problem:
-            raise UserError(f"{folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
-                            "Precompute again with --buckets that fit it.")
+def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict) -> list[ShardSet]:
+    """The --shards sets, checked against each other and against the transformer before any weight loads."""
+    sets = [ShardSet(*parse_shard_arg(arg)) for arg in cfg.shards]
+    check_compatible(sets)
+    for s in sets:
+        spec.check_shards(s.manifest, transformer_config)
+        vae_config = s.manifest.encoders.get("vae", {}).get("config", {})
+        for bucket, count in s.manifest.training_histogram().items():
+            problem = spec.check_bucket(parse_bucket(bucket), vae_config, transformer_config)
+            if problem:
+                raise UserError(f"{s.folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
+                                "Precompute again with --buckets that fit it.")
+            if count < cfg.batch_size:
+                log.warning(f"{s.folder}: bucket {bucket} has {count} samples, fewer than --batch-size "
+                            f"{cfg.batch_size}; it is not used")
+        histogram = s.manifest.training_histogram()
+        if not any(n >= cfg.batch_size for n in histogram.values()):
+            raise UserError(f"--batch-size {cfg.batch_size}: no bucket of {s.folder} has that many samples "
+                            f"({', '.join(f'{b}: {n}' for b, n in histogram.items())}); lower --batch-size.")
+        if cfg.caption_dropout_p > 0 and not s.manifest.empty_caption:
+            raise UserError(f"--caption-dropout-p needs the empty caption's conditioning, which {s.folder} does not "
+                            "hold (it was written by an older ft). Rerun `ft precompute` with the same --out: it "
+                            "adds it without re-encoding anything else.")
+    return sets
 
 
-def check_batches_possible(manifest: Manifest, batch_size: int, folder: str) -> None:
-    histogram = manifest.training_histogram()
-    usable = {b: n for b, n in histogram.items() if n >= batch_size}
-    if not usable:
-        raise UserError(f"--batch-size {batch_size}: no bucket of {folder} has that many samples "
-                        f"({', '.join(f'{b}: {n}' for b, n in histogram.items())}); lower --batch-size.")
-    for bucket, n in histogram.items():
-        if n < batch_size:
-            log.warning(f"bucket {bucket} has {n} samples, fewer than --batch-size {batch_size}; it is not used")
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.spec = spec_for(cfg)
+        transformer_config = self.spec.load_config("transformer", cfg)
+        self.sets = open_shard_sets(cfg, self.spec, transformer_config)
+        self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
+        self.out = Path(cfg.output_dir)
+        self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
+            cfg.resume_from_checkpoint) else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_json = to_jsonable(cfg)
+        (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
 
+        quiet_libraries()
+        seed_everything(cfg.seed)
+        self.device = pick_device(cfg.device)
+        self.dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
+        self.autocast = uses_autocast(cfg)
+        if self.device.startswith("cuda"):  # fp32 matmuls (LoRA, master weights) run on tensor cores
+            import torch
 
-def build_optimizer(cfg: TrainConfig, params: list[Any]) -> tuple[Any, Any]:
-    import torch
-    from diffusers.optimization import get_scheduler
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats(self.device)
+        from dataclasses import replace
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                  eps=cfg.epsilon)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.train_steps, num_cycles=cfg.lr_num_cycles)
-    return optimizer, scheduler
+        load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
+        self.transformer = self.spec.load_component("transformer", load_cfg, self.device)
+        self.model_dtype = parse_dtype(load_dtype(cfg))
+        self.objective = build_objective(self.spec.objective, self.spec.load_scheduler(cfg), cfg)
+        self.params = make_trainable(cfg, self.spec, self.transformer)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        optimizer, lr_schedule = build_optimizer(cfg, self.params)
+        self.state = TrainState(self.transformer, optimizer, lr_schedule)
+        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer)
+        self.empty_captions = [s.empty_caption() if cfg.caption_dropout_p > 0 else None for s in self.sets]
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
+
+    def resume(self, path: Path) -> None:
+        state = self.state.state_dict()
+        extra = load_checkpoint(path, state["tensors"])
+        self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
+        before = extra.get("config", {})
+        changed = [k for k in RESUME_SENSITIVE if k in before and before[k] != self.config_json.get(k)]
+        if changed:
+            log.warning(f"resuming with other settings than the run that wrote {path} ({', '.join(changed)}): "
+                        "the run continues, but not exactly as a straight run would")
+        if self.state.step >= self.cfg.train_steps:
+            raise UserError(f"--resume-from-checkpoint: {path} is at step {self.state.step}, and --train-steps is "
+                            f"{self.cfg.train_steps}; raise --train-steps to train further.")
+        log.info(f"resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------------------------------------ the step
+
+    def sample_losses(self, batch: Batch, step: int) -> Any:
+        """Per-sample losses [B] of one micro-batch; all randomness from the samples' own generators."""
+        import torch
+
+        cfg, spec, objective = self.cfg, self.spec, self.objective
+        generators = [sample_generator(cfg.seed, step, key) for key in batch.keys]
+        dropped = uniform_per_sample(generators) < cfg.caption_dropout_p
+        cond = batch.cond
+        empty = self.empty_captions[batch.set_index]
+        if empty is not None and bool(dropped.any()):
+            mask = dropped.to(self.device)
+            cond = {k: torch.where(mask.reshape(-1, *([1] * (v.ndim - 1))), empty[k].to(v.device, v.dtype), v)
+                    for k, v in cond.items()}
+        latents = spec.prepare_latents(batch.latents, self.vae_config, generators)
+        noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
+        sigmas = objective.sample_sigmas(generators, spec.latent_sequence_length(latents)).to(latents.device)
+        noisy, timesteps = objective.noised(latents, noise, sigmas)
+        inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, spec.options)
+        context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()
+        with context:
+            output, element_weights = spec.predict(self.transformer, inputs, self.model_dtype)
+        error = (objective.prediction(output, noisy, timesteps).float() - objective.target(latents, noise).float()) ** 2
+        if element_weights is not None:
+            error = error * element_weights
+        weights = objective.weights(sigmas, timesteps).float().reshape(-1, *([1] * (error.ndim - 1)))
+        return (weights * error).flatten(1).mean(1)
+
+    def fixed_loss(self, batches: list[Batch]) -> float:
+        """Mean loss over `batches` with draws keyed on EVAL_STEP: comparable across a run, and across runs."""
+        import torch
+
+        with torch.no_grad():
+            losses = [self.sample_losses(b.to(self.device), EVAL_STEP).mean().item() for b in batches]
+        return sum(losses) / max(1, len(losses))
+
+    def optimizer_step(self, batches: Any, step: int) -> dict[str, float]:
+        import torch
+
+        cfg, optimizer = self.cfg, self.state.optimizer
+        total, waited = None, 0.0
+        for _ in range(cfg.gradient_accumulation_steps):
+            t0 = time.perf_counter()
+            batch = next(batches).to(self.device)
+            waited += time.perf_counter() - t0
+            loss = self.sample_losses(batch, step).mean()
+            (loss / cfg.gradient_accumulation_steps).backward()
+            part = loss.detach() / cfg.gradient_accumulation_steps
+            total = part if total is None else total + part
+            self.state.data_position, epoch = batch.position, batch.epoch
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
+                                                   float("inf"))
+        loss_value, norm_value = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
+        if not math.isfinite(loss_value):
+            raise UserError(f"step {step}: the loss is {loss_value}; training diverged. Lower --lr, or train with "
+                            "--transformer-dtype fp32 to find the cause.")
+        optimizer.step()
+        self.state.lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.state.step = step
+        return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited}
+
+    # ------------------------------------------------------------------------------------------------ the run
+
+    def checkpoint(self) -> Path:
+        state = self.state.state_dict()
+        path = save_checkpoint(self.out, self.state.step, state["tensors"],
+                               {**state["extra"], "config": self.config_json}, self.cfg.checkpointing_limit)
+        log.info(f"saved {path}")
+        return path
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        n_trainable = sum(p.numel() for p in self.params)
+        samples = sum(len(s.active) if s.active is not None else s.manifest.num_samples for s in self.sets)
+        what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
+        log.info(f"training {self.spec.display_name} {what} ({n_trainable / 1e6:.2f}M trainable parameters) on "
+                 f"{self.device}, {samples} samples in {len(self.sets)} shard set(s)")
+        eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
+        summary: dict[str, Any] = {"output_dir": str(self.out)}
+        if eval_set:
+            summary["eval_loss_before"] = self.fixed_loss(eval_set)
+        start = self.state.step
+        run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from else None)
+        batches = background(self.stream.batches(self.state.data_position))
+        bar = tqdm(range(start + 1, cfg.train_steps + 1), desc="train", unit="step", initial=start,
+                   total=cfg.train_steps)
+        losses: list[float] = []
+        global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                metrics = self.optimizer_step(batches, step)
+                seconds = time.perf_counter() - t0
+                losses.append(metrics["loss"])
+                lr = self.state.lr_schedule.get_last_lr()[0]
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}",
+                                samples_s=f"{global_batch / seconds:.1f}")
+                if step % cfg.logging_steps == 0 or step == cfg.train_steps:
+                    run_log.write({"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+                                   "seconds": round(seconds, 4), "samples_per_s": round(global_batch / seconds, 3),
+                                   "data_wait_share": round(metrics["data_wait"] / seconds, 4),
+                                   "epoch": metrics["epoch"]})
+                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                    self.checkpoint()
+        except KeyboardInterrupt:
+            kept = list_checkpoints(self.out)
+            where = (f"the last checkpoint is step {kept[-1][0]} ({kept[-1][1]}); continue with the same command "
+                     "plus --resume-from-checkpoint latest" if kept else
+                     "no checkpoint was saved (set --checkpointing-steps to save some)")
+            log.error(f"interrupted at step {self.state.step}: {where}.")
+            raise
+        finally:
+            batches.close()  # stops the reader thread
+            run_log.close()
+            bar.close()
+        return self.finish(summary, eval_set, losses)
+
+    def finish(self, summary: dict[str, Any], eval_set: list[Batch], losses: list[float]) -> dict[str, Any]:
+        import torch
+
+        self.transformer.eval()
+        if eval_set:
+            summary["eval_loss_after"] = self.fixed_loss(eval_set)
+            log.info(f"fixed-noise loss on {len(eval_set)} batches: {summary['eval_loss_before']:.4f} -> "
+                     f"{summary['eval_loss_after']:.4f}")
+        if self.device.startswith("cuda"):
+            summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
+        result = save_result(self.cfg, self.spec, self.transformer, self.out)
+        plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME)
+        window = max(1, min(10, len(losses) // 4))
+        summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window,
+                       last_loss=sum(losses[-window:]) / window, result=str(result),
+                       plot=str(plot) if plot else None)
+        if self.cfg.training_type == "lora":
+            summary["lora"] = str(result)
+        log.info(f"saved {result}; mean loss of the first {window} steps {summary['first_loss']:.4f}, of the last "
+                 f"{window} {summary['last_loss']:.4f}")
+        return summary
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns a summary (steps, first/last loss, fixed-noise eval losses, paths)."""
-    import torch
-    from tqdm import tqdm
-
-    spec = spec_for(cfg)
-    shards = cfg.shards[0]  # one shard set until mixing lands
-    manifest, _ = open_shard_set(shards)
-    transformer_config = spec.load_config("transformer", cfg)
-    spec.check_shards(manifest, transformer_config)
-    vae_config = manifest.encoders.get("vae", {}).get("config", {})
-    check_buckets_fit(spec, manifest, vae_config, transformer_config, shards)
-    check_batches_possible(manifest, cfg.batch_size, shards)
-    active = manifest.active_keys(shards)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(to_jsonable(cfg), indent=2) + "\n")
-
-    quiet_libraries()
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
-    if device.startswith("cuda"):  # the fp32 LoRA matmuls run on tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(device)
-    transformer = spec.load_component("transformer", cfg, device)
-    scheduler = spec.load_scheduler(cfg)
-    params = add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer, lr_schedule = build_optimizer(cfg, params)
-    n_trainable = sum(p.numel() for p in params)
-    n_samples = len(active) if active is not None else manifest.num_samples
-    log.info(f"training {spec.display_name} LoRA rank {cfg.rank} ({n_trainable / 1e6:.2f}M parameters) on {device}, "
-             f"{n_samples} samples in {len(manifest.shards)} shards")
-
-    stream = ShardStream(shards, manifest, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, active)
-    batches = background(iter(stream))
-    eval_set = [next(batches) for _ in range(cfg.eval_batches)]
-    summary: dict[str, Any] = {"output_dir": str(out)}
-    if eval_set:
-        summary["eval_loss_before"] = fixed_loss(spec, transformer, scheduler, eval_set, vae_config, device, dtype,
-                                                 cfg.seed)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    losses: list[float] = []
-    log_file = open(out / "train_log.jsonl", "w")
-    bar = tqdm(range(1, cfg.train_steps + 1), desc="train", unit="step")
-    last = time.time()
-    try:
-        for step in bar:
-            step_loss = 0.0
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(batches).to(device)
-                epoch = batch.epoch
-                loss = batch_loss(spec, transformer, scheduler, batch, vae_config, generator, dtype).mean()
-                (loss / cfg.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / cfg.gradient_accumulation_steps
-            if not math.isfinite(step_loss):
-                raise UserError(f"step {step}: the loss is {step_loss}; training diverged. Lower --lr, or train "
-                                "with --transformer-dtype fp32 to find the cause.")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                       float("inf")).item()
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            now = time.time()
-            seconds, last = now - last, now
-            losses.append(step_loss)
-            lr = lr_schedule.get_last_lr()[0]
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
-            if step % cfg.logging_steps == 0 or step == cfg.train_steps:
-                log_file.write(json.dumps({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                           "seconds": round(seconds, 4), "epoch": epoch}) + "\n")
-                log_file.flush()
-    finally:
-        batches.close()  # stops the reader thread
-        log_file.close()
-        bar.close()
-    transformer.eval()
-    if eval_set:
-        summary["eval_loss_after"] = fixed_loss(spec, transformer, scheduler, eval_set, vae_config, device, dtype,
-                                                cfg.seed)
-        log.info(f"fixed-noise loss on {len(eval_set)} batches: {summary['eval_loss_before']:.4f} -> "
-                 f"{summary['eval_loss_after']:.4f}")
-    if device.startswith("cuda"):
-        summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
-    lora_path = save_lora(spec, transformer, out)
-    window = max(1, min(10, len(losses) // 4))
-    summary.update(steps=len(losses), first_loss=sum(losses[:window]) / window,
-                   last_loss=sum(losses[-window:]) / window, lora=str(lora_path))
-    log.info(f"saved the LoRA to {lora_path}; mean loss of the first {window} steps {summary['first_loss']:.4f}, "
-             f"of the last {window} {summary['last_loss']:.4f}")
-    return summary
+    return Trainer(cfg).fit()

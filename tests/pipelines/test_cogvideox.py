@@ -52,26 +52,48 @@ def test_rotary_embeddings_match_the_pipeline(spec, pipe, latent_size):
 def test_latents_are_scaled_like_the_pipeline_decodes_them(spec, pipe):
     mean = torch.randn(2, 4, 3, 4, 4)
     stored = {"mean": mean, "logvar": torch.full_like(mean, -60.0)}  # no variance: the draw is the mean
-    latents = spec.prepare_latents(stored, dict(pipe.vae.config), torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    latents = spec.prepare_latents(stored, dict(pipe.vae.config), generators)
     assert latents.shape == (2, 3, 4, 4, 4)  # [B, F, C, H, W] as the transformer takes them
     torch.testing.assert_close(latents, mean.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor)
 
 
-def test_forward_gives_velocity_prediction_target_and_weights(spec, pipe, args):
+def step_inputs(latents, timesteps, cond):
+    from ft.pipelines.base import StepInputs
+
+    noise = torch.randn_like(latents)
+    return StepInputs(latents, noise, latents + noise, timesteps / 1000, timesteps, cond, [{}] * len(latents),
+                      [torch.Generator().manual_seed(i) for i in range(len(latents))])
+
+
+def test_predict_feeds_the_transformer_as_the_pipeline_does(spec, pipe):
+    latents = torch.randn(2, 3, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    step = step_inputs(latents, t, {"prompt_embeds": torch.randn(2, 16, 32)})
+    output, weights = spec.predict(pipe.transformer, step, torch.float32)
+    rotary = pipe._prepare_rotary_positional_embeddings(32, 32, 3, "cpu")
+    expected = pipe.transformer(hidden_states=step.noisy, encoder_hidden_states=step.cond["prompt_embeds"],
+                                timestep=t, image_rotary_emb=rotary, return_dict=False)[0]
+    assert weights is None
+    torch.testing.assert_close(output, expected)
+
+
+def test_ddpm_objective_gives_velocity_prediction_target_and_weights(spec, args):
+    from ft.train.objectives import DDPMVPrediction, SigmaSampler
+
     scheduler = spec.load_scheduler(args)
+    objective = DDPMVPrediction(scheduler, SigmaSampler())
     latents = torch.randn(2, 3, 4, 4, 4)
     noise = torch.randn_like(latents)
-    t = torch.tensor([10, 900])
-    cond = {"prompt_embeds": torch.randn(2, 16, 32)}
-    pred, target, weights = spec.forward(pipe.transformer, scheduler, latents, cond, noise, t, torch.float32)
-    assert pred.shape == target.shape == latents.shape
-    assert torch.equal(target, latents)
+    noisy, t = objective.noised(latents, noise, torch.tensor([0.0105, 0.9]))
+    assert t.tolist() == [10, 900]
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, t))
+    assert torch.equal(objective.target(latents, noise), latents)
     alphas = scheduler.alphas_cumprod[t]
-    torch.testing.assert_close(weights.double(), (1 / (1 - alphas)).double())
+    torch.testing.assert_close(objective.weights(None, t).double(), (1 / (1 - alphas)).double())
     # get_velocity turns the v-prediction into a clean-latent estimate: a perfect v gives back the target
-    noisy = scheduler.add_noise(latents, noise, t)
     v = scheduler.get_velocity(latents, noise, t)
-    torch.testing.assert_close(scheduler.get_velocity(v, noisy, t), latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(objective.prediction(v, noisy, t), latents, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bucket,ok", [((49, 480, 720), True), ((1, 32, 32), True), ((48, 480, 720), False),
@@ -127,8 +149,7 @@ def test_cogvideox_1_5_layout_rotary_and_forward(spec, args):
     theirs = CogVideoXPipeline._prepare_rotary_positional_embeddings(fake_pipe, 32, 64, 4, "cpu")
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
-    scheduler = spec.load_scheduler(args)
     latents = torch.randn(1, 4, 4, 4, 8)  # 4 latent frames: divisible by patch_size_t
-    pred, target, _ = spec.forward(transformer, scheduler, latents, {"prompt_embeds": torch.randn(1, 16, 32)},
-                                   torch.randn_like(latents), torch.tensor([500]), torch.float32)
-    assert pred.shape == target.shape == latents.shape
+    output, _ = spec.predict(transformer, step_inputs(latents, torch.tensor([500]),
+                                                      {"prompt_embeds": torch.randn(1, 16, 32)}), torch.float32)
+    assert output.shape == latents.shape

@@ -155,7 +155,7 @@ def test_a_lost_shard_is_encoded_again(tmp_path, tiny_cog, shapes_data):
 
 
 def test_a_rerun_on_an_edited_dataset_trains_only_on_what_it_now_holds(tmp_path, tiny_cog):
-    from ft.train.loader import ShardStream
+    from ft.train.loader import SetStream, ShardSet
 
     data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=11)
     out = tmp_path / "out"
@@ -168,8 +168,7 @@ def test_a_rerun_on_an_edited_dataset_trains_only_on_what_it_now_holds(tmp_path,
     second = precompute(tiny_cog, data, out)
     assert second.num_samples == 5  # the old samples stay cached ...
     assert second.active["samples"] == 3 and second.training_histogram() == {"9x32x32": 3}
-    active = second.active_keys(out)
-    stream = iter(ShardStream(out, second, batch_size=1, seed=0, active=active))
+    stream = SetStream(ShardSet(out), 0, seed=0, batch_size=1).batches()
     captions = {next(stream).meta[0]["caption"] for _ in range(12)}
     assert captions == {prompts[0] + ", at dusk", *prompts[1:3]}  # ... but training sees only the dataset
 

@@ -132,14 +132,14 @@ def test_user_errors_name_the_flag(tiny_cog, cog_shards, tmp_path):
 
 def test_a_bucket_too_small_for_a_batch_never_repeats_a_sample(tmp_path):
     from ft.common.shards import Manifest, ShardWriter
-    from ft.train.loader import ShardStream
+    from ft.train.loader import SetStream, ShardSet
 
     writer = ShardWriter(tmp_path)
     for key, size in [("a0", 4), ("a1", 4), ("a2", 4), ("b0", 8)]:
         writer.write(key, {"latents": {"mean": torch.zeros(size)}}, {"bucket": [1, size, size], "key": key})
     writer.finish_shard()
-    manifest = Manifest("cogvideox", {}, "", {}, {}, shards=writer.completed)
-    stream = iter(ShardStream(tmp_path, manifest, batch_size=2, seed=0))
+    Manifest("cogvideox", {}, "", {}, {}, shards=writer.completed).save(tmp_path)
+    stream = SetStream(ShardSet(tmp_path), 0, seed=0, batch_size=2).batches()
     batches = [[m["key"] for m in next(stream).meta] for _ in range(12)]
     assert all(len(set(b)) == 2 for b in batches), batches  # never [b0, b0]
     assert {k for b in batches for k in b} == {"a0", "a1", "a2"}  # b0 alone cannot fill a batch

@@ -1,0 +1,115 @@
+"""Checkpoints for exact resume: `OUTPUT_DIR/checkpoints/checkpoint-NNNNNN/`.
+
+A checkpoint holds what resuming needs and nothing more: the trainable weights (the LoRA adapters only, never the
+frozen base), the optimizer state, the LR schedule, the RNG states, the step and the data position. Tensors go
+through torch.distributed.checkpoint (DCP), keyed by parameter names, so the scale-out work can load them under
+other parallel degrees; the rest is `state.json`. A save is atomic: it is written to a hidden `.tmp` folder and
+renamed into place once complete, so a kill mid-save leaves the previous checkpoints usable (the leftover is
+removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ft.common import __version__
+from ft.common.errors import UserError
+from ft.common.logs import log
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (with their state.json), oldest first."""
+    root = checkpoint_root(output_dir)
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = _NAME.match(path.name)
+        if match and (path / STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
+    """`--resume-from-checkpoint N|latest|PATH` -> a checkpoint folder; a clear error listing what exists."""
+    existing = list_checkpoints(output_dir)
+    listing = ", ".join(str(step) for step, _ in existing) or "none"
+    if which == "latest":
+        if not existing:
+            raise UserError(f"--resume-from-checkpoint latest: {checkpoint_root(output_dir)} holds no checkpoint. "
+                            "Start without --resume-from-checkpoint, or pass the --output-dir of the earlier run.")
+        return existing[-1][1]
+    if which.isdigit():
+        for step, path in existing:
+            if step == int(which):
+                return path
+        raise UserError(f"--resume-from-checkpoint {which}: no checkpoint of step {which} in "
+                        f"{checkpoint_root(output_dir)}; the checkpoints there are of steps: {listing}.")
+    path = Path(which)
+    if (path / STATE_NAME).is_file():
+        return path
+    raise UserError(f"--resume-from-checkpoint {which}: not a step number, `latest`, or a checkpoint folder (one "
+                    f"holding {STATE_NAME}). Checkpoints in {checkpoint_root(output_dir)}: {listing}.")
+
+
+def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], state: dict[str, Any],
+                    limit: int | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete the oldest beyond `limit`."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step:06d}"
+    tmp = root / f".checkpoint-{step:06d}.tmp"
+    for leftover in root.glob(".checkpoint-*.tmp"):  # a save killed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    state = {**state, "step": step, "ft_version": __version__}
+    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again (a resumed run that re-reached it): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if limit is not None:
+        for _, old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info(f"deleted {old} (--checkpointing-limit {limit})")
+    return final
+
+
+def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Load the tensors in place into `tensors` (a state dict of the same structure); returns state.json."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(tensors, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises CheckpointException/RuntimeError with the missing or mismatched keys
+        raise UserError(f"{path} does not fit this run ({str(e).splitlines()[0][:300]}). Resume with the same "
+                        "--training-type, --rank, --target-modules and model as the run that wrote it.") from e
+    return json.loads((path / STATE_NAME).read_text())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

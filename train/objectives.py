@@ -1,0 +1,191 @@
+"""The training objectives, shared by every family: where on the noise schedule each sample is, how it is noised,
+what the transformer's output is compared with, and how each sample's loss is weighted.
+
+- `SigmaSampler` draws sigma in [0, 1] per sample from its own generator: a density (`uniform` for
+  `--flow-weighting-scheme none|sigma_sqrt|cosmap`, `logit_normal` with `--flow-logit-mean/std`, `mode` with
+  `--flow-mode-scale`), then a shift towards noise: `--flow-shift` (s' = shift*s / (1 + (shift-1)*s)), or with
+  `--flow-resolution-shifting` one set by the latent sequence length (mu interpolated between
+  `--flow-base-seq-len`/`--flow-base-shift` and `--flow-max-seq-len`/`--flow-max-shift`; s' = e^mu / (e^mu +
+  1/s - 1)). These are the formulas of diffusers' training utilities and finetrainers; here every knob acts.
+- `FlowMatching` (LTX-Video, HunyuanVideo): x_s = (1 - s) x0 + s noise, timestep = 1000 s, target noise - x0,
+  weights from `--flow-weighting-scheme` (sigma_sqrt: s^-2; cosmap: 2 / (pi (1 - 2s + 2s^2)); else 1).
+- `DDPMVPrediction` (CogVideoX): timestep = floor(1000 s) on the DDPM schedule, noised with the scheduler's
+  `add_noise`, the output turned into a clean-latent estimate with `get_velocity`, target x0, weight
+  1 / (1 - alphas_cumprod[t]) (diffusers' examples/cogvideo and finetrainers). The sigma density and shift apply
+  to its timesteps too; uniform by default, as finetrainers samples them.
+A family names its objective (`ModelSpec.objective`); `build_objective` makes it from the run's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+MIN_SIGMA = 1e-3  # the flow schedulers' smallest sigma; keeps sigma_sqrt's s^-2 finite
+
+
+def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
+    """The generator of one sample's randomness at one optimizer step: keyed on (seed, step, sample key), so the
+    latent draw, noise and sigma of a sample do not depend on how a global batch is split across ranks or
+    micro-batches, and a resumed run draws exactly what a straight run draws."""
+    import torch
+
+    digest = hashlib.sha256(f"{seed}:{step}:{key}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def uniform_per_sample(generators: list[torch.Generator]) -> torch.Tensor:
+    import torch
+
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
+def normal_per_sample(generators: list[torch.Generator], mean: float, std: float) -> torch.Tensor:
+    import torch
+
+    return torch.cat([torch.randn(1, generator=g) for g in generators]) * std + mean
+
+
+@dataclass
+class SigmaSampler:
+    """Draws each sample's sigma in [MIN_SIGMA, 1] (see the module docstring for the formulas)."""
+
+    scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    resolution_shifting: bool = False
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SigmaSampler:
+        return cls(cfg.flow_weighting_scheme, cfg.flow_logit_mean, cfg.flow_logit_std, cfg.flow_mode_scale,
+                   cfg.flow_shift, cfg.flow_resolution_shifting, cfg.flow_base_seq_len, cfg.flow_max_seq_len,
+                   cfg.flow_base_shift, cfg.flow_max_shift)
+
+    def density(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """u in [0, 1] per sample, before any shift."""
+        import torch
+
+        if self.scheme == "logit_normal":
+            return torch.sigmoid(normal_per_sample(generators, self.logit_mean, self.logit_std))
+        u = uniform_per_sample(generators)
+        if self.scheme == "mode":
+            return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def resolution_mu(self, seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (seq_len - self.base_seq_len)
+
+    def shifted(self, sigmas: torch.Tensor, seq_len: int) -> torch.Tensor:
+        import torch
+
+        if self.resolution_shifting:
+            mu = self.resolution_mu(seq_len)
+            safe = sigmas.clamp(min=1e-12)
+            return math.exp(mu) / (math.exp(mu) + (1 / safe - 1))
+        if self.shift == 1.0:
+            return sigmas
+        return torch.as_tensor(self.shift * sigmas / (1 + (self.shift - 1) * sigmas))
+
+    def sample(self, generators: list[torch.Generator], seq_len: int, min_sigma: float = MIN_SIGMA) -> torch.Tensor:
+        return self.shifted(self.density(generators), seq_len).clamp(min_sigma, 1.0)
+
+
+def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights of flow matching (diffusers' compute_loss_weighting_for_sd3)."""
+    import torch
+
+    if scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+class Objective(ABC):
+    """How a batch is noised and scored. `sigmas` are per sample, in [0, 1]."""
+
+    min_sigma: float = MIN_SIGMA
+
+    def __init__(self, scheduler: Any, sampler: SigmaSampler):
+        self.scheduler, self.sampler = scheduler, sampler
+
+    def sample_sigmas(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
+        return self.sampler.sample(generators, seq_len, self.min_sigma)
+
+    @abstractmethod
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps as the transformer takes them)."""
+
+    @abstractmethod
+    def target(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prediction(self, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The transformer's output in the target's terms."""
+
+    @abstractmethod
+    def weights(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights [B]."""
+
+
+def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_sample.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
+
+
+class FlowMatching(Objective):
+    def noised(self, latents, noise, sigmas):
+        s = _expand(sigmas, latents)
+        return (1 - s) * latents + s * noise, (sigmas * 1000.0).to(latents.device)
+
+    def target(self, latents, noise):
+        return noise - latents
+
+    def prediction(self, output, noisy, timesteps):
+        return output
+
+    def weights(self, sigmas, timesteps):
+        return flow_loss_weights(self.sampler.scheme, sigmas)
+
+
+class DDPMVPrediction(Objective):
+    min_sigma = 0.0  # uniform sigmas give every timestep 0..999 equally often, as torch.randint did
+
+    def _timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        n = self.scheduler.config.num_train_timesteps
+        return (sigmas * n).long().clamp(0, n - 1)
+
+    def noised(self, latents, noise, sigmas):
+        timesteps = self._timesteps(sigmas).to(latents.device)
+        return self.scheduler.add_noise(latents, noise, timesteps), timesteps
+
+    def target(self, latents, noise):
+        return latents
+
+    def prediction(self, output, noisy, timesteps):
+        return self.scheduler.get_velocity(output.float(), noisy, timesteps)
+
+    def weights(self, sigmas, timesteps):
+        alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        return 1.0 / (1.0 - alphas)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"flow_matching": FlowMatching, "ddpm_v_prediction": DDPMVPrediction}
+
+
+def build_objective(name: str, scheduler: Any, cfg: Any) -> Objective:
+    """The objective a family names, with the run's sigma knobs."""
+    return OBJECTIVES[name](scheduler, SigmaSampler.from_config(cfg))

@@ -1,0 +1,118 @@
+"""Watching a run: OUTPUT_DIR/train_log.jsonl (one JSON line per logged step), TensorBoard event files under
+OUTPUT_DIR/logs or a wandb run (`--report-to`), and OUTPUT_DIR/loss.png drawn at the end.
+
+A resumed run appends to train_log.jsonl after dropping the lines of steps past its checkpoint (written by the
+run that was stopped), so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ft.common.errors import UserError
+
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"
+
+
+class RunLog:
+    def __init__(self, out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None = None):
+        self.path = out / LOG_NAME
+        if resumed_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.is_file():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        self.tracker = _tracker(out, report_to, config)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class _TensorBoard:
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise UserError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`, or "
+                            "use --report-to none.") from e
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{name}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, folder: Path, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError as e:
+            raise UserError("--report-to wandb needs wandb: `pip install wandb`, or use --report-to "
+                            "tensorboard.") from e
+        self.run = wandb.init(project="ft", dir=str(folder), config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _tracker(out: Path, report_to: str, config: dict[str, Any]) -> Any:
+    if report_to == "tensorboard":
+        return _TensorBoard(out / "logs")
+    if report_to == "wandb":
+        return _Wandb(out, config)
+    return None
+
+
+def plot_losses(log_path: Path, image_path: Path, size: tuple[int, int] = (640, 360)) -> Path | None:
+    """Draw the loss of every logged step (thin) and its running mean (thick) as a PNG; None when nothing to plot."""
+    from PIL import Image, ImageDraw
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    points = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    if len(points) < 2:
+        return None
+    width, height = size
+    left, right, top, bottom = 60, 15, 15, 35
+    steps, losses = [p[0] for p in points], [p[1] for p in points]
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1e-9
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def xy(step: float, loss: float) -> tuple[float, float]:
+        x = left + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (width - left - right)
+        return x, top + (hi - loss) / (hi - lo) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.line([xy(s, v) for s, v in points], fill=(150, 180, 230), width=1)
+    window = max(1, len(points) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    draw.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(20, 60, 160), width=3)
+    draw.text((5, top), f"{hi:.3f}", fill="black")
+    draw.text((5, height - bottom - 10), f"{lo:.3f}", fill="black")
+    draw.text((left, height - bottom + 8), f"step {steps[0]}", fill="black")
+    draw.text((width - right - 70, height - bottom + 8), f"step {steps[-1]}", fill="black")
+    draw.text((width // 2 - 40, height - bottom + 8), "training loss", fill="black")
+    image.save(image_path)
+    return image_path

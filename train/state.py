@@ -1,0 +1,66 @@
+"""The training state as one object: step, data position, trainable weights, optimizer, LR schedule and RNG.
+
+`state_dict()` gives two parts: `tensors` (weights, optimizer state and the torch RNG, keyed by parameter names
+through torch.distributed.checkpoint.state_dict, the form DCP saves and reshards) and `extra` (plain JSON: step,
+data position, LR schedule, Python and NumPy RNG). `load_state_dict()` puts both back, so a run stopped at step N
+and resumed continues exactly as the straight run would.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+
+class TrainState:
+    def __init__(self, model: Any, optimizer: Any, lr_schedule: Any):
+        self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
+        self.step = 0
+        self.data_position: dict[str, Any] | None = None
+
+    def _options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # frozen weights (a LoRA's base) are not part of the state: they come from --pretrained
+        return StateDictOptions(ignore_frozen_params=True)
+
+    def tensor_state(self) -> dict[str, Any]:
+        import torch
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=self._options())
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"model": model_state, "optimizer": optimizer_state, "rng": rng}
+
+    def extra_state(self) -> dict[str, Any]:
+        import numpy as np
+
+        version, internal, gauss = random.getstate()
+        np_state = np.random.get_state()
+        return {"step": self.step, "data_position": self.data_position,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "python_rng": [version, list(internal), gauss],
+                "numpy_rng": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensor_state(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import numpy as np
+        import torch
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        tensors, extra = state["tensors"], state["extra"]
+        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict=tensors["optimizer"], options=self._options())
+        torch.set_rng_state(tensors["rng"]["torch"])
+        if "cuda" in tensors["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng"]["cuda"])
+        self.lr_schedule.load_state_dict(extra["lr_schedule"])
+        version, internal, gauss = extra["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = extra["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), cached))
+        self.step, self.data_position = int(extra["step"]), extra["data_position"]

@@ -1,0 +1,82 @@
+"""What trains and how it is saved: LoRA adapters or every transformer weight, the optimizer and LR schedule.
+
+dtypes (the documented contract):
+- LoRA: the frozen base in `--transformer-dtype`; the adapters, their gradients and the optimizer state in fp32.
+- full finetune, `--master-dtype auto`: weights, gradients and optimizer state in `--transformer-dtype` (bf16 by
+  default, as finetrainers trains).
+- full finetune, `--master-dtype fp32`: fp32 weights, gradients and optimizer state; the forward and backward run
+  under autocast in `--transformer-dtype`. The saved transformer is cast to `--transformer-dtype`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ft.common.errors import UserError
+from ft.common.logs import log
+from ft.pipelines.base import ModelSpec
+
+from .config import TrainConfig
+from .lora import add_lora, save_lora
+
+TRANSFORMER_DIR = "transformer"
+
+
+def uses_autocast(cfg: TrainConfig) -> bool:
+    """Full finetune with fp32 master weights computes in --transformer-dtype under autocast."""
+    return cfg.training_type == "full-finetune" and cfg.master_dtype == "fp32" and cfg.transformer_dtype not in (
+        "fp32", "float32", "float")
+
+
+def load_dtype(cfg: TrainConfig) -> str:
+    """The dtype the transformer is loaded in: fp32 for fp32 master weights, else --transformer-dtype."""
+    if cfg.training_type == "full-finetune" and cfg.master_dtype != "auto":
+        return cfg.master_dtype
+    return cfg.transformer_dtype
+
+
+def make_trainable(cfg: TrainConfig, spec: ModelSpec, transformer: Any) -> list[Any]:
+    """Add LoRA (or unfreeze everything) and return the parameters the optimizer updates."""
+    if cfg.training_type == "lora":
+        return add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets)
+    transformer.requires_grad_(True)
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def build_optimizer(cfg: TrainConfig, params: list[Any]) -> tuple[Any, Any]:
+    """The optimizer (`--optimizer`) and the diffusers LR schedule with warmup."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay, "eps": cfg.epsilon}
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, **kwargs)
+    else:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise UserError("--optimizer adamw-8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or "
+                            "use --optimizer adamw.") from e
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    if cfg.lr_warmup_steps >= cfg.train_steps:
+        log.warning(f"--lr-warmup-steps {cfg.lr_warmup_steps} is not shorter than --train-steps {cfg.train_steps}: "
+                    "the learning rate never reaches --lr")
+    schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                             num_training_steps=cfg.train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    return optimizer, schedule
+
+
+def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path) -> Path:
+    """LoRA: OUT/pytorch_lora_weights.safetensors (diffusers format). Full finetune: OUT/transformer, a diffusers
+    folder that `from_pretrained` loads and `ft generate --transformer-id OUT/transformer` uses."""
+    if cfg.training_type == "lora":
+        return save_lora(spec, transformer, out)
+    from ft.common.dtypes import parse_dtype
+
+    dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
+    folder = out / TRANSFORMER_DIR
+    transformer.to(dtype).save_pretrained(folder)
+    return folder
