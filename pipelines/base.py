@@ -257,6 +257,12 @@ class ModelSpec(ABC):
 
     # ------------------------------------------------------------------------------------------------ stage 1
 
+    def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
+        """The stage-1 choices this family makes beyond the encoders' weights (prompt template, template crop,
+        hidden layer, latent normalisation, ...). They go into every sample key and the manifest's encoding
+        parameters (precompute.plan.sample_encoding), so changing one re-encodes instead of reusing."""
+        return {}
+
     @abstractmethod
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample)."""

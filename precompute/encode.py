@@ -31,7 +31,7 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
 from .config import PrecomputeConfig
-from .plan import RESIZE_MODE, PlannedSample, Rejected, assign_keys, plan_samples
+from .plan import PlannedSample, Rejected, assign_keys, plan_samples, sample_encoding
 
 
 def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transformer_config: dict
@@ -162,8 +162,8 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
             getattr(vae, method, lambda: None)()
     fingerprints = spec.encoder_fingerprints(encoders, vae, cfg)
     fingerprint = sample_key(fingerprints)
-    encoding = {"max_sequence_length": seq_len, "frame_sampling": cfg.frame_sampling,
-                "frame_stride": cfg.frame_stride, "resize_mode": RESIZE_MODE,
+    encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config)),
+                "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
     planned = assign_keys(planned, fingerprint, encoding)

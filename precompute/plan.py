@@ -32,10 +32,22 @@ class PlannedSample:
     key: str = ""
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
-        """Everything that determines this sample's tensors; its hash is the sample key."""
-        return {"media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
-                "resize": RESIZE_MODE, "caption": self.item.caption, "encoders": encoder_fingerprint,
-                "max_sequence_length": encoding["max_sequence_length"]}
+        """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
+        `sample_encoding`: the one place the encoding choices enter keys (and the manifest)."""
+        parts = {"media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
+                 "resize": encoding["resize_mode"], "caption": self.item.caption, "encoders": encoder_fingerprint,
+                 "max_sequence_length": encoding["max_sequence_length"]}
+        if encoding.get("family_choices"):  # absent for CogVideoX, so its existing keys stay valid
+            parts["family_choices"] = encoding["family_choices"]
+        return parts
+
+
+def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any]) -> dict[str, Any]:
+    """The encoding parameters that shape every sample's tensors: they are written to the manifest and hashed
+    into every sample key, so a rerun with other choices (the family's template, crop, layer, normalisation via
+    `ModelSpec.encoding_choices`) never reuses samples made with the old ones."""
+    return {"max_sequence_length": max_sequence_length, "resize_mode": RESIZE_MODE,
+            "family_choices": dict(sorted(family_choices.items()))}
 
 
 @dataclass
