@@ -97,14 +97,17 @@ def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises CheckpointException/RuntimeError with the missing or mismatched keys
-        raise UserError(f"{path} does not fit this run ({str(e).splitlines()[0][:300]}). Resume with the same "
-                        "--training-type, --rank, --target-modules and model as the run that wrote it.") from e
+    except (Exception, CheckpointException) as e:  # DCP names the missing or mismatched weights
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{path} does not fit this run ({lines[-1][:300] if lines else type(e).__name__}). Resume "
+                        "with the same --training-type, --rank, --target-modules and model as the run that wrote "
+                        "it.") from e
     return json.loads((path / STATE_NAME).read_text())
 
 

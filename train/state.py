@@ -18,11 +18,12 @@ class TrainState:
         self.step = 0
         self.data_position: dict[str, Any] | None = None
 
-    def _options(self) -> Any:
+    def _options(self, strict: bool = True) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        # frozen weights (a LoRA's base) are not part of the state: they come from --pretrained
-        return StateDictOptions(ignore_frozen_params=True)
+        # frozen weights (a LoRA's base) are not part of the state: they come from --pretrained. Loading is not
+        # strict about them; DCP has already refused a checkpoint that lacks any trainable weight.
+        return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
     def tensor_state(self) -> dict[str, Any]:
         import torch
@@ -54,7 +55,7 @@ class TrainState:
 
         tensors, extra = state["tensors"], state["extra"]
         set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
-                       optim_state_dict=tensors["optimizer"], options=self._options())
+                       optim_state_dict=tensors["optimizer"], options=self._options(strict=False))
         torch.set_rng_state(tensors["rng"]["torch"])
         if "cuda" in tensors["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng"]["cuda"])

@@ -1,0 +1,134 @@
+"""The training data order: a pure function of (seed, epoch, shard set), split by rank, resumable at a saved
+position without decoding tensors, mixable across shard sets."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from ft.common.errors import UserError
+from ft.common.shards import Manifest, ShardWriter
+from ft.train import loader
+from ft.train.loader import DataStream, SetStream, ShardSet, eval_batches, parse_shard_arg, plan_epoch
+
+
+def make_set(folder, n=23, buckets=((1, 8, 8), (1, 8, 16)), shard_samples=5, family="cogvideox", channels=2):
+    writer = ShardWriter(folder, max_samples=shard_samples)
+    for i in range(n):
+        bucket = buckets[i % len(buckets)]
+        writer.write(f"{folder.name}{i:03d}", {"latents": {"mean": torch.full((channels, *bucket), float(i))},
+                                               "cond": {"prompt_embeds": torch.zeros(4, 2)}},
+                     {"bucket": list(bucket), "caption": f"clip {i}"})
+    writer.finish_shard()
+    Manifest(family, {}, "", {}, {"latent_channels": channels}, shards=writer.completed).save(folder)
+    return folder
+
+
+@pytest.fixture
+def shard_set(tmp_path):
+    return make_set(tmp_path / "a")
+
+
+def keys_of(batches):
+    return [list(b.keys) for b in batches]
+
+
+def test_the_plan_is_a_pure_function_of_seed_epoch_and_shards(shard_set):
+    index = ShardSet(shard_set).index()
+    assert plan_epoch(index, 1, 0, 2, 4) == plan_epoch(index, 1, 0, 2, 4)
+    assert plan_epoch(index, 1, 0, 2, 4) != plan_epoch(index, 1, 1, 2, 4)
+    assert plan_epoch(index, 1, 0, 2, 4) != plan_epoch(index, 2, 0, 2, 4)
+    _, batches = plan_epoch(index, 1, 0, 2, 4)
+    keys = [e.key for b in batches for e in b]
+    assert len(keys) == len(set(keys)) == 22  # 12 + 11 samples per bucket; one remainder dropped
+    assert all(len({e.bucket for e in b}) == 1 for b in batches)
+
+
+def test_two_ranks_split_the_global_batch(shard_set):
+    s = ShardSet(shard_set)
+    whole = keys_of(itertools.islice(SetStream(s, 0, 7, batch_size=4).batches(), 12))
+    ranks = [keys_of(itertools.islice(SetStream(s, 0, 7, batch_size=2, rank=r, world=2).batches(), 12))
+             for r in (0, 1)]
+    for full, a, b in zip(whole, *ranks, strict=True):
+        assert not set(a) & set(b)
+        assert a + b == full
+
+
+def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shard_set, monkeypatch):
+    s = ShardSet(shard_set)
+    stream = DataStream([s], seed=3, batch_size=2)
+    straight = list(itertools.islice(stream.batches(), 30))  # 11 batches per epoch: crosses two epochs
+    assert {b.epoch for b in straight} == {0, 1, 2}
+    decoded = []
+    real_iter_shard = loader.iter_shard
+
+    def recording(*args, **kwargs):
+        for sample in real_iter_shard(*args, **kwargs):
+            decoded.append(sample.key)
+            yield sample
+
+    monkeypatch.setattr(loader, "iter_shard", recording)
+    resumed_set = ShardSet(shard_set)
+    resumed_set.verified = set(s.verified)  # this process verified the shards already
+    position = straight[14].position
+    resumed = list(itertools.islice(DataStream([resumed_set], seed=3, batch_size=2).batches(position), 15))
+    assert keys_of(resumed) == keys_of(straight[15:])
+    for a, b in zip(resumed, straight[15:], strict=True):
+        assert torch.equal(a.latents["mean"], b.latents["mean"]) and a.position == b.position
+    # fast-forward decoded no tensors of the batches it skipped: in epoch 1 only the rest of the epoch is decoded
+    rest_of_epoch = {k for b in straight[15:22] for k in b.keys}
+    assert set(decoded[: len(rest_of_epoch)]) == rest_of_epoch
+
+
+def test_a_sample_on_disk_twice_is_used_once_per_pass(tmp_path):
+    folder = make_set(tmp_path / "d", n=8, buckets=((1, 8, 8),))
+    shutil.copy(folder / "shard-000000.tar", folder / "shard-000009.tar")
+    manifest = Manifest.load(folder)
+    manifest.shards.append(type(manifest.shards[0])(**{**vars(manifest.shards[0]), "name": "shard-000009.tar"}))
+    manifest.save(folder)
+    _, batches = plan_epoch(ShardSet(folder).index(), 0, 0, 1, 4)
+    keys = [e.key for b in batches for e in b]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 8
+
+
+def test_mixing_shard_sets_follows_the_weights(tmp_path):
+    a, b = make_set(tmp_path / "a"), make_set(tmp_path / "b", n=30)
+    stream = DataStream([ShardSet(a), ShardSet(b, 0.25)], seed=0, batch_size=1)
+    batches = list(itertools.islice(stream.batches(), 400))
+    share_b = sum(x.set_index for x in batches) / len(batches)
+    assert 0.12 < share_b < 0.28  # 0.25 / 1.25 = 0.2
+    again = list(itertools.islice(DataStream([ShardSet(a), ShardSet(b, 0.25)], 0, 1).batches(), 400))
+    assert keys_of(batches) == keys_of(again)
+    resumed = list(itertools.islice(DataStream([ShardSet(a), ShardSet(b, 0.25)], 0, 1).batches(
+        batches[199].position), 200))
+    assert keys_of(resumed) == keys_of(batches[200:])
+
+
+def test_mixing_refuses_another_family_or_shape(tmp_path):
+    from ft.train.loader import check_compatible
+
+    a = ShardSet(make_set(tmp_path / "a"))
+    with pytest.raises(UserError, match="only shard sets of one family"):
+        check_compatible([a, ShardSet(make_set(tmp_path / "b", family="ltx_video"))])
+    with pytest.raises(UserError, match="only shard sets of one family"):
+        check_compatible([a, ShardSet(make_set(tmp_path / "c", channels=3))])
+
+
+def test_shard_arguments_take_an_optional_weight(tmp_path):
+    assert parse_shard_arg("data/shards") == ("data/shards", 1.0)
+    assert parse_shard_arg("data/shards:0.3") == ("data/shards", 0.3)
+    (tmp_path / "odd:name").mkdir()
+    assert parse_shard_arg(str(tmp_path / "odd:name")) == (str(tmp_path / "odd:name"), 1.0)
+    with pytest.raises(UserError, match="must be > 0"):
+        parse_shard_arg("data:0")
+
+
+def test_eval_batches_are_chosen_by_key_not_by_the_training_order(shard_set):
+    first = eval_batches(ShardSet(shard_set), batch_size=2, count=3)
+    assert [len(b.keys) for b in first] == [2, 2, 2]
+    assert keys_of(first) == keys_of(eval_batches(ShardSet(shard_set), batch_size=2, count=3))
+    every = sorted(k for b in first for k in b.keys)
+    assert every == sorted(set(every))
