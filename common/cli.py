@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         log.error(f"error: {e}")
         sys.exit(2)
+    except KeyboardInterrupt:  # the command has said what it kept and how to go on
+        sys.exit(130)
 
 
 if __name__ == "__main__":

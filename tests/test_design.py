@@ -55,5 +55,5 @@ def test_shipped_recipes_parse(recipe):
     if "precompute" in recipe.name:
         config = PrecomputeConfig(**values, dataset="data", out="shards")
     else:
-        config = TrainConfig(**values, shards="shards", output_dir="out")
+        config = TrainConfig(**values, shards=["shards"], output_dir="out")
     assert config.model == "cogvideox"
