@@ -95,11 +95,21 @@ def fingerprint(module: Any, dtype: torch.dtype | None = None) -> dict[str, Any]
 
 def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator],
                      device: str | torch.device = "cpu") -> torch.Tensor:
-    """A [B, *shape] standard normal tensor whose row i comes from generators[i] alone, so a sample's draw does
-    not depend on which other samples share its batch, rank or micro-batch."""
+    """A [B, *shape] standard normal tensor whose row i comes from generators[i] (CPU generators) alone, so a
+    sample's draw does not depend on which other samples share its batch, rank or micro-batch.
+
+    On an accelerator the sample's generator only seeds a generator there and the draw happens on the device: no
+    host-to-device copy, which would synchronise the stream every micro-batch."""
     import torch
 
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+    rows = []
+    for g in generators:
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        rows.append(torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device))
+    return torch.stack(rows)
 
 
 @dataclass

@@ -5,7 +5,8 @@ frozen base), the optimizer state, the LR schedule, the RNG states, the step and
 through torch.distributed.checkpoint (DCP), keyed by parameter names, so the scale-out work can load them under
 other parallel degrees; the rest is `state.json`. A save is atomic: it is written to a hidden `.tmp` folder and
 renamed into place once complete, so a kill mid-save leaves the previous checkpoints usable (the leftover is
-removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save.
+removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save (never the one
+just saved); deleting renames first, so a kill mid-delete leaves no half checkpoint that looks whole.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step:06d}"
     tmp = root / f".checkpoint-{step:06d}.tmp"
-    for leftover in root.glob(".checkpoint-*.tmp"):  # a save killed half-way
+    for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:  # killed half-way
         shutil.rmtree(leftover, ignore_errors=True)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -82,14 +83,50 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
     state = {**state, "step": step, "ft_version": __version__}
     (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
     _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (a resumed run that re-reached it): replace it
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again: the old copy is renamed away first, never half-deleted
+        _delete(final)
     os.replace(tmp, final)
-    if limit is not None:
-        for _, old in list_checkpoints(output_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(root)
+    if limit is not None:  # the oldest others go; never the one just saved
+        others = [path for _, path in list_checkpoints(output_dir) if path != final]
+        for old in others[: max(0, len(others) + 1 - limit)]:
+            _delete(old)
             log.info(f"deleted {old} (--checkpointing-limit {limit})")
     return final
+
+
+def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
+    """On resuming from `step`, move checkpoints of later steps (written by the run that went on from it) into
+    `checkpoints/abandoned-NNNNNN/`, so `latest` and `--checkpointing-limit` mean the resumed run. Nothing is
+    deleted."""
+    later = [path for s, path in list_checkpoints(output_dir) if s > step]
+    if not later:
+        return []
+    aside = checkpoint_root(output_dir) / f"abandoned-{step:06d}"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in later:
+        target = aside / path.name
+        if target.exists():
+            _delete(target)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+def _delete(path: Path) -> None:
+    """Rename first (atomic: the folder stops counting as a checkpoint), then remove."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
 FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 REPORT_TO = ("tensorboard", "wandb", "none")
-MASTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
+MASTER_DTYPES = ("auto", "fp32")
 LORA = "LoRA"
 OPTIM = "Optimizer"
 RUN = "Run"
@@ -121,9 +121,6 @@ class TrainConfig(ModelArgs):
         if self.flow_max_seq_len <= self.flow_base_seq_len:
             raise UserError(f"--flow-max-seq-len ({self.flow_max_seq_len}) must be greater than --flow-base-seq-len "
                             f"({self.flow_base_seq_len}).")
-        if self.training_type == "lora" and self.master_dtype not in ("auto", "fp32"):
-            raise UserError(f"--master-dtype {self.master_dtype}: LoRA adapters train in fp32; leave --master-dtype "
-                            "at auto (or fp32).")
         if self.lr_scheduler != "polynomial" and self.lr_power != 1.0:
             raise UserError(f"--lr-power applies to --lr-scheduler polynomial, not {self.lr_scheduler}.")
         if self.lr_scheduler != "cosine_with_restarts" and self.lr_num_cycles != 1:

@@ -8,9 +8,10 @@ samples; a bucket's remainder at the end of the pass is dropped (a batch never h
 that appears twice on disk is used once per pass). Rank r takes slice r of each global batch.
 
 Reading. The shards are then read in the plan's order, decoding only the samples this rank needs from the
-current position on (the others' bytes are seeked over), and each batch is emitted once all its samples are
-in; memory stays what the shuffle buffer holds. A shard is verified against its manifest sha256 the first time
-this process reads it. Resuming at a position costs headers and JSON, never tensors.
+current position on (the others' bytes are seeked over, and a shard with nothing needed is not opened), and each
+batch is emitted once all its samples are in; memory stays what the shuffle buffer holds. A shard is verified
+against its manifest digest the first time this process reads samples from it (its other members' bytes are
+then read and hashed, not decoded). Resuming at a position costs headers and JSON, never tensors.
 
 Several shard sets are mixed per global batch: batch n comes from set i with probability weight_i / sum, drawn
 from (seed, n). The position (`Batch.position`, saved in checkpoints) is the global batch count and each set's
@@ -97,6 +98,15 @@ class ShardSet:
                 self._index[shard.name] = entries
         return self._index
 
+    def fingerprint(self) -> str:
+        """What the data order depends on: the shards (names and digests) and the keys trained on."""
+        h = hashlib.sha256()
+        for shard in sorted(self.manifest.shards, key=lambda s: s.name):
+            h.update(f"{shard.name}:{shard.sha256}\n".encode())
+        for key in sorted(self.active or ()):
+            h.update(key.encode())
+        return h.hexdigest()[:16]
+
     def empty_caption(self) -> dict[str, Any] | None:
         """The conditioning of the empty caption stored by `ft precompute`, or None for an older shard set."""
         info = self.manifest.empty_caption
@@ -175,9 +185,9 @@ class SetStream:
         infos = {s.name: s for s in self.set.manifest.shards}
         for name in shards:
             info = infos[name]
+            if not any(e.key in needed for e in self.set.index()[name]):
+                continue  # fast-forward: nothing of this shard is read, not even to verify it
             verify = name not in self.set.verified
-            if not verify and not any(e.key in needed for e in self.set.index()[name]):
-                continue
             for sample in iter_shard(self.set.folder / name, info.sha256 if verify else None,
                                      wanted=lambda key: key in needed and key not in loaded):
                 loaded[sample.key] = sample
@@ -207,6 +217,9 @@ class DataStream:
     def initial_position(self) -> dict[str, Any]:
         return {"batches": 0, "sets": [{"epoch": 0, "taken": 0} for _ in self.sets]}
 
+    def fingerprints(self) -> list[str]:
+        return [s.fingerprint() for s in self.sets]
+
     def choose_set(self, n: int) -> int:
         if len(self.sets) == 1:
             return 0
@@ -220,12 +233,13 @@ class DataStream:
         sets = [dict(p) for p in position["sets"]]
         iterators = [s.batches(p["epoch"], p["taken"]) for s, p in zip(self.streams, sets, strict=True)]
         n = position["batches"]
+        fingerprints = self.fingerprints()
         while True:
             i = self.choose_set(n)
             batch = next(iterators[i])
             sets[i] = batch.position
             n += 1
-            batch.position = {"batches": n, "sets": [dict(p) for p in sets]}
+            batch.position = {"batches": n, "sets": [dict(p) for p in sets], "fingerprints": fingerprints}
             yield batch
 
 

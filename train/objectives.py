@@ -1,12 +1,14 @@
 """The training objectives, shared by every family: where on the noise schedule each sample is, how it is noised,
 what the transformer's output is compared with, and how each sample's loss is weighted.
 
-- `SigmaSampler` draws sigma in [0, 1] per sample from its own generator: a density (`uniform` for
-  `--flow-weighting-scheme none|sigma_sqrt|cosmap`, `logit_normal` with `--flow-logit-mean/std`, `mode` with
-  `--flow-mode-scale`), then a shift towards noise: `--flow-shift` (s' = shift*s / (1 + (shift-1)*s)), or with
-  `--flow-resolution-shifting` one set by the latent sequence length (mu interpolated between
-  `--flow-base-seq-len`/`--flow-base-shift` and `--flow-max-seq-len`/`--flow-max-shift`; s' = e^mu / (e^mu +
-  1/s - 1)). These are the formulas of diffusers' training utilities and finetrainers; here every knob acts.
+- `SigmaSampler` draws sigma in [0, 1] per sample from its own generator: sigma = 1 - u with u from a density
+  (`uniform` for `--flow-weighting-scheme none|sigma_sqrt|cosmap`, `logit_normal` with `--flow-logit-mean/std`,
+  `mode` with `--flow-mode-scale`; 1 - u because the reference scripts index a descending sigma table with u, so
+  finetrainers' settings mean the same here), then a shift towards noise: `--flow-shift`
+  (s' = shift*s / (1 + (shift-1)*s)), or with `--flow-resolution-shifting` one set by the latent sequence length
+  before patching, as finetrainers counts it (mu interpolated between `--flow-base-seq-len`/`--flow-base-shift`
+  and `--flow-max-seq-len`/`--flow-max-shift`; s' = e^mu / (e^mu + 1/s - 1)). These are the formulas of
+  diffusers' training utilities and finetrainers; here every knob acts.
 - `FlowMatching` (LTX-Video, HunyuanVideo): x_s = (1 - s) x0 + s noise, timestep = 1000 s, target noise - x0,
   weights from `--flow-weighting-scheme` (sigma_sqrt: s^-2; cosmap: 2 / (pi (1 - 2s + 2s^2)); else 1).
 - `DDPMVPrediction` (CogVideoX): timestep = floor(1000 s) on the DDPM schedule, noised with the scheduler's
@@ -30,13 +32,14 @@ if TYPE_CHECKING:
 MIN_SIGMA = 1e-3  # the flow schedulers' smallest sigma; keeps sigma_sqrt's s^-2 finite
 
 
-def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
-    """The generator of one sample's randomness at one optimizer step: keyed on (seed, step, sample key), so the
-    latent draw, noise and sigma of a sample do not depend on how a global batch is split across ranks or
-    micro-batches, and a resumed run draws exactly what a straight run draws."""
+def sample_generator(seed: int, batch: int, key: str) -> torch.Generator:
+    """The generator of one sample's randomness in one global batch: keyed on (seed, global batch number, sample
+    key), so the latent draw, noise and sigma of a sample do not depend on how the global batch is split across
+    ranks, a sample that comes twice within one optimizer step (accumulation across an epoch's end) gets two
+    draws, and a resumed run draws exactly what a straight run draws."""
     import torch
 
-    digest = hashlib.sha256(f"{seed}:{step}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{batch}:{key}".encode()).digest()
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -100,7 +103,9 @@ class SigmaSampler:
         return torch.as_tensor(self.shift * sigmas / (1 + (self.shift - 1) * sigmas))
 
     def sample(self, generators: list[torch.Generator], seq_len: int, min_sigma: float = MIN_SIGMA) -> torch.Tensor:
-        return self.shifted(self.density(generators), seq_len).clamp(min_sigma, 1.0)
+        # sigma = 1 - u: diffusers' and finetrainers' scripts index a descending sigma table with u, so a
+        # --flow-logit-mean above 0 means less noise there, and here too
+        return self.shifted(1.0 - self.density(generators), seq_len).clamp(min_sigma, 1.0)
 
 
 def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ class RunLog:
         elif self.path.is_file():
             self.path.unlink()
         self.file = open(self.path, "a")
-        self.tracker = _tracker(out, report_to, config)
+        self.tracker = _tracker(out, report_to, config, resumed_step)
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -42,13 +42,14 @@ class RunLog:
 
 
 class _TensorBoard:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, resumed_step: int | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise UserError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`, or "
                             "use --report-to none.") from e
-        self.writer = SummaryWriter(log_dir=str(folder))
+        # on resume, TensorBoard drops the stopped run's points past the checkpoint
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=None if resumed_step is None else resumed_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         for name, value in record.items():
@@ -60,13 +61,17 @@ class _TensorBoard:
 
 
 class _Wandb:
-    def __init__(self, folder: Path, config: dict[str, Any]):
+    def __init__(self, folder: Path, config: dict[str, Any], resumed_step: int | None):
         try:
             import wandb
         except ImportError as e:
             raise UserError("--report-to wandb needs wandb: `pip install wandb`, or use --report-to "
                             "tensorboard.") from e
-        self.run = wandb.init(project="ft", dir=str(folder), config=config)
+        id_file = folder / "wandb_run_id.txt"  # a resumed run continues the same wandb run
+        run_id = id_file.read_text().strip() if resumed_step is not None and id_file.is_file() else None
+        self.run = wandb.init(project="ft", dir=str(folder), config=config, id=run_id,
+                              resume="allow" if run_id else None)
+        id_file.write_text(self.run.id + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
@@ -75,11 +80,11 @@ class _Wandb:
         self.run.finish()
 
 
-def _tracker(out: Path, report_to: str, config: dict[str, Any]) -> Any:
+def _tracker(out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None) -> Any:
     if report_to == "tensorboard":
-        return _TensorBoard(out / "logs")
+        return _TensorBoard(out / "logs", resumed_step)
     if report_to == "wandb":
-        return _Wandb(out, config)
+        return _Wandb(out, config, resumed_step)
     return None
 
 

@@ -31,8 +31,8 @@ def uses_autocast(cfg: TrainConfig) -> bool:
 
 def load_dtype(cfg: TrainConfig) -> str:
     """The dtype the transformer is loaded in: fp32 for fp32 master weights, else --transformer-dtype."""
-    if cfg.training_type == "full-finetune" and cfg.master_dtype != "auto":
-        return cfg.master_dtype
+    if cfg.training_type == "full-finetune" and cfg.master_dtype == "fp32":
+        return "fp32"
     return cfg.transformer_dtype
 
 

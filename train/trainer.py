@@ -26,7 +26,13 @@ from ft.common.video import parse_bucket
 from ft.pipelines.base import ModelSpec, StepInputs, randn_per_sample
 from ft.pipelines.registry import spec_for
 
-from .checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from .config import TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .objectives import build_objective, sample_generator, uniform_per_sample
@@ -34,11 +40,18 @@ from .reporting import PLOT_NAME, RunLog, plot_losses
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 
-EVAL_STEP = -1  # the "step" keying the fixed-noise eval draws
+EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "batch_size", "gradient_accumulation_steps",
                     "seed", "shuffle_buffer", "training_type", "rank", "lora_alpha", "target_modules",
                     "caption_dropout_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps")
+
+
+def to_device(tensor: Any, device: str) -> Any:
+    """A small CPU tensor on `device` without a stream sync (pinned memory, asynchronous copy)."""
+    if not str(device).startswith("cuda"):
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict) -> list[ShardSet]:
@@ -121,26 +134,35 @@ class Trainer:
         if self.state.step >= self.cfg.train_steps:
             raise UserError(f"--resume-from-checkpoint: {path} is at step {self.state.step}, and --train-steps is "
                             f"{self.cfg.train_steps}; raise --train-steps to train further.")
+        saved = (self.state.data_position or {}).get("fingerprints")
+        if saved is not None and saved != self.stream.fingerprints():
+            log.warning(f"the shard sets changed since {path} was saved (re-precomputed or edited): training goes "
+                        "on from the same position, but the data order from here is not the straight run's")
+        later = set_aside_later_checkpoints(self.out, self.state.step)
+        if later:
+            log.warning(f"{len(later)} checkpoint(s) after step {self.state.step} belong to the run that went on "
+                        f"from it; moved to {later[0].parent} so that `latest` and --checkpointing-limit mean this run")
         log.info(f"resumed from {path} at step {self.state.step}")
 
     # ------------------------------------------------------------------------------------------------ the step
 
-    def sample_losses(self, batch: Batch, step: int) -> Any:
-        """Per-sample losses [B] of one micro-batch; all randomness from the samples' own generators."""
+    def sample_losses(self, batch: Batch, draw_key: int, caption_dropout: bool = True) -> Any:
+        """Per-sample losses [B] of one micro-batch; all randomness from the samples' own generators, keyed on
+        `draw_key` (the global batch number; EVAL_STEP for the fixed-noise loss, which drops no caption)."""
         import torch
 
         cfg, spec, objective = self.cfg, self.spec, self.objective
-        generators = [sample_generator(cfg.seed, step, key) for key in batch.keys]
-        dropped = uniform_per_sample(generators) < cfg.caption_dropout_p
+        generators = [sample_generator(cfg.seed, draw_key, key) for key in batch.keys]
+        dropped = uniform_per_sample(generators) < (cfg.caption_dropout_p if caption_dropout else 0.0)
         cond = batch.cond
         empty = self.empty_captions[batch.set_index]
         if empty is not None and bool(dropped.any()):
-            mask = dropped.to(self.device)
+            mask = to_device(dropped, self.device)
             cond = {k: torch.where(mask.reshape(-1, *([1] * (v.ndim - 1))), empty[k].to(v.device, v.dtype), v)
                     for k, v in cond.items()}
         latents = spec.prepare_latents(batch.latents, self.vae_config, generators)
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
-        sigmas = objective.sample_sigmas(generators, spec.latent_sequence_length(latents)).to(latents.device)
+        sigmas = to_device(objective.sample_sigmas(generators, spec.latent_sequence_length(latents)), latents.device)
         noisy, timesteps = objective.noised(latents, noise, sigmas)
         inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, spec.options)
         context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()
@@ -156,8 +178,11 @@ class Trainer:
         """Mean loss over `batches` with draws keyed on EVAL_STEP: comparable across a run, and across runs."""
         import torch
 
+        self.transformer.eval()
         with torch.no_grad():
-            losses = [self.sample_losses(b.to(self.device), EVAL_STEP).mean().item() for b in batches]
+            losses = [self.sample_losses(b.to(self.device), EVAL_STEP, caption_dropout=False).mean().item()
+                      for b in batches]
+        self.transformer.train()
         return sum(losses) / max(1, len(losses))
 
     def optimizer_step(self, batches: Any, step: int) -> dict[str, float]:
@@ -169,7 +194,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches).to(self.device)
             waited += time.perf_counter() - t0
-            loss = self.sample_losses(batch, step).mean()
+            loss = self.sample_losses(batch, batch.position["batches"]).mean()
             (loss / cfg.gradient_accumulation_steps).backward()
             part = loss.detach() / cfg.gradient_accumulation_steps
             total = part if total is None else total + part
@@ -229,7 +254,7 @@ class Trainer:
                                    "seconds": round(seconds, 4), "samples_per_s": round(global_batch / seconds, 3),
                                    "data_wait_share": round(metrics["data_wait"] / seconds, 4),
                                    "epoch": metrics["epoch"]})
-                if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
                     self.checkpoint()
         except KeyboardInterrupt:
             kept = list_checkpoints(self.out)

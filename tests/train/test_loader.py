@@ -62,17 +62,17 @@ def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shar
     stream = DataStream([s], seed=3, batch_size=2)
     straight = list(itertools.islice(stream.batches(), 30))  # 11 batches per epoch: crosses two epochs
     assert {b.epoch for b in straight} == {0, 1, 2}
-    decoded = []
+    decoded, opened = [], []
     real_iter_shard = loader.iter_shard
 
     def recording(*args, **kwargs):
+        opened.append(args[0].name)
         for sample in real_iter_shard(*args, **kwargs):
             decoded.append(sample.key)
             yield sample
 
     monkeypatch.setattr(loader, "iter_shard", recording)
-    resumed_set = ShardSet(shard_set)
-    resumed_set.verified = set(s.verified)  # this process verified the shards already
+    resumed_set = ShardSet(shard_set)  # a new process: nothing verified yet
     position = straight[14].position
     resumed = list(itertools.islice(DataStream([resumed_set], seed=3, batch_size=2).batches(position), 15))
     assert keys_of(resumed) == keys_of(straight[15:])
@@ -81,6 +81,10 @@ def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shar
     # fast-forward decoded no tensors of the batches it skipped: in epoch 1 only the rest of the epoch is decoded
     rest_of_epoch = {k for b in straight[15:22] for k in b.keys}
     assert set(decoded[: len(rest_of_epoch)]) == rest_of_epoch
+    # a shard holding nothing of what is left of the epoch is not opened, not even to verify it
+    opened.clear()
+    last = next(DataStream([ShardSet(shard_set)], seed=3, batch_size=2).batches(straight[9].position))
+    assert last.keys == straight[10].keys and len(opened) <= 2 < len(resumed_set.index())
 
 
 def test_a_sample_on_disk_twice_is_used_once_per_pass(tmp_path):

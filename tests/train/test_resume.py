@@ -225,3 +225,17 @@ def test_report_to_wandb_without_wandb_is_a_clear_error(tiny_cog, cog_shards, tm
         pass
     with pytest.raises(UserError, match="pip install wandb"):
         run_cli(train_args(tiny_cog, cog_shards, tmp_path / "o", "--report-to", "wandb"))
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_cog, cog_shards, tmp_path):
+    out = tmp_path / "out"
+    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--checkpointing-steps", "2", "--train-steps", "6"))
+    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--checkpointing-steps", "2", "--train-steps", "6",
+                       "--resume-from-checkpoint", "2", "--checkpointing-limit", "1", "--lr", "1e-3"))
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-000006"]
+    assert sorted(p.name for p in (root / "abandoned-000002").iterdir()) == ["checkpoint-000004",
+                                                                             "checkpoint-000006"]
+    state = json.loads((root / "checkpoint-000006" / "state.json").read_text())
+    assert state["config"]["lr"] == 1e-3  # `latest` is the resumed run's, not the abandoned one's
+    assert "torch" in state["rng"]  # RNG states live in state.json: a checkpoint moves between CPU and GPU

@@ -1,0 +1,188 @@
+"""The train stage against an all-in-one trainer: the same step fed from shards (ft) or with the VAE and text
+encoder loaded and run online in the same process (what a trainer without a precompute stage does).
+
+    python bench/train_step.py [--config tiny|medium] [--steps 20] [--out bench/results/train_step.md]
+
+Same model, batch, bucket, seed and step code (`ft.train.trainer.Trainer.optimizer_step`) both ways; online, the
+"data" of a step is decoding the clips and running the encoders. Each way runs in its own process so its peak
+memory is its own: RSS on a CPU, CUDA peak allocated and reserved on a GPU. Configurations:
+- tiny: the test suite's CogVideoX (2 layers of width 32), 9x32x32 clips, batch 2;
+- medium: CogVideoX at scaled-down widths of the real config (4 layers of width 512, 16 latent channels, a
+  4-layer T5 of width 512, the real VAE layout at widths 32-128), 17x128x192 clips, batch 1. The largest that
+  runs on a 2-core CPU in a few minutes; on a GPU, bench/gpu.sh measures the real sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "tiny": {"bucket": (9, 32, 32), "batch": 2, "clips": 8},
+    "medium": {"bucket": (17, 128, 192), "batch": 1, "clips": 6},
+}
+FP32 = ["--transformer-dtype", "fp32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
+
+
+def build_medium(folder: Path) -> Path:
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from ft.pipelines.tiny import t5_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=512, d_kv=64, d_ff=1024, num_layers=4,
+                                           num_heads=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+                                           eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLCogVideoX(block_out_channels=(32, 64, 64, 128), latent_channels=16, layers_per_block=1,
+                                 norm_num_groups=16, temporal_compression_ratio=4)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=8, attention_head_dim=64, in_channels=16,
+                                              out_channels=16, time_embed_dim=512, text_embed_dim=512, num_layers=4,
+                                              sample_width=24, sample_height=16, sample_frames=17,
+                                              max_text_seq_length=226, use_rotary_positional_embeddings=True)
+    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                       rescale_betas_zero_snr=True, snr_shift_scale=1.0, timestep_spacing="trailing")
+    CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                      scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def prepare(config: str, work: Path) -> None:
+    from ft.common.cli import invoke
+    from ft.common.synthetic import make_shapes_dataset
+    from ft.pipelines.tiny import save_tiny_model
+
+    c = CONFIGS[config]
+    frames, height, width = c["bucket"]
+    if config == "tiny":
+        save_tiny_model("cogvideox", work / "model")
+    else:
+        build_medium(work / "model")
+    make_shapes_dataset(work / "data", num_clips=c["clips"], frames=frames, sizes=((height, width),), num_images=0,
+                        seed=0)
+    invoke(["precompute", "--model", "cogvideox", "--pretrained", str(work / "model"), *FP32, "--dataset",
+            str(work / "data"), "--out", str(work / "shards"), "--buckets", f"{frames}x{height}x{width}"],
+           standalone=False)
+
+
+def online_batches(trainer, work: Path, config: str):
+    """Batches made as an all-in-one trainer makes them: decode, resize, VAE and text encoder, every step."""
+    import torch
+
+    from ft.common.datasets import load_dataset
+    from ft.common.video import frame_indices, open_media, resize_center_crop
+    from ft.train.loader import Batch
+
+    spec, c = trainer.spec, CONFIGS[config]
+    frames, height, width = c["bucket"]
+    encoders = spec.load_text_encoders(trainer.cfg, trainer.device)
+    vae = spec.load_component("vae", trainer.cfg, trainer.device)
+    seq_len = spec.default_sequence_length(dict(trainer.transformer.config))
+    items = load_dataset(work / "data")
+    i = 0
+    while True:
+        chosen = [items[(i + j) % len(items)] for j in range(c["batch"])]
+        i += c["batch"]
+        clips = []
+        for item in chosen:
+            media = open_media(item.path)
+            clip = resize_center_crop(media.read(frame_indices(media.num_frames, frames, "head", 1)), height, width)
+            clips.append(clip.permute(1, 0, 2, 3))
+        with torch.no_grad():
+            latents = spec.encode_video(vae, torch.stack(clips))
+            cond = spec.encode_prompts(encoders, [it.caption for it in chosen], seq_len)
+        yield Batch(latents, cond, [{"caption": it.caption} for it in chosen], [str(it.path) for it in chosen])
+
+
+def worker(mode: str, config: str, work: Path, steps: int) -> dict:
+    import torch
+
+    from ft.train.config import TrainConfig
+    from ft.train.loader import background
+    from ft.train.trainer import Trainer
+
+    c = CONFIGS[config]
+    cfg = TrainConfig(model="cogvideox", pretrained=str(work / "model"), transformer_dtype="fp32", vae_dtype="fp32",
+                      text_encoder_dtype="fp32", shards=[str(work / "shards")], output_dir=str(work / f"out-{mode}"),
+                      batch_size=c["batch"], rank=16, lora_alpha=16, report_to="none", seed=0, lr_warmup_steps=0)
+    trainer = Trainer(cfg)
+    batches = (background(trainer.stream.batches()) if mode == "shards"
+               else online_batches(trainer, work, config))
+    times, waits = [], []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        metrics = trainer.optimizer_step(batches, step)
+        times.append(time.perf_counter() - t0)
+        waits.append(metrics["data_wait"])
+    warm = max(1, steps // 5)  # the first steps pay for lazy initialisation
+    result = {"step_s": sum(times[warm:]) / len(times[warm:]), "wait_share": sum(waits[warm:]) / sum(times[warm:]),
+              "peak_rss_gb": peak_rss_gb()}
+    if torch.cuda.is_available():
+        result["cuda_alloc_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        result["cuda_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    return result
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    worker would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def versions() -> str:
+    import diffusers
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=None, help="Markdown file for the table (default: print only).")
+    parser.add_argument("--worker", choices=("shards", "online"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.config, Path(args.workdir), args.steps)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(args.config, work)
+        results = {}
+        for mode in ("shards", "online"):
+            out = subprocess.run([sys.executable, __file__, "--worker", mode, "--config", args.config, "--workdir",
+                                  str(work), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    s, o = results["shards"], results["online"]
+    memory = "cuda_reserved_gb" if "cuda_reserved_gb" in s else "peak_rss_gb"
+    lines = [f"train step, `{args.config}` config ({'x'.join(map(str, CONFIGS[args.config]['bucket']))}, batch "
+             f"{CONFIGS[args.config]['batch']}, LoRA r16, fp32), {args.steps} steps; {platform.machine()}, "
+             f"{'CUDA' if 'cuda_reserved_gb' in s else 'CPU'}; {versions()}; {time.strftime('%Y-%m-%d')}", "",
+             "| fed from | s/step | data wait share | peak memory (GB) |", "|---|---|---|---|"]
+    for name, r in (("shards (ft)", s), ("online encoders (all-in-one)", o)):
+        lines.append(f"| {name} | {r['step_s']:.3f} | {r['wait_share']:.1%} | {r[memory]:.2f} |")
+    lines.append(f"| ratio shards / online | {s['step_s'] / o['step_s']:.2f} | | {s[memory] / o[memory]:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
