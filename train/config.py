@@ -58,9 +58,9 @@ class TrainConfig(ModelArgs):
     eval_batches: int = opt(0, "Batches for a fixed-noise loss measured before and after training (0: off). They "
                                "are chosen by sample key, not taken from the training stream.", panel=RUN)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
-    checkpointing_steps: int = opt(500, "Save a checkpoint every N optimizer steps (0: never). A checkpoint holds "
-                                        "what exact resume needs: trainable weights, optimizer, LR schedule, RNG, "
-                                        "step and data position.", panel=CKPT)
+    checkpointing_steps: int = opt(500, "Save a checkpoint every N optimizer steps and at the last (0: never). It "
+                                        "holds what exact resume needs: trainable weights, optimizer, LR schedule, "
+                                        "RNG, step and data position.", panel=CKPT)
     checkpointing_limit: int | None = opt(None, "Keep at most this many checkpoints; the oldest are deleted.",
                                           panel=CKPT)
     resume_from_checkpoint: str | None = opt(None, "Resume from OUTPUT_DIR/checkpoints: a step number, `latest`, "
