@@ -129,23 +129,51 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+STATE_KEYS = ("step", "data_position", "lr_schedule", "rng")
+FIT_HINT = "Resume with the same --training-type, --rank, --target-modules and model as the run that wrote it."
+
+
 def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Load the tensors in place into `tensors` (a state dict of the same structure); returns state.json."""
+    """Load the tensors in place into `tensors` (a state dict of the same structure); returns state.json.
+
+    A damaged checkpoint and one that does not fit this run (other trainable weights) are told apart."""
+    import logging
     import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    others = ", ".join(str(step) for step, p in list_checkpoints(path.parent.parent) if p != path) or "none"
+    damaged = (f"{path} is damaged (%s); resume from another checkpoint (steps: {others}) or start without "
+               "--resume-from-checkpoint.")
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{STATE_NAME} lacks {', '.join(missing)}")
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(damaged % e) from e
+    saved = {k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")}
+    extra = sorted(saved - set(tensors["model"]))
+    if extra:
+        raise UserError(f"{path} holds trained weights this run would drop ({len(extra)}, e.g. {extra[0]}). "
+                        + FIT_HINT)
+    dcp_logger = logging.getLogger("torch.distributed")
+    level, dcp_logger.level = dcp_logger.level, logging.CRITICAL  # its own traceback printing: ours says it
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(tensors, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP names the missing or mismatched weights
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"{path} does not fit this run ({lines[-1][:300] if lines else type(e).__name__}). Resume "
-                        "with the same --training-type, --rank, --target-modules and model as the run that wrote "
-                        "it.") from e
-    return json.loads((path / STATE_NAME).read_text())
+        last = lines[-1][:300] if lines else type(e).__name__
+        if "mismatch" in last.lower() or "missing key" in last.lower():
+            raise UserError(f"{path} does not fit this run ({last}). " + FIT_HINT) from e
+        raise UserError(damaged % last) from e
+    finally:
+        dcp_logger.level = level
+    return state
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -21,6 +21,7 @@ from (seed, n). The position (`Batch.position`, saved in checkpoints) is the glo
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import random
 import threading
@@ -115,7 +116,14 @@ class ShardSet:
         path = self.folder / info["file"]
         if not path.is_file():
             raise UserError(f"{path} is missing; rerun `ft precompute` with the same --out to rewrite it.")
-        return tensors_from_bytes(bytearray(path.read_bytes()))
+        data = bytearray(path.read_bytes())
+        try:
+            if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+                raise ValueError("its sha256 does not match the manifest")
+            return tensors_from_bytes(data)
+        except (ValueError, KeyError, UnicodeDecodeError, RuntimeError) as e:
+            raise UserError(f"{path} is damaged ({e}); delete it and rerun `ft precompute` with the same --out to "
+                            "rewrite it.") from e
 
 
 def plan_epoch(index: dict[str, list[Entry]], seed: int, epoch: int, global_batch: int, shuffle_buffer: int
@@ -267,12 +275,21 @@ def eval_batches(shard_set: ShardSet, batch_size: int, count: int) -> list[Batch
 def check_compatible(sets: list[ShardSet]) -> Manifest:
     """Shard sets mixed in one run must hold the same family and shapes; returns the first one's manifest."""
     first = sets[0].manifest
+    seen = {sets[0].folder.resolve()}
     for s in sets[1:]:
         m = s.manifest
+        if s.folder.resolve() in seen:
+            raise UserError(f"--shards {s.folder} is given twice; give it once, with the weight you mean.")
+        seen.add(s.folder.resolve())
         if m.model_family != first.model_family or m.shapes != first.shapes:
             raise UserError(f"--shards {s.folder} holds {m.model_family} samples of shapes {m.shapes}, but "
                             f"{sets[0].folder} holds {first.model_family} samples of shapes {first.shapes}: only "
                             "shard sets of one family and shape can be mixed.")
+        if m.encoder_fingerprint != first.encoder_fingerprint:
+            raise UserError(f"--shards {s.folder} was encoded with other encoders than {sets[0].folder} (fingerprint "
+                            f"{m.encoder_fingerprint[:12]} against {first.encoder_fingerprint[:12]}: another VAE, "
+                            "text encoder or dtype); its latents would be scaled wrongly. Precompute both with the "
+                            "same model and dtypes to mix them.")
     return first
 
 
@@ -283,9 +300,10 @@ def parse_shard_arg(arg: str) -> tuple[str, float]:
         try:
             value = float(weight)
         except ValueError:
-            return arg, 1.0
-        if not value > 0:
-            raise UserError(f"--shards {arg}: the weight after ':' must be > 0.")
+            raise UserError(f"--shards {arg}: no such folder, and {weight!r} after ':' is not a weight (a number "
+                            "> 0, as in --shards A B:0.3).") from None
+        if not (value > 0 and math.isfinite(value) and value < 1e12):
+            raise UserError(f"--shards {arg}: the weight after ':' must be a finite number > 0.")
         return path, value
     return arg, 1.0
 

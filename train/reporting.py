@@ -21,8 +21,7 @@ class RunLog:
     def __init__(self, out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None = None):
         self.path = out / LOG_NAME
         if resumed_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            kept = [json.dumps(r) for r in read_log(self.path) if r.get("step", 0) <= resumed_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.is_file():
             self.path.unlink()
@@ -39,6 +38,19 @@ class RunLog:
         self.file.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl; a line a kill left half-written is skipped."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 class _TensorBoard:
@@ -92,7 +104,7 @@ def plot_losses(log_path: Path, image_path: Path, size: tuple[int, int] = (640, 
     """Draw the loss of every logged step (thin) and its running mean (thick) as a PNG; None when nothing to plot."""
     from PIL import Image, ImageDraw
 
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_log(log_path)
     points = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     if len(points) < 2:
         return None

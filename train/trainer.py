@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -54,6 +55,24 @@ def to_device(tensor: Any, device: str) -> Any:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """--output-dir, made; a fresh run never writes over an earlier run's checkpoints."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {out}: cannot make this folder ({e.strerror}); pass a writable folder.") from e
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--output-dir {out} is not writable; pass a folder you can write to.")
+    existing = list_checkpoints(out)
+    if existing and not cfg.resume_from_checkpoint:
+        steps = ", ".join(str(step) for step, _ in existing)
+        raise UserError(f"--output-dir {out} holds checkpoints of an earlier run (steps {steps}): add "
+                        "--resume-from-checkpoint latest to go on with it, or pass another --output-dir (a fresh run "
+                        "here would mix the two).")
+    return out
+
+
 def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict) -> list[ShardSet]:
     """The --shards sets, checked against each other and against the transformer before any weight loads."""
     sets = [ShardSet(*parse_shard_arg(arg)) for arg in cfg.shards]
@@ -87,12 +106,10 @@ class Trainer:
         transformer_config = self.spec.load_config("transformer", cfg)
         self.sets = open_shard_sets(cfg, self.spec, transformer_config)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
-        self.out = Path(cfg.output_dir)
+        self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
-        self.out.mkdir(parents=True, exist_ok=True)
         self.config_json = to_jsonable(cfg)
-        (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
 
         quiet_libraries()
         seed_everything(cfg.seed)
@@ -229,7 +246,11 @@ class Trainer:
         what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
         log.info(f"training {self.spec.display_name} {what} ({n_trainable / 1e6:.2f}M trainable parameters) on "
                  f"{self.device}, {samples} samples in {len(self.sets)} shard set(s)")
+        (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
         eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
+        if len(eval_set) < cfg.eval_batches:
+            log.warning(f"--eval-batches {cfg.eval_batches}: {self.sets[0].folder} has samples for "
+                        f"{len(eval_set)} batches of {cfg.batch_size}; using those")
         summary: dict[str, Any] = {"output_dir": str(self.out)}
         if eval_set:
             summary["eval_loss_before"] = self.fixed_loss(eval_set)

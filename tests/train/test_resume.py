@@ -186,13 +186,23 @@ def test_caption_dropout_trains_on_the_stored_empty_caption(tiny_cog, cog_shards
 
 
 def test_two_shard_sets_mix_in_one_run(tiny_cog, cog_shards, tmp_path):
-    summary = run_cli(train_args(tiny_cog, [cog_shards, f"{cog_shards}:0.5"][0], tmp_path / "one",
-                                 "--train-steps", "2", "--checkpointing-steps", "0"))
-    assert summary["steps"] == 2
+    other = tmp_path / "other-shards"
+    shutil.copytree(cog_shards, other)
     mixed = run_cli(["train", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--shards", cog_shards,
-                     f"{cog_shards}:0.5", "--output-dir", tmp_path / "two", "--train-steps", "3",
+                     f"{other}:0.5", "--output-dir", tmp_path / "two", "--train-steps", "3",
                      "--batch-size", "2", "--report-to", "none", "--checkpointing-steps", "0"])
     assert mixed["steps"] == 3
+    with pytest.raises(UserError, match="given twice"):
+        run_cli(train_args(tiny_cog, f"{cog_shards}:0.5", tmp_path / "x", "--shards", cog_shards))
+    with pytest.raises(UserError, match="finite number"):
+        run_cli(train_args(tiny_cog, f"{other}:inf", tmp_path / "x"))
+    from ft.common.shards import Manifest
+
+    manifest = Manifest.load(other)
+    manifest.encoder_fingerprint = "0" * 32
+    manifest.save(other)
+    with pytest.raises(UserError, match="other encoders"):
+        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "x", "--shards", other))
 
 
 def test_a_samples_loss_does_not_depend_on_the_batch_it_is_in(tiny_cog, cog_shards, tmp_path):
@@ -239,3 +249,37 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_cog, cog_sh
     state = json.loads((root / "checkpoint-000006" / "state.json").read_text())
     assert state["config"]["lr"] == 1e-3  # `latest` is the resumed run's, not the abandoned one's
     assert "torch" in state["rng"]  # RNG states live in state.json: a checkpoint moves between CPU and GPU
+
+
+def test_damaged_or_unfitting_checkpoints_and_output_dirs_are_clear_errors(tiny_cog, cog_shards, tmp_path):
+    out = tmp_path / "out"
+    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "2", "--checkpointing-steps", "1"))
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run.*--resume-from-checkpoint latest"):
+        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4"))
+    config_before = (out / "train_config.json").read_text()
+    # fewer adapters than the checkpoint holds would silently drop trained weights
+    with pytest.raises(UserError, match="would drop"):
+        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--target-modules", "to_q",
+                           "--resume-from-checkpoint", "1"))
+    assert (out / "train_config.json").read_text() == config_before  # a refused attempt writes nothing
+    state = out / "checkpoints" / "checkpoint-000002" / "state.json"
+    state.write_text(state.read_text()[:50])
+    with pytest.raises(UserError, match="is damaged.*steps: 1"):
+        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--resume-from-checkpoint", "2"))
+    data = next((out / "checkpoints" / "checkpoint-000001").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(UserError, match="is damaged"):
+        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--resume-from-checkpoint", "1"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="--output-dir"):
+        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "a-file"))
+
+
+def test_a_half_written_log_line_does_not_stop_a_resume(tiny_cog, cog_shards, tmp_path):
+    out = tmp_path / "out"
+    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "2", "--checkpointing-steps", "1"))
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "3", "--resume-from-checkpoint",
+                       "latest"))
+    assert [r["step"] for r in losses(out)] == [1, 2, 3]
