@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     fp32 = ["--transformer-dtype", "fp32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
     _run(["precompute", *base, *fp32, "--dataset", str(data), "--out", str(shards),
           "--buckets", "9x32x32", "9x32x64", "1x32x32", "--batch-size", "2"])
+    shutil.rmtree(out, ignore_errors=True)  # a rerun of the demo trains afresh (train refuses old checkpoints)
     summary = _run(["train", *base, *fp32, "--shards", str(shards), "--output-dir", str(out), "--training-type",
                     "lora", "--train-steps", str(steps), "--rank", "16", "--lora-alpha", "16", "--lr", "2e-3",
                     "--lr-warmup-steps", "5", "--batch-size", "2", "--eval-batches", "4", "--seed", "0"])
