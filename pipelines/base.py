@@ -112,6 +112,16 @@ def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator],
     return torch.stack(rows)
 
 
+def sample_posterior(latents: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
+    """A draw from the stored diagonal Gaussian posterior (`mean`, `logvar`, batched) in fp32: mean + std * eps,
+    eps per sample from its own generator (the VAE's DiagonalGaussianDistribution.sample, with its clamp)."""
+    import torch
+
+    mean, logvar = latents["mean"].float(), latents["logvar"].float()
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
+
+
 @dataclass
 class StepInputs:
     """What a family's `predict` receives for one batch: the clean latents and the noise, the noised latents
@@ -144,6 +154,8 @@ class ModelSpec(ABC):
     scheduler_class: ClassVar[tuple[str, str]]
     default_lora_targets: ClassVar[list[str]]
     default_buckets: ClassVar[list[str]]
+    # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
+    embedded_guidance: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None):
         """`options`: the run's settings (a config as a dict) for families whose stage 2 has knobs of its own."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import ModelSpec, StepInputs, randn_per_sample
+from .base import ModelSpec, StepInputs, sample_posterior
 
 if TYPE_CHECKING:
     import torch
@@ -106,11 +106,7 @@ class CogVideoXSpec(ModelSpec):
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
-        import torch
-
-        mean, logvar = latents["mean"].float(), latents["logvar"].float()
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
+        sample = sample_posterior(latents, generators)
         scale = vae_config.get("scaling_factor", 1.15258426)
         return (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
 

@@ -10,11 +10,14 @@ from ft.common.model_args import ModelArgs
 
 from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
+from .hunyuan_video import HunyuanVideoSpec
 
 SPECS: dict[str, type[ModelSpec]] = {
     CogVideoXSpec.name: CogVideoXSpec,
+    HunyuanVideoSpec.name: HunyuanVideoSpec,
 }
-ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox"}
+ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox",
+           "hunyuan-video": "hunyuan_video", "hunyuan": "hunyuan_video"}
 
 
 def get_spec(name: str, options: dict[str, Any] | None = None) -> ModelSpec:

@@ -60,3 +60,50 @@ def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder)
     return folder
+
+
+def _trained_bpe(lines: list[str], vocab_size: int, special_tokens: list[str], **bpe: Any
+                 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE vocabulary and its merges, trained on `lines` in milliseconds with the `tokenizers` library."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    byte_level = bpe.pop("byte_level", False)
+    tok = Tokenizer(models.BPE(unk_token=special_tokens[0], **bpe))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if byte_level else pre_tokenizers.Metaspace()
+    extra = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()} if byte_level else {}
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, **bpe,
+                                                       **extra))
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+LLAMA_HEADER_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama_tokenizer(extra_text: list[str] = ()) -> Any:
+    """A LlamaTokenizer (BPE over sentencepiece-style pieces) that pads on the right, as HunyuanVideo's does, and
+    knows the Llama-3 header tokens of HunyuanVideo's prompt template. `extra_text` (the template) joins the
+    training text, so the template becomes about 170 tokens: more than the pipeline's crop of 95 (so the crop
+    never eats the caption) and few enough that the caption fits in the 95 + 256 tokens the pipeline reads."""
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *LLAMA_HEADER_TOKENS]
+    vocab, merges = _trained_bpe(corpus() + list(extra_text), 300, specials)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>", padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_HEADER_TOKENS})
+    return tokenizer
+
+
+def clip_tokenizer() -> Any:
+    """A CLIPTokenizer from a byte-level BPE whose word-final pieces end in "</w>", as CLIP's do.
+    <|startoftext|>=0, <|endoftext|>=1 (also the padding, as in CLIP)."""
+    from transformers import CLIPTokenizer
+
+    lines = corpus() + ["a, b. c! d? (e) 'f' \"g\" 0 1 2 3 4 5 6 7 8 9 - : ;"]
+    vocab, merges = _trained_bpe(lines, 600, ["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+                                 byte_level=True)
+    return CLIPTokenizer(vocab=vocab, merges=merges)

@@ -97,6 +97,10 @@ class TrainConfig(ModelArgs):
     flow_max_seq_len: int = opt(4096, "Sequence length that gets --flow-max-shift.", panel=OBJECTIVE)
     flow_base_shift: float = opt(0.5, "Shift exponent (mu) at --flow-base-seq-len.", panel=OBJECTIVE)
     flow_max_shift: float = opt(1.15, "Shift exponent (mu) at --flow-max-seq-len.", panel=OBJECTIVE)
+    # --- HunyuanVideo (a family without an embedded guidance input refuses a value other than 1) ---
+    guidance_scale: float = opt(1.0, "HunyuanVideo: the embedded guidance scale the guidance-distilled transformer is "
+                                     "trained with (1.0 as finetrainers and musubi-tuner train; generation uses the "
+                                     "pipeline's 6.0).", panel=OBJECTIVE)
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
@@ -116,6 +120,7 @@ class TrainConfig(ModelArgs):
             check_positive(getattr(self, name), name, allow_zero=True)
         if self.checkpointing_limit is not None:
             check_positive(self.checkpointing_limit, "checkpointing_limit")
+        check_positive(self.guidance_scale, "guidance_scale")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
         if self.flow_max_seq_len <= self.flow_base_seq_len:

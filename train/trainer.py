@@ -45,7 +45,8 @@ EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "batch_size", "gradient_accumulation_steps",
                     "seed", "shuffle_buffer", "training_type", "rank", "lora_alpha", "target_modules",
-                    "caption_dropout_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps")
+                    "caption_dropout_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps",
+                    "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -103,6 +104,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.spec = spec_for(cfg)
+        if cfg.guidance_scale != 1.0 and not self.spec.embedded_guidance:
+            raise UserError(f"--guidance-scale {cfg.guidance_scale}: {self.spec.display_name} has no embedded guidance "
+                            "input; leave it at 1.")
         transformer_config = self.spec.load_config("transformer", cfg)
         self.sets = open_shard_sets(cfg, self.spec, transformer_config)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})

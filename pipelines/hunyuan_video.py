@@ -1,0 +1,202 @@
+"""HunyuanVideo (and the finetunes diffusers loads as HunyuanVideo, such as SkyReels-V1-Hunyuan-T2V).
+
+Stage 1 encodes as `HunyuanVideoPipeline.encode_prompt` does:
+- the caption is put into the pipeline's prompt template (DEFAULT_PROMPT_TEMPLATE, a Llama-3 chat header asking to
+  describe the video), run through the Llama encoder, and `hidden_states[-3]` is kept (the pipeline skips the last
+  two layers); the template's first `crop_start` (95) tokens are cropped from the embeddings and the attention
+  mask, leaving `--max-sequence-length` tokens (256 by default) as `prompt_embeds` and `prompt_attention_mask`;
+- the caption alone goes through the CLIP text model (77 tokens) and its pooled output is `pooled_prompt_embeds`;
+- the VAE's posterior mean and log-variance are stored; a latent is drawn from them in stage 2.
+The template, crop, hidden layer and CLIP length are the family's encoding choices (`encoding_choices`): they
+enter every sample key and the manifest, so encoding with another template never reuses old samples.
+
+Stage 2 feeds the transformer as the pipeline's denoising loop does: latents [B, C, F, H, W] times the VAE's
+scaling factor, flow-matching noise (the shared objective), the timestep 1000 * sigma as a float,
+`encoder_attention_mask`, `pooled_projections`, and `guidance` = `--guidance-scale` * 1000 for the
+guidance-distilled transformer (1.0 by default, as finetrainers and musubi-tuner train; the pipeline generates
+with 6.0).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ft.common.errors import UserError
+
+from .base import ModelSpec, StepInputs, sample_posterior
+
+if TYPE_CHECKING:
+    import torch
+
+    from ft.common.shards import Manifest
+
+HIDDEN_STATES_INDEX = -3  # the pipeline's num_hidden_layers_to_skip=2
+CLIP_MAX_LENGTH = 77
+DEFAULT_TRAIN_GUIDANCE = 1.0
+
+
+def default_prompt_template() -> dict[str, Any]:
+    """The pipeline's own template and crop (diffusers' DEFAULT_PROMPT_TEMPLATE), read from diffusers so that a
+    change there is a change here."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    return dict(DEFAULT_PROMPT_TEMPLATE)
+
+
+class HunyuanVideoSpec(ModelSpec):
+    name = "hunyuan_video"
+    display_name = "HunyuanVideo"
+    objective = "flow_matching"
+    channel_dim = 1  # latents are [B, C, F, H, W]
+    pipeline_class = ("diffusers", "HunyuanVideoPipeline")
+    component_classes = {
+        "tokenizer": ("transformers", "AutoTokenizer"),
+        "text_encoder": ("transformers", "LlamaModel"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "text_encoder_2": ("transformers", "CLIPTextModel"),
+        "vae": ("diffusers", "AutoencoderKLHunyuanVideo"),
+        "transformer": ("diffusers", "HunyuanVideoTransformer3DModel"),
+    }
+    text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
+    # the attention projections of the double- and single-stream blocks (finetrainers' HunyuanVideo example)
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out"]
+    default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
+    default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)
+    embedded_guidance = True  # the transformer takes the guidance scale as an input (--guidance-scale)
+
+    # ------------------------------------------------------------------------------------------------ facts
+
+    def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
+        frames, height, width = bucket
+        temporal = vae_config.get("temporal_compression_ratio", 4)
+        if (frames - 1) % temporal:
+            return f"HunyuanVideo takes {temporal}k+1 frames (1, 5, 9, ..., 129), not {frames}"
+        p_t = transformer_config.get("patch_size_t", 1) or 1
+        if ((frames - 1) // temporal + 1) % p_t:
+            return f"this transformer (patch_size_t={p_t}) needs a latent frame count divisible by {p_t}"
+        # the pipeline refuses sides that are not multiples of 16, whatever the patch
+        multiple = max(16, vae_config.get("spatial_compression_ratio", 8) * transformer_config.get("patch_size", 2))
+        if height % multiple or width % multiple:
+            return f"height and width must be multiples of {multiple}, not {height}x{width}"
+        return None
+
+    def default_sequence_length(self, transformer_config: dict) -> int:
+        return 256  # the pipeline's max_sequence_length: Llama tokens after the template's crop
+
+    # ------------------------------------------------------------------------------------------------ stage 1
+
+    def prompt_template(self) -> dict[str, Any]:
+        """The template and crop of the Llama prompt: the pipeline's, unless the run's options name another
+        (`prompt_template`: {"template": "...{}...", "crop_start": N})."""
+        template = self.options.get("prompt_template") or default_prompt_template()
+        if "{}" not in template.get("template", "") or not isinstance(template.get("crop_start"), int):
+            raise UserError(f"prompt_template {template!r}: it needs a 'template' with a {{}} for the caption and an "
+                            "integer 'crop_start' (the template's tokens before the caption).")
+        return {"template": template["template"], "crop_start": template["crop_start"]}
+
+    def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
+        template = self.prompt_template()
+        return {"prompt_template": template["template"], "crop_start": template["crop_start"],
+                "hidden_states_index": HIDDEN_STATES_INDEX, "clip_max_length": CLIP_MAX_LENGTH}
+
+    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
+        return {"mean": posterior.mean, "logvar": posterior.logvar}
+
+    def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
+                       ) -> dict[str, torch.Tensor]:
+        """`_get_llama_prompt_embeds` and `_get_clip_prompt_embeds` of the pipeline, with its template."""
+        template = self.prompt_template()
+        crop = template["crop_start"]
+        tokenizer, llama = encoders["tokenizer"], encoders["text_encoder"]
+        tokens = tokenizer([template["template"].format(p) for p in prompts], max_length=max_sequence_length + crop,
+                           padding="max_length", truncation=True, return_tensors="pt", return_attention_mask=True)
+        mask = tokens.attention_mask.to(llama.device)
+        hidden = llama(input_ids=tokens.input_ids.to(llama.device), attention_mask=mask,
+                       output_hidden_states=True).hidden_states[HIDDEN_STATES_INDEX]
+        clip_tokenizer, clip = encoders["tokenizer_2"], encoders["text_encoder_2"]
+        clip_ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                                  return_tensors="pt").input_ids
+        pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+        return {"prompt_embeds": hidden[:, crop:], "prompt_attention_mask": mask[:, crop:].bool(),
+                "pooled_prompt_embeds": pooled}
+
+    # ------------------------------------------------------------------------------------------------ stage 2
+
+    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        if manifest.model_family != self.name:
+            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
+                            f"precompute them again with --model {self.name}.")
+        shapes = manifest.shapes
+        if shapes.get("latent_channels") != transformer_config.get("in_channels"):
+            raise UserError(f"the shards hold latents with {shapes.get('latent_channels')} channels but the "
+                            f"transformer takes {transformer_config.get('in_channels')}: they were encoded with "
+                            "another VAE.")
+        for name, key, encoder in (("prompt_embeds", "text_embed_dim", "text encoder (Llama)"),
+                                   ("pooled_prompt_embeds", "pooled_projection_dim", "second text encoder (CLIP)")):
+            width = (shapes.get(name) or [None])[-1]
+            if width != transformer_config.get(key):
+                raise UserError(f"the shards hold {name} of width {width} but the transformer takes "
+                                f"{transformer_config.get(key)}: they were encoded with another {encoder}.")
+
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+                        generators: list[torch.Generator]) -> torch.Tensor:
+        return sample_posterior(latents, generators) * vae_config.get("scaling_factor", 0.476986)
+
+    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
+        """The flow (velocity) prediction, fed as HunyuanVideoPipeline's denoising loop feeds the transformer."""
+        import torch
+
+        scale = float(step.options.get("guidance_scale", DEFAULT_TRAIN_GUIDANCE))
+        batch = step.noisy.shape[0]
+        guidance = torch.full((batch,), scale, dtype=dtype, device=step.noisy.device) * 1000.0
+        cond = step.cond
+        output = transformer(hidden_states=step.noisy.to(dtype), timestep=step.timesteps.float(),
+                             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                             encoder_attention_mask=cond["prompt_attention_mask"].to(dtype),
+                             pooled_projections=cond["pooled_prompt_embeds"].to(dtype), guidance=guidance,
+                             return_dict=False)[0]
+        return output, None
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
+        return {"num_frames": 129, "height": 720, "width": 1280}  # HunyuanVideoPipeline.__call__'s defaults
+
+    # ------------------------------------------------------------------------------------------------ tests
+
+    def tiny_components(self, seed: int = 0) -> dict[str, Any]:
+        import torch
+        from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+        from .tiny import clip_tokenizer, llama_tokenizer
+
+        torch.manual_seed(seed)
+        tokenizer = llama_tokenizer([default_prompt_template()["template"]])
+        # positions for the template's crop plus 256 caption tokens
+        text_encoder = LlamaModel(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_attention_heads=4,
+            num_key_value_heads=4, num_hidden_layers=2, max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id))
+        tokenizer_2 = clip_tokenizer()
+        text_encoder_2 = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer_2), hidden_size=8, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=2, projection_dim=32, max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id))
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+            mid_block_add_attention=True)
+        transformer = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)  # HunyuanVideo's sampling shift
+        return {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
+                "text_encoder_2": text_encoder_2, "vae": vae, "transformer": transformer, "scheduler": scheduler}
