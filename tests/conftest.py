@@ -37,3 +37,20 @@ def cog_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cog: Path, shapes_
     run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
              "--out", out, *BUCKETS, "--batch-size", "2"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hunyuan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.pipelines.tiny import save_tiny_model
+
+    return save_tiny_model("hunyuan_video", tmp_path_factory.mktemp("models") / "tiny-hunyuan-video", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hunyuan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_hunyuan: Path, shapes_data: Path) -> Path:
+    from helpers import HUNYUAN_FP32, HUNYUAN_TEXT
+
+    out = tmp_path_factory.mktemp("shards") / "hunyuan"
+    run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, *HUNYUAN_TEXT,
+             "--dataset", shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
+    return out
