@@ -21,7 +21,7 @@ def describe(folder: str, verify: bool = False) -> str:
             detail += f" weights {info['weights'][:12]} {info.get('dtype', '')}"
         if "vocab_size" in info:
             detail += f" vocab {info['vocab_size']}"
-        lines.append(f"  {name:13s}{detail}")
+        lines.append(f"  {name:12s} {detail}")
     enc = manifest.encoding
     lines.append(f"encoding       max_sequence_length {enc.get('max_sequence_length')}, frames "
                  f"{enc.get('frame_sampling')} stride {enc.get('frame_stride')}, {enc.get('resize_mode')}")
