@@ -52,6 +52,13 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_hunyuan):
     (adapter,) = pipe.get_active_adapters()
     loaded = pipe.transformer.peft_config[adapter]
     assert (loaded.r, loaded.lora_alpha) == (8, 16)
+    # every trained weight arrived, the refiner's and single-stream blocks' included: nothing dropped with a warning
+    from peft.utils import get_peft_model_state_dict
+
+    held = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert len(held) == len(saved)
+    assert all(torch.equal(held[k.removeprefix("transformer.")], v) for k, v in saved.items())
     assert np.abs(render(pipe) - base).max() > 1e-3
 
 
