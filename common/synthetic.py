@@ -58,7 +58,7 @@ def make_shapes_dataset(folder: str | Path, num_clips: int = 8, frames: int = 17
         h, w = sizes[i % len(sizes)]
         if i < num_clips:
             clip = shape_clip(shape, color, motion, frames, h, w)
-            path = write_video(media_dir / f"clip_{i:03d}.mp4", clip, fps)
+            path = write_video(media_dir / f"clip_{i:03d}.mp4", clip, fps, reproducible=True)
             caption = f"a {color} {shape} moving {motion} on a dark background"
         else:
             still = shape_clip(shape, color, motion, 3, h, w)[1]

@@ -210,8 +210,12 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
-    """Write uint8 [F, H, W, 3] frames as an H.264 mp4 (yuv420p; odd sizes are padded to even)."""
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproducible: bool = False) -> Path:
+    """Write uint8 [F, H, W, 3] frames as an H.264 mp4 (yuv420p; odd sizes are padded to even).
+
+    `reproducible`: the same frames give the same bytes in any process. x264's SIMD code gave another byte
+    stream for the same frames once the process had decoded video (seen on the test fixtures, whose sample keys
+    hash the bytes), so this turns it off: slower, for small generated datasets."""
     import av
 
     path = Path(path)
@@ -225,6 +229,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "threads": "1"}  # x264 with threads gave different bytes run to run
+        if reproducible:
+            stream.options = {**stream.options, "x264-params": "asm=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

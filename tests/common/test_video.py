@@ -311,3 +311,16 @@ def test_log_aspect_is_what_choose_bucket_compares() -> None:
     assert math.isclose(abs(math.log(2 / 1) - math.log(1)), abs(math.log(4 / 1) - math.log(2)))
     assert choose_bucket(20, 100, 200, [(9, 32, 32), (17, 32, 128)], "head", 1) == (17, 32, 128)
     assert choose_bucket(20, 100, 200, [(17, 32, 32), (9, 32, 128)], "head", 1) == (17, 32, 32)
+
+
+def test_reproducible_writes_give_the_same_bytes_after_decoding(tmp_path):
+    """Sample keys hash the media bytes: the generated datasets must not depend on what the process did before
+    (x264's SIMD paths wrote other bytes once a video had been decoded)."""
+    from ft.common.synthetic import shape_clip
+
+    clips = [shape_clip(shape, "red", "left to right", 17, 32, 64) for shape in ("circle", "square")]
+    before = [write_video(tmp_path / f"a{i}.mp4", c, reproducible=True).read_bytes() for i, c in enumerate(clips)]
+    for i in range(2):
+        open_media(tmp_path / f"a{i}.mp4").read(list(range(9)))
+    after = [write_video(tmp_path / f"b{i}.mp4", c, reproducible=True).read_bytes() for i, c in enumerate(clips)]
+    assert before == after
