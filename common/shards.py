@@ -38,7 +38,7 @@ import struct
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -513,13 +513,18 @@ def _check_member(path: Path, name: str, ext: str) -> None:
         raise ShardCorruptError(f"{path}: member {name} has a path leaving the shard; it was not read.")
 
 
-def unique_samples(samples: Iterator[Sample]) -> Iterator[Sample]:
-    """`samples` without repeats of a key: a sample is seen at most once per pass, whatever is on disk."""
+def first_of_each_key() -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """A filter passing only the first sample of each key over all the iterables it is given: with one per pass,
+    a sample is seen at most once per pass, whatever is on disk (a shard listed twice, a copy of a shard)."""
     seen: set[str] = set()
-    for sample in samples:
-        if sample.key not in seen:
-            seen.add(sample.key)
-            yield sample
+
+    def unique(samples: Iterable[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            if sample.key not in seen:
+                seen.add(sample.key)
+                yield sample
+
+    return unique
 
 
 def _member_key(name: str) -> str:
