@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class DatasetItem:
     path: Path
     caption: str
     # where the item was read from ("prompts.txt line 3", "metadata.csv row 2"), for messages about it
-    source: str = ""
+    source: str = field(default="", compare=False)
     # why the item cannot be used, found while reading it, and the kind of problem (empty-cell, caption-not-utf8)
     problem: str = ""
     problem_kind: str = ""
@@ -101,12 +101,21 @@ def read_lines(path: Path) -> list[tuple[str, str]]:
             for text, problem in [decode_utf8(line, f"{path.name} line {i + 1}")]]
 
 
+def _non_blank(lines: list[tuple[str, str]]) -> list[tuple[int, tuple[str, str]]]:
+    return [(i + 1, line) for i, line in enumerate(lines) if line[0] or line[1]]
+
+
 def _blank_lines(lines: list[tuple[str, str]]) -> list[int]:
     return [i + 1 for i, (text, problem) in enumerate(lines) if not text and not problem]
 
 
 def _from_list_files(root: Path, videos: Path, prompts: Path) -> list[DatasetItem]:
     paths, captions = read_lines(videos), read_lines(prompts)
+    if len(paths) != len(captions):  # finetrainers skips blank lines: pair what is left when that pairs up
+        numbered_paths, numbered_captions = _non_blank(paths), _non_blank(captions)
+        if len(numbered_paths) == len(numbered_captions):
+            return [DatasetItem(root / p, c, f"{videos.name} line {i}/{prompts.name} line {j}")
+                    for (i, (p, _)), (j, (c, _)) in zip(numbered_paths, numbered_captions, strict=True)]
     if len(paths) != len(captions):
         blanks = [f"{f.name} has blank lines at {', '.join(map(str, b[:5]))}" for f, b in
                   ((videos, _blank_lines(paths)), (prompts, _blank_lines(captions))) if b]
