@@ -128,8 +128,8 @@ def _pyav_probe(path: Path) -> MediaReader:
 
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError("the file has no video stream")
+            if not container.streams.video:  # also what a cut-off mp4 without its index looks like
+                raise _unreadable(path, "video", MediaError("the file has no video stream"))
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             n = stream.frames
