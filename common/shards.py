@@ -22,7 +22,8 @@ describes, and never extracts anything: reading a shard set writes nothing anywh
 
 Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` makes the process SIGKILL itself the n-th time (default 1st) it
 reaches a named point (`kill_point`), so the kill tests can stop `ft precompute` exactly between two steps, such
-as a shard's rename and its manifest entry. It is read only by `kill_point` and does nothing when unset.
+as a shard's rename and its manifest entry (`FT_TEST_KILL_SIGNAL=INT` sends a Ctrl-C instead). It is read only by
+`kill_point` and does nothing when unset.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def kill_point(name: str) -> None:
         return
     _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
     if _KILL_COUNTS[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("FT_TEST_KILL_SIGNAL", "KILL")))
 
 
 _KILL_COUNTS: dict[str, int] = {}
@@ -398,16 +399,16 @@ class ShardWriter:
             (self.folder / (self._name + ".tmp")).unlink()
             self._tar, self._writing = None, False
             return None
-        self._tar.close()
+        tar, self._tar = self._tar, None  # an interrupt from here on must not close it twice
+        tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         kill_point("shard-written")
         os.replace(self.folder / (self._name + ".tmp"), self.folder / self._name)
-        kill_point("shard-renamed")
+        kill_point("shard-renamed")  # an unlisted whole shard: the next run adopts it
         info = ShardInfo(self._name, self._samples, self._hasher.size, self._hasher.sha.hexdigest(),
                          dict(sorted(self._buckets.items())))
-        self._tar = None
         self.index += 1
         self.completed.append(info)
         if self.on_shard:
