@@ -39,7 +39,7 @@ import struct
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -512,20 +512,6 @@ def _check_member(path: Path, name: str, ext: str) -> None:
                                 "loaded. Rebuild the shard with `ft precompute`.")
     if name.startswith("/") or ".." in name.split("/"):
         raise ShardCorruptError(f"{path}: member {name} has a path leaving the shard; it was not read.")
-
-
-def first_of_each_key() -> Callable[[Iterable[Sample]], Iterator[Sample]]:
-    """A filter passing only the first sample of each key over all the iterables it is given: with one per pass,
-    a sample is seen at most once per pass, whatever is on disk (a shard listed twice, a copy of a shard)."""
-    seen: set[str] = set()
-
-    def unique(samples: Iterable[Sample]) -> Iterator[Sample]:
-        for sample in samples:
-            if sample.key not in seen:
-                seen.add(sample.key)
-                yield sample
-
-    return unique
 
 
 def _member_key(name: str) -> str:
