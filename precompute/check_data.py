@@ -28,7 +28,7 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
-from .plan import PlannedSample, assign_keys, plan_samples
+from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
 from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
@@ -156,7 +156,8 @@ def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, model_args)
     check.planned, failed = decode_planned(check.planned, cfg.decoder, cfg.decode_workers)
     check.rejected += failed
-    check.planned, duplicates = assign_keys(check.planned, "", {"max_sequence_length": seq_len})
+    # encoders unknown here: keys without their fingerprint still find the same media, frames and caption twice
+    check.planned, duplicates = assign_keys(check.planned, "", sample_encoding(seq_len, {}))
     check.warnings += duplicates
     rows = _item_rows(check)
     report = {"dataset": str(cfg.dataset), "model": spec.name, "buckets": bucket_texts,
