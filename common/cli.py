@@ -1,4 +1,4 @@
-"""The `ft` command line (typer): precompute, train, generate, demo, inspect, models.
+"""The `ft` command line (typer): precompute, check-data, train, generate, demo, inspect, models.
 
 Each command's flags come from its config dataclass (see config.py), so `--help` is the dataclass's field docs.
 finetrainers' underscore spellings are accepted, list flags take several values, `--config FILE` supplies values
@@ -33,11 +33,18 @@ app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: pr
 
 
 def _configs() -> dict[str, type]:
-    from ft.precompute.config import PrecomputeConfig
+    from ft.precompute.config import CheckDataConfig, PrecomputeConfig
     from ft.train.config import TrainConfig
     from ft.train.generate import GenerateConfig
 
-    return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig}
+    return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig,
+            "check-data": CheckDataConfig}
+
+
+def _run_check_data(cfg: object) -> object:
+    from ft.precompute.check_data import run_check_data
+
+    return run_check_data(cfg)  # type: ignore[arg-type]
 
 
 def _run_precompute(cfg: object) -> object:
@@ -63,7 +70,8 @@ CONFIG_EPILOG = ("Also: --config FILE (.toml, .yaml or .json) supplies any of th
 
 
 def _register() -> None:
-    runners = {"precompute": _run_precompute, "train": _run_train, "generate": _run_generate}
+    runners = {"precompute": _run_precompute, "train": _run_train, "generate": _run_generate,
+               "check-data": _run_check_data}
     for name, config_cls in _configs().items():
         app.command(name, help=config_cls.__doc__, epilog=CONFIG_EPILOG)(
             make_command(config_cls, runners[name], config_cls.__doc__))

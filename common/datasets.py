@@ -7,13 +7,19 @@ Layouts, tried in this order for a folder `--dataset DATA`:
 3. media files, each with a same-named `.txt` caption beside it (searched recursively).
 `--dataset` may also be a metadata file itself. Images stand wherever videos may. Paths are relative to the folder
 holding the list or table. A missing media file is not an error here: precompute rejects it with a reason.
+
+Bad rows do not stop the reading either: a blank path, a caption that is not UTF-8 (the file and line named) or
+a path line that is not UTF-8 becomes an item carrying its `problem`, which precompute rejects with that reason
+while the rest go on. An empty caption is kept as "" (the data policy decides). Only a dataset that cannot be
+paired up at all (videos.txt and prompts.txt of different lengths) is an error.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,11 @@ class DatasetItem:
 
     path: Path
     caption: str
+    # where the item was read from ("prompts.txt line 3", "metadata.csv row 2"), for messages about it
+    source: str = field(default="", compare=False)
+    # why the item cannot be used, found while reading it, and the kind of problem (empty-cell, caption-not-utf8)
+    problem: str = ""
+    problem_kind: str = ""
 
 
 def load_dataset(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None
@@ -71,16 +82,76 @@ def _list_files(root: Path, video_column: str | None, caption_column: str | None
     return None
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def decode_utf8(data: bytes, where: str) -> tuple[str, str]:
+    """(text, "") for UTF-8 bytes (a byte-order mark dropped), else ("", a reason naming `where` and the byte)."""
+    try:
+        return data.decode("utf-8-sig"), ""
+    except UnicodeDecodeError as e:
+        return "", (f"{where} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8, "
+                    f"e.g. `iconv -f cp1252 -t utf-8`")
+
+
+def read_lines(path: Path) -> list[tuple[str, str]]:
+    """Each line of a text file as (stripped text, problem), trailing blank lines dropped; a line that is not
+    UTF-8 comes back as ("", a reason naming the file and line) instead of failing the whole file."""
+    raw = path.read_bytes().split(b"\n")
+    while raw and not raw[-1].strip():
+        raw.pop()
+    return [(text.strip(), problem) for i, line in enumerate(raw)
+            for text, problem in [decode_utf8(line, f"{path.name} line {i + 1}")]]
+
+
+def _non_blank(lines: list[tuple[str, str]]) -> list[tuple[int, tuple[str, str]]]:
+    return [(i + 1, line) for i, line in enumerate(lines) if line[0] or line[1]]
+
+
+def _blank_lines(lines: list[tuple[str, str]]) -> list[int]:
+    return [i + 1 for i, (text, problem) in enumerate(lines) if not text and not problem]
 
 
 def _from_list_files(root: Path, videos: Path, prompts: Path) -> list[DatasetItem]:
-    paths, captions = _read_lines(videos), _read_lines(prompts)
+    paths, captions = read_lines(videos), read_lines(prompts)
+    if len(paths) != len(captions):  # finetrainers skips blank lines: pair what is left when that pairs up
+        numbered_paths, numbered_captions = _non_blank(paths), _non_blank(captions)
+        if len(numbered_paths) == len(numbered_captions):
+            return [DatasetItem(root / p, c, f"{videos.name} line {i}/{prompts.name} line {j}")
+                    for (i, (p, _)), (j, (c, _)) in zip(numbered_paths, numbered_captions, strict=True)]
     if len(paths) != len(captions):
+        blanks = [f"{f.name} has blank lines at {', '.join(map(str, b[:5]))}" for f, b in
+                  ((videos, _blank_lines(paths)), (prompts, _blank_lines(captions))) if b]
+        why = (f" ({'; '.join(blanks)}: a blank line counts as a line, an empty caption or path; delete it if it "
+               "is not one)") if blanks else ""
         raise UserError(f"{videos} has {len(paths)} lines but {prompts} has {len(captions)}: they must pair up "
-                        "line by line (one caption per video).")
-    return [DatasetItem(root / p, c) for p, c in zip(paths, captions, strict=True)]
+                        f"line by line (one caption per video){why}.")
+    items = []
+    for i, ((path, path_problem), (caption, caption_problem)) in enumerate(zip(paths, captions, strict=True)):
+        if not path and not caption and not path_problem and not caption_problem:
+            continue  # a blank line in both files pairs up with itself: nothing to read
+        item = DatasetItem(root / path, caption, f"{videos.name}/{prompts.name} line {i + 1}")
+        if path_problem or not path:
+            item = _with_problem(item, path_problem or f"{videos.name} line {i + 1} is blank (no media path)",
+                                 "bad-path" if path_problem else "empty-cell", videos)
+        elif caption_problem:
+            item = _with_problem(item, caption_problem, "caption-not-utf8")
+        items.append(item)
+    return items
+
+
+def _with_problem(item: DatasetItem, problem: str, kind: str, path: Path | None = None) -> DatasetItem:
+    return DatasetItem(path or item.path, item.caption, item.source, problem, kind)
+
+
+def dataset_root(dataset: str | Path) -> Path:
+    """The folder a dataset's media should live under: `--dataset` itself, or the folder of a metadata file."""
+    root = Path(dataset)
+    return root.parent if root.is_file() else root
+
+
+def outside_folder(path: Path, root: Path) -> bool:
+    """Whether `path` lies outside `root`, judged on the written path ("../x.mp4", "/elsewhere/x.mp4"); a
+    symlink inside the folder counts as inside."""
+    full, base = os.path.abspath(path), os.path.abspath(root)
+    return os.path.commonpath([full, base]) != base
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -144,9 +215,11 @@ def _from_table(path: Path, video_column: str | None, caption_column: str | None
     items = []
     for i, row in enumerate(rows):
         media, caption = row.get(path_col), row.get(caption_col)
-        if not media:
-            raise UserError(f"{path}: row {i + 1} has an empty {path_col!r}.")
-        items.append(DatasetItem(path.parent / str(media), "" if caption is None else str(caption).strip()))
+        item = DatasetItem(path.parent / str(media), "" if caption is None else str(caption).strip(),
+                           f"{path.name} row {i + 1}")
+        if media is None or not str(media).strip():
+            item = _with_problem(item, f"{path.name} row {i + 1} has an empty {path_col!r} cell", "empty-cell", path)
+        items.append(item)
     return items
 
 
@@ -157,7 +230,9 @@ def _from_sidecar_captions(root: Path) -> list[DatasetItem]:
     for p in media:
         caption_file = p.with_suffix(".txt")
         if caption_file.is_file():
-            items.append(DatasetItem(p, caption_file.read_text(encoding="utf-8").strip()))
+            caption, problem = decode_utf8(caption_file.read_bytes(), f"caption file {caption_file}")
+            items.append(DatasetItem(p, caption.strip(), caption_file.name, problem,
+                                     "caption-not-utf8" if problem else ""))
         else:
             uncaptioned.append(p)
     if items and uncaptioned:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .rejects import summarize_inputs
 from .shards import MANIFEST_NAME, Manifest, ShardCorruptError, iter_shard
 
 
@@ -14,6 +15,7 @@ def describe(folder: str, verify: bool = False) -> str:
         f"model family   {manifest.model_family}",
         f"samples        {manifest.num_samples} in {len(manifest.shards)} shards, {manifest.num_bytes / 1e6:.2f} MB",
         f"encoders       fingerprint {manifest.encoder_fingerprint}",
+        f"status         {manifest.describe_completeness()}",
     ]
     for name, info in manifest.encoders.items():
         detail = f"{info.get('class', '?')}"
@@ -33,11 +35,13 @@ def describe(folder: str, verify: bool = False) -> str:
     lines.append("buckets (trained on)")
     for bucket, count in manifest.training_histogram().items():
         lines.append(f"  {bucket:14s}{count}")
-    lines.append(f"rejected       {len(manifest.rejected)}")
-    for r in manifest.rejected[:20]:
-        lines.append(f"  {r['path']}: {r['reason']}")
-    if len(manifest.rejected) > 20:
-        lines.append(f"  ... and {len(manifest.rejected) - 20} more (see manifest.json)")
+    if manifest.missing:
+        lines.append("not encoded yet (missing from training)")
+        for bucket, count in sorted(manifest.missing.items()):
+            lines.append(f"  {bucket:14s}{count}")
+    lines.append(f"rejected       {len(manifest.rejected)}, kept with a note {len(manifest.warnings)}")
+    summary = summarize_inputs(manifest.rejected, manifest.warnings, first=5)
+    lines += ["  " + line for line in summary.splitlines()]
     if verify:
         for shard in manifest.shards:
             n = sum(1 for _ in iter_shard(Path(folder) / shard.name, expected_sha256=shard.sha256))

@@ -12,7 +12,18 @@ pickle anywhere in the data path. Any plain WebDataset reader can read the shard
 sha256 verification and a zero-copy decode (tensors are views of the bytes read from the tar).
 
 Shards are written to `<name>.tar.tmp` and renamed when complete, so a killed job never leaves a truncated
-`.tar` that looks whole; the manifest lists only completed shards.
+`.tar` that looks whole; the manifest lists only completed shards, and says whether the run that wrote it
+finished (`complete`, and `missing`: the dataset's samples not encoded yet, per bucket). `require_complete` is
+what `ft train` asks before it trains.
+
+Safety: the reader refuses any member that is not `.json` or `.safetensors` (a `.pth`, `.pyd` or `.pickle`
+would be a pickle, which can run code when loaded), checks every safetensors header against the bytes it
+describes, and never extracts anything: reading a shard set writes nothing anywhere.
+
+Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` makes the process SIGKILL itself the n-th time (default 1st) it
+reaches a named point (`kill_point`), so the kill tests can stop `ft precompute` exactly between two steps, such
+as a shard's rename and its manifest entry (`FT_TEST_KILL_SIGNAL=INT` sends a Ctrl-C instead). It is read only by
+`kill_point` and does nothing when unset.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
+import signal
 import struct
 import tarfile
 import time
@@ -42,6 +55,22 @@ MANIFEST_NAME = "manifest.json"
 ACTIVE_KEYS_NAME = "active_keys.txt"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 TENSOR_GROUPS = ("latents", "cond")
+
+
+def kill_point(name: str) -> None:
+    """Test hook (see the module docstring): SIGKILL this process at the named point when FT_TEST_KILL_AT asks."""
+    wanted = os.environ.get("FT_TEST_KILL_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("FT_TEST_KILL_SIGNAL", "KILL")))
+
+
+_KILL_COUNTS: dict[str, int] = {}
 
 
 def sample_key(parts: dict[str, Any]) -> str:
@@ -80,24 +109,41 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into tensors that VIEW `buf` (no copy). Pass a bytearray for writable tensors."""
+    """Parse safetensors bytes into tensors that VIEW `buf` (no copy). Pass a bytearray for writable tensors.
+
+    The header is checked against the bytes before any tensor is made: a known dtype, offsets inside the data,
+    and a shape whose size is the span's; anything else raises ValueError (never an out-of-bounds view)."""
     import torch
 
+    if len(buf) < 8:
+        raise ValueError("shorter than a safetensors header")
     (header_len,) = struct.unpack("<Q", bytes(buf[:8]))
+    if header_len > len(buf) - 8:
+        raise ValueError(f"the header claims {header_len} bytes but the member has {len(buf) - 8}")
     header = json.loads(bytes(buf[8 : 8 + header_len]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     base = 8 + header_len
+    data_len = len(buf) - base
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        shape = info["shape"]
+        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        if dtype_name not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has an unknown dtype {dtype_name!r}")
+        dtype = getattr(torch, _ST_DTYPES[dtype_name])
+        begin, end = (int(x) for x in info["data_offsets"])
+        shape = [int(d) for d in info["shape"]]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (not 0 <= begin <= end <= data_len or any(d < 0 for d in shape)
+                or end - begin != math.prod(shape) * itemsize):
+            raise ValueError(f"tensor {name!r}: offsets {begin}..{end} and shape {shape} do not fit the data")
         if end == begin:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-        out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).view(shape)
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize,
+                                     offset=base + begin).view(shape)
     return out
 
 
@@ -131,6 +177,14 @@ class Manifest:
     active: dict[str, Any] = field(default_factory=dict)
     # The conditioning of the empty caption, for caption dropout: {"file": EMPTY_CAPTION_NAME, "sha256": ...}
     empty_caption: dict[str, Any] = field(default_factory=dict)
+    # Whether the run that last wrote this manifest finished, and the dataset's samples it had not encoded yet
+    # (bucket -> count). None: written by an ft before 0.2 that did not record it (judged from `active` on load).
+    complete: bool | None = None
+    missing: dict[str, int] = field(default_factory=dict)
+    # Inputs kept with a note (caption cut at the text length, duplicate rows, ...), like `rejected`.
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    # How to run precompute again on the same data and --out (the saved config), to complete the set.
+    resume_command: str = ""
     schema_version: int = SCHEMA_VERSION
     tool: str = "ft"
     tool_version: str = __version__
@@ -152,8 +206,16 @@ class Manifest:
         return dict(sorted(total.items()))
 
     def training_histogram(self) -> dict[str, int]:
-        """Samples per bucket that training uses: the active view when there is one, else every sample."""
-        return dict(self.active["buckets"]) if self.active else self.bucket_histogram()
+        """Samples per bucket that training uses: the active view (less what is not encoded yet) when there is
+        one, else every sample."""
+        if not self.active:
+            return self.bucket_histogram()
+        counts = {b: n - self.missing.get(b, 0) for b, n in self.active["buckets"].items()}
+        return {b: n for b, n in counts.items() if n > 0}
+
+    @property
+    def missing_samples(self) -> int:
+        return sum(self.missing.values())
 
     def set_active(self, folder: str | Path, keys: list[str], buckets: dict[str, int]) -> None:
         """Record the current dataset's keys (written atomically to ACTIVE_KEYS_NAME) as the training view."""
@@ -206,8 +268,44 @@ class Manifest:
             raise UserError(f"{path} has schema version {version}; this ft reads version {SCHEMA_VERSION}. "
                             "Re-encode with this version of `ft precompute`.")
         data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+        if "complete" not in data:  # ft 0.1 recorded the training view only when a run finished
+            data["complete"] = bool(data.get("active"))
+            data["completeness_guessed"] = True
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        manifest.completeness_guessed = bool(data.get("completeness_guessed"))
+        return manifest
+
+    completeness_guessed = False  # set on load: an older manifest without `complete` (not saved)
+
+    def describe_completeness(self) -> str:
+        """One line: complete, or how much of the dataset is missing and how to encode it."""
+        if self.complete:
+            note = " (an older manifest without the field: judged from its training view)" \
+                if self.completeness_guessed else ""
+            return f"complete{note}"
+        how = f"`{self.resume_command}`" if self.resume_command else "`ft precompute` again with the same flags"
+        if self.completeness_guessed:
+            return (f"INCOMPLETE: written by an older ft whose run did not finish (no training view); run {how} "
+                    "to complete it")
+        count = f"{self.missing_samples} samples of the dataset are not encoded yet" if self.missing else \
+            "the run that wrote it did not finish"
+        return f"INCOMPLETE: {count}; run {how} to complete it"
+
+
+def require_complete(manifest: Manifest, folder: str | Path, allow_incomplete: bool = False) -> None:
+    """Refuse to train on a shard set whose precompute run did not finish, naming the command that completes it;
+    with `allow_incomplete`, warn with the count instead."""
+    if manifest.complete:
+        return
+    status = manifest.describe_completeness()
+    if not allow_incomplete:
+        raise UserError(f"{folder} is {status}. Training on it would see only part of the dataset (some buckets "
+                        "may be empty); or pass --allow-incomplete to train on what is there.")
+    from .logs import log
+
+    usable = sum(manifest.training_histogram().values())
+    log.warning(f"--allow-incomplete: {folder} is {status}; training on the {usable} samples encoded so far")
 
 
 def open_shard_set(folder: str | Path) -> tuple[Manifest, list[Path]]:
@@ -284,6 +382,7 @@ class ShardWriter:
         self._writing = True  # an interrupt between here and the end leaves a half-written sample
         for name, data in members:
             self._add(name, data)
+            kill_point("sample-member")
         self._writing = False
         self._samples += 1
         self._buckets[bucket_name(*meta["bucket"])] += 1
@@ -300,14 +399,16 @@ class ShardWriter:
             (self.folder / (self._name + ".tmp")).unlink()
             self._tar, self._writing = None, False
             return None
-        self._tar.close()
+        tar, self._tar = self._tar, None  # an interrupt from here on must not close it twice
+        tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        kill_point("shard-written")
         os.replace(self.folder / (self._name + ".tmp"), self.folder / self._name)
+        kill_point("shard-renamed")  # an unlisted whole shard: the next run adopts it
         info = ShardInfo(self._name, self._samples, self._hasher.size, self._hasher.sha.hexdigest(),
                          dict(sorted(self._buckets.items())))
-        self._tar = None
         self.index += 1
         self.completed.append(info)
         if self.on_shard:
@@ -400,6 +501,19 @@ def _tar_members(f: BinaryIO, sha: Any, path: Path, wanted: Callable[[str], bool
             long_name = None
 
 
+ALLOWED_MEMBER_SUFFIXES = (".safetensors", "json")
+
+
+def _check_member(path: Path, name: str, ext: str) -> None:
+    """Refuse what ft never writes and must never load: pickles (.pth, .pyd, ...) and names that leave the shard."""
+    if not ext.endswith(ALLOWED_MEMBER_SUFFIXES):
+        raise ShardCorruptError(f"{path}: member {name} is neither .json nor .safetensors. ft shards never hold "
+                                "pickles (.pth, .pt, .pyd, .pickle) because loading one can run code; it was not "
+                                "loaded. Rebuild the shard with `ft precompute`.")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ShardCorruptError(f"{path}: member {name} has a path leaving the shard; it was not read.")
+
+
 def _member_key(name: str) -> str:
     return os.path.basename(name).partition(".")[0]
 
@@ -419,6 +533,7 @@ def iter_shard(path: str | Path, expected_sha256: str | None = None,
         key, tensors, meta = None, {}, None
         for name, buf in _tar_members(f, sha, path, member_wanted):  # type: ignore[arg-type]
             k, _, ext = os.path.basename(name).partition(".")
+            _check_member(path, name, ext)
             if k != key:
                 if key is not None and meta is not None:
                     yield Sample(key, tensors, meta)

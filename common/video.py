@@ -26,7 +26,27 @@ FRAME_SAMPLING = ("head", "uniform")
 
 
 class MediaError(Exception):
-    """A media file could not be read; precompute records it as a rejected input with this reason."""
+    """A media file could not be read; precompute records it as a rejected input with this reason and `kind`
+    (missing, zero-byte, not-media, truncated, decode-failed)."""
+
+    def __init__(self, reason: str, kind: str = "not-media"):
+        super().__init__(reason)
+        self.kind = kind
+
+
+# the first bytes of container formats we read: a file that starts like one but does not open is cut short
+_SIGNATURES = ((4, b"ftyp", "mp4/mov"), (0, b"\x1a\x45\xdf\xa3", "mkv/webm"), (0, b"RIFF", "avi"),
+               (0, b"GIF8", "gif"), (0, b"\x89PNG", "png"), (0, b"\xff\xd8\xff", "jpeg"))
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> MediaError:
+    """A MediaError saying whether the file looks cut short (a known container's start) or is no media at all."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for offset, magic, name in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return MediaError(f"truncated or damaged {name} file: {error}", "truncated")
+    return MediaError(f"not a readable {what}: {error}", "not-media")
 
 
 def is_image(path: str | Path) -> bool:
@@ -63,7 +83,7 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # PIL raises many types for bad files
-        raise MediaError(f"not a readable image: {e}") from e
+        raise _unreadable(path, "image", e) from e
 
 
 def _have_decord() -> bool:
@@ -78,7 +98,9 @@ def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
     """Probe a video or image. `backend` is 'auto' (decord, else PyAV), 'decord' or 'pyav'."""
     path = Path(path)
     if not path.is_file():
-        raise MediaError("file not found")
+        raise MediaError("file not found", "missing")
+    if path.stat().st_size == 0:
+        raise MediaError("zero-byte file", "zero-byte")
     if is_image(path):
         frame = _read_image(path)
         return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1])
@@ -97,7 +119,7 @@ def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
             raise
         except Exception as e:
             if backend == "decord":
-                raise MediaError(f"not a readable video: {e}") from e
+                raise _unreadable(path, "video", e) from e
     return _pyav_probe(path)
 
 
@@ -106,8 +128,8 @@ def _pyav_probe(path: Path) -> MediaReader:
 
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError("the file has no video stream")
+            if not container.streams.video:  # also what a cut-off mp4 without its index looks like
+                raise _unreadable(path, "video", MediaError("the file has no video stream"))
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             n = stream.frames
@@ -117,7 +139,7 @@ def _pyav_probe(path: Path) -> MediaReader:
     except MediaError:
         raise
     except Exception as e:  # av.error.* and friends
-        raise MediaError(f"not a readable video: {e}") from e
+        raise _unreadable(path, "video", e) from e
     if n == 0:
         raise MediaError("the video has no frames")
     return MediaReader(path, n, fps, h, w)
@@ -136,10 +158,11 @@ def _pyav_read(path: Path, indices: list[int]) -> np.ndarray:
                 if i >= max(indices):
                     break
     except Exception as e:
-        raise MediaError(f"decoding frames failed: {e}") from e
+        raise MediaError(f"decoding frames failed mid-file: {e}", "decode-failed") from e
     missing = wanted - frames.keys()
     if missing:
-        raise MediaError(f"the video ended before frame {min(missing)}")
+        raise MediaError(f"decoding failed mid-file: the video ended before frame {min(missing)} (it claims "
+                         f"more frames; truncated?)", "decode-failed")
     return np.stack([frames[i] for i in indices])
 
 
@@ -162,21 +185,32 @@ def frames_needed(frames: int, sampling: str, stride: int) -> int:
     return (frames - 1) * stride + 1 if sampling == "head" else frames
 
 
+def upscale_factor(height: int, width: int, bucket: tuple[int, int, int]) -> float:
+    """How much resize-to-cover enlarges a height x width frame to fill `bucket` (1.0 or less: no upscaling)."""
+    return max(bucket[1] / height, bucket[2] / width)
+
+
+def bucket_pool(buckets: list[tuple[int, int, int]], image: bool) -> list[tuple[int, int, int]]:
+    """The buckets an item may take: an image the 1-frame ones (else 1-frame versions of all), a video the
+    multi-frame ones when there are any."""
+    if image:
+        return [b for b in buckets if b[0] == 1] or [(1, h, w) for _, h, w in buckets]
+    return [b for b in buckets if b[0] > 1] or buckets
+
+
 def choose_bucket(num_frames: int, height: int, width: int, buckets: list[tuple[int, int, int]], sampling: str,
-                  stride: int, image: bool = False) -> tuple[int, int, int] | None:
-    """The bucket nearest in aspect ratio among those whose frame count the clip can fill.
+                  stride: int, image: bool = False, max_upscale: float = math.inf) -> tuple[int, int, int] | None:
+    """The bucket nearest in aspect ratio among those whose frame count the clip can fill and which need no
+    more than `max_upscale` enlargement.
 
     Ties go to more frames, then more pixels. An image takes a 1-frame bucket when there is one, else the size of
     the nearest-aspect bucket with 1 frame; a video takes a multi-frame bucket when there is one. None when the
-    clip is too short for every bucket it may take.
+    clip is too short (or too small) for every bucket it may take.
     """
     aspect = math.log(width / height)
-    if image:
-        singles = [b for b in buckets if b[0] == 1]
-        pool = singles or [(1, h, w) for _, h, w in buckets]
-    else:  # 1-frame buckets are for images, unless they are all there is (training on stills of videos)
-        video_buckets = [b for b in buckets if b[0] > 1] or buckets
-        pool = [b for b in video_buckets if frames_needed(b[0], sampling, stride) <= num_frames]
+    # 1-frame buckets are for images, unless they are all there is (training on stills of videos)
+    pool = [b for b in bucket_pool(buckets, image) if (image or frames_needed(b[0], sampling, stride) <= num_frames)
+            and upscale_factor(height, width, b) <= max_upscale + 1e-9]
     if not pool:
         return None
     return min(pool, key=lambda b: (round(abs(math.log(b[2] / b[1]) - aspect), 6), -b[0], -b[1] * b[2]))

@@ -277,6 +277,14 @@ class ModelSpec(ABC):
         """Why captions of `length` tokens cannot train this transformer, or None."""
         return None
 
+    def caption_token_counts(self, args: ModelArgs, captions: list[str]) -> list[int]:
+        """Tokens each caption takes before it is cut to the text length, counted with the family's first
+        tokenizer only: no text encoder is loaded. Families with a prompt template override this."""
+        tokenizer = self.load_component(self.text_components[0], args)
+        if not captions:
+            return []
+        return [len(ids) for ids in tokenizer(captions, add_special_tokens=True, truncation=False)["input_ids"]]
+
     # ------------------------------------------------------------------------------------------------ stage 1
 
     def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:

@@ -1,26 +1,28 @@
-"""`ft precompute` settings: the dataset, the buckets and frame sampling, and how shards are written."""
+"""`ft precompute` and `ft check-data` settings: the dataset, the buckets and frame sampling, the data policy
+(what happens to bad items), and how shards are written."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.common.video import FRAME_SAMPLING
 
 DATA = "Data"
+POLICY = "Bad input"
 OUTPUT = "Output"
 ENCODING = "Encoding"
+ON_ERROR = ("skip", "fail")
 
 
 @dataclass(kw_only=True)
-class PrecomputeConfig(ModelArgs):
-    """Encode a dataset through the VAE and text encoders into sharded WebDataset tars with a manifest."""
+class DataArgs:
+    """What a dataset is read as: its layout, the buckets and frames, and the policy for bad items."""
 
     dataset: str = opt(REQUIRED, "Dataset folder or metadata file (videos.txt+prompts.txt, metadata.csv/json/jsonl/"
                                  "parquet, or media with .txt captions).", panel=DATA)
-    out: str = opt(REQUIRED, "Folder for the shards and manifest.json. Rerunning into the same folder reuses what "
-                             "is already encoded.", panel=OUTPUT)
     video_column: str | None = opt(None, "Column (or .txt file) holding media paths; found by itself if unset.",
                                    panel=DATA)
     caption_column: str | None = opt(None, "Column (or .txt file) holding captions; found by itself if unset.",
@@ -32,22 +34,59 @@ class PrecomputeConfig(ModelArgs):
     frame_stride: int = opt(1, "With head sampling, take every Nth frame.", panel=DATA)
     max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
                                                 "max_text_seq_length (226 for CogVideoX).", panel=DATA)
+    decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.", panel=ENCODING)
+    decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.", panel=ENCODING)
+    on_error: str = opt("skip", "A bad item (missing, unreadable, too short, too small, empty caption, ...): skip "
+                                "it with its reason recorded, or fail the run.", panel=POLICY)
+    max_upscale: float = opt(2.0, "Refuse media that its bucket would enlarge more than this many times (a 240p "
+                                  "clip in a 720p bucket is 3x).", panel=POLICY)
+    allow_empty_captions: bool = opt(False, "Keep items whose caption is empty (otherwise they are rejected).",
+                                     panel=POLICY)
+    allow_outside_paths: bool = opt(False, "Accept media paths that lead outside the dataset folder (../x.mp4, "
+                                           "/elsewhere/x.mp4); refused by default.", panel=POLICY)
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        check_choice(self.frame_sampling, FRAME_SAMPLING, "frame_sampling")
+        check_choice(self.decoder, ("auto", "decord", "pyav"), "decoder")
+        check_choice(self.on_error, ON_ERROR, "on_error")
+        check_positive(self.frame_stride, "frame_stride")
+        check_positive(self.decode_workers, "decode_workers", allow_zero=True)
+        if self.max_sequence_length is not None:
+            check_positive(self.max_sequence_length, "max_sequence_length")
+        if self.max_upscale < 1:
+            raise UserError(f"--max-upscale must be 1 or more (1: never enlarge), got {self.max_upscale}.")
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig(DataArgs, ModelArgs):
+    """Encode a dataset through the VAE and text encoders into sharded WebDataset tars with a manifest."""
+
+    out: str = opt(REQUIRED, "Folder for the shards and manifest.json. Rerunning into the same folder reuses what "
+                             "is already encoded.", panel=OUTPUT)
     batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).",
                           panel=ENCODING)
     shard_samples: int = opt(256, "Samples per shard at most.", panel=OUTPUT)
     shard_max_mb: int = opt(1024, "Shard size at most, in MB.", panel=OUTPUT)
-    decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.", panel=ENCODING)
-    decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.", panel=ENCODING)
     vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.",
                            panel=ENCODING)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=ENCODING)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice(self.frame_sampling, FRAME_SAMPLING, "frame_sampling")
-        check_choice(self.decoder, ("auto", "decord", "pyav"), "decoder")
-        for name in ("frame_stride", "batch_size", "shard_samples", "shard_max_mb"):
+        for name in ("batch_size", "shard_samples", "shard_max_mb"):
             check_positive(getattr(self, name), name)
-        check_positive(self.decode_workers, "decode_workers", allow_zero=True)
-        if self.max_sequence_length is not None:
-            check_positive(self.max_sequence_length, "max_sequence_length")
+
+
+@dataclass(kw_only=True)
+class CheckDataConfig(DataArgs):
+    """Check a dataset before paying for GPU time: decodability, fps, frames, sizes, caption lengths, the bucket
+    each item lands in, duplicates, and everything precompute would reject. Loads no model."""
+
+    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: cogvideox. See `ft models`.",
+                     panel=DATA)
+    pretrained: str | None = opt(None, "A diffusers folder or hub id of the base model: its tokenizer counts caption "
+                                       "tokens and its configs check the buckets (no weights are loaded). Without "
+                                       "it, the family's defaults apply and tokens are not counted.", panel=DATA)
+    revision: str | None = opt(None, "Hub revision of --pretrained.", panel=DATA)
+    report: str | None = opt(None, "Write the full report as JSON here.", panel=OUTPUT)

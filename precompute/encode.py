@@ -3,16 +3,23 @@
 Content addressing makes the run resumable and incremental: samples whose key is already in a completed shard of
 `--out` are skipped, so a killed job, a grown dataset, or a second experiment on the same encoders pays only for
 what is new. Leftover `*.tar.tmp` files of a killed run are removed and their samples encoded again.
+
+Before any encoder is loaded the dataset goes through the data policy (check_data.py, policy.py) and its summary
+is printed. The manifest is saved at the start as incomplete (with the dataset's keys and what is missing), after
+each shard, and as complete at the end, so a kill at any point leaves a shard set that says what it lacks, and a
+rerun (the same command, or the saved `precompute_config.json`) gives the sample set of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from ft.common.config import to_jsonable
 from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
@@ -20,60 +27,68 @@ from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
     MANIFEST_NAME,
     Manifest,
+    ShardInfo,
     ShardWriter,
     bucket_name,
     describe_shard,
+    kill_point,
     sample_key,
     shard_keys,
 )
-from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
+from ft.common.video import MediaError, open_media, resize_center_crop
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
+from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
-from .plan import PlannedSample, Rejected, assign_keys, plan_samples, sample_encoding
+from .plan import PlannedSample, assign_keys, sample_encoding
+from .policy import Rejected, enforce_on_error
+
+CONFIG_NAME = "precompute_config.json"
 
 
-def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transformer_config: dict
-                  ) -> list[tuple[int, int, int]]:
-    buckets = []
-    for text in texts:
-        bucket = parse_bucket(text)
-        problem = spec.check_bucket(bucket, vae_config, transformer_config)
-        if problem:
-            raise UserError(f"--buckets {text}: {problem}.")
-        buckets.append(bucket)
-    return buckets
-
-
-def _existing_keys(out: Path, manifest: Manifest | None) -> set[str]:
-    """Keys already encoded in `out`. Shards that are listed but missing or unreadable are dropped from the
-    manifest (their samples are encoded again); complete shards missing from it are adopted; leftovers of a
-    killed run (`*.tar.tmp`) are removed."""
+def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list[ShardInfo]]:
+    """Keys already encoded in `out`, and the shards that hold them. Shards that are listed but missing or
+    unreadable are dropped (their samples are encoded again); complete shards missing from the manifest (renamed
+    into place just before a kill) are adopted unless their samples are already listed, so no sample is ever
+    listed twice; leftovers of a killed run (`*.tar.tmp`) are removed."""
     for stale in out.glob("*.tar.tmp"):
         log.info(f"removing {stale.name}, a shard left unfinished by an earlier run")
         stale.unlink()
-    if manifest is None:
-        return set()
-    listed = {s.name for s in manifest.shards}
-    for path in sorted(out.glob("shard-*.tar")):
-        if path.name not in listed:  # renamed into place, then killed before the manifest was saved
-            try:
-                manifest.shards.append(describe_shard(path))
-                log.info(f"adopting {path.name}: complete on disk but missing from the manifest")
-            except (OSError, UserError) as e:
-                log.warning(f"{path} is not in the manifest and cannot be read ({e}); ignoring it")
     keys: set[str] = set()
-    kept = []
-    for shard in manifest.shards:
-        path = out / shard.name
+    kept: list[ShardInfo] = []
+    for shard in manifest.shards if manifest else []:
         try:
-            keys |= shard_keys(path)
-            kept.append(shard)
+            shard_set = shard_keys(out / shard.name)
         except (OSError, tarfile.TarError) as e:
-            log.warning(f"{path} is listed in the manifest but cannot be read ({e}); its samples are encoded again")
-    manifest.shards = kept
-    return keys
+            log.warning(f"{out / shard.name} is listed in the manifest but cannot be read ({e}); its samples are "
+                        "encoded again")
+            continue
+        if shard_set and shard_set <= keys:
+            log.info(f"dropping {shard.name}: every sample in it is in another listed shard")
+            (out / shard.name).unlink()
+            continue
+        keys |= shard_set
+        kept.append(shard)
+    listed = {s.name for s in kept} | {s.name for s in (manifest.shards if manifest else [])}
+    for path in sorted(out.glob("shard-*.tar")):
+        if path.name in listed:
+            continue
+        try:  # renamed into place, then killed before the manifest named it
+            shard_set = shard_keys(path)
+            if shard_set & keys:
+                if shard_set <= keys:
+                    log.info(f"removing {path.name}: complete but unlisted, and its samples are already listed")
+                    path.unlink()
+                else:
+                    log.warning(f"{path} is not in the manifest and shares samples with listed shards; ignoring it")
+                continue
+            kept.append(describe_shard(path))
+            keys |= shard_set
+            log.info(f"adopting {path.name}: complete on disk but missing from the manifest")
+        except (OSError, tarfile.TarError, UserError) as e:
+            log.warning(f"{path} is not in the manifest and cannot be read ({e}); ignoring it")
+    return keys, kept
 
 
 def _check_reuse(out: Path, existing: Manifest, fingerprint: str, encoding: dict[str, Any], family: str) -> None:
@@ -132,6 +147,22 @@ class _Encoder:
             self.flush(bucket)
 
 
+def _save_config(cfg: PrecomputeConfig, out: Path) -> str:
+    """Save the resolved config beside the shards (paths made absolute); returns the command that reruns it."""
+    values = to_jsonable(cfg)
+    for name in ("dataset", "out", "pretrained"):
+        if values.get(name) and Path(values[name]).exists():
+            values[name] = str(Path(values[name]).resolve())
+    path = out / CONFIG_NAME
+    path.write_text(json.dumps(values, indent=2) + "\n")
+    return f"ft precompute --config {path.resolve()}"
+
+
+def _log_summary(check: DataCheck) -> None:
+    for line in check.summary().splitlines():
+        log.info(line)
+
+
 def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     """Encode `cfg.dataset` into shards under `cfg.out`; returns the manifest written there."""
     from tqdm import tqdm
@@ -142,18 +173,15 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
-    seq_len = cfg.max_sequence_length or spec.default_sequence_length(transformer_config)
-    problem = spec.check_sequence_length(seq_len, transformer_config)
-    if problem:
-        raise UserError(f"--max-sequence-length {seq_len}: {problem}.")
+    seq_len = sequence_length(spec, cfg, transformer_config)
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
-    planned, rejected = plan_samples(items, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
-                                     cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config))
-    for r in rejected:
-        log.info(f"rejected {r.path}: {r.reason}")
-
     quiet_libraries()
+    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, cfg)
+    _log_summary(check)  # the same checks and summary as `ft check-data`, before any encoder is loaded
+    enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
+    rejected, warnings = check.rejected, check.warnings
+
     device = pick_device(cfg.device)
     encoders = spec.load_text_encoders(cfg, device)
     vae = spec.load_component("vae", cfg, device)
@@ -166,29 +194,40 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
-    planned = assign_keys(planned, fingerprint, encoding)
+    planned, duplicates = assign_keys(check.planned, fingerprint, encoding)
+    warnings += duplicates
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     existing = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
     if existing:
         _check_reuse(out, existing, fingerprint, encoding, spec.name)
-    done = _existing_keys(out, existing)
+    done, shards = _existing_keys(out, existing)
     todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
     manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
-                        encoding=encoding, shapes=existing.shapes if existing else {},
-                        shards=existing.shards if existing else [], active=existing.active if existing else {},
+                        encoding=encoding, shapes=existing.shapes if existing else {}, shards=shards,
                         empty_caption=existing.empty_caption if existing else {})
     manifest.rejected = [r.to_dict() for r in rejected]
+    manifest.warnings = [w.to_dict() for w in warnings]
     if not manifest.empty_caption or (existing and not (out / manifest.empty_caption["file"]).is_file()):
         import torch
 
         with torch.no_grad():  # stored once per shard set, for caption dropout in training
             empty = spec.encode_prompts(encoders, [""], seq_len)
         manifest.set_empty_caption(out, {k: v[0] for k, v in empty.items()})
+    # Until this run finishes, the manifest says it is incomplete and how much is missing (ft train refuses it).
+    manifest.complete = False
+    manifest.set_active(out, [p.key for p in planned], Counter(bucket_name(*p.bucket) for p in planned))
+    manifest.missing = dict(Counter(bucket_name(*p.bucket) for p in todo))
+    manifest.resume_command = _save_config(cfg, out)
+    manifest.save(out)
+    kill_point("started")
 
-    def record(shard: Any) -> None:
+    def record(shard: ShardInfo) -> None:
         manifest.shards.append(shard)
+        for bucket, n in shard.buckets.items():
+            manifest.missing[bucket] = manifest.missing.get(bucket, 0) - n
+        manifest.missing = {b: n for b, n in manifest.missing.items() if n > 0}
         manifest.save(out)
 
     start_index = 1 + max((int(p.name.split("-")[1].split(".")[0]) for p in out.glob("shard-*.tar")), default=-1)
@@ -203,29 +242,41 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
             return sample, e
         return sample, resize_center_crop(frames, sample.bucket[1], sample.bucket[2])
 
+    failed: set[str] = set()
     try:
         with tqdm(total=len(todo), unit="clip", desc="precompute", disable=not todo) as bar:
             for sample, frames in prefetch_map(decode, todo, cfg.decode_workers):
-                if isinstance(frames, Exception):
-                    rejected.append(Rejected(str(sample.item.path), str(frames)))
+                if isinstance(frames, MediaError):
+                    rejected.append(Rejected(str(sample.item.path), str(frames), frames.kind))
                     manifest.rejected.append(rejected[-1].to_dict())
+                    failed.add(sample.key)
+                    log.info(f"rejected {sample.item.path}: {frames}")
+                    enforce_on_error(cfg.on_error, rejected[-1:], cfg.dataset)
                 else:
                     encoder.add(sample, frames)
                 bar.update(1)
             encoder.flush_all()
+    except KeyboardInterrupt:
+        writer.finish_shard()
+        kept = sum(shard.samples for shard in writer.completed)
+        log.error(f"interrupted: kept {kept} new samples in {out} (shards are whole; "
+                  f"{manifest.missing_samples} samples of the dataset are not encoded yet). Run the same command "
+                  f"again, or `{manifest.resume_command}`, to go on: it encodes only what is missing.")
+        raise
     finally:
-        writer.finish_shard()  # keep what was encoded, even on Ctrl-C
+        writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
         manifest.save(out)
-    # Only a completed run changes what training sees: this dataset's samples, not older cached ones.
-    encoded = done | encoder.written
-    active = [p for p in planned if p.key in encoded]
+    kill_point("encoded")
+    active = [p for p in planned if p.key not in failed and (p.key in done or p.key in encoder.written)]
     manifest.set_active(out, [p.key for p in active], Counter(bucket_name(*p.bucket) for p in active))
+    manifest.complete, manifest.missing = True, {}
     manifest.save(out)
     cached = manifest.num_samples - len(active)
     log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: the dataset is "
              f"{len(active)} samples in {len(manifest.shards)} shards ({manifest.num_bytes / 1e6:.1f} MB)"
-             f"{f', beside {cached} cached from earlier runs that training skips' if cached else ''}; "
-             f"{len(manifest.rejected)} rejected")
+             f"{f', beside {cached} cached from earlier runs that training skips' if cached else ''}")
+    check.planned, check.rejected, check.warnings = active, rejected, warnings
+    _log_summary(check)
     if not active:
         raise UserError(f"no usable clips in {cfg.dataset}: all {len(items)} were rejected (reasons above and in "
                         f"{out / MANIFEST_NAME}).")

@@ -13,7 +13,18 @@ from typing import Any
 from ft.common.datasets import DatasetItem
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
-from ft.common.video import MediaError, choose_bucket, frame_indices, frames_needed, is_image, open_media
+from ft.common.video import (
+    MediaError,
+    bucket_pool,
+    choose_bucket,
+    frame_indices,
+    frames_needed,
+    is_image,
+    open_media,
+    upscale_factor,
+)
+
+from .policy import Rejected
 
 RESIZE_MODE = "center-crop"
 BucketCheck = Callable[[tuple[int, int, int]], "str | None"]
@@ -30,6 +41,8 @@ class PlannedSample:
     source_frames: int
     media_digest: str
     key: str = ""
+    height: int = 0  # the source's size, for reports
+    width: int = 0
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
         """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
@@ -50,52 +63,64 @@ def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any]) ->
             "family_choices": dict(sorted(family_choices.items()))}
 
 
-@dataclass
-class Rejected:
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "reason": self.reason}
+def _no_bucket(path: str, frames: int, height: int, width: int, buckets: list[tuple[int, int, int]],
+               sampling: str, stride: int, image: bool, max_upscale: float) -> Rejected:
+    """Why no bucket takes the item: too short for every bucket it may take, or too small for the ones it fills."""
+    pool = bucket_pool(buckets, image)
+    if image or choose_bucket(frames, height, width, buckets, sampling, stride) is not None:
+        least = min(upscale_factor(height, width, b) for b in pool)
+        return Rejected(path, f"too small: {width}x{height} would be enlarged {least:.1f}x even for the smallest "
+                              f"bucket it fits (more than --max-upscale {max_upscale:g})", "too-small")
+    shortest = min(frames_needed(b[0], sampling, stride) for b in pool)
+    what = "video bucket" if any(b[0] == 1 for b in buckets) else "bucket"
+    return Rejected(path, f"too short: {frames} frames, the shortest {what} needs {shortest} (with --frame-sampling "
+                          f"{sampling} --frame-stride {stride})", "too-short")
 
 
 def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-              decoder: str, check: BucketCheck) -> PlannedSample | Rejected:
+              decoder: str, check: BucketCheck, max_upscale: float = 2.0) -> PlannedSample | Rejected:
     try:
         media = open_media(item.path, decoder)
     except MediaError as e:
-        return Rejected(str(item.path), str(e))
+        return Rejected(str(item.path), str(e), e.kind)
     image = is_image(item.path)
-    bucket = choose_bucket(media.num_frames, media.height, media.width, buckets, sampling, stride, image=image)
+    bucket = choose_bucket(media.num_frames, media.height, media.width, buckets, sampling, stride, image=image,
+                           max_upscale=max_upscale)
     if bucket is None:
-        shortest = min(frames_needed(b[0], sampling, stride) for b in buckets)
-        return Rejected(str(item.path), f"too short: {media.num_frames} frames, the smallest bucket needs {shortest}"
-                                        f" (with --frame-sampling {sampling} --frame-stride {stride})")
+        return _no_bucket(str(item.path), media.num_frames, media.height, media.width, buckets, sampling, stride,
+                          image, max_upscale)
     problem = check(bucket)  # an image's 1-frame bucket may be derived, not one the user gave
     if problem:
-        return Rejected(str(item.path), f"no bucket for it: {problem}")
+        return Rejected(str(item.path), f"no bucket for it: {problem}", "no-bucket")
     indices = frame_indices(media.num_frames, bucket[0], sampling, stride)
-    return PlannedSample(item, bucket, indices, media.fps, media.num_frames, file_digest(item.path))
+    return PlannedSample(item, bucket, indices, media.fps, media.num_frames, file_digest(item.path),
+                         height=media.height, width=media.width)
 
 
 def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-                 decoder: str, workers: int, check: BucketCheck) -> tuple[list[PlannedSample], list[Rejected]]:
+                 decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0
+                 ) -> tuple[list[PlannedSample], list[Rejected]]:
     """Plan every item (in parallel threads); rejected items come back with their reasons. `check` says why the
     model cannot take a bucket (None when it can)."""
     planned, rejected = [], []
-    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check), items, workers,
-                               ahead=max(4, workers * 4)):
+    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale),
+                               items, workers, ahead=max(4, workers * 4)):
         (rejected if isinstance(result, Rejected) else planned).append(result)
     return planned, rejected
 
 
 def assign_keys(planned: list[PlannedSample], encoder_fingerprint: str, encoding: dict[str, Any]
-                ) -> list[PlannedSample]:
-    """Set each sample's content key; drop exact duplicates (same media, frames and caption twice)."""
-    seen, out = set(), []
+                ) -> tuple[list[PlannedSample], list[Rejected]]:
+    """Set each sample's content key; drop exact duplicates (same media bytes, frames and caption twice, under
+    any names), each reported as a warning."""
+    seen: dict[str, PlannedSample] = {}
+    out, duplicates = [], []
     for p in planned:
         p.key = sample_key(p.key_parts(encoder_fingerprint, encoding))
-        if p.key not in seen:
-            seen.add(p.key)
-            out.append(p)
-    return out
+        if p.key in seen:
+            duplicates.append(Rejected(str(p.item.path), f"same media bytes, frames and caption as "
+                                                         f"{seen[p.key].item.path}; trained once", "duplicate"))
+            continue
+        seen[p.key] = p
+        out.append(p)
+    return out, duplicates

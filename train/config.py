@@ -65,6 +65,9 @@ class TrainConfig(ModelArgs):
                                           panel=CKPT)
     resume_from_checkpoint: str | None = opt(None, "Resume from OUTPUT_DIR/checkpoints: a step number, `latest`, "
                                                    "or a checkpoint folder.", panel=CKPT)
+    allow_incomplete: bool = opt(False, "Train on a shard set whose precompute run did not finish (refused by "
+                                        "default: part of the dataset, maybe whole buckets, would be missing).",
+                                 panel=RUN)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
     target_modules: list[str] = opt([], "Module names to put LoRA on. Default: the model's attention "

@@ -23,6 +23,7 @@ from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, seed_everything
+from ft.common.shards import require_complete
 from ft.common.video import parse_bucket
 from ft.pipelines.base import ModelSpec, StepInputs, randn_per_sample
 from ft.pipelines.registry import spec_for
@@ -79,6 +80,7 @@ def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict)
     sets = [ShardSet(*parse_shard_arg(arg)) for arg in cfg.shards]
     check_compatible(sets)
     for s in sets:
+        require_complete(s.manifest, s.folder, cfg.allow_incomplete)
         spec.check_shards(s.manifest, transformer_config)
         vae_config = s.manifest.encoders.get("vae", {}).get("config", {})
         for bucket, count in s.manifest.training_histogram().items():

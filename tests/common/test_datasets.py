@@ -199,11 +199,13 @@ def test_table_with_no_rows(tmp_path: Path) -> None:
         load_dataset(tmp_path)
 
 
-def test_table_row_with_empty_path(tmp_path: Path) -> None:
-    rows = [{"video": "a.mp4", "caption": "ok"}, {"video": "", "caption": "no path"}]
+def test_table_row_with_empty_path_is_an_item_with_a_problem_not_an_abort(tmp_path: Path) -> None:
+    rows = [{"video": "a.mp4", "caption": "ok"}, {"video": "", "caption": "no path"}, {"video": None, "caption": "x"}]
     (tmp_path / "metadata.json").write_text(json.dumps(rows))
-    with pytest.raises(UserError, match="row 2"):
-        load_dataset(tmp_path)
+    good, empty, none = load_dataset(tmp_path)
+    assert good == DatasetItem(tmp_path / "a.mp4", "ok") and not good.problem
+    assert empty.problem == "metadata.json row 2 has an empty 'video' cell" and empty.problem_kind == "empty-cell"
+    assert none.problem.startswith("metadata.json row 3") and none.path == tmp_path / "metadata.json"
 
 
 def test_unparseable_table(tmp_path: Path) -> None:

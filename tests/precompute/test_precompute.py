@@ -79,7 +79,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_encoded(tmp_path, tin
     assert manifest.num_samples == 3
     reasons = {r["path"].split("/")[-1]: r["reason"] for r in manifest.rejected}
     assert set(reasons) == {"garbage.mp4", "missing.mp4", "short.mp4"}
-    assert reasons["short.mp4"].startswith("too short: 5 frames")  # the 1-frame bucket is for images
+    # the 1-frame bucket is for images: the message names the shortest bucket a video may take
+    assert reasons["short.mp4"].startswith("too short: 5 frames, the shortest video bucket needs 9")
     assert "not a readable video" in reasons["garbage.mp4"]
     assert reasons["missing.mp4"] == "file not found"
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -97,7 +98,7 @@ def test_a_clip_too_short_for_every_bucket_is_rejected(tmp_path, tiny_cog):
     manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data,
                         "--out", tmp_path / "out", "--buckets", "9x32x32"])
     assert manifest.num_samples == 1
-    assert all("too short: 5 frames, the smallest bucket needs 9" in r["reason"] for r in manifest.rejected)
+    assert all("too short: 5 frames, the shortest bucket needs 9" in r["reason"] for r in manifest.rejected)
 
 
 def test_a_killed_runs_partial_shard_is_discarded(tmp_path, tiny_cog, shapes_data):

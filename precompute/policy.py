@@ -1,0 +1,76 @@
+"""The data policy: one rule for every bad item, shared by `ft precompute` and `ft check-data`.
+
+A bad item is rejected with a reason and a kind, recorded in the manifest (`rejected`), named in the end-of-run
+summary (grouped by kind, the first few of each), and the run goes on (`--on-error skip`, the default); with
+`--on-error fail` the first rejection ends the run before anything is encoded. Items kept with a note (a caption
+cut at the text length, a duplicate row dropped) are `warnings`, summarized the same way.
+
+Kinds: missing, zero-byte, not-media, truncated, decode-failed (frames failing mid-file), too-short, too-small
+(the bucket would enlarge it more than --max-upscale), no-bucket (the model takes no bucket it fits),
+caption-not-utf8, empty-caption (unless --allow-empty-captions), empty-cell, outside-dataset (unless
+--allow-outside-paths); warnings: caption-truncated, duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ft.common.datasets import DatasetItem, outside_folder
+from ft.common.errors import UserError
+from ft.common.rejects import summarize_inputs
+
+
+@dataclass
+class Rejected:
+    """An input that was not used (or, as a warning, used with a note): where it is, why, and its kind."""
+
+    path: str
+    reason: str
+    kind: str = "not-media"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason, "kind": self.kind}
+
+
+def screen_items(items: list[DatasetItem], root: Path, allow_empty_captions: bool, allow_outside_paths: bool
+                 ) -> tuple[list[DatasetItem], list[Rejected], list[Rejected]]:
+    """Sort out what needs no decoding: problems found while reading, empty captions, paths outside the dataset
+    folder, duplicate rows. Returns (items to plan, rejected, warnings)."""
+    keep: list[DatasetItem] = []
+    rejected: list[Rejected] = []
+    warnings: list[Rejected] = []
+    first_seen: dict[tuple[str, str], DatasetItem] = {}
+    for item in items:
+        where = str(item.path)
+        if item.problem:
+            rejected.append(Rejected(where, item.problem, item.problem_kind or "empty-cell"))
+        elif not allow_outside_paths and outside_folder(item.path, root):
+            rejected.append(Rejected(where, f"outside the dataset folder {root} (from {item.source}); move it in, "
+                                            "or pass --allow-outside-paths", "outside-dataset"))
+        elif not item.caption and not allow_empty_captions:
+            rejected.append(Rejected(where, f"empty caption ({item.source}); write one, or pass "
+                                            "--allow-empty-captions", "empty-caption"))
+        else:
+            ident = (str(item.path.absolute()), item.caption)
+            if ident in first_seen:
+                warnings.append(Rejected(where, f"{item.source} repeats {first_seen[ident].source} (same file and "
+                                                "caption); trained once", "duplicate"))
+                continue
+            first_seen[ident] = item
+            keep.append(item)
+    return keep, rejected, warnings
+
+
+def long_caption_warnings(paths: list[str], token_counts: list[int], seq_len: int) -> list[Rejected]:
+    """Captions longer than the text length: kept and cut to it, one warning each."""
+    return [Rejected(path, f"caption of {n} tokens is cut to --max-sequence-length {seq_len}", "caption-truncated")
+            for path, n in zip(paths, token_counts, strict=True) if n > seq_len]
+
+
+def enforce_on_error(on_error: str, rejected: list[Rejected], where: str) -> None:
+    """With --on-error fail, any rejection ends the run here, with the summary."""
+    if on_error == "fail" and rejected:
+        summary = summarize_inputs([r.to_dict() for r in rejected], [])
+        raise UserError(f"--on-error fail: {len(rejected)} bad input(s) in {where}:\n{summary}\n"
+                        "Fix them (see `ft check-data`), or rerun with --on-error skip to leave them out.")
