@@ -2,10 +2,12 @@
 
 Every component is built from its config under `accelerate.init_empty_weights` (the meta device: no weights, no
 memory, no download), so the parameter counts are exact for the architecture. From them:
-- precompute holds the text encoders and the VAE; train holds only the transformer, plus for LoRA the adapter with
-  its gradients and AdamW moments (fp32: 16 bytes per trainable parameter), and for a full finetune fp32 master
-  weights, gradients and moments (16 bytes per parameter). `--dp-shards S` divides what FSDP shards by S and adds
-  the two transformer blocks it holds gathered (the one computing and the one prefetched);
+- precompute holds the text encoders and the VAE (bf16); train holds only the transformer in
+  `--transformer-dtype`, and what the optimizer updates, as `ft train` keeps it (train/config.py): LoRA adapters,
+  their gradients and Adam's two moments in fp32; a full finetune's weights, gradients and moments in
+  `--transformer-dtype`, or with `--master-dtype fp32` fp32 master weights, gradients and moments beside the
+  weights; adamw-8bit keeps each moment in 1 byte. `--dp-shards S` divides what FSDP shards by S and adds the two
+  transformer blocks it holds gathered (the one computing and the one prefetched);
 - activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
   sequence x sequence matrix kept), (16 + 4 r) bytes per token per hidden unit in bf16 for an MLP of ratio r
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without dropout).
@@ -27,14 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
 
 from .real_configs import FAMILIES, Family, find_checkpoint, get_family, known_names
 
 GB = 1e9
+# the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
 TRAINING_TYPES = ("lora", "full-finetune")
+OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
+MASTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 BF16 = 2
-TRAINABLE_BYTES = 16  # fp32 weights + fp32 gradients + AdamW's two fp32 moments, per trainable parameter
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 @dataclass(kw_only=True)
@@ -46,6 +53,10 @@ class EstimateConfig:
                                     "local diffusers folder whose configs are read.")
     buckets: list[str] = opt([], "FRAMESxHEIGHTxWIDTH buckets to estimate. Default: the family's default bucket.")
     training_type: str = opt("lora", "lora or full-finetune.")
+    transformer_dtype: str = opt("bf16", "dtype of the transformer's weights, as `ft train --transformer-dtype`.")
+    master_dtype: str = opt("auto", "dtype of the weights the optimizer updates, as `ft train --master-dtype`: auto "
+                                    "is fp32 LoRA adapters, or a full finetune in --transformer-dtype.")
+    optimizer: str = opt("adamw", f"Optimizer, as `ft train --optimizer`: {', '.join(OPTIMIZERS)}.")
     rank: int = opt(64, "LoRA rank.")
     batch_size: int = opt(1, "Samples per micro-batch on each GPU.")
     dp_shards: int = opt(1, "FSDP shards: the transformer's weights, gradients and optimizer state are split this "
@@ -54,6 +65,11 @@ class EstimateConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
+        check_choice(self.transformer_dtype.lower(), DTYPE_NAMES, "transformer_dtype")
+        check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        if self.training_type == "lora" and self.master_dtype not in ("auto", "fp32"):
+            raise UserError(f"--master-dtype {self.master_dtype}: LoRA adapters train in fp32; leave it at auto.")
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
 
@@ -255,13 +271,24 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     block = _largest_block(transformer)
     shards = cfg.dp_shards
     gathered = 2 * block * BF16 if shards > 1 else 0
+    weights = DTYPE_NAMES[cfg.transformer_dtype.lower()]
+    base = ELEMENT_BYTES[weights]
     if cfg.training_type == "lora":
         trainable = _lora_params(transformer, cfg.rank, _lora_targets(family))
-        static = {"transformer weights (bf16, frozen)": params * BF16 / shards,
-                  "LoRA weights + gradients + AdamW (fp32)": trainable * TRAINABLE_BYTES / shards}
+        master = "float32"
+        static = {f"transformer weights ({SHORT[weights]}, frozen)": params * base / shards,
+                  "LoRA weights (fp32)": trainable * ELEMENT_BYTES[master] / shards}
     else:
         trainable = params
-        static = {"weights + gradients + AdamW (fp32 master)": params * TRAINABLE_BYTES / shards}
+        master = weights if cfg.master_dtype == "auto" else DTYPE_NAMES[cfg.master_dtype]
+        static = {f"transformer weights ({SHORT[weights]}, trained)": params * base / shards}
+        if master != weights:
+            static[f"master weights ({SHORT[master]})"] = params * ELEMENT_BYTES[master] / shards
+    moment = 1 if cfg.optimizer == "adamw-8bit" else ELEMENT_BYTES[master]
+    what = "LoRA " if cfg.training_type == "lora" else ""
+    static[f"{what}gradients ({SHORT[master]})"] = trainable * ELEMENT_BYTES[master] / shards
+    static[f"{what}{cfg.optimizer} moments ({'8-bit' if moment == 1 else SHORT[master]})"] = (
+        trainable * 2 * moment / shards)
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]

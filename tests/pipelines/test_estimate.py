@@ -39,10 +39,28 @@ def test_full_finetune_sharded(cog5b):
                                    dp_shards=4, buckets=["49x480x720"]))
     params = full.component("transformer").params
     assert full.trainable_params == params
-    sharded = full.train_static["weights + gradients + AdamW (fp32 master)"]
-    assert sharded == params * 16 / 4
+    # as `ft train` by default: weights, gradients and AdamW moments in --transformer-dtype (bf16), split 4 ways
+    assert full.train_static["transformer weights (bf16, trained)"] == params * 2 / 4
+    assert full.train_static["gradients (bf16)"] == params * 2 / 4
+    assert full.train_static["adamw moments (bf16)"] == params * 4 / 4
     assert 0 < full.train_static["two blocks gathered by FSDP (bf16)"] < params * 2 / 10
     assert full.buckets[0].activations_full == cog5b.buckets[0].activations_full  # sharding splits state, not tokens
+
+
+def test_fp32_master_weights_and_8bit_moments(cog5b):
+    full = estimate(EstimateConfig(model="cogvideox", pretrained="cogvideox-5b", training_type="full-finetune",
+                                   master_dtype="fp32", optimizer="adamw-8bit"))
+    params = full.component("transformer").params
+    assert full.train_static == {"transformer weights (bf16, trained)": params * 2, "master weights (fp32)": params * 4,
+                                 "gradients (fp32)": params * 4, "adamw-8bit moments (8-bit)": params * 2}
+
+
+def test_the_choices_are_ft_trains():
+    from ft.pipelines import estimate as est
+    from ft.train import config
+
+    assert (est.TRAINING_TYPES, est.OPTIMIZERS, est.MASTER_DTYPES) == (
+        config.TRAINING_TYPES, config.OPTIMIZERS, config.MASTER_DTYPES)
 
 
 @pytest.mark.parametrize("model,pretrained,transformer,vae", [
@@ -93,5 +111,7 @@ def test_mistakes_are_user_errors(kwargs, message):
 def test_flags_are_checked():
     with pytest.raises(UserError, match="--training-type"):
         EstimateConfig(model="cogvideox", pretrained="x", training_type="dora")
+    with pytest.raises(UserError, match="LoRA adapters train in fp32"):
+        EstimateConfig(model="cogvideox", pretrained="x", master_dtype="bf16")
     with pytest.raises(UserError, match="--dp-shards must be > 0"):
         EstimateConfig(model="cogvideox", pretrained="x", dp_shards=0)
