@@ -4,8 +4,9 @@
 #     make setup            # or: python -m venv .venv && .venv/bin/pip install <your CUDA torch> && pip install -e .
 #     bash bench/gpu.sh     # about 5-10 minutes on one 80 GB GPU
 #
-# For each family ft can train: the real-size transformer with random weights, LoRA rank 128, batch 1, gradient
-# checkpointing, bf16, fed by synthetic shards of the real shapes through ft's loader (bench/gpu_step.py). Prints
+# For each family ft can train, `ft train` itself (bench/gpu_step.py): the real-size transformer with random weights
+# (saved to a temp folder first: ~11 GB for CogVideoX-5b), LoRA rank 128, batch 1, gradient checkpointing, bf16,
+# fed by synthetic shards of the real shapes. Prints
 # peak memory allocated/reserved and s/step beside finetrainers' published number (CogVideoX-5b LoRA: 20.7 GB max
 # reserved with precomputation; our target is at least 10% under), and writes bench/results/gpu-*.md.
 # A family whose ModelSpec does not exist yet (LTX-Video, HunyuanVideo) is skipped with a note; adding the family
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-export HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export HF_HUB_OFFLINE=1  # PyTorch's default CUDA allocator unless PYTORCH_CUDA_ALLOC_CONF is set by the caller
 
 RUNS=(
   "cogvideox THUDM/CogVideoX-5b 49x480x720 gpu-cogvideox-5b"
