@@ -5,9 +5,10 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
 - precompute holds the text encoders and the VAE (bf16); train holds only the transformer in
   `--transformer-dtype`, and what the optimizer updates, as `ft train` keeps it (train/config.py): LoRA adapters,
   their gradients and Adam's two moments in fp32; a full finetune's weights, gradients and moments in
-  `--transformer-dtype`, or with `--master-dtype fp32` fp32 master weights, gradients and moments beside the
-  weights; adamw-8bit keeps each moment in 1 byte. `--dp-shards S` divides what FSDP shards by S and adds the two
-  transformer blocks it holds gathered (the one computing and the one prefetched);
+  `--transformer-dtype`, or all three in fp32 with `--master-dtype fp32` (the forward then runs under autocast,
+  whose per-op casts are not counted); adamw-8bit keeps each moment in 1 byte. `--dp-shards S` divides what
+  FSDP shards by S and adds the two transformer blocks it holds gathered (the one computing and the one
+  prefetched);
 - activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
   sequence x sequence matrix kept), (16 + 4 r) bytes per token per hidden unit in bf16 for an MLP of ratio r
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without dropout).
@@ -38,7 +39,7 @@ GB = 1e9
 # the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
 TRAINING_TYPES = ("lora", "full-finetune")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
-MASTER_DTYPES = ("auto", "fp32", "bf16", "fp16")
+MASTER_DTYPES = ("auto", "fp32")
 BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -55,7 +56,8 @@ class EstimateConfig:
     training_type: str = opt("lora", "lora or full-finetune.")
     transformer_dtype: str = opt("bf16", "dtype of the transformer's weights, as `ft train --transformer-dtype`.")
     master_dtype: str = opt("auto", "dtype of the weights the optimizer updates, as `ft train --master-dtype`: auto "
-                                    "is fp32 LoRA adapters, or a full finetune in --transformer-dtype.")
+                                    "is fp32 LoRA adapters, or a full finetune in --transformer-dtype; fp32: a full "
+                                    "finetune's weights, gradients and moments in fp32.")
     optimizer: str = opt("adamw", f"Optimizer, as `ft train --optimizer`: {', '.join(OPTIMIZERS)}.")
     rank: int = opt(64, "LoRA rank.")
     batch_size: int = opt(1, "Samples per micro-batch on each GPU.")
@@ -68,8 +70,6 @@ class EstimateConfig:
         check_choice(self.transformer_dtype.lower(), DTYPE_NAMES, "transformer_dtype")
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
-        if self.training_type == "lora" and self.master_dtype not in ("auto", "fp32"):
-            raise UserError(f"--master-dtype {self.master_dtype}: LoRA adapters train in fp32; leave it at auto.")
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
 
@@ -280,10 +280,8 @@ def estimate(cfg: EstimateConfig) -> Estimate:
                   "LoRA weights (fp32)": trainable * ELEMENT_BYTES[master] / shards}
     else:
         trainable = params
-        master = weights if cfg.master_dtype == "auto" else DTYPE_NAMES[cfg.master_dtype]
-        static = {f"transformer weights ({SHORT[weights]}, trained)": params * base / shards}
-        if master != weights:
-            static[f"master weights ({SHORT[master]})"] = params * ELEMENT_BYTES[master] / shards
+        master = weights if cfg.master_dtype == "auto" else "float32"  # fp32: loaded in fp32, autocast computes
+        static = {f"transformer weights ({SHORT[master]}, trained)": params * ELEMENT_BYTES[master] / shards}
     moment = 1 if cfg.optimizer == "adamw-8bit" else ELEMENT_BYTES[master]
     what = "LoRA " if cfg.training_type == "lora" else ""
     static[f"{what}gradients ({SHORT[master]})"] = trainable * ELEMENT_BYTES[master] / shards
