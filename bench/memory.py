@@ -1,140 +1,54 @@
-"""Memory and disk of CogVideoX LoRA training with ft, at real model sizes, without downloading weights.
+"""Memory and disk of LoRA training at real model sizes, without downloading weights: `ft estimate` for each
+known checkpoint, side by side.
 
-    python bench/memory.py              # weights, LoRA, optimizer and shard sizes (any machine, seconds)
-    python bench/memory.py --measure    # on a CUDA machine: also the peak GPU memory of one training step
+    python bench/memory.py [--rank 64] [--no-save]
 
-Models are built from their real configs under accelerate.init_empty_weights (no memory, no download): the
-diffusers defaults of CogVideoXTransformer3DModel are CogVideoX-2b; 48 heads x 42 layers with rotary embeddings
-is CogVideoX-5b. Shard bytes are measured by writing one sample of the real shapes with ft's ShardWriter.
-With --measure, random weights are materialised on the GPU and one LoRA training step (forward, backward,
-AdamW) runs through ft's own ModelSpec.forward; torch.cuda.max_memory_allocated is reported.
+Every number comes from ft.pipelines.estimate (the components built from their real configs on the meta device;
+the shard bytes of one sample written with ShardWriter). The table is printed and written to
+bench/results/memory.md. Measured GPU peaks come from bench/gpu.sh.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 
-import torch
-
-GB = 1e9
-VARIANTS = {
-    "CogVideoX-2b": {},
-    "CogVideoX-5b": {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
-}
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu")
-
-
-def build(kwargs: dict, empty: bool = True):
-    from accelerate import init_empty_weights
-    from diffusers import CogVideoXTransformer3DModel
-
-    if empty:
-        with init_empty_weights():
-            return CogVideoXTransformer3DModel(**kwargs)
-    return CogVideoXTransformer3DModel(**kwargs)
-
-
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def lora_params(transformer, rank: int) -> int:
-    from peft import LoraConfig
-
-    from ft.pipelines.registry import get_spec
-
-    targets = get_spec("cogvideox").default_lora_targets
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
-    return sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
-
-
-def encoder_params() -> tuple[int, int]:
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLCogVideoX
-    from transformers import T5Config, T5EncoderModel
-
-    with init_empty_weights():
-        t5 = T5EncoderModel(T5Config(**T5_XXL))
-        vae = AutoencoderKLCogVideoX()
-    return count(t5), count(vae)
-
-
-def shard_bytes(frames: int, height: int, width: int) -> int:
-    from ft.common.shards import ShardWriter
-
-    latent = {"mean": torch.zeros(16, (frames - 1) // 4 + 1, height // 8, width // 8, dtype=torch.bfloat16)}
-    latent["logvar"] = latent["mean"].clone()
-    cond = {"prompt_embeds": torch.zeros(226, 4096, dtype=torch.bfloat16)}
-    with tempfile.TemporaryDirectory() as tmp:
-        writer = ShardWriter(tmp, max_samples=1)
-        writer.write("k", {"latents": latent, "cond": cond}, {"bucket": [frames, height, width]})
-        return writer.completed[0].bytes
-
-
-def measure_step(kwargs: dict, rank: int, frames: int, height: int, width: int, checkpointing: bool) -> float:
-    from diffusers import CogVideoXDPMScheduler
-
-    from ft.pipelines.registry import get_spec
-    from ft.train.lora import add_lora
-
-    spec = get_spec("cogvideox")
-    torch.cuda.reset_peak_memory_stats()
-    transformer = build(kwargs, empty=False).to("cuda", torch.bfloat16)
-    params = add_lora(transformer, rank, rank, spec.default_lora_targets)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    scheduler = CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                      snr_shift_scale=3.0 if kwargs else 1.0)
-    lat = (frames - 1) // 4 + 1
-    latents = torch.randn(1, lat, 16, height // 8, width // 8, device="cuda")
-    cond = {"prompt_embeds": torch.randn(1, 226, 4096, device="cuda")}
-    t = torch.tensor([500], device="cuda")
-    pred, target, w = spec.forward(transformer, scheduler, latents, cond, torch.randn_like(latents), t,
-                                   torch.bfloat16)
-    (w.float() * (pred - target) ** 2).mean().backward()
-    optimizer.step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / GB
-    del transformer, optimizer, params
-    torch.cuda.empty_cache()
-    return peak
+from ft.pipelines.estimate import GB, EstimateConfig, estimate
+from ft.pipelines.real_configs import CHECKPOINTS, FAMILIES
+from ft.pipelines.registry import SPECS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--bucket", default="49x480x720")
-    parser.add_argument("--measure", action="store_true", help="run one training step on the GPU")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/memory.md")
     args = parser.parse_args()
-    frames, height, width = (int(x) for x in args.bucket.split("x"))
-    started = time.time()
-    t5, vae = encoder_params()
-    print(f"| model | transformer params | bf16 weights | LoRA r{args.rank} params | LoRA+grads+AdamW (fp32) | "
-          f"ft train static | T5-XXL + VAE kept out of training |")
-    print("|---|---|---|---|---|---|---|")
-    for name, kwargs in VARIANTS.items():
-        transformer = build(kwargs)
-        p = count(transformer)
-        lp = lora_params(transformer, args.rank)
-        weights, lora = p * 2 / GB, lp * 16 / GB
-        print(f"| {name} | {p / 1e9:.3f}B | {weights:.2f} GB | {lp / 1e6:.1f}M | {lora:.2f} GB | "
-              f"{weights + lora:.2f} GB | {(t5 + vae) * 2 / GB:.2f} GB ({t5 / 1e9:.2f}B + {vae / 1e9:.3f}B) |")
-    per_sample = shard_bytes(frames, height, width)
-    print(f"\nshard bytes per {args.bucket} sample (latent mean+logvar, T5 embeddings, bf16): "
-          f"{per_sample / 1e6:.2f} MB; 1000 clips = {per_sample * 1000 / GB:.2f} GB")
-    if args.measure:
-        if not torch.cuda.is_available():
-            raise SystemExit("--measure needs a CUDA device")
-        print("\n| model | bucket | gradient checkpointing | peak GPU memory, one LoRA step |\n|---|---|---|---|")
-        for name, kwargs in VARIANTS.items():
-            for ckpt in (True, False):
-                peak = measure_step(kwargs, args.rank, frames, height, width, ckpt)
-                print(f"| {name} | {args.bucket} | {'on' if ckpt else 'off'} | {peak:.2f} GB |")
-    print(f"\n({time.time() - started:.1f}s on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
+    lines = [f"LoRA rank {args.rank}, batch 1, each family's default bucket; `ft estimate --model M --pretrained P "
+             f"--rank {args.rank}` gives each row in full", "",
+             "| checkpoint | bucket | transformer | bf16 weights | LoRA params | LoRA+grads+AdamW (fp32) | "
+             "ft train static | + activations, checkpointing on | encoders kept out of training | "
+             "all-in-one static | disk per sample |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ckpt in CHECKPOINTS:
+        est = estimate(EstimateConfig(model=ckpt.family, pretrained=ckpt.names[0], rank=args.rank))
+        transformer = est.component("transformer").params
+        lora = est.trainable_params
+        bucket = est.buckets[0]
+        encoders = " + ".join(f"{c.params / 1e9:.3f}B" for c in est.components if c.name != "transformer")
+        lines.append(
+            f"| {ckpt.display_name} | {bucket.bucket} | {transformer / 1e9:.3f}B | {transformer * 2 / GB:.2f} GB | "
+            f"{lora / 1e6:.1f}M | {lora * 16 / GB:.2f} GB | {est.train_static_bytes / GB:.2f} GB | "
+            f"{(est.train_static_bytes + bucket.activations_checkpointed) / GB:.2f} GB | "
+            f"{est.precompute_bytes / GB:.2f} GB ({encoders}) | "
+            f"{(est.train_static_bytes + est.precompute_bytes) / GB:.2f} GB | {bucket.disk_per_sample / 1e6:.2f} MB |")
+    spec_less = [f.display_name for name, f in FAMILIES.items() if name not in SPECS]
+    lines += ["", f"Activations are `ft estimate`'s model, not a measurement. {', '.join(spec_less)}: sizes of the "
+                  "published configs; ft trains them once their ModelSpec exists."]
+    body = "\n".join(lines)
+    if args.no_save:
+        print(body)
+    else:
+        from report import save_result
+
+        save_result("memory", body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ COMMANDS = {
               "--gradient-accumulation-steps", "--transformer-dtype", "--transformer-id", "--vae-id",
               "--tokenizer-2-id", "--text-encoder-3-dtype"],
     "generate": ["--prompt", "--lora", "--num-inference-steps", "--guidance-scale"],
+    "estimate": ["--pretrained", "--buckets", "--training-type", "--rank", "--batch-size", "--dp-shards"],
     "demo": ["--workdir"],
     "inspect": ["--verify"],
     "models": [],

@@ -196,7 +196,7 @@ class SetStream:
             if not any(e.key in needed for e in self.set.index()[name]):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
             verify = name not in self.set.verified
-            for sample in iter_shard(self.set.folder / name, info.sha256 if verify else None,
+            for sample in iter_shard(self.set.folder / name, verify=info if verify else None,
                                      wanted=lambda key: key in needed and key not in loaded):
                 loaded[sample.key] = sample
                 while emitted < len(mine) and all(e.key in loaded for e in mine[emitted]):

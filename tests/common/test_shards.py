@@ -220,11 +220,15 @@ def test_corrupted_tensor_byte_is_caught_by_sha(one_shard: tuple[Path, ShardInfo
         list(iter_shard(path, info.sha256))
 
 
-def test_corrupted_byte_in_the_middle_is_caught_by_sha(one_shard: tuple[Path, ShardInfo, list]) -> None:
-    path, info, _ = one_shard
+def _flip_middle_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_corrupted_byte_in_the_middle_is_caught_by_sha(one_shard: tuple[Path, ShardInfo, list]) -> None:
+    path, info, _ = one_shard
+    _flip_middle_byte(path)
     with pytest.raises(ShardCorruptError):
         list(iter_shard(path, info.sha256))
 
@@ -257,6 +261,29 @@ def test_not_a_tar(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a tar file at all" * 40)
     with pytest.raises(ShardCorruptError, match="bad.tar"):
         list(iter_shard(path))
+
+
+def test_the_reader_verifies_the_xxh3_digest_the_writer_records(one_shard: tuple[Path, ShardInfo, list]) -> None:
+    import xxhash
+
+    path, info, samples = one_shard
+    assert info.xxh3_128 == xxhash.xxh3_128(path.read_bytes()).hexdigest() == file_digest(path, algorithm="xxh3_128")
+    assert info.check() == ("xxh3_128", info.xxh3_128)
+    assert [s.key for s in iter_shard(path, verify=info)] == [k for k, _, _ in samples]
+    _flip_middle_byte(path)
+    with pytest.raises(ShardCorruptError, match="xxh3_128 does not match"):
+        list(iter_shard(path, verify=info))
+
+
+def test_a_manifest_entry_without_xxh3_is_verified_by_sha256(one_shard: tuple[Path, ShardInfo, list]) -> None:
+    path, info, _ = one_shard
+    entry = {k: v for k, v in vars(info).items() if k != "xxh3_128"}  # as manifests before xxh3 was recorded
+    old = ShardInfo.from_json(entry)
+    assert old.check() == ("sha256", info.sha256)
+    assert len(list(iter_shard(path, verify=old))) == 3
+    _flip_middle_byte(path)
+    with pytest.raises(ShardCorruptError, match="sha256 does not match"):
+        list(iter_shard(path, verify=old))
 
 
 def test_truncated_shard_is_caught_by_sha(one_shard: tuple[Path, ShardInfo, list]) -> None:
@@ -388,6 +415,15 @@ def test_manifest_ignores_unknown_keys(tmp_path: Path) -> None:
     data["from_the_future"] = 1
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     assert Manifest.load(tmp_path).model_family == "toy"
+
+
+def test_manifest_ignores_unknown_keys_of_a_shard_entry(tmp_path: Path) -> None:
+    writer, _ = _write(tmp_path, 1)
+    _manifest(list(writer.completed)).save(tmp_path)
+    data = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    data["shards"][0]["digest_of_the_future"] = "x"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Manifest.load(tmp_path).shards == writer.completed
 
 
 def test_manifest_load_missing_folder(tmp_path: Path) -> None:

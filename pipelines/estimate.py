@@ -1,0 +1,313 @@
+"""`ft estimate`: what a run will hold in memory and on disk, from the model's configs alone.
+
+Every component is built from its config under `accelerate.init_empty_weights` (the meta device: no weights, no
+memory, no download), so the parameter counts are exact for the architecture. From them:
+- precompute holds the text encoders and the VAE (bf16); train holds only the transformer in
+  `--transformer-dtype`, and what the optimizer updates, as `ft train` keeps it (train/config.py): LoRA adapters,
+  their gradients and Adam's two moments in fp32; a full finetune's weights, gradients and moments in
+  `--transformer-dtype`, or all three in fp32 with `--master-dtype fp32` (the forward then runs under autocast,
+  whose per-op casts are not counted); adamw-8bit keeps each moment in 1 byte. `--dp-shards S` divides what
+  FSDP shards by S and adds the two transformer blocks it holds gathered (the one computing and the one
+  prefetched);
+- activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
+  sequence x sequence matrix kept), (16 + 4 r) bytes per token per hidden unit in bf16 for an MLP of ratio r
+  (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without dropout).
+  With gradient checkpointing each block keeps only its input (2 bytes per token per hidden unit) and one block
+  is recomputed at a time. bench/gpu.sh measures the real peak on a GPU;
+- disk per sample is exact: one sample of the real shapes is written with `ShardWriter`.
+Configs come from `--pretrained`: a known checkpoint's name uses the built-in configs (real_configs.py, offline);
+a local diffusers folder has its `<component>/config.json` read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.dtypes import DTYPE_NAMES
+from ft.common.errors import UserError
+
+from .real_configs import FAMILIES, Family, find_checkpoint, get_family, known_names
+
+GB = 1e9
+# the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
+TRAINING_TYPES = ("lora", "full-finetune")
+OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
+MASTER_DTYPES = ("auto", "fp32")
+BF16 = 2
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass(kw_only=True)
+class EstimateConfig:
+    """Estimate memory and disk of precompute and training from the model's configs (no weights are loaded)."""
+
+    model: str = opt(REQUIRED, f"Model family: {', '.join(FAMILIES)}.")
+    pretrained: str = opt(REQUIRED, "A known checkpoint such as THUDM/CogVideoX-5b (built-in configs, offline) or a "
+                                    "local diffusers folder whose configs are read.")
+    buckets: list[str] = opt([], "FRAMESxHEIGHTxWIDTH buckets to estimate. Default: the family's default bucket.")
+    training_type: str = opt("lora", "lora or full-finetune.")
+    transformer_dtype: str = opt("bf16", "dtype of the transformer's weights, as `ft train --transformer-dtype`.")
+    master_dtype: str = opt("auto", "dtype of the weights the optimizer updates, as `ft train --master-dtype`: auto "
+                                    "is fp32 LoRA adapters, or a full finetune in --transformer-dtype; fp32: a full "
+                                    "finetune's weights, gradients and moments in fp32.")
+    optimizer: str = opt("adamw", f"Optimizer, as `ft train --optimizer`: {', '.join(OPTIMIZERS)}.")
+    rank: int = opt(64, "LoRA rank.")
+    batch_size: int = opt(1, "Samples per micro-batch on each GPU.")
+    dp_shards: int = opt(1, "FSDP shards: the transformer's weights, gradients and optimizer state are split this "
+                            "many ways.")
+    num_samples: int = opt(1000, "Dataset size for the disk estimate.")
+
+    def __post_init__(self) -> None:
+        check_choice(self.training_type, TRAINING_TYPES, "training_type")
+        check_choice(self.transformer_dtype.lower(), DTYPE_NAMES, "transformer_dtype")
+        check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
+        check_choice(self.optimizer, OPTIMIZERS, "optimizer")
+        for name in ("rank", "batch_size", "dp_shards", "num_samples"):
+            check_positive(getattr(self, name), name)
+
+
+@dataclass
+class Component:
+    name: str
+    cls: str
+    params: int
+
+
+@dataclass
+class BucketEstimate:
+    bucket: str
+    latent_shape: tuple[int, int, int, int]  # (channels, frames, height, width) of the stored posterior
+    cond_shapes: dict[str, tuple[int, ...]]
+    video_tokens: int
+    text_tokens: int
+    activations_checkpointed: float  # bytes
+    activations_full: float
+    disk_per_sample: int
+
+
+@dataclass
+class Estimate:
+    """All numbers in bytes (parameters as counts); `report()` prints them in GB."""
+
+    family: str
+    source: str
+    config: EstimateConfig
+    components: list[Component]
+    trainable_params: int
+    train_static: dict[str, float]
+    buckets: list[BucketEstimate]
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    @property
+    def precompute_bytes(self) -> float:
+        return sum(c.params for c in self.components if c.name != "transformer") * BF16
+
+    @property
+    def train_static_bytes(self) -> float:
+        return sum(self.train_static.values())
+
+    def report(self) -> str:
+        cfg = self.config
+        what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
+        lines = [f"{self.family} from {self.source}: {what}, batch {cfg.batch_size} per GPU"
+                 + (f", FSDP over {cfg.dp_shards} shards" if cfg.dp_shards > 1 else ""), "",
+                 "| component | class | parameters | bf16 weights | held by |", "|---|---|---|---|---|"]
+        for c in self.components:
+            stage = "train" if c.name == "transformer" else "precompute"
+            lines.append(f"| {c.name} | {c.cls} | {c.params / 1e9:.3f}B | {c.params * BF16 / GB:.2f} GB | {stage} |")
+        if cfg.training_type == "lora":
+            lines.append(f"| LoRA r{cfg.rank} | peft | {self.trainable_params / 1e6:.1f}M | "
+                         f"{self.trainable_params * BF16 / GB:.2f} GB | train |")
+        lines += ["", "| stage | holds | GB per GPU |", "|---|---|---|",
+                  f"| precompute | text encoders + VAE (bf16) | {self.precompute_bytes / GB:.2f} |"]
+        lines += [f"| train | {name} | {b / GB:.2f} |" for name, b in self.train_static.items()]
+        lines += [f"| train | **static total** | **{self.train_static_bytes / GB:.2f}** |",
+                  f"| all-in-one trainer | the same plus the encoders | "
+                  f"{(self.train_static_bytes + self.precompute_bytes) / GB:.2f} |", "",
+                  "| bucket | tokens (video + text) | activations, checkpointing on / off | train peak, checkpointing "
+                  f"on / off | disk per sample | disk for {cfg.num_samples} samples |", "|---|---|---|---|---|---|"]
+        for b in self.buckets:
+            on, off = self.train_static_bytes + b.activations_checkpointed, self.train_static_bytes + b.activations_full
+            lines.append(f"| {b.bucket} | {b.video_tokens} + {b.text_tokens} | {b.activations_checkpointed / GB:.2f} / "
+                         f"{b.activations_full / GB:.2f} GB | {on / GB:.2f} / {off / GB:.2f} GB | "
+                         f"{b.disk_per_sample / 1e6:.2f} MB | {b.disk_per_sample * cfg.num_samples / GB:.2f} GB |")
+        lines += ["", "Activations are an estimate (see `ft.pipelines.estimate`); bench/gpu.sh measures the peak."]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _build(module: str, cls_name: str, config: dict[str, Any]) -> Any:
+    """The model on the meta device: exact parameters, no memory."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    cls = getattr(importlib.import_module(module), cls_name)
+    with init_empty_weights():
+        if module == "transformers":
+            return cls(cls.config_class(**config))
+        return cls.from_config(config)
+
+
+def _read_config(folder: Path, component: str) -> dict[str, Any]:
+    path = folder / component / "config.json"
+    if not path.is_file():
+        raise UserError(f"--pretrained {folder}: no {component}/config.json; pass a diffusers folder of the family "
+                        "or a known checkpoint name.")
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype",
+                                                                                   "dtype", "transformers_version")}
+
+
+def _configs(family: Family, pretrained: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    checkpoint = find_checkpoint(family.name, pretrained)
+    if checkpoint is not None:
+        return f"{checkpoint.display_name} (built-in configs)", checkpoint.configs
+    folder = Path(pretrained)
+    if folder.is_dir():
+        return str(folder), {c: _read_config(folder, c) for c in family.components}
+    raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
+                    f"({', '.join(known_names(family.name))}). Download its configs (no weights needed) and pass the "
+                    "folder.")
+
+
+def _lora_params(transformer: Any, rank: int, targets: list[str]) -> int:
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    return sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
+
+
+def _lora_targets(family: Family) -> list[str]:
+    from .registry import SPECS
+
+    spec = SPECS.get(family.name)
+    return list(spec.default_lora_targets) if spec else family.lora_targets
+
+
+def _largest_block(transformer: Any) -> int:
+    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name, [])]
+    return max(sum(p.numel() for p in b.parameters()) for b in blocks)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def _parse_bucket(bucket: str) -> tuple[int, int, int]:
+    try:
+        frames, height, width = (int(x) for x in bucket.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--buckets {bucket}: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720.") from None
+    return frames, height, width
+
+
+def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(latent channels, latent frames, latent height, latent width) of a bucket, from the VAE's compression."""
+    frames, height, width = bucket
+    vc = vae.config
+    spatial = getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(vc.block_out_channels) - 1)
+    temporal = vc.get("temporal_compression_ratio") or getattr(vae, "temporal_compression_ratio", 1)
+    if height % spatial or width % spatial or (frames - 1) % temporal:
+        raise UserError(f"--buckets {frames}x{height}x{width}: this VAE takes {temporal}k+1 frames and sizes that "
+                        f"are multiples of {spatial}.")
+    return vc.latent_channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
+    _, t, h, w = grid
+    p, p_t = transformer_config.get("patch_size") or 1, transformer_config.get("patch_size_t") or 1
+    return math.ceil(t / p_t) * (h // p) * (w // p)
+
+
+def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_ratio: float, checkpointing: bool
+                     ) -> float:
+    """The activations a transformer keeps for backward, in bf16 (see the module docstring for the model)."""
+    per_block = (16 + 4 * mlp_ratio) * tokens * batch * hidden
+    if checkpointing:
+        return layers * BF16 * tokens * batch * hidden + per_block
+    return layers * per_block
+
+
+def disk_per_sample(latent_shape: tuple[int, ...], cond: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    """Bytes one sample takes in a shard: the posterior (mean, logvar), the conditioning and the JSON, as written."""
+    import torch
+
+    from ft.common.shards import ShardWriter
+
+    latents = {"mean": torch.zeros(latent_shape, dtype=torch.bfloat16),
+               "logvar": torch.zeros(latent_shape, dtype=torch.bfloat16)}
+    conds = {name: torch.zeros(shape, dtype=getattr(torch, dtype)) for name, (shape, dtype) in cond.items()}
+    meta = {"caption": "x" * 200, "source": "videos/" + "x" * 40 + ".mp4", "fps": 24.0,
+            "frame_indices": list(range(latent_shape[1] * 4)), "bucket": [1, 1, 1], "latent_shape": list(latent_shape)}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ShardWriter(tmp, max_samples=1)
+        writer.write("0" * 32, {"latents": latents, "cond": conds}, meta)
+        with tarfile.open(Path(tmp) / writer.completed[0].name) as tar:  # the members with their headers; the
+            return sum(512 + -(-m.size // 512) * 512 for m in tar.getmembers())  # tar's end is paid once a shard
+
+
+def estimate(cfg: EstimateConfig) -> Estimate:
+    """Build the components on the meta device and compute every number of the report."""
+    family = get_family(cfg.model)
+    source, configs = _configs(family, cfg.pretrained)
+    modules = {name: _build(*family.components[name], configs[name]) for name in family.components}
+    components = [Component(name, type(m).__name__, sum(p.numel() for p in m.parameters()))
+                  for name, m in modules.items()]
+    transformer = modules["transformer"]
+    tconfig = dict(transformer.config)
+    params = next(c.params for c in components if c.name == "transformer")
+    block = _largest_block(transformer)
+    shards = cfg.dp_shards
+    gathered = 2 * block * BF16 if shards > 1 else 0
+    weights = DTYPE_NAMES[cfg.transformer_dtype.lower()]
+    base = ELEMENT_BYTES[weights]
+    if cfg.training_type == "lora":
+        trainable = _lora_params(transformer, cfg.rank, _lora_targets(family))
+        master = "float32"
+        static = {f"transformer weights ({SHORT[weights]}, frozen)": params * base / shards,
+                  "LoRA weights (fp32)": trainable * ELEMENT_BYTES[master] / shards}
+    else:
+        trainable = params
+        master = weights if cfg.master_dtype == "auto" else "float32"  # fp32: loaded in fp32, autocast computes
+        static = {f"transformer weights ({SHORT[master]}, trained)": params * ELEMENT_BYTES[master] / shards}
+    moment = 1 if cfg.optimizer == "adamw-8bit" else ELEMENT_BYTES[master]
+    what = "LoRA " if cfg.training_type == "lora" else ""
+    static[f"{what}gradients ({SHORT[master]})"] = trainable * ELEMENT_BYTES[master] / shards
+    static[f"{what}{cfg.optimizer} moments ({'8-bit' if moment == 1 else SHORT[master]})"] = (
+        trainable * 2 * moment / shards)
+    if gathered:
+        static["two blocks gathered by FSDP (bf16)"] = gathered
+    hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
+    layers, mlp_ratio = family.transformer_layers(tconfig), float(tconfig.get("mlp_ratio", 4.0))
+    cond = family.cond_shapes(tconfig)
+    text_tokens = next(iter(cond.values()))[0][0]
+    out = []
+    for name in cfg.buckets or family.default_buckets:
+        grid = latent_grid(modules["vae"], tconfig, _parse_bucket(name))
+        tokens = video_tokens(tconfig, grid)
+        total = tokens + text_tokens
+        out.append(BucketEstimate(
+            name, grid, {k: shape for k, (shape, _) in cond.items()}, tokens, text_tokens,
+            activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=True),
+            activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=False),
+            disk_per_sample(grid, cond)))
+    return Estimate(family.display_name, source, cfg, components, trainable, static, out)
+
+
+def run_estimate(cfg: EstimateConfig) -> Estimate:
+    """`ft estimate`: compute and print."""
+    result = estimate(cfg)
+    print(result.report())
+    return result

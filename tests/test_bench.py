@@ -1,0 +1,28 @@
+"""Smoke runs of the benchmark scripts at toy size: they run and print their table (numbers are not checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=BENCH.parent,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_loader_bench_prints_its_table():
+    out = bench(str(BENCH / "loader.py"), "--samples", "3", "--bucket", "9x32x32", "--repeats", "1", "--no-save")
+    assert "| `cat` shards > /dev/null (ceiling) |" in out and "of unverified ft" in out
+    assert "ft iter_shard + xxh3-128 verify (first pass, now)" in out
+
+
+def test_gpu_step_runs_the_tiny_model_on_the_cpu():
+    out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu")
+    assert "| ft (measured) |" in out and "waiting for data" in out
