@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.model_args import ModelArgs
-from ft.common.video import FRAME_SAMPLING
+from ft.common.video import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
 OUTPUT = "Output"
@@ -30,6 +30,14 @@ class PrecomputeConfig(ModelArgs):
     frame_sampling: str = opt("head", "Which frames fill a bucket: head (from the start, every --frame-stride-th) "
                                       "or uniform (spread over the clip).", panel=DATA)
     frame_stride: int = opt(1, "With head sampling, take every Nth frame.", panel=DATA)
+    resize_mode: str = opt("center-crop", "How frames take a bucket's size: center-crop (scale to cover, then crop "
+                                          "the centre), stretch (scale to the size, bicubic; finetrainers' reshape "
+                                          "mode bicubic) or crop (crop the centre, no scaling).", panel=DATA)
+    id_token: str | None = opt(None, "A token put before every caption (finetrainers' id_token), e.g. a LoRA trigger "
+                                     "word.", panel=DATA)
+    strip_llm_prefixes: bool = opt(False, "Remove common LLM caption openings (\"The video shows\", \"In this "
+                                          "video,\", ...) as finetrainers' remove_common_llm_caption_prefixes does.",
+                                   panel=DATA)
     max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
                                                 "max_text_seq_length (226 for CogVideoX).", panel=DATA)
     batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).",
@@ -45,6 +53,7 @@ class PrecomputeConfig(ModelArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.frame_sampling, FRAME_SAMPLING, "frame_sampling")
+        check_choice(self.resize_mode, RESIZE_MODES, "resize_mode")
         check_choice(self.decoder, ("auto", "decord", "pyav"), "decoder")
         for name in ("frame_stride", "batch_size", "shard_samples", "shard_max_mb"):
             check_positive(getattr(self, name), name)

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
@@ -26,7 +27,7 @@ from ft.common.shards import (
     sample_key,
     shard_keys,
 )
-from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
+from ft.common.video import MediaError, open_media, parse_bucket, resize_to_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
@@ -139,6 +140,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     started = time.time()
     spec = spec_for(cfg)
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+    items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
@@ -162,7 +164,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
             getattr(vae, method, lambda: None)()
     fingerprints = spec.encoder_fingerprints(encoders, vae, cfg)
     fingerprint = sample_key(fingerprints)
-    encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config)),
+    encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config), cfg.resize_mode),
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
@@ -199,9 +201,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     def decode(sample: PlannedSample) -> tuple[PlannedSample, Any]:
         try:
             frames = open_media(sample.item.path, cfg.decoder).read(sample.indices)
+            return sample, resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], cfg.resize_mode)
         except MediaError as e:
             return sample, e
-        return sample, resize_center_crop(frames, sample.bucket[1], sample.bucket[2])
 
     try:
         with tqdm(total=len(todo), unit="clip", desc="precompute", disable=not todo) as bar:
