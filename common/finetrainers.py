@@ -17,7 +17,6 @@ Spelling decides one clash: `--batch_size` (finetrainers' spelling) is the train
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from collections.abc import Callable
@@ -76,9 +75,6 @@ def _optimizer(v: list[str]) -> list[tuple[str, list[str]]]:
     name = v[0].lower()
     mapping = {"adam": "adam", "adamw": "adamw", "adamw-bnb-8bit": "adamw-8bit", "adamw-bnb": "adamw",
                "adam-bnb": "adam"}
-    if name == "adam-bnb-8bit":
-        raise UserError("--optimizer adam-bnb-8bit: ft has no 8-bit Adam with L2 weight decay. Use --optimizer "
-                        "adamw-8bit (8-bit, decoupled weight decay) or adam (32-bit, L2 decay as Adam8bit has).")
     if name not in mapping:
         return [("optimizer", [name])]  # ft's own names; TrainConfig checks them
     return [("optimizer", [mapping[name]])]
@@ -193,7 +189,9 @@ def _flags() -> list[Flag]:
         # optimizer
         Flag("optimizer", s, (T,), "optimizer", why="adam, adamw; adamw-bnb-8bit is ft's adamw-8bit; adam-bnb and "
              "adamw-bnb (32-bit bitsandbytes) are torch's adam and adamw; adam-bnb-8bit is refused.",
-             convert=_optimizer),
+             convert=_optimizer, check=lambda v: None if v[0].lower() != "adam-bnb-8bit" else
+             "--optimizer adam-bnb-8bit: ft has no 8-bit Adam with L2 weight decay. Use --optimizer adamw-8bit "
+             "(8-bit, decoupled weight decay) or adam (32-bit, L2 decay as Adam8bit has)."),
         *(Flag(name, s, (T,), name) for name in (
             "lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "beta1", "beta2", "weight_decay",
             "epsilon", "max_grad_norm")),
@@ -377,6 +375,7 @@ class Translation:
     left_to: dict[str, list[str]] = field(default_factory=dict)
     not_needed: list[str] = field(default_factory=list)
     not_yet: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     effects: dict[str, str] = field(default_factory=dict)
 
@@ -390,14 +389,26 @@ class Translation:
         return lines + self.notes
 
 
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def _suggest(entry: Entry, command: str, fields: Fields) -> str | None:
     """A near spelling of one flag of `command` (with its ft name, for a finetrainers flag), or None."""
     names = {flag_name(n)[2:]: n for n in fields.by_command[command]}
     names.update({n.replace("_", "-"): n for n in FLAGS})
-    close = difflib.get_close_matches(entry.key.replace("_", "-"), list(names), n=1, cutoff=0.85)
-    if not close:
+    typed = entry.key.replace("_", "-")
+    near = [n for n in names if _edits(typed, n) <= max(1, len(n) // 8)]  # a typo or two, never another flag
+    if not near:
         return None
-    name = names[close[0]]
+    name = names[min(near, key=lambda n: (_edits(typed, n), n))]
     flag = FLAGS.get(name)
     if flag and name not in fields.by_command[command]:
         return f"--{name}" + (f" (ft: {flag_name(flag.ft)})" if flag.ft and flag.ft != name else "")
@@ -436,7 +447,24 @@ def translate(command: str, argv: list[str], config: dict[str, Any] | None, conf
         by_origin.append(settings)
     settings = {**by_origin[0], **by_origin[1]}
     _special_cases(command, settings, finetrainers, result, fields.by_command[command])
+    if command == T:
+        _warn_long_warmup(settings, configs[T], result)
     return result
+
+
+def _warn_long_warmup(settings: dict[str, list[str]], config_cls: type, result: Translation) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+
+    def value(name: str) -> Any:
+        return settings[name][-1] if name in settings else defaults.get(name)
+
+    try:
+        warmup, steps = int(value("lr_warmup_steps")), int(value("train_steps"))
+    except (TypeError, ValueError):
+        return  # TrainConfig says what is wrong with the value
+    if value("lr_scheduler") != "constant" and warmup >= steps:
+        result.warnings.append(f"--lr-warmup-steps {warmup} is not shorter than the run ({steps} steps): the "
+                               "learning rate never reaches --lr.")
 
 
 def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, finetrainers: dict[str, list[str]]
@@ -461,6 +489,8 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
             return flag.convert(entry.values)
         return [(flag.ft, entry.values or ["true"])] if flag.ft else []  # no ft: read by _special_cases
     if bare in own:
+        if own[bare] == "list":  # ft's list flags also take comma-separated values
+            return [(bare, [p.strip() for v in entry.values for p in v.split(",") if p.strip()])]
         return [(bare, ["false"] if key != bare else (entry.values or ["true"]))]
     other = next((c for c in stages if c != command and bare in fields.by_command[c]), None)
     if other:
@@ -472,7 +502,7 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
     if entry.origin != "command line":
         hint = hint.replace(f"{close}?", f"{close[2:]!r}?") if close and close.startswith("--") else hint
         raise UserError(f"{entry.origin}: {key!r} is not a setting of this command{hint}")
-    raise UserError(f"No such option: {entry.spelling} (ft {command}){hint}.")
+    raise UserError(f"No such option: {entry.spelling} (ft {command}){hint}{'' if close else '.'}")
 
 
 def _leave(result: Translation, flag: Flag, entry: Entry, command: str, stages: tuple[str, ...]) -> None:
