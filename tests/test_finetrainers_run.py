@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
 
 from ft.common.errors import UserError
+from helpers import run_cli
 
 REGEX = "(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)"
 
