@@ -125,8 +125,6 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
     translation = translate(command, args[at + 1 :], values, configs, config_path or "")
     for line in translation.info_lines():
         log.info(line)
-    for line in translation.warnings:
-        log.warning(f"warning: {line}")
     apply_effects(translation.effects)
     results = [app(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone)
                for run in translation.runs]

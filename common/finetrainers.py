@@ -375,7 +375,6 @@ class Translation:
     left_to: dict[str, list[str]] = field(default_factory=dict)
     not_needed: list[str] = field(default_factory=list)
     not_yet: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     effects: dict[str, str] = field(default_factory=dict)
 
@@ -447,24 +446,7 @@ def translate(command: str, argv: list[str], config: dict[str, Any] | None, conf
         by_origin.append(settings)
     settings = {**by_origin[0], **by_origin[1]}
     _special_cases(command, settings, finetrainers, result, fields.by_command[command])
-    if command == T:
-        _warn_long_warmup(settings, configs[T], result)
     return result
-
-
-def _warn_long_warmup(settings: dict[str, list[str]], config_cls: type, result: Translation) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
-
-    def value(name: str) -> Any:
-        return settings[name][-1] if name in settings else defaults.get(name)
-
-    try:
-        warmup, steps = int(value("lr_warmup_steps")), int(value("train_steps"))
-    except (TypeError, ValueError):
-        return  # TrainConfig says what is wrong with the value
-    if value("lr_scheduler") != "constant" and warmup >= steps:
-        result.warnings.append(f"--lr-warmup-steps {warmup} is not shorter than the run ({steps} steps): the "
-                               "learning rate never reaches --lr.")
 
 
 def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, finetrainers: dict[str, list[str]]
