@@ -17,15 +17,15 @@ from typing import Annotated
 import typer
 
 from .config import (
-    check_config_keys,
     expand_multi_value_flags,
     kebab_flags,
     list_options,
-    load_config_file,
     make_command,
     pop_config_flag,
+    read_config_file,
 )
 from .errors import UserError
+from .finetrainers import apply_effects, translate
 from .logs import log, setup_logging
 
 app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: precompute, then train.",
@@ -122,22 +122,28 @@ _register()
 
 
 def invoke(argv: list[str], standalone: bool = True) -> object:
-    """Parse `argv` as the `ft` command line would and run it; returns the command's result when not standalone."""
-    args, config_path = pop_config_flag(kebab_flags(list(argv)))
-    multi: set[str] = set()
-    for cls in _configs().values():
-        multi |= list_options(cls)
-    args = expand_multi_value_flags(args, multi)
-    default_map = None
-    if config_path:
-        command = next((a for a in args if not a.startswith("-")), None)
-        configs = _configs()
-        if command not in configs:
-            raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")
-        values = load_config_file(config_path)
-        check_config_keys(values, configs[command], config_path)
-        default_map = {command: values}
-    return app(args=args, prog_name="ft", default_map=default_map, standalone_mode=standalone)
+    """Parse `argv` as the `ft` command line would and run it; returns the command's result when not standalone
+    (a list of results when a finetrainers dataset config makes several precompute runs)."""
+    args, config_path = pop_config_flag(list(argv))
+    command = next((a for a in args if not a.startswith("-")), None)
+    configs = _configs()
+    if config_path and command not in configs:
+        raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")
+    if command not in configs or "--help" in args:
+        multi: set[str] = set()
+        for cls in configs.values():
+            multi |= list_options(cls)
+        args = expand_multi_value_flags(kebab_flags(args), multi)
+        return app(args=args, prog_name="ft", standalone_mode=standalone)
+    at = args.index(command)
+    values = read_config_file(config_path) if config_path else None
+    translation = translate(command, args[at + 1 :], values, configs, config_path or "")
+    for line in translation.info_lines():
+        log.info(line)
+    apply_effects(translation.effects)
+    results = [app(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone)
+               for run in translation.runs]
+    return results[0] if len(results) == 1 else results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,6 +136,11 @@ def expand_multi_value_flags(argv: list[str], multi: set[str]) -> list[str]:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a TOML, YAML or JSON run config into `{field_name: value}` (keys in either spelling)."""
+    return {str(k).lstrip("-").replace("-", "_"): v for k, v in read_config_file(path).items()}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A TOML, YAML or JSON run config's table, keys spelled as in the file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {path}: no such file. Pass a .toml, .yaml or .json file of flag values.")
@@ -159,7 +164,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise UserError(f"--config {path} could not be parsed: {e}") from e
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must hold a table of flag = value pairs.")
-    return {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    return data
 
 
 def check_config_keys(values: dict[str, Any], config_cls: type, path: str) -> None:

@@ -1,10 +1,13 @@
 """Readers of every dataset layout users bring, each giving the same list of `DatasetItem(path, caption)`.
 
 Layouts, tried in this order for a folder `--dataset DATA`:
-1. `DATA/videos.txt` + `DATA/prompts.txt`: one relative media path / one caption per line (finetrainers' layout;
-   `--video-column` / `--caption-column` may name other .txt files in the folder).
+1. a media list (`videos.txt`, `video.txt`, `images.txt` or `image.txt`) beside a caption list (`prompts.txt`,
+   `prompt.txt`, `captions.txt` or `caption.txt`): one relative media path / one caption per line (finetrainers'
+   layout; `--video-column` / `--caption-column` may name other .txt files in the folder).
 2. `DATA/metadata.{csv,json,jsonl,parquet}`: a table with a path column and a caption column.
-3. media files, each with a same-named `.txt` caption beside it (searched recursively).
+3. WebDataset tars (`*.tar`, searched recursively) holding media and captions, read as finetrainers reads them
+   (common/webdataset_media.py);
+4. media files, each with a same-named `.txt` caption beside it (searched recursively).
 `--dataset` may also be a metadata file itself. Images stand wherever videos may. Paths are relative to the folder
 holding the list or table. A missing media file is not an error here: precompute rejects it with a reason.
 
@@ -29,6 +32,9 @@ from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
                 "image_path", "video_file")
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "prompts", "description", "title")
+# finetrainers' list-layout file names (finetrainers/data/dataset.py)
+CAPTION_LIST_NAMES = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
+MEDIA_LIST_NAMES = ("video.txt", "videos.txt", "image.txt", "images.txt")
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet")
 TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
@@ -62,6 +68,10 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
     for name in METADATA_NAMES:
         if (root / name).is_file():
             return _from_table(root / name, video_column, caption_column)
+    if any(root.rglob("*.tar")):
+        from .webdataset_media import read_webdataset_folder
+
+        return read_webdataset_folder(root, caption_column)
     items = _from_sidecar_captions(root)
     if items:
         return items
@@ -71,14 +81,30 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
         f"captions beside them.")
 
 
+def _one_of(root: Path, names: tuple[str, ...], named: str | None, what: str) -> Path | None:
+    """The list file of `what` in `root`: the one the flag names, else the single one of finetrainers' names."""
+    if named and named.endswith(".txt"):
+        return root / named if (root / named).is_file() else None
+    found = [root / n for n in names if (root / n).is_file()]
+    if len(found) > 1:
+        raise UserError(f"{root} has {' and '.join(p.name for p in found)}: more than one {what} list, so which to "
+                        f"use is unclear. Keep one, or name it with "
+                        f"{'--caption-column' if what == 'caption' else '--video-column'}.")
+    return found[0] if found else None
+
+
 def _list_files(root: Path, video_column: str | None, caption_column: str | None) -> tuple[Path, Path] | None:
-    videos = root / (video_column if video_column and video_column.endswith(".txt") else "videos.txt")
-    prompts = root / (caption_column if caption_column and caption_column.endswith(".txt") else "prompts.txt")
-    if videos.is_file() and prompts.is_file():
+    """finetrainers' list layout: one media list (video.txt, videos.txt, image.txt or images.txt) beside one
+    caption list (prompt.txt, prompts.txt, caption.txt or captions.txt)."""
+    videos = _one_of(root, MEDIA_LIST_NAMES, video_column, "media")
+    prompts = _one_of(root, CAPTION_LIST_NAMES, caption_column, "caption")
+    if videos and prompts:
         return videos, prompts
-    if videos.is_file() != prompts.is_file():
-        have, lack = (videos, prompts) if videos.is_file() else (prompts, videos)
-        raise UserError(f"{have} is there but {lack} is not: the list layout needs both files, one line each.")
+    if videos or prompts:
+        named = caption_column if videos else video_column
+        lack = [named] if named and named.endswith(".txt") else CAPTION_LIST_NAMES if videos else MEDIA_LIST_NAMES
+        raise UserError(f"{videos or prompts} is there but no {' / '.join(lack)} beside it: the list layout needs a "
+                        "media list and a caption list, one line each.")
     return None
 
 

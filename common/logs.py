@@ -24,8 +24,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def quiet_libraries() -> None:
-    """Call before loading models. Keeps real errors; drops progress bars and chatter."""
+    """Call before loading models. Keeps real errors; drops progress bars and chatter. finetrainers' `--verbose N`
+    sets FT_LIBRARY_VERBOSITY (warning, info or debug), which then wins."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    verbosity = os.environ.get("FT_LIBRARY_VERBOSITY")
+    if verbosity:
+        import diffusers
+        import transformers
+
+        for library in (transformers, diffusers):
+            library.utils.logging.set_verbosity(getattr(logging, verbosity.upper()))
+        return
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")
     try:
         import transformers

@@ -31,6 +31,8 @@ class ModelArgs:
     model: str = opt(REQUIRED, "Model family: cogvideox (more to come). See `ft models`.", panel=_P)
     pretrained: str = opt(REQUIRED, "A diffusers folder or hub id of the base model.", panel=_P)
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --pretrained.", panel=_P)
+    variant: str | None = opt(None, "Weights variant to load, e.g. fp16 (files named *.fp16.safetensors).", panel=_P)
+    cache_dir: str | None = opt(None, "Where hub downloads are stored (default: the Hugging Face cache).", panel=_P)
     tokenizer_id: str | None = opt(None, "Load the tokenizer from here instead of --pretrained (precompute, "
                                          "generate).", panel=_P)
     tokenizer_2_id: str | None = opt(None, "Load the second tokenizer from here.", panel=_P)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif"}
 FRAME_SAMPLING = ("head", "uniform")
+# how a frame becomes a bucket's size: scale to cover then centre-crop; scale to the size (aspect not kept, as
+# finetrainers' "bicubic"); or centre-crop without scaling (finetrainers' "center_crop")
+RESIZE_MODES = ("center-crop", "stretch", "crop")
 
 
 class MediaError(Exception):
@@ -223,6 +226,31 @@ def frame_indices(num_frames: int, frames: int, sampling: str, stride: int) -> l
     if sampling == "head":
         return list(range(0, (frames - 1) * stride + 1, stride))
     return [int(round(x)) for x in np.linspace(0, num_frames - 1, frames)]
+
+
+def resize_to_bucket(frames: np.ndarray, height: int, width: int, mode: str = "center-crop") -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [F, 3, height, width] in [-1, 1], by `mode` (one of RESIZE_MODES).
+
+    A frame smaller than the bucket cannot be `crop`ped: that raises MediaError (the clip is rejected).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if mode == "center-crop":
+        return resize_center_crop(frames, height, width)
+    assert mode in RESIZE_MODES, mode
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    if mode == "stretch":
+        if (h, w) != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+    else:
+        if h < height or w < width:
+            raise MediaError(f"{w}x{h} frames are smaller than the {width}x{height} bucket and --resize-mode crop "
+                             "does not scale")
+        top, left = (h - height) // 2, (w - width) // 2
+        x = x[:, :, top : top + height, left : left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1)
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:

@@ -200,7 +200,7 @@ class ModelSpec(ABC):
         source, subfolder, revision = self._source(component, args)
         cls = self.component_class(component)
         try:
-            return dict(cls.load_config(source, subfolder=subfolder, revision=revision))
+            return dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
         except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
             raise UserError(f"could not read the {component} config from {source}"
                             f"{'/' + subfolder if subfolder else ''}: {e}") from e
@@ -210,8 +210,11 @@ class ModelSpec(ABC):
         cls = self.component_class(component)
         source, subfolder, revision = self._source(component, args)
         kwargs: dict[str, Any] = {}
+        hub: dict[str, Any] = {"cache_dir": args.cache_dir} if args.cache_dir else {}  # from_pretrained only
         dtype = None
         if not component.startswith("tokenizer"):
+            if args.variant:
+                hub["variant"] = args.variant
             dtype = parse_dtype(args.dtype_of(component), f"--{component.replace('_', '-')}-dtype")
             kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
         try:
@@ -220,7 +223,7 @@ class ModelSpec(ABC):
             else:
                 if subfolder:
                     kwargs["subfolder"] = subfolder
-                module = cls.from_pretrained(source, revision=revision, **kwargs)
+                module = cls.from_pretrained(source, revision=revision, **kwargs, **hub)
         except Exception as e:  # from_pretrained raises OSError/ValueError/hub errors for a bad source
             where = f"{source}/{subfolder}" if subfolder else source
             raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}") from e
@@ -234,7 +237,7 @@ class ModelSpec(ABC):
         cls = import_class(*self.scheduler_class)
         source, subfolder, revision = args.pretrained, "scheduler", args.revision
         try:
-            return cls.from_pretrained(source, subfolder=subfolder, revision=revision)
+            return cls.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir)
         except Exception as e:
             raise UserError(f"could not load the scheduler from {source}/scheduler: {e}") from e
 
@@ -251,7 +254,7 @@ class ModelSpec(ABC):
     def pipeline_scheduler(self, args: ModelArgs) -> Any:
         """The scheduler the pipeline samples with: the class named in the model's scheduler config."""
         config = import_class(*self.scheduler_class).load_config(args.pretrained, subfolder="scheduler",
-                                                                 revision=args.revision)
+                                                                 revision=args.revision, cache_dir=args.cache_dir)
         name = config.get("_class_name")
         if not name:
             return self.load_scheduler(args)

@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 TEMPORAL_COMPRESSION = 4
 
 
+def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """CogVideoX 1.5 patches latent frames in pairs: latents [B, F, C, H, W] whose frame count is not a multiple
+    of `patch_size_t` (81 frames -> 21) get their last frame repeated, as finetrainers pads them, and train padded
+    (noise is drawn for the padded frames too, and they are in the target). A count that is already a multiple is
+    left alone (finetrainers adds a whole extra patch then; the pipeline does not)."""
+    import torch
+
+    extra = (-latents.shape[1]) % patch_size_t if patch_size_t else 0
+    if not extra:
+        return latents
+    return torch.cat([latents, latents[:, -1:].expand(-1, extra, -1, -1, -1)], dim=1)
+
+
 class CogVideoXSpec(ModelSpec):
     name = "cogvideox"
     display_name = "CogVideoX"
@@ -51,10 +64,7 @@ class CogVideoXSpec(ModelSpec):
         frames, height, width = bucket
         if (frames - 1) % TEMPORAL_COMPRESSION:
             return f"CogVideoX takes 4k+1 frames (1, 5, 9, ..., 49, ...), not {frames}"
-        p_t = transformer_config.get("patch_size_t")
-        if p_t and ((frames - 1) // TEMPORAL_COMPRESSION + 1) % p_t:
-            return (f"this CogVideoX (1.5, patch_size_t={p_t}) needs a latent frame count divisible by {p_t}: "
-                    f"frames = 8k+5 such as 45, 77 or 85, not {frames}")
+        # CogVideoX 1.5 (patch_size_t) takes any 4k+1: forward pads the latent frames to the temporal patch
         multiple = self._spatial_factor(vae_config) * transformer_config.get("patch_size", 2)
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}, not {height}x{width}"
@@ -87,6 +97,9 @@ class CogVideoXSpec(ModelSpec):
     # ------------------------------------------------------------------------------------------------ stage 2
 
     def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        # the trainer checks the shards against the transformer before training: the 1.5 temporal patch that
+        # prepare_latents pads to is learnt here
+        self.latent_frame_patch = transformer_config.get("patch_size_t")
         if manifest.model_family != self.name:
             raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
                             f"precompute them again with --model {self.name}.")
@@ -108,7 +121,8 @@ class CogVideoXSpec(ModelSpec):
                         generators: list[torch.Generator]) -> torch.Tensor:
         sample = sample_posterior(latents, generators)
         scale = vae_config.get("scaling_factor", 1.15258426)
-        return (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
+        latents = (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
+        return pad_latent_frames(latents, getattr(self, "latent_frame_patch", None))
 
     def rotary_embeddings(self, transformer_config: dict, latent_frames: int, latent_height: int,
                           latent_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

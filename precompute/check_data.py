@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import DatasetItem, dataset_root, load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log
@@ -141,7 +142,8 @@ def format_table(rows: list[dict[str, Any]], limit: int = TABLE_ROWS) -> str:
 def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     """Check `cfg.dataset` for `cfg.model`; print the table and summary, write the JSON report; return it."""
     spec = get_spec(cfg.model)
-    items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)
+    items = apply_caption_options(load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column), cfg.id_token,
+                                  cfg.strip_llm_prefixes)
     model_args = ModelArgs(model=cfg.model, pretrained=cfg.pretrained, revision=cfg.revision) \
         if cfg.pretrained else None
     if model_args is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
-from ft.common.video import FRAME_SAMPLING
+from ft.common.video import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
 POLICY = "Bad input"
@@ -32,6 +32,14 @@ class DataArgs:
     frame_sampling: str = opt("head", "Which frames fill a bucket: head (from the start, every --frame-stride-th) "
                                       "or uniform (spread over the clip).", panel=DATA)
     frame_stride: int = opt(1, "With head sampling, take every Nth frame.", panel=DATA)
+    resize_mode: str = opt("center-crop", "How frames take a bucket's size: center-crop (scale to cover, then crop "
+                                          "the centre), stretch (scale to the size, bicubic; finetrainers' reshape "
+                                          "mode bicubic) or crop (crop the centre, no scaling).", panel=DATA)
+    id_token: str | None = opt(None, "A token put before every caption (finetrainers' id_token), e.g. a LoRA trigger "
+                                     "word.", panel=DATA)
+    strip_llm_prefixes: bool = opt(False, "Remove common LLM caption openings (\"The video shows\", \"In this "
+                                          "video,\", ...) as finetrainers' remove_common_llm_caption_prefixes does.",
+                                   panel=DATA)
     max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
                                                 "max_text_seq_length (226 for CogVideoX).", panel=DATA)
     decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.", panel=ENCODING)
@@ -50,6 +58,7 @@ class DataArgs:
         check_choice(self.frame_sampling, FRAME_SAMPLING, "frame_sampling")
         check_choice(self.decoder, ("auto", "decord", "pyav"), "decoder")
         check_choice(self.on_error, ON_ERROR, "on_error")
+        check_choice(self.resize_mode, RESIZE_MODES, "resize_mode")
         check_positive(self.frame_stride, "frame_stride")
         check_positive(self.decode_workers, "decode_workers", allow_zero=True)
         if self.max_sequence_length is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.config import to_jsonable
+from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
@@ -35,7 +36,7 @@ from ft.common.shards import (
     sample_key,
     shard_keys,
 )
-from ft.common.video import MediaError, open_media, resize_center_crop
+from ft.common.video import MediaError, open_media, resize_to_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
@@ -170,6 +171,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     started = time.time()
     spec = spec_for(cfg)
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+    items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
@@ -190,7 +192,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
             getattr(vae, method, lambda: None)()
     fingerprints = spec.encoder_fingerprints(encoders, vae, cfg)
     fingerprint = sample_key(fingerprints)
-    encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config)),
+    encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config), cfg.resize_mode),
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
@@ -238,9 +240,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     def decode(sample: PlannedSample) -> tuple[PlannedSample, Any]:
         try:
             frames = open_media(sample.item.path, cfg.decoder).read(sample.indices)
+            return sample, resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], cfg.resize_mode)
         except MediaError as e:
             return sample, e
-        return sample, resize_center_crop(frames, sample.bucket[1], sample.bucket[2])
 
     failed: set[str] = set()
     try:

@@ -55,11 +55,12 @@ class PlannedSample:
         return parts
 
 
-def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any]) -> dict[str, Any]:
+def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any], resize_mode: str = RESIZE_MODE
+                    ) -> dict[str, Any]:
     """The encoding parameters that shape every sample's tensors: they are written to the manifest and hashed
     into every sample key, so a rerun with other choices (the family's template, crop, layer, normalisation via
     `ModelSpec.encoding_choices`) never reuses samples made with the old ones."""
-    return {"max_sequence_length": max_sequence_length, "resize_mode": RESIZE_MODE,
+    return {"max_sequence_length": max_sequence_length, "resize_mode": resize_mode,
             "family_choices": dict(sorted(family_choices.items()))}
 
 

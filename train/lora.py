@@ -16,13 +16,25 @@ from ft.pipelines.base import ModelSpec
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
+REGEX_CHARACTERS = set("()|*+?[]^$\\")
+
+
+def peft_targets(target_modules: list[str]) -> str | list[str]:
+    """What PEFT takes: one value with regex characters is a regex matched against whole module names (as
+    finetrainers passes `(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)`); otherwise
+    module names, each matching a name or its last parts."""
+    if len(target_modules) == 1 and REGEX_CHARACTERS & set(target_modules[0]):
+        return target_modules[0]
+    return list(target_modules)
+
+
 def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str]) -> list[Any]:
     """Freeze the transformer, add a LoRA adapter, and return its (fp32) trainable parameters."""
     import torch
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=peft_targets(target_modules))
     try:
         transformer.add_adapter(config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"

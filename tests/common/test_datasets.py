@@ -230,3 +230,44 @@ def test_csv_with_quoted_commas_and_excel_bom(tmp_path: Path) -> None:
 def test_csv_captions_are_kept_as_written(tmp_path: Path) -> None:
     (tmp_path / "metadata.csv").write_text("video,caption\na.mp4,007\nb.mp4,1984\n")
     assert [i.caption for i in load_dataset(tmp_path)] == ["007", "1984"]
+
+
+@pytest.mark.parametrize(("media", "captions"), [("video.txt", "prompt.txt"), ("images.txt", "captions.txt"),
+                                                 ("videos.txt", "caption.txt")])
+def test_finetrainers_list_file_names(tmp_path: Path, media: str, captions: str) -> None:
+    (tmp_path / media).write_text("a.mp4\nb.mp4\n")
+    (tmp_path / captions).write_text("one\ntwo\n")
+    items = load_dataset(tmp_path)
+    assert [(i.path.name, i.caption) for i in items] == [("a.mp4", "one"), ("b.mp4", "two")]
+
+
+def test_two_caption_lists_are_an_error_naming_both(tmp_path: Path) -> None:
+    (tmp_path / "videos.txt").write_text("a.mp4\n")
+    (tmp_path / "prompt.txt").write_text("one\n")
+    (tmp_path / "captions.txt").write_text("one\n")
+    with pytest.raises(UserError, match="prompt.txt and captions.txt: more than one caption list"):
+        load_dataset(tmp_path)
+
+
+def test_a_folder_of_webdataset_tars_is_read_as_finetrainers_reads_it(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "part-0.tar", "w") as tar:
+        add(tar, "clip1.mp4", b"video bytes 1")
+        add(tar, "clip1.long_caption", b"a long one")
+        add(tar, "clip1.caption", b"b'a cat'")
+        add(tar, "clip2.mp4", b"video bytes 2")
+        add(tar, "clip2.txt", b"a dog\n")
+        add(tar, "clip3.json", b"{}")  # no media: skipped, as finetrainers skips it
+    items = load_dataset(tmp_path / "data")
+    assert [(i.path.name, i.caption) for i in items] == [("clip1.mp4", "a cat"), ("clip2.mp4", "a dog")]
+    assert items[0].path.read_bytes() == b"video bytes 1"
+    with pytest.raises(UserError, match="sample 'clip2' has no caption column; ft looks for long_caption"):
+        load_dataset(tmp_path / "data", caption_column="long_caption")

@@ -103,10 +103,25 @@ def test_bucket_rules(spec, bucket, ok):
     assert (problem is None) == ok, problem
 
 
-def test_cogvideox_1_5_needs_latent_frames_divisible_by_patch_size_t(spec):
+def test_cogvideox_1_5_takes_buckets_finetrainers_trains(spec):
+    """finetrainers' example trains CogVideoX1.5-5B at 81x480x768 (21 latent frames, padded to 22)."""
     vae = {"block_out_channels": [128, 256, 256, 512]}
-    assert spec.check_bucket((81, 768, 1360), vae, {"patch_size": 2, "patch_size_t": 2}) is not None
-    assert spec.check_bucket((85, 768, 1360), vae, {"patch_size": 2, "patch_size_t": 2}) is None
+    for frames in (81, 85, 49, 1):
+        assert spec.check_bucket((frames, 480, 768), vae, {"patch_size": 2, "patch_size_t": 2}) is None
+    assert spec.check_bucket((80, 480, 768), vae, {"patch_size": 2, "patch_size_t": 2}) is not None
+
+
+def test_latent_frames_are_padded_to_the_temporal_patch_with_the_last_frame():
+    from ft.pipelines.cogvideox import pad_latent_frames
+
+    latents = torch.randn(2, 21, 4, 3, 5)
+    padded = pad_latent_frames(latents, 2)
+    assert padded.shape == (2, 22, 4, 3, 5)
+    torch.testing.assert_close(padded[:, :21], latents)
+    torch.testing.assert_close(padded[:, 21], latents[:, 20])  # the last frame repeated, as finetrainers pads
+    even = torch.randn(1, 22, 4, 3, 5)
+    assert pad_latent_frames(even, 2) is even  # already a multiple: untouched
+    assert pad_latent_frames(latents, None) is latents  # CogVideoX 1.0: no temporal patch
 
 
 def test_a_folder_without_a_transformer_is_a_clear_error(spec, tmp_path, tiny_cog):
