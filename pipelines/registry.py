@@ -10,11 +10,13 @@ from ft.common.model_args import ModelArgs
 
 from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
+from .ltx_video import LTXVideoSpec
 
 SPECS: dict[str, type[ModelSpec]] = {
     CogVideoXSpec.name: CogVideoXSpec,
+    LTXVideoSpec.name: LTXVideoSpec,
 }
-ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox"}
+ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox", "ltx-video": "ltx_video", "ltx": "ltx_video"}
 
 
 def get_spec(name: str, options: dict[str, Any] | None = None) -> ModelSpec:

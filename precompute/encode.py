@@ -26,7 +26,7 @@ from ft.common.shards import (
     sample_key,
     shard_keys,
 )
-from ft.common.video import MediaError, open_media, parse_bucket, resize_center_crop
+from ft.common.video import MediaError, effective_fps, open_media, parse_bucket, resize_center_crop
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
@@ -121,6 +121,7 @@ class _Encoder:
             meta = {
                 "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
                 "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
+                "fps": effective_fps(sample.fps, sample.indices),
                 "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
                 "model_family": self.spec.name,
             }

@@ -97,6 +97,11 @@ class TrainConfig(ModelArgs):
     flow_max_seq_len: int = opt(4096, "Sequence length that gets --flow-max-shift.", panel=OBJECTIVE)
     flow_base_shift: float = opt(0.5, "Shift exponent (mu) at --flow-base-seq-len.", panel=OBJECTIVE)
     flow_max_shift: float = opt(1.15, "Shift exponent (mu) at --flow-max-seq-len.", panel=OBJECTIVE)
+    # --- family-specific stage-2 options (a family that does not take one refuses it: ModelSpec.check_args) ---
+    first_frame_conditioning_p: float = opt(0.0, "LTX-Video: probability that a sample's first latent frame is "
+                                                 "noised only lightly (sigma <= 0.25) and left out of the loss, "
+                                                 "training image-to-video conditioning (finetrainers uses 0.1).",
+                                            panel=OBJECTIVE)
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
@@ -116,6 +121,9 @@ class TrainConfig(ModelArgs):
             check_positive(getattr(self, name), name, allow_zero=True)
         if self.checkpointing_limit is not None:
             check_positive(self.checkpointing_limit, "checkpointing_limit")
+        if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
+            raise UserError(f"--first-frame-conditioning-p must be between 0 and 1, got "
+                            f"{self.first_frame_conditioning_p}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
         if self.flow_max_seq_len <= self.flow_base_seq_len:
