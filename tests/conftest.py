@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CogVideoX saved as a diffusers folder, datasets of real mp4 clips, encoded shards.
+"""Shared fixtures: a tiny CogVideoX and a tiny LTX-Video saved as diffusers folders, datasets of real mp4 clips,
+encoded shards.
 
 Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
 """
@@ -35,5 +36,20 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cog_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cog: Path, shapes_data: Path) -> Path:
     out = tmp_path_factory.mktemp("shards") / "cog"
     run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+             "--out", out, *BUCKETS, "--batch-size", "2"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.pipelines.tiny import save_tiny_model
+
+    return save_tiny_model("ltx_video", tmp_path_factory.mktemp("models") / "tiny-ltx-video", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ltx_shards(tmp_path_factory: pytest.TempPathFactory, tiny_ltx: Path, shapes_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "ltx"
+    run_cli(["precompute", "--model", "ltx-video", "--pretrained", tiny_ltx, *FP32, "--dataset", shapes_data,
              "--out", out, *BUCKETS, "--batch-size", "2"])
     return out
