@@ -232,3 +232,16 @@ def test_effective_frame_rate_of_the_sampled_frames():
     assert effective_fps(30.0, list(range(0, 17, 2))) == 15.0
     assert effective_fps(24.0, [0, 12, 24]) == 2.0  # uniform sampling over a long clip
     assert effective_fps(24.0, [0]) is None and effective_fps(0.0, [0, 1]) is None
+
+
+def test_ft_models_lists_every_family_with_its_aliases():
+    from typer.testing import CliRunner
+
+    from ft.common.cli import app
+    from ft.pipelines.registry import ALIASES, SPECS
+
+    out = CliRunner().invoke(app, ["models"]).output
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(SPECS)
+    for alias, name in ALIASES.items():
+        assert alias in next(line for line in lines if line.startswith(name))

@@ -125,3 +125,12 @@ def test_an_overridden_text_encoder_with_its_own_dtype(tiny_ltx, shapes_data, tm
     sample = next(iter_shard(out / manifest.shards[0].name))
     assert sample.tensors["cond"]["prompt_embeds"].dtype == torch.bfloat16
     assert sample.tensors["latents"]["mean"].dtype == torch.float32
+
+
+def test_demo_runs_on_the_tiny_ltx_video(tmp_path):
+    from ft.common.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", steps=2, model="ltx-video")
+    assert summary["steps"] == 2
+    assert (tmp_path / "demo" / "sample.mp4").is_file()
+    assert json.loads((tmp_path / "demo" / "model" / "model_index.json").read_text())["_class_name"] == "LTXPipeline"
