@@ -61,6 +61,9 @@ def test_shards_hold_the_posterior_the_prompt_and_the_frame_rate(spec, pipe, ltx
     assert manifest.shapes == {"latent_channels": 8, "prompt_embeds": [128, 32], "prompt_attention_mask": [128]}
     assert manifest.encoding["max_sequence_length"] == 128
     assert manifest.encoding["family_choices"] == spec.encoding_choices({})
+    from ft.common.inspect_shards import describe
+
+    assert "latent_normalisation: stage 2" in describe(str(ltx_shards))  # `ft inspect` shows the family's choices
     vae_config = manifest.encoders["vae"]["config"]
     assert torch.equal(torch.tensor(vae_config["latents_mean"]), pipe.vae.latents_mean)
     assert torch.equal(torch.tensor(vae_config["latents_std"]), pipe.vae.latents_std)
