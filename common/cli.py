@@ -89,7 +89,7 @@ def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where the demo writes its model, data, shards and "
                                                            "outputs.")] = "demo-run",
     steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 60,
-    model: Annotated[str, typer.Option("--model", help="Model family to demo.")] = "cogvideox",
+    model: Annotated[str, typer.Option("--model", help="Model family to demo (any of `ft models`).")] = "cogvideox",
 ) -> None:
     """Run the whole pipeline on a tiny random model and a generated dataset, on a CPU, in minutes."""
     from .demo import run_demo
@@ -111,11 +111,12 @@ def inspect_shards(
 @app.command("models")
 def models() -> None:
     """List the model families ft can train."""
-    from ft.pipelines.registry import SPECS
+    from ft.pipelines.registry import ALIASES, SPECS
 
     for name, cls in sorted(SPECS.items()):
-        typer.echo(f"{name:12s} {cls.display_name}: LoRA targets {', '.join(cls.default_lora_targets)}; "
-                   f"default buckets {', '.join(cls.default_buckets)}")
+        aliases = sorted(a for a, target in ALIASES.items() if target == name)
+        typer.echo(f"{name:12s} {cls.display_name} ({', '.join(aliases)}): {cls.objective}; LoRA targets "
+                   f"{', '.join(cls.default_lora_targets)}; default buckets {', '.join(cls.default_buckets)}")
 
 
 _register()

@@ -27,10 +27,14 @@ def _run(argv: list[str]) -> object:
 
 
 def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "cogvideox") -> dict:
+    """Build a tiny random `model` (any family `ft models` lists), then precompute, train and generate."""
+    from ft.pipelines.registry import get_spec
     from ft.pipelines.tiny import save_tiny_model
 
     from .synthetic import make_shapes_dataset
 
+    spec = get_spec(model)  # an unknown family fails here, before anything is written
+    model = spec.name
     started = time.time()
     wd = Path(workdir)
     model_dir, data, shards, out, sample = wd / "model", wd / "data", wd / "shards", wd / "out", wd / "sample.mp4"
@@ -41,7 +45,8 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
         log.info(f"writing 12 clips and 2 stills of moving shapes to {data}")
         make_shapes_dataset(data, num_clips=12, frames=17, sizes=((32, 32), (32, 64)), num_images=2, seed=0)
     base = ["--model", model, "--pretrained", str(model_dir)]
-    fp32 = ["--transformer-dtype", "fp32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
+    fp32 = [a for c in spec.component_classes if not c.startswith("tokenizer")
+            for a in (f"--{c.replace('_', '-')}-dtype", "fp32")]
     _run(["precompute", *base, *fp32, "--dataset", str(data), "--out", str(shards),
           "--buckets", "9x32x32", "9x32x64", "1x32x32", "--batch-size", "2"])
     shutil.rmtree(out, ignore_errors=True)  # a rerun of the demo trains afresh (train refuses old checkpoints)

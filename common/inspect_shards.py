@@ -27,6 +27,8 @@ def describe(folder: str, verify: bool = False) -> str:
     enc = manifest.encoding
     lines.append(f"encoding       max_sequence_length {enc.get('max_sequence_length')}, frames "
                  f"{enc.get('frame_sampling')} stride {enc.get('frame_stride')}, {enc.get('resize_mode')}")
+    for choice, value in (enc.get("family_choices") or {}).items():  # the family's own (ModelSpec.encoding_choices)
+        lines.append(f"  {choice}: {value}")
     lines.append(f"shapes         {manifest.shapes}")
     if manifest.active:
         cached = manifest.num_samples - manifest.active["samples"]

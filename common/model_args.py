@@ -28,7 +28,7 @@ COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_e
 class ModelArgs:
     """The model family and the sources and dtypes of its components."""
 
-    model: str = opt(REQUIRED, "Model family: cogvideox (more to come). See `ft models`.", panel=_P)
+    model: str = opt(REQUIRED, "Model family: cogvideox, ltx_video, ... (`ft models` lists them all).", panel=_P)
     pretrained: str = opt(REQUIRED, "A diffusers folder or hub id of the base model.", panel=_P)
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --pretrained.", panel=_P)
     variant: str | None = opt(None, "Weights variant to load, e.g. fp16 (files named *.fp16.safetensors).", panel=_P)

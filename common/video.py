@@ -253,6 +253,14 @@ def resize_to_bucket(frames: np.ndarray, height: int, width: int, mode: str = "c
     return (x / 127.5 - 1.0).clamp(-1, 1)
 
 
+def effective_fps(source_fps: float, indices: list[int]) -> float | None:
+    """The frame rate of the sampled frames: the source fps over their mean spacing (a stride of 2 halves it).
+    None for a single frame (a still) or a source whose fps is unknown."""
+    if len(indices) < 2 or not source_fps or source_fps <= 0 or indices[-1] == indices[0]:
+        return None
+    return float(source_fps) * (len(indices) - 1) / (indices[-1] - indices[0])
+
+
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 [F, H, W, 3] -> float [F, 3, height, width] in [-1, 1]: scaled to cover, then centre-cropped."""
     import torch

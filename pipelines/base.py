@@ -156,6 +156,12 @@ class ModelSpec(ABC):
     default_buckets: ClassVar[list[str]]
     # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
     embedded_guidance: ClassVar[bool] = False
+    # generation: the frames per second of its videos, and the pipeline's __call__ argument that takes the frame
+    # rate (None: the pipeline has none, the rate only sets the mp4's)
+    default_fps: ClassVar[float] = 8.0
+    frame_rate_argument: ClassVar[str | None] = None
+    # whether stage 2 can condition on a clean-ish first frame (`--first-frame-conditioning-p`)
+    first_frame_conditioning: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None):
         """`options`: the run's settings (a config as a dict) for families whose stage 2 has knobs of its own."""
@@ -174,6 +180,9 @@ class ModelSpec(ABC):
                                 f"{', '.join(self.component_classes)}.")
             if not component.startswith("tokenizer") and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
                 raise UserError(f"{flag}-dtype: {self.display_name} has no {component}.")
+        if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
+            raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
+                            "conditioning; leave it at 0.")
 
     def component_class(self, component: str) -> type:
         return import_class(*self.component_classes[component])

@@ -11,12 +11,14 @@ from ft.common.model_args import ModelArgs
 from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
+from .ltx_video import LTXVideoSpec
 
 SPECS: dict[str, type[ModelSpec]] = {
     CogVideoXSpec.name: CogVideoXSpec,
+    LTXVideoSpec.name: LTXVideoSpec,
     HunyuanVideoSpec.name: HunyuanVideoSpec,
 }
-ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox",
+ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox", "ltx-video": "ltx_video", "ltx": "ltx_video",
            "hunyuan-video": "hunyuan_video", "hunyuan": "hunyuan_video"}
 
 

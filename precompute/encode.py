@@ -36,7 +36,7 @@ from ft.common.shards import (
     sample_key,
     shard_keys,
 )
-from ft.common.video import MediaError, open_media, resize_to_bucket
+from ft.common.video import MediaError, effective_fps, open_media, resize_to_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
@@ -137,6 +137,7 @@ class _Encoder:
             meta = {
                 "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
                 "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
+                "fps": effective_fps(sample.fps, sample.indices),
                 "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
                 "model_family": self.spec.name,
             }

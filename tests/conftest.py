@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CogVideoX saved as a diffusers folder, datasets of real mp4 clips, encoded shards.
+"""Shared fixtures: a tiny CogVideoX and a tiny LTX-Video saved as diffusers folders, datasets of real mp4 clips,
+encoded shards.
 
 Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
 """
@@ -53,4 +54,18 @@ def hunyuan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_hunyuan: Path,
     out = tmp_path_factory.mktemp("shards") / "hunyuan"
     run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, *HUNYUAN_TEXT,
              "--dataset", shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.pipelines.tiny import save_tiny_model
+
+    return save_tiny_model("ltx_video", tmp_path_factory.mktemp("models") / "tiny-ltx-video", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ltx_shards(tmp_path_factory: pytest.TempPathFactory, tiny_ltx: Path, shapes_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "ltx"
+    run_cli(["precompute", "--model", "ltx-video", "--pretrained", tiny_ltx, *FP32, "--dataset", shapes_data,
+             "--out", out, *BUCKETS, "--batch-size", "2"])
     return out

@@ -104,6 +104,11 @@ class TrainConfig(ModelArgs):
     guidance_scale: float = opt(1.0, "HunyuanVideo: the embedded guidance scale the guidance-distilled transformer is "
                                      "trained with (1.0 as finetrainers and musubi-tuner train; generation uses the "
                                      "pipeline's 6.0).", panel=OBJECTIVE)
+    # --- family-specific stage-2 options (a family that does not take one refuses it: ModelSpec.check_args) ---
+    first_frame_conditioning_p: float = opt(0.0, "LTX-Video: probability that a sample's first latent frame is "
+                                                 "noised only lightly (sigma <= 0.25) and left out of the loss, "
+                                                 "training image-to-video conditioning (finetrainers uses 0.1).",
+                                            panel=OBJECTIVE)
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
@@ -124,6 +129,9 @@ class TrainConfig(ModelArgs):
         if self.checkpointing_limit is not None:
             check_positive(self.checkpointing_limit, "checkpointing_limit")
         check_positive(self.guidance_scale, "guidance_scale")
+        if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
+            raise UserError(f"--first-frame-conditioning-p must be between 0 and 1, got "
+                            f"{self.first_frame_conditioning_p}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
         if self.flow_max_seq_len <= self.flow_base_seq_len:

@@ -38,16 +38,20 @@ class GenerateConfig(ModelArgs):
     num_frames: int | None = opt(None, "Frames to generate. Default: the model's (49 for CogVideoX).", panel=GEN)
     height: int | None = opt(None, "Height in pixels. Default: the model's.", panel=GEN)
     width: int | None = opt(None, "Width in pixels. Default: the model's.", panel=GEN)
-    num_inference_steps: int = opt(50, "Denoising steps.", panel=GEN)
-    guidance_scale: float = opt(6.0, "Classifier-free guidance scale.", panel=GEN)
+    num_inference_steps: int | None = opt(None, "Denoising steps. Default: the pipeline's (50).", panel=GEN)
+    guidance_scale: float | None = opt(None, "Classifier-free guidance scale. Default: the pipeline's (6 for "
+                                             "CogVideoX, 3 for LTX-Video).", panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
-    fps: float = opt(8.0, "Frames per second of the written mp4.", panel=GEN)
+    fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
+                                  "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
+                                  "LTX-Video).", panel=GEN)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=GEN)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self.num_inference_steps, "num_inference_steps")
-        check_positive(self.fps, "fps")
+        for name in ("num_inference_steps", "fps"):
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), name)
 
 
 def check_lora_folder(path: str) -> Path:
@@ -85,6 +89,21 @@ def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -
     return pipe
 
 
+def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, pipe: Any) -> dict[str, Any]:
+    """Steps, guidance and frame rate: the flags, else the pipeline's own `__call__` defaults (the model's fps
+    for the frame rate). Keys are the pipeline's argument names; `fps` is the mp4's rate."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
+    settings: dict[str, Any] = {
+        "num_inference_steps": cfg.num_inference_steps or defaults["num_inference_steps"],
+        "guidance_scale": defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
+        "fps": cfg.fps or spec.default_fps}
+    if spec.frame_rate_argument:
+        settings[spec.frame_rate_argument] = settings["fps"]
+    return settings
+
+
 def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
@@ -109,8 +128,9 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     embeds |= {f"negative_{k}": v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype)
                for k, v in negative.items()}
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    result = pipe(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=generator,
-                  output_type="np", **embeds, **spec.pipeline_call_kwargs(transformer_config), **size)
+    settings = {k: v for k, v in sampling_settings(spec, cfg, pipe).items() if k != "fps"}
+    result = pipe(generator=generator, output_type="np", **settings, **embeds,
+                  **spec.pipeline_call_kwargs(transformer_config), **size)
     frames = np.asarray(result.frames[0])
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
 
@@ -122,6 +142,6 @@ def run_generate(cfg: GenerateConfig) -> Path:
     device = pick_device(cfg.device)
     pipe = load_pipeline_with_lora(spec, cfg, device)
     frames = generate_frames(spec, cfg, pipe, size)
-    path = write_video(cfg.out, frames, cfg.fps)
+    path = write_video(cfg.out, frames, sampling_settings(spec, cfg, pipe)["fps"])
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

@@ -46,8 +46,8 @@ EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "batch_size", "gradient_accumulation_steps",
                     "seed", "shuffle_buffer", "training_type", "rank", "lora_alpha", "target_modules",
-                    "caption_dropout_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps",
-                    "guidance_scale")
+                    "caption_dropout_p", "first_frame_conditioning_p", "optimizer", "lr", "lr_scheduler",
+                    "lr_warmup_steps", "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:

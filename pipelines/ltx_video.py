@@ -1,0 +1,275 @@
+"""LTX-Video (LTXPipeline: T5 + AutoencoderKLLTXVideo + LTXVideoTransformer3DModel), trained with flow matching.
+
+What is stored (stage 1), as `LTXPipeline._get_t5_prompt_embeds` and the VAE make it:
+- `prompt_embeds` and `prompt_attention_mask` (bool) from T5, 128 tokens by default;
+- the VAE posterior: its `mean` [C, F, H, W] and its log-variance, which the LTX VAE makes as ONE channel repeated
+  over all C (the encoder's last channel): stored once, [1, F, H, W], and broadcast in stage 2.
+- The VAE's `latents_mean` / `latents_std` are weight buffers, not config. They are NOT applied in stage 1: they
+  travel in the manifest beside the VAE's config (`encoders.vae.config`), and stage 2 normalises with them. So the
+  stored posterior is the VAE's own, and the draw z = mean + exp(logvar / 2) * eps is made before normalising.
+- Each sample's JSON records its effective frame rate `fps` (source fps over the frame spacing; see
+  ft.common.video.effective_fps); a still has none and trains at the pipeline's default, 25 fps.
+
+What is fed (stage 2), as `LTXPipeline.__call__` feeds its transformer:
+- latents drawn from the posterior, normalised as `_normalize_latents` does ((z - latents_mean) * scaling_factor /
+  latents_std), noised by the shared flow-matching objective (x_s = (1 - s) x0 + s noise, timestep 1000 s, target
+  noise - x0), packed into tokens as `_pack_latents` does; the output is unpacked (`_unpack_latents`) so the loss
+  compares like with like;
+- `encoder_attention_mask`, the latent `num_frames` / `height` / `width`, and `rope_interpolation_scale` =
+  (temporal compression / fps, spatial compression, spatial compression) with each sample's own fps.
+- `--first-frame-conditioning-p P`: with probability P per sample (drawn from the sample's generator), the first
+  latent frame is noised only to sigma_ff = min(u * sigma, 0.25) (u uniform), as finetrainers' LTX trainer does
+  for image-to-video, and its loss is masked out (per-element weight 0): it is the condition, not a target.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ft.common.errors import UserError
+from ft.common.model_args import ModelArgs
+
+from .base import ModelSpec, StepInputs, randn_per_sample
+
+if TYPE_CHECKING:
+    import torch
+
+    from ft.common.shards import Manifest
+
+DEFAULT_FRAME_RATE = 25.0  # LTXPipeline.__call__'s frame_rate; what a still (no frame spacing) trains at
+DEFAULT_TEXT_TOKENS = 128  # LTXPipeline's max_sequence_length
+MIN_FIRST_FRAME_SIGMA = 0.25  # finetrainers' cap on the conditioned first frame's noise level
+
+
+def compression_ratios(vae_config: dict) -> tuple[int, int]:
+    """(temporal, spatial) compression of an LTX VAE, computed as AutoencoderKLLTXVideo.__init__ does."""
+    scaling = vae_config.get("spatio_temporal_scaling", (True, True, True, False))
+    spatial = vae_config.get("spatial_compression_ratio") or vae_config.get("patch_size", 4) * 2 ** sum(scaling)
+    temporal = vae_config.get("temporal_compression_ratio") or vae_config.get("patch_size_t", 1) * 2 ** sum(scaling)
+    return int(temporal), int(spatial)
+
+
+def normalize_latents(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scaling_factor: float
+                      ) -> torch.Tensor:
+    """[B, C, F, H, W]: (z - latents_mean) * scaling_factor / latents_std per channel (LTXPipeline's formula)."""
+    mean = mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return (latents - mean) * scaling_factor / std
+
+
+def pack_latents(latents: torch.Tensor, p: int, p_t: int) -> torch.Tensor:
+    """[B, C, F, H, W] -> tokens [B, F/p_t * H/p * W/p, C * p_t * p * p], frame-major (LTXPipeline's order)."""
+    b, c, f, h, w = latents.shape
+    x = latents.reshape(b, c, f // p_t, p_t, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, p: int, p_t: int) -> torch.Tensor:
+    """The inverse of `pack_latents`, given the latent frames, height and width."""
+    b = tokens.size(0)
+    x = tokens.reshape(b, frames // p_t, height // p, width // p, -1, p_t, p, p)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class LTXVideoSpec(ModelSpec):
+    name = "ltx_video"
+    display_name = "LTX-Video"
+    objective = "flow_matching"
+    channel_dim = 1  # prepare_latents returns [B, C, F, H, W]; predict packs and unpacks around the transformer
+    pipeline_class = ("diffusers", "LTXPipeline")
+    component_classes = {
+        "tokenizer": ("transformers", "AutoTokenizer"),
+        "text_encoder": ("transformers", "T5EncoderModel"),
+        "vae": ("diffusers", "AutoencoderKLLTXVideo"),
+        "transformer": ("diffusers", "LTXVideoTransformer3DModel"),
+    }
+    text_components = ("tokenizer", "text_encoder")
+    scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    default_buckets = ["49x512x768"]
+    default_fps = DEFAULT_FRAME_RATE
+    frame_rate_argument = "frame_rate"
+    first_frame_conditioning = True
+
+    # ------------------------------------------------------------------------------------------------ facts
+
+    def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
+        frames, height, width = bucket
+        temporal, spatial = compression_ratios(vae_config)
+        if (frames - 1) % temporal:
+            return (f"LTX-Video takes {temporal}k+1 frames (1, {temporal + 1}, {2 * temporal + 1}, ...), "
+                    f"not {frames}")
+        p_t = transformer_config.get("patch_size_t", 1)
+        if ((frames - 1) // temporal + 1) % p_t:
+            return f"this transformer (patch_size_t={p_t}) needs a latent frame count divisible by {p_t}"
+        multiple = spatial * transformer_config.get("patch_size", 1)
+        if height % multiple or width % multiple:
+            return f"height and width must be multiples of {multiple}, not {height}x{width}"
+        return None
+
+    def default_sequence_length(self, transformer_config: dict) -> int:
+        return DEFAULT_TEXT_TOKENS
+
+    # ------------------------------------------------------------------------------------------------ stage 1
+
+    def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
+        return {"latents": "posterior mean, log-variance stored once (one channel)",
+                "latent_normalisation": "stage 2, with the VAE's latents_mean/latents_std from the manifest"}
+
+    def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
+        """As the base, plus the VAE's `latents_mean` / `latents_std` buffers in its config entry: stage 2 reads
+        `encoders.vae.config` from the manifest and normalises with them without loading the VAE."""
+        out = super().encoder_fingerprints(encoders, vae, args)
+        out["vae"]["config"] = {**out["vae"]["config"],
+                                "latents_mean": [float(x) for x in vae.latents_mean.float().cpu()],
+                                "latents_std": [float(x) for x in vae.latents_std.float().cpu()]}
+        return out
+
+    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
+        # the LTX encoder repeats one log-variance channel over all latent channels: keep one
+        return {"mean": posterior.mean, "logvar": posterior.logvar[:, :1]}
+
+    def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
+                       ) -> dict[str, torch.Tensor]:
+        tokenizer, text_encoder = encoders["tokenizer"], encoders["text_encoder"]
+        tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                           add_special_tokens=True, return_tensors="pt")
+        embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+        return {"prompt_embeds": embeds, "prompt_attention_mask": tokens.attention_mask.bool().to(embeds.device)}
+
+    # ------------------------------------------------------------------------------------------------ stage 2
+
+    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        if manifest.model_family != self.name:
+            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
+                            f"precompute them again with --model {self.name}.")
+        shapes = manifest.shapes
+        p, p_t = transformer_config.get("patch_size", 1), transformer_config.get("patch_size_t", 1)
+        channels, in_channels = shapes.get("latent_channels"), transformer_config.get("in_channels")
+        if channels is None or channels * p * p * p_t != in_channels:
+            raise UserError(f"the shards hold latents with {channels} channels but the transformer takes "
+                            f"{in_channels} (patch {p}x{p}x{p_t}): they were encoded with another VAE.")
+        _, dim = shapes.get("prompt_embeds", [None, None])
+        if dim != transformer_config.get("caption_channels"):
+            raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
+                            f"{transformer_config.get('caption_channels')}: they were encoded with another text "
+                            "encoder.")
+        if "prompt_attention_mask" not in shapes:
+            raise UserError("the shards hold no prompt_attention_mask: they were not written by ft's LTX-Video "
+                            "precompute; precompute them again with --model ltx_video.")
+        vae = manifest.encoders.get("vae", {}).get("config", {})
+        if "latents_mean" not in vae or "latents_std" not in vae:
+            raise UserError("the manifest lacks the VAE's latents_mean/latents_std: precompute the shards again "
+                            "with this version of ft.")
+
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+                        generators: list[torch.Generator]) -> torch.Tensor:
+        import torch
+
+        mean, logvar = latents["mean"].float(), latents["logvar"].float()
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # [B, 1, F, H, W], broadcast over channels
+        sample = mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
+        return normalize_latents(sample, torch.tensor(vae_config["latents_mean"]),
+                                 torch.tensor(vae_config["latents_std"]), vae_config.get("scaling_factor", 1.0))
+
+    @staticmethod
+    def frame_rates(meta: list[dict[str, Any]]) -> list[float]:
+        """Each sample's frame rate: its recorded effective fps; a still (or a sample without one) gets 25."""
+        return [float(m.get("fps") or DEFAULT_FRAME_RATE) for m in meta]
+
+    @staticmethod
+    def sample_compression(meta: dict[str, Any]) -> tuple[int, int]:
+        """(temporal, spatial) compression of the VAE that encoded a sample, from its bucket and latent shape
+        (frames = temporal * (latent frames - 1) + 1; a 1-frame sample's temporal ratio never enters RoPE)."""
+        frames, height, _ = meta["bucket"]
+        _, latent_frames, latent_height, _ = meta["latent_shape"]
+        temporal = (frames - 1) // (latent_frames - 1) if latent_frames > 1 else 1
+        return temporal, height // latent_height
+
+    def rope_interpolation_scale(self, meta: list[dict[str, Any]], device: torch.device
+                                 ) -> tuple[torch.Tensor, float, float]:
+        """(temporal compression / fps per sample, spatial compression, spatial compression), as LTXPipeline makes
+        it from its frame_rate; the temporal entry is [B, 1, 1, 1, 1] so each sample keeps its own fps."""
+        import torch
+
+        temporal, spatial = self.sample_compression(meta[0])  # one bucket per batch
+        fps = self.frame_rates(meta)
+        per_sample = torch.tensor([temporal / f for f in fps], dtype=torch.float32, device=device)
+        return per_sample.view(-1, 1, 1, 1, 1), spatial, spatial
+
+    def condition_first_frame(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The noised latents with the first frame re-noised to a low sigma for the samples whose draw says so,
+        and per-element weights that mask those frames' loss (None when no sample is conditioned)."""
+        import torch
+
+        p = float(step.options.get("first_frame_conditioning_p") or 0.0)
+        if p <= 0:
+            return step.noisy, None
+        coin, u = torch.stack([torch.rand(2, generator=g) for g in step.generators]).T  # after the shared draws
+        chosen = (coin < p).to(step.noisy.device)
+        if not bool(chosen.any()):
+            return step.noisy, None
+        sigma_ff = torch.minimum(u.to(step.sigmas) * step.sigmas, torch.full_like(step.sigmas, MIN_FIRST_FRAME_SIGMA))
+        s = sigma_ff.view(-1, 1, 1, 1, 1).to(step.noisy.dtype)
+        first = (1 - s) * step.latents[:, :, :1] + s * step.noise[:, :, :1]
+        select = chosen.view(-1, 1, 1, 1, 1)
+        noisy = step.noisy.clone()
+        noisy[:, :, :1] = torch.where(select, first, step.noisy[:, :, :1])
+        weights = torch.ones(noisy.shape[0], 1, noisy.shape[2], 1, 1, device=noisy.device)
+        weights[:, :, :1] = torch.where(select, 0.0, 1.0)
+        return noisy, weights
+
+    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The transformer's velocity prediction, fed as LTXPipeline feeds it, unpacked to [B, C, F, H, W]."""
+        config = transformer.config
+        p, p_t = config.patch_size, config.patch_size_t
+        noisy, weights = self.condition_first_frame(step)
+        _, _, frames, height, width = noisy.shape
+        scale = self.rope_interpolation_scale(step.meta, noisy.device)
+        output = transformer(hidden_states=pack_latents(noisy, p, p_t).to(dtype),
+                             encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
+                             timestep=step.timesteps, encoder_attention_mask=step.cond["prompt_attention_mask"],
+                             num_frames=frames, height=height, width=width, rope_interpolation_scale=scale,
+                             return_dict=False)[0]
+        return unpack_latents(output, frames, height, width, p, p_t), weights
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
+        return {"num_frames": 161, "height": 512, "width": 704}  # LTXPipeline.__call__'s defaults
+
+    # ------------------------------------------------------------------------------------------------ tests
+
+    def tiny_components(self, seed: int = 0) -> dict[str, Any]:
+        import torch
+        from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
+        from transformers import T5Config, T5EncoderModel
+
+        from .tiny import t5_tokenizer
+
+        torch.manual_seed(seed)
+        tokenizer = t5_tokenizer()
+        text_encoder = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+            layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+            spatio_temporal_scaling=(True, True, False, False),
+            decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+            timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+        with torch.no_grad():  # non-trivial statistics, so normalisation is exercised
+            vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, 8))
+            vae.latents_std.copy_(torch.linspace(0.5, 1.5, 8))
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+            cross_attention_dim=32, num_layers=1, caption_channels=32)
+        # LTX-Video's own scheduler settings (resolution-dependent shift at sampling time)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05, shift=1.0,
+            shift_terminal=0.1, use_dynamic_shifting=True)
+        return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+                "scheduler": scheduler}
