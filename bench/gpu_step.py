@@ -57,7 +57,7 @@ def write_shards(folder: Path, family: str, vae_config: dict, latent_shape: tupl
     writer.finish_shard()
     shapes = {"latent_channels": latent_shape[0], **{k: list(v) for k, v in cond_shapes.items()}}
     Manifest(model_family=family, encoders={"vae": {"config": vae_config}}, encoder_fingerprint="synthetic",
-             encoding={}, shapes=shapes, shards=writer.completed).save(folder)
+             encoding={}, shapes=shapes, shards=writer.completed, complete=True).save(folder)
     return folder
 
 

@@ -459,7 +459,10 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
     flag = FLAGS.get(key) if entry.finetrainers_spelling or bare not in own else None
     if flag is not None:
         _check_value(flag, entry)
-        available = flag.verdict != NOT_YET or any(flag.ft in f for f in fields.by_command.values())
+        # a capability still being built is there once a command of its stages has the field (not another
+        # command: `ft estimate --dp-shards` does not make sharded training exist)
+        available = flag.verdict != NOT_YET or any(flag.ft in fields.by_command.get(stage, {})
+                                                   for stage in flag.stages)
         if not available:
             result.not_yet.append(entry.spelling)
             return []

@@ -66,7 +66,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            transformer_layers=lambda c: c["num_layers"],
            cond_shapes=lambda c: {"prompt_embeds": ((c["max_text_seq_length"], c["text_embed_dim"]), "bfloat16")},
            default_buckets=["49x480x720"]),
-    Family("ltx-video", "LTX-Video",
+    Family("ltx_video", "LTX-Video",
            {"transformer": ("diffusers", "LTXVideoTransformer3DModel"), "vae": ("diffusers", "AutoencoderKLLTXVideo"),
             "text_encoder": ("transformers", "T5EncoderModel")},
            transformer_layers=lambda c: c["num_layers"],
@@ -74,7 +74,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            cond_shapes=lambda c: {"prompt_embeds": ((128, c["caption_channels"]), "bfloat16"),
                                   "prompt_attention_mask": ((128,), "bool")},
            default_buckets=["49x512x768"]),
-    Family("hunyuan-video", "HunyuanVideo",
+    Family("hunyuan_video", "HunyuanVideo",
            {"transformer": ("diffusers", "HunyuanVideoTransformer3DModel"),
             "vae": ("diffusers", "AutoencoderKLHunyuanVideo"), "text_encoder": ("transformers", "LlamaModel"),
             "text_encoder_2": ("transformers", "CLIPTextModel")},
@@ -83,7 +83,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            cond_shapes=lambda c: {"prompt_embeds": ((256, c["text_embed_dim"]), "bfloat16"),
                                   "prompt_attention_mask": ((256,), "bool"),
                                   "pooled_prompt_embeds": ((c["pooled_projection_dim"],), "bfloat16")},
-           default_buckets=["49x544x960"]),
+           default_buckets=["49x544x960"],
+           # the image/text stream projections of the dual-stream blocks too, as finetrainers targets them
+           lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                         "to_add_out"]),
 )}
 
 CHECKPOINTS: list[Checkpoint] = [
@@ -92,9 +95,9 @@ CHECKPOINTS: list[Checkpoint] = [
     Checkpoint("cogvideox", "CogVideoX-5b", ("THUDM/CogVideoX-5b", "zai-org/CogVideoX-5b", "cogvideox-5b"),
                {"transformer": {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
                 "vae": {"scaling_factor": 0.7}, "text_encoder": T5_XXL}),
-    Checkpoint("ltx-video", "LTX-Video 0.9", ("Lightricks/LTX-Video", "a-r-r-o-w/LTX-Video-diffusers", "ltx-video"),
+    Checkpoint("ltx_video", "LTX-Video 0.9", ("Lightricks/LTX-Video", "a-r-r-o-w/LTX-Video-diffusers", "ltx-video"),
                {"transformer": {}, "vae": {}, "text_encoder": T5_XXL}),
-    Checkpoint("hunyuan-video", "HunyuanVideo",
+    Checkpoint("hunyuan_video", "HunyuanVideo",
                ("hunyuanvideo-community/HunyuanVideo", "tencent/HunyuanVideo", "hunyuan-video"),
                {"transformer": {}, "vae": {}, "text_encoder": LLAVA_LLAMA3_8B_TEXT, "text_encoder_2": CLIP_L_TEXT}),
 ]
@@ -102,8 +105,10 @@ CHECKPOINTS: list[Checkpoint] = [
 
 def get_family(name: str) -> Family:
     """The family for `--model NAME`; an unknown name is an error listing the known ones."""
-    key = {"cogvideo": "cogvideox", "ltx": "ltx-video", "ltxvideo": "ltx-video", "hunyuan": "hunyuan-video",
-           "hunyuanvideo": "hunyuan-video"}.get(name.lower(), name.lower())
+    # the registry's names (ltx_video, hunyuan_video) and its aliases
+    key = {"cogvideo": "cogvideox", "ltx": "ltx_video", "ltxvideo": "ltx_video", "ltx-video": "ltx_video",
+           "hunyuan": "hunyuan_video", "hunyuanvideo": "hunyuan_video", "hunyuan-video": "hunyuan_video"
+           }.get(name.lower(), name.lower())
     if key not in FAMILIES:
         raise UserError(f"--model {name!r}: no known configs for this family; use one of: {', '.join(FAMILIES)}.")
     return FAMILIES[key]

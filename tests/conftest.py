@@ -54,6 +54,7 @@ def hunyuan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_hunyuan: Path,
     out = tmp_path_factory.mktemp("shards") / "hunyuan"
     run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, *HUNYUAN_TEXT,
              "--dataset", shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard
 from ft.pipelines.estimate import EstimateConfig, activation_bytes, estimate
-from ft.pipelines.real_configs import FAMILIES
+from ft.pipelines.real_configs import FAMILIES, get_family
 from ft.pipelines.registry import SPECS
 from helpers import run_cli
 
@@ -68,11 +68,11 @@ def test_the_choices_are_ft_trains():
 
 @pytest.mark.parametrize("model,pretrained,transformer,vae", [
     ("ltx-video", "Lightricks/LTX-Video", 1923, 419), ("hunyuan-video", "hunyuan-video", 12821, 246)])
-def test_families_without_a_spec_yet_use_their_built_in_configs(model, pretrained, transformer, vae):
+def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transformer, vae):
     result = estimate(EstimateConfig(model=model, pretrained=pretrained))
     assert round(result.component("transformer").params / 1e6) == transformer
     assert round(result.component("vae").params / 1e6) == vae
-    assert result.buckets[0].bucket == FAMILIES[model].default_buckets[0]
+    assert result.buckets[0].bucket == get_family(model).default_buckets[0]
 
 
 def test_the_lora_targets_of_a_family_with_a_spec_are_the_specs():
@@ -102,7 +102,7 @@ def test_activation_model():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"model": "cogvideox", "pretrained": "someone/finetune"}, "not a local folder nor a checkpoint ft knows"),
-    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, ltx-video, hunyuan-video"),
+    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, ltx_video, hunyuan_video"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["50x480x720"]}, "4k+1 frames"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["49x480"]}, "write FRAMESxHEIGHTxWIDTH"),
 ])
