@@ -26,3 +26,8 @@ def test_loader_bench_prints_its_table():
 def test_gpu_step_runs_the_tiny_model_on_the_cpu():
     out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu")
     assert "| ft (measured) |" in out and "waiting for data" in out
+
+
+def test_train_step_bench_compares_shards_with_online_encoders():
+    out = bench(str(BENCH / "train_step.py"), "--config", "tiny", "--steps", "2")
+    assert "| shards (ft) |" in out and "| online encoders (all-in-one) |" in out and "ratio shards / online" in out
