@@ -115,7 +115,7 @@ def models() -> None:
 
     for name, cls in sorted(SPECS.items()):
         aliases = sorted(a for a, target in ALIASES.items() if target == name)
-        typer.echo(f"{name:12s} {cls.display_name} ({', '.join(aliases)}): {cls.objective}; LoRA targets "
+        typer.echo(f"{name:14s} {cls.display_name} ({', '.join(aliases)}): {cls.objective}; LoRA targets "
                    f"{', '.join(cls.default_lora_targets)}; default buckets {', '.join(cls.default_buckets)}")
 
 

@@ -89,8 +89,7 @@ class PrecomputeConfig(DataArgs, ModelArgs):
 
 @dataclass(kw_only=True)
 class CheckDataConfig(DataArgs):
-    """Check a dataset before paying for GPU time: decodability, fps, frames, sizes, caption lengths, the bucket
-    each item lands in, duplicates, and everything precompute would reject. Loads no model."""
+    """Check a dataset before paying for GPU time (loads no model): what precompute would reject, and why."""
 
     model: str = opt(REQUIRED, "Model family whose buckets and text length apply: cogvideox. See `ft models`.",
                      panel=DATA)

@@ -27,7 +27,7 @@ GEN = "Generation"
 
 @dataclass(kw_only=True)
 class GenerateConfig(ModelArgs):
-    """Generate a video with the base model plus a trained LoRA."""
+    """Generate a video with the base model plus a trained LoRA (--lora) or finetuned transformer (--transformer-id)."""
 
     prompt: str = opt(REQUIRED, "What the video should show.", panel=GEN)
     out: str = opt("video.mp4", "Where to write the mp4.", panel=GEN)
