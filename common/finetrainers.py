@@ -160,9 +160,14 @@ def _flags() -> list[Flag]:
              "decodes with --decode-workers threads."),
         Flag("pin_memory", n, nargs=0, why="ft train copies batches to the GPU itself."),
         # diffusion
-        Flag("flow_resolution_shifting", s, (T,), "flow_resolution_shifting", nargs=0),
+        Flag("flow_resolution_shifting", s, (T,), "flow_resolution_shifting", nargs=0,
+             why="finetrainers parses it and never applies it; ft applies it (e^mu shift from the latent sequence "
+             "length), for families sampled with dynamic shifting (LTX-Video) only, and refuses it elsewhere."),
+        *(Flag(name, s, (T,), name, why="acts with --flow_resolution_shifting (finetrainers never used it).")
+          for name in ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")),
+        Flag("flow_shift", s, (T,), "flow_shift", why="finetrainers parses it and never applies it; ft shifts "
+             "the sampled sigmas by it (1: none, the default)."),
         *(Flag(name, s, (T,), name) for name in (
-            "flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift", "flow_shift",
             "flow_weighting_scheme", "flow_logit_mean", "flow_logit_std", "flow_mode_scale")),
         # training
         Flag("training_type", s, (T,), "training_type", why="lora or full-finetune; the control-* types are not "

@@ -204,7 +204,7 @@ class LTXVideoSpec(ModelSpec):
         import torch
 
         p = float(step.options.get("first_frame_conditioning_p") or 0.0)
-        if p <= 0:
+        if p <= 0 or step.noisy.shape[2] < 2:  # a still's only frame is the sample: nothing to condition on
             return step.noisy, None
         coin, u = torch.stack([torch.rand(2, generator=g) for g in step.generators]).T  # after the shared draws
         chosen = (coin < p).to(step.noisy.device)

@@ -41,6 +41,10 @@ class GenerateConfig(ModelArgs):
     num_inference_steps: int | None = opt(None, "Denoising steps. Default: the pipeline's (50).", panel=GEN)
     guidance_scale: float | None = opt(None, "Classifier-free guidance scale. Default: the pipeline's (6 for "
                                              "CogVideoX, 3 for LTX-Video).", panel=GEN)
+    true_cfg_scale: float | None = opt(None, "True classifier-free guidance with --negative-prompt, for pipelines "
+                                             "whose --guidance-scale is an embedded scale (HunyuanVideo and its "
+                                             "finetunes; SkyReels-V1 samples with about 6). Off (1) by default.",
+                                       panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
                                   "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
@@ -104,6 +108,27 @@ def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, pipe: Any) -> dict[s
     return settings
 
 
+def true_cfg_settings(cfg: GenerateConfig, pipe: Any) -> dict[str, float]:
+    """`true_cfg_scale` for pipelines that take one (their guidance scale is embedded): a negative prompt acts only
+    with it above 1, so a negative prompt without it is refused rather than silently ignored."""
+    import inspect
+
+    pipeline_cls = pipe if isinstance(pipe, type) else type(pipe)
+    takes_it = "true_cfg_scale" in inspect.signature(pipeline_cls.__call__).parameters
+    name = pipeline_cls.__name__
+    if not takes_it:
+        if cfg.true_cfg_scale is not None:
+            raise UserError(f"--true-cfg-scale: {name} has no true CFG; its --guidance-scale is classifier-free "
+                            "guidance already.")
+        return {}
+    scale = 1.0 if cfg.true_cfg_scale is None else cfg.true_cfg_scale
+    if cfg.negative_prompt and scale <= 1:
+        raise UserError(f"--negative-prompt: {name} uses a negative prompt only with --true-cfg-scale above 1 (its "
+                        "--guidance-scale is embedded guidance); add --true-cfg-scale 6, say, or drop the negative "
+                        "prompt.")
+    return {"true_cfg_scale": scale}
+
+
 def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
@@ -118,9 +143,11 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
     seq_len = spec.default_sequence_length(transformer_config)
+    true_cfg = true_cfg_settings(cfg, pipe)
     with torch.no_grad():
         prompt = spec.encode_prompts(encoders, [cfg.prompt], seq_len)
-        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len)
+        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if true_cfg.get(
+            "true_cfg_scale", 2.0) > 1 else {}
     for name in spec.text_components:
         if hasattr(encoders[name], "to"):
             encoders[name].to("cpu")
@@ -129,7 +156,7 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
                for k, v in negative.items()}
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     settings = {k: v for k, v in sampling_settings(spec, cfg, pipe).items() if k != "fps"}
-    result = pipe(generator=generator, output_type="np", **settings, **embeds,
+    result = pipe(generator=generator, output_type="np", **settings, **true_cfg, **embeds,
                   **spec.pipeline_call_kwargs(transformer_config), **size)
     frames = np.asarray(result.frames[0])
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
@@ -138,6 +165,9 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
 def run_generate(cfg: GenerateConfig) -> Path:
     spec = spec_for(cfg)
     size = resolve_size(spec, cfg)
+    from ft.pipelines.base import import_class
+
+    true_cfg_settings(cfg, import_class(*spec.pipeline_class))  # a refused flag costs no model load
     quiet_libraries()
     device = pick_device(cfg.device)
     pipe = load_pipeline_with_lora(spec, cfg, device)

@@ -106,10 +106,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.spec = spec_for(cfg)
-        if cfg.guidance_scale != 1.0 and not self.spec.embedded_guidance:
-            raise UserError(f"--guidance-scale {cfg.guidance_scale}: {self.spec.display_name} has no embedded guidance "
-                            "input; leave it at 1.")
         transformer_config = self.spec.load_config("transformer", cfg)
+        if cfg.guidance_scale != 1.0 and not (self.spec.embedded_guidance
+                                              and transformer_config.get("guidance_embeds", True)):
+            raise UserError(f"--guidance-scale {cfg.guidance_scale}: this {self.spec.display_name} transformer has no "
+                            "embedded guidance input; leave it at 1.")
         self.sets = open_shard_sets(cfg, self.spec, transformer_config)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
@@ -133,7 +134,14 @@ class Trainer:
         load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
         self.transformer = self.spec.load_component("transformer", load_cfg, self.device)
         self.model_dtype = parse_dtype(load_dtype(cfg))
-        self.objective = build_objective(self.spec.objective, self.spec.load_scheduler(cfg), cfg)
+        scheduler = self.spec.load_scheduler(cfg)
+        if cfg.flow_resolution_shifting and not scheduler.config.get("use_dynamic_shifting"):
+            # the pre-patch sequence length of a CogVideoX or HunyuanVideo clip is far past --flow-max-seq-len:
+            # the extrapolated shift would put every sigma at ~1. Only families sampled with dynamic shifting.
+            raise UserError(f"--flow-resolution-shifting: {self.spec.display_name} is not sampled with "
+                            "resolution-dependent shifting (its scheduler has no use_dynamic_shifting); use a fixed "
+                            "--flow-shift instead.")
+        self.objective = build_objective(self.spec.objective, scheduler, cfg)
         self.params = make_trainable(cfg, self.spec, self.transformer)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()

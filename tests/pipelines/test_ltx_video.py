@@ -178,6 +178,10 @@ def test_first_frame_conditioning_renoises_and_masks_the_first_frame(spec, pipe,
         torch.testing.assert_close(output, pipeline_call(pipe, noisy, step, 25))
     step.options["first_frame_conditioning_p"] = 0.0  # p = 0: nothing changes
     assert spec.condition_first_frame(step) == (step.noisy, None)
+    # a still's only latent frame is the whole sample: it is never conditioned away (its loss would be 0)
+    still = step_inputs(torch.randn(2, 8, 1, 8, 8), sigmas, cond, [25.0, 25.0],
+                        options={"first_frame_conditioning_p": 1.0}, seed=3)
+    assert spec.condition_first_frame(still) == (still.noisy, None)
 
 
 def test_first_frame_conditioning_is_refused_for_a_family_without_it():

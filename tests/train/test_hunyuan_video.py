@@ -120,3 +120,17 @@ def test_the_guidance_scale_acts_and_other_families_refuse_it(trained, tiny_huny
     with pytest.raises(UserError, match="--guidance-scale 6.0: CogVideoX has no embedded guidance"):
         run_cli(["train", "--model", "cogvideox", "--pretrained", tiny_cog, "--shards", cog_shards, "--output-dir",
                  tmp_path / "cog", "--guidance-scale", "6"])
+
+
+def test_a_negative_prompt_needs_true_cfg_and_acts_with_it(tiny_hunyuan, tmp_path):
+    from ft.common.video import open_media
+
+    common = ["generate", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32,
+              "--prompt", "a red circle", "--num-frames", "5", "--height", "32", "--width", "32",
+              "--num-inference-steps", "2"]
+    with pytest.raises(UserError, match="--true-cfg-scale above 1"):
+        run_cli([*common, "--negative-prompt", "blurry", "--out", tmp_path / "x.mp4"])
+    plain = run_cli([*common, "--out", tmp_path / "plain.mp4"])
+    guided = run_cli([*common, "--negative-prompt", "blurry", "--true-cfg-scale", "6", "--out", tmp_path / "cfg.mp4"])
+    a, b = open_media(plain).read(list(range(5))), open_media(guided).read(list(range(5)))
+    assert not np.array_equal(a, b)
