@@ -142,8 +142,14 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
     for line in translation.info_lines():
         log.info(line)
     apply_effects(translation.effects)
-    results = [app(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone)
-               for run in translation.runs]
+    results = []
+    for run in translation.runs:  # a finetrainers dataset config with several datasets: one precompute each
+        try:
+            results.append(app(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone))
+        except SystemExit as e:  # standalone mode exits after each run; only a failure stops the others
+            if e.code not in (0, None):
+                raise
+            results.append(None)
     return results[0] if len(results) == 1 else results
 
 

@@ -31,6 +31,8 @@ SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not nee
 P, T = "precompute", "train"
 FAMILIES = {"cogvideox": "cogvideox", "ltx_video": "ltx_video", "hunyuan_video": "hunyuan_video"}
 OTHER_FAMILIES = ("cogview4", "flux", "wan")
+MICRO_BATCHES = ("finetrainers counts micro-batches, ft optimizer steps: with --gradient_accumulation_steps above 1 "
+                 "the value is divided by it (rounded up).")
 Check = Callable[[list[str]], "str | None"]
 
 
@@ -176,16 +178,17 @@ def _flags() -> list[Flag]:
         Flag("seed", s, (T,), "seed"),
         Flag("batch_size", s, (T,), "batch_size", why="the training batch. In ft precompute, --batch-size (with a "
              "dash) is the encoding batch; --batch_size is left to ft train."),
-        Flag("train_steps", s, (T,), "train_steps"),
+        Flag("train_steps", s, (T,), "train_steps", why=MICRO_BATCHES),
         Flag("max_data_samples", s, (T,), why="stops training once this many samples were seen: ft lowers "
              "--train-steps to it."),
+        Flag("checkpointing_steps", s, (T,), "checkpointing_steps", why=MICRO_BATCHES),
         *(Flag(name, s, (T,), name) for name in (
-            "gradient_accumulation_steps", "checkpointing_steps", "checkpointing_limit", "resume_from_checkpoint")),
+            "gradient_accumulation_steps", "checkpointing_limit", "resume_from_checkpoint")),
         Flag("gradient_checkpointing", s, (T,), "gradient_checkpointing", nargs=0),
         Flag("enable_slicing", r, (P,), "vae_tiling", nargs=0, why="ft precompute's --vae-tiling turns on VAE "
-             "slicing and tiling together.", convert=lambda v: [("vae_tiling", ["true"])]),
+             "slicing and tiling together.", convert=lambda v: [("vae_tiling", v or ["true"])]),
         Flag("enable_tiling", r, (P,), "vae_tiling", nargs=0, why="see --enable_slicing.",
-             convert=lambda v: [("vae_tiling", ["true"])]),
+             convert=lambda v: [("vae_tiling", v or ["true"])]),
         # LoRA (finetrainers/trainer/sft_trainer/config.py)
         Flag("rank", s, (T,), "rank"),
         Flag("lora_alpha", s, (T,), "lora_alpha"),
@@ -220,7 +223,7 @@ def _flags() -> list[Flag]:
         Flag("logging_dir", n, why="ft writes its logs under OUTPUT_DIR/logs, finetrainers' default.",
              check=_only("logs", why="--logging_dir: ft writes logs to OUTPUT_DIR/logs (finetrainers' default); "
                                      "other folders are not supported.")),
-        Flag("logging_steps", s, (T,), "logging_steps"),
+        Flag("logging_steps", s, (T,), "logging_steps", why="counted like --train_steps (see there)."),
         Flag("init_timeout", n, why="ft sets no process-group timeout of its own."),
         Flag("nccl_timeout", n, why="ft sets no process-group timeout of its own."),
         Flag("report_to", s, (T,), "report_to", why="none or wandb (ft also has tensorboard, its default)."),
@@ -422,6 +425,10 @@ def _suggest(entry: Entry, command: str, fields: Fields) -> str | None:
 def _check_value(flag: Flag, entry: Entry) -> None:
     if flag.check is None:
         return
+    if flag.nargs == 0 and entry.values and entry.values[0].strip().lower() in ("false", "0", "no", "off"):
+        return  # a switch turned off (a config file's `push_to_hub: false`) asks for nothing
+    if flag.nargs == "+" and entry.values == []:
+        return  # an empty list (`layerwise_upcasting_modules: []`) asks for nothing
     values = entry.values or ["true"]
     reason = flag.check(values)
     if reason:
@@ -461,7 +468,11 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
     stages = (P, T) if command in (P, T) else (command,)
     key = entry.key
     bare = key.removeprefix("no_") if key not in own else key
-    flag = FLAGS.get(key) if entry.finetrainers_spelling or bare not in own else None
+    # a one-word flag (--seed, --rank) that the command itself has is the command's own; only underscore
+    # spellings (--batch_size) are finetrainers' meaning whatever the command
+    ambiguous = ("_" not in entry.spelling.lstrip("-") and bare in own and key in FLAGS
+                 and command not in FLAGS[key].stages)
+    flag = FLAGS.get(key) if (entry.finetrainers_spelling and not ambiguous) or bare not in own else None
     if flag is not None:
         _check_value(flag, entry)
         # a capability still being built is there once a command of its stages has the field (not another
@@ -515,13 +526,15 @@ def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: d
             raise UserError(f"--precomputation_dir {value[0]} and --{target} {' '.join(given)} name different "
                             f"folders; give one (ft's --{target}).")
         settings[target] = value
+    if command == T:
+        _finetrainers_training_semantics(settings, finetrainers, result)
     if command == T and "max_data_samples" in finetrainers:
         samples = int(finetrainers["max_data_samples"][0])
         per_step = int(settings.get("batch_size", ["1"])[0]) * int(settings.get("gradient_accumulation_steps",
                                                                                  ["1"])[0])
         steps = int(settings.get("train_steps", ["1000"])[0])
-        if samples // per_step < steps:
-            settings["train_steps"] = [str(max(1, samples // per_step))]
+        if -(-samples // per_step) < steps:  # finetrainers goes on while fewer samples were seen: ceil
+            settings["train_steps"] = [str(max(1, -(-samples // per_step)))]
             result.notes.append(f"--max_data_samples {samples}: training stops after {settings['train_steps'][0]} "
                                 f"steps of {per_step} samples")
     if "dataset_config" in finetrainers and command in (P, T):
@@ -531,6 +544,36 @@ def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: d
             return
         _mix_shards(settings, datasets)
     result.runs = [to_argv(settings, kinds)]
+
+
+def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainers: dict[str, list[str]],
+                                     result: Translation) -> None:
+    """Where a finetrainers-spelled training flag means something else than ft's flag, translate the value.
+
+    - finetrainers counts --train_steps, --checkpointing_steps and --logging_steps in micro-batches (its step
+      counter goes up per batch; the optimizer steps every --gradient_accumulation_steps); ft counts optimizer
+      steps, so those values are divided by the accumulation (rounded up).
+    - finetrainers trains LTX-Video with first-frame conditioning at p = 0.1, hard-coded; ft's default is 0.
+    - finetrainers samples CogVideoX's timesteps uniformly whatever --flow_weighting_scheme says; ft applies the
+      density, so a carried-over scheme is dropped for CogVideoX (pass --flow-weighting-scheme to choose one).
+    """
+    accumulation = int(settings.get("gradient_accumulation_steps", ["1"])[0])
+    if accumulation > 1:
+        for name in ("train_steps", "checkpointing_steps", "logging_steps"):
+            if name in finetrainers and name in settings:
+                micro = int(settings[name][0])
+                settings[name] = [str(max(1 if micro else 0, -(-micro // accumulation)))]
+                result.notes.append(f"--{name} {micro}: finetrainers counts micro-batches, ft optimizer steps; "
+                                    f"{settings[name][0]} steps of {accumulation} micro-batches")
+    model = (settings.get("model") or [""])[0]
+    if "model_name" in finetrainers and model == "ltx_video" and "first_frame_conditioning_p" not in settings:
+        settings["first_frame_conditioning_p"] = ["0.1"]
+        result.notes.append("LTX-Video: first-frame conditioning at p = 0.1, as finetrainers trains it")
+    if model == "cogvideox" and "flow_weighting_scheme" in finetrainers:
+        dropped = settings.pop("flow_weighting_scheme")[0]
+        result.notes.append(f"--flow_weighting_scheme {dropped}: finetrainers samples CogVideoX timesteps "
+                            "uniformly whatever the scheme, and so does this run (--flow-weighting-scheme picks a "
+                            "density in ft)")
 
 
 def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds: dict[str, str]

@@ -154,13 +154,25 @@ def defaults_table() -> str:
     return "\n".join(rows)
 
 
+SEMANTICS = """A finetrainers argument list is translated where the same words meant something else there (each
+translation is named in the run's info line):
+- `--train_steps`, `--checkpointing_steps` and `--logging_steps` count micro-batches in finetrainers and optimizer
+  steps in ft: with `--gradient_accumulation_steps` above 1 they are divided by it, rounded up.
+- LTX-Video: finetrainers always trains with first-frame conditioning at p = 0.1; a carried-over `--model_name
+  ltx_video` run gets `--first-frame-conditioning-p 0.1` unless it says otherwise (ft's own default is 0).
+- CogVideoX: finetrainers samples timesteps uniformly whatever `--flow_weighting_scheme` says, so a carried-over
+  scheme is dropped for CogVideoX; ft's `--flow-weighting-scheme` does pick the timestep density.
+- `--flow_shift` and `--flow_resolution_shifting` (with its base/max knobs) are parsed and never applied by
+  finetrainers; in ft they act (resolution shifting only for LTX-Video, whose scheduler shifts by resolution)."""
+
+
 def render() -> str:
     modes = ", ".join(f"`{k}` is `--resize-mode {v}`" for k, v in RESHAPE_MODES.items())
     datasets = DATASETS.format(keys=", ".join(f"`{k}`" for k in KNOWN_KEYS), n_prefixes=len(LLM_CAPTION_PREFIXES),
                                first=LLM_CAPTION_PREFIXES[0], last=LLM_CAPTION_PREFIXES[-1], modes=modes)
     defaults = ("## Defaults that differ\n\nWhere a flag is not given, ft's default applies, and some differ from "
                 "finetrainers' (argparse) defaults in ways that change a run. A warmup as long as the run or longer "
-                "is a warning.\n\n" + defaults_table() + "\n")
+                "is a warning.\n\n" + defaults_table() + "\n\n" + SEMANTICS + "\n")
     return "\n".join([INTRO, "## Every flag\n", flag_table(), "", defaults, datasets, MIGRATION]).rstrip() + "\n"
 
 
