@@ -102,3 +102,22 @@ def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_
     validation_cmd = ["--validation_dataset_file", str(crush_smol / "validation.json"), "--validation_steps", "500"]
     with pytest.raises(UserError, match="does not run validation during training yet.*ft generate"):
         run_cli(["train", *argv, *validation_cmd, "--shards", tmp_path / "shards"])
+
+
+def test_a_two_dataset_config_precomputes_both_from_the_console_script(crush_smol, tiny_cog, tmp_path):
+    """The real entry point (standalone mode) runs every dataset's precompute, not only the first."""
+    import os
+    import subprocess
+    import sys
+
+    config = json.loads((crush_smol / "training.json").read_text())
+    second = dict(config["datasets"][0], id_token="OTHER")
+    config["datasets"].append(second)
+    (tmp_path / "two.json").write_text(json.dumps(config))
+    argv = ["precompute", "--model_name", "cogvideox", "--pretrained_model_name_or_path", str(tiny_cog),
+            "--transformer_dtype", "fp32", "--vae_dtype", "fp32", "--text_encoder_dtype", "fp32",
+            "--dataset_config", str(tmp_path / "two.json"), "--out", str(tmp_path / "shards")]
+    result = subprocess.run([sys.executable, "-m", "ft.common.cli", *argv], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["0-crush-smol", "1-crush-smol"]
