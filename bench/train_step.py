@@ -119,11 +119,14 @@ def worker(mode: str, config: str, work: Path, steps: int) -> dict:
     batches = (background(trainer.stream.batches()) if mode == "shards"
                else online_batches(trainer, work, config))
     times, waits = [], []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        metrics = trainer.optimizer_step(batches, step)
-        times.append(time.perf_counter() - t0)
-        waits.append(metrics["data_wait"])
+    try:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            metrics = trainer.optimizer_step(batches, step)
+            times.append(time.perf_counter() - t0)
+            waits.append(metrics["data_wait"])
+    finally:
+        batches.close()  # stops the reader thread before the interpreter exits
     warm = max(1, steps // 5)  # the first steps pay for lazy initialisation
     result = {"step_s": sum(times[warm:]) / len(times[warm:]), "wait_share": sum(waits[warm:]) / sum(times[warm:]),
               "peak_rss_gb": peak_rss_gb()}

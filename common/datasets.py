@@ -50,6 +50,8 @@ class DatasetItem:
     # why the item cannot be used, found while reading it, and the kind of problem (empty-cell, caption-not-utf8)
     problem: str = ""
     problem_kind: str = ""
+    # extracted by ft from a tar inside the dataset (WebDataset layout): inside the dataset whatever its temp path
+    extracted: bool = field(default=False, compare=False)
 
 
 def load_dataset(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None

@@ -40,7 +40,7 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def _caption_text(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
+    text = raw.decode("utf-8").strip()  # UnicodeDecodeError: the caller makes it the item's problem
     if text.startswith("b'") and text.endswith("'"):  # a stringified bytes value, as some webdatasets hold
         text = text[2:-1]
     return text
@@ -75,14 +75,28 @@ def read_webdataset_folder(root: Path, caption_column: str | None = None) -> lis
             caption = next((c for c in wanted if c in columns), None)
             if media is None:
                 continue  # finetrainers skips what has no media column too
+            source = f"{tar_path.name} sample {key}"
+            path = (target / f"{key}.{media}").resolve()
+            if key.startswith("/") or ".." in Path(key).parts or not path.is_relative_to(target.resolve()):
+                # a member name like ../../x.mp4 or /etc/x.mp4 would write outside the extraction folder
+                items.append(DatasetItem(target / "refused", "", source=source, problem=f"{tar_path}: member name "
+                                         f"{key!r} leads outside the tar; refused, nothing written",
+                                         problem_kind="outside-dataset", extracted=True))
+                continue
             if caption is None:
-                raise UserError(f"{tar_path}: sample {key!r} has no caption column; ft looks for "
-                                f"{', '.join(wanted[:8])}{', ...' if len(wanted) > 8 else ''} "
-                                f"(name yours with --caption-column).")
-            path = target / f"{key}.{media}"
+                items.append(DatasetItem(path, "", source=source, problem=f"{tar_path}: sample {key!r} has no caption "
+                                         f"column; ft looks for {', '.join(wanted[:8])}"
+                                         f"{', ...' if len(wanted) > 8 else ''} (name yours with --caption-column)",
+                                         problem_kind="empty-cell", extracted=True))
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(columns[media])
-            items.append(DatasetItem(path, _caption_text(columns[caption])))
+            try:
+                items.append(DatasetItem(path, _caption_text(columns[caption]), source=source, extracted=True))
+            except UnicodeDecodeError as e:
+                items.append(DatasetItem(path, "", source=source, problem=f"{tar_path}: the {caption} caption of "
+                                         f"sample {key!r} is not UTF-8 ({e.reason} at byte {e.start}); re-encode it "
+                                         "as UTF-8", problem_kind="caption-not-utf8", extracted=True))
     if not items:
         raise UserError(f"{root}: its tars hold no samples with a media member ({', '.join(MEDIA_COLUMNS)}).")
     return items

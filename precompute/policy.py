@@ -45,7 +45,7 @@ def screen_items(items: list[DatasetItem], root: Path, allow_empty_captions: boo
         where = str(item.path)
         if item.problem:
             rejected.append(Rejected(where, item.problem, item.problem_kind or "empty-cell"))
-        elif not allow_outside_paths and outside_folder(item.path, root):
+        elif not allow_outside_paths and not item.extracted and outside_folder(item.path, root):
             rejected.append(Rejected(where, f"outside the dataset folder {root} (from {item.source}); move it in, "
                                             "or pass --allow-outside-paths", "outside-dataset"))
         elif not item.caption and not allow_empty_captions:

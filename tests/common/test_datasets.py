@@ -269,5 +269,24 @@ def test_a_folder_of_webdataset_tars_is_read_as_finetrainers_reads_it(tmp_path: 
     items = load_dataset(tmp_path / "data")
     assert [(i.path.name, i.caption) for i in items] == [("clip1.mp4", "a cat"), ("clip2.mp4", "a dog")]
     assert items[0].path.read_bytes() == b"video bytes 1"
-    with pytest.raises(UserError, match="sample 'clip2' has no caption column; ft looks for long_caption"):
-        load_dataset(tmp_path / "data", caption_column="long_caption")
+    # a sample without the caption column is one bad item, not a failed run
+    only = load_dataset(tmp_path / "data", caption_column="long_caption")
+    assert only[0].caption == "a long one" and only[0].extracted
+    assert "sample 'clip2' has no caption column; ft looks for long_caption" in only[1].problem
+
+
+def test_a_webdataset_tar_cannot_write_outside_and_bad_captions_are_items(tmp_path):
+    import io
+    import tarfile
+
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "evil.tar", "w") as tar:
+        for name, data in [("../../escaped.mp4", b"x"), ("../../escaped.txt", b"a cat"), ("/tmp/abs.mp4", b"x"),
+                           ("/tmp/abs.txt", b"a dog"), ("latin.mp4", b"x"), ("latin.txt", b"caf\xe9")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    items = load_dataset(tmp_path / "data")
+    assert not (tmp_path / "escaped.mp4").exists() and not list(tmp_path.parent.glob("escaped.mp4"))
+    kinds = sorted(i.problem_kind for i in items)
+    assert kinds == ["caption-not-utf8", "outside-dataset", "outside-dataset"], [i.problem for i in items]
