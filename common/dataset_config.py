@@ -129,7 +129,11 @@ def _caption_columns(options: Any, where: str) -> list[str]:
         raise UserError(f"{where}: caption_options weights draw one of several caption columns per step; ft "
                         "encodes each clip once, so name the one column to use in column_names.")
     names = options.get("column_names") or (list(weights) if isinstance(weights, dict) else [])
-    return [names] if isinstance(names, str) else list(names)
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{where}: caption_options column_names is a column name or a list of them, not "
+                        f"{names!r}.")
+    return names
 
 
 def read_dataset_config(path: str | Path) -> list[DatasetEntry]:
@@ -176,5 +180,6 @@ def apply_caption_options(items: list[Any], id_token: str | None, strip_llm_pref
     out = []
     for item in items:
         caption = strip_llm_prefix(item.caption) if strip_llm_prefixes else item.caption
-        out.append(dataclasses.replace(item, caption=f"{id_token} {caption}" if id_token else caption))
+        # an empty caption stays empty, so the data policy still rejects it (not "sks " trained on)
+        out.append(dataclasses.replace(item, caption=f"{id_token} {caption}" if id_token and caption else caption))
     return out

@@ -203,9 +203,16 @@ def read_table(path: Path) -> list[dict[str, Any]]:
                     source.seek(0)
                     return pa.ipc.open_stream(source).read_all().to_pylist()
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise UserError(f"{path} line {number} is not JSON ({e}); fix or remove that line.") from e
+            return rows
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or a single-key wrapper
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else None
@@ -237,6 +244,10 @@ def _from_table(path: Path, video_column: str | None, caption_column: str | None
     rows = read_table(path)
     if not rows:
         raise UserError(f"{path} has no rows.")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise UserError(f"{path} row {bad + 1} is {type(rows[bad]).__name__} {str(rows[bad])[:60]!r}, not an object "
+                        "of named columns; every row needs the path and caption columns.")
     columns = list(rows[0].keys())
     path_col = pick_column(columns, video_column, PATH_COLUMNS, "media path", path)
     caption_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", path)
@@ -247,6 +258,11 @@ def _from_table(path: Path, video_column: str | None, caption_column: str | None
                            f"{path.name} row {i + 1}")
         if media is None or not str(media).strip():
             item = _with_problem(item, f"{path.name} row {i + 1} has an empty {path_col!r} cell", "empty-cell", path)
+        elif not isinstance(media, str) or not isinstance(caption, (str, type(None))):
+            wrong = path_col if not isinstance(media, str) else caption_col
+            item = _with_problem(item, f"{path.name} row {i + 1}: the {wrong!r} cell is "
+                                 f"{type(row.get(wrong)).__name__} {str(row.get(wrong))[:40]!r}, not text",
+                                 "empty-cell", path)
         items.append(item)
     return items
 

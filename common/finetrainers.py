@@ -356,6 +356,8 @@ def read_argv(argv: list[str], command: str, fields: Fields) -> list[Entry]:
                 i += 1
                 if arity == 1:
                     break
+            if arity is not None and not entry.values:  # `--out $UNSET` must not become a folder named "true"
+                raise UserError(f"{name} needs a value (ft {command}).")
         entries.append(entry)
     return entries
 
@@ -487,7 +489,10 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
             return []
         finetrainers[key] = entry.values
         if flag.convert:
-            return flag.convert(entry.values)
+            try:
+                return flag.convert(entry.values)
+            except (IndexError, ValueError, TypeError) as e:
+                raise UserError(f"{entry.spelling} {' '.join(entry.values)}: not a value it takes ({e}).") from e
         return [(flag.ft, entry.values or ["true"])] if flag.ft else []  # no ft: read by _special_cases
     if bare in own:
         if own[bare] == "list":  # ft's list flags also take comma-separated values
@@ -529,10 +534,14 @@ def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: d
     if command == T:
         _finetrainers_training_semantics(settings, finetrainers, result)
     if command == T and "max_data_samples" in finetrainers:
-        samples = int(finetrainers["max_data_samples"][0])
-        per_step = int(settings.get("batch_size", ["1"])[0]) * int(settings.get("gradient_accumulation_steps",
-                                                                                 ["1"])[0])
-        steps = int(settings.get("train_steps", ["1000"])[0])
+        try:
+            samples = int(finetrainers["max_data_samples"][0])
+            per_step = int(settings.get("batch_size", ["1"])[0]) * int(settings.get("gradient_accumulation_steps",
+                                                                                     ["1"])[0])
+            steps = int(settings.get("train_steps", ["1000"])[0])
+        except (IndexError, ValueError) as e:
+            raise UserError(f"--max_data_samples, --batch_size, --gradient_accumulation_steps and --train_steps take "
+                            f"whole numbers ({e}).") from e
         if -(-samples // per_step) < steps:  # finetrainers goes on while fewer samples were seen: ceil
             settings["train_steps"] = [str(max(1, -(-samples // per_step)))]
             result.notes.append(f"--max_data_samples {samples}: training stops after {settings['train_steps'][0]} "
@@ -557,10 +566,13 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
     - finetrainers samples CogVideoX's timesteps uniformly whatever --flow_weighting_scheme says; ft applies the
       density, so a carried-over scheme is dropped for CogVideoX (pass --flow-weighting-scheme to choose one).
     """
-    accumulation = int(settings.get("gradient_accumulation_steps", ["1"])[0])
+    try:
+        accumulation = int(settings.get("gradient_accumulation_steps", ["1"])[0])
+    except ValueError:
+        return  # ft train's own parser names the bad value
     if accumulation > 1:
         for name in ("train_steps", "checkpointing_steps", "logging_steps"):
-            if name in finetrainers and name in settings:
+            if name in finetrainers and name in settings and settings[name][0].isdigit():
                 micro = int(settings[name][0])
                 settings[name] = [str(max(1 if micro else 0, -(-micro // accumulation)))]
                 result.notes.append(f"--{name} {micro}: finetrainers counts micro-batches, ft optimizer steps; "

@@ -288,7 +288,8 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e}); rerun `ft precompute` to rewrite it.") from e
+            raise UserError(f"{path} is not valid JSON ({e}): delete it and rerun `ft precompute` with the same "
+                            "--out; the shards there are adopted, not encoded again.") from e
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise UserError(f"{path} has schema version {version}; this ft reads version {SCHEMA_VERSION}. "
@@ -574,7 +575,7 @@ def iter_shard(path: str | Path, expected_sha256: str | None = None,
                     meta = json.loads(buf)
                 elif ext.endswith(".safetensors"):
                     tensors[ext[: -len(".safetensors")]] = tensors_from_bytes(buf)
-            except (ValueError, KeyError, struct.error, RuntimeError) as e:  # damaged JSON or safetensors header
+            except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:  # a damaged JSON or header
                 raise ShardCorruptError(f"{path}: member {name} is damaged ({e}). Delete the shard and rerun "
                                         "`ft precompute` with the same --out to rebuild it.") from e
         if key is not None and meta is not None:

@@ -142,6 +142,13 @@ class TrainConfig(ModelArgs):
         if self.lr_scheduler != "cosine_with_restarts" and self.lr_num_cycles != 1:
             raise UserError(f"--lr-num-cycles applies to --lr-scheduler cosine_with_restarts, not "
                             f"{self.lr_scheduler}.")
+        if len(self.target_modules) == 1 and set("()|*+?[]^$\\") & set(self.target_modules[0]):
+            import re
+
+            try:  # a regex, as PEFT takes it: checked here, before any model loads
+                re.compile(self.target_modules[0])
+            except re.error as e:
+                raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
         if self.training_type == "full-finetune":
             for name, default in (("rank", 64), ("lora_alpha", 64.0)):
                 if getattr(self, name) != default:

@@ -293,9 +293,10 @@ class Trainer:
                     self.checkpoint()
         except KeyboardInterrupt:
             kept = list_checkpoints(self.out)
+            hint = (f"the first comes at step {cfg.checkpointing_steps}" if cfg.checkpointing_steps else
+                    "set --checkpointing-steps to save some")
             where = (f"the last checkpoint is step {kept[-1][0]} ({kept[-1][1]}); continue with the same command "
-                     "plus --resume-from-checkpoint latest" if kept else
-                     "no checkpoint was saved (set --checkpointing-steps to save some)")
+                     "plus --resume-from-checkpoint latest" if kept else f"no checkpoint was saved yet ({hint})")
             log.error(f"interrupted at step {self.state.step}: {where}.")
             raise
         finally:

@@ -290,3 +290,24 @@ def test_a_webdataset_tar_cannot_write_outside_and_bad_captions_are_items(tmp_pa
     assert not (tmp_path / "escaped.mp4").exists() and not list(tmp_path.parent.glob("escaped.mp4"))
     kinds = sorted(i.problem_kind for i in items)
     assert kinds == ["caption-not-utf8", "outside-dataset", "outside-dataset"], [i.problem for i in items]
+
+
+def test_metadata_rows_of_the_wrong_shape_or_type_are_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text('\ufeff{"file_name": "x.mp4", "caption": "a cat"}\n'
+                                      '{"file_name": "y.mp4", "caption": ["a", "list"]}\n')
+    items = load_dataset(tmp_path / "a.jsonl")  # a BOM is fine
+    assert items[0].caption == "a cat" and not items[0].problem
+    assert "'caption' cell is list" in items[1].problem
+    (tmp_path / "b.jsonl").write_text('{"file_name": "x.mp4", "caption": "a"}\n"not an object"\n')
+    with pytest.raises(UserError, match="row 2 is str"):
+        load_dataset(tmp_path / "b.jsonl")
+    (tmp_path / "c.jsonl").write_text('{"file_name": "x.mp4", "caption": "a"}\n{"broken\n')
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        load_dataset(tmp_path / "c.jsonl")
+
+
+def test_an_id_token_does_not_hide_an_empty_caption():
+    from ft.common.dataset_config import apply_caption_options
+
+    items = apply_caption_options([DatasetItem(Path("a.mp4"), ""), DatasetItem(Path("b.mp4"), "a dog")], "sks", False)
+    assert [i.caption for i in items] == ["", "sks a dog"]

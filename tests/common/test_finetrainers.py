@@ -224,3 +224,14 @@ def test_finetrainers_training_semantics_carry_over():
                     {"push_to_hub": False, "enable_tiling": False, "layerwise_upcasting_modules": []}, configs,
                     "c.yaml")
     assert "--vae-tiling" not in off.runs[0] or off.runs[0][off.runs[0].index("--vae-tiling") + 1:][:1] != ["true"]
+
+
+def test_a_flag_without_its_value_and_a_bad_regex_are_clear_errors():
+    with pytest.raises(UserError, match="--out needs a value"):
+        tr("precompute", "--dataset", "d", "--out")
+    with pytest.raises(UserError, match="--model_name needs a value"):
+        tr("train", "--model_name")
+    from ft.train.config import TrainConfig
+
+    with pytest.raises(UserError, match="not a valid regex"):
+        TrainConfig(model="cogvideox", pretrained="m", shards=["s"], output_dir="o", target_modules=["("])
