@@ -70,8 +70,8 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
     for name in METADATA_NAMES:
         if (root / name).is_file():
             return _from_table(root / name, video_column, caption_column)
-    if any(root.rglob("*.tar")):
-        from .webdataset_media import read_webdataset_folder
+    if any(not (tar.parent / "manifest.json").is_file() for tar in root.rglob("*.tar")):  # ft's own shards are not
+        from .webdataset_media import read_webdataset_folder  # a dataset (an --out inside --dataset)
 
         return read_webdataset_folder(root, caption_column)
     items = _from_sidecar_captions(root)

@@ -57,7 +57,7 @@ def read_webdataset_folder(root: Path, caption_column: str | None = None) -> lis
     out_dir = _extract_dir()
     items: list[DatasetItem] = []
     wanted = (caption_column,) if caption_column else CAPTION_COLUMNS
-    for tar_path in sorted(root.rglob("*.tar")):
+    for tar_path in sorted(t for t in root.rglob("*.tar") if not (t.parent / "manifest.json").is_file()):
         samples: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(tar_path) as tar:

@@ -311,3 +311,12 @@ def test_an_id_token_does_not_hide_an_empty_caption():
 
     items = apply_caption_options([DatasetItem(Path("a.mp4"), ""), DatasetItem(Path("b.mp4"), "a dog")], "sks", False)
     assert [i.caption for i in items] == ["", "sks a dog"]
+
+
+def test_ft_shards_inside_the_dataset_folder_are_not_a_webdataset(tmp_path):
+    data = make_shapes_dataset(tmp_path / "data", num_clips=2, frames=5, sizes=((32, 32),), layout="sidecar",
+                               seed=0)
+    (data / "shards").mkdir()
+    (data / "shards" / "manifest.json").write_text("{}")
+    (data / "shards" / "shard-000000.tar").write_bytes(b"")
+    assert len(load_dataset(data)) == 2  # the sidecar layout, not "its tars hold no samples"

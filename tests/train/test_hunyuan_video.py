@@ -117,7 +117,7 @@ def test_the_guidance_scale_acts_and_other_families_refuse_it(trained, tiny_huny
     summary = train(tiny_hunyuan, hunyuan_shards, tmp_path / "g6", "--guidance-scale", "6", "--train-steps", "1",
                     "--eval-batches", "4", "--seed", "0")
     assert summary["eval_loss_before"] != pytest.approx(base_summary["eval_loss_before"])
-    with pytest.raises(UserError, match="--guidance-scale 6.0: CogVideoX transformer has no embedded guidance"):
+    with pytest.raises(UserError, match="--guidance-scale 6.0: this CogVideoX transformer has no embedded guidance"):
         run_cli(["train", "--model", "cogvideox", "--pretrained", tiny_cog, "--shards", cog_shards, "--output-dir",
                  tmp_path / "cog", "--guidance-scale", "6"])
 
