@@ -27,6 +27,8 @@ from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
+from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+
 if TYPE_CHECKING:
     import torch
 
@@ -54,10 +56,7 @@ def _config_dict(module: Any) -> dict[str, Any]:
     config = getattr(module, "config", None)
     if config is None:
         return {}
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    drop = {"_name_or_path", "_commit_hash", "transformers_version", "_diffusers_version", "dtype", "torch_dtype",
-            "_use_default_values", "architectures", "name_or_path"}
-    return json.loads(json.dumps({k: v for k, v in data.items() if k not in drop}, default=str, sort_keys=True))
+    return clean_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
 
 
 def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
@@ -269,7 +268,23 @@ class ModelSpec(ABC):
             return self.load_scheduler(args)
         return import_class("diffusers", name).from_config(config)
 
+    def component_files(self, component: str, args: ModelArgs) -> ComponentFiles:
+        """Where a component's files are on this machine (see fingerprint.py); FilesUnavailable if not readable."""
+        source, subfolder, revision = self._source(component, args)
+        return locate(source, subfolder, revision, args.cache_dir, args.variant, component.startswith("tokenizer"))
+
+    def fingerprints_from_files(self, args: ModelArgs, components: tuple[str, ...] | None = None
+                                ) -> dict[str, Any]:
+        """The stage-1 encoders' fingerprints (text components and VAE) from their files, loading no model.
+        Raises FilesUnavailable when some component cannot be read that way."""
+        out = {}
+        for name in components or (*self.text_components, "vae"):
+            dtype = None if name.startswith("tokenizer") else dtype_name(parse_dtype(args.dtype_of(name)))
+            out[name] = file_fingerprint(self.component_class(name), self.component_files(name, args), dtype)
+        return out
+
     def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
+        """The fallback of `fingerprints_from_files`: fingerprints of loaded modules."""
         out = {}
         for name, module in {**encoders, "vae": vae}.items():
             dtype = None if name.startswith("tokenizer") else parse_dtype(args.dtype_of(name))

@@ -30,6 +30,7 @@ from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
 from .base import ModelSpec, StepInputs, randn_per_sample
+from .fingerprint import read_stored_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,17 @@ class LTXVideoSpec(ModelSpec):
         out["vae"]["config"] = {**out["vae"]["config"],
                                 "latents_mean": [float(x) for x in vae.latents_mean.float().cpu()],
                                 "latents_std": [float(x) for x in vae.latents_std.float().cpu()]}
+        return out
+
+    def fingerprints_from_files(self, args: ModelArgs, components: tuple[str, ...] | None = None
+                                ) -> dict[str, Any]:
+        """As `encoder_fingerprints`, from the files: the buffers are read from the VAE's stored tensors."""
+        out = super().fingerprints_from_files(args, components)
+        if "vae" in out:
+            files = self.component_files("vae", args).weights
+            out["vae"]["config"] = {**out["vae"]["config"],
+                                    "latents_mean": read_stored_tensor(files, "latents_mean"),
+                                    "latents_std": read_stored_tensor(files, "latents_std")}
         return out
 
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -34,34 +34,39 @@ from ft.common.shards import (
     describe_shard,
     kill_point,
     sample_key,
-    shard_keys,
+    shard_index,
 )
 from ft.common.video import MediaError, effective_fps, open_media, resize_to_bucket
 from ft.pipelines.base import ModelSpec
+from ft.pipelines.fingerprint import FilesUnavailable
 from ft.pipelines.registry import spec_for
 
 from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
 from .plan import PlannedSample, assign_keys, sample_encoding
 from .policy import Rejected, enforce_on_error
+from .reuse import HalfIndex, cached_text, with_cached_video
 
 CONFIG_NAME = "precompute_config.json"
 
 
-def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list[ShardInfo]]:
-    """Keys already encoded in `out`, and the shards that hold them. Shards that are listed but missing or
-    unreadable are dropped (their samples are encoded again); complete shards missing from the manifest (renamed
-    into place just before a kill) are adopted unless their samples are already listed, so no sample is ever
-    listed twice; leftovers of a killed run (`*.tar.tmp`) are removed."""
+def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list[ShardInfo], HalfIndex]:
+    """Keys already encoded in `out`, the shards that hold them, and where each cached half is (from the samples'
+    JSON). Shards that are listed but missing or unreadable are dropped (their samples are encoded again);
+    complete shards missing from the manifest (renamed into place just before a kill) are adopted unless their
+    samples are already listed, so no sample is ever listed twice;
+    leftovers of a killed run (`*.tar.tmp`) are removed."""
     for stale in out.glob("*.tar.tmp"):
         log.info(f"removing {stale.name}, a shard left unfinished by an earlier run")
         stale.unlink()
     keys: set[str] = set()
     kept: list[ShardInfo] = []
+    metas: dict[str, list[tuple[str, dict]]] = {}
     for shard in manifest.shards if manifest else []:
         try:
-            shard_set = shard_keys(out / shard.name)
-        except (OSError, tarfile.TarError) as e:
+            metas[shard.name] = shard_index(out / shard.name)
+            shard_set = {key for key, _ in metas[shard.name]}
+        except (OSError, tarfile.TarError, UserError) as e:
             log.warning(f"{out / shard.name} is listed in the manifest but cannot be read ({e}); its samples are "
                         "encoded again")
             continue
@@ -76,7 +81,8 @@ def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list
         if path.name in listed:
             continue
         try:  # renamed into place, then killed before the manifest named it
-            shard_set = shard_keys(path)
+            metas[path.name] = shard_index(path)
+            shard_set = {key for key, _ in metas[path.name]}
             if shard_set & keys:
                 if shard_set <= keys:
                     log.info(f"removing {path.name}: complete but unlisted, and its samples are already listed")
@@ -89,10 +95,24 @@ def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list
             log.info(f"adopting {path.name}: complete on disk but missing from the manifest")
         except (OSError, tarfile.TarError, UserError) as e:
             log.warning(f"{path} is not in the manifest and cannot be read ({e}); ignoring it")
-    return keys, kept
+    halves = HalfIndex()
+    for shard in kept:
+        for key, meta in metas[shard.name]:
+            halves.add(shard.name, key, meta)
+    return keys, kept, halves
 
 
-def _check_reuse(out: Path, existing: Manifest, fingerprint: str, encoding: dict[str, Any], family: str) -> None:
+def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], encoding: dict[str, Any],
+                 family: str) -> None:
+    fingerprint = sample_key(fingerprints)
+    if existing.model_family == family and existing.encoder_fingerprint != fingerprint and any(
+            existing.encoders.get(name, {}).get("from") != info.get("from") for name, info in fingerprints.items()):
+        how = {None: "the loaded models", "files": "the model files"}
+        old = next(iter(existing.encoders.values()), {}).get("from")
+        new = next(iter(fingerprints.values()), {}).get("from")
+        raise UserError(f"--out {out} was written by a run that fingerprinted the encoders from {how[old]}; this run "
+                        f"fingerprints them from {how[new]}, so its sample keys differ and the two cannot be mixed. "
+                        "Choose a new --out folder (or delete this one) to encode the dataset again.")
     if existing.model_family != family or existing.encoder_fingerprint != fingerprint:
         raise UserError(f"--out {out} already holds shards made by other encoders ({existing.model_family}, "
                         f"fingerprint {existing.encoder_fingerprint[:12]}); mixing them would corrupt training. "
@@ -103,17 +123,19 @@ def _check_reuse(out: Path, existing: Manifest, fingerprint: str, encoding: dict
 
 
 class _Encoder:
-    """Batches decoded clips per bucket and writes each encoded sample."""
+    """Batches the samples to write per bucket. A sample's video half is its clip's decoded frames to encode
+    through the VAE, or latents read from the cache; its text half is encoded, or taken from `texts` (cached
+    halves by text_key). `vae` / `encoders` are None when the run needs none."""
 
-    def __init__(self, spec: ModelSpec, encoders: dict, vae: Any, writer: ShardWriter, seq_len: int,
-                 batch_size: int, manifest: Manifest):
+    def __init__(self, spec: ModelSpec, encoders: dict | None, vae: Any, writer: ShardWriter, seq_len: int,
+                 batch_size: int, manifest: Manifest, texts: dict[str, dict]):
         self.spec, self.encoders, self.vae, self.writer = spec, encoders, vae, writer
-        self.seq_len, self.batch_size, self.manifest = seq_len, batch_size, manifest
+        self.seq_len, self.batch_size, self.manifest, self.texts = seq_len, batch_size, manifest, texts
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written: set[str] = set()
 
-    def add(self, sample: PlannedSample, frames: Any) -> None:
-        self.pending[sample.bucket].append((sample, frames))
+    def add(self, sample: PlannedSample, frames: Any = None, latents: dict | None = None) -> None:
+        self.pending[sample.bucket].append((sample, frames, latents))
         if len(self.pending[sample.bucket]) >= self.batch_size:
             self.flush(sample.bucket)
 
@@ -123,23 +145,31 @@ class _Encoder:
         batch = self.pending.pop(bucket, [])
         if not batch:
             return
-        frames = torch.stack([f.permute(1, 0, 2, 3) for _, f in batch])  # [B, C, F, H, W]
+        latents = [lat for _, _, lat in batch]
+        conds = [self.texts.get(s.text_key) for s, _, _ in batch]
+        clips = [i for i, lat in enumerate(latents) if lat is None]
+        captions = list(dict.fromkeys(s.text_key for (s, _, _), c in zip(batch, conds, strict=True) if c is None))
         with torch.no_grad():
-            latents = self.spec.encode_video(self.vae, frames)
-            cond = self.spec.encode_prompts(self.encoders, [s.item.caption for s, _ in batch], self.seq_len)
+            if clips:
+                frames = torch.stack([batch[i][1].permute(1, 0, 2, 3) for i in clips])  # [B, C, F, H, W]
+                encoded = self.spec.encode_video(self.vae, frames)
+                for j, i in enumerate(clips):
+                    latents[i] = {k: v[j].detach().clone() for k, v in encoded.items()}
+            if captions:
+                text = {s.text_key: s.item.caption for s, _, _ in batch}
+                cond = self.spec.encode_prompts(self.encoders, [text[k] for k in captions], self.seq_len)
+                new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
+                conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
         if not self.manifest.shapes:
-            first = next(iter(latents.values()))
-            self.manifest.shapes = {"latent_channels": int(first.shape[1]),
-                                    **{name: list(t.shape[1:]) for name, t in cond.items()}}
-        for i, (sample, _) in enumerate(batch):
-            lat = {k: v[i].detach().clone() for k, v in latents.items()}
-            con = {k: v[i].detach().clone() for k, v in cond.items()}
+            self.manifest.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
+                                    **{name: list(t.shape) for name, t in conds[0].items()}}
+        for (sample, _, _), lat, con in zip(batch, latents, conds, strict=True):
             meta = {
                 "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
                 "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
                 "fps": effective_fps(sample.fps, sample.indices),
                 "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
-                "model_family": self.spec.name,
+                "model_family": self.spec.name, "video_key": sample.video_key, "text_key": sample.text_key,
             }
             self.writer.write(sample.key, {"latents": lat, "cond": con}, meta)
             self.written.add(sample.key)
@@ -147,6 +177,37 @@ class _Encoder:
     def flush_all(self) -> None:
         for bucket in list(self.pending):
             self.flush(bucket)
+
+
+class _Models:
+    """The stage-1 models, loaded only when asked for. The fingerprint comes from the files when they can be read
+    (pipelines/fingerprint.py); otherwise every encoder is loaded to fingerprint it, as before."""
+
+    def __init__(self, spec: ModelSpec, cfg: PrecomputeConfig, device: Any):
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self._vae: Any = None
+        self._encoders: dict | None = None
+
+    def fingerprints(self) -> dict[str, Any]:
+        try:
+            return self.spec.fingerprints_from_files(self.cfg)
+        except (FilesUnavailable, OSError, ValueError) as e:
+            log.info(f"the encoders' files cannot be fingerprinted without loading them ({e}); loading them to "
+                     "fingerprint them")
+            return self.spec.encoder_fingerprints(self.text_encoders(), self.vae(), self.cfg)
+
+    def vae(self) -> Any:
+        if self._vae is None:
+            self._vae = self.spec.load_component("vae", self.cfg, self.device)
+            if self.cfg.vae_tiling:
+                for method in ("enable_tiling", "enable_slicing"):
+                    getattr(self._vae, method, lambda: None)()
+        return self._vae
+
+    def text_encoders(self) -> dict:
+        if self._encoders is None:
+            self._encoders = self.spec.load_text_encoders(self.cfg, self.device)
+        return self._encoders
 
 
 def _save_config(cfg: PrecomputeConfig, out: Path) -> str:
@@ -186,33 +247,39 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     rejected, warnings = check.rejected, check.warnings
 
     device = pick_device(cfg.device)
-    encoders = spec.load_text_encoders(cfg, device)
-    vae = spec.load_component("vae", cfg, device)
-    if cfg.vae_tiling:
-        for method in ("enable_tiling", "enable_slicing"):
-            getattr(vae, method, lambda: None)()
-    fingerprints = spec.encoder_fingerprints(encoders, vae, cfg)
+    models = _Models(spec, cfg, device)
+    fingerprints = models.fingerprints()
     fingerprint = sample_key(fingerprints)
+    halves = (sample_key({"vae": fingerprints["vae"]}),
+              sample_key({k: v for k, v in fingerprints.items() if k != "vae"}))
     encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config), cfg.resize_mode),
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
-    planned, duplicates = assign_keys(check.planned, fingerprint, encoding)
+    planned, duplicates = assign_keys(check.planned, fingerprint, encoding, halves)
     warnings += duplicates
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     existing = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
     if existing:
-        _check_reuse(out, existing, fingerprint, encoding, spec.name)
-    done, shards = _existing_keys(out, existing)
+        _check_reuse(out, existing, fingerprints, encoding, spec.name)
+    done, shards, index = _existing_keys(out, existing)
     todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
+    by_name = {s.name: s for s in shards}
+    texts = cached_text(out, by_name, index, todo)
+    to_decode = [p for p in todo if p.video_key not in index.video]
+    reused = [p for p in todo if p.video_key in index.video]
+    empty_missing = not (existing and existing.empty_caption and (out / existing.empty_caption["file"]).is_file())
+    # only what this run must encode is loaded: nothing at all when every sample is in `out` already
+    vae = models.vae() if to_decode else None
+    encoders = models.text_encoders() if empty_missing or any(p.text_key not in texts for p in todo) else None
     manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
                         encoding=encoding, shapes=existing.shapes if existing else {}, shards=shards,
                         empty_caption=existing.empty_caption if existing else {})
     manifest.rejected = [r.to_dict() for r in rejected]
     manifest.warnings = [w.to_dict() for w in warnings]
-    if not manifest.empty_caption or (existing and not (out / manifest.empty_caption["file"]).is_file()):
+    if empty_missing:
         import torch
 
         with torch.no_grad():  # stored once per shard set, for caption dropout in training
@@ -235,8 +302,10 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
 
     start_index = 1 + max((int(p.name.split("-")[1].split(".")[0]) for p in out.glob("shard-*.tar")), default=-1)
     writer = ShardWriter(out, "shard", start_index, cfg.shard_samples, cfg.shard_max_mb << 20, on_shard=record)
-    encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, manifest)
-    log.info(f"encoding {len(todo)} clips on {device} ({len(planned) - len(todo)} already in {out})")
+    encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, manifest, texts)
+    captions = len({p.text_key for p in todo if p.text_key not in texts})
+    log.info(f"{len(todo)} new samples on {device} ({len(planned) - len(todo)} already in {out}): {len(to_decode)} "
+             f"clips to encode ({len(reused)} video latents reused from {out}), {captions} captions to encode")
 
     def decode(sample: PlannedSample) -> tuple[PlannedSample, Any]:
         try:
@@ -248,7 +317,10 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     failed: set[str] = set()
     try:
         with tqdm(total=len(todo), unit="clip", desc="precompute", disable=not todo) as bar:
-            for sample, frames in prefetch_map(decode, todo, cfg.decode_workers):
+            for sample, latents in with_cached_video(out, by_name, index, reused):
+                encoder.add(sample, latents=latents)
+                bar.update(1)
+            for sample, frames in prefetch_map(decode, to_decode, cfg.decode_workers):
                 if isinstance(frames, MediaError):
                     rejected.append(Rejected(str(sample.item.path), str(frames), frames.kind))
                     manifest.rejected.append(rejected[-1].to_dict())

@@ -41,6 +41,8 @@ class PlannedSample:
     source_frames: int
     media_digest: str
     key: str = ""
+    video_key: str = ""  # the halves' keys (precompute/reuse.py), set with `key`
+    text_key: str = ""
     height: int = 0  # the source's size, for reports
     width: int = 0
 
@@ -53,6 +55,16 @@ class PlannedSample:
         if encoding.get("family_choices"):  # absent for CogVideoX, so its existing keys stay valid
             parts["family_choices"] = encoding["family_choices"]
         return parts
+
+    def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
+        """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text
+        encoders and the text length); the family's choices enter both."""
+        choices = encoding.get("family_choices") or {}
+        video = {"half": "video", "media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
+                 "resize": encoding["resize_mode"], "vae": video_fingerprint, "family_choices": choices}
+        text = {"half": "text", "caption": self.item.caption, "text_encoders": text_fingerprint,
+                "max_sequence_length": encoding["max_sequence_length"], "family_choices": choices}
+        return sample_key(video), sample_key(text)
 
 
 def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any], resize_mode: str = RESIZE_MODE
@@ -110,14 +122,16 @@ def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], 
     return planned, rejected
 
 
-def assign_keys(planned: list[PlannedSample], encoder_fingerprint: str, encoding: dict[str, Any]
-                ) -> tuple[list[PlannedSample], list[Rejected]]:
-    """Set each sample's content key; drop exact duplicates (same media bytes, frames and caption twice, under
-    any names), each reported as a warning."""
+def assign_keys(planned: list[PlannedSample], encoder_fingerprint: str, encoding: dict[str, Any],
+                halves: tuple[str, str] = ("", "")) -> tuple[list[PlannedSample], list[Rejected]]:
+    """Set each sample's content key, and its halves' keys from `halves` (the VAE's and the text encoders'
+    fingerprints); drop exact duplicates (same media bytes, frames and caption twice, under any names), each
+    reported as a warning."""
     seen: dict[str, PlannedSample] = {}
     out, duplicates = [], []
     for p in planned:
         p.key = sample_key(p.key_parts(encoder_fingerprint, encoding))
+        p.video_key, p.text_key = p.half_keys(*halves, encoding)
         if p.key in seen:
             duplicates.append(Rejected(str(p.item.path), f"same media bytes, frames and caption as "
                                                          f"{seen[p.key].item.path}; trained once", "duplicate"))
