@@ -23,6 +23,8 @@ def describe(folder: str, verify: bool = False) -> str:
             detail += f" weights {info['weights'][:12]} {info.get('dtype', '')}"
         if "vocab_size" in info:
             detail += f" vocab {info['vocab_size']}"
+        if "files" in info:  # a tokenizer fingerprinted from its files
+            detail += f" files {info['files'][:12]}"
         lines.append(f"  {name:12s} {detail}")
     enc = manifest.encoding
     lines.append(f"encoding       max_sequence_length {enc.get('max_sequence_length')}, frames "

@@ -179,9 +179,10 @@ def _config_with_defaults(cls: type, folder: Path) -> dict[str, Any]:
 
 
 def tokenizer_files_digest(folder: Path) -> str:
-    """sha256 over the tokenizer folder's files (names and bytes), in name order."""
+    """sha256 over the tokenizer files in `folder` (names and bytes, in name order): vocabularies, merges,
+    sentencepiece models and their JSON configs; weights beside them are not read."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted({p for pattern in TOKENIZER_PATTERNS for p in folder.glob(pattern) if p.is_file()}):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:32]
 

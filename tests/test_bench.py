@@ -31,3 +31,8 @@ def test_gpu_step_runs_the_tiny_model_on_the_cpu():
 def test_train_step_bench_compares_shards_with_online_encoders():
     out = bench(str(BENCH / "train_step.py"), "--config", "tiny", "--steps", "2")
     assert "| shards (ft) |" in out and "| online encoders (all-in-one) |" in out and "ratio shards / online" in out
+
+
+def test_precompute_bench_prints_its_table():
+    out = bench(str(BENCH / "precompute.py"), "--config", "tiny", "--clips", "3", "--no-save")
+    assert "| rerun, unchanged data |" in out and "| one caption changed |" in out and "clips/s" in out
