@@ -6,6 +6,7 @@ incomplete and `ft train` refuses it. A Ctrl-C says what was kept and how to go 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def precompute_argv(model: Path, data: Path, out: Path) -> list[str]:
 
 
 def run_process(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    # SIGINT back to its default in the child: a test run started as a background job inherits it ignored, and
+    # Python then never turns Ctrl-C into KeyboardInterrupt
     return subprocess.run([sys.executable, "-m", "ft.common.cli", *argv], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=300)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def active_keys(out: Path) -> set[str]:
