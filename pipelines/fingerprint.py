@@ -42,10 +42,19 @@ def clean_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header of a .safetensors file and where its data starts."""
+    """The header of a .safetensors file and where its data starts. A file that is not one (truncated, a git-lfs
+    pointer, an HTML error page) raises FilesUnavailable: the caller then loads the model, which names the file."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8 or length > 1 << 28:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (struct.error, ValueError) as e:
+            raise FilesUnavailable(f"{path} is not a readable safetensors file ({e})") from e
     return header, 8 + length
 
 

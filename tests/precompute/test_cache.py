@@ -182,3 +182,15 @@ def test_weights_that_cannot_be_read_from_files_fall_back_to_loading(tmp_path, t
     calls.clear()
     precompute(tiny_cog, shapes_data, tmp_path / "out", "--vae-id", tmp_path / "bin-vae")
     assert calls["clips"] == 0 and calls["captions"] == 0  # the fallback's fingerprint is stable: all reused
+
+
+def test_a_weights_file_that_is_not_safetensors_is_a_clear_error(tiny_cog, shapes_data, tmp_path):
+    """A git-lfs pointer (a repo cloned without git-lfs) in place of the weights: the fingerprint falls back to
+    loading, and loading names the file; no traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_cog, model)
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 12345\n")
+    with pytest.raises(UserError, match="could not load the CogVideoX vae.*git-lfs"):
+        run_cli(["precompute", "--model", "cogvideox", "--pretrained", model, *FP32, "--dataset", shapes_data,
+                 "--out", tmp_path / "out", *BUCKETS])
