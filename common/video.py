@@ -280,12 +280,14 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproducible: bool = False) -> Path:
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproducible: bool = False,
+                faststart: bool = False) -> Path:
     """Write uint8 [F, H, W, 3] frames as an H.264 mp4 (yuv420p; odd sizes are padded to even).
 
     `reproducible`: the same frames give the same bytes in any process. x264's SIMD code gave another byte
     stream for the same frames once the process had decoded video (seen on the test fixtures, whose sample keys
-    hash the bytes), so this turns it off: slower, for small generated datasets."""
+    hash the bytes), so this turns it off: slower, for small generated datasets. `faststart`: the index (moov)
+    before the frames, as streaming sites write mp4s."""
     import av
 
     path = Path(path)
@@ -294,7 +296,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproduc
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001) if fps > 0 else 8)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"

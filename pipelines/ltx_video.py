@@ -257,15 +257,12 @@ class LTXVideoSpec(ModelSpec):
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         import torch
         from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
-        from transformers import T5Config, T5EncoderModel
 
-        from .tiny import t5_tokenizer
+        from .tiny import t5_tokenizer, tiny_t5_encoder
 
         torch.manual_seed(seed)
         tokenizer = t5_tokenizer()
-        text_encoder = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        text_encoder = tiny_t5_encoder(tokenizer)
         vae = AutoencoderKLLTXVideo(
             latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
             layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,

@@ -49,6 +49,15 @@ def t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def tiny_t5_encoder(tokenizer: Any) -> Any:
+    """A 2-layer T5 encoder of width 32 (CogVideoX's and LTX-Video's text encoder at toy size) for `tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
 def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:
     """Build the tiny `model` family with random weights and save it as a diffusers folder."""
     from .base import import_class
