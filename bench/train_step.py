@@ -100,8 +100,8 @@ def online_batches(trainer, work: Path, config: str):
         with torch.no_grad():
             latents = spec.encode_video(vae, torch.stack(clips))
             cond = spec.encode_prompts(encoders, [it.caption for it in chosen], seq_len)
-        yield Batch(latents, cond, [{"caption": it.caption} for it in chosen], [str(it.path) for it in chosen],
-                    position={"batches": i // c["batch"]})
+        yield [Batch(latents, cond, [{"caption": it.caption} for it in chosen], [str(it.path) for it in chosen],
+                     position={"batches": i // c["batch"]})]
 
 
 def worker(mode: str, config: str, work: Path, steps: int) -> dict:

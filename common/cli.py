@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         invoke(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        log.error(f"error: {e}")
+        if not getattr(e, "quiet", False):  # under several processes, another rank prints it (common/dist.py)
+            log.error(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:  # the command has said what it kept and how to go on
         sys.exit(130)

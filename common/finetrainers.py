@@ -60,8 +60,9 @@ def _switch_off(why: str) -> Check:
 
 
 def _degree(what: str) -> Check:
-    return _only("1", why=f"ft does not split the model across GPUs ({what}); it parallelises data. Use "
-                          "--dp_degree / --dp_shards 1 for now (data-parallel degrees above 1 are still being built).")
+    return _only("1", why=f"ft does not split the model across GPUs ({what}); it parallelises data: use "
+                          "--dp_degree (replicas) and --dp_shards (FSDP shards), whose product is the number of "
+                          "processes.")
 
 
 def _model_name(v: list[str]) -> list[tuple[str, list[str]]]:
@@ -115,16 +116,13 @@ def _flags() -> list[Flag]:
                   "training with `ft generate`.")
     flags = [
         # parallel
-        Flag("parallel_backend", n, why="ft launches one process, or several under torchrun; no backend to pick.",
+        Flag("parallel_backend", n, why="ptd and accelerate both mean ft's one backend, torch.distributed (DDP, "
+             "FSDP2, HSDP), under whatever launcher started the processes (torchrun, srun, accelerate launch).",
              check=_only("accelerate", "ptd", why="--parallel_backend takes accelerate or ptd.")),
         Flag("pp_degree", n, why="1 only: ft does not pipeline the model.", check=_degree("pipeline parallelism")),
-        Flag("dp_degree", y, stages=(T,), ft="dp_degree", why="1 only for now: data-parallel replicas are being "
-             "built.", check=_only("1", why="--dp_degree above 1: data-parallel training is still being built in "
-                                         "ft; run with --dp_degree 1 (one process) for now.")),
-        Flag("dp_shards", y, stages=(T,), ft="dp_shards", why="1 (or -1, one process) only for now: sharded data "
-             "parallelism (FSDP) is being built.",
-             check=_only("1", "-1", why="--dp_shards above 1: sharded data-parallel training (FSDP) is still being "
-                                        "built in ft; run with --dp_shards 1 for now.")),
+        Flag("dp_degree", s, (T,), "dp_degree", why="data-parallel replicas (DDP; HSDP with --dp_shards)."),
+        Flag("dp_shards", s, (T,), "dp_shards", why="FSDP2 shards, block by block; -1 is what the world leaves, as "
+             "there."),
         Flag("cp_degree", n, why="1 only: ft does not split sequences across GPUs.",
              check=_degree("context parallelism")),
         Flag("tp_degree", n, why="1 only: ft does not split layers across GPUs.",
@@ -224,8 +222,9 @@ def _flags() -> list[Flag]:
              check=_only("logs", why="--logging_dir: ft writes logs to OUTPUT_DIR/logs (finetrainers' default); "
                                      "other folders are not supported.")),
         Flag("logging_steps", s, (T,), "logging_steps", why="counted like --train_steps (see there)."),
-        Flag("init_timeout", n, why="ft sets no process-group timeout of its own."),
-        Flag("nccl_timeout", n, why="ft sets no process-group timeout of its own."),
+        Flag("init_timeout", s, (T,), "init_timeout", why="seconds the processes may wait for each other while "
+             "starting."),
+        Flag("nccl_timeout", s, (T,), "nccl_timeout", why="seconds one collective may wait during training."),
         Flag("report_to", s, (T,), "report_to", why="none or wandb (ft also has tensorboard, its default)."),
         Flag("verbose", s, (P, T), why="0-3: how much diffusers and transformers log.",
              convert=_effect("FT_LIBRARY_VERBOSITY")),

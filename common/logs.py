@@ -1,7 +1,8 @@
 """Logging for ft: plain lines on stderr for people, and quieter third-party libraries.
 
 `log` is the project's logger. `setup_logging()` is called once by the CLI; `quiet_libraries()` silences the
-per-file "Loading weights" bars and advisory warnings of transformers/diffusers that would bury our own output.
+per-file "Loading weights" bars and advisory warnings of transformers/diffusers that would bury our own output;
+`quiet_other_ranks()` leaves rank 0 to speak for a multi-process run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Under several processes, a rank other than 0 says only its warnings and errors, named as its own."""
+    log.setLevel(logging.WARNING)
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter(f"[ft rank {rank}] %(message)s"))
 
 
 def quiet_libraries() -> None:

@@ -38,6 +38,16 @@ Each command takes the flags it uses and names the other stage's flags once, in 
 have nothing to do in ft are accepted when their value asks for nothing ft lacks, and refused with the reason and
 the ft way otherwise. A misspelt flag gets a suggestion only when it is a near spelling of one flag.
 
+Parallelism: `--dp_degree` (replicas, DDP) and `--dp_shards` (FSDP2 shards) mean what they mean there, and their
+product is the number of processes torchrun (or srun, or `accelerate launch`) starts; `--parallel_backend ptd` and
+`accelerate` both mean ft's one backend, torch.distributed. Two things differ: with neither flag every process is
+a replica (DDP), and every rank, replica or shard, trains on its own samples (finetrainers fed the shards of one
+replica the same ones). A checkpoint resumes under other degrees (2 replicas -> 2 shards -> 1 process), which
+finetrainers cannot do: the data order is planned per optimizer step, so the samples, each sample's noise and
+timestep, and the step they are trained at stay the same as long as the samples per optimizer step (`--batch_size`
+x processes x `--gradient_accumulation_steps`) do; only the floating-point summation order differs, so the
+losses agree to rounding (about 1e-7 in fp32), not bitwise.
+
 One spelling matters: in `ft precompute`, `--batch_size` (finetrainers' spelling) is the training batch and is
 left to ft train; ft precompute's own encoding batch is `--batch-size`.
 
@@ -84,8 +94,9 @@ ft train --model cogvideox --pretrained THUDM/CogVideoX1.5-5B --shards shards/cr
   --lr-warmup-steps 1000 --beta2 0.99 --shuffle-buffer 10 --report-to wandb
 ```
 
-What is not there yet: the script's DDP_2 setting (`--dp_degree 2`) and its validation flags
-(`--validation_dataset_file`, `--validation_steps`) are refused with a message saying so; run with degree 1 and
+The script's DDP_2 setting runs as it does there: `torchrun --nproc_per_node 2 ft train "${FLAGS[@]}" --dp_degree 2
+--shards shards/crush` (`--dp_shards 2` shards the transformer with FSDP2 instead; both for HSDP). What is not there
+yet: its validation flags (`--validation_dataset_file`, `--validation_steps`) are refused with a message saying so;
 make samples after training with `ft generate`.
 """
 

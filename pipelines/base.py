@@ -8,7 +8,8 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
 - stage 2: the objective it trains with (by name; the objectives are shared code in ft.train), `prepare_latents`
   (stored posterior -> model latents, one generator per sample) and `predict` (the transformer call, fed
   exactly as the family's pipeline feeds it, with the batch's metadata, generators and the run's options);
-- facts: LoRA target modules, valid frame counts and size multiples, default buckets;
+- facts: LoRA target modules, valid frame counts and size multiples, default buckets, the transformer's block
+  lists (what FSDP2 shards block by block);
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
 Adding a family is adding a file with a subclass and a line in registry.py.
 """
@@ -153,6 +154,8 @@ class ModelSpec(ABC):
     scheduler_class: ClassVar[tuple[str, str]]
     default_lora_targets: ClassVar[list[str]]
     default_buckets: ClassVar[list[str]]
+    # the transformer's lists of blocks, each block a unit for FSDP2 sharding (and `ft estimate`'s gathered block)
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
     embedded_guidance: ClassVar[bool] = False
     # generation: the frames per second of its videos, and the pipeline's __call__ argument that takes the frame

@@ -197,8 +197,13 @@ def _lora_targets(family: Family) -> list[str]:
     return list(spec.default_lora_targets) if spec else family.lora_targets
 
 
-def _largest_block(transformer: Any) -> int:
-    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name, [])]
+def _largest_block(family: Family, transformer: Any) -> int:
+    """The largest unit FSDP2 gathers: a block of the family's block lists (ModelSpec.block_lists)."""
+    from .registry import SPECS
+
+    spec = SPECS.get(family.name)
+    names = spec.block_lists if spec else ("transformer_blocks",)
+    blocks = [b for name in names for b in getattr(transformer, name, [])]
     return max(sum(p.numel() for p in b.parameters()) for b in blocks)
 
 
@@ -268,7 +273,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     transformer = modules["transformer"]
     tconfig = dict(transformer.config)
     params = next(c.params for c in components if c.name == "transformer")
-    block = _largest_block(transformer)
+    block = _largest_block(family, transformer)
     shards = cfg.dp_shards
     gathered = 2 * block * BF16 if shards > 1 else 0
     weights = DTYPE_NAMES[cfg.transformer_dtype.lower()]

@@ -63,6 +63,7 @@ class HunyuanVideoSpec(ModelSpec):
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                             "to_add_out"]
     default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
+    block_lists = ("transformer_blocks", "single_transformer_blocks")  # dual-stream, then single-stream
     default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)
     embedded_guidance = True  # the transformer takes the guidance scale as an input (--guidance-scale)
 

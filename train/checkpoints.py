@@ -2,11 +2,12 @@
 
 A checkpoint holds what resuming needs and nothing more: the trainable weights (the LoRA adapters only, never the
 frozen base), the optimizer state, the LR schedule, the RNG states, the step and the data position. Tensors go
-through torch.distributed.checkpoint (DCP), keyed by parameter names, so the scale-out work can load them under
-other parallel degrees; the rest is `state.json`. A save is atomic: it is written to a hidden `.tmp` folder and
-renamed into place once complete, so a kill mid-save leaves the previous checkpoints usable (the leftover is
-removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save (never the one
-just saved); deleting renames first, so a kill mid-delete leaves no half checkpoint that looks whole.
+through torch.distributed.checkpoint (DCP), keyed by parameter names, so they load under other parallel degrees (DCP
+reshards: a checkpoint of 2 FSDP2 ranks loads in one process, and the reverse); the rest is `state.json`, with the
+world size, the degrees and the samples per optimizer step it was saved with. A save is atomic: it is written to a
+hidden `.tmp` folder and renamed into place once complete, so a kill mid-save leaves the previous checkpoints usable
+(the leftover is removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save
+(never the one just saved); deleting renames first, so a kill mid-delete leaves no half checkpoint that looks whole.
 """
 
 from __future__ import annotations
@@ -66,33 +67,63 @@ def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
 
 def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], state: dict[str, Any],
                     limit: int | None = None) -> Path:
-    """Write checkpoint `step` atomically, then delete the oldest beyond `limit`."""
+    """Write checkpoint `step` atomically, then delete the oldest beyond `limit`.
+
+    Every rank calls this: the tensors are written by all ranks together through DCP (each its shards); rank 0
+    alone makes, renames and deletes folders and writes state.json, with the ranks meeting before and after the
+    collective save, so that no rank deletes another's files."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
+    from ft.common import dist
+
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step:06d}"
     tmp = root / f".checkpoint-{step:06d}.tmp"
-    for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:  # killed half-way
-        shutil.rmtree(leftover, ignore_errors=True)
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:  # killed half-way
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    _on_rank_zero(prepare)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(tensors, checkpoint_id=str(tmp))
-    state = {**state, "step": step, "ft_version": __version__}
-    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again: the old copy is renamed away first, never half-deleted
-        _delete(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if limit is not None:  # the oldest others go; never the one just saved
-        others = [path for _, path in list_checkpoints(output_dir) if path != final]
-        for old in others[: max(0, len(others) + 1 - limit)]:
-            _delete(old)
-            log.info(f"deleted {old} (--checkpointing-limit {limit})")
+        dcp.save(tensors, checkpoint_id=str(tmp))  # DCP fsyncs what it writes (FileSystemWriter sync_files)
+    dist.barrier()  # every rank's files are written before rank 0 makes the folder a checkpoint
+
+    def publish() -> None:
+        with open(tmp / STATE_NAME, "w") as f:
+            f.write(json.dumps({**state, "step": step, "ft_version": __version__}, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again: the old copy is renamed away first, never half-deleted
+            _delete(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if limit is not None:  # the oldest others go; never the one just saved
+            others = [path for _, path in list_checkpoints(output_dir) if path != final]
+            for old in others[: max(0, len(others) + 1 - limit)]:
+                _delete(old)
+                log.info(f"deleted {old} (--checkpointing-limit {limit})")
+
+    _on_rank_zero(publish)
     return final
+
+
+def _on_rank_zero(fn: Any) -> None:
+    """Run `fn` on rank 0 while the others wait; a failure there stops every rank with its message."""
+    from ft.common import dist
+
+    error = None
+    if dist.is_main():
+        try:
+            fn()
+        except Exception as e:
+            error = e
+    dist.agree(error)
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
@@ -176,8 +207,3 @@ def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

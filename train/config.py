@@ -26,6 +26,7 @@ RUN = "Run"
 CKPT = "Checkpoints"
 OBJECTIVE = "Objective (noise, timesteps, loss weights)"
 WATCH = "Watching the run"
+PARALLEL = "Several processes (torchrun, srun)"
 
 
 @dataclass(kw_only=True)
@@ -109,6 +110,15 @@ class TrainConfig(ModelArgs):
                                                  "noised only lightly (sigma <= 0.25) and left out of the loss, "
                                                  "training image-to-video conditioning (finetrainers uses 0.1).",
                                             panel=OBJECTIVE)
+    dp_degree: int = opt(-1, "Data-parallel replicas (DDP; HSDP with --dp-shards). Replicas x shards = the number "
+                             "of processes torchrun or srun started; -1: what the world leaves (every process is a "
+                             "replica when neither is given).", panel=PARALLEL)
+    dp_shards: int = opt(-1, "FSDP2 shards: the transformer's weights, gradients and optimizer state are split "
+                             "over this many processes, block by block; -1: what the world leaves.", panel=PARALLEL)
+    init_timeout: float = opt(1800.0, "Seconds the processes may wait for each other while starting (joining, "
+                                      "loading and sharding the weights, resuming).", panel=PARALLEL)
+    nccl_timeout: float = opt(600.0, "Seconds one collective may wait during training (nccl on GPUs, gloo on "
+                                     "CPUs) before the run stops instead of hanging.", panel=PARALLEL)
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
@@ -121,6 +131,8 @@ class TrainConfig(ModelArgs):
         check_choice(self.flow_weighting_scheme, FLOW_WEIGHTING_SCHEMES, "flow_weighting_scheme")
         check_choice(self.report_to, REPORT_TO, "report_to")
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
+        for name in ("init_timeout", "nccl_timeout"):
+            check_positive(getattr(self, name), name)
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",
                      "logging_steps", "lora_alpha", "flow_logit_std", "flow_shift", "flow_base_seq_len", "lr_power"):
             check_positive(getattr(self, name), name)

@@ -1,11 +1,13 @@
-"""Streams shard samples into global batches: an order that is a pure function of (seed, epoch, shard set), a
-position that can be saved, and a rank split.
+"""Streams shard samples into optimizer steps: an order that is a pure function of (seed, epoch, shard set,
+samples per optimizer step), a position that can be saved, and a split into micro-batches and ranks.
 
 Planning. Each pass ("epoch") over a shard set is planned from the shards' tar headers and JSON members only
 (`shard_index`, read once per process): the shards in an order seeded by (seed, epoch), samples through a
-shuffle buffer seeded likewise, samples of one bucket collected into *global* batches of `batch_size x world`
-samples; a bucket's remainder at the end of the pass is dropped (a batch never holds a sample twice, and a key
-that appears twice on disk is used once per pass). Rank r takes slice r of each global batch.
+shuffle buffer seeded likewise, samples of one bucket collected into *step* batches of `batch_size x world x
+accumulation` samples; a bucket's remainder at the end of the pass is dropped (a batch never holds a sample twice,
+and a key that appears twice on disk is used once per pass). A step batch is cut into micro-batches of
+`batch_size x world`, and rank r takes slice r of each: 2 processes x batch 1 and 1 process x batch 2 (or
+accumulation 2) train on the same samples at the same step.
 
 Reading. The shards are then read in the plan's order, decoding only the samples this rank needs from the
 current position on (the others' bytes are seeked over, and a shard with nothing needed is not opened), and each
@@ -13,9 +15,9 @@ batch is emitted once all its samples are in; memory stays what the shuffle buff
 against its manifest digest the first time this process reads samples from it (its other members' bytes are
 then read and hashed, not decoded). Resuming at a position costs headers and JSON, never tensors.
 
-Several shard sets are mixed per global batch: batch n comes from set i with probability weight_i / sum, drawn
-from (seed, n). The position (`Batch.position`, saved in checkpoints) is the global batch count and each set's
-(epoch, batches taken in that epoch).
+Several shard sets are mixed per optimizer step: step n comes from set i with probability weight_i / sum, drawn
+from (seed, n). The position (`Batch.position`, saved in checkpoints) is the step count and each set's (epoch,
+steps taken in that epoch), with the samples per optimizer step it counts in.
 """
 
 from __future__ import annotations
@@ -157,45 +159,71 @@ def plan_epoch(index: dict[str, list[Entry]], seed: int, epoch: int, global_batc
 
 
 class SetStream:
-    """Endless batches of one shard set for one rank, from a position (epoch, batches already taken)."""
+    """Endless optimizer steps of one shard set for one rank, from a position (epoch, steps already taken).
+
+    A plan batch is one optimizer step's samples (`batch_size x world x accumulation`, one bucket); it is cut into
+    `accumulation` micro-batches of `batch_size x world`, and rank r takes slice r of each. So the samples of a step
+    depend only on the samples per optimizer step, not on how processes and micro-batches split them."""
 
     def __init__(self, shard_set: ShardSet, set_index: int, seed: int, batch_size: int, rank: int = 0,
-                 world: int = 1, shuffle_buffer: int = 256):
+                 world: int = 1, shuffle_buffer: int = 256, accumulation: int = 1):
         self.set, self.set_index, self.seed = shard_set, set_index, seed
         self.batch_size, self.rank, self.world, self.shuffle_buffer = batch_size, rank, world, shuffle_buffer
+        self.accumulation = accumulation
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.world * self.accumulation
 
     def plan(self, epoch: int) -> tuple[list[str], list[list[Entry]]]:
-        shards, batches = plan_epoch(self.set.index(), self.seed, epoch, self.batch_size * self.world,
-                                     self.shuffle_buffer)
+        shards, batches = plan_epoch(self.set.index(), self.seed, epoch, self.samples_per_step, self.shuffle_buffer)
         if not batches:
-            raise UserError(f"{self.set.folder}: no bucket has {self.batch_size * self.world} samples for one "
-                            "global batch; lower --batch-size.")
+            raise UserError(f"{self.set.folder}: no bucket has {self.samples_per_step} samples for one optimizer "
+                            f"step (--batch-size {self.batch_size} x {self.world} processes x "
+                            f"--gradient-accumulation-steps {self.accumulation}); lower one of them.")
         return shards, batches
 
-    def batches(self, epoch: int = 0, taken: int = 0) -> Iterator[Batch]:
+    def mine(self, step_batch: list[Entry]) -> list[list[Entry]]:
+        """This rank's micro-batches of one optimizer step's samples."""
+        b, w = self.batch_size, self.world
+        return [step_batch[(m * w + self.rank) * b:(m * w + self.rank + 1) * b] for m in range(self.accumulation)]
+
+    def batches(self, epoch: int = 0, taken: int = 0) -> Iterator[list[Batch]]:
+        """Per optimizer step, this rank's micro-batches (each position is the stream's after the step)."""
         while True:
             shards, plan = self.plan(epoch)
             if taken >= len(plan):
                 epoch, taken = epoch + 1, 0
                 continue
-            mine = [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in plan[taken:]]
-            for i, samples in enumerate(self._read(shards, mine)):
+            mine = [[e for micro in self.mine(b) for e in micro] for b in plan[taken:]]
+            for i, samples in enumerate(self._read(shards, mine, plan[taken:])):
                 done = taken + i + 1
                 position = {"epoch": epoch + 1, "taken": 0} if done == len(plan) else {"epoch": epoch,
                                                                                        "taken": done}
-                yield collate(samples, set_index=self.set_index, epoch=epoch, position=position)
+                b = self.batch_size
+                yield [collate(samples[m * b:(m + 1) * b], set_index=self.set_index, epoch=epoch, position=position)
+                       for m in range(self.accumulation)]
             epoch, taken = epoch + 1, 0
 
-    def _read(self, shards: list[str], mine: list[list[Entry]]) -> Iterator[list[Sample]]:
+    def verifies(self, shard: str) -> bool:
+        """Whether this rank hashes `shard` on its first pass: each shard is verified by one rank (in one process,
+        by it), whose failure stops every rank; the others read it without hashing."""
+        names = sorted(s.name for s in self.set.manifest.shards)
+        return names.index(shard) % self.world == self.rank
+
+    def _read(self, shards: list[str], mine: list[list[Entry]], plan: list[list[Entry]]) -> Iterator[list[Sample]]:
         needed = {e.key for part in mine for e in part}
+        by_anyone = {e.key for part in plan for e in part}
         loaded: dict[str, Sample] = {}
         emitted = 0
         infos = {s.name: s for s in self.set.manifest.shards}
         for name in shards:
             info = infos[name]
-            if not any(e.key in needed for e in self.set.index()[name]):
+            entries = self.set.index()[name]
+            verify = name not in self.set.verified and self.verifies(name) and any(e.key in by_anyone
+                                                                                 for e in entries)
+            if not verify and not any(e.key in needed for e in entries):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
-            verify = name not in self.set.verified
             for sample in iter_shard(self.set.folder / name, verify=info if verify else None,
                                      wanted=lambda key: key in needed and key not in loaded):
                 loaded[sample.key] = sample
@@ -211,19 +239,24 @@ class SetStream:
 
 
 class DataStream:
-    """Global batches mixed from one or more shard sets; `batches(position)` resumes at a saved position."""
+    """Optimizer steps mixed from one or more shard sets; `batches(position)` resumes at a saved position.
+
+    Each item is this rank's micro-batches of one optimizer step. The position counts optimizer steps (and each
+    set's epoch and steps taken in it), recorded with the samples per optimizer step it counts in."""
 
     def __init__(self, sets: list[ShardSet], seed: int, batch_size: int, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 256):
+                 shuffle_buffer: int = 256, accumulation: int = 1):
         self.sets, self.seed = sets, seed
         # set 0 keeps the run's seed, so adding a second set does not reorder the first
         self.streams = [SetStream(s, i, seed if i == 0 else mix_seed(seed, "set", i), batch_size, rank, world,
-                                  shuffle_buffer) for i, s in enumerate(sets)]
+                                  shuffle_buffer, accumulation) for i, s in enumerate(sets)]
+        self.samples_per_step = batch_size * world * accumulation
         total = sum(s.weight for s in sets)
         self.weights = [s.weight / total for s in sets]
 
     def initial_position(self) -> dict[str, Any]:
-        return {"batches": 0, "sets": [{"epoch": 0, "taken": 0} for _ in self.sets]}
+        return {"batches": 0, "sets": [{"epoch": 0, "taken": 0} for _ in self.sets],
+                "samples_per_step": self.samples_per_step}
 
     def fingerprints(self) -> list[str]:
         return [s.fingerprint() for s in self.sets]
@@ -233,7 +266,7 @@ class DataStream:
             return 0
         return random.Random(mix_seed(self.seed, n, "mix")).choices(range(len(self.sets)), self.weights)[0]
 
-    def batches(self, position: dict[str, Any] | None = None) -> Iterator[Batch]:
+    def batches(self, position: dict[str, Any] | None = None) -> Iterator[list[Batch]]:
         position = position or self.initial_position()
         if len(position["sets"]) != len(self.sets):
             raise UserError(f"the checkpoint was taken mixing {len(position['sets'])} shard sets, not "
@@ -244,11 +277,14 @@ class DataStream:
         fingerprints = self.fingerprints()
         while True:
             i = self.choose_set(n)
-            batch = next(iterators[i])
-            sets[i] = batch.position
+            micro = next(iterators[i])
+            sets[i] = micro[-1].position
             n += 1
-            batch.position = {"batches": n, "sets": [dict(p) for p in sets], "fingerprints": fingerprints}
-            yield batch
+            step_position = {"batches": n, "sets": [dict(p) for p in sets], "fingerprints": fingerprints,
+                             "samples_per_step": self.samples_per_step}
+            for batch in micro:
+                batch.position = step_position
+            yield micro
 
 
 def eval_batches(shard_set: ShardSet, batch_size: int, count: int) -> list[Batch]:

@@ -45,10 +45,12 @@ def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str
     return params
 
 
-def lora_state_dict(transformer: Any) -> dict[str, Any]:
+def lora_state_dict(transformer: Any, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The adapter's weights in peft's naming; from `state` (gathered from several processes) when given."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    found = get_peft_model_state_dict(transformer, state_dict=state)
+    return {k: v.detach().cpu().contiguous() for k, v in found.items()}
 
 
 def adapter_metadata(transformer: Any) -> dict[str, Any]:
@@ -56,9 +58,9 @@ def adapter_metadata(transformer: Any) -> dict[str, Any]:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
-def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path) -> Path:
+def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path, state: dict[str, Any] | None = None) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec.save_lora(out_dir, lora_state_dict(transformer), adapter_metadata(transformer))
+    spec.save_lora(out_dir, lora_state_dict(transformer, state), adapter_metadata(transformer))
     return out_dir / LORA_WEIGHTS_NAME

@@ -69,14 +69,27 @@ def build_optimizer(cfg: TrainConfig, params: list[Any]) -> tuple[Any, Any]:
     return optimizer, schedule
 
 
-def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path) -> Path:
+def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path,
+                full_state: dict[str, Any] | None = None) -> Path:
     """LoRA: OUT/pytorch_lora_weights.safetensors (diffusers format). Full finetune: OUT/transformer, a diffusers
-    folder that `from_pretrained` loads and `ft generate --transformer-id OUT/transformer` uses."""
+    folder that `from_pretrained` loads and `ft generate --transformer-id OUT/transformer` uses.
+
+    `full_state`: the weights gathered from several processes (parallel.export_state), written instead of the
+    wrapped module's own (whose class and parameters are the wrappers')."""
     if cfg.training_type == "lora":
-        return save_lora(spec, transformer, out)
+        return save_lora(spec, transformer, out, full_state)
     from ft.common.dtypes import parse_dtype
 
     dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
     folder = out / TRANSFORMER_DIR
-    transformer.to(dtype).save_pretrained(folder)
+    if full_state is None:
+        transformer.to(dtype).save_pretrained(folder)
+        return folder
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # the family's own class, rebuilt on the meta device, takes the gathered tensors
+        plain = spec.component_class("transformer").from_config(transformer.config)
+    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in full_state.items()},
+                          strict=True, assign=True)
+    plain.save_pretrained(folder)
     return folder

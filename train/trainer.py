@@ -1,11 +1,16 @@
-"""The `ft train` run: load only the transformer, stream global batches from the shards, optimize, checkpoint.
+"""The `ft train` run: load only the transformer, stream optimizer steps from the shards, optimize, checkpoint;
+in one process or many (torchrun, srun: DDP, FSDP2 or HSDP, see parallel.py).
 
-One optimizer step is `--gradient-accumulation-steps` micro-batches. For each sample of a micro-batch, a generator
-keyed on (seed, step, sample key) draws, in this order, its caption-dropout coin, its latent from the stored
-posterior, its noise and its sigma; the family feeds its transformer (ModelSpec.predict) and the shared objective
-(objectives.py) scores the output: the loss is the mean over elements of weight * (prediction - target)^2,
-averaged over the batch. The state (TrainState) is checkpointed every `--checkpointing-steps`; a run resumed from
-step N ends bitwise equal to a straight one.
+One optimizer step is `--batch-size x processes x --gradient-accumulation-steps` samples of one bucket; each
+process takes its part of each micro-batch (loader.py). For each sample, a generator keyed on (seed, step, sample
+key) draws, in this order, its caption-dropout coin, its latent from the stored posterior, its noise and its sigma;
+the family feeds its transformer (ModelSpec.predict) and the shared objective (objectives.py) scores the output:
+the loss is the mean over elements of weight * (prediction - target)^2, averaged over the step's samples. The
+state (TrainState) is checkpointed every `--checkpointing-steps` by all ranks together; a run resumed from step N
+ends bitwise equal to a straight one in the same layout, and continues the same data and noise in another.
+
+Under several processes rank 0 alone writes logs, trackers, configs and the exported weights; every rank stops
+with the failing rank's message when one fails where the others would wait for it (common/dist.py).
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from ft.common import dist
 from ft.common.config import to_jsonable
 from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
-from ft.common.logs import log, quiet_libraries
+from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import require_complete
 from ft.common.video import parse_bucket
@@ -38,16 +44,26 @@ from .checkpoints import (
 from .config import TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .objectives import build_objective, sample_generator, uniform_per_sample
+from .parallel import (
+    Layout,
+    build_mesh,
+    clip_grad_norm,
+    export_state,
+    parallelize,
+    resolve_layout,
+    set_gradient_sync,
+    trainable_parameters,
+)
 from .reporting import PLOT_NAME, RunLog, plot_losses
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
-RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "batch_size", "gradient_accumulation_steps",
-                    "seed", "shuffle_buffer", "training_type", "rank", "lora_alpha", "target_modules",
-                    "caption_dropout_p", "first_frame_conditioning_p", "optimizer", "lr", "lr_scheduler",
-                    "lr_warmup_steps", "guidance_scale")
+# (the samples per optimizer step are checked apart: another split of them continues the same data)
+RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "seed", "shuffle_buffer", "training_type",
+                    "rank", "lora_alpha", "target_modules", "caption_dropout_p", "first_frame_conditioning_p",
+                    "optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -75,8 +91,13 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict) -> list[ShardSet]:
-    """The --shards sets, checked against each other and against the transformer before any weight loads."""
+def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict, samples_per_step: int
+                    ) -> list[ShardSet]:
+    """The --shards sets, checked against each other and against the transformer before any weight loads; each
+    bucket is checked against the samples of one optimizer step (every process's batches together)."""
+    need = (f"the {samples_per_step} samples of an optimizer step (--batch-size {cfg.batch_size} x "
+            f"{samples_per_step // (cfg.batch_size * cfg.gradient_accumulation_steps)} processes x "
+            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps})")
     sets = [ShardSet(*parse_shard_arg(arg)) for arg in cfg.shards]
     check_compatible(sets)
     for s in sets:
@@ -88,13 +109,13 @@ def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict)
             if problem:
                 raise UserError(f"{s.folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
                                 "Precompute again with --buckets that fit it.")
-            if count < cfg.batch_size:
-                log.warning(f"{s.folder}: bucket {bucket} has {count} samples, fewer than --batch-size "
-                            f"{cfg.batch_size}; it is not used")
+            if count < samples_per_step:
+                log.warning(f"{s.folder}: bucket {bucket} has {count} samples, fewer than {need}; it is not used")
         histogram = s.manifest.training_histogram()
-        if not any(n >= cfg.batch_size for n in histogram.values()):
-            raise UserError(f"--batch-size {cfg.batch_size}: no bucket of {s.folder} has that many samples "
-                            f"({', '.join(f'{b}: {n}' for b, n in histogram.items())}); lower --batch-size.")
+        if not any(n >= samples_per_step for n in histogram.values()):
+            raise UserError(f"no bucket of {s.folder} holds {need} "
+                            f"({', '.join(f'{b}: {n}' for b, n in histogram.items())}); lower --batch-size or "
+                            "--gradient-accumulation-steps, or train on fewer processes.")
         if cfg.caption_dropout_p > 0 and not s.manifest.empty_caption:
             raise UserError(f"--caption-dropout-p needs the empty caption's conditioning, which {s.folder} does not "
                             "hold (it was written by an older ft). Rerun `ft precompute` with the same --out: it "
@@ -102,25 +123,68 @@ def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict)
     return sets
 
 
+def training_device(requested: str, world: dist.World) -> str:
+    """--device for this process: under several processes each takes cuda:LOCAL_RANK (or the CPU)."""
+    device = pick_device(requested)
+    if world.size == 1 or not device.startswith("cuda"):
+        return device
+    if ":" in requested:
+        raise UserError(f"--device {requested}: under {world.launcher}, each process trains on cuda:LOCAL_RANK; "
+                        "pass --device cuda (or auto).")
+    import torch
+
+    if world.local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {world.local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                        "start at most that many processes per node.")
+    torch.cuda.set_device(world.local_rank)
+    return f"cuda:{world.local_rank}"
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.world = dist.world_from_env()
+        self.layout: Layout = dist.same_on_every_rank(
+            lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world))
+        if not self.world.main:
+            quiet_other_ranks(self.world.rank)
+        self.device = dist.same_on_every_rank(lambda: training_device(cfg.device, self.world))
+        if self.world.size > 1:
+            dist.init_process_group(self.world, self.device, cfg.init_timeout)
+        self.samples_per_step = cfg.batch_size * self.world.size * cfg.gradient_accumulation_steps
+        error = None
+        try:  # a rank failing here makes the others stop too (agree), instead of waiting in a collective
+            dist.same_on_every_rank(self.check_run)
+            self.build()
+        except Exception as e:
+            error = e
+        dist.agree(error)
+        if self.resume_from is not None:
+            dist.same_on_every_rank(lambda: self.resume(self.resume_from))
+        dist.set_timeout(cfg.nccl_timeout)
+
+    def check_run(self) -> None:
+        """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
+        cfg = self.cfg
         self.spec = spec_for(cfg)
-        transformer_config = self.spec.load_config("transformer", cfg)
+        self.transformer_config = self.spec.load_config("transformer", cfg)
         if cfg.guidance_scale != 1.0 and not (self.spec.embedded_guidance
-                                              and transformer_config.get("guidance_embeds", True)):
+                                              and self.transformer_config.get("guidance_embeds", True)):
             raise UserError(f"--guidance-scale {cfg.guidance_scale}: this {self.spec.display_name} transformer has no "
                             "embedded guidance input; leave it at 1.")
-        self.sets = open_shard_sets(cfg, self.spec, transformer_config)
+        self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
         self.config_json = to_jsonable(cfg)
 
+    def build(self) -> None:
+        """Load the transformer (on the CPU under several processes), make it trainable, wrap it for the layout,
+        and build the optimizer and the data stream."""
+        cfg, world = self.cfg, self.world
         quiet_libraries()
-        seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        seed_everything(cfg.seed)  # the same LoRA init on every rank
         self.dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
         self.autocast = uses_autocast(cfg)
         if self.device.startswith("cuda"):  # fp32 matmuls (LoRA, master weights) run on tensor cores
@@ -132,7 +196,8 @@ class Trainer:
         from dataclasses import replace
 
         load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
-        self.transformer = self.spec.load_component("transformer", load_cfg, self.device)
+        # several processes: load on the CPU, then shard block by block onto the device (parallel.py)
+        transformer = self.spec.load_component("transformer", load_cfg, self.device if world.size == 1 else "cpu")
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
         if cfg.flow_resolution_shifting and not scheduler.config.get("use_dynamic_shifting"):
@@ -142,20 +207,24 @@ class Trainer:
                             "resolution-dependent shifting (its scheduler has no use_dynamic_shifting); use a fixed "
                             "--flow-shift instead.")
         self.objective = build_objective(self.spec.objective, scheduler, cfg)
-        self.params = make_trainable(cfg, self.spec, self.transformer)
+        make_trainable(cfg, self.spec, transformer)
         if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.transformer.train()
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        self.mesh = build_mesh(self.layout, self.device)
+        self.transformer = parallelize(transformer, self.layout, self.mesh, self.device, self.spec.block_lists,
+                                       compute_dtype=self.dtype if self.autocast else None)
+        self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
         self.state = TrainState(self.transformer, optimizer, lr_schedule)
-        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer)
+        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, rank=world.rank, world=world.size,
+                                 shuffle_buffer=cfg.shuffle_buffer, accumulation=cfg.gradient_accumulation_steps)
         self.empty_captions = [s.empty_caption() if cfg.caption_dropout_p > 0 else None for s in self.sets]
-        if self.resume_from is not None:
-            self.resume(self.resume_from)
 
     def resume(self, path: Path) -> None:
         state = self.state.state_dict()
         extra = load_checkpoint(path, state["tensors"])
+        check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.world.size)
         self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
         before = extra.get("config", {})
         changed = [k for k in RESUME_SENSITIVE if k in before and before[k] != self.config_json.get(k)]
@@ -169,11 +238,21 @@ class Trainer:
         if saved is not None and saved != self.stream.fingerprints():
             log.warning(f"the shard sets changed since {path} was saved (re-precomputed or edited): training goes "
                         "on from the same position, but the data order from here is not the straight run's")
-        later = set_aside_later_checkpoints(self.out, self.state.step)
+        later, error = [], None
+        if self.world.main:
+            try:
+                later = set_aside_later_checkpoints(self.out, self.state.step)
+            except OSError as e:
+                error = UserError(f"could not move the checkpoints after step {self.state.step} aside in "
+                                  f"{self.out} ({e}); make the folder writable and resume again.")
+        dist.agree(error)
         if later:
             log.warning(f"{len(later)} checkpoint(s) after step {self.state.step} belong to the run that went on "
                         f"from it; moved to {later[0].parent} so that `latest` and --checkpointing-limit mean this run")
-        log.info(f"resumed from {path} at step {self.state.step}")
+        saved_layout = Layout(extra.get("parallel", {}).get("dp_degree", 1), extra.get("parallel", {}).get(
+            "dp_shards", 1))
+        moved = "" if saved_layout == self.layout else f" (saved under {saved_layout.name}, now {self.layout.name})"
+        log.info(f"resumed from {path} at step {self.state.step}{moved}")
 
     # ------------------------------------------------------------------------------------------------ the step
 
@@ -217,50 +296,77 @@ class Trainer:
         return sum(losses) / max(1, len(losses))
 
     def optimizer_step(self, batches: Any, step: int) -> dict[str, float]:
-        import torch
+        """One optimizer step on this rank's micro-batches of it; the loss and grad norm are over every rank."""
 
         cfg, optimizer = self.cfg, self.state.optimizer
-        total, waited = None, 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            t0 = time.perf_counter()
-            batch = next(batches).to(self.device)
-            waited += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        micro, error = None, None
+        try:
+            micro = next(batches)
+        except Exception as e:  # a corrupt shard on one rank: every rank stops with its message (no hang)
+            error = e
+        waited = time.perf_counter() - t0
+        dist.agree(error)
+        total = None
+        for m, batch in enumerate(micro):
+            batch = batch.to(self.device)
+            set_gradient_sync(self.transformer, self.layout, m == len(micro) - 1)  # sync on the last only
             loss = self.sample_losses(batch, batch.position["batches"]).mean()
-            (loss / cfg.gradient_accumulation_steps).backward()
-            part = loss.detach() / cfg.gradient_accumulation_steps
+            (loss / len(micro)).backward()
+            part = loss.detach() / len(micro)
             total = part if total is None else total + part
-            self.state.data_position, epoch = batch.position, batch.epoch
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                   float("inf"))
-        loss_value, norm_value = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
+        self.state.data_position, epoch = micro[-1].position, micro[-1].epoch
+        grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
+        *rank_losses, norm_value = self.gather(total.float(), grad_norm.float().to(total.device))
+        loss_value = sum(rank_losses) / len(rank_losses)
         if not math.isfinite(loss_value):
-            raise UserError(f"step {step}: the loss is {loss_value}; training diverged. Lower --lr, or train with "
-                            "--transformer-dtype fp32 to find the cause.")
+            bad = next(r for r, v in enumerate(rank_losses) if not math.isfinite(v))
+            where = f" on rank {bad}" if len(rank_losses) > 1 else ""
+            raise dist.raised_everywhere(UserError(
+                f"step {step}: the loss is {rank_losses[bad]}{where}; training diverged. Lower --lr, or train with "
+                "--transformer-dtype fp32 to find the cause."))
         optimizer.step()
         self.state.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         self.state.step = step
         return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited}
 
+    def gather(self, loss: Any, norm: Any) -> list[float]:
+        """Every rank's loss, then the (global) grad norm, read from the device in one go."""
+        import torch
+
+        if self.world.size == 1:
+            return torch.stack([loss, norm]).tolist()
+        import torch.distributed as torch_dist
+
+        losses = [torch.zeros_like(loss) for _ in range(self.world.size)]
+        torch_dist.all_gather(losses, loss)
+        return torch.stack([*losses, norm]).tolist()
+
     # ------------------------------------------------------------------------------------------------ the run
 
     def checkpoint(self) -> Path:
         state = self.state.state_dict()
-        path = save_checkpoint(self.out, self.state.step, state["tensors"],
-                               {**state["extra"], "config": self.config_json}, self.cfg.checkpointing_limit)
+        extra = {**state["extra"], "config": self.config_json, "parallel": self.layout.as_dict(),
+                 "samples_per_step": self.samples_per_step}
+        path = save_checkpoint(self.out, self.state.step, state["tensors"], extra, self.cfg.checkpointing_limit)
         log.info(f"saved {path}")
         return path
 
     def fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        cfg = self.cfg
-        n_trainable = sum(p.numel() for p in self.params)
+        cfg, main = self.cfg, self.world.main
+        n_trainable = sum(p.numel() for p in self.params)  # this rank's share under FSDP
         samples = sum(len(s.active) if s.active is not None else s.manifest.num_samples for s in self.sets)
         what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
-        log.info(f"training {self.spec.display_name} {what} ({n_trainable / 1e6:.2f}M trainable parameters) on "
-                 f"{self.device}, {samples} samples in {len(self.sets)} shard set(s)")
-        (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
+        share = "" if self.layout.shards == 1 else " on each rank, its shard"
+        log.info(f"training {self.spec.display_name} {what} ({n_trainable / 1e6:.2f}M trainable parameters{share}) "
+                 f"on {self.device}{'' if self.world.size == 1 else ' x ' + str(self.world.size)} "
+                 f"({self.layout.name}), {samples} samples in {len(self.sets)} shard set(s), "
+                 f"{self.samples_per_step} per optimizer step")
+        if main:
+            (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
         eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
         if len(eval_set) < cfg.eval_batches:
             log.warning(f"--eval-batches {cfg.eval_batches}: {self.sets[0].folder} has samples for "
@@ -269,12 +375,12 @@ class Trainer:
         if eval_set:
             summary["eval_loss_before"] = self.fixed_loss(eval_set)
         start = self.state.step
-        run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from else None)
+        run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from else
+                         None) if main else None
         batches = background(self.stream.batches(self.state.data_position))
         bar = tqdm(range(start + 1, cfg.train_steps + 1), desc="train", unit="step", initial=start,
-                   total=cfg.train_steps)
+                   total=cfg.train_steps, disable=not main)
         losses: list[float] = []
-        global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
         try:
             for step in bar:
                 t0 = time.perf_counter()
@@ -283,10 +389,11 @@ class Trainer:
                 losses.append(metrics["loss"])
                 lr = self.state.lr_schedule.get_last_lr()[0]
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}",
-                                samples_s=f"{global_batch / seconds:.1f}")
-                if step % cfg.logging_steps == 0 or step == cfg.train_steps:
+                                samples_s=f"{self.samples_per_step / seconds:.1f}")
+                if run_log and (step % cfg.logging_steps == 0 or step == cfg.train_steps):
                     run_log.write({"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
-                                   "seconds": round(seconds, 4), "samples_per_s": round(global_batch / seconds, 3),
+                                   "seconds": round(seconds, 4),
+                                   "samples_per_s": round(self.samples_per_step / seconds, 3),
                                    "data_wait_share": round(metrics["data_wait"] / seconds, 4),
                                    "epoch": metrics["epoch"]})
                 if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
@@ -301,7 +408,8 @@ class Trainer:
             raise
         finally:
             batches.close()  # stops the reader thread
-            run_log.close()
+            if run_log:
+                run_log.close()
             bar.close()
         return self.finish(summary, eval_set, losses)
 
@@ -316,8 +424,8 @@ class Trainer:
         if self.device.startswith("cuda"):
             summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
-        result = save_result(self.cfg, self.spec, self.transformer, self.out)
-        plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME)
+        result = self.export()
+        plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME) if self.world.main else None
         window = max(1, min(10, len(losses) // 4))
         summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window,
                        last_loss=sum(losses[-window:]) / window, result=str(result),
@@ -328,7 +436,50 @@ class Trainer:
                  f"{window} {summary['last_loss']:.4f}")
         return summary
 
+    def export(self) -> Path:
+        """The LoRA or the full transformer, written once (by rank 0, from the weights gathered on its CPU)."""
+        if self.world.size == 1:
+            return save_result(self.cfg, self.spec, self.transformer, self.out)
+        full = export_state(self.transformer, trainable_only=self.cfg.training_type == "lora")
+        result, error = None, None
+        if self.world.main:
+            try:
+                result = save_result(self.cfg, self.spec, self.transformer, self.out, full_state=full)
+            except Exception as e:
+                error = e
+        dist.agree(error)
+        return dist.broadcast_object(result)
+
+
+def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: TrainConfig, world: int) -> None:
+    """A resume must keep the samples per optimizer step (the data position counts steps of that size); any split
+    of them into processes, batches and accumulation continues the same data."""
+    position = extra.get("data_position") or {}
+    saved = extra.get("samples_per_step", position.get("samples_per_step"))
+    if saved is None:  # an ft 0.1 checkpoint: one process, its position counted micro-batches
+        old = extra.get("config", {})
+        if old.get("gradient_accumulation_steps", 1) != 1:
+            raise UserError(f"{path} was written by an older ft whose data position counts micro-batches of a run "
+                            "with gradient accumulation; it cannot be continued exactly. Start a new run.")
+        saved = old.get("batch_size", cfg.batch_size)
+    if saved == now:
+        return
+    options = []
+    if saved % (world * cfg.gradient_accumulation_steps) == 0:
+        options.append(f"--batch-size {saved // (world * cfg.gradient_accumulation_steps)}")
+    if saved % (world * cfg.batch_size) == 0:
+        options.append(f"--gradient-accumulation-steps {saved // (world * cfg.batch_size)}")
+    hint = (f"; with {world} process(es), {' or '.join(options)} gives that" if options else
+            f"; {saved} samples cannot be split over {world} process(es): use a number of processes that divides it")
+    raise UserError(f"--resume-from-checkpoint: {path} trained {saved} samples per optimizer step, this run "
+                    f"{now} (--batch-size {cfg.batch_size} x {world} process(es) x --gradient-accumulation-steps "
+                    f"{cfg.gradient_accumulation_steps}); the data position counts steps of {saved} samples, so "
+                    f"keep that number{hint}.")
+
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns a summary (steps, first/last loss, fixed-noise eval losses, paths)."""
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        dist.destroy()

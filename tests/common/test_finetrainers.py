@@ -76,14 +76,16 @@ def test_flags_with_nothing_to_do_are_accepted_when_they_ask_for_nothing():
             "--tracker_name", "x", "--init_timeout", "600", "--nccl_timeout", "600", "--validation_steps", "500")
     lines = "\n".join(ok.info_lines())
     assert "nothing to do in ft" in lines and "--enable_precomputation" in lines and "--pp_degree" in lines
-    assert "ft does not have these yet" in lines and "--dp_degree" in lines
+    assert "ft does not have these yet" in lines
+    (run,) = ok.runs  # the parallel degrees and timeouts are ft train's own
+    assert run[run.index("--dp-degree") + 1] == "1" and run[run.index("--dp-shards") + 1] == "1"
+    assert run[run.index("--init-timeout") + 1] == "600" and run[run.index("--nccl-timeout") + 1] == "600"
 
 
 @pytest.mark.parametrize(("flag", "message"), [
     (["--pp_degree", "2"], "does not split the model"),
     (["--tp_degree", "4"], "does not split the model"),
-    (["--dp_degree", "2"], "still being built"),
-    (["--dp_shards", "2"], "still being built"),
+    (["--cp_degree", "2"], "--dp_degree \\(replicas\\) and --dp_shards"),
     (["--validation_dataset_file", "v.json"], "does not run validation during training yet"),
     (["--push_to_hub"], "huggingface-cli upload"),
     (["--optimizer", "adam-bnb-8bit"], "no 8-bit Adam"),

@@ -170,7 +170,7 @@ def test_a_rerun_on_an_edited_dataset_trains_only_on_what_it_now_holds(tmp_path,
     assert second.num_samples == 5  # the old samples stay cached ...
     assert second.active["samples"] == 3 and second.training_histogram() == {"9x32x32": 3}
     stream = SetStream(ShardSet(out), 0, seed=0, batch_size=1).batches()
-    captions = {next(stream).meta[0]["caption"] for _ in range(12)}
+    captions = {next(stream)[0].meta[0]["caption"] for _ in range(12)}
     assert captions == {prompts[0] + ", at dusk", *prompts[1:3]}  # ... but training sees only the dataset
 
 

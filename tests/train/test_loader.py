@@ -32,8 +32,9 @@ def shard_set(tmp_path):
     return make_set(tmp_path / "a")
 
 
-def keys_of(batches):
-    return [list(b.keys) for b in batches]
+def keys_of(steps):
+    """Each optimizer step's keys, micro-batch after micro-batch."""
+    return [[k for b in step for k in b.keys] for step in steps]
 
 
 def test_the_plan_is_a_pure_function_of_seed_epoch_and_shards(shard_set):
@@ -57,10 +58,28 @@ def test_two_ranks_split_the_global_batch(shard_set):
         assert a + b == full
 
 
+@pytest.mark.parametrize("batch,world,accumulation", [(1, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 1), (1, 4, 1)])
+def test_every_split_of_the_samples_per_step_trains_on_the_same_samples_at_each_step(shard_set, batch, world,
+                                                                                    accumulation):
+    # the plan is of optimizer steps: 1 process x batch 4 and any split of 4 samples per step see the same samples
+    samples = batch * world * accumulation
+    whole = keys_of(itertools.islice(SetStream(ShardSet(shard_set), 0, 7, batch_size=samples).batches(), 12))
+    ranks = [list(itertools.islice(SetStream(ShardSet(shard_set), 0, 7, batch_size=batch, rank=r, world=world,
+                                             accumulation=accumulation).batches(), 12)) for r in range(world)]
+    for step, full in enumerate(whole):
+        parts = [ranks[r][step] for r in range(world)]
+        assert all(len(p) == accumulation and all(len(b.keys) == batch for b in p) for p in parts)
+        seen = [k for p in parts for b in p for k in b.keys]
+        assert len(seen) == len(set(seen)) and set(seen) == set(full)
+        # micro-batch m of rank r is slice (m * world + r) of the step batch
+        assert [k for m in range(accumulation) for r in range(world) for k in parts[r][m].keys] == full
+        assert all(b.position == parts[0][-1].position for p in parts for b in p)
+
+
 def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shard_set, monkeypatch):
     s = ShardSet(shard_set)
     stream = DataStream([s], seed=3, batch_size=2)
-    straight = list(itertools.islice(stream.batches(), 30))  # 11 batches per epoch: crosses two epochs
+    straight = [step for (step,) in itertools.islice(stream.batches(), 30)]  # 11 per epoch: crosses two epochs
     assert {b.epoch for b in straight} == {0, 1, 2}
     decoded, opened = [], []
     real_iter_shard = loader.iter_shard
@@ -74,8 +93,9 @@ def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shar
     monkeypatch.setattr(loader, "iter_shard", recording)
     resumed_set = ShardSet(shard_set)  # a new process: nothing verified yet
     position = straight[14].position
-    resumed = list(itertools.islice(DataStream([resumed_set], seed=3, batch_size=2).batches(position), 15))
-    assert keys_of(resumed) == keys_of(straight[15:])
+    resumed = [step for (step,) in itertools.islice(DataStream([resumed_set], seed=3, batch_size=2).batches(
+        position), 15)]
+    assert [b.keys for b in resumed] == [b.keys for b in straight[15:]]
     for a, b in zip(resumed, straight[15:], strict=True):
         assert torch.equal(a.latents["mean"], b.latents["mean"]) and a.position == b.position
     # fast-forward decoded no tensors of the batches it skipped: in epoch 1 only the rest of the epoch is decoded
@@ -83,7 +103,7 @@ def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shar
     assert set(decoded[: len(rest_of_epoch)]) == rest_of_epoch
     # a shard holding nothing of what is left of the epoch is not opened, not even to verify it
     opened.clear()
-    last = next(DataStream([ShardSet(shard_set)], seed=3, batch_size=2).batches(straight[9].position))
+    (last,) = next(DataStream([ShardSet(shard_set)], seed=3, batch_size=2).batches(straight[9].position))
     assert last.keys == straight[10].keys and len(opened) <= 2 < len(resumed_set.index())
 
 
@@ -102,12 +122,12 @@ def test_mixing_shard_sets_follows_the_weights(tmp_path):
     a, b = make_set(tmp_path / "a"), make_set(tmp_path / "b", n=30)
     stream = DataStream([ShardSet(a), ShardSet(b, 0.25)], seed=0, batch_size=1)
     batches = list(itertools.islice(stream.batches(), 400))
-    share_b = sum(x.set_index for x in batches) / len(batches)
+    share_b = sum(x[0].set_index for x in batches) / len(batches)
     assert 0.12 < share_b < 0.28  # 0.25 / 1.25 = 0.2
     again = list(itertools.islice(DataStream([ShardSet(a), ShardSet(b, 0.25)], 0, 1).batches(), 400))
     assert keys_of(batches) == keys_of(again)
     resumed = list(itertools.islice(DataStream([ShardSet(a), ShardSet(b, 0.25)], 0, 1).batches(
-        batches[199].position), 200))
+        batches[199][0].position), 200))
     assert keys_of(resumed) == keys_of(batches[200:])
 
 
@@ -133,6 +153,6 @@ def test_shard_arguments_take_an_optional_weight(tmp_path):
 def test_eval_batches_are_chosen_by_key_not_by_the_training_order(shard_set):
     first = eval_batches(ShardSet(shard_set), batch_size=2, count=3)
     assert [len(b.keys) for b in first] == [2, 2, 2]
-    assert keys_of(first) == keys_of(eval_batches(ShardSet(shard_set), batch_size=2, count=3))
+    assert keys_of([first]) == keys_of([eval_batches(ShardSet(shard_set), batch_size=2, count=3)])
     every = sorted(k for b in first for k in b.keys)
     assert every == sorted(set(every))

@@ -140,7 +140,7 @@ def test_a_bucket_too_small_for_a_batch_never_repeats_a_sample(tmp_path):
     writer.finish_shard()
     Manifest("cogvideox", {}, "", {}, {}, shards=writer.completed).save(tmp_path)
     stream = SetStream(ShardSet(tmp_path), 0, seed=0, batch_size=2).batches()
-    batches = [[m["key"] for m in next(stream).meta] for _ in range(12)]
+    batches = [[m["key"] for m in next(stream)[0].meta] for _ in range(12)]
     assert all(len(set(b)) == 2 for b in batches), batches  # never [b0, b0]
     assert {k for b in batches for k in b} == {"a0", "a1", "a2"}  # b0 alone cannot fill a batch
 

@@ -1,0 +1,211 @@
+"""Processes working together: who this process is, the process group, and the few collectives ft needs.
+
+A process learns its place from its launcher: torchrun and `accelerate launch` set RANK, WORLD_SIZE and
+LOCAL_RANK (with MASTER_ADDR/MASTER_PORT); a plain `srun` sets SLURM_PROCID, SLURM_STEP_NUM_TASKS and
+SLURM_LOCALID, which are copied into the torch names (MASTER_ADDR/MASTER_PORT must then be exported by the batch
+script; see examples/slurm/train.sbatch). Without either it is one process and nothing here communicates.
+
+The process group runs nccl on GPUs (each rank on cuda:LOCAL_RANK) and gloo on CPUs. Its timeout starts at
+`--init-timeout` (joining, loading, sharding) and becomes `--nccl-timeout` once training starts (torchtitan's
+init/train timeouts).
+
+Errors: a rank that fails where the others would wait for it in a collective takes part in `agree()` instead,
+so every rank stops with the failing rank's message (printed once), never a hang. An error every rank meets in
+the same way (a bad flag, a missing shard set) is printed by rank 0 alone: `RankError.quiet` tells the CLI that
+another rank prints it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: rank, world size, rank on its node, and what launched it."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    launcher: str = "one process"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UserError(f"the environment variable {name}={env[name]!r} is not a number; the launcher set it "
+                        "wrongly (start ft with torchrun, srun or accelerate launch).") from None
+
+
+def world_from_env(env: Mapping[str, str] | None = None) -> World:
+    """This process's World from the launcher's environment (torchrun/accelerate first, then a plain srun)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "RANK" in env:
+        size, rank = _int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1, _int(env, "RANK") if "RANK" in env else 0
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        launcher = "torchrun"
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a task of `srun` (not the batch script itself)
+        size, rank = _int(env, "SLURM_STEP_NUM_TASKS"), _int(env, "SLURM_PROCID")
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher = "srun"
+    else:
+        return World()
+    if size < 1 or not 0 <= rank < size or local < 0:
+        raise UserError(f"the launcher says rank {rank} of {size} processes (local rank {local}), which is not a "
+                        "place in a world; check how ft was started.")
+    return World(rank, size, local, launcher if size > 1 else "one process")
+
+
+def export_srun_env(world: World, env: dict[str, str] | None = None) -> None:
+    """Under a plain srun, give torch's env:// rendezvous the names it reads."""
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if world.launcher != "srun":
+        return
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if missing:
+        raise UserError(f"started by srun with {world.size} tasks, but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not set: export MASTER_ADDR=$(scontrol show "
+                        "hostnames $SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT=29500 in the batch script "
+                        "(examples/slurm/train.sbatch does), or launch with torchrun.")
+    env.update(RANK=str(world.rank), WORLD_SIZE=str(world.size), LOCAL_RANK=str(world.local_rank))
+
+
+def initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_process_group(world: World, device: str, timeout_s: float) -> None:
+    """Join the process group: nccl on a GPU, gloo on a CPU; `timeout_s` until `set_timeout` changes it."""
+    import torch
+    import torch.distributed as dist
+
+    export_srun_env(world)
+    cuda = device.startswith("cuda")
+    kwargs: dict[str, Any] = {"device_id": torch.device(device)} if cuda else {}
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def set_timeout(timeout_s: float) -> None:
+    """The timeout of every collective from here on (the training loop's, `--nccl-timeout`)."""
+    if initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=timeout_s))
+
+
+def destroy() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    if not initialized():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def size() -> int:
+    if not initialized():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class RankError(UserError):
+    """A UserError raised on every rank; `quiet` on all but the rank that prints it."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def raised_everywhere(error: UserError) -> RankError:
+    """`error`, met by every rank alike: printed by rank 0 only."""
+    out = RankError(str(error), quiet=not is_main())
+    out.__cause__ = error
+    return out
+
+
+def same_on_every_rank(fn: Callable[[], T]) -> T:
+    """Run `fn`, whose UserErrors every rank meets alike (the same files, flags and collectives)."""
+    try:
+        return fn()
+    except RankError:
+        raise
+    except UserError as e:
+        raise raised_everywhere(e) from e
+
+
+def agree(error: BaseException | None) -> None:
+    """A point every rank reaches: if any rank brings an error, every rank raises, and each distinct message is
+    printed once (by the lowest rank that met it; other ranks' log lines carry their rank). One small all-reduce
+    when nothing failed."""
+    if not initialized():
+        if error is not None:
+            raise error
+        return
+    import torch
+    import torch.distributed as dist
+
+    device = "cpu" if dist.get_backend() == "gloo" else f"cuda:{torch.cuda.current_device()}"
+    failed = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(failed)
+    if int(failed.item()) == 0:
+        return
+    mine = None if error is None else (str(error) if isinstance(error, UserError) else
+                                       f"{type(error).__name__}: {error}")
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, mine)
+    me = dist.get_rank()
+    first = {}
+    for r, m in enumerate(messages):
+        if m is not None and m not in first:
+            first[m] = r
+    if mine is not None:
+        if not isinstance(error, UserError):
+            raise error  # a bug: its traceback, on the rank that met it
+        raise RankError(mine, quiet=first[mine] != me) from error
+    r, m = min((r, m) for m, r in first.items())
+    raise RankError(f"stopped because rank {r} failed: {m}", quiet=True)
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank."""
+    if not initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
