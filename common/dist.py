@@ -108,10 +108,14 @@ def set_timeout(timeout_s: float) -> None:
         _set_pg_timeout(timedelta(seconds=timeout_s))
 
 
-def destroy() -> None:
+def destroy(together: bool = True) -> None:
+    """Leave the process group: after a run, every rank together (a rank tearing down while another still talks
+    aborts it); after a failure, at once (another rank may never come)."""
     if initialized():
         import torch.distributed as dist
 
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -151,8 +155,9 @@ class RankError(UserError):
 
 
 def raised_everywhere(error: UserError) -> RankError:
-    """`error`, met by every rank alike: printed by rank 0 only."""
-    out = RankError(str(error), quiet=not is_main())
+    """`error`, met by every rank alike: printed by rank 0 only (before the process group exists too)."""
+    me = rank() if initialized() else world_from_env().rank
+    out = RankError(str(error), quiet=me != 0)
     out.__cause__ = error
     return out
 

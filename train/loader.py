@@ -348,7 +348,7 @@ def background(iterator: Iterator[Any], size: int = 4) -> Iterator[Any]:
     """Run `iterator` in a daemon thread, `size` items ahead; exceptions are re-raised in the consumer.
 
     When the consumer stops (the generator is closed or collected), the thread stops too instead of blocking on
-    a full queue for the rest of the process.
+    a full queue for the rest of the process, and is waited for.
     """
     q: queue.Queue = queue.Queue(maxsize=size)
     done, stop = object(), threading.Event()
@@ -384,3 +384,6 @@ def background(iterator: Iterator[Any], size: int = 4) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        # wait for the reader to notice (it checks between items): a daemon thread still inside torch when the
+        # interpreter exits aborts the process ("terminate called without an active exception")
+        thread.join(timeout=30)

@@ -480,6 +480,9 @@ def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: Tra
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns a summary (steps, first/last loss, fixed-noise eval losses, paths)."""
     try:
-        return Trainer(cfg).fit()
-    finally:
-        dist.destroy()
+        summary = Trainer(cfg).fit()
+    except BaseException:
+        dist.destroy(together=False)
+        raise
+    dist.destroy()
+    return summary
