@@ -30,7 +30,7 @@ from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
 from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
-from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items
+from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
 
@@ -86,11 +86,16 @@ def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buck
                                 cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config),
                                 cfg.max_upscale)
     result = DataCheck(items, planned, rejected + bad, warnings)
+    result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
     if model_args is not None and planned:
         captions = sorted({p.item.caption for p in planned})
-        result.tokens = dict(zip(captions, spec.caption_token_counts(model_args, captions), strict=True))
+        stats = dict(zip(captions, spec.caption_token_stats(model_args, captions), strict=True))
+        result.tokens = {caption: counts[0] for caption, counts in stats.items()}
         result.warnings += long_caption_warnings([str(p.item.path) for p in planned],
                                                  [result.tokens[p.item.caption] for p in planned], seq_len)
+        result.warnings += unknown_token_warnings([str(p.item.path) for p in planned],
+                                                  [p.item.caption for p in planned],
+                                                  [stats[p.item.caption] for p in planned])
     return result
 
 
