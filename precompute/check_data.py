@@ -19,6 +19,7 @@ from typing import Any
 from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import DatasetItem, dataset_root, load_dataset
 from ft.common.errors import UserError
+from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log
 from ft.common.model_args import ModelArgs
 from ft.common.rejects import summarize_inputs
@@ -147,6 +148,11 @@ def format_table(rows: list[dict[str, Any]], limit: int = TABLE_ROWS) -> str:
 def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     """Check `cfg.dataset` for `cfg.model`; print the table and summary, write the JSON report; return it."""
     spec = get_spec(cfg.model)
+    if cfg.report:  # before the checks: a report that cannot be written would throw their work away
+        if Path(cfg.report).is_dir():
+            raise UserError(f"--report {cfg.report} is a folder; give a file name, e.g. "
+                            f"{Path(cfg.report) / 'check.json'}.")
+        check_writable(Path(cfg.report).parent, "--report", f"the folder {Path(cfg.report).name} is written to")
     items = apply_caption_options(load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column), cfg.id_token,
                                   cfg.strip_llm_prefixes)
     model_args = ModelArgs(model=cfg.model, pretrained=cfg.pretrained, revision=cfg.revision) \
@@ -176,7 +182,14 @@ def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     print(format_table(rows))
     print(check.summary())
     if cfg.report:
-        Path(cfg.report).write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            Path(cfg.report).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            fault = environment_fault(e)
+            if fault is None:
+                raise
+            raise UserError(f"--report {cfg.report}: {describe(fault)}; the table and summary above are the "
+                            f"report's content. {fix(fault).capitalize()}, then run again.") from e
         log.info(f"wrote the report to {cfg.report}")
     enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
     if not check.planned:

@@ -21,6 +21,7 @@ from typing import Any
 from ft.common.config import to_jsonable
 from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
+from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import require_complete
@@ -38,7 +39,7 @@ from .checkpoints import (
 from .config import TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .objectives import build_objective, sample_generator, uniform_per_sample
-from .reporting import PLOT_NAME, RunLog, plot_losses
+from .reporting import PLOT_NAME, RunLog, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 
@@ -299,6 +300,11 @@ class Trainer:
                      "plus --resume-from-checkpoint latest" if kept else f"no checkpoint was saved yet ({hint})")
             log.error(f"interrupted at step {self.state.step}: {where}.")
             raise
+        except BaseException as e:  # the disk filled or went read-only: stop cleanly, the last checkpoint stands
+            if environment_fault(e) is None or isinstance(e, (SystemExit, GeneratorExit)):
+                raise
+            raise UserError(stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
+                                             list_checkpoints(self.out))) from e
         finally:
             batches.close()  # stops the reader thread
             run_log.close()
