@@ -79,6 +79,13 @@ class _TensorBoard:
         self.writer.close()
 
 
+def wandb_project(config: dict[str, Any]) -> str:
+    """The wandb project: --tracker-name (finetrainers' flag), else WANDB_PROJECT, else "ft"."""
+    import os
+
+    return config.get("tracker_name") or os.environ.get("WANDB_PROJECT") or "ft"
+
+
 class _Wandb:
     def __init__(self, folder: Path, config: dict[str, Any], resumed_step: int | None):
         try:
@@ -88,7 +95,7 @@ class _Wandb:
                             "tensorboard.") from e
         id_file = folder / "wandb_run_id.txt"  # a resumed run continues the same wandb run
         run_id = id_file.read_text().strip() if resumed_step is not None and id_file.is_file() else None
-        self.run = wandb.init(project="ft", dir=str(folder), config=config, id=run_id,
+        self.run = wandb.init(project=wandb_project(config), dir=str(folder), config=config, id=run_id,
                               resume="allow" if run_id else None)
         id_file.write_text(self.run.id + "\n")
 
