@@ -9,6 +9,19 @@ from .shards import MANIFEST_NAME, Manifest, ShardCorruptError, iter_shard
 
 
 def describe(folder: str, verify: bool = False) -> str:
+    """The summary of the shard set in `folder`; a folder holding shard sets (the `--out` of a precompute run with
+    several datasets in its --dataset_config: `0-name/`, `1-name/`, ...) gets each one's summary in turn."""
+    root = Path(folder)
+    if root.is_dir() and not (root / MANIFEST_NAME).is_file():
+        sets = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+        if sets:
+            parts = [f"{folder} holds {len(sets)} shard sets (one per dataset of a --dataset_config): "
+                     f"{', '.join(p.name for p in sets)}"]
+            return "\n\n".join(parts + [_describe(str(p), verify) for p in sets])
+    return _describe(folder, verify)
+
+
+def _describe(folder: str, verify: bool) -> str:
     manifest = Manifest.load(folder)
     lines = [
         f"shard set      {folder}",
