@@ -3,7 +3,8 @@
 A fault of the machine is not a bug in ft and not a mistake in the flags, but the user still needs one line that
 names the path, says what happened and what to do, and says what was kept. This module gives:
 - `check_writable(folder, flag)`: called before work begins (`ft precompute --out`, `ft generate --out`,
-  `ft check-data --report`): it makes the folder and writes and removes a one-byte probe file, so a read-only,
+  `ft check-data --report`): it writes and removes a one-byte probe file in the folder (or the nearest existing
+  parent of one not made yet), so a read-only,
   full or forbidden folder is refused before any model loads or any sample is generated;
 - `environment_fault(exc)`: the OSError of an environment fault inside an exception, also when a library wrapped
   it (torch.distributed.checkpoint raises CheckpointException, a BaseException holding each rank's error);
@@ -92,20 +93,24 @@ def free_bytes(folder: str | Path) -> int | None:
 
 
 def check_writable(folder: str | Path, flag: str, what: str = "") -> Path:
-    """Make `folder` (and its parents) and prove it takes a write: a one-byte probe file made and removed. A
-    refusal names the flag, the folder, the fault and the fix; `what` says what the folder is for."""
+    """Prove `folder` takes a write: a one-byte probe file made and removed there, or in its nearest existing
+    parent when it does not exist yet (nothing is left behind). A refusal names the flag, the folder, the fault and
+    the fix; `what` says what the folder is for."""
     folder = Path(folder)
-    probe = folder / f".ft-write-probe-{uuid.uuid4().hex[:8]}"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".ft-write-probe-{uuid.uuid4().hex[:8]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
         with open(probe, "wb") as f:
             f.write(b"\0")
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        if e.errno == errno.EEXIST or (e.errno == errno.ENOTDIR):
-            raise UserError(f"{flag} {folder}: a file of that name is in the way, not a folder; pass a folder."
-                            ) from e
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):
+            raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder.") from e
         purpose = f" ({what})" if what else ""
         raise UserError(f"{flag} {folder}{purpose} cannot be written: {describe(e)}. {fix(e).capitalize()}; "
                         "nothing was done yet.") from e
