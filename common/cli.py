@@ -2,8 +2,9 @@
 
 Each command's flags come from its config dataclass (see config.py), so `--help` is the dataclass's field docs.
 finetrainers' underscore spellings are accepted, list flags take several values, `--config FILE` supplies values
-that flags override. A `UserError` prints its message and exits 2 with no traceback. Heavy libraries (torch,
-diffusers) are imported only inside the commands, so `ft --help` is instant.
+that flags override. A `UserError` prints its message and exits 2 with no traceback, and so does an environment
+fault (a full disk, a read-only folder: common/faults.py) that no command turned into a message of its own.
+Heavy libraries (torch, diffusers) are imported only inside the commands, so `ft --help` is instant.
 
 This module is the composition root: it is the one place in `ft.common` that reaches into precompute and train
 (lazily, inside the commands).
@@ -25,6 +26,7 @@ from .config import (
     read_config_file,
 )
 from .errors import UserError
+from .faults import environment_fault, fault_message
 from .finetrainers import apply_effects, translate
 from .logs import log, setup_logging
 
@@ -164,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:  # the command has said what it kept and how to go on
         sys.exit(130)
+    except BaseException as e:  # a full disk, a read-only folder: one line, not a traceback (DCP wraps its own)
+        fault = environment_fault(e)
+        if fault is None or isinstance(e, SystemExit):
+            raise
+        log.error(f"error: {fault_message(fault)}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

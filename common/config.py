@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -98,6 +99,9 @@ def make_command(config_cls: type, run: Callable[[Any], Any], doc: str) -> Calla
         for f in dataclasses.fields(config_cls):
             if f.default_factory is not dataclasses.MISSING and kwargs.get(f.name) is None:
                 kwargs.pop(f.name, None)
+        for name, value in kwargs.items():  # typer reads "nan" and "inf" as floats; no ft setting takes them
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag_name(name)} {value}: must be a finite number.")
         return run(config_cls(**kwargs))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -210,7 +214,9 @@ def check_choice(value: str, choices: typing.Iterable[str], field_name: str) -> 
 
 
 def check_positive(value: float, field_name: str, allow_zero: bool = False) -> None:
-    """Raise a `UserError` naming the flag when `value` is not > 0 (or >= 0)."""
+    """Raise a `UserError` naming the flag when `value` is not > 0 (or >= 0), or not a finite number (nan, inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag_name(field_name)} must be a finite number, got {value}.")
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"{flag_name(field_name)} must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
 

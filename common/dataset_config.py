@@ -14,6 +14,7 @@ run trained on other data than intended.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,11 +110,18 @@ def _entry(raw: Any, index: int, path: str) -> DatasetEntry:
             raise UserError(f"{where}: {key} is not supported by ft; ft reads the caption and media columns "
                             "itself (--caption-column, --video-column).")
     weight = raw.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or weight <= 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise UserError(f"{where}: weight must be a positive number, not {weight!r}.")
+    id_token = raw.get("id_token")
+    if id_token is not None and not isinstance(id_token, str):
+        raise UserError(f"{where}: id_token must be a string (one trigger word or phrase), not "
+                        f"{type(id_token).__name__} {id_token!r}.")
+    strip = raw.get("remove_common_llm_caption_prefixes", False)
+    if not isinstance(strip, bool):  # "false" as a string would read as true
+        raise UserError(f"{where}: remove_common_llm_caption_prefixes must be true or false (JSON booleans, no "
+                        f"quotes), not {strip!r}.")
     return DatasetEntry(source=source, dataset_type=dataset_type, buckets=buckets, resize_mode=RESHAPE_MODES[mode],
-                        id_token=raw.get("id_token") or None,
-                        strip_llm_prefixes=bool(raw.get("remove_common_llm_caption_prefixes", False)),
+                        id_token=id_token or None, strip_llm_prefixes=strip,
                         caption_columns=_caption_columns(raw.get("caption_options"), where),
                         weight=float(weight), index=index)
 

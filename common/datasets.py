@@ -65,13 +65,18 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
             raise UserError(f"--dataset {dataset}: a dataset file must be .csv, .json, .jsonl or .parquet.")
         return _from_table(root, video_column, caption_column)
     list_files = _list_files(root, video_column, caption_column)
+    tables = [root / name for name in METADATA_NAMES if (root / name).is_file()]
     if list_files:
+        if tables:
+            _two_layouts(root, f"{list_files[0].name} + {list_files[1].name}", tables[0])
         return _from_list_files(root, *list_files)
-    for name in METADATA_NAMES:
-        if (root / name).is_file():
-            return _from_table(root / name, video_column, caption_column)
-    if any(not (tar.parent / "manifest.json").is_file() for tar in root.rglob("*.tar")):  # ft's own shards are not
-        from .webdataset_media import read_webdataset_folder  # a dataset (an --out inside --dataset)
+    if len(tables) > 1:
+        _two_layouts(root, tables[0].name, tables[1])
+    if tables:
+        return _from_table(tables[0], video_column, caption_column)
+    # ft's own shards are not a dataset (an --out inside --dataset)
+    if any(t.suffix == ".tar" and not (t.parent / "manifest.json").is_file() for t in walk_files(root)):
+        from .webdataset_media import read_webdataset_folder
 
         return read_webdataset_folder(root, caption_column)
     items = _from_sidecar_captions(root)
@@ -81,6 +86,14 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
         f"--dataset {dataset}: found no dataset in this folder. Give it videos.txt + prompts.txt, a "
         f"metadata.csv/.json/.jsonl/.parquet with path and caption columns, or media files with same-named .txt "
         f"captions beside them.")
+
+
+def _two_layouts(root: Path, used: str, other: Path) -> None:
+    """Two layouts in one folder: the first in the documented order is read, and the log says so."""
+    from .logs import log
+
+    log.warning(f"--dataset {root} holds two dataset layouts: reading {used}, not {other.name} (the order is "
+                f"list files, then metadata.csv/jsonl/json/parquet). To read {other.name}, pass --dataset {other}.")
 
 
 def _one_of(root: Path, names: tuple[str, ...], named: str | None, what: str) -> Path | None:
@@ -267,8 +280,22 @@ def _from_table(path: Path, video_column: str | None, caption_column: str | None
     return items
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, following symlinked folders (Path.rglob skips them: a dataset assembled
+    from links would lose those clips without a word); a link back to a folder already walked is not followed."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in files]
+    return sorted(found)
+
+
 def _from_sidecar_captions(root: Path) -> list[DatasetItem]:
-    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS)
+    media = [p for p in walk_files(root) if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS]
     items = []
     uncaptioned = []
     for p in media:

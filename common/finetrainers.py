@@ -28,7 +28,10 @@ from .dataset_config import read_dataset_config
 from .errors import UserError
 
 SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not needed", "not supported", "not yet"
-P, T = "precompute", "train"
+P, T, CHECK = "precompute", "train", "check-data"
+# flags of other training scripts (diffusers' examples) that name an ft flag far from their spelling
+HINTS = {"learning_rate": "--lr", "max_train_steps": "--train-steps", "train_batch_size": "--batch-size",
+         "num_train_epochs": "--train-steps", "lora_rank": "--rank", "mixed_precision": "--transformer-dtype"}
 FAMILIES = {"cogvideox": "cogvideox", "ltx_video": "ltx_video", "hunyuan_video": "hunyuan_video"}
 OTHER_FAMILIES = ("cogview4", "flux", "wan")
 MICRO_BATCHES = ("finetrainers counts micro-batches, ft optimizer steps: with --gradient_accumulation_steps above 1 "
@@ -128,9 +131,9 @@ def _flags() -> list[Flag]:
         Flag("tp_degree", n, why="1 only: ft does not split layers across GPUs.",
              check=_degree("tensor parallelism")),
         # model
-        Flag("model_name", r, (P, T, "generate"), "model", why="cogvideox, ltx_video, hunyuan_video; "
+        Flag("model_name", r, (P, T, "generate", "estimate"), "model", why="cogvideox, ltx_video, hunyuan_video; "
              "finetrainers' other families are not supported.", convert=_model_name),
-        Flag("pretrained_model_name_or_path", r, (P, T, "generate"), "pretrained"),
+        Flag("pretrained_model_name_or_path", r, (P, T, "generate", "estimate"), "pretrained"),
         *(Flag(name, s, (P, T, "generate"), name) for name in (
             "revision", "variant", "cache_dir", "tokenizer_id", "tokenizer_2_id", "tokenizer_3_id",
             "text_encoder_id", "text_encoder_2_id", "text_encoder_3_id", "transformer_id", "vae_id",
@@ -209,7 +212,7 @@ def _flags() -> list[Flag]:
         Flag("validation_steps", y, why="only used with --validation_dataset_file."),
         Flag("enable_model_cpu_offload", y, nargs=0, why="only used by validation, which ft does not run yet."),
         # miscellaneous
-        Flag("tracker_name", n, why="ft does not name a tracker project; wandb reads WANDB_PROJECT."),
+        Flag("tracker_name", s, (T,), "tracker_name", why="the wandb project (else WANDB_PROJECT, else ft)."),
         Flag("push_to_hub", u, nargs=0, why="ft does not upload; after training run "
              "`huggingface-cli upload HUB_MODEL_ID OUTPUT_DIR`.",
              check=lambda v: "--push_to_hub: ft does not upload. After training, upload the result with "
@@ -466,7 +469,7 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
              ) -> list[tuple[str, list[str]]]:
     """The ft settings one entry gives `command` (none when it is left to the other stage or not needed)."""
     own = fields.by_command[command]
-    stages = (P, T) if command in (P, T) else (command,)
+    stages = (P, T) if command in (P, T, CHECK) else (command,)
     key = entry.key
     bare = key.removeprefix("no_") if key not in own else key
     # a one-word flag (--seed, --rank) that the command itself has is the command's own; only underscore
@@ -483,7 +486,8 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
         if not available:
             result.not_yet.append(entry.spelling)
             return []
-        if command not in flag.stages:
+        if command not in flag.stages and not (command == CHECK and P in flag.stages
+                                                and (flag.ft in own or key == "dataset_config")):
             _leave(result, flag, entry, command, stages)
             return []
         finetrainers[key] = entry.values
@@ -502,7 +506,7 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
         result.left_to.setdefault(other, []).append(entry.spelling)
         return []
     where = next((c for c, f in fields.by_command.items() if bare in f), None)
-    close = None if where else _suggest(entry, command, fields)
+    close = None if where else HINTS.get(key) or _suggest(entry, command, fields)
     hint = f"; it is a flag of ft {where}" if where else f"; did you mean {close}?" if close else ""
     if entry.origin != "command line":
         hint = hint.replace(f"{close}?", f"{close[2:]!r}?") if close and close.startswith("--") else hint
@@ -545,10 +549,10 @@ def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: d
             settings["train_steps"] = [str(max(1, -(-samples // per_step)))]
             result.notes.append(f"--max_data_samples {samples}: training stops after {settings['train_steps'][0]} "
                                 f"steps of {per_step} samples")
-    if "dataset_config" in finetrainers and command in (P, T):
+    if "dataset_config" in finetrainers and command in (P, T, CHECK):
         datasets = read_dataset_config(finetrainers["dataset_config"][0])
-        if command == P:
-            result.runs = _precompute_runs(settings, datasets, kinds)
+        if command in (P, CHECK):  # check-data checks each dataset as precompute would encode it
+            result.runs = _precompute_runs(settings, datasets, kinds, with_out=command == P)
             return
         _mix_shards(settings, datasets)
     result.runs = [to_argv(settings, kinds)]
@@ -587,15 +591,15 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
                             "density in ft)")
 
 
-def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds: dict[str, str]
-                     ) -> list[list[str]]:
+def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds: dict[str, str],
+                     with_out: bool = True) -> list[list[str]]:
     from .dataset_config import local_path
 
     for clash in ("dataset", "buckets", "id_token", "resize_mode"):
         if clash in settings:
             raise UserError(f"--dataset_config gives each dataset's {clash.replace('_', ' ')}; leave out "
                             f"{flag_name(clash)} (or --dataset_config).")
-    if "out" not in settings:
+    if "out" not in settings and with_out:
         raise UserError("ft precompute needs --out (or --precomputation_dir): the folder for the shards.")
     runs = []
     several = len(datasets) > 1
@@ -605,7 +609,8 @@ def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds:
         run["buckets"] = d.buckets
         run["resize_mode"] = [d.resize_mode]
         run.setdefault("frame_sampling", ["uniform"])  # finetrainers spreads the frames it keeps over the clip
-        run["out"] = [d.shard_folder(settings["out"][0], several)]
+        if with_out:
+            run["out"] = [d.shard_folder(settings["out"][0], several)]
         if d.id_token:
             run["id_token"] = [d.id_token]
         if d.strip_llm_prefixes:
@@ -622,6 +627,12 @@ def _mix_shards(settings: dict[str, list[str]], datasets: list[Any]) -> None:
     shards = settings.get("shards", [])
     if len(datasets) < 2 or len(shards) != 1 or (Path(shards[0]) / "manifest.json").is_file():
         return
+    absent = [d.shard_folder(shards[0], True) for d in datasets
+              if not (Path(d.shard_folder(shards[0], True)) / "manifest.json").is_file()]
+    if absent:  # say which --out makes them: the parent, never a dataset's own folder (that would nest)
+        raise UserError(f"--dataset_config: {len(absent)} of its {len(datasets)} shard sets are not in "
+                        f"{shards[0]} yet (first: {absent[0]}). Run ft precompute with the same --dataset_config and "
+                        f"--out {shards[0]} first: it writes one shard set per dataset under it.")
     settings["shards"] = [f"{d.shard_folder(shards[0], True)}:{d.weight:g}" for d in datasets]
 
 

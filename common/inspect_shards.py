@@ -9,6 +9,19 @@ from .shards import MANIFEST_NAME, Manifest, ShardCorruptError, iter_shard
 
 
 def describe(folder: str, verify: bool = False) -> str:
+    """The summary of the shard set in `folder`; a folder holding shard sets (the `--out` of a precompute run with
+    several datasets in its --dataset_config: `0-name/`, `1-name/`, ...) gets each one's summary in turn."""
+    root = Path(folder)
+    if root.is_dir() and not (root / MANIFEST_NAME).is_file():
+        sets = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+        if sets:
+            parts = [f"{folder} holds {len(sets)} shard sets (one per dataset of a --dataset_config): "
+                     f"{', '.join(p.name for p in sets)}"]
+            return "\n\n".join(parts + [_describe(str(p), verify) for p in sets])
+    return _describe(folder, verify)
+
+
+def _describe(folder: str, verify: bool) -> str:
     manifest = Manifest.load(folder)
     lines = [
         f"shard set      {folder}",
@@ -33,9 +46,13 @@ def describe(folder: str, verify: bool = False) -> str:
         lines.append(f"  {choice}: {value}")
     lines.append(f"shapes         {manifest.shapes}")
     if manifest.active:
-        cached = manifest.num_samples - manifest.active["samples"]
+        # the view counts the dataset's samples, encoded or not: while some are missing (an incomplete run),
+        # the encoded ones are fewer, and only a surplus is cache from earlier runs
+        encoded = manifest.active["samples"] - manifest.missing_samples
+        cached = manifest.num_samples - encoded
         lines.append(f"training view  {manifest.active['samples']} samples of the dataset's last run"
-                     + (f"; {cached} more cached from earlier runs, not trained on" if cached else ""))
+                     + (f" ({encoded} encoded so far)" if manifest.missing_samples else "")
+                     + (f"; {cached} more cached from earlier runs, not trained on" if cached > 0 else ""))
     lines.append("buckets (trained on)")
     for bucket, count in manifest.training_histogram().items():
         lines.append(f"  {bucket:14s}{count}")
@@ -47,6 +64,12 @@ def describe(folder: str, verify: bool = False) -> str:
     summary = summarize_inputs(manifest.rejected, manifest.warnings, first=5)
     lines += ["  " + line for line in summary.splitlines()]
     if verify:
+        absent = [s.name for s in manifest.shards if not (Path(folder) / s.name).is_file()]
+        if absent:
+            raise ShardCorruptError(f"{folder}: {len(absent)} of the {len(manifest.shards)} shards listed in "
+                                    f"{MANIFEST_NAME} are missing ({', '.join(absent[:3])}"
+                                    f"{', ...' if len(absent) > 3 else ''}). Rerun `ft precompute` with the same "
+                                    "--out to encode their samples again; the other shards are reused.")
         for shard in manifest.shards:
             n = sum(1 for _ in iter_shard(Path(folder) / shard.name, expected_sha256=shard.sha256))
             if n != shard.samples:

@@ -20,8 +20,10 @@ KIND_TITLES = {
     "outside-dataset": "outside the dataset folder (--allow-outside-paths accepts them)",
     "caption-truncated": "caption longer than the text length: kept, cut to it",
     "duplicate": "duplicate row: dropped, the first kept",
+    "caption-unknown-tokens": "caption mostly unknown to the tokenizer (<unk>): kept",
+    "alpha-composited": "transparent image: composited on white",
+    "variable-frame-rate": "variable frame rate: fps measured from the timestamps",
 }
-
 
 
 def summarize_inputs(rejected: list[dict[str, Any]], warnings: list[dict[str, Any]], first: int = 3) -> str:

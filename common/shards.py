@@ -384,11 +384,13 @@ class ShardWriter:
         self.on_shard = on_shard
         self.completed: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None  # the .tar.tmp being written, until it is renamed into place
         self._writing = False
 
     def _open(self) -> None:
         self._name = f"{self.prefix}-{self.index:06d}.tar"
-        self._file = open(self.folder / (self._name + ".tmp"), "wb")
+        self._tmp = self.folder / (self._name + ".tmp")
+        self._file = open(self._tmp, "wb")
         self._hasher = _HashingWriter(self._file)
         # plain "w" mode writes each member through at once (stream mode would hold 10 KiB back)
         self._tar = tarfile.open(fileobj=self._hasher, mode="w", format=tarfile.USTAR_FORMAT)
@@ -417,15 +419,27 @@ class ShardWriter:
         if self._samples >= self.max_samples or self._hasher.size >= self.max_bytes:
             self.finish_shard()
 
+    def discard(self) -> tuple[int, int] | None:
+        """Drop the shard being written (a write failed: disk full), freeing its space; returns its (bytes,
+        samples), or None when none was open. Errors closing it are ignored: its bytes are being thrown away."""
+        if self._tmp is None:  # none open (or the last one was renamed into place)
+            return None
+        if self._tar is not None:
+            self._tar.closed = True  # nothing more may be written to it
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._tmp.unlink(missing_ok=True)
+        self._tar, self._tmp, self._writing = None, None, False
+        return self._hasher.size, self._samples
+
     def finish_shard(self) -> ShardInfo | None:
         """Close the shard being written (if any), rename it into place and report it."""
         if self._tar is None:
             return None
         if self._writing:  # interrupted inside a sample: the tar's end is damaged, so the shard is not kept
-            self._tar.closed = True  # nothing more may be written to it
-            self._file.close()
-            (self.folder / (self._name + ".tmp")).unlink()
-            self._tar, self._writing = None, False
+            self.discard()
             return None
         tar, self._tar = self._tar, None  # an interrupt from here on must not close it twice
         tar.close()
@@ -434,6 +448,7 @@ class ShardWriter:
         self._file.close()
         kill_point("shard-written")
         os.replace(self.folder / (self._name + ".tmp"), self.folder / self._name)
+        self._tmp = None
         kill_point("shard-renamed")  # an unlisted whole shard: the next run adopts it
         info = ShardInfo(self._name, self._samples, self._hasher.size, self._hasher.sha.hexdigest(),
                          dict(sorted(self._buckets.items())), self._hasher.xxh3.hexdigest())

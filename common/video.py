@@ -3,12 +3,26 @@
 Decoding uses decord when it is installed (fast, seeks by index) and PyAV otherwise; images (png, jpg, webp) are
 1-frame videos. `open_media` probes a file without decoding all of it; `MediaReader.read(indices)` decodes just the
 frames a bucket needs. Frames are returned as uint8 tensors [F, H, W, 3].
+
+Media are decoded as people see them, whichever decoder runs:
+- a video's rotation (the mp4/mov display matrix a phone writes) is applied: decord does it itself, PyAV does not,
+  so PyAV's frames are turned by the angle each frame carries (`frame.rotation`); both give the same frames;
+- an image's EXIF orientation is applied (`ImageOps.exif_transpose`);
+- 16-bit images (`I;16`, `I`) are scaled to 8 bits (65535 -> 255), never clipped to white; greyscale and
+  palette images become RGB;
+- transparency (RGBA, LA, a palette or colour key with transparency) is composited on WHITE, the background
+  image viewers and web pages show, and noted (`alpha-composited`): the model trains on what a viewer sees, and
+  the note says so rather than silently dropping the alpha channel (which turns transparent pixels black);
+- a variable-frame-rate video (frame intervals differing by more than 10%) is measured from its timestamps: the
+  frame rate recorded for a sample is that of its sampled frames' time span, and the clip is noted
+  (`variable-frame-rate`).
+Notes travel in `MediaReader.notes` as (kind, reason); the data policy turns them into manifest warnings.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +51,12 @@ class MediaError(Exception):
         self.kind = kind
 
 
+# frame intervals that differ by more than this share of the shortest make a clip variable-frame-rate
+VFR_TOLERANCE = 0.1
+# what transparent pixels are composited on (see the module docstring)
+ALPHA_BACKGROUND = 255
+
+
 # the first bytes of container formats we read: a file that starts like one but does not open is cut short
 _SIGNATURES = ((4, b"ftyp", "mp4/mov"), (0, b"\x1a\x45\xdf\xa3", "mkv/webm"), (0, b"RIFF", "avi"),
                (0, b"GIF8", "gif"), (0, b"\x89PNG", "png"), (0, b"\xff\xd8\xff", "jpeg"))
@@ -63,14 +83,17 @@ class MediaReader:
     path: Path
     num_frames: int
     fps: float
-    height: int
+    height: int  # as displayed: after rotation / EXIF orientation
     width: int
     _decord: object | None = None
+    # each frame's presentation time in seconds from the first, when the container gives them
+    timestamps: list[float] | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (kind, reason): kept, with a note
 
     def read(self, indices: list[int]) -> np.ndarray:
         """Decode the frames at `indices` as uint8 [F, H, W, 3]."""
         if is_image(self.path):
-            return _read_image(self.path)[None].repeat(len(indices), 0)
+            return _read_image(self.path)[0][None].repeat(len(indices), 0)
         if self._decord is not None:
             try:
                 return self._decord.get_batch(indices).asnumpy()  # type: ignore[attr-defined]
@@ -78,15 +101,71 @@ class MediaReader:
                 self._decord = None
         return _pyav_read(self.path, indices)
 
+    @property
+    def variable_rate(self) -> tuple[float, float] | None:
+        """(shortest, longest) frame interval in seconds when they differ by more than VFR_TOLERANCE, else None."""
+        if not self.timestamps or len(self.timestamps) < 3:
+            return None
+        gaps = [b - a for a, b in zip(self.timestamps[:-1], self.timestamps[1:], strict=True) if b > a]
+        if len(gaps) < 2:
+            return None
+        lo, hi = min(gaps), max(gaps)
+        return (lo, hi) if hi > lo * (1 + VFR_TOLERANCE) and hi - lo > 1e-3 else None
 
-def _read_image(path: Path) -> np.ndarray:
+    def span_fps(self, indices: list[int]) -> float:
+        """The frame rate to record for a sample of `indices`: for a variable-frame-rate clip, measured from the
+        timestamps (the sampled frames' index span over their time span), else the container's average."""
+        if self.variable_rate and len(indices) > 1 and self.timestamps and max(indices) < len(self.timestamps):
+            first, last = min(indices), max(indices)
+            seconds = self.timestamps[last] - self.timestamps[first]
+            if seconds > 0:
+                return (last - first) / seconds
+        return self.fps
+
+
+def _image_to_rgb(im: object) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """A PIL image as displayed, uint8 [H, W, 3]: EXIF orientation applied, 16-bit scaled, alpha on white."""
+    from PIL import Image, ImageOps
+
+    assert isinstance(im, Image.Image)
+    im = ImageOps.exif_transpose(im) or im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":  # float greyscale: 0..1 when it fits there, else 0..255
+            peak = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        else:  # 16-bit: I;16*, or I as Pillow opens some 16-bit files (values above 255 say so)
+            peak = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.round(a * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1), []
+    transparent = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if not transparent:
+        return np.asarray(im.convert("RGB")), []
+    rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    if alpha.min(initial=1.0) >= 1.0:
+        return np.ascontiguousarray(rgba[..., :3].astype(np.uint8)), []
+    rgb = rgba[..., :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+    share = float((alpha < 1.0).mean())
+    return np.round(rgb).astype(np.uint8), [("alpha-composited", f"has transparency ({share:.0%} of its pixels): "
+                                            "composited on white, as viewers show it; flatten it yourself to "
+                                            "choose another background")]
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return _image_to_rgb(im)
     except Exception as e:  # PIL raises many types for bad files
         raise _unreadable(path, "image", e) from e
+
+
+def _rotated(frame: object) -> np.ndarray:
+    """A PyAV frame as RGB, turned by its display rotation (counter-clockwise degrees) as decord turns it."""
+    image = frame.to_ndarray(format="rgb24")  # type: ignore[attr-defined]
+    turns = round(getattr(frame, "rotation", 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def _have_decord() -> bool:
@@ -105,8 +184,8 @@ def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
     if path.stat().st_size == 0:
         raise MediaError("zero-byte file", "zero-byte")
     if is_image(path):
-        frame = _read_image(path)
-        return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1])
+        frame, notes = _read_image(path)
+        return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1], notes=notes)
     if backend in ("auto", "decord") and _have_decord():
         import decord
 
@@ -115,9 +194,11 @@ def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
             n = len(vr)
             if n == 0:
                 raise MediaError("the video has no frames")
-            h, w = vr[0].shape[:2]
+            h, w = vr[0].shape[:2]  # decord applies the rotation: these are the displayed sizes
             vr.seek(0)
-            return MediaReader(path, n, float(vr.get_avg_fps()), int(h), int(w), vr)
+            times = vr.get_frame_timestamp(range(n))[:, 0]
+            return MediaReader(path, n, float(vr.get_avg_fps()), int(h), int(w), vr,
+                               timestamps=[float(t - times[0]) for t in times])
         except MediaError:
             raise
         except Exception as e:
@@ -137,15 +218,41 @@ def _pyav_probe(path: Path) -> MediaReader:
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             n = stream.frames
             h, w = stream.codec_context.height, stream.codec_context.width
+            if _quarter_turns(container) % 2:
+                h, w = w, h
+            pts = _packet_times(container, stream)
             if not n:  # the container does not say: count by decoding
+                container.seek(0)
                 n = sum(1 for _ in container.decode(video=0))
+            base = float(stream.time_base or 0)
     except MediaError:
         raise
     except Exception as e:  # av.error.* and friends
         raise _unreadable(path, "video", e) from e
     if n == 0:
         raise MediaError("the video has no frames")
-    return MediaReader(path, n, fps, h, w)
+    times = [float(t - pts[0]) * base for t in pts] if base and len(pts) == n else None
+    return MediaReader(path, n, fps, h, w, timestamps=times)
+
+
+def _quarter_turns(container: object) -> int:
+    """The display rotation in quarter turns, read from the first frame (PyAV carries it on frames); 0 when the
+    first frame does not decode (reading the frames then names the problem)."""
+    try:
+        first = next(container.decode(video=0), None)  # type: ignore[attr-defined]
+    except Exception:  # av.error.*
+        return 0
+    return round(getattr(first, "rotation", 0) / 90) % 4 if first is not None else 0
+
+
+def _packet_times(container: object, stream: object) -> list[int]:
+    """The video packets' presentation times (in the stream's time base), sorted: the frames' timestamps without
+    decoding. A file damaged further on gives none (decoding it names the problem later, as mid-file)."""
+    try:
+        container.seek(0)  # type: ignore[attr-defined]
+        return sorted(p.pts for p in container.demux(stream) if p.pts is not None)  # type: ignore[attr-defined]
+    except Exception:  # av.error.*: the timestamps are a refinement, not a requirement
+        return []
 
 
 def _pyav_read(path: Path, indices: list[int]) -> np.ndarray:
@@ -157,7 +264,7 @@ def _pyav_read(path: Path, indices: list[int]) -> np.ndarray:
         with av.open(str(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    frames[i] = _rotated(frame)
                 if i >= max(indices):
                     break
     except Exception as e:
@@ -281,13 +388,15 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproducible: bool = False,
-                faststart: bool = False) -> Path:
+                faststart: bool = False, rotation: int = 0, frame_times: list[float] | None = None) -> Path:
     """Write uint8 [F, H, W, 3] frames as an H.264 mp4 (yuv420p; odd sizes are padded to even).
 
     `reproducible`: the same frames give the same bytes in any process. x264's SIMD code gave another byte
     stream for the same frames once the process had decoded video (seen on the test fixtures, whose sample keys
     hash the bytes), so this turns it off: slower, for small generated datasets. `faststart`: the index (moov)
-    before the frames, as streaming sites write mp4s."""
+    before the frames, as streaming sites write mp4s. `rotation`: a display rotation (counter-clockwise degrees) in
+    the container, as a phone records a portrait clip. `frame_times`: each frame's time in seconds (a variable frame
+    rate), instead of 1/fps apart."""
     import av
 
     path = Path(path)
@@ -300,11 +409,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0, reproduc
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001) if fps > 0 else 8)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if frame_times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
         stream.options = {"crf": "18", "threads": "1"}  # x264 with threads gave different bytes run to run
         if reproducible:
             stream.options = {**stream.options, "x264-params": "asm=0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for i, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if frame_times is not None:
+                picture.pts, picture.time_base = round(frame_times[i] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

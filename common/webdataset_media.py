@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .datasets import DatasetItem
+from .datasets import DatasetItem, walk_files
 from .errors import UserError
 
 # finetrainers/data/dataset.py, in its order
@@ -57,7 +57,7 @@ def read_webdataset_folder(root: Path, caption_column: str | None = None) -> lis
     out_dir = _extract_dir()
     items: list[DatasetItem] = []
     wanted = (caption_column,) if caption_column else CAPTION_COLUMNS
-    for tar_path in sorted(t for t in root.rglob("*.tar") if not (t.parent / "manifest.json").is_file()):
+    for tar_path in (t for t in walk_files(root) if t.suffix == ".tar" and not (t.parent / "manifest.json").is_file()):
         samples: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(tar_path) as tar:

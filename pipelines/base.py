@@ -308,12 +308,31 @@ class ModelSpec(ABC):
         return None
 
     def caption_token_counts(self, args: ModelArgs, captions: list[str]) -> list[int]:
-        """Tokens each caption takes before it is cut to the text length, counted with the family's first
-        tokenizer only: no text encoder is loaded. Families with a prompt template override this."""
+        """Tokens each caption takes before it is cut to the text length (see `caption_token_stats`)."""
+        return [stats[0] for stats in self.caption_token_stats(args, captions)]
+
+    def caption_token_stats(self, args: ModelArgs, captions: list[str]) -> list[tuple[int, int, int]]:
+        """(tokens, unknown tokens, characters the unknown tokens stand for) of each caption before it is cut to
+        the text length, counted with the family's first tokenizer only: no text encoder is loaded. A T5
+        sentencepiece tokenizer folds a run of characters it lacks (CJK, emoji) into one <unk>, hence the
+        characters. A byte-level tokenizer (Llama's, CLIP's) has no unknown token: zeros. Families with a prompt
+        template override this."""
         tokenizer = self.load_component(self.text_components[0], args)
         if not captions:
             return []
-        return [len(ids) for ids in tokenizer(captions, add_special_tokens=True, truncation=False)["input_ids"]]
+        unk = getattr(tokenizer, "unk_token_id", None)
+        fast = bool(getattr(tokenizer, "is_fast", False))
+        encoded = tokenizer(captions, add_special_tokens=True, truncation=False, return_offsets_mapping=fast)
+        out = []
+        for i, ids in enumerate(encoded["input_ids"]):
+            unknown = [j for j, token in enumerate(ids) if unk is not None and token == unk]
+            if fast:
+                spans = {c for j in unknown for c in range(*encoded["offset_mapping"][i][j])}
+                chars = sum(1 for c in spans if not captions[i][c].isspace())
+            else:
+                chars = len(unknown)
+            out.append((len(ids), len(unknown), chars))
+        return out
 
     # ------------------------------------------------------------------------------------------------ stage 1
 

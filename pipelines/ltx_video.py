@@ -72,6 +72,9 @@ def unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, p
     return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
+PIPELINE_MULTIPLE = 32  # diffusers' LTXPipeline.check_inputs: height and width divisible by 32
+
+
 class LTXVideoSpec(ModelSpec):
     name = "ltx_video"
     display_name = "LTX-Video"
@@ -107,6 +110,18 @@ class LTXVideoSpec(ModelSpec):
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}, not {height}x{width}"
         return None
+
+    def check_generation_size(self, size: tuple[int, int, int], vae_config: dict, transformer_config: dict
+                              ) -> str | None:
+        """Training's rule, and LTXPipeline's own: its check_inputs takes only heights and widths divisible by 32
+        (the real VAE's compression), whatever the VAE, so a size a smaller VAE trains on may not generate."""
+        problem = self.check_bucket(size, vae_config, transformer_config)
+        if problem or (size[1] % PIPELINE_MULTIPLE == 0 and size[2] % PIPELINE_MULTIPLE == 0):
+            return problem
+        near = [max(PIPELINE_MULTIPLE, round(x / PIPELINE_MULTIPLE) * PIPELINE_MULTIPLE) for x in size[1:]]
+        return (f"LTXPipeline generates only heights and widths divisible by {PIPELINE_MULTIPLE} (its check_inputs), "
+                f"not {size[1]}x{size[2]}, even where training takes that size; use --height {near[0]} --width "
+                f"{near[1]}")
 
     def default_sequence_length(self, transformer_config: dict) -> int:
         return DEFAULT_TEXT_TOKENS

@@ -19,6 +19,7 @@ from typing import Any
 from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import DatasetItem, dataset_root, load_dataset
 from ft.common.errors import UserError
+from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log
 from ft.common.model_args import ModelArgs
 from ft.common.rejects import summarize_inputs
@@ -30,7 +31,7 @@ from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
 from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
-from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items
+from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
 
@@ -86,11 +87,16 @@ def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buck
                                 cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config),
                                 cfg.max_upscale)
     result = DataCheck(items, planned, rejected + bad, warnings)
+    result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
     if model_args is not None and planned:
         captions = sorted({p.item.caption for p in planned})
-        result.tokens = dict(zip(captions, spec.caption_token_counts(model_args, captions), strict=True))
+        stats = dict(zip(captions, spec.caption_token_stats(model_args, captions), strict=True))
+        result.tokens = {caption: counts[0] for caption, counts in stats.items()}
         result.warnings += long_caption_warnings([str(p.item.path) for p in planned],
                                                  [result.tokens[p.item.caption] for p in planned], seq_len)
+        result.warnings += unknown_token_warnings([str(p.item.path) for p in planned],
+                                                  [p.item.caption for p in planned],
+                                                  [stats[p.item.caption] for p in planned])
     return result
 
 
@@ -142,6 +148,11 @@ def format_table(rows: list[dict[str, Any]], limit: int = TABLE_ROWS) -> str:
 def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     """Check `cfg.dataset` for `cfg.model`; print the table and summary, write the JSON report; return it."""
     spec = get_spec(cfg.model)
+    if cfg.report:  # before the checks: a report that cannot be written would throw their work away
+        if Path(cfg.report).is_dir():
+            raise UserError(f"--report {cfg.report} is a folder; give a file name, e.g. "
+                            f"{Path(cfg.report) / 'check.json'}.")
+        check_writable(Path(cfg.report).parent, "--report", f"the folder {Path(cfg.report).name} is written to")
     items = apply_caption_options(load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column), cfg.id_token,
                                   cfg.strip_llm_prefixes)
     model_args = ModelArgs(model=cfg.model, pretrained=cfg.pretrained, revision=cfg.revision) \
@@ -171,7 +182,14 @@ def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     print(format_table(rows))
     print(check.summary())
     if cfg.report:
-        Path(cfg.report).write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            Path(cfg.report).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            fault = environment_fault(e)
+            if fault is None:
+                raise
+            raise UserError(f"--report {cfg.report}: {describe(fault)}; the table and summary above are the "
+                            f"report's content. {fix(fault).capitalize()}, then run again.") from e
         log.info(f"wrote the report to {cfg.report}")
     enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
     if not check.planned:

@@ -23,6 +23,7 @@ from ft.common.config import to_jsonable
 from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
+from ft.common.faults import check_writable, environment_fault
 from ft.common.logs import log, quiet_libraries
 from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
@@ -43,6 +44,7 @@ from ft.pipelines.registry import spec_for
 
 from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
+from .faults import disk_fault_message
 from .plan import PlannedSample, assign_keys, sample_encoding
 from .policy import Rejected, enforce_on_error
 from .reuse import HalfIndex, cached_text, with_cached_video
@@ -232,6 +234,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
 
     started = time.time()
     spec = spec_for(cfg)
+    held = (Path(cfg.out) / MANIFEST_NAME).is_file()
+    check_writable(cfg.out, "--out", "the shard folder; the shards already in it are untouched and `ft train` reads "
+                   "them where they are" if held else "the shard folder")
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
     items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
     vae_config = spec.load_config("vae", cfg)
@@ -338,9 +343,20 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
                   f"{manifest.missing_samples} samples of the dataset are not encoded yet). Run the same command "
                   f"again, or `{manifest.resume_command}`, to go on: it encodes only what is missing.")
         raise
+    except OSError as e:  # a full disk (or one gone read-only): keep the whole shards, say how much is needed
+        fault = environment_fault(e)
+        if fault is None:
+            raise
+        partial = writer.discard()
+        raise UserError(disk_fault_message(fault, out, writer.completed, partial, len(todo) - len(failed),
+                                           manifest.resume_command)) from e
     finally:
-        writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
-        manifest.save(out)
+        writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error (nothing after a discard)
+        try:
+            manifest.save(out)
+        except OSError as e:  # the disk is full: the manifest saved after the last whole shard stands
+            if environment_fault(e) is None:
+                raise
     kill_point("encoded")
     active = [p for p in planned if p.key not in failed and (p.key in done or p.key in encoder.written)]
     manifest.set_active(out, [p.key for p in active], Counter(bucket_name(*p.bucket) for p in active))

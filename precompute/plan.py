@@ -7,7 +7,7 @@ videos) show up in seconds, as rejected inputs with reasons, not after the encod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ft.common.datasets import DatasetItem
@@ -45,6 +45,8 @@ class PlannedSample:
     text_key: str = ""
     height: int = 0  # the source's size, for reports
     width: int = 0
+    # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
         """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
@@ -106,8 +108,15 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
     if problem:
         return Rejected(str(item.path), f"no bucket for it: {problem}", "no-bucket")
     indices = frame_indices(media.num_frames, bucket[0], sampling, stride)
-    return PlannedSample(item, bucket, indices, media.fps, media.num_frames, file_digest(item.path),
-                         height=media.height, width=media.width)
+    notes = list(media.notes)
+    fps = media.span_fps(indices)  # a variable-frame-rate clip: measured from its timestamps
+    if media.variable_rate:
+        lo, hi = media.variable_rate
+        notes.append(("variable-frame-rate", f"variable frame rate (frames {lo * 1000:.0f} to {hi * 1000:.0f} ms "
+                      f"apart; container average {media.fps:.2f} fps): the sampled frames' rate, {fps:.2f} fps, "
+                      "is measured from their timestamps; re-encode at a constant rate to train on even spacing"))
+    return PlannedSample(item, bucket, indices, fps, media.num_frames, file_digest(item.path),
+                         height=media.height, width=media.width, notes=notes)
 
 
 def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,

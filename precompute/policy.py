@@ -8,7 +8,8 @@ cut at the text length, a duplicate row dropped) are `warnings`, summarized the 
 Kinds: missing, zero-byte, not-media, truncated, decode-failed (frames failing mid-file), too-short, too-small
 (the bucket would enlarge it more than --max-upscale), no-bucket (the model takes no bucket it fits),
 caption-not-utf8, empty-caption (unless --allow-empty-captions), empty-cell, outside-dataset (unless
---allow-outside-paths); warnings: caption-truncated, duplicate.
+--allow-outside-paths); warnings: caption-truncated, duplicate, caption-unknown-tokens (mostly <unk>),
+alpha-composited (transparency flattened on white), variable-frame-rate (fps measured from timestamps).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from ft.common.datasets import DatasetItem, outside_folder
 from ft.common.errors import UserError
 from ft.common.rejects import summarize_inputs
+
+UNKNOWN_SHARE = 0.5  # a caption with more than this share of unknown tokens is noted
 
 
 @dataclass
@@ -66,6 +69,22 @@ def long_caption_warnings(paths: list[str], token_counts: list[int], seq_len: in
     """Captions longer than the text length: kept and cut to it, one warning each."""
     return [Rejected(path, f"caption of {n} tokens is cut to --max-sequence-length {seq_len}", "caption-truncated")
             for path, n in zip(paths, token_counts, strict=True) if n > seq_len]
+
+
+def unknown_token_warnings(paths: list[str], captions: list[str], stats: list[tuple[int, int, int]],
+                           share: float = UNKNOWN_SHARE) -> list[Rejected]:
+    """Captions the tokenizer turns mostly into its unknown token (CJK or emoji for T5's vocabulary): kept, one
+    warning each with the counts, since the model would learn from `<unk>`s rather than the words. `stats` are
+    `ModelSpec.caption_token_stats`: (tokens, unknown tokens, characters they stand for)."""
+    out = []
+    for path, caption, (_, unknown, chars) in zip(paths, captions, stats, strict=True):
+        visible = sum(1 for c in caption if not c.isspace())
+        if unknown and chars > share * visible:
+            out.append(Rejected(path, f"{chars} of the caption's {visible} characters are unknown to the tokenizer "
+                                      f"({unknown} <unk> token{'s' if unknown > 1 else ''}): its vocabulary lacks "
+                                      "them (T5's has no CJK or emoji), so the model sees mostly <unk>; translate "
+                                      "or rewrite the caption", "caption-unknown-tokens"))
+    return out
 
 
 def enforce_on_error(on_error: str, rejected: list[Rejected], where: str) -> None:

@@ -70,3 +70,21 @@ def ltx_shards(tmp_path_factory: pytest.TempPathFactory, tiny_ltx: Path, shapes_
     run_cli(["precompute", "--model", "ltx-video", "--pretrained", tiny_ltx, *FP32, "--dataset", shapes_data,
              "--out", out, *BUCKETS, "--batch-size", "2"])
     return out
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """A factory of tmpfs mounts under tmp_path (`tmpfs("name", "2m")`), unmounted after the test."""
+    from helpers import mount_tmpfs, unmount
+
+    mounted: list[Path] = []
+
+    def make(name: str = "mnt", size: str = "4m") -> Path:
+        path = tmp_path / name
+        mount_tmpfs(path, size)
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        unmount(path)

@@ -14,3 +14,46 @@ def run_cli(argv: list[object]) -> object:
 HUNYUAN_FP32 = [*FP32, "--text-encoder-2-dtype", "fp32"]
 # 32 Llama tokens after the template's crop (the default is 256): the same code path, half the step time on a CPU
 HUNYUAN_TEXT = ["--max-sequence-length", "32"]
+
+
+def mount_tmpfs(path: object, size: str = "4m") -> None:
+    """Mount a tmpfs of `size` at `path` (made if missing), for real disk-full and read-only faults; skips the
+    test where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    Path(str(path)).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs for a fault test needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                            text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+
+
+def remount(path: object, mode: str) -> None:
+    """Remount the tmpfs at `path` read-only ("ro") or writable ("rw")."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
+
+
+def unmount(path: object) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path: object, leave: int) -> object:
+    """Fill the filesystem at `path` with one file, leaving about `leave` bytes free; returns the file."""
+    import shutil
+    from pathlib import Path
+
+    filler = Path(str(path)) / "filler"
+    size = max(0, shutil.disk_usage(str(path)).free - leave)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * size)
+    return filler

@@ -29,6 +29,21 @@ WATCH = "Watching the run"
 PARALLEL = "Several processes (torchrun, srun)"
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "use --report-to none"), "wandb": ("wandb", "use --report-to "
+                                                                                           "tensorboard")}
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """--report-to names a package that is not installed: refused now, not after the transformer has loaded."""
+    import importlib.util
+
+    if report_to not in TRACKER_PACKAGES:
+        return
+    package, other = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"--report-to {report_to} needs the {package} package: `pip install {package}`, or {other}.")
+
+
 @dataclass(kw_only=True)
 class TrainConfig(ModelArgs):
     """Train the transformer on precomputed shards: only the transformer and scheduler are loaded."""
@@ -122,6 +137,8 @@ class TrainConfig(ModelArgs):
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
+    tracker_name: str | None = opt(None, "The wandb project (finetrainers' --tracker_name). Default: the "
+                                         "WANDB_PROJECT environment variable, else ft.", panel=WATCH)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +147,7 @@ class TrainConfig(ModelArgs):
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         check_choice(self.flow_weighting_scheme, FLOW_WEIGHTING_SCHEMES, "flow_weighting_scheme")
         check_choice(self.report_to, REPORT_TO, "report_to")
+        check_tracker_installed(self.report_to)  # before any model loads
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
         for name in ("init_timeout", "nccl_timeout"):
             check_positive(getattr(self, name), name)

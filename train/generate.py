@@ -13,6 +13,7 @@ from typing import Any
 
 from ft.common.config import REQUIRED, check_positive, opt
 from ft.common.errors import UserError
+from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log, quiet_libraries
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import pick_device
@@ -162,9 +163,37 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
 
 
+def check_out(out: str) -> Path:
+    """--out, checked before any model loads: not a folder, and its folder takes a write."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out} is a folder; give the mp4's file name, e.g. --out {path / 'video.mp4'}.")
+    check_writable(path.parent, "--out", f"the folder {path.name} is written to")
+    return path
+
+
+def save_video(out: Path, frames: Any, fps: float) -> Path:
+    """Write the mp4; if --out fails now (the disk filled while sampling), the video is written to the temporary
+    folder instead and the error names it, so the sampled video is never lost."""
+    try:
+        return write_video(out, frames, fps)
+    except BaseException as e:
+        fault = environment_fault(e)
+        if fault is None:
+            raise
+        out.unlink(missing_ok=True)
+        import tempfile
+
+        rescue = Path(tempfile.mkdtemp(prefix="ft-generate-")) / out.name
+        write_video(rescue, frames, fps)
+        raise UserError(f"--out {out}: {describe(fault)} while writing the video; it was saved to {rescue} "
+                        f"instead ({fix(fault)}, then move it).") from e
+
+
 def run_generate(cfg: GenerateConfig) -> Path:
     spec = spec_for(cfg)
     size = resolve_size(spec, cfg)
+    out = check_out(cfg.out)  # before sampling: a read-only or full folder costs no generation
     from ft.pipelines.base import import_class
 
     true_cfg_settings(cfg, import_class(*spec.pipeline_class))  # a refused flag costs no model load
@@ -172,6 +201,6 @@ def run_generate(cfg: GenerateConfig) -> Path:
     device = pick_device(cfg.device)
     pipe = load_pipeline_with_lora(spec, cfg, device)
     frames = generate_frames(spec, cfg, pipe, size)
-    path = write_video(cfg.out, frames, sampling_settings(spec, cfg, pipe)["fps"])
+    path = save_video(out, frames, sampling_settings(spec, cfg, pipe)["fps"])
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

@@ -3,6 +3,10 @@ OUTPUT_DIR/logs or a wandb run (`--report-to`), and OUTPUT_DIR/loss.png drawn at
 
 A resumed run appends to train_log.jsonl after dropping the lines of steps past its checkpoint (written by the
 run that was stopped), so the file reads as one run.
+
+Test hook: `FT_TEST_KILL_AT=logged[:n]` (ft.common.shards.kill_point) signals the process after the n-th record is
+written; with `FT_TEST_KILL_SIGNAL=STOP` a test stops the run there, remounts its output folder read-only and lets
+it go on, to see the clean stop a real fault gives.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
+from ft.common.shards import kill_point
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
@@ -25,17 +30,19 @@ class RunLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.is_file():
             self.path.unlink()
-        self.file = open(self.path, "a")
+        self.path.touch()
         self.tracker = _tracker(out, report_to, config, resumed_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        # opened per record: nothing of the run stays open for writing between steps, so a folder that goes
+        # read-only (or a test remounting it so) fails the next write, not a buffered one at exit
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
             self.tracker.log(record)
+        kill_point("logged")
 
     def close(self) -> None:
-        self.file.close()
         if self.tracker is not None:
             self.tracker.close()
 
@@ -72,6 +79,13 @@ class _TensorBoard:
         self.writer.close()
 
 
+def wandb_project(config: dict[str, Any]) -> str:
+    """The wandb project: --tracker-name (finetrainers' flag), else WANDB_PROJECT, else "ft"."""
+    import os
+
+    return config.get("tracker_name") or os.environ.get("WANDB_PROJECT") or "ft"
+
+
 class _Wandb:
     def __init__(self, folder: Path, config: dict[str, Any], resumed_step: int | None):
         try:
@@ -81,7 +95,7 @@ class _Wandb:
                             "tensorboard.") from e
         id_file = folder / "wandb_run_id.txt"  # a resumed run continues the same wandb run
         run_id = id_file.read_text().strip() if resumed_step is not None and id_file.is_file() else None
-        self.run = wandb.init(project="ft", dir=str(folder), config=config, id=run_id,
+        self.run = wandb.init(project=wandb_project(config), dir=str(folder), config=config, id=run_id,
                               resume="allow" if run_id else None)
         id_file.write_text(self.run.id + "\n")
 
@@ -98,6 +112,21 @@ def _tracker(out: Path, report_to: str, config: dict[str, Any], resumed_step: in
     if report_to == "wandb":
         return _Wandb(out, config, resumed_step)
     return None
+
+
+def stopped_by_fault(fault: OSError, out: Path, step: int, checkpoints: list[tuple[int, Path]]) -> str:
+    """What `ft train` says when a write fails mid-run (disk full, folder read-only): where, what is usable, and
+    how to go on. A checkpoint is renamed into place only when whole, so the newest listed one is usable."""
+    from ft.common.faults import describe, fix
+
+    if checkpoints:
+        last, path = checkpoints[-1]
+        kept = (f"The last checkpoint, step {last} ({path}), is whole and usable; a checkpoint that was being "
+                "written is a hidden .tmp folder the next save removes. To go on: "
+                f"{fix(fault)}, then run the same command plus --resume-from-checkpoint latest.")
+    else:
+        kept = f"No checkpoint was saved yet. To go on: {fix(fault)}, then run the same command again."
+    return f"--output-dir {out}: {describe(fault)}; training stopped after step {step}. {kept}"
 
 
 def plot_losses(log_path: Path, image_path: Path, size: tuple[int, int] = (640, 360)) -> Path | None:

@@ -27,6 +27,7 @@ from ft.common import dist
 from ft.common.config import to_jsonable
 from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
+from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import require_complete
@@ -54,7 +55,7 @@ from .parallel import (
     set_gradient_sync,
     trainable_parameters,
 )
-from .reporting import PLOT_NAME, RunLog, plot_losses
+from .reporting import PLOT_NAME, RunLog, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 
@@ -406,6 +407,11 @@ class Trainer:
                      "plus --resume-from-checkpoint latest" if kept else f"no checkpoint was saved yet ({hint})")
             log.error(f"interrupted at step {self.state.step}: {where}.")
             raise
+        except BaseException as e:  # the disk filled or went read-only: stop cleanly, the last checkpoint stands
+            if environment_fault(e) is None or isinstance(e, (SystemExit, GeneratorExit)):
+                raise
+            raise UserError(stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
+                                             list_checkpoints(self.out))) from e
         finally:
             batches.close()  # stops the reader thread
             if run_log:

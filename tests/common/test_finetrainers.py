@@ -150,7 +150,7 @@ def write_config(path: Path, *datasets: dict) -> Path:
     return path
 
 
-def test_dataset_config_makes_one_precompute_run_per_dataset_and_train_mixes_them(tmp_path):
+def test_dataset_config_makes_one_precompute_run_per_dataset_and_train_mixes_them(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     config = write_config(
@@ -166,8 +166,17 @@ def test_dataset_config_makes_one_precompute_run_per_dataset_and_train_mixes_the
     assert "--id-token PIKA" in first and "--strip-llm-prefixes" in first and "--out shards/0-a" in first
     assert "--frame-sampling uniform" in first
     assert "--buckets 1x32x32" in " ".join(runs[1]) and "--resize-mode crop" in " ".join(runs[1])
+    with pytest.raises(UserError, match=r"2 of its 2 shard sets are not in shards yet \(first: shards/0-a\)\. Run ft "
+                                        r"precompute with the same --dataset_config and --out shards first"):
+        tr("train", "--dataset_config", str(config), "--shards", "shards")  # the parent: never a nested --out
+    monkeypatch.chdir(tmp_path)
+    for name in ("0-a", "1-b"):
+        (tmp_path / "shards" / name).mkdir(parents=True)
+        (tmp_path / "shards" / name / "manifest.json").write_text("{}")
     train = tr("train", "--dataset_config", str(config), "--shards", "shards").runs[0]
     assert [train[i + 1] for i, a in enumerate(train) if a == "--shards"] == ["shards/0-a:1", "shards/1-b:0.25"]
+    check = tr("check-data", "--dataset_config", str(config), "--model_name", "cogvideox", "--rank", "8").runs
+    assert len(check) == 2 and "--out" not in check[0] and "--buckets 1x32x32" in " ".join(check[1])
 
 
 @pytest.mark.parametrize(("entry", "message"), [
