@@ -21,6 +21,7 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
 from .lora import LORA_WEIGHTS_NAME
+from .sampling import SamplingSettings, sample_frames
 
 GEN = "Generation"
 
@@ -93,19 +94,11 @@ def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -
     return pipe
 
 
-def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, pipe: Any) -> dict[str, Any]:
-    """Steps, guidance and frame rate: the flags, else the pipeline's own `__call__` defaults (the model's fps
-    for the frame rate). Keys are the pipeline's argument names; `fps` is the mp4's rate."""
-    import inspect
-
-    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
-    settings: dict[str, Any] = {
-        "num_inference_steps": cfg.num_inference_steps or defaults["num_inference_steps"],
-        "guidance_scale": defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
-        "fps": cfg.fps or spec.default_fps}
-    if spec.frame_rate_argument:
-        settings[spec.frame_rate_argument] = settings["fps"]
-    return settings
+def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, size: dict[str, int]) -> SamplingSettings:
+    """The flags as the shared sampling settings (None: the pipeline's default, the model's fps)."""
+    return SamplingSettings(num_frames=size["num_frames"], height=size["height"], width=size["width"],
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            true_cfg_scale=cfg.true_cfg_scale, frame_rate=cfg.fps, seed=cfg.seed)
 
 
 def true_cfg_settings(cfg: GenerateConfig, pipe: Any) -> dict[str, float]:
@@ -133,9 +126,9 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
     The captions are encoded with the spec's `encode_prompts`, the very code precompute used, so the LoRA sees
-    the conditioning it was trained on; the text encoder then leaves the GPU before denoising.
+    the conditioning it was trained on; the text encoder then leaves the GPU, and the embeddings go through the
+    sampling code validation uses (sampling.py).
     """
-    import numpy as np
     import torch
 
     transformer_config = dict(pipe.transformer.config)
@@ -143,23 +136,18 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
     seq_len = spec.default_sequence_length(transformer_config)
-    true_cfg = true_cfg_settings(cfg, pipe)
+    true_cfg_settings(cfg, pipe)
+    settings = sampling_settings(spec, cfg, size)
     with torch.no_grad():
         prompt = spec.encode_prompts(encoders, [cfg.prompt], seq_len)
-        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if true_cfg.get(
-            "true_cfg_scale", 2.0) > 1 else {}
+        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if settings.uses_negative(
+            spec, pipe) else None
     for name in spec.text_components:
         if hasattr(encoders[name], "to"):
             encoders[name].to("cpu")
-    embeds = {k: v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype) for k, v in prompt.items()}
-    embeds |= {f"negative_{k}": v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype)
-               for k, v in negative.items()}
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    settings = {k: v for k, v in sampling_settings(spec, cfg, pipe).items() if k != "fps"}
-    result = pipe(generator=generator, output_type="np", **settings, **true_cfg, **embeds,
-                  **spec.pipeline_call_kwargs(transformer_config), **size)
-    frames = np.asarray(result.frames[0])
-    return (frames.clip(0, 1) * 255).round().astype(np.uint8)
+    first = {k: v[0] for k, v in prompt.items()}
+    return sample_frames(spec, pipe, first, {k: v[0] for k, v in negative.items()} if negative else None, settings,
+                         dtype)
 
 
 def run_generate(cfg: GenerateConfig) -> Path:
@@ -172,6 +160,6 @@ def run_generate(cfg: GenerateConfig) -> Path:
     device = pick_device(cfg.device)
     pipe = load_pipeline_with_lora(spec, cfg, device)
     frames = generate_frames(spec, cfg, pipe, size)
-    path = write_video(cfg.out, frames, sampling_settings(spec, cfg, pipe)["fps"])
+    path = write_video(cfg.out, frames, sampling_settings(spec, cfg, size).resolved(spec, pipe)["fps"])
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

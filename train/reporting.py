@@ -1,6 +1,10 @@
 """Watching a run: OUTPUT_DIR/train_log.jsonl (one JSON line per logged step), TensorBoard event files under
 OUTPUT_DIR/logs or a wandb run (`--report-to`), and OUTPUT_DIR/loss.png drawn at the end.
 
+Validation's videos and contact sheets reach the tracker through `RunLog.media`: TensorBoard gets each video as
+an animated GIF image summary (what `add_video` writes, made with PIL: no moviepy) and the sheet as an image;
+wandb gets the mp4 files and the PNG. train_log.jsonl records the files (`RunLog.write(..., to_tracker=False)`).
+
 A resumed run appends to train_log.jsonl after dropping the lines of steps past its checkpoint (written by the
 run that was stopped), so the file reads as one run.
 """
@@ -28,11 +32,16 @@ class RunLog:
         self.file = open(self.path, "a")
         self.tracker = _tracker(out, report_to, config, resumed_step)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], to_tracker: bool = True) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tracker is not None:
+        if self.tracker is not None and to_tracker:
             self.tracker.log(record)
+
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        """Videos (tag, uint8 frames [F, H, W, 3], fps, mp4 path) and images (tag, PNG path) to the tracker."""
+        if self.tracker is not None:
+            self.tracker.media(step, videos, images)
 
     def close(self) -> None:
         self.file.close()
@@ -68,6 +77,19 @@ class _TensorBoard:
             if name != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{name}", value, record["step"])
 
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        import numpy as np
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        for tag, frames, fps, _ in videos:
+            height, width = frames.shape[1:3]
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        for tag, path in images:
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -88,8 +110,28 @@ class _Wandb:
     def log(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        import wandb
+
+        logged: dict[str, Any] = {tag: wandb.Video(str(path), fps=fps, format="mp4") for tag, _, fps, path in videos}
+        logged |= {tag: wandb.Image(str(path)) for tag, path in images}
+        self.run.log(logged, step=step)
+
     def close(self) -> None:
         self.run.finish()
+
+
+def gif_bytes(frames: Any, fps: float) -> bytes:
+    """uint8 frames [F, H, W, 3] as an animated GIF (looping), as TensorBoard shows videos."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(20, round(1000 / (fps or 8))))
+    return buffer.getvalue()
 
 
 def _tracker(out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None) -> Any:
