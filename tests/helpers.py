@@ -14,3 +14,24 @@ def run_cli(argv: list[object]) -> object:
 HUNYUAN_FP32 = [*FP32, "--text-encoder-2-dtype", "fp32"]
 # 32 Llama tokens after the template's crop (the default is 256): the same code path, half the step time on a CPU
 HUNYUAN_TEXT = ["--max-sequence-length", "32"]
+
+
+class BuiltClasses:
+    """Records the class of every transformers model and tokenizer constructed while it is active (the real
+    constructors run; only their class names are noted)."""
+
+    def __enter__(self) -> list[str]:
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+        self.built: list[str] = []
+        self.originals = {cls: cls.__init__ for cls in (PreTrainedModel, PreTrainedTokenizerBase)}
+        for cls, init in self.originals.items():
+            def recording(obj, *args, _init=init, **kwargs):
+                self.built.append(type(obj).__name__)
+                _init(obj, *args, **kwargs)
+            cls.__init__ = recording
+        return self.built
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, init in self.originals.items():
+            cls.__init__ = init

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard
-from helpers import FP32, run_cli
+from helpers import FP32, BuiltClasses, run_cli
 
 STEPS = ["--num-inference-steps", "2"]
 
@@ -122,26 +122,10 @@ def test_a_bad_size_or_another_vae_is_refused_before_the_first_step(tiny_cog, va
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory, tiny_cog, val_shards, prompts):
     """Three steps with validation every 2 (steps 2 and 3), watched for text-encoder and tokenizer classes."""
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    built = []
-    originals = {cls: cls.__init__ for cls in (PreTrainedModel, PreTrainedTokenizerBase)}
-
-    def recording(cls):
-        def init(self, *args, **kwargs):
-            built.append(type(self).__name__)
-            originals[cls](self, *args, **kwargs)
-        return init
-
     out = tmp_path_factory.mktemp("validated") / "out"
-    for cls in originals:
-        cls.__init__ = recording(cls)
-    try:
+    with BuiltClasses() as built:
         summary = train(tiny_cog, val_shards[0], out, "--train-steps", "3", "--validation-dataset-file", prompts[0],
                         "--validation-steps", "2")
-    finally:
-        for cls, init in originals.items():
-            cls.__init__ = init
     return out, summary, built
 
 
@@ -170,8 +154,13 @@ def test_videos_at_the_right_steps_with_their_frames_and_size(validated, prompts
 
 
 def test_no_text_encoder_or_tokenizer_is_built_in_training(validated):
+    from ft.pipelines.tiny import t5_tokenizer, tiny_t5_encoder
+
     _, _, built = validated
     assert built == []
+    with BuiltClasses() as control:  # the recorder sees what the trainer would have built
+        tiny_t5_encoder(t5_tokenizer())
+    assert {"T5Tokenizer", "T5EncoderModel"} <= set(control), control
 
 
 def test_tensorboard_holds_the_scalars_and_the_videos(validated):
