@@ -80,6 +80,9 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
     stored = table.read(prompts[1])
     assert stored.keys() == sample.tensors["cond"].keys()
     assert all(torch.equal(stored[k], sample.tensors["cond"][k]) for k in stored)
+    from ft.common.inspect_shards import describe
+
+    assert "prompt table   2 validation prompt(s) and the negative prompt, in prompts/" in describe(str(out))
     empty = load_file(out / manifest.empty_caption["file"])  # the older file caption dropout reads is the same
     assert all(torch.equal(table.negative()[k], empty[k]) for k in empty)
 
