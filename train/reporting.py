@@ -19,6 +19,7 @@ from ft.common.errors import UserError
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
+GIF_SIDE = 256  # the long side of the validation GIFs in TensorBoard (the mp4s keep the full size)
 
 
 class RunLog:
@@ -83,8 +84,8 @@ class _TensorBoard:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         for tag, frames, fps, _ in videos:
-            height, width = frames.shape[1:3]
-            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
+            gif, (width, height) = gif_bytes(frames, fps)
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
             self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
         for tag, path in images:
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
@@ -113,7 +114,7 @@ class _Wandb:
     def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
         import wandb
 
-        logged: dict[str, Any] = {tag: wandb.Video(str(path), fps=fps, format="mp4") for tag, _, fps, path in videos}
+        logged: dict[str, Any] = {tag: wandb.Video(str(path)) for tag, _, _, path in videos}  # the mp4 as written
         logged |= {tag: wandb.Image(str(path)) for tag, path in images}
         self.run.log(logged, step=step)
 
@@ -121,17 +122,22 @@ class _Wandb:
         self.run.finish()
 
 
-def gif_bytes(frames: Any, fps: float) -> bytes:
-    """uint8 frames [F, H, W, 3] as an animated GIF (looping), as TensorBoard shows videos."""
+def gif_bytes(frames: Any, fps: float, longest: int = GIF_SIDE) -> tuple[bytes, tuple[int, int]]:
+    """uint8 frames [F, H, W, 3] as a looping animated GIF, as TensorBoard shows videos, scaled down to `longest`
+    pixels on the long side (a 49x480x720 GIF at full size would put tens of MB in the event file each time);
+    returns the bytes and (width, height)."""
     import io
 
     from PIL import Image
 
-    images = [Image.fromarray(f) for f in frames]
+    height, width = frames.shape[1:3]
+    scale = min(1.0, longest / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    images = [Image.fromarray(f).resize(size) for f in frames]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
                    duration=max(20, round(1000 / (fps or 8))))
-    return buffer.getvalue()
+    return buffer.getvalue(), size
 
 
 def _tracker(out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None) -> Any:
