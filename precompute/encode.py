@@ -24,6 +24,7 @@ from ft.common.dataset_config import apply_caption_options
 from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
+from ft.common.prompts import PromptWriter, check_validation_file
 from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
     MANIFEST_NAME,
@@ -45,7 +46,6 @@ from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
 from .plan import PlannedSample, assign_keys, sample_encoding
 from .policy import Rejected, enforce_on_error
-from .prompts import PromptWriter, check_validation_file
 from .reuse import HalfIndex, cached_text, with_cached_video
 
 CONFIG_NAME = "precompute_config.json"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ft.common.datasets import DatasetItem
-from ft.common.prompt_table import text_key
+from ft.common.prompts import text_key
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
 from ft.common.video import (
@@ -60,7 +60,7 @@ class PlannedSample:
     def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
         """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text
         encoders and the text length); the family's choices enter both. The text key is the prompt table's
-        (common/prompt_table.py), so a validation prompt is keyed as a sample with its caption would be."""
+        (common/prompts.py), so a validation prompt is keyed as a sample with its caption would be."""
         choices = encoding.get("family_choices") or {}
         video = {"half": "video", "media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
                  "resize": encoding["resize_mode"], "vae": video_fingerprint, "family_choices": choices}

@@ -66,7 +66,7 @@ def val_shards(tmp_path_factory, tiny_cog, shapes_data, cog_shards, prompts):
 
 
 def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
-    from ft.common.prompt_table import PromptTable
+    from ft.common.prompts import PromptTable
 
     out, manifest, loads = val_shards
     assert loads == []  # no clip was encoded again: only the text encoders ran
@@ -88,7 +88,7 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
 
 
 def test_a_damaged_prompt_file_is_refused(val_shards, tmp_path):
-    from ft.common.prompt_table import PromptTable
+    from ft.common.prompts import PromptTable
 
     out = tmp_path / "shards"
     shutil.copytree(val_shards[0], out)
