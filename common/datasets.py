@@ -4,7 +4,7 @@ Layouts, tried in this order for a folder `--dataset DATA`:
 1. a media list (`videos.txt`, `video.txt`, `images.txt` or `image.txt`) beside a caption list (`prompts.txt`,
    `prompt.txt`, `captions.txt` or `caption.txt`): one relative media path / one caption per line (finetrainers'
    layout; `--video-column` / `--caption-column` may name other .txt files in the folder).
-2. `DATA/metadata.{csv,json,jsonl,parquet}`: a table with a path column and a caption column.
+2. `DATA/metadata.{csv,json,jsonl,parquet,arrow}`: a table with a path column and a caption column.
 3. WebDataset tars (`*.tar`, searched recursively) holding media and captions, read as finetrainers reads them
    (common/webdataset_media.py);
 4. media files, each with a same-named `.txt` caption beside it (searched recursively).
@@ -35,8 +35,8 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "prompts", "descript
 # finetrainers' list-layout file names (finetrainers/data/dataset.py)
 CAPTION_LIST_NAMES = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
 MEDIA_LIST_NAMES = ("video.txt", "videos.txt", "image.txt", "images.txt")
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet")
-TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet", "metadata.arrow")
+TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
         raise UserError(f"--dataset {dataset}: no such file or folder.")
     if root.is_file():
         if root.suffix.lower() not in TABLE_SUFFIXES:
-            raise UserError(f"--dataset {dataset}: a dataset file must be .csv, .json, .jsonl or .parquet.")
+            raise UserError(f"--dataset {dataset}: a dataset file must be .csv, .json, .jsonl, .parquet or .arrow.")
         return _from_table(root, video_column, caption_column)
     list_files = _list_files(root, video_column, caption_column)
     tables = [root / name for name in METADATA_NAMES if (root / name).is_file()]
@@ -226,9 +226,9 @@ def read_table(path: Path) -> list[dict[str, Any]]:
             return rows
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8-sig"))
-            if isinstance(data, dict):  # {"data": [...]} or a single-key wrapper
+            if isinstance(data, dict):  # {"data": [...]} (finetrainers' field) or a single-list wrapper
                 lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else None
+                data = data["data"] if isinstance(data.get("data"), list) else lists[0] if len(lists) == 1 else None
             if not isinstance(data, list):
                 raise UserError(f"{path}: a JSON dataset must be a list of objects, one per sample.")
             return data

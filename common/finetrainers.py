@@ -114,9 +114,10 @@ def _effect(env: str) -> Callable[[list[str]], list[tuple[str, list[str]]]]:
 
 
 def _flags() -> list[Flag]:
-    s, r, n, u, y = SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET
-    validation = ("ft does not run validation during training yet (it is being built); generate samples after "
-                  "training with `ft generate`.")
+    s, r, n, u = SAME, RENAMED, NOT_NEEDED, UNSUPPORTED
+    legacy_validation = ("finetrainers v0.0.x's inline validation settings; write the prompts as a "
+                         "--validation_dataset_file instead (a JSON {\"data\": [{\"caption\": ...}, ...]}), one video "
+                         "per row, every --validation_steps.")
     flags = [
         # parallel
         Flag("parallel_backend", n, why="ptd and accelerate both mean ft's one backend, torch.distributed (DDP, "
@@ -207,10 +208,15 @@ def _flags() -> list[Flag]:
         Flag("beta3", u, why="ft's optimizers take two betas.",
              check=lambda v: "--beta3: ft's optimizers (adam, adamw) take two betas; leave it out."),
         # validation
-        Flag("validation_dataset_file", y, why=validation,
-             check=lambda v: f"--validation_dataset_file: {validation}"),
-        Flag("validation_steps", y, why="only used with --validation_dataset_file."),
-        Flag("enable_model_cpu_offload", y, nargs=0, why="only used by validation, which ft does not run yet."),
+        Flag("validation_dataset_file", s, (P, T), "validation_dataset_file", why="the same file (csv, json, jsonl, "
+             "parquet or arrow; finetrainers' columns): ft precompute encodes its captions and the negative prompt "
+             "into the shard set's prompt table, ft train generates from those embeddings with no text encoder. "
+             "image_path/video_path must be null (image-to-video is not in ft yet)."),
+        Flag("validation_steps", s, (T,), "validation_steps", why="validation every N steps and at the last; "
+             + MICRO_BATCHES),
+        Flag("enable_model_cpu_offload", n, nargs=0, why="ft's validation loads no text encoder and keeps the VAE on "
+             "the CPU between validations (--validation-keep-vae keeps it on the GPU); the transformer is the one "
+             "training."),
         # miscellaneous
         Flag("tracker_name", s, (T,), "tracker_name", why="the wandb project (else WANDB_PROJECT, else ft)."),
         Flag("push_to_hub", u, nargs=0, why="ft does not upload; after training run "
@@ -272,11 +278,12 @@ def _flags() -> list[Flag]:
              check=lambda v: "--scale_lr: ft takes --lr as given; multiply it yourself."),
         Flag("use_8bit_bnb", r, legacy=True, nargs=0, why="--optimizer adamw-8bit.",
              check=lambda v: "--use_8bit_bnb: use --optimizer adamw-8bit."),
-        *(Flag(name, y, legacy=True, why=validation, check=lambda v, name=name: f"--{name}: {validation}")
-          for name in ("validation_prompts", "validation_images", "validation_videos", "num_validation_videos",
-                       "validation_epochs")),
-        Flag("validation_separator", y, legacy=True, why="only used with --validation_prompts."),
-        Flag("validation_frame_rate", y, legacy=True, why="only used with --validation_prompts."),
+        *(Flag(name, u, legacy=True, why=legacy_validation, check=lambda v, name=name: f"--{name}: "
+               f"{legacy_validation}") for name in ("validation_prompts", "validation_images", "validation_videos",
+                                                    "num_validation_videos", "validation_epochs")),
+        Flag("validation_separator", n, legacy=True, why="only used with --validation_prompts."),
+        Flag("validation_frame_rate", n, legacy=True, why="only used with --validation_prompts (a validation file "
+             "has a frame_rate column)."),
     ]
     return flags
 
@@ -562,7 +569,8 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
                                      result: Translation) -> None:
     """Where a finetrainers-spelled training flag means something else than ft's flag, translate the value.
 
-    - finetrainers counts --train_steps, --checkpointing_steps and --logging_steps in micro-batches (its step
+    - finetrainers counts --train_steps, --checkpointing_steps, --logging_steps and --validation_steps in
+      micro-batches (its step
       counter goes up per batch; the optimizer steps every --gradient_accumulation_steps); ft counts optimizer
       steps, so those values are divided by the accumulation (rounded up).
     - finetrainers trains LTX-Video with first-frame conditioning at p = 0.1, hard-coded; ft's default is 0.
@@ -574,7 +582,7 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
     except ValueError:
         return  # ft train's own parser names the bad value
     if accumulation > 1:
-        for name in ("train_steps", "checkpointing_steps", "logging_steps"):
+        for name in ("train_steps", "checkpointing_steps", "logging_steps", "validation_steps"):
             if name in finetrainers and name in settings and settings[name][0].isdigit():
                 micro = int(settings[name][0])
                 settings[name] = [str(max(1 if micro else 0, -(-micro // accumulation)))]

@@ -60,6 +60,10 @@ def _describe(folder: str, verify: bool) -> str:
         lines.append("not encoded yet (missing from training)")
         for bucket, count in sorted(manifest.missing.items()):
             lines.append(f"  {bucket:14s}{count}")
+    if manifest.prompts:
+        rows = len(list((Path(folder) / manifest.prompts["folder"]).glob("*.safetensors")))
+        lines.append(f"prompt table   {rows - 1} validation prompt(s) and the negative prompt, in "
+                     f"{manifest.prompts['folder']}/")
     lines.append(f"rejected       {len(manifest.rejected)}, kept with a note {len(manifest.warnings)}")
     summary = summarize_inputs(manifest.rejected, manifest.warnings, first=5)
     lines += ["  " + line for line in summary.splitlines()]

@@ -94,10 +94,18 @@ ft train --model cogvideox --pretrained THUDM/CogVideoX1.5-5B --shards shards/cr
   --lr-warmup-steps 1000 --beta2 0.99 --shuffle-buffer 10 --report-to wandb
 ```
 
+Validation: the script's `--validation_dataset_file validation.json --validation_steps 500` are kept. Given to
+both stages, `ft precompute` encodes the file's captions (and the negative prompt) into the shard set's prompt
+table and `ft train` generates a video per row every 500 steps and at the last, with no text encoder loaded
+(ft's spelling: `--validation-dataset-file`, `--validation-steps`). The file is finetrainers' own (csv, json with
+a `data` list, jsonl, parquet, arrow; `caption` plus optional height, width, num_frames, num_inference_steps,
+guidance_scale, seed, frame_rate; `image_path`/`video_path` null). A file whose prompts were not precomputed is
+refused with the `ft precompute` command that adds them (it encodes only the text). The videos land in
+`OUTPUT_DIR/validation/step-NNNNNN/` with a contact sheet, and in TensorBoard or wandb. ft adds a held-out loss
+finetrainers lacks: `--eval-shards HELD_OUT --eval-steps N`.
+
 The script's DDP_2 setting runs as it does there: `torchrun --nproc_per_node 2 ft train "${FLAGS[@]}" --dp_degree 2
---shards shards/crush` (`--dp_shards 2` shards the transformer with FSDP2 instead; both for HSDP). What is not there
-yet: its validation flags (`--validation_dataset_file`, `--validation_steps`) are refused with a message saying so;
-make samples after training with `ft generate`.
+--shards shards/crush` (`--dp_shards 2` shards the transformer with FSDP2 instead; both for HSDP).
 """
 
 DATASETS = """## Datasets

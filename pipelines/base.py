@@ -10,6 +10,8 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   exactly as the family's pipeline feeds it, with the batch's metadata, generators and the run's options);
 - facts: LoRA target modules, valid frame counts and size multiples, default buckets, the transformer's block
   lists (what FSDP2 shards block by block);
+- generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
+  from stored embeddings: validation in training, and `ft generate`), and the pipeline's defaults;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
 Adding a family is adding a file with a subclass and a line in registry.py.
 """
@@ -378,7 +380,6 @@ class ModelSpec(ABC):
         per-element loss weights (broadcastable to the output; None for all ones)."""
 
     # ------------------------------------------------------------------------------------------------ generation
-    # ------------------------------------------------------------------------------------------------ generation
 
     def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
         """Frames, height and width the base model was trained at: keys num_frames, height, width."""
@@ -388,6 +389,20 @@ class ModelSpec(ABC):
                               ) -> str | None:
         """Why the pipeline cannot generate frames x height x width, or None. Training's rule by default."""
         return self.check_bucket(size, vae_config, transformer_config)
+
+    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
+        """The family's diffusers pipeline around these modules with no tokenizer or text encoder: it samples from
+        stored embeddings (`prompt_embeds`, `negative_*`), which is all `encode_prompt` needs when they are given.
+        Validation builds it around the live (training) transformer; `ft generate` around a loaded one."""
+        parts = dict.fromkeys(self.text_components)
+        return import_class(*self.pipeline_class)(transformer=transformer, vae=vae, scheduler=scheduler, **parts)
+
+    def takes_true_cfg(self) -> bool:
+        """Whether the pipeline has true classifier-free guidance (`true_cfg_scale`): its guidance scale is then an
+        embedded one, and a negative prompt acts only through true CFG (HunyuanVideo)."""
+        import inspect
+
+        return "true_cfg_scale" in inspect.signature(import_class(*self.pipeline_class).__call__).parameters
 
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         """Family-specific arguments of the pipeline's __call__ (e.g. the text length the transformer takes)."""

@@ -77,6 +77,10 @@ class PrecomputeConfig(DataArgs, ModelArgs):
                           panel=ENCODING)
     shard_samples: int = opt(256, "Samples per shard at most.", panel=OUTPUT)
     shard_max_mb: int = opt(1024, "Shard size at most, in MB.", panel=OUTPUT)
+    validation_dataset_file: str | None = opt(None, "Validation prompts (finetrainers' file: csv, json, jsonl, parquet "
+                                                    "or arrow with a caption column) to encode into the shard set's "
+                                                    "prompt table, for `ft train --validation-dataset-file`. A rerun "
+                                                    "with a new file encodes only its captions.", panel=OUTPUT)
     vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.",
                            panel=ENCODING)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=ENCODING)

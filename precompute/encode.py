@@ -25,6 +25,7 @@ from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.faults import check_writable, environment_fault
 from ft.common.logs import log, quiet_libraries
+from ft.common.prompts import PromptWriter, check_validation_file
 from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
     MANIFEST_NAME,
@@ -243,6 +244,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
     seq_len = sequence_length(spec, cfg, transformer_config)
+    validation = check_validation_file(cfg.validation_dataset_file, spec, vae_config, transformer_config, buckets)
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
     quiet_libraries()
@@ -276,9 +278,11 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     to_decode = [p for p in todo if p.video_key not in index.video]
     reused = [p for p in todo if p.video_key in index.video]
     empty_missing = not (existing and existing.empty_caption and (out / existing.empty_caption["file"]).is_file())
+    prompts = PromptWriter(out, fingerprints, encoding, validation)  # the prompt table's rows this run adds
     # only what this run must encode is loaded: nothing at all when every sample is in `out` already
     vae = models.vae() if to_decode else None
-    encoders = models.text_encoders() if empty_missing or any(p.text_key not in texts for p in todo) else None
+    encoders = models.text_encoders() if empty_missing or prompts.needed or any(
+        p.text_key not in texts for p in todo) else None
     manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
                         encoding=encoding, shapes=existing.shapes if existing else {}, shards=shards,
                         empty_caption=existing.empty_caption if existing else {})
@@ -290,6 +294,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
         with torch.no_grad():  # stored once per shard set, for caption dropout in training
             empty = spec.encode_prompts(encoders, [""], seq_len)
         manifest.set_empty_caption(out, {k: v[0] for k, v in empty.items()})
+    manifest.prompts = prompts.write(spec, encoders, seq_len, cfg.batch_size)
     # Until this run finishes, the manifest says it is incomplete and how much is missing (ft train refuses it).
     manifest.complete = False
     manifest.set_active(out, [p.key for p in planned], Counter(bucket_name(*p.bucket) for p in planned))

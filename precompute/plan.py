@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft.common.datasets import DatasetItem
+from ft.common.prompts import text_key
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
 from ft.common.video import (
@@ -60,13 +61,12 @@ class PlannedSample:
 
     def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
         """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text
-        encoders and the text length); the family's choices enter both."""
+        encoders and the text length); the family's choices enter both. The text key is the prompt table's
+        (common/prompts.py), so a validation prompt is keyed as a sample with its caption would be."""
         choices = encoding.get("family_choices") or {}
         video = {"half": "video", "media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
                  "resize": encoding["resize_mode"], "vae": video_fingerprint, "family_choices": choices}
-        text = {"half": "text", "caption": self.item.caption, "text_encoders": text_fingerprint,
-                "max_sequence_length": encoding["max_sequence_length"], "family_choices": choices}
-        return sample_key(video), sample_key(text)
+        return sample_key(video), text_key(self.item.caption, text_fingerprint, encoding)
 
 
 def sample_encoding(max_sequence_length: int, family_choices: dict[str, Any], resize_mode: str = RESIZE_MODE

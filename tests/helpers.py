@@ -57,3 +57,24 @@ def fill(path: object, leave: int) -> object:
     with open(filler, "wb") as f:
         f.write(b"\0" * size)
     return filler
+
+
+class BuiltClasses:
+    """Records the class of every transformers model and tokenizer constructed while it is active (the real
+    constructors run; only their class names are noted)."""
+
+    def __enter__(self) -> list[str]:
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+        self.built: list[str] = []
+        self.originals = {cls: cls.__init__ for cls in (PreTrainedModel, PreTrainedTokenizerBase)}
+        for cls, init in self.originals.items():
+            def recording(obj, *args, _init=init, **kwargs):
+                self.built.append(type(obj).__name__)
+                _init(obj, *args, **kwargs)
+            cls.__init__ = recording
+        return self.built
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, init in self.originals.items():
+            cls.__init__ = init

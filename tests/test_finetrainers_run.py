@@ -1,12 +1,13 @@
 """finetrainers' CogVideoX crush_smol example (examples/training/sft/cogvideox/crush_smol_lora/train.sh in
 a-r-r-o-w/finetrainers) run through `ft precompute` and `ft train` on the tiny model.
 
-The argument list is the script's, flag for flag. Changed: the paths (model, dataset config, output), the step
-count, and the script's training.json, rewritten to a local folder in finetrainers' crush-smol layout (videos/,
-videos.txt, prompt.txt) with the tiny model's bucket. The script offers several parallel settings and uses DDP_2;
-this test takes its DDP_1 line, since data-parallel degrees above 1 are not in ft yet, and leaves out its
-validation flags, which ft refuses until it runs validation (both refusals are tested below). `--report_to wandb`
-needs wandb, which ft does not install; where it is missing the test reports to none instead.
+The argument list is the script's, flag for flag, its validation flags included. Changed: the paths (model,
+dataset config, validation file, output), the step counts (training, validation, inference), and the script's
+training.json and validation.json, rewritten to a local folder in finetrainers' crush-smol layout (videos/,
+videos.txt, prompt.txt) and to the tiny model's size. The script offers several parallel settings and uses DDP_2;
+this test takes its DDP_1 line, since data-parallel degrees above 1 are not in ft yet (that refusal is tested
+below). `--report_to wandb` needs wandb, which ft does not install; where it is missing the test reports to none
+instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REGEX = "(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.
 
 
 def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: int,
-                    parallel: str = "DDP_1") -> list[str]:
+                    parallel: str = "DDP_1", validation_file: Path | None = None) -> list[str]:
     """train.sh's arrays, in its order; only the paths and --train_steps are parameters."""
     backend = "ptd"
     parallel_cmd = {
@@ -44,10 +45,12 @@ def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: 
     optimizer_cmd = ["--optimizer", "adamw", "--lr", "5e-5", "--lr_scheduler", "constant_with_warmup",
                      "--lr_warmup_steps", "1000", "--lr_num_cycles", "1", "--beta1", "0.9", "--beta2", "0.99",
                      "--weight_decay", "1e-4", "--epsilon", "1e-8", "--max_grad_norm", "1.0"]
+    validation_cmd = ["--validation_dataset_file", str(validation_file), "--validation_steps", "2"] if (
+        validation_file) else []
     miscellaneous_cmd = ["--tracker_name", "finetrainers-cogvideox", "--output_dir", str(output_dir),
                          "--init_timeout", "600", "--nccl_timeout", "600", "--report_to", REPORT_TO]
     return [*parallel_cmd, *model_cmd, *dataset_cmd, *dataloader_cmd, *diffusion_cmd, *training_cmd,
-            *optimizer_cmd, *miscellaneous_cmd]
+            *optimizer_cmd, *validation_cmd, *miscellaneous_cmd]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +68,18 @@ def crush_smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             "video_resolution_buckets": [[9, 32, 32]], "reshape_mode": "bicubic",
                             "remove_common_llm_caption_prefixes": True}]}
     (root / "training.json").write_text(json.dumps(config, indent=2))
+    # the example's validation.json layout (finetrainers' examples), at the tiny model's size and 2 steps
+    rows = [{"caption": f"PIKA_CRUSH {caption}", "image_path": None, "video_path": None, "num_inference_steps": 2,
+             "height": 32, "width": 32, "num_frames": 9} for caption in captions[:2]]
+    (root / "validation.json").write_text(json.dumps({"data": rows}, indent=2))
     return root
 
 
 def test_crush_smol_example_runs_through_both_stages(crush_smol, tiny_cog, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # as the script exports
     monkeypatch.chdir(tmp_path)
-    argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3)
+    argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3,
+                           validation_file=crush_smol / "validation.json")
     shards = tmp_path / "shards"
     manifest = run_cli(["precompute", *argv, "--out", shards])
     assert manifest.training_histogram() == {"9x32x32": 3} and not manifest.rejected
@@ -92,6 +100,9 @@ def test_crush_smol_example_runs_through_both_stages(crush_smol, tiny_cog, tmp_p
     assert rank == 32
     for proj in ("to_q", "to_k", "to_v", "to_out.0"):
         assert any(f"transformer_blocks.0.attn1.{proj}.lora_A" in k for k in keys), keys
+    steps = sorted(p.name for p in (tmp_path / "out" / "validation").iterdir())
+    assert steps == ["step-000002", "step-000003"]  # every --validation_steps and at the last
+    assert len(list((tmp_path / "out" / "validation" / "step-000003").glob("*.mp4"))) == 2
 
 
 def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_path):
@@ -99,9 +110,8 @@ def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_
     with pytest.raises(UserError, match="--dp_degree above 1: data-parallel training is still being built"):
         run_cli(["precompute", *argv, "--out", tmp_path / "shards"])
     argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3)
-    validation_cmd = ["--validation_dataset_file", str(crush_smol / "validation.json"), "--validation_steps", "500"]
-    with pytest.raises(UserError, match="does not run validation during training yet.*ft generate"):
-        run_cli(["train", *argv, *validation_cmd, "--shards", tmp_path / "shards"])
+    with pytest.raises(UserError, match="--validation_prompts: finetrainers v0.0.x's inline validation"):
+        run_cli(["train", *argv, "--validation_prompts", "a cat", "--shards", tmp_path / "shards"])
 
 
 def test_a_two_dataset_config_precomputes_both_from_the_console_script(crush_smol, tiny_cog, tmp_path):

@@ -27,6 +27,7 @@ CKPT = "Checkpoints"
 OBJECTIVE = "Objective (noise, timesteps, loss weights)"
 WATCH = "Watching the run"
 PARALLEL = "Several processes (torchrun, srun)"
+VALIDATE = "Validation (videos and a held-out loss)"
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "use --report-to none"), "wandb": ("wandb", "use --report-to "
@@ -71,8 +72,9 @@ class TrainConfig(ModelArgs):
     caption_dropout_p: float = opt(0.0, "Probability of training a sample on the empty caption (for classifier-free "
                                         "guidance); uses the empty-caption conditioning `ft precompute` stores.",
                                    panel=RUN)
-    eval_batches: int = opt(0, "Batches for a fixed-noise loss measured before and after training (0: off). They "
-                               "are chosen by sample key, not taken from the training stream.", panel=RUN)
+    eval_batches: int = opt(0, "Batches of the TRAINING set for a fixed-noise training loss measured before and "
+                               "after training (0: off), chosen by sample key. For a held-out loss, see "
+                               "--eval-shards.", panel=VALIDATE)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
     checkpointing_steps: int = opt(500, "Save a checkpoint every N optimizer steps and at the last (0: never). It "
                                         "holds what exact resume needs: trainable weights, optimizer, LR schedule, "
@@ -134,6 +136,21 @@ class TrainConfig(ModelArgs):
                                       "loading and sharding the weights, resuming).", panel=PARALLEL)
     nccl_timeout: float = opt(600.0, "Seconds one collective may wait during training (nccl on GPUs, gloo on "
                                      "CPUs) before the run stops instead of hanging.", panel=PARALLEL)
+    validation_dataset_file: str | None = opt(None, "Prompts to generate videos from while training (finetrainers' "
+                                                    "file: csv, json, jsonl, parquet or arrow; a caption column and "
+                                                    "optional height, width, num_frames, num_inference_steps, "
+                                                    "guidance_scale, seed, frame_rate). Stage 1 encodes them: `ft "
+                                                    "precompute --validation-dataset-file FILE`.", panel=VALIDATE)
+    validation_steps: int = opt(500, "Generate the validation videos every N optimizer steps and at the last (0: at "
+                                     "the last only). They go to OUTPUT_DIR/validation/step-NNNNNN/ with a contact "
+                                     "sheet, and to the tracker.", panel=VALIDATE)
+    validation_keep_vae: bool = opt(False, "Keep the VAE on the GPU between validations (faster; it is moved to the "
+                                           "CPU between them by default).", panel=VALIDATE)
+    eval_shards: str | None = opt(None, "A shard set of held-out clips (precomputed with the same model): its loss at "
+                                        "fixed timesteps and fixed noise is logged as eval_loss every --eval-steps. "
+                                        "The same weights give the same value in any run.", panel=VALIDATE)
+    eval_steps: int = opt(500, "Compute the held-out eval_loss every N optimizer steps and at the last.",
+                          panel=VALIDATE)
     logging_steps: int = opt(1, "Write train_log.jsonl (and the trackers) every N optimizer steps.", panel=WATCH)
     report_to: str = opt("tensorboard", "Where metrics go besides train_log.jsonl: tensorboard (event files "
                                         "under OUTPUT_DIR/logs), wandb (when installed) or none.", panel=WATCH)
@@ -154,11 +171,13 @@ class TrainConfig(ModelArgs):
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",
                      "logging_steps", "lora_alpha", "flow_logit_std", "flow_shift", "flow_base_seq_len", "lr_power"):
             check_positive(getattr(self, name), name)
-        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "eval_batches", "checkpointing_steps"):
+        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "eval_batches", "checkpointing_steps",
+                     "validation_steps"):
             check_positive(getattr(self, name), name, allow_zero=True)
         if self.checkpointing_limit is not None:
             check_positive(self.checkpointing_limit, "checkpointing_limit")
         check_positive(self.guidance_scale, "guidance_scale")
+        check_positive(self.eval_steps, "eval_steps")
         if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
             raise UserError(f"--first-frame-conditioning-p must be between 0 and 1, got "
                             f"{self.first_frame_conditioning_p}.")

@@ -1,15 +1,28 @@
-"""`ft generate`: a video from the base model, optionally with a trained LoRA, written as mp4.
+"""`ft generate`: a video from the base model, optionally with a trained LoRA, written as mp4; and the sampling
+code it shares with validation during training (embeddings in, frames out).
 
 The pipeline is assembled through the ModelSpec (so `--transformer-id` and the other overrides apply, and a
 full-finetune output can stand in as the transformer). The LoRA is loaded with the pipeline's own
-`load_lora_weights`, exactly as a user of diffusers would.
+`load_lora_weights`, exactly as a user of diffusers would. `--prompt` is encoded with the spec's
+`encode_prompts`, the code precompute runs; validation (validation.py) reads the prompt table precompute wrote
+instead. Both then go through `sample_frames`, so the two cannot drift: the same pipeline call, the same
+defaults, the same negative-prompt rule and the same conversion to frames.
+- Defaults are the pipeline's own `__call__` defaults (steps, guidance); the frame rate is the family's
+  (`ModelSpec.default_fps`), passed to the pipeline where it takes one (LTX-Video's `frame_rate`).
+- The negative prompt's embeddings go with every call that can use them: classifier-free guidance (CogVideoX,
+  LTX-Video) and true CFG above 1 (HunyuanVideo, whose `guidance_scale` is an embedded scale). Without them the
+  pipeline would call `encode_prompt` on its text encoder, which a validation pipeline does not have.
+- `before_decode` runs once the last denoising step is done, before the pipeline decodes (its step-end callback):
+  validation moves the VAE onto the GPU there and nowhere earlier.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ft.common.config import REQUIRED, check_positive, opt
 from ft.common.errors import UserError
@@ -22,6 +35,10 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
 from .lora import LORA_WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 GEN = "Generation"
 
@@ -59,6 +76,94 @@ class GenerateConfig(ModelArgs):
                 check_positive(getattr(self, name), name)
 
 
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def pipeline_defaults(pipeline: Any) -> dict[str, Any]:
+    """The defaults of a pipeline's (or pipeline class's) `__call__` arguments."""
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    return {name: p.default for name, p in inspect.signature(cls.__call__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one video is sampled; None: the pipeline's default (the family's for the frame rate)."""
+
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    frame_rate: float | None = None
+    seed: int = 0
+
+    def resolved(self, spec: ModelSpec, pipeline: Any) -> dict[str, Any]:
+        """The pipeline's argument values this call uses (plus `fps`, the mp4's rate)."""
+        defaults = pipeline_defaults(pipeline)
+        values: dict[str, Any] = {
+            "num_inference_steps": self.num_inference_steps or defaults["num_inference_steps"],
+            "guidance_scale": defaults["guidance_scale"] if self.guidance_scale is None else self.guidance_scale,
+            "fps": self.frame_rate or spec.default_fps}
+        if "true_cfg_scale" in defaults:
+            values["true_cfg_scale"] = 1.0 if self.true_cfg_scale is None else self.true_cfg_scale
+        if spec.frame_rate_argument:
+            values[spec.frame_rate_argument] = values["fps"]
+        return values
+
+    def uses_negative(self, spec: ModelSpec, pipeline: Any) -> bool:
+        """Whether the call needs the negative prompt's embeddings (see the module docstring)."""
+        return self.resolved(spec, pipeline).get("true_cfg_scale", 2.0) > 1
+
+    def forwards_per_step(self, spec: ModelSpec, pipeline: Any) -> int:
+        """Transformer calls per denoising step: 2 under true CFG (a separate negative pass), else 1 (classifier-
+        free guidance batches the two). Ranks sampling in lockstep (FSDP) must agree on it."""
+        return 2 if self.resolved(spec, pipeline).get("true_cfg_scale", 1.0) > 1 else 1
+
+
+def pipeline_embeddings(cond: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
+                        device: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One prompt's conditioning (no batch dimension) as the pipeline's keyword arguments: a batch of one on
+    `device`, floating tensors in `dtype`; the negative prompt's under `negative_*`."""
+    def batch(t: torch.Tensor) -> torch.Tensor:
+        return t[None].to(device, dtype if t.is_floating_point() else t.dtype)
+
+    out = {k: batch(v) for k, v in cond.items()}
+    out |= {f"negative_{k}": batch(v) for k, v in (negative or {}).items()}
+    return out
+
+
+def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
+                  negative: dict[str, torch.Tensor] | None, settings: SamplingSettings, dtype: torch.dtype,
+                  before_decode: Callable[[], None] | None = None) -> np.ndarray:
+    """Sample one video; returns uint8 frames [F, H, W, 3]. `negative` is needed when `settings.uses_negative`."""
+    import numpy as np
+    import torch
+
+    values = {k: v for k, v in settings.resolved(spec, pipe).items() if k != "fps"}
+    use_negative = settings.uses_negative(spec, pipe)
+    assert negative is not None or not use_negative, "the negative prompt's embeddings are needed"
+    embeds = pipeline_embeddings(cond, negative if use_negative else None, pipe._execution_device, dtype)
+    extra: dict[str, Any] = {}
+    if before_decode is not None:
+        def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
+            if i + 1 >= pipeline.num_timesteps:
+                before_decode()
+            return {}
+
+        extra["callback_on_step_end"] = on_step_end
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    result = pipe(generator=generator, output_type="np", num_frames=settings.num_frames, height=settings.height,
+                  width=settings.width, **values, **embeds, **spec.pipeline_call_kwargs(dict(pipe.transformer.config)),
+                  **extra)
+    frames = np.asarray(result.frames[0])
+    return (frames.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- ft generate
+
+
 def check_lora_folder(path: str) -> Path:
     folder = Path(path)
     if folder.is_file() and folder.suffix == ".safetensors":
@@ -94,19 +199,11 @@ def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -
     return pipe
 
 
-def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, pipe: Any) -> dict[str, Any]:
-    """Steps, guidance and frame rate: the flags, else the pipeline's own `__call__` defaults (the model's fps
-    for the frame rate). Keys are the pipeline's argument names; `fps` is the mp4's rate."""
-    import inspect
-
-    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()}
-    settings: dict[str, Any] = {
-        "num_inference_steps": cfg.num_inference_steps or defaults["num_inference_steps"],
-        "guidance_scale": defaults["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale,
-        "fps": cfg.fps or spec.default_fps}
-    if spec.frame_rate_argument:
-        settings[spec.frame_rate_argument] = settings["fps"]
-    return settings
+def sampling_settings(spec: ModelSpec, cfg: GenerateConfig, size: dict[str, int]) -> SamplingSettings:
+    """The flags as the shared sampling settings (None: the pipeline's default, the model's fps)."""
+    return SamplingSettings(num_frames=size["num_frames"], height=size["height"], width=size["width"],
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            true_cfg_scale=cfg.true_cfg_scale, frame_rate=cfg.fps, seed=cfg.seed)
 
 
 def true_cfg_settings(cfg: GenerateConfig, pipe: Any) -> dict[str, float]:
@@ -134,9 +231,9 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
     The captions are encoded with the spec's `encode_prompts`, the very code precompute used, so the LoRA sees
-    the conditioning it was trained on; the text encoder then leaves the GPU before denoising.
+    the conditioning it was trained on; the text encoder then leaves the GPU, and the embeddings go through the
+    sampling code validation uses (`sample_frames`).
     """
-    import numpy as np
     import torch
 
     transformer_config = dict(pipe.transformer.config)
@@ -144,23 +241,18 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
     seq_len = spec.default_sequence_length(transformer_config)
-    true_cfg = true_cfg_settings(cfg, pipe)
+    true_cfg_settings(cfg, pipe)
+    settings = sampling_settings(spec, cfg, size)
     with torch.no_grad():
         prompt = spec.encode_prompts(encoders, [cfg.prompt], seq_len)
-        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if true_cfg.get(
-            "true_cfg_scale", 2.0) > 1 else {}
+        negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if settings.uses_negative(
+            spec, pipe) else None
     for name in spec.text_components:
         if hasattr(encoders[name], "to"):
             encoders[name].to("cpu")
-    embeds = {k: v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype) for k, v in prompt.items()}
-    embeds |= {f"negative_{k}": v.to(pipe.transformer.device, dtype if v.is_floating_point() else v.dtype)
-               for k, v in negative.items()}
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    settings = {k: v for k, v in sampling_settings(spec, cfg, pipe).items() if k != "fps"}
-    result = pipe(generator=generator, output_type="np", **settings, **true_cfg, **embeds,
-                  **spec.pipeline_call_kwargs(transformer_config), **size)
-    frames = np.asarray(result.frames[0])
-    return (frames.clip(0, 1) * 255).round().astype(np.uint8)
+    first = {k: v[0] for k, v in prompt.items()}
+    return sample_frames(spec, pipe, first, {k: v[0] for k, v in negative.items()} if negative else None, settings,
+                         dtype)
 
 
 def check_out(out: str) -> Path:
@@ -201,6 +293,6 @@ def run_generate(cfg: GenerateConfig) -> Path:
     device = pick_device(cfg.device)
     pipe = load_pipeline_with_lora(spec, cfg, device)
     frames = generate_frames(spec, cfg, pipe, size)
-    path = save_video(out, frames, sampling_settings(spec, cfg, pipe)["fps"])
+    path = save_video(out, frames, sampling_settings(spec, cfg, size).resolved(spec, pipe)["fps"])
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

@@ -1,6 +1,10 @@
 """Watching a run: OUTPUT_DIR/train_log.jsonl (one JSON line per logged step), TensorBoard event files under
 OUTPUT_DIR/logs or a wandb run (`--report-to`), and OUTPUT_DIR/loss.png drawn at the end.
 
+Validation's videos and contact sheets reach the tracker through `RunLog.media`: TensorBoard gets each video as
+an animated GIF image summary (what `add_video` writes, made with PIL: no moviepy) and the sheet as an image;
+wandb gets the mp4 files and the PNG. train_log.jsonl records the files (`RunLog.write(..., to_tracker=False)`).
+
 A resumed run appends to train_log.jsonl after dropping the lines of steps past its checkpoint (written by the
 run that was stopped), so the file reads as one run.
 
@@ -20,6 +24,7 @@ from ft.common.shards import kill_point
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
+GIF_SIDE = 256  # the long side of the validation GIFs in TensorBoard (the mp4s keep the full size)
 
 
 class RunLog:
@@ -33,14 +38,19 @@ class RunLog:
         self.path.touch()
         self.tracker = _tracker(out, report_to, config, resumed_step)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], to_tracker: bool = True) -> None:
         # opened per record: nothing of the run stays open for writing between steps, so a folder that goes
         # read-only (or a test remounting it so) fails the next write, not a buffered one at exit
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
+        if self.tracker is not None and to_tracker:
             self.tracker.log(record)
         kill_point("logged")
+
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        """Videos (tag, uint8 frames [F, H, W, 3], fps, mp4 path) and images (tag, PNG path) to the tracker."""
+        if self.tracker is not None:
+            self.tracker.media(step, videos, images)
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -75,6 +85,19 @@ class _TensorBoard:
             if name != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{name}", value, record["step"])
 
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        import numpy as np
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        for tag, frames, fps, _ in videos:
+            gif, (width, height) = gif_bytes(frames, fps)
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+            self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        for tag, path in images:
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -102,8 +125,33 @@ class _Wandb:
     def log(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def media(self, step: int, videos: list[tuple[str, Any, float, Path]], images: list[tuple[str, Path]]) -> None:
+        import wandb
+
+        logged: dict[str, Any] = {tag: wandb.Video(str(path)) for tag, _, _, path in videos}  # the mp4 as written
+        logged |= {tag: wandb.Image(str(path)) for tag, path in images}
+        self.run.log(logged, step=step)
+
     def close(self) -> None:
         self.run.finish()
+
+
+def gif_bytes(frames: Any, fps: float, longest: int = GIF_SIDE) -> tuple[bytes, tuple[int, int]]:
+    """uint8 frames [F, H, W, 3] as a looping animated GIF, as TensorBoard shows videos, scaled down to `longest`
+    pixels on the long side (a 49x480x720 GIF at full size would put tens of MB in the event file each time);
+    returns the bytes and (width, height)."""
+    import io
+
+    from PIL import Image
+
+    height, width = frames.shape[1:3]
+    scale = min(1.0, longest / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    images = [Image.fromarray(f).resize(size) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(20, round(1000 / (fps or 8))))
+    return buffer.getvalue(), size
 
 
 def _tracker(out: Path, report_to: str, config: dict[str, Any], resumed_step: int | None) -> Any:

@@ -58,6 +58,7 @@ from .parallel import (
 from .reporting import PLOT_NAME, RunLog, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
+from .validation import Validation
 
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
@@ -174,6 +175,7 @@ class Trainer:
             raise UserError(f"--guidance-scale {cfg.guidance_scale}: this {self.spec.display_name} transformer has no "
                             "embedded guidance input; leave it at 1.")
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
+        self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config)  # checks its files
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
@@ -399,6 +401,7 @@ class Trainer:
                                    "epoch": metrics["epoch"]})
                 if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
                     self.checkpoint()
+                self.validation.after_step(self, step, run_log)  # videos and eval_loss, when due
         except KeyboardInterrupt:
             kept = list_checkpoints(self.out)
             hint = (f"the first comes at step {cfg.checkpointing_steps}" if cfg.checkpointing_steps else
@@ -433,6 +436,7 @@ class Trainer:
         result = self.export()
         plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME) if self.world.main else None
         window = max(1, min(10, len(losses) // 4))
+        summary.update(self.validation.summary)
         summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window,
                        last_loss=sum(losses[-window:]) / window, result=str(result),
                        plot=str(plot) if plot else None)

@@ -86,7 +86,7 @@ def test_flags_with_nothing_to_do_are_accepted_when_they_ask_for_nothing():
     (["--pp_degree", "2"], "does not split the model"),
     (["--tp_degree", "4"], "does not split the model"),
     (["--cp_degree", "2"], "--dp_degree \\(replicas\\) and --dp_shards"),
-    (["--validation_dataset_file", "v.json"], "does not run validation during training yet"),
+    (["--validation_prompts", "a cat"], "write the prompts as a --validation_dataset_file"),
     (["--push_to_hub"], "huggingface-cli upload"),
     (["--optimizer", "adam-bnb-8bit"], "no 8-bit Adam"),
     (["--training_type", "control-lora"], "control conditioning is not supported"),
@@ -98,6 +98,20 @@ def test_flags_asking_for_what_ft_lacks_are_refused_with_the_reason(flag, messag
     for command in ("precompute", "train"):  # refused in both stages: no hour of encoding before the refusal
         with pytest.raises(UserError, match=message):
             tr(command, *MODEL, "--dataset", "d", "--out", "o", "--shards", "s", *flag)
+
+
+def test_validation_flags_reach_both_stages():
+    pre = tr("precompute", *MODEL, "--dataset", "d", "--out", "o", "--validation_dataset_file", "v.json",
+             "--validation_steps", "500", "--enable_model_cpu_offload")
+    (run,) = pre.runs
+    assert run[run.index("--validation-dataset-file") + 1] == "v.json" and "--validation-steps" not in run
+    assert "--validation_steps" in pre.info_lines()[0]  # left to ft train, named once
+    train = tr("train", *MODEL, "--shards", "s", "--validation_dataset_file", "v.json", "--validation_steps", "500",
+               "--gradient_accumulation_steps", "4", "--enable_model_cpu_offload")
+    (run,) = train.runs
+    assert run[run.index("--validation-dataset-file") + 1] == "v.json"
+    assert run[run.index("--validation-steps") + 1] == "125"  # finetrainers counts micro-batches
+    assert "--enable_model_cpu_offload" in "\n".join(train.info_lines())
 
 
 def test_model_names():

@@ -217,18 +217,20 @@ def test_generation_uses_the_pipelines_defaults_and_frame_rate(spec, pipe):
 
     from ft.train.generate import GenerateConfig, sampling_settings
 
+    size = {"num_frames": 9, "height": 32, "width": 32}
     cfg = GenerateConfig(model="ltx_video", pretrained="x", prompt="p")
     call = inspect.signature(LTXPipeline.__call__).parameters
-    assert sampling_settings(spec, cfg, pipe) == {
+    assert sampling_settings(spec, cfg, size).resolved(spec, pipe) == {
         "num_inference_steps": 50, "guidance_scale": call["guidance_scale"].default,
         "frame_rate": call["frame_rate"].default, "fps": call["frame_rate"].default}
     assert (call["guidance_scale"].default, call["frame_rate"].default) == (3, 25)
     cfg = GenerateConfig(model="ltx_video", pretrained="x", prompt="p", fps=12, guidance_scale=0.0)
-    assert sampling_settings(spec, cfg, pipe) == {"num_inference_steps": 50, "guidance_scale": 0.0,
-                                                  "frame_rate": 12, "fps": 12}
+    assert sampling_settings(spec, cfg, size).resolved(spec, pipe) == {
+        "num_inference_steps": 50, "guidance_scale": 0.0, "frame_rate": 12, "fps": 12}
     cog = get_spec("cogvideox")
     cog_pipe = CogVideoXPipeline.__new__(CogVideoXPipeline)  # only its __call__'s signature is read
-    assert sampling_settings(cog, GenerateConfig(model="cogvideox", pretrained="x", prompt="p"), cog_pipe) == {
+    cog_cfg = GenerateConfig(model="cogvideox", pretrained="x", prompt="p")
+    assert sampling_settings(cog, cog_cfg, size).resolved(cog, cog_pipe) == {
         "num_inference_steps": 50, "guidance_scale": 6, "fps": 8.0}
 
 

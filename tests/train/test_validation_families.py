@@ -1,0 +1,67 @@
+"""Validation in a tiny run of LTX-Video and HunyuanVideo: prompts precomputed, videos at the right steps with the
+row's frames and size, no text encoder or tokenizer built in training, and the weights of a run without it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import FP32, HUNYUAN_FP32, HUNYUAN_TEXT, BuiltClasses, run_cli
+
+FAMILIES = {
+    "ltx_video": ("tiny_ltx", "ltx_shards", FP32, [], {"frame_rate": 12}),
+    # true CFG exercises the stored negative prompt, HunyuanVideo's second transformer pass per step
+    "hunyuan_video": ("tiny_hunyuan", "hunyuan_shards", HUNYUAN_FP32, HUNYUAN_TEXT, {"true_cfg_scale": 3.0}),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, tmp_path):
+    name = request.param
+    model_fixture, shards_fixture, dtypes, text, extra = FAMILIES[name]
+    model, shards = request.getfixturevalue(model_fixture), request.getfixturevalue(shards_fixture)
+    rows = [{"caption": "a red circle moving left", "num_inference_steps": 2, "num_frames": 5, "height": 32,
+             "width": 64, **extra}, {"caption": "a dark street", "num_inference_steps": 2}]
+    (tmp_path / "validation.json").write_text(json.dumps({"data": rows}))
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    config = json.loads((copy / "precompute_config.json").read_text())
+    run_cli(["precompute", "--model", name, "--pretrained", model, *dtypes, *text, "--dataset", config["dataset"],
+             "--out", copy, "--buckets", *config["buckets"], "--batch-size", "2",
+             "--validation-dataset-file", tmp_path / "validation.json"])
+    return name, model, copy, dtypes, tmp_path / "validation.json"
+
+
+def train(family, out, *extra):
+    name, model, shards, dtypes, _ = family
+    return run_cli(["train", "--model", name, "--pretrained", model, *dtypes, "--shards", shards, "--output-dir", out,
+                    "--batch-size", "2", "--rank", "4", "--lr", "1e-3", "--lr-warmup-steps", "0", "--train-steps",
+                    "2", "--seed", "3", *extra])
+
+
+def test_a_tiny_run_validates_without_a_text_encoder(family, tmp_path):
+    from ft.common.video import open_media
+
+    with BuiltClasses() as built:
+        summary = train(family, tmp_path / "out", "--validation-dataset-file", family[4], "--validation-steps", "1")
+    assert built == []
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001", "step-000002"]
+    for step in ("step-000001", "step-000002"):
+        videos = sorted((out / "validation" / step).glob("*.mp4"))
+        sizes = [(m.num_frames, m.height, m.width) for m in map(open_media, videos)]
+        assert sizes == [(5, 32, 64), (9, 32, 32)]  # the row's size; the shards' first video bucket
+        assert (out / "validation" / step / "contact_sheet.png").is_file()
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    files = next(r for r in records if "validation" in r)["validation"]["videos"]
+    assert files[0]["fps"] == (12 if family[0] == "ltx_video" else 24.0)
+
+    plain = train(family, tmp_path / "plain")
+    assert plain["last_loss"] == summary["last_loss"]
+    a = load_file(out / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
