@@ -1,4 +1,4 @@
-"""The `ft` command line (typer): precompute, check-data, train, generate, estimate, demo, inspect, models.
+"""The `ft` command line (typer): precompute, check-data, train, export, generate, estimate, demo, inspect, models.
 
 Each command's flags come from its config dataclass (see config.py), so `--help` is the dataclass's field docs.
 finetrainers' underscore spellings are accepted, list flags take several values, `--config FILE` supplies values
@@ -38,10 +38,11 @@ def _configs() -> dict[str, type]:
     from ft.pipelines.estimate import EstimateConfig
     from ft.precompute.config import CheckDataConfig, PrecomputeConfig
     from ft.train.config import TrainConfig
+    from ft.train.export import ExportConfig
     from ft.train.generate import GenerateConfig
 
     return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig,
-            "check-data": CheckDataConfig, "estimate": EstimateConfig}
+            "check-data": CheckDataConfig, "estimate": EstimateConfig, "export": ExportConfig}
 
 
 def _run_check_data(cfg: object) -> object:
@@ -68,6 +69,12 @@ def _run_generate(cfg: object) -> object:
     return run_generate(cfg)  # type: ignore[arg-type]
 
 
+def _run_export(cfg: object) -> object:
+    from ft.train.export import run_export
+
+    return run_export(cfg)  # type: ignore[arg-type]
+
+
 def _run_estimate(cfg: object) -> object:
     from ft.pipelines.estimate import run_estimate
 
@@ -80,7 +87,7 @@ CONFIG_EPILOG = ("Also: --config FILE (.toml, .yaml or .json) supplies any of th
 
 def _register() -> None:
     runners = {"precompute": _run_precompute, "train": _run_train, "generate": _run_generate,
-               "check-data": _run_check_data, "estimate": _run_estimate}
+               "check-data": _run_check_data, "estimate": _run_estimate, "export": _run_export}
     for name, config_cls in _configs().items():
         app.command(name, help=config_cls.__doc__, epilog=CONFIG_EPILOG)(
             make_command(config_cls, runners[name], config_cls.__doc__))

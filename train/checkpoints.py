@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,9 @@ def resolve_checkpoint(output_dir: str | Path, which: str) -> Path:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], state: dict[str, Any],
-                    limit: int | None = None) -> Path:
-    """Write checkpoint `step` atomically, then delete the oldest beyond `limit`.
+                    limit: int | None = None, write_weights: Callable[[Path], Any] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete the oldest beyond `limit`. `write_weights(folder)` adds the
+    weights users load (the LoRA file) to the checkpoint before it is published.
 
     Every rank calls this: the tensors are written by all ranks together through DCP (each its shards); rank 0
     alone makes, renames and deletes folders and writes state.json, with the ranks meeting before and after the
@@ -94,6 +96,8 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
     dist.barrier()  # every rank's files are written before rank 0 makes the folder a checkpoint
 
     def publish() -> None:
+        if write_weights is not None:
+            write_weights(tmp)
         with open(tmp / STATE_NAME, "w") as f:
             f.write(json.dumps({**state, "step": step, "ft_version": __version__}, indent=1) + "\n")
             f.flush()

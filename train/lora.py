@@ -28,13 +28,27 @@ def peft_targets(target_modules: list[str]) -> str | list[str]:
     return list(target_modules)
 
 
+def lora_config(rank: int, alpha: float, target_modules: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=peft_targets(target_modules))
+
+
+def lora_config_dict(rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
+    """The adapter config as the exported LoRA's metadata (what `adapter_metadata` reads off a live model)."""
+    return _plain(lora_config(rank, alpha, target_modules).to_dict())
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
 def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str]) -> list[Any]:
     """Freeze the transformer, add a LoRA adapter, and return its (fp32) trainable parameters."""
     import torch
-    from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=peft_targets(target_modules))
+    config = lora_config(rank, alpha, target_modules)
     try:
         transformer.add_adapter(config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
@@ -54,13 +68,12 @@ def lora_state_dict(transformer: Any, state: dict[str, Any] | None = None) -> di
 
 
 def adapter_metadata(transformer: Any) -> dict[str, Any]:
-    config = transformer.peft_config["default"].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    return _plain(transformer.peft_config["default"].to_dict())
 
 
 def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path, state: dict[str, Any] | None = None) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec.save_lora(out_dir, lora_state_dict(transformer, state), adapter_metadata(transformer))
-    return out_dir / LORA_WEIGHTS_NAME
+    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; `pipe.load_lora_weights(out_dir)` loads it."""
+    from .export import save_lora_file, write_aside
+
+    weights, metadata = lora_state_dict(transformer, state), adapter_metadata(transformer)
+    return write_aside(Path(out_dir) / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, weights, metadata))

@@ -75,21 +75,14 @@ def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path,
     folder that `from_pretrained` loads and `ft generate --transformer-id OUT/transformer` uses.
 
     `full_state`: the weights gathered from several processes (parallel.export_state), written instead of the
-    wrapped module's own (whose class and parameters are the wrappers')."""
+    wrapped module's own (whose class and parameters are the wrappers'). Both are written aside and renamed into
+    place (export.write_aside): a kill never leaves half a transformer that loads."""
     if cfg.training_type == "lora":
         return save_lora(spec, transformer, out, full_state)
-    from ft.common.dtypes import parse_dtype
+    from .export import save_transformer, write_aside
 
-    dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
-    folder = out / TRANSFORMER_DIR
-    if full_state is None:
-        transformer.to(dtype).save_pretrained(folder)
-        return folder
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():  # the family's own class, rebuilt on the meta device, takes the gathered tensors
-        plain = spec.component_class("transformer").from_config(transformer.config)
-    plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in full_state.items()},
-                          strict=True, assign=True)
-    plain.save_pretrained(folder)
-    return folder
+    if full_state is None:  # one process: the module's own weights
+        full_state = {k: v.detach().cpu() for k, v in transformer.state_dict().items()}
+    config = dict(transformer.config)
+    return write_aside(out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, full_state,
+                                                                          cfg.transformer_dtype, tmp))

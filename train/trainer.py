@@ -20,6 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
-from ft.common.shards import require_complete
+from ft.common.shards import kill_point, require_complete
 from ft.common.video import parse_bucket
 from ft.pipelines.base import ModelSpec, StepInputs, randn_per_sample
 from ft.pipelines.registry import spec_for
@@ -44,6 +45,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
+from .lora import save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
 from .parallel import (
     Layout,
@@ -234,9 +236,13 @@ class Trainer:
         if changed:
             log.warning(f"resuming with other settings than the run that wrote {path} ({', '.join(changed)}): "
                         "the run continues, but not exactly as a straight run would")
-        if self.state.step >= self.cfg.train_steps:
-            raise UserError(f"--resume-from-checkpoint: {path} is at step {self.state.step}, and --train-steps is "
-                            f"{self.cfg.train_steps}; raise --train-steps to train further.")
+        if self.state.step > self.cfg.train_steps:
+            raise UserError(f"--resume-from-checkpoint: {path} is at step {self.state.step}, past --train-steps "
+                            f"{self.cfg.train_steps}; raise --train-steps to train further (or `ft export "
+                            f"--checkpoint {path} --out DIR` for its weights).")
+        if self.state.step == self.cfg.train_steps:
+            log.info(f"{path} is the run's last step ({self.state.step}): nothing left to train, finishing its "
+                     "export")
         saved = (self.state.data_position or {}).get("fingerprints")
         if saved is not None and saved != self.stream.fingerprints():
             log.warning(f"the shard sets changed since {path} was saved (re-precomputed or edited): training goes "
@@ -349,10 +355,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
 
     def checkpoint(self) -> Path:
+        """A checkpoint for exact resume; a LoRA run's also holds the LoRA as users load it (a full finetune's
+        transformer is made from any checkpoint by `ft export`, which reads no optimizer state)."""
         state = self.state.state_dict()
         extra = {**state["extra"], "config": self.config_json, "parallel": self.layout.as_dict(),
                  "samples_per_step": self.samples_per_step}
-        path = save_checkpoint(self.out, self.state.step, state["tensors"], extra, self.cfg.checkpointing_limit)
+        write_weights = None
+        if self.cfg.training_type == "lora":
+            gathered = export_state(self.transformer, trainable_only=True) if self.world.size > 1 else None
+            write_weights = partial(save_lora, self.spec, self.transformer, state=gathered)
+        path = save_checkpoint(self.out, self.state.step, state["tensors"], extra, self.cfg.checkpointing_limit,
+                               write_weights)
         log.info(f"saved {path}")
         return path
 
@@ -433,17 +446,21 @@ class Trainer:
         if self.device.startswith("cuda"):
             summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
+        kill_point("exporting")  # test hook (FT_TEST_KILL_AT=exporting): killed after the last checkpoint
         result = self.export()
         plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME) if self.world.main else None
         window = max(1, min(10, len(losses) // 4))
         summary.update(self.validation.summary)
-        summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window,
-                       last_loss=sum(losses[-window:]) / window, result=str(result),
+        summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window if losses else None,
+                       last_loss=sum(losses[-window:]) / window if losses else None, result=str(result),
                        plot=str(plot) if plot else None)
         if self.cfg.training_type == "lora":
             summary["lora"] = str(result)
-        log.info(f"saved {result}; mean loss of the first {window} steps {summary['first_loss']:.4f}, of the last "
-                 f"{window} {summary['last_loss']:.4f}")
+        if losses:
+            log.info(f"saved {result}; mean loss of the first {window} steps {summary['first_loss']:.4f}, of the "
+                     f"last {window} {summary['last_loss']:.4f}")
+        else:  # resumed at the last step: only the export was left to do
+            log.info(f"saved {result}")
         return summary
 
     def export(self) -> Path:

@@ -1,0 +1,163 @@
+"""`ft export`: the weights users load, made from any checkpoint, and atomic writes of exported weights.
+
+A checkpoint (checkpoints.py) is a training state: DCP tensors keyed by parameter names, and state.json. A LoRA
+checkpoint also holds `pytorch_lora_weights.safetensors` (written with it, so `pipe.load_lora_weights(CKPT)` loads
+any step). `ft export --checkpoint OUT/checkpoints/checkpoint-N --out DIR` writes, from the checkpoint's tensors
+alone (no optimizer state is read, no base weights are loaded): the LoRA in the diffusers format, or, for a full
+finetune, a diffusers `transformer` folder that `from_pretrained` takes, built on the meta device from the
+transformer's config and given the checkpoint's tensors.
+
+Every export is written aside (a hidden temporary folder or file next to the target) and renamed into place, so
+a kill never leaves half a transformer that loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ft.common.config import REQUIRED, opt
+from ft.common.errors import UserError
+from ft.common.logs import log
+
+from .lora import LORA_WEIGHTS_NAME
+from .trainable import TRANSFORMER_DIR
+
+
+def write_aside(target: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a hidden sibling of `target`, then rename it to `target` (replacing an older one)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        write(tmp)
+        if target.is_dir() and tmp.is_dir():  # a folder cannot be replaced in one rename: move the old one aside
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Write the weights of a checkpoint in the form users load: a LoRA for `load_lora_weights`, or a full
+    finetune's transformer folder for `from_pretrained` (no optimizer state is read)."""
+
+    checkpoint: str = opt(REQUIRED, "A checkpoint folder: OUTPUT_DIR/checkpoints/checkpoint-NNNNNN.")
+    out: str = opt(REQUIRED, "Where the weights go: DIR/pytorch_lora_weights.safetensors (LoRA) or DIR/transformer "
+                             "(full finetune).")
+    pretrained: str | None = opt(None, "The base model, when it moved since training (default: the one the "
+                                       "checkpoint's run used; only its transformer config is read).")
+    transformer_dtype: str | None = opt(None, "dtype of the exported full transformer (default: the run's "
+                                              "--transformer-dtype).")
+
+
+def read_checkpoint_tensors(path: Path, prefix: str = "model.") -> dict[str, Any]:
+    """The tensors of a DCP checkpoint whose keys start with `prefix` (the trainable weights), on the CPU, in one
+    process; nothing else (the optimizer state) is read."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e}); pass a checkpoint-NNNNNN folder.") from e
+    tensors = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+               for key, md in metadata.state_dict_metadata.items()
+               if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+    if not tensors:
+        raise UserError(f"{path} holds no trained weights; it is not a checkpoint of ft train.")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(tensors, checkpoint_id=str(path))
+    return {key[len(prefix):]: value for key, value in tensors.items()}
+
+
+def lora_from_peft_names(state: dict[str, Any]) -> dict[str, Any]:
+    """peft's module-state names (`...to_q.lora_A.default.weight`) -> the adapter names diffusers saves."""
+    return {key.replace(".default", ""): value for key, value in state.items() if "lora_" in key}
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    """Write the weights of `cfg.checkpoint` into `cfg.out`; returns the file or folder written."""
+    import json
+
+    from ft.pipelines.registry import spec_for
+
+    from .checkpoints import STATE_NAME
+    from .config import TrainConfig
+    from .lora import lora_config_dict
+
+    path = Path(cfg.checkpoint)
+    if not (path / STATE_NAME).is_file():
+        raise UserError(f"--checkpoint {path}: not a checkpoint folder (one holding {STATE_NAME}); checkpoints are "
+                        "OUTPUT_DIR/checkpoints/checkpoint-NNNNNN.")
+    try:
+        saved = json.loads((path / STATE_NAME).read_text())["config"]
+        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        run = TrainConfig(**fields)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path / STATE_NAME} does not describe an ft train run ({e}).") from e
+    run = replace(run, pretrained=cfg.pretrained or run.pretrained,
+                  transformer_dtype=cfg.transformer_dtype or run.transformer_dtype)
+    spec = spec_for(run)
+    weights = read_checkpoint_tensors(path)
+    out = Path(cfg.out)
+    if run.training_type == "lora":
+        metadata = lora_config_dict(run.rank, run.lora_alpha, run.target_modules or spec.default_lora_targets)
+        result = write_aside(out / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, lora_from_peft_names(
+            weights), metadata))
+    else:
+        config = spec.load_config("transformer", run)
+        result = write_aside(out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights,
+                                                                                run.transformer_dtype, tmp))
+    log.info(f"exported {path} ({run.training_type}, step {json.loads((path / STATE_NAME).read_text())['step']}) "
+             f"to {result}")
+    return result
+
+
+def save_lora_file(spec: Any, target: Path, state: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The diffusers LoRA file at `target` (the pipeline's save_lora_weights writes a folder: its file is moved)."""
+    folder = target.with_name(target.name + ".d")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        spec.save_lora(folder, state, metadata)
+        os.replace(folder / LORA_WEIGHTS_NAME, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_transformer(spec: Any, config: dict[str, Any], state: dict[str, Any], dtype_name: str, folder: Path) -> None:
+    """A diffusers transformer folder from a config and full tensors: the family's class, built on the meta
+    device, takes the tensors (no base weights are loaded)."""
+    from accelerate import init_empty_weights
+
+    from ft.common.dtypes import parse_dtype
+
+    dtype = parse_dtype(dtype_name, "--transformer-dtype")
+    cls = spec.component_class("transformer")
+    with init_empty_weights():
+        model = cls.from_config(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise UserError(f"the weights lack {len(missing)} of the transformer's tensors (e.g. {missing[0]}); they are "
+                        "not a full finetune of this transformer.")
+    model.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()
+                           if k in expected}, strict=True, assign=True)
+    model.save_pretrained(folder)
