@@ -104,8 +104,8 @@ refused with the `ft precompute` command that adds them (it encodes only the tex
 `OUTPUT_DIR/validation/step-NNNNNN/` with a contact sheet, and in TensorBoard or wandb. ft adds a held-out loss
 finetrainers lacks: `--eval-shards HELD_OUT --eval-steps N`.
 
-The script's DDP_2 setting runs as it does there: `torchrun --nproc_per_node 2 ft train "${FLAGS[@]}" --dp_degree 2
---shards shards/crush` (`--dp_shards 2` shards the transformer with FSDP2 instead; both for HSDP).
+The script's DDP_2 setting runs as it does there: `torchrun --nproc_per_node 2 --no-python ft train "${FLAGS[@]}"
+--dp_degree 2 --shards shards/crush` (`--dp_shards 2` shards the transformer with FSDP2 instead; both for HSDP).
 """
 
 DATASETS = """## Datasets
