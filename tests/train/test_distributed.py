@@ -228,3 +228,24 @@ def test_degrees_that_do_not_multiply_to_the_world_are_one_message_before_any_we
     message = "--dp-degree 2 x --dp-shards 2 asks for a world of 4 processes, but torchrun started 2 processes"
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
     assert "training CogVideoX" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_two_tasks_of_a_plain_srun_train_as_ddp(tiny_cog, shards, reference, tmp_path):
+    # what srun gives each task (no torchrun): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, and the
+    # rendezvous address the batch script exports
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    argv = train_args(tiny_cog, shards, out, *LORA, "--batch-size", 1)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tasks = [subprocess.Popen([sys.executable, "-m", "ft.common.cli", *argv], stderr=subprocess.PIPE, text=True,
+                              env={**base, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r),
+                                   "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    errors = [t.communicate(timeout=240)[1] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "DDP over 2 replicas" in errors[0] and "training CogVideoX" not in errors[1]  # rank 1 says nothing
+    assert_same_run(out, reference["lora", 2], "lora")

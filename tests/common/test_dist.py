@@ -1,0 +1,58 @@
+"""Who a process is (torchrun, srun, one process) and the layout its flags ask for: pure functions of the
+environment and the flags, checked before anything loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from ft.common.dist import World, export_srun_env, world_from_env
+from ft.common.errors import UserError
+from ft.train.parallel import Layout, resolve_layout
+
+
+def test_the_launchers_environment_names_the_process():
+    assert world_from_env({}) == World()
+    assert world_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == World(3, 8, 1, "torchrun")
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5", "SLURM_NTASKS": "16"}
+    assert world_from_env(srun) == World(5, 16, 5, "srun")
+    # the batch script itself (no srun step) is one process, whatever the allocation holds
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) == World()
+    # srun + torchrun: torchrun's names win
+    assert world_from_env({**srun, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).launcher == "torchrun"
+    with pytest.raises(UserError, match="not a place in a world"):
+        world_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(UserError, match="WORLD_SIZE='two' is not a number"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_a_plain_srun_needs_the_rendezvous_address():
+    world = World(1, 2, 1, "srun")
+    with pytest.raises(UserError, match="MASTER_ADDR and MASTER_PORT are not set"):
+        export_srun_env(world, {})
+    env = {"MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    export_srun_env(world, env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
+
+
+@pytest.mark.parametrize("degree,shards,world,layout", [
+    (-1, -1, 1, Layout(1, 1)), (-1, -1, 8, Layout(8, 1)), (-1, 8, 8, Layout(1, 8)), (2, -1, 8, Layout(2, 4)),
+    (2, 4, 8, Layout(2, 4)), (1, -1, 4, Layout(1, 4)),  # finetrainers' --dp_degree 1 alone: shards fill the world
+])
+def test_replicas_times_shards_is_the_world(degree, shards, world, layout):
+    assert resolve_layout(degree, shards, World(0, world, 0, "torchrun")) == layout
+
+
+@pytest.mark.parametrize("degree,shards,world,message", [
+    (2, 2, 2, "--dp-degree 2 x --dp-shards 2 asks for a world of 4 processes, but torchrun started 2"),
+    (3, -1, 4, "--dp-degree 3 asks for a world of 3 processes"),
+    (-1, 2, 1, "started as one process: launch with `torchrun"),
+    (0, -1, 2, "--dp-degree must be a positive number"),
+])
+def test_degrees_that_do_not_fit_are_one_clear_message(degree, shards, world, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_layout(degree, shards, World(0, world, 0, "torchrun" if world > 1 else "one process"))
+
+
+def test_layout_names():
+    assert Layout(1, 1).name == "one process" and Layout(4, 1).name == "DDP over 4 replicas"
+    assert Layout(1, 4).name == "FSDP2 over 4 shards" and Layout(2, 2).name == "HSDP: 2 replicas x 2 shards"
