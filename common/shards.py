@@ -36,7 +36,16 @@ Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` (shard_writer.py) stops `ft precomput
 
 from __future__ import annotations
 
-from .jobstate import JOBS_DIR, JobState, finalize_command, job_stem, merged_view, read_journal, read_states
+from .jobstate import (
+    JOBS_DIR,
+    JobState,
+    append_journal,
+    finalize_command,
+    job_stem,
+    merged_view,
+    read_journal,
+    read_states,
+)
 from .manifest import (
     ACTIVE_KEYS_NAME,
     EMPTY_CAPTION_NAME,
@@ -71,11 +80,11 @@ from .shard_writer import ShardWriter, kill_point, shard_number
 from .tensor_codec import file_digest, new_hasher, sample_key, tensors_from_bytes, tensors_to_bytes
 
 __all__ = [
-    "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "EMPTY_CAPTION_NAME", "INPUT_FILES", "JOBS_DIR", "MANIFEST_NAME",
-    "SCHEMA_VERSION", "TENSOR_GROUPS", "IndexRow", "JobState", "Manifest", "Sample", "ShardCorruptError",
-    "ShardInfo", "ShardWriter", "_tar_members", "bucket_name", "describe_shard", "file_digest", "finalize_command",
-    "index_path", "iter_shard", "job_stem", "kill_point", "merged_view", "new_hasher", "open_shard_set",
-    "read_index_file", "read_journal", "rows_from_headers", "read_states", "require_complete", "sample_key", "shard_index",
-    "shard_keys", "shard_number", "shard_rows", "tensors_from_bytes", "tensors_to_bytes", "write_atomic",
-    "write_index_file",
+    "_tar_members", "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "append_journal", "bucket_name",
+    "describe_shard", "EMPTY_CAPTION_NAME", "file_digest", "finalize_command", "index_path", "IndexRow",
+    "INPUT_FILES", "iter_shard", "job_stem", "JOBS_DIR", "JobState", "kill_point", "Manifest", "MANIFEST_NAME",
+    "merged_view", "new_hasher", "open_shard_set", "read_index_file", "read_journal", "read_states",
+    "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index",
+    "shard_keys", "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter",
+    "TENSOR_GROUPS", "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file",
 ]

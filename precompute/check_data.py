@@ -29,6 +29,7 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
+from .media_cache import MediaCache
 from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
 from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items
 
@@ -76,15 +77,15 @@ class DataCheck:
 
 
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
-                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None
-                  ) -> DataCheck:
+                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
+                  cache: MediaCache | None = None) -> DataCheck:
     """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
     where it is."""
     usable, rejected, warnings = screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions,
                                               cfg.allow_outside_paths)
     planned, bad = plan_samples(usable, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
                                 cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config),
-                                cfg.max_upscale)
+                                cfg.max_upscale, cache)
     result = DataCheck(items, planned, rejected + bad, warnings)
     if model_args is not None and planned:
         captions = sorted({p.item.caption for p in planned})

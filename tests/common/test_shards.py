@@ -394,7 +394,8 @@ def test_bucket_name() -> None:
 def _manifest(shards: list[ShardInfo]) -> Manifest:
     return Manifest(model_family="toy", encoders={"vae": "toy-vae", "text": "toy-t5"}, encoder_fingerprint="abc123",
                     encoding={"frame_sampling": "head", "stride": 1}, shapes={"latents": {"mean": [4, 3, 4, 4]}},
-                    shards=shards, inputs={"rejected": {"files": ["rejected.jsonl"], "count": 1, "kinds": {"not-media": 1}}})
+                    shards=shards,
+                    inputs={"rejected": {"files": ["rejected.jsonl"], "count": 1, "kinds": {"not-media": 1}}})
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
