@@ -17,6 +17,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -207,9 +208,16 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     other jobs have not finished)."""
     slot = resolve_slot(cfg.num_jobs, cfg.job_index)
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with lock_slot(out, slot):
-        return _run_job(cfg, slot, out)
+    try:
+        with lock_slot(out, slot):
+            return _run_job(cfg, slot, out)
+    finally:
+        if created:  # a run stopped before writing anything (--on-error fail, a bad flag) leaves no folder
+            for folder in (out / JOBS_DIR, out):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
@@ -238,12 +246,12 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     quiet_libraries()
     cache = MediaCache(out, cfg.decoder, {str(it.path.absolute()) for it in items})
     check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, cfg, cache)
-    cache.save(slot.stem)
     if cache.hits:
         log.info(f"{cache.hits} media files unchanged since the last run (not probed or hashed again), "
                  f"{cache.misses} probed")
     _log_summary(check)  # the same checks and summary as `ft check-data`, before any encoder is loaded
     enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
+    cache.save(slot.stem)
     rejected, warnings = check.rejected, check.warnings
 
     device = pick_device(job_device(cfg.device))

@@ -91,7 +91,7 @@ def test_two_jobs_as_two_processes_give_the_samples_of_one(tiny_cog, shapes_data
 def test_a_job_killed_and_rerun_gives_the_same(tiny_cog, shapes_data, tmp_path, one_job):
     out = tmp_path / "shards"
     killed = start(argv(tiny_cog, shapes_data, out, "--num-jobs", "2", "--job-index", "1"),
-                   FT_TEST_KILL_AT="shard-renamed:2")
+                   FT_TEST_KILL_AT="shard-renamed:1")
     other = start(argv(tiny_cog, shapes_data, out, "--num-jobs", "2", "--job-index", "0"))
     assert finish(killed)[0] == -signal.SIGKILL
     code, err = finish(other)
