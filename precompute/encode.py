@@ -65,6 +65,7 @@ from .merge import finalize, remove_job_files
 from .plan import PlannedSample, assign_keys, sample_encoding
 from .policy import Rejected, enforce_on_error
 from .reuse import TextHalves, with_cached_video
+from .stamp import unchanged, write_stamp
 
 
 def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], encoding: dict[str, Any],
@@ -212,6 +213,12 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with lock_slot(out, slot):
+            same = unchanged(cfg, out, slot.stem) if slot.num_jobs == 1 else None
+            if same is not None:
+                log.info(f"nothing changed since the last run into {out} (its config, the dataset's files and the "
+                         f"model's files, each stat'ed): {same.active.get('samples', same.num_samples)} samples in "
+                         f"{len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
+                return same
             return _run_job(cfg, slot, out)
     finally:
         if created:  # a run stopped before writing anything (--on-error fail, a bad flag) leaves no folder
@@ -372,6 +379,10 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     kill_point("job-complete")
     merged = finalize(out, own=slot)
     manifest = merged or Manifest.load(out)
+    if merged is not None and slot.num_jobs == 1 and merged.complete:
+        root = os.path.abspath(dataset_root(cfg.dataset))
+        write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
+                                                 if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
     log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: {slot} is "
              f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
     check.planned, check.rejected, check.warnings = active, rejected, warnings
