@@ -9,9 +9,10 @@ warning record per sample (the worst case the issue measured: every caption long
 the real merge (`precompute/merge.py`). Reported: manifest.json's bytes, the time of every manifest write of
 the run (journal appends, state saves, the rejects/warnings file, the merge), and `ft train`'s data start-up in
 a new process (open the set, index it, plan the first epoch, read the first batch) with its wall time and peak
-RSS. Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips with the test suite's tiny
-CogVideoX, then the same command again on the unchanged data as a new process (its wall time and peak RSS),
-against `ft --help` plus a stat of every file. The last rows give the growth ratio between the sizes.
+RSS. Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips (N samples: the generated shapes
+repeat, so each caption is numbered) with the test suite's tiny CogVideoX, then the same command again on the
+unchanged data as a new process (its wall time and peak RSS), against `ft --help` plus a stat of every file.
+The last rows give the growth ratio between the sizes.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
     if not model.exists():
         save_tiny_model("cogvideox", model, seed=0)
     data = make_shapes_dataset(work / f"clips-{n}", num_clips=n, frames=9, seed=1)
+    prompts = (data / "prompts.txt").read_text().splitlines()  # the shapes repeat: a caption each keeps them apart
+    (data / "prompts.txt").write_text("".join(f"{p}, take {i}\n" for i, p in enumerate(prompts)))
     out = work / f"clips-{n}-shards"
     argv = [*FT, "precompute", "--model", "cogvideox", "--pretrained", str(model), "--dataset", str(data),
             "--out", str(out), "--buckets", "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]

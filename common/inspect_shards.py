@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
 from .rejects import summarize_inputs
 from .runtime import prefetch_map
@@ -87,10 +86,10 @@ def describe(folder: str, verify: bool = False) -> str:
         present = [s for s in manifest.shards if s.name not in lost]
         problems = [p for p in prefetch_map(lambda s: _verify(Path(folder), s), present, os.cpu_count() or 1) if p]
         if problems or lost:
-            raise UserError("\n".join(lines) + f"\nverification failed: {len(problems)} damaged and {len(lost)} "
-                            "missing shard(s)" + "".join(f"\n  {p}" for p in problems[:20]) +
-                            "\nDelete the damaged shards and rerun `ft precompute` with the same --out to rebuild "
-                            "them.")
+            raise ShardCorruptError("\n".join(lines) + f"\nverification failed: {len(problems)} damaged and "
+                                    f"{len(lost)} missing shard(s)" + "".join(f"\n  {p}" for p in problems[:20]) +
+                                    "\nDelete the damaged shards and rerun `ft precompute` with the same --out to "
+                                    "rebuild them.")
         lines.append(f"verified       {len(manifest.shards)} shards: sha256 and sample counts match")
     lines.append(f"written by     {manifest.tool} {manifest.tool_version}, updated {manifest.updated}")
     return "\n".join(lines)
