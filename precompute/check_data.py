@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.dataset_config import apply_caption_options
-from ft.common.datasets import DatasetItem, dataset_root, load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log
 from ft.common.model_args import ModelArgs
@@ -29,6 +27,8 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
+from .dataset_config import apply_caption_options
+from .datasets import DatasetItem, dataset_root, load_dataset
 from .media_cache import MediaCache
 from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
 from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.config import to_jsonable
-from ft.common.dataset_config import apply_caption_options
-from ft.common.datasets import dataset_root, load_dataset
 from ft.common.errors import UserError
 from ft.common.logs import log, quiet_libraries
 from ft.common.manifest import input_summary
@@ -58,6 +56,8 @@ from ft.pipelines.registry import spec_for
 
 from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
+from .dataset_config import apply_caption_options
+from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
 from .jobs import JobSlot, item_identity, job_device, lock_slot, resolve_slot
 from .media_cache import MediaCache

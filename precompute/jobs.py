@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft.common.datasets import DatasetItem
 from ft.common.errors import UserError
 from ft.common.logs import log
 from ft.common.shards import JOBS_DIR, job_stem
+
+from .datasets import DatasetItem
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft.common.datasets import DatasetItem
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
 from ft.common.video import (
@@ -26,6 +25,7 @@ from ft.common.video import (
     upscale_factor,
 )
 
+from .datasets import DatasetItem
 from .media_cache import MediaCache, MediaFacts, signature
 from .policy import Rejected
 

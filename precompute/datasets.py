@@ -6,7 +6,7 @@ Layouts, tried in this order for a folder `--dataset DATA`:
    layout; `--video-column` / `--caption-column` may name other .txt files in the folder).
 2. `DATA/metadata.{csv,json,jsonl,parquet}`: a table with a path column and a caption column.
 3. WebDataset tars (`*.tar`, searched recursively) holding media and captions, read as finetrainers reads them
-   (common/webdataset_media.py);
+   (precompute/webdataset_media.py);
 4. media files, each with a same-named `.txt` caption beside it (searched recursively).
 `--dataset` may also be a metadata file itself. Images stand wherever videos may. Paths are relative to the folder
 holding the list or table. A missing media file is not an error here: precompute rejects it with a reason.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ft.common.errors import UserError
+from ft.common.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
                 "image_path", "video_file")
