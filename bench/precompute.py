@@ -84,8 +84,8 @@ def cli_run(model: Path, data: Path, out: Path, bucket: str) -> dict[str, float]
 
 def decode_seconds(data: Path, bucket: tuple[int, int, int]) -> float:
     """Decoding (and resizing) every clip's frames as precompute does, in one thread."""
-    from ft.common.datasets import load_dataset
     from ft.common.video import frame_indices, open_media, resize_to_bucket
+    from ft.precompute.datasets import load_dataset
 
     start = time.perf_counter()
     for item in load_dataset(data):

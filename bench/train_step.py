@@ -78,8 +78,8 @@ def online_batches(trainer, work: Path, config: str):
     """Batches made as an all-in-one trainer makes them: decode, resize, VAE and text encoder, every step."""
     import torch
 
-    from ft.common.datasets import load_dataset
     from ft.common.video import frame_indices, open_media, resize_center_crop
+    from ft.precompute.datasets import load_dataset
     from ft.train.loader import Batch
 
     spec, c = trainer.spec, CONFIGS[config]

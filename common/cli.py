@@ -146,6 +146,10 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
         args = expand_multi_value_flags(kebab_flags(args), multi)
         return app(args=args, prog_name="ft", standalone_mode=standalone)
     at = args.index(command)
+    if command == "precompute" and "--finalize" in args:  # the merge of N jobs' shard sets needs only --out
+        from ft.precompute.merge import finalize_command_line
+
+        return finalize_command_line(args[at + 1 :])
     values = read_config_file(config_path) if config_path else None
     translation = translate(command, args[at + 1 :], values, configs, config_path or "")
     for line in translation.info_lines():

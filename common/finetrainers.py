@@ -7,7 +7,7 @@
 - a flag with nothing to do in ft is accepted where its value asks for nothing ft lacks (`--pp_degree 1`,
   `--enable_precomputation`), and refused with the reason and the ft way otherwise;
 - a misspelt flag gets a "did you mean" only for a near spelling, and a finetrainers flag always its ft name.
-`--dataset_config training.json` makes `ft precompute` one run per dataset (common/dataset_config.py) and gives
+`--dataset_config training.json` makes `ft precompute` one run per dataset (precompute/dataset_config.py) and gives
 `ft train` the datasets' shard sets with their weights. `FLAGS` is also what docs/finetrainers.md is generated from.
 
 Spelling decides one clash: `--batch_size` (finetrainers' spelling) is the training batch, left to `ft train` by
@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ft.precompute.dataset_config import read_dataset_config
+
 from .config import _is_list, flag_name
-from .dataset_config import read_dataset_config
 from .errors import UserError
 
 SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not needed", "not supported", "not yet"
@@ -601,7 +602,7 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
 
 def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds: dict[str, str],
                      with_out: bool = True) -> list[list[str]]:
-    from .dataset_config import local_path
+    from ft.precompute.dataset_config import local_path
 
     for clash in ("dataset", "buckets", "id_token", "resize_mode"):
         if clash in settings:

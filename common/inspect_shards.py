@@ -1,11 +1,38 @@
-"""`ft inspect`: a readable summary of a shard set from its manifest (and, with --verify, its bytes)."""
+"""`ft inspect`: a readable summary of a shard set from its manifest (and, with --verify, its bytes).
+
+It shows the jobs that wrote a merged set, and a set whose jobs are not merged yet as such, with what to run.
+Listed shards that are missing are named. `--verify` reads every shard (in parallel threads: hashing releases
+the GIL), checks its sha256 and sample count against the manifest, and names each shard that fails.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo
 from .rejects import summarize_inputs
-from .shards import MANIFEST_NAME, Manifest, ShardCorruptError, iter_shard
+from .runtime import prefetch_map
+from .shard_reader import ShardCorruptError, iter_shard
+
+
+def _verify(folder: Path, shard: ShardInfo) -> str:
+    """"" when the shard's bytes and sample count match its entry, else what is wrong."""
+    try:
+        n = sum(1 for _ in iter_shard(folder / shard.name, expected_sha256=shard.sha256))
+    except (ShardCorruptError, OSError) as e:
+        return str(e)
+    return "" if n == shard.samples else f"{shard.name}: {n} samples, but {MANIFEST_NAME} says {shard.samples}"
+
+
+def _jobs(manifest: Manifest) -> list[str]:
+    lines = []
+    for job in manifest.jobs:
+        done = "finished " + job["finished"] if job.get("complete") else "NOT FINISHED"
+        lines.append(f"  job {job['index']} of {job['num_jobs']}: {job.get('written', 0)} samples written in "
+                     f"{job.get('shards', 0)} shards, host {job.get('host')} pid {job.get('pid')}, started "
+                     f"{job.get('started')}, {done}")
+    return lines
 
 
 def describe(folder: str, verify: bool = False) -> str:
@@ -30,6 +57,14 @@ def _describe(folder: str, verify: bool) -> str:
         f"encoders       fingerprint {manifest.encoder_fingerprint}",
         f"status         {manifest.describe_completeness()}",
     ]
+    if manifest.jobs:
+        lines.append(f"jobs           {len(manifest.jobs)}" + (" (not merged yet)" if manifest.unmerged else ""))
+        lines += _jobs(manifest)
+    lost = [s.name for s in manifest.shards if not (Path(folder) / s.name).is_file()]
+    if lost:
+        lines.append(f"MISSING        {len(lost)} listed shard(s) are not on disk: {', '.join(lost[:10])}"
+                     f"{', ...' if len(lost) > 10 else ''}; rerun `ft precompute` with the same --out to rebuild "
+                     "them")
     for name, info in manifest.encoders.items():
         detail = f"{info.get('class', '?')}"
         if "weights" in info:
@@ -64,21 +99,18 @@ def _describe(folder: str, verify: bool) -> str:
         rows = len(list((Path(folder) / manifest.prompts["folder"]).glob("*.safetensors")))
         lines.append(f"prompt table   {rows - 1} validation prompt(s) and the negative prompt, in "
                      f"{manifest.prompts['folder']}/")
-    lines.append(f"rejected       {len(manifest.rejected)}, kept with a note {len(manifest.warnings)}")
+    lines.append(f"rejected       {manifest.input_count('rejected')}, kept with a note "
+                 f"{manifest.input_count('warnings')}")
     summary = summarize_inputs(manifest.rejected, manifest.warnings, first=5)
     lines += ["  " + line for line in summary.splitlines()]
     if verify:
-        absent = [s.name for s in manifest.shards if not (Path(folder) / s.name).is_file()]
-        if absent:
-            raise ShardCorruptError(f"{folder}: {len(absent)} of the {len(manifest.shards)} shards listed in "
-                                    f"{MANIFEST_NAME} are missing ({', '.join(absent[:3])}"
-                                    f"{', ...' if len(absent) > 3 else ''}). Rerun `ft precompute` with the same "
-                                    "--out to encode their samples again; the other shards are reused.")
-        for shard in manifest.shards:
-            n = sum(1 for _ in iter_shard(Path(folder) / shard.name, expected_sha256=shard.sha256))
-            if n != shard.samples:
-                raise ShardCorruptError(f"{shard.name}: {n} samples, but {MANIFEST_NAME} says {shard.samples}; "
-                                        "rerun `ft precompute` with the same --out to rebuild it.")
+        present = [s for s in manifest.shards if s.name not in lost]
+        problems = [p for p in prefetch_map(lambda s: _verify(Path(folder), s), present, os.cpu_count() or 1) if p]
+        if problems or lost:
+            raise ShardCorruptError("\n".join(lines) + f"\nverification failed: {len(problems)} damaged and "
+                                    f"{len(lost)} missing shard(s)" + "".join(f"\n  {p}" for p in problems[:20]) +
+                                    "\nDelete the damaged shards and rerun `ft precompute` with the same --out to "
+                                    "rebuild them.")
         lines.append(f"verified       {len(manifest.shards)} shards: sha256 and sample counts match")
     lines.append(f"written by     {manifest.tool} {manifest.tool_version}, updated {manifest.updated}")
     return "\n".join(lines)

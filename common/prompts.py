@@ -50,10 +50,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .datasets import read_table
 from .errors import UserError
 from .logs import log
 from .shards import sample_key, tensors_from_bytes
+from .tables import read_table
 
 if TYPE_CHECKING:
     import torch

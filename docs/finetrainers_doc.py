@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from ft.common.config import flag_name
-from ft.common.dataset_config import KNOWN_KEYS, LLM_CAPTION_PREFIXES, RESHAPE_MODES
 from ft.common.finetrainers import FLAGS, NOT_NEEDED, NOT_YET, RENAMED, SAME, UNSUPPORTED
 from ft.precompute.config import PrecomputeConfig
+from ft.precompute.dataset_config import KNOWN_KEYS, LLM_CAPTION_PREFIXES, RESHAPE_MODES
 from ft.train.config import TrainConfig
 
 PAGE = Path(__file__).with_name("finetrainers.md")

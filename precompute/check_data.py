@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.dataset_config import apply_caption_options
-from ft.common.datasets import DatasetItem, dataset_root, load_dataset
 from ft.common.errors import UserError
 from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log
@@ -30,6 +28,9 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
 
 from .config import CheckDataConfig, DataArgs
+from .dataset_config import apply_caption_options
+from .datasets import DatasetItem, dataset_root, load_dataset
+from .media_cache import MediaCache
 from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
 from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
 
@@ -77,15 +78,15 @@ class DataCheck:
 
 
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
-                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None
-                  ) -> DataCheck:
+                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
+                  cache: MediaCache | None = None) -> DataCheck:
     """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
     where it is."""
     usable, rejected, warnings = screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions,
                                               cfg.allow_outside_paths)
     planned, bad = plan_samples(usable, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
                                 cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config),
-                                cfg.max_upscale)
+                                cfg.max_upscale, cache)
     result = DataCheck(items, planned, rejected + bad, warnings)
     result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
     if model_args is not None and planned:

@@ -14,6 +14,7 @@ DATA = "Data"
 POLICY = "Bad input"
 OUTPUT = "Output"
 ENCODING = "Encoding"
+JOBS = "Cluster jobs"
 ON_ERROR = ("skip", "fail")
 
 
@@ -83,12 +84,23 @@ class PrecomputeConfig(DataArgs, ModelArgs):
                                                     "with a new file encodes only its captions.", panel=OUTPUT)
     vae_tiling: bool = opt(False, "Encode with VAE tiling/slicing: less memory for large frames, a bit slower.",
                            panel=ENCODING)
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=ENCODING)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (under torchrun, auto is cuda:LOCAL_RANK).", panel=ENCODING)
+    num_jobs: int | None = opt(None, "Run as one of N independent jobs writing into the same --out (a SLURM array, "
+                                     "one process per GPU): each encodes the items a stable hash of their path "
+                                     "gives it, and the last to finish merges the set. Default: "
+                                     "SLURM_ARRAY_TASK_COUNT, else WORLD_SIZE, else 1.", panel=JOBS)
+    job_index: int | None = opt(None, "This job's index, 0 to N-1. Default: SLURM_ARRAY_TASK_ID (less "
+                                      "SLURM_ARRAY_TASK_MIN), else RANK, else 0.", panel=JOBS)
+    finalize: bool = opt(False, "Merge the jobs in --out into one shard set and exit: `ft precompute --finalize "
+                                "--out SHARDS` (add --allow-incomplete to merge jobs that did not all finish). "
+                                "The last job to finish does this by itself.", panel=JOBS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("batch_size", "shard_samples", "shard_max_mb"):
             check_positive(getattr(self, name), name)
+        if self.num_jobs is not None:
+            check_positive(self.num_jobs, "num_jobs")
 
 
 @dataclass(kw_only=True)

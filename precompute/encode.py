@@ -1,42 +1,55 @@
-"""The `ft precompute` run: plan the dataset, load the encoders, encode in batches, write shards and manifest.
+"""The `ft precompute` run of one job: plan its part of the dataset, load the encoders, encode in batches, write
+shards and its journal; the last job to finish merges the set (merge.py).
 
-Content addressing makes the run resumable and incremental: samples whose key is already in a completed shard of
-`--out` are skipped, so a killed job, a grown dataset, or a second experiment on the same encoders pays only for
-what is new. Leftover `*.tar.tmp` files of a killed run are removed and their samples encoded again.
+A single run is job 0 of 1. Job i of N (jobs.py) takes the lock of its slot, reads only the items it owns, and
+writes only its own files: shards `shard-j000i-NNNNNN.tar`, and its state, journal, keys and rejects under
+`jobs/` (common/jobstate.py). Content addressing makes a job resumable and incremental: samples whose key is
+already in a usable shard of `--out` are skipped (existing.py), so a killed job, a grown dataset, or a second
+experiment on the same encoders pays only for what is new; unchanged media is neither probed nor hashed again
+(media_cache.py).
 
-Before any encoder is loaded the dataset goes through the data policy (check_data.py, policy.py) and its summary
-is printed. The manifest is saved at the start as incomplete (with the dataset's keys and what is missing), after
-each shard, and as complete at the end, so a kill at any point leaves a shard set that says what it lacks, and a
-rerun (the same command, or the saved `precompute_config.json`) gives the sample set of an uninterrupted run.
+Before any encoder is loaded the job's items go through the data policy (check_data.py, policy.py) and its
+summary is printed. The job's state is saved at the start as incomplete (what it must encode), each finished
+shard is appended to its journal, and the state says complete at the end, so a kill at any point leaves a shard
+set that says what it lacks, and a rerun (the same command, or the job's saved config) gives the sample set of
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-import tarfile
+import os
+import socket
 import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from ft.common.config import to_jsonable
-from ft.common.dataset_config import apply_caption_options
-from ft.common.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.faults import check_writable, environment_fault
 from ft.common.logs import log, quiet_libraries
+from ft.common.manifest import input_summary
 from ft.common.prompts import PromptWriter, check_validation_file
 from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
+    JOBS_DIR,
     MANIFEST_NAME,
+    JobState,
     Manifest,
     ShardInfo,
     ShardWriter,
+    append_journal,
     bucket_name,
-    describe_shard,
+    finalize_command,
     kill_point,
+    read_journal,
+    read_states,
     sample_key,
-    shard_index,
+    write_atomic,
 )
 from ft.common.video import MediaError, effective_fps, open_media, resize_to_bucket
 from ft.pipelines.base import ModelSpec
@@ -45,64 +58,17 @@ from ft.pipelines.registry import spec_for
 
 from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
 from .config import PrecomputeConfig
+from .dataset_config import apply_caption_options
+from .datasets import dataset_root, load_dataset
+from .existing import half_index, scan_existing
 from .faults import disk_fault_message
+from .jobs import JobSlot, item_identity, job_device, lock_slot, resolve_slot
+from .media_cache import MediaCache
+from .merge import finalize, remove_job_files
 from .plan import PlannedSample, assign_keys, sample_encoding
 from .policy import Rejected, enforce_on_error
-from .reuse import HalfIndex, cached_text, with_cached_video
-
-CONFIG_NAME = "precompute_config.json"
-
-
-def _existing_keys(out: Path, manifest: Manifest | None) -> tuple[set[str], list[ShardInfo], HalfIndex]:
-    """Keys already encoded in `out`, the shards that hold them, and where each cached half is (from the samples'
-    JSON). Shards that are listed but missing or unreadable are dropped (their samples are encoded again);
-    complete shards missing from the manifest (renamed into place just before a kill) are adopted unless their
-    samples are already listed, so no sample is ever listed twice;
-    leftovers of a killed run (`*.tar.tmp`) are removed."""
-    for stale in out.glob("*.tar.tmp"):
-        log.info(f"removing {stale.name}, a shard left unfinished by an earlier run")
-        stale.unlink()
-    keys: set[str] = set()
-    kept: list[ShardInfo] = []
-    metas: dict[str, list[tuple[str, dict]]] = {}
-    for shard in manifest.shards if manifest else []:
-        try:
-            metas[shard.name] = shard_index(out / shard.name)
-            shard_set = {key for key, _ in metas[shard.name]}
-        except (OSError, tarfile.TarError, UserError) as e:
-            log.warning(f"{out / shard.name} is listed in the manifest but cannot be read ({e}); its samples are "
-                        "encoded again")
-            continue
-        if shard_set and shard_set <= keys:
-            log.info(f"dropping {shard.name}: every sample in it is in another listed shard")
-            (out / shard.name).unlink()
-            continue
-        keys |= shard_set
-        kept.append(shard)
-    listed = {s.name for s in kept} | {s.name for s in (manifest.shards if manifest else [])}
-    for path in sorted(out.glob("shard-*.tar")):
-        if path.name in listed:
-            continue
-        try:  # renamed into place, then killed before the manifest named it
-            metas[path.name] = shard_index(path)
-            shard_set = {key for key, _ in metas[path.name]}
-            if shard_set & keys:
-                if shard_set <= keys:
-                    log.info(f"removing {path.name}: complete but unlisted, and its samples are already listed")
-                    path.unlink()
-                else:
-                    log.warning(f"{path} is not in the manifest and shares samples with listed shards; ignoring it")
-                continue
-            kept.append(describe_shard(path))
-            keys |= shard_set
-            log.info(f"adopting {path.name}: complete on disk but missing from the manifest")
-        except (OSError, tarfile.TarError, UserError) as e:
-            log.warning(f"{path} is not in the manifest and cannot be read ({e}); ignoring it")
-    halves = HalfIndex()
-    for shard in kept:
-        for key, meta in metas[shard.name]:
-            halves.add(shard.name, key, meta)
-    return keys, kept, halves
+from .reuse import TextHalves, with_cached_video
+from .stamp import unchanged, write_stamp
 
 
 def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], encoding: dict[str, Any],
@@ -131,9 +97,9 @@ class _Encoder:
     halves by text_key). `vae` / `encoders` are None when the run needs none."""
 
     def __init__(self, spec: ModelSpec, encoders: dict | None, vae: Any, writer: ShardWriter, seq_len: int,
-                 batch_size: int, manifest: Manifest, texts: dict[str, dict]):
+                 batch_size: int, shapes: dict[str, Any], texts: TextHalves):
         self.spec, self.encoders, self.vae, self.writer = spec, encoders, vae, writer
-        self.seq_len, self.batch_size, self.manifest, self.texts = seq_len, batch_size, manifest, texts
+        self.seq_len, self.batch_size, self.shapes, self.texts = seq_len, batch_size, dict(shapes), texts
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written: set[str] = set()
 
@@ -163,8 +129,8 @@ class _Encoder:
                 cond = self.spec.encode_prompts(self.encoders, [text[k] for k in captions], self.seq_len)
                 new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
                 conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
-        if not self.manifest.shapes:
-            self.manifest.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
+        if not self.shapes:
+            self.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
                                     **{name: list(t.shape) for name, t in conds[0].items()}}
         for (sample, _, _), lat, con in zip(batch, latents, conds, strict=True):
             meta = {
@@ -213,14 +179,16 @@ class _Models:
         return self._encoders
 
 
-def _save_config(cfg: PrecomputeConfig, out: Path) -> str:
-    """Save the resolved config beside the shards (paths made absolute); returns the command that reruns it."""
+def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
+    """Save this job's resolved config (paths made absolute, its job named) under `jobs/`; returns the command
+    that reruns the job."""
     values = to_jsonable(cfg)
     for name in ("dataset", "out", "pretrained"):
         if values.get(name) and Path(values[name]).exists():
             values[name] = str(Path(values[name]).resolve())
-    path = out / CONFIG_NAME
-    path.write_text(json.dumps(values, indent=2) + "\n")
+    values["num_jobs"], values["job_index"] = slot.num_jobs, slot.index
+    path = out / JOBS_DIR / f"{slot.stem}.config.json"
+    write_atomic(path, json.dumps(values, indent=2) + "\n")
     return f"ft precompute --config {path.resolve()}"
 
 
@@ -229,8 +197,40 @@ def _log_summary(check: DataCheck) -> None:
         log.info(line)
 
 
+def _write_records(out: Path, name: str, records: list[Rejected]) -> None:
+    write_atomic(out / name, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+
+
+def _append_record(out: Path, name: str, record: Rejected) -> None:
+    with open(out / name, "a") as f:
+        f.write(json.dumps(record.to_dict()) + "\n")
+
+
 def run_precompute(cfg: PrecomputeConfig) -> Manifest:
-    """Encode `cfg.dataset` into shards under `cfg.out`; returns the manifest written there."""
+    """Encode this job's part of `cfg.dataset` into shards under `cfg.out` (all of it for a single run), under
+    the lock of its slot; the last job to finish merges the set. Returns the set's manifest (a merged view while
+    other jobs have not finished)."""
+    slot = resolve_slot(cfg.num_jobs, cfg.job_index)
+    out = Path(cfg.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock_slot(out, slot):
+            same = unchanged(cfg, out, slot.stem) if slot.num_jobs == 1 else None
+            if same is not None:
+                log.info(f"nothing changed since the last run into {out} (its config, the dataset's files and the "
+                         f"model's files, each stat'ed): {same.active.get('samples', same.num_samples)} samples in "
+                         f"{len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
+                return same
+            return _run_job(cfg, slot, out)
+    finally:
+        if created:  # a run stopped before writing anything (--on-error fail, a bad flag) leaves no folder
+            for folder in (out / JOBS_DIR, out):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     from tqdm import tqdm
 
     started = time.time()
@@ -239,7 +239,17 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     check_writable(cfg.out, "--out", "the shard folder; the shards already in it are untouched and `ft train` reads "
                    "them where they are" if held else "the shard folder")
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+    if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
+        total = len(items)
+        items = [it for it in items if slot.owns(item_identity(it, dataset_root(cfg.dataset)))]
+        log.info(f"{slot}: {len(items)} of the dataset's {total} items are this job's")
     items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
+    states = read_states(out)
+    other = [s for s in states if s.num_jobs != slot.num_jobs]
+    if other:
+        raise UserError(f"{out} holds unmerged jobs of a run with --num-jobs {other[0].num_jobs} "
+                        f"({len(other)} of them); this is {slot}. Finish that run, or merge what it wrote with "
+                        f"`{finalize_command(out)} --allow-incomplete`, then run again.")
     vae_config = spec.load_config("vae", cfg)
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
@@ -248,12 +258,17 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
     quiet_libraries()
-    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, cfg)
+    cache = MediaCache(out, cfg.decoder, {str(it.path.absolute()) for it in items})
+    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, cfg, cache)
+    if cache.hits:
+        log.info(f"{cache.hits} media files unchanged since the last run (not probed or hashed again), "
+                 f"{cache.misses} probed")
     _log_summary(check)  # the same checks and summary as `ft check-data`, before any encoder is loaded
     enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
+    cache.save(slot.stem)
     rejected, warnings = check.rejected, check.warnings
 
-    device = pick_device(cfg.device)
+    device = pick_device(job_device(cfg.device))
     models = _Models(spec, cfg, device)
     fingerprints = models.fingerprints()
     fingerprint = sample_key(fingerprints)
@@ -266,53 +281,68 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     planned, duplicates = assign_keys(check.planned, fingerprint, encoding, halves)
     warnings += duplicates
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = Manifest.load(out) if (out / MANIFEST_NAME).is_file() else None
-    if existing:
-        _check_reuse(out, existing, fingerprints, encoding, spec.name)
-    done, shards, index = _existing_keys(out, existing)
-    todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
-    by_name = {s.name: s for s in shards}
-    texts = cached_text(out, by_name, index, todo)
-    to_decode = [p for p in todo if p.video_key not in index.video]
+    base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
+    if base:
+        _check_reuse(out, base, fingerprints, encoding, spec.name)
+    if not any(s.index == slot.index for s in states):
+        remove_job_files(out, slot.stem)  # leftovers of this slot's merged attempt
+    journal = [info for _, info in read_journal(out, slot.stem)]
+    found = scan_existing(out, slot, base, journal, {p.key for p in planned})
+    todo = sorted((p for p in planned if p.key not in found.done), key=lambda p: p.bucket)
+    index = half_index(out, found.shards, {p.video_key for p in todo}, {p.text_key for p in todo})
+    texts = TextHalves(out, found.shards, index, todo)
+    to_decode = sorted((p for p in todo if p.video_key not in index.video), key=lambda p: texts.source(p.text_key))
     reused = [p for p in todo if p.video_key in index.video]
-    empty_missing = not (existing and existing.empty_caption and (out / existing.empty_caption["file"]).is_file())
-    prompts = PromptWriter(out, fingerprints, encoding, validation)  # the prompt table's rows this run adds
-    # only what this run must encode is loaded: nothing at all when every sample is in `out` already
+    empty_caption = base.empty_caption if base and base.empty_caption and \
+        (out / base.empty_caption["file"]).is_file() else {}
+    empty_missing = slot.index == 0 and not empty_caption  # job 0 stores it for the set
+    # only what this job must encode is loaded: nothing at all when every sample is in `out` already
+    # the prompt table's rows this run adds (job 0 writes them for the set, as the empty caption)
+    prompts = PromptWriter(out, fingerprints, encoding, validation if slot.index == 0 else [])
     vae = models.vae() if to_decode else None
     encoders = models.text_encoders() if empty_missing or prompts.needed or any(
         p.text_key not in texts for p in todo) else None
-    manifest = Manifest(model_family=spec.name, encoders=fingerprints, encoder_fingerprint=fingerprint,
-                        encoding=encoding, shapes=existing.shapes if existing else {}, shards=shards,
-                        empty_caption=existing.empty_caption if existing else {})
-    manifest.rejected = [r.to_dict() for r in rejected]
-    manifest.warnings = [w.to_dict() for w in warnings]
+
+    state = JobState(slot.index, slot.num_jobs, uuid.uuid4().hex, socket.gethostname(), os.getpid(),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     header={"model_family": spec.name, "encoders": fingerprints, "encoder_fingerprint": fingerprint,
+                             "encoding": encoding, "shapes": base.shapes if base else {},
+                             "empty_caption": empty_caption, "prompts": base.prompts if base else {}},
+                     resume_command=_save_config(cfg, out, slot),
+                     todo=dict(Counter(bucket_name(*p.bucket) for p in todo)), dropped=found.dropped)
+    for info in found.adopted:  # recorded, not counted against this attempt's work
+        append_journal(out, dataclasses.replace(state, attempt="adopted"), info)
+    _write_records(out, state.file(".rejected.jsonl"), rejected)
+    _write_records(out, state.file(".warnings.jsonl"), warnings)
+
+    def set_view(active: list[PlannedSample]) -> None:
+        write_atomic(out / state.file(".active.txt"), "".join(p.key + "\n" for p in active))
+        state.active = {"file": state.file(".active.txt"), "samples": len(active),
+                        "buckets": dict(sorted(Counter(bucket_name(*p.bucket) for p in active).items()))}
+        state.inputs = {"rejected": input_summary([state.file(".rejected.jsonl")], [r.to_dict() for r in rejected]),
+                        "warnings": input_summary([state.file(".warnings.jsonl")], [w.to_dict() for w in warnings])}
+
+    set_view(planned)  # until this job finishes, its state says what it lacks (ft train refuses the set)
     if empty_missing:
         import torch
 
+        holder = Manifest(spec.name, {}, "", {}, {})
         with torch.no_grad():  # stored once per shard set, for caption dropout in training
             empty = spec.encode_prompts(encoders, [""], seq_len)
-        manifest.set_empty_caption(out, {k: v[0] for k, v in empty.items()})
-    manifest.prompts = prompts.write(spec, encoders, seq_len, cfg.batch_size)
-    # Until this run finishes, the manifest says it is incomplete and how much is missing (ft train refuses it).
-    manifest.complete = False
-    manifest.set_active(out, [p.key for p in planned], Counter(bucket_name(*p.bucket) for p in planned))
-    manifest.missing = dict(Counter(bucket_name(*p.bucket) for p in todo))
-    manifest.resume_command = _save_config(cfg, out)
-    manifest.save(out)
+        holder.set_empty_caption(out, {k: v[0] for k, v in empty.items()}, state.file(".empty_caption.safetensors"))
+        state.header["empty_caption"] = holder.empty_caption
+    state.header["prompts"] = prompts.write(spec, encoders, seq_len, cfg.batch_size) or state.header["prompts"]
+    state.save(out)
     kill_point("started")
 
     def record(shard: ShardInfo) -> None:
-        manifest.shards.append(shard)
-        for bucket, n in shard.buckets.items():
-            manifest.missing[bucket] = manifest.missing.get(bucket, 0) - n
-        manifest.missing = {b: n for b, n in manifest.missing.items() if n > 0}
-        manifest.save(out)
+        append_journal(out, state, shard)
+        if not state.header["shapes"] and encoder.shapes:
+            state.header["shapes"] = encoder.shapes
+            state.save(out)
 
-    start_index = 1 + max((int(p.name.split("-")[1].split(".")[0]) for p in out.glob("shard-*.tar")), default=-1)
-    writer = ShardWriter(out, "shard", start_index, cfg.shard_samples, cfg.shard_max_mb << 20, on_shard=record)
-    encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, manifest, texts)
+    writer = ShardWriter(out, slot.prefix, None, cfg.shard_samples, cfg.shard_max_mb << 20, on_shard=record)
+    encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, state.header["shapes"], texts)
     captions = len({p.text_key for p in todo if p.text_key not in texts})
     log.info(f"{len(todo)} new samples on {device} ({len(planned) - len(todo)} already in {out}): {len(to_decode)} "
              f"clips to encode ({len(reused)} video latents reused from {out}), {captions} captions to encode")
@@ -327,13 +357,13 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     failed: set[str] = set()
     try:
         with tqdm(total=len(todo), unit="clip", desc="precompute", disable=not todo) as bar:
-            for sample, latents in with_cached_video(out, by_name, index, reused):
+            for sample, latents in with_cached_video(out, found.shards, index, reused):
                 encoder.add(sample, latents=latents)
                 bar.update(1)
             for sample, frames in prefetch_map(decode, to_decode, cfg.decode_workers):
                 if isinstance(frames, MediaError):
                     rejected.append(Rejected(str(sample.item.path), str(frames), frames.kind))
-                    manifest.rejected.append(rejected[-1].to_dict())
+                    _append_record(out, state.file(".rejected.jsonl"), rejected[-1])
                     failed.add(sample.key)
                     log.info(f"rejected {sample.item.path}: {frames}")
                     enforce_on_error(cfg.on_error, rejected[-1:], cfg.dataset)
@@ -345,8 +375,8 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
         writer.finish_shard()
         kept = sum(shard.samples for shard in writer.completed)
         log.error(f"interrupted: kept {kept} new samples in {out} (shards are whole; "
-                  f"{manifest.missing_samples} samples of the dataset are not encoded yet). Run the same command "
-                  f"again, or `{manifest.resume_command}`, to go on: it encodes only what is missing.")
+                  f"{len(todo) - kept} samples of {slot} are not encoded yet). Run the same command again, or "
+                  f"`{state.resume_command}`, to go on: it encodes only what is missing.")
         raise
     except OSError as e:  # a full disk (or one gone read-only): keep the whole shards, say how much is needed
         fault = environment_fault(e)
@@ -354,26 +384,28 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
             raise
         partial = writer.discard()
         raise UserError(disk_fault_message(fault, out, writer.completed, partial, len(todo) - len(failed),
-                                           manifest.resume_command)) from e
+                                           state.resume_command)) from e
     finally:
-        writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error (nothing after a discard)
-        try:
-            manifest.save(out)
-        except OSError as e:  # the disk is full: the manifest saved after the last whole shard stands
-            if environment_fault(e) is None:
-                raise
+        writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
     kill_point("encoded")
-    active = [p for p in planned if p.key not in failed and (p.key in done or p.key in encoder.written)]
-    manifest.set_active(out, [p.key for p in active], Counter(bucket_name(*p.bucket) for p in active))
-    manifest.complete, manifest.missing = True, {}
-    manifest.save(out)
-    cached = manifest.num_samples - len(active)
-    log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: the dataset is "
-             f"{len(active)} samples in {len(manifest.shards)} shards ({manifest.num_bytes / 1e6:.1f} MB)"
-             f"{f', beside {cached} cached from earlier runs that training skips' if cached else ''}")
+    active = [p for p in planned if p.key not in failed and (p.key in found.done or p.key in encoder.written)]
+    set_view(active)
+    state.header["shapes"] = state.header["shapes"] or encoder.shapes
+    state.complete, state.written = True, len(encoder.written)
+    state.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    state.save(out)
+    kill_point("job-complete")
+    merged = finalize(out, own=slot)
+    manifest = merged or Manifest.load(out)
+    if merged is not None and slot.num_jobs == 1 and merged.complete:
+        root = os.path.abspath(dataset_root(cfg.dataset))
+        write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
+                                                 if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
+    log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: {slot} is "
+             f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
     check.planned, check.rejected, check.warnings = active, rejected, warnings
     _log_summary(check)
-    if not active:
+    if not active and slot.num_jobs == 1:
         raise UserError(f"no usable clips in {cfg.dataset}: all {len(items)} were rejected (reasons above and in "
-                        f"{out / MANIFEST_NAME}).")
+                        f"{out / 'rejected.jsonl'}).")
     return manifest

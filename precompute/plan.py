@@ -1,16 +1,17 @@
 """Which sample each dataset item becomes: probe the media, pick a bucket and frames, and name it by content.
 
 Planning runs before any model is loaded, so a dataset's problems (missing files, unreadable or too-short
-videos) show up in seconds, as rejected inputs with reasons, not after the encoders have taken the GPU.
+videos) show up in seconds, as rejected inputs with reasons, not after the encoders have taken the GPU. A file
+whose stat is unchanged since the last run is neither probed nor hashed again (media_cache.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ft.common.datasets import DatasetItem
 from ft.common.prompts import text_key
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
@@ -25,6 +26,8 @@ from ft.common.video import (
     upscale_factor,
 )
 
+from .datasets import DatasetItem
+from .media_cache import MediaCache, MediaFacts, signature
 from .policy import Rejected
 
 RESIZE_MODE = "center-crop"
@@ -92,10 +95,26 @@ def _no_bucket(path: str, frames: int, height: int, width: int, buckets: list[tu
                           f"{sampling} --frame-stride {stride})", "too-short")
 
 
+def media_facts(path: Path, decoder: str, cache: MediaCache | None = None) -> MediaFacts:
+    """A file's probe and digest: from the cache when its stat is unchanged, else probed and hashed (and cached).
+    Raises MediaError for a file that cannot be used."""
+    found = cache.get(path) if cache is not None else None
+    if found is not None:
+        return found
+    before = signature(path)
+    media = open_media(path, decoder)
+    facts = MediaFacts(media.num_frames, media.fps, media.height, media.width, file_digest(path),
+                       media.timestamps if media.variable_rate else None, tuple(media.notes))
+    if cache is not None:
+        cache.put(path, facts, before)
+    return facts
+
+
 def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-              decoder: str, check: BucketCheck, max_upscale: float = 2.0) -> PlannedSample | Rejected:
+              decoder: str, check: BucketCheck, max_upscale: float = 2.0, cache: MediaCache | None = None
+              ) -> PlannedSample | Rejected:
     try:
-        media = open_media(item.path, decoder)
+        media = media_facts(item.path, decoder, cache)
     except MediaError as e:
         return Rejected(str(item.path), str(e), e.kind)
     image = is_image(item.path)
@@ -109,24 +128,25 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
         return Rejected(str(item.path), f"no bucket for it: {problem}", "no-bucket")
     indices = frame_indices(media.num_frames, bucket[0], sampling, stride)
     notes = list(media.notes)
-    fps = media.span_fps(indices)  # a variable-frame-rate clip: measured from its timestamps
-    if media.variable_rate:
-        lo, hi = media.variable_rate
+    reader = media.reader(item.path)
+    fps = reader.span_fps(indices)  # a variable-frame-rate clip: measured from its timestamps
+    if reader.variable_rate:
+        lo, hi = reader.variable_rate
         notes.append(("variable-frame-rate", f"variable frame rate (frames {lo * 1000:.0f} to {hi * 1000:.0f} ms "
                       f"apart; container average {media.fps:.2f} fps): the sampled frames' rate, {fps:.2f} fps, "
                       "is measured from their timestamps; re-encode at a constant rate to train on even spacing"))
-    return PlannedSample(item, bucket, indices, fps, media.num_frames, file_digest(item.path),
+    return PlannedSample(item, bucket, indices, fps, media.num_frames, media.digest,
                          height=media.height, width=media.width, notes=notes)
 
 
 def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-                 decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0
-                 ) -> tuple[list[PlannedSample], list[Rejected]]:
+                 decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0,
+                 cache: MediaCache | None = None) -> tuple[list[PlannedSample], list[Rejected]]:
     """Plan every item (in parallel threads); rejected items come back with their reasons. `check` says why the
-    model cannot take a bucket (None when it can)."""
+    model cannot take a bucket (None when it can); `cache` spares unchanged files their probe and hash."""
     planned, rejected = [], []
-    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale),
-                               items, workers, ahead=max(4, workers * 4)):
+    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale,
+                                                    cache), items, workers, ahead=max(4, workers * 4)):
         (rejected if isinstance(result, Rejected) else planned).append(result)
     return planned, rejected
 

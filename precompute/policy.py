@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ft.common.datasets import DatasetItem, outside_folder
 from ft.common.errors import UserError
 from ft.common.rejects import summarize_inputs
+
+from .datasets import DatasetItem, outside_folder
 
 UNKNOWN_SHARE = 0.5  # a caption with more than this share of unknown tokens is noted
 

@@ -8,7 +8,9 @@ decoding and encoding the clip again; likewise a text half already encoded for a
 dataset runs only the text encoder, and a clip added runs the VAE once.
 
 Cached halves are read from their shards with the shard's digest verified (`iter_shard(verify=...)`), a shard at
-a time, so memory holds at most one shard's worth of the halves being reused.
+a time, and streamed: `TextHalves` holds the wanted conditioning of one source shard at once (the samples that
+reuse text are encoded in the order of the shards their text comes from), so a rerun that keeps 10k captions
+but re-encodes the videos does not gather 10k conditionings in memory first.
 """
 
 from __future__ import annotations
@@ -55,17 +57,39 @@ def _read(out: Path, shards: dict[str, ShardInfo], wanted: dict[str, set[str]], 
             yield name, key, tensors
 
 
-def cached_text(out: Path, shards: dict[str, ShardInfo], index: HalfIndex, todo: list[PlannedSample]
-                ) -> dict[str, Tensors]:
-    """The text halves already in `out` that samples of `todo` can take, by text_key (each read once)."""
-    wanted: dict[str, set[str]] = defaultdict(set)
-    by_sample: dict[tuple[str, str], str] = {}
-    for p in todo:
-        where = index.text.get(p.text_key)
-        if where:
-            wanted[where[0]].add(where[1])
-            by_sample[where] = p.text_key
-    return {by_sample[(name, key)]: cond for name, key, cond in _read(out, shards, wanted, "cond")}
+class TextHalves:
+    """The cached text halves that samples of `todo` can take, by text_key, loaded one source shard at a time."""
+
+    def __init__(self, out: Path, shards: dict[str, ShardInfo], index: HalfIndex, todo: list[PlannedSample]):
+        self.out, self.shards = out, shards
+        self.where = {p.text_key: index.text[p.text_key] for p in todo if p.text_key in index.text}
+        self.by_shard: dict[str, set[str]] = defaultdict(set)
+        for name, key in self.where.values():
+            self.by_shard[name].add(key)
+        self._shard: str | None = None
+        self._loaded: dict[str, Tensors] = {}
+        self._verified: set[str] = set()
+
+    def __contains__(self, text_key: str) -> bool:
+        return text_key in self.where
+
+    def source(self, text_key: str) -> str:
+        """The shard a text half comes from ("" when it is not cached): the order to encode samples in."""
+        return self.where.get(text_key, ("", ""))[0]
+
+    def get(self, text_key: str) -> Tensors | None:
+        where = self.where.get(text_key)
+        if where is None:
+            return None
+        name, key = where
+        if name != self._shard:
+            self._loaded = {}  # drop the previous shard's halves before reading the next
+            verify = self.shards[name] if name not in self._verified else None
+            self._loaded = {s.key: s.tensors["cond"] for s in iter_shard(self.out / name, verify=verify,
+                                                                          wanted=self.by_shard[name].__contains__)}
+            self._shard = name
+            self._verified.add(name)
+        return self._loaded[key]
 
 
 def with_cached_video(out: Path, shards: dict[str, ShardInfo], index: HalfIndex, todo: list[PlannedSample]

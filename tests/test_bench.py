@@ -36,3 +36,8 @@ def test_train_step_bench_compares_shards_with_online_encoders():
 def test_precompute_bench_prints_its_table():
     out = bench(str(BENCH / "precompute.py"), "--config", "tiny", "--clips", "3", "--no-save")
     assert "| rerun, unchanged data |" in out and "| one caption changed |" in out and "clips/s" in out
+
+
+def test_precompute_scale_bench_prints_its_table():
+    out = bench(str(BENCH / "precompute_scale.py"), "--samples", "40,80", "--clips", "", "--no-save")
+    assert "| synthetic samples | manifest.json | all manifest writes |" in out and "| growth 2x samples |" in out

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from ft.common.dataset_config import read_dataset_config
-from ft.common.datasets import load_dataset
+from ft.precompute.dataset_config import read_dataset_config
+from ft.precompute.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.inspect_shards import describe
 from ft.common.shards import Manifest

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, shard_index, tensors_from_bytes
+from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, shard_rows, tensors_from_bytes
 
 
 def mix_seed(*parts: object) -> int:
@@ -91,13 +91,18 @@ class ShardSet:
         self.verified: set[str] = set()
 
     def index(self) -> dict[str, list[Entry]]:
-        """Shard name -> its usable samples in file order (headers and JSON only; read once)."""
+        """Shard name -> its usable samples in file order (read once): from each shard's index file, or from its
+        tar headers and JSON for a set written before index files (or whose index does not match the shard)."""
         if self._index is None:
             self._index = {}
+            buckets: dict[str, tuple[int, ...]] = {}  # one tuple per bucket name, shared by its entries
             for shard in self.manifest.shards:
-                entries = [Entry(shard.name, key, tuple(meta["bucket"]))
-                           for key, meta in shard_index(self.folder / shard.name)
-                           if self.active is None or key in self.active]
+                rows = shard_rows(self.folder / shard.name, shard)
+                for row in rows:
+                    if row.bucket not in buckets:
+                        buckets[row.bucket] = tuple(int(d) for d in row.bucket.split("x"))
+                entries = [Entry(shard.name, row.key, buckets[row.bucket]) for row in rows
+                           if self.active is None or row.key in self.active]
                 self._index[shard.name] = entries
         return self._index
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from ft.common.datasets import DatasetItem, load_dataset, read_table
 from ft.common.errors import UserError
 from ft.common.synthetic import LAYOUTS, make_shapes_dataset
+from ft.precompute.datasets import DatasetItem, load_dataset, read_table
 
 NUM_CLIPS, NUM_IMAGES = 3, 1
 
@@ -307,7 +307,7 @@ def test_metadata_rows_of_the_wrong_shape_or_type_are_named(tmp_path):
 
 
 def test_an_id_token_does_not_hide_an_empty_caption():
-    from ft.common.dataset_config import apply_caption_options
+    from ft.precompute.dataset_config import apply_caption_options
 
     items = apply_caption_options([DatasetItem(Path("a.mp4"), ""), DatasetItem(Path("b.mp4"), "a dog")], "sks", False)
     assert [i.caption for i in items] == ["", "sks a dog"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from ft.common.cli import _configs
-from ft.common.dataset_config import read_dataset_config, strip_llm_prefix
 from ft.common.errors import UserError
 from ft.common.finetrainers import FLAGS, translate
+from ft.precompute.dataset_config import read_dataset_config, strip_llm_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ["--model_name", "cogvideox", "--pretrained_model_name_or_path", "THUDM/CogVideoX-5b"]
@@ -208,7 +208,7 @@ def test_bad_dataset_configs_are_errors_that_name_the_problem(tmp_path, entry, m
 
 
 def test_a_hub_dataset_id_is_a_clear_error_offline(tmp_path, monkeypatch):
-    from ft.common.dataset_config import local_path
+    from ft.precompute.dataset_config import local_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="finetrainers/crush-smol: not a local folder.*huggingface-cli download"):

@@ -62,7 +62,7 @@ def test_arrow_file_format_and_a_plain_json_list(tmp_path):
 
 
 def test_an_arrow_dataset_file_is_read_by_precompute_readers(tmp_path):
-    from ft.common.datasets import load_dataset
+    from ft.precompute.datasets import load_dataset
 
     write(tmp_path / "metadata.arrow", [{"video": "a.mp4", "caption": "one"}])
     (item,) = load_dataset(tmp_path)

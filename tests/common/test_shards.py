@@ -22,10 +22,14 @@ from ft.common.shards import (
     ShardWriter,
     bucket_name,
     file_digest,
+    index_path,
     iter_shard,
     open_shard_set,
+    read_index_file,
+    rows_from_headers,
     sample_key,
     shard_keys,
+    shard_rows,
     tensors_from_bytes,
     tensors_to_bytes,
 )
@@ -138,7 +142,8 @@ def test_rotation_by_max_samples(tmp_path: Path) -> None:
     assert seen == writer.completed
     assert [s.buckets for s in writer.completed] == [
         {"17x32x48": 1, "9x32x32": 1}, {"1x32x32": 1, "9x32x32": 1}, {"9x32x32": 1}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [s.name for s in writer.completed]  # no *.tmp left
+    assert sorted(p.name for p in tmp_path.glob("*.tar*")) == [s.name for s in writer.completed]  # no *.tmp left
+    assert sorted(p.name for p in tmp_path.glob("*.idx")) == [f"part-00000{i}.idx" for i in (7, 8, 9)]
     keys_in_order = []
     for info in writer.completed:
         path = tmp_path / info.name
@@ -174,7 +179,7 @@ def test_shard_is_a_tmp_file_until_finished(tmp_path: Path) -> None:
     assert calls == []
     info = writer.finish_shard()
     assert calls == [info]
-    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
     assert writer.finish_shard() is None  # nothing open: no empty shard, no second callback
     assert calls == [info]
 
@@ -389,7 +394,8 @@ def test_bucket_name() -> None:
 def _manifest(shards: list[ShardInfo]) -> Manifest:
     return Manifest(model_family="toy", encoders={"vae": "toy-vae", "text": "toy-t5"}, encoder_fingerprint="abc123",
                     encoding={"frame_sampling": "head", "stride": 1}, shapes={"latents": {"mean": [4, 3, 4, 4]}},
-                    shards=shards, rejected=[{"path": "videos/bad.mp4", "reason": "not a readable video"}])
+                    shards=shards,
+                    inputs={"rejected": {"files": ["rejected.jsonl"], "count": 1, "kinds": {"not-media": 1}}})
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
@@ -407,6 +413,22 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert loaded.num_bytes == sum((tmp_path / s.name).stat().st_size for s in loaded.shards)
     assert loaded.bucket_histogram() == {"17x32x48": 1, "1x32x32": 1, "9x32x32": 3}
     assert list(loaded.bucket_histogram()) == sorted(loaded.bucket_histogram())
+
+
+def test_rejects_live_in_their_own_file_and_older_manifests_keep_theirs_inline(tmp_path: Path) -> None:
+    record = {"path": "videos/bad.mp4", "reason": "not a readable video", "kind": "not-media"}
+    _manifest([]).save(tmp_path)
+    (tmp_path / "rejected.jsonl").write_text(json.dumps(record) + "\n")
+    loaded = Manifest.load(tmp_path)
+    assert "videos/bad.mp4" not in (tmp_path / MANIFEST_NAME).read_text()
+    assert loaded.rejected == [record] and loaded.input_count("rejected") == 1 and loaded.warnings == []
+    data = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    del data["inputs"]
+    data["rejected"] = [record]  # as ft wrote it before rejected.jsonl
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    (tmp_path / "rejected.jsonl").unlink()
+    old = Manifest.load(tmp_path)
+    assert old.rejected == [record] and old.input_count("rejected") == 1
 
 
 def test_manifest_ignores_unknown_keys(tmp_path: Path) -> None:
@@ -471,3 +493,32 @@ def test_open_shard_set_without_shards(tmp_path: Path) -> None:
     _manifest([]).save(tmp_path)
     with pytest.raises(UserError, match="holds no samples"):
         open_shard_set(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- index files
+
+
+def test_the_index_file_says_what_the_tar_headers_say(one_shard: tuple[Path, ShardInfo, list]) -> None:
+    path, info, samples = one_shard
+    rows = read_index_file(path, info)
+    assert rows is not None and rows == [r._replace(begin=rows[i].begin, end=rows[i].end)
+                                         for i, r in enumerate(rows_from_headers(path))]
+    assert [r.key for r in rows] == [k for k, _, _ in samples]
+    assert [r.bucket for r in rows] == [bucket_name(*m["bucket"]) for _, _, m in samples]
+    data = path.read_bytes()
+    for row in rows:  # each span holds exactly the sample's three members, its JSON last
+        span = data[row.begin:row.end]
+        assert span[:100].rstrip(b"\0").decode() == f"{row.key}.latents.safetensors"
+        assert f"{row.key}.json".encode() in span and f"{row.key}.cond".encode() in span
+    assert rows[-1].end <= info.bytes and rows[0].begin == 0
+
+
+def test_a_stale_or_damaged_index_is_ignored_for_the_tar_headers(one_shard: tuple[Path, ShardInfo, list]) -> None:
+    path, info, samples = one_shard
+    other = ShardInfo(info.name, info.samples, info.bytes, "0" * 64, info.buckets, info.xxh3_128)
+    assert read_index_file(path, other) is None  # written for other bytes
+    index_path(path).write_text("not json\n")
+    assert read_index_file(path, info) is None
+    assert [r.key for r in shard_rows(path, info)] == [k for k, _, _ in samples]  # from the headers
+    index_path(path).unlink()
+    assert [r.key for r in shard_rows(path, info)] == [k for k, _, _ in samples]

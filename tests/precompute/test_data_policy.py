@@ -113,7 +113,9 @@ def test_the_rest_is_encoded_and_notes_are_kept(policy_run, bad_data):
     assert "is cut to --max-sequence-length 16" in notes["long_caption.mp4"]["reason"]
     assert notes["dup.mp4"]["kind"] == "duplicate" and "repeats" in notes["dup.mp4"]["reason"]
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert len(on_disk["rejected"]) == 12 and len(on_disk["warnings"]) == 2
+    assert on_disk["inputs"]["rejected"]["count"] == 12 and on_disk["inputs"]["warnings"]["count"] == 2
+    assert sum(on_disk["inputs"]["rejected"]["kinds"].values()) == 12  # the records: rejected.jsonl, beside it
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 12 and "reason" not in json.dumps(on_disk)
 
 
 def test_inspect_shows_the_summary_grouped_by_kind(policy_run):

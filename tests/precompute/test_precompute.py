@@ -83,8 +83,10 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_encoded(tmp_path, tin
     assert reasons["short.mp4"].startswith("too short: 5 frames, the shortest video bucket needs 9")
     assert "not a readable video" in reasons["garbage.mp4"]
     assert reasons["missing.mp4"] == "file not found"
-    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert len(on_disk["rejected"]) == 3
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())  # summarised; the records beside it
+    assert on_disk["inputs"]["rejected"] == {"files": ["rejected.jsonl"], "count": 3,
+                                             "kinds": {"missing": 1, "not-media": 1, "too-short": 1}}
+    assert len((tmp_path / "out" / "rejected.jsonl").read_text().splitlines()) == 3
 
 
 def test_a_clip_too_short_for_every_bucket_is_rejected(tmp_path, tiny_cog):

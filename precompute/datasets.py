@@ -6,7 +6,7 @@ Layouts, tried in this order for a folder `--dataset DATA`:
    layout; `--video-column` / `--caption-column` may name other .txt files in the folder).
 2. `DATA/metadata.{csv,json,jsonl,parquet,arrow}`: a table with a path column and a caption column.
 3. WebDataset tars (`*.tar`, searched recursively) holding media and captions, read as finetrainers reads them
-   (common/webdataset_media.py);
+   (precompute/webdataset_media.py);
 4. media files, each with a same-named `.txt` caption beside it (searched recursively).
 `--dataset` may also be a metadata file itself. Images stand wherever videos may. Paths are relative to the folder
 holding the list or table. A missing media file is not an error here: precompute rejects it with a reason.
@@ -19,15 +19,13 @@ paired up at all (videos.txt and prompts.txt of different lengths) is an error.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .errors import UserError
-from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ft.common.errors import UserError
+from ft.common.tables import read_table
+from ft.common.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
                 "image_path", "video_file")
@@ -193,50 +191,6 @@ def outside_folder(path: Path, root: Path) -> bool:
     symlink inside the folder counts as inside."""
     full, base = os.path.abspath(path), os.path.abspath(root)
     return os.path.commonpath([full, base]) != base
-
-
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .csv, .json (a list of objects), .jsonl, .parquet or .arrow table, as dicts."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":  # the csv module keeps every value a string: a caption "007" stays "007"
-            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-                return list(csv.DictReader(f))
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if suffix == ".arrow":
-            import pyarrow as pa
-
-            with pa.memory_map(str(path)) as source:
-                try:
-                    return pa.ipc.open_file(source).read_all().to_pylist()
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    return pa.ipc.open_stream(source).read_all().to_pylist()
-        if suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise UserError(f"{path} line {number} is not JSON ({e}); fix or remove that line.") from e
-            return rows
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-            if isinstance(data, dict):  # {"data": [...]} (finetrainers' field) or a single-list wrapper
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = data["data"] if isinstance(data.get("data"), list) else lists[0] if len(lists) == 1 else None
-            if not isinstance(data, list):
-                raise UserError(f"{path}: a JSON dataset must be a list of objects, one per sample.")
-            return data
-    except UserError:
-        raise
-    except Exception as e:  # pyarrow / json parse errors
-        raise UserError(f"{path} could not be read as {suffix[1:]}: {e}") from e
-    raise UserError(f"{path}: unsupported table type {suffix!r}; use csv, json, jsonl, parquet or arrow.")
 
 
 def pick_column(columns: list[str], wanted: str | None, usual: tuple[str, ...], what: str, path: Path) -> str:

@@ -16,8 +16,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ft.common.errors import UserError
+
 from .datasets import DatasetItem, walk_files
-from .errors import UserError
 
 # finetrainers/data/dataset.py, in its order
 CAPTION_COLUMNS = (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ft.common.errors import UserError
 
 # finetrainers/constants.py: COMMON_LLM_START_PHRASES, in its order (the first prefix that matches is removed)
 _BEGINNINGS = ("This video", "The video", "This clip", "The clip", "The animation", "This image", "The image",

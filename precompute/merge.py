@@ -1,0 +1,180 @@
+"""Merging the jobs of one `--out` into one shard set: done by the last job to finish, or by
+`ft precompute --finalize --out SHARDS`.
+
+The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/jobstate.py `merged_view`) and
+writes, each atomically: `active_keys.txt` (every job's keys, each once), `rejected.jsonl` and `warnings.jsonl`
+(the jobs' files one after another, summarised in the manifest), the empty caption's conditioning (job 0's),
+`precompute_config.json` (job 0's, as a single run), the media cache, and last `manifest.json`, listing every
+shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed half-way is
+merged again by the next one (shards are taken by name, so nothing is listed twice).
+
+Every job runs the check when it finishes: once its own state says complete, it merges if every job of its run
+has finished. Two jobs finishing at once both see that; the merge lock lets one merge and the other step aside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ft.common.errors import UserError
+from ft.common.logs import log
+from ft.common.shards import (
+    ACTIVE_KEYS_NAME,
+    EMPTY_CAPTION_NAME,
+    INPUT_FILES,
+    JOBS_DIR,
+    MANIFEST_NAME,
+    Manifest,
+    kill_point,
+    merged_view,
+    read_states,
+    write_atomic,
+)
+
+from .jobs import JobSlot, Lock, describe_holder, live_locks
+from .media_cache import merge_cache_files
+
+CONFIG_NAME = "precompute_config.json"
+
+
+def _concat(out: Path, files: list[str], target: str) -> int:
+    """Append the lines of `files` into `target` (a new file, replaced atomically); returns the line count."""
+    tmp = out / (target + ".tmp")
+    count = 0
+    with open(tmp, "w") as dst:
+        for name in files:
+            path = out / name
+            if path.is_file():
+                with open(path) as src:
+                    for line in src:
+                        if line.strip():
+                            dst.write(line if line.endswith("\n") else line + "\n")
+                            count += 1
+    os.replace(tmp, out / target)
+    return count
+
+
+def _merge_active(out: Path, files: list[str]) -> int:
+    """`active_keys.txt` from the jobs' key files, each key once; returns the number of keys."""
+    seen: set[str] = set()
+    tmp = out / (ACTIVE_KEYS_NAME + ".tmp")
+    with open(tmp, "w") as dst:
+        for name in files:
+            for key in (out / name).read_text().split():
+                if key not in seen:
+                    seen.add(key)
+                    dst.write(key + "\n")
+    os.replace(tmp, out / ACTIVE_KEYS_NAME)
+    return len(seen)
+
+
+def _merge_config(out: Path, stem: str) -> str:
+    """Job 0's saved config, as a single run's (no job index), to `precompute_config.json`."""
+    path = out / JOBS_DIR / f"{stem}.config.json"
+    if path.is_file():
+        values = json.loads(path.read_text())
+        for name in ("num_jobs", "job_index"):
+            values.pop(name, None)
+        write_atomic(out / CONFIG_NAME, json.dumps(values, indent=2) + "\n")
+    return f"ft precompute --config {(out / CONFIG_NAME).resolve()}"
+
+
+def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = None) -> Manifest | None:
+    """Merge the jobs of `out` into its manifest. `own`: the job asking, at its end; it steps aside (None) when
+    the set is not ready or another process is merging. From the command line, what is in the way is an error."""
+    lock = Lock(out / JOBS_DIR / "merge.lock", "a merge of the jobs")
+    try:
+        lock.acquire()
+    except UserError:
+        if own is not None:
+            log.info("another job is merging the set")
+            return None
+        raise
+    try:
+        states = read_states(out)
+        if not states:
+            if own is None:
+                log.info(f"{out} has no jobs to merge: it is merged")
+            return Manifest.load(out)
+        base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
+        view = merged_view(out, base, states)
+        running = [h for h in live_locks(out) if not any(
+            s.complete and (s.index, s.num_jobs) == (h.get("index"), h.get("num_jobs")) for s in states)]
+        running = [h for h in running if own is None or (h.get("index"), h.get("num_jobs")) != (own.index,
+                                                                                             own.num_jobs)]
+        if running:
+            if own is not None:
+                return None
+            raise UserError(f"{out}: {describe_holder(running[0])} is still running; merge once it has finished.")
+        if not view.complete and not allow_incomplete:
+            if own is not None:
+                return None
+            raise UserError(f"{out} cannot be merged yet: {view.describe_completeness()}. Or pass "
+                            "--allow-incomplete to merge what is there (the set is then marked incomplete).")
+        return _write_merged(out, view, states)
+    finally:
+        lock.release()
+
+
+def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
+    run = [s for s in states if s.num_jobs == view.unmerged["num_jobs"]]
+    samples = _merge_active(out, view.active["keys_files"])
+    inputs = {}
+    for kind, name in INPUT_FILES.items():
+        count = _concat(out, view.inputs[kind]["files"], name)
+        inputs[kind] = {"files": [name], "count": count, "kinds": view.inputs[kind]["kinds"]}
+    if view.empty_caption and view.empty_caption["file"].startswith(JOBS_DIR + "/"):
+        os.replace(out / view.empty_caption["file"], out / EMPTY_CAPTION_NAME)
+        view.empty_caption = {**view.empty_caption, "file": EMPTY_CAPTION_NAME}
+    resume = _merge_config(out, run[0].stem)
+    merge_cache_files(out)
+    manifest = Manifest(model_family=view.model_family, encoders=view.encoders,
+                        encoder_fingerprint=view.encoder_fingerprint, encoding=view.encoding, shapes=view.shapes,
+                        shards=view.shards, active={"keys_file": ACTIVE_KEYS_NAME, "samples": samples,
+                                                    "buckets": view.active["buckets"]},
+                        empty_caption=view.empty_caption, prompts=view.prompts, complete=view.complete,
+                        missing=view.missing,
+                        inputs=inputs, jobs=view.jobs, resume_command=resume)
+    manifest.save(out)
+    kill_point("merged")
+    for state in states:  # the state first: without it, the job's other files are leftovers of a merged job
+        (out / state.file(".json")).unlink(missing_ok=True)
+    for state in states:
+        remove_job_files(out, state.stem)
+    log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
+             f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
+    return Manifest.load(out)
+
+
+def remove_job_files(out: Path, stem: str) -> None:
+    """A merged job's files (its lock and stale-lock leftovers apart, which their owners remove)."""
+    for path in (out / JOBS_DIR).glob(f"{stem}.*"):
+        if ".lock" not in path.name:
+            path.unlink(missing_ok=True)
+
+
+def finalize_command_line(argv: list[str]) -> Manifest | None:
+    """`ft precompute --finalize --out SHARDS [--allow-incomplete]`."""
+    out, allow, rest = None, False, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--finalize":
+            continue
+        if arg == "--allow-incomplete":
+            allow = True
+        elif arg == "--out" and rest:
+            out = rest.pop(0)
+        elif arg.startswith("--out="):
+            out = arg.split("=", 1)[1]
+        else:
+            raise UserError(f"`ft precompute --finalize` takes --out SHARDS (and --allow-incomplete), not {arg!r}.")
+    if out is None:
+        raise UserError("`ft precompute --finalize` needs --out SHARDS: the folder the jobs wrote.")
+    if not Path(out).is_dir():
+        raise UserError(f"--out {out}: no such folder.")
+    manifest = finalize(Path(out), allow)
+    if manifest is not None:
+        log.info(f"{out}: {manifest.describe_completeness()}")
+    return manifest
