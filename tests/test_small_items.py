@@ -15,14 +15,14 @@ import sys
 import numpy as np
 import pytest
 
-from ft.precompute.dataset_config import read_dataset_config
-from ft.precompute.datasets import load_dataset
 from ft.common.errors import UserError
 from ft.common.inspect_shards import describe
 from ft.common.shards import Manifest
 from ft.common.synthetic import shape_clip
 from ft.common.video import write_video
 from ft.pipelines.registry import SPECS
+from ft.precompute.dataset_config import read_dataset_config
+from ft.precompute.datasets import load_dataset
 from ft.train.reporting import wandb_project
 from helpers import run_cli
 
