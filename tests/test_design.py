@@ -57,3 +57,33 @@ def test_shipped_recipes_parse(recipe):
     else:
         config = TrainConfig(**values, shards=["shards"], output_dir="out")
     assert config.model == "cogvideox"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_path):
+    import shlex
+    import subprocess
+
+    from ft.common.cli import _configs
+    from ft.common.finetrainers import translate
+
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    # run the script with ft, srun and the SLURM tools replaced by stubs that print the ft command line
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "ft").write_text('#!/bin/bash\nprintf "%q " ft "$@" >> "$FT_CALLS"; echo >> "$FT_CALLS"\n')
+    # srun (and the torchrun it starts) reduced to the ft command it would run on each rank
+    (stub / "srun").write_text('#!/bin/bash\nwhile [ "$1" != "ft" ] && [ $# -gt 0 ]; do shift; done\n"$@"\n')
+    (stub / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in stub.iterdir():
+        tool.chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{stub}:/usr/bin:/bin", "FT_CALLS": str(calls), "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "8",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "8",
+           "OUT": str(tmp_path / "out"), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (line,) = calls.read_text().splitlines()
+    _, command, *argv = shlex.split(line)
+    (run,) = translate(command, argv, None, _configs(), "").runs  # every flag is one of ft's
+    assert "--model" in run
