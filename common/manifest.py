@@ -118,6 +118,9 @@ class Manifest:
     active: dict[str, Any] = field(default_factory=dict)
     # The conditioning of the empty caption, for caption dropout: {"file": EMPTY_CAPTION_NAME, "sha256": ...}
     empty_caption: dict[str, Any] = field(default_factory=dict)
+    # The prompt table (validation prompts and the negative prompt), in its own files: see common/prompts.py
+    # ({"folder": "prompts", "negative": <text_key>}; empty when the set has none)
+    prompts: dict[str, Any] = field(default_factory=dict)
     # Whether the run that last wrote this manifest finished, and the dataset's samples it had not encoded yet
     # (bucket -> count). None: written by an ft before 0.2 that did not record it (judged from `active` on load).
     complete: bool | None = None
