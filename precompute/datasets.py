@@ -88,7 +88,7 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
 
 def _two_layouts(root: Path, used: str, other: Path) -> None:
     """Two layouts in one folder: the first in the documented order is read, and the log says so."""
-    from .logs import log
+    from ft.common.logs import log
 
     log.warning(f"--dataset {root} holds two dataset layouts: reading {used}, not {other.name} (the order is "
                 f"list files, then metadata.csv/jsonl/json/parquet). To read {other.name}, pass --dataset {other}.")

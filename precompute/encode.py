@@ -212,6 +212,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     other jobs have not finished)."""
     slot = resolve_slot(cfg.num_jobs, cfg.job_index)
     out = Path(cfg.out)
+    held = (out / MANIFEST_NAME).is_file()  # before the lock and the job files: a read-only disk costs nothing
+    check_writable(cfg.out, "--out", "the shard folder; the shards already in it are untouched and `ft train` reads "
+                   "them where they are" if held else "the shard folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -235,9 +238,6 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
 
     started = time.time()
     spec = spec_for(cfg)
-    held = (Path(cfg.out) / MANIFEST_NAME).is_file()
-    check_writable(cfg.out, "--out", "the shard folder; the shards already in it are untouched and `ft train` reads "
-                   "them where they are" if held else "the shard folder")
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
     if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
         total = len(items)

@@ -106,9 +106,13 @@ def test_crush_smol_example_runs_through_both_stages(crush_smol, tiny_cog, tmp_p
 
 
 def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_path):
+    # its DDP_2 setting is ft train's own (torchrun starts the processes; tests/train/test_distributed.py runs it)
+    from ft.common.cli import _configs
+    from ft.common.finetrainers import translate
+
     argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3, parallel="DDP_2")
-    with pytest.raises(UserError, match="--dp_degree above 1: data-parallel training is still being built"):
-        run_cli(["precompute", *argv, "--out", tmp_path / "shards"])
+    (run,) = translate("train", [str(a) for a in argv] + ["--shards", str(tmp_path / "shards")], None, _configs()).runs
+    assert run[run.index("--dp-degree") + 1] == "2" and run[run.index("--dp-shards") + 1] == "1"
     argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3)
     with pytest.raises(UserError, match="--validation_prompts: finetrainers v0.0.x's inline validation"):
         run_cli(["train", *argv, "--validation_prompts", "a cat", "--shards", tmp_path / "shards"])
