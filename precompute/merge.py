@@ -126,7 +126,10 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         count = _concat(out, view.inputs[kind]["files"], name)
         inputs[kind] = {"files": [name], "count": count, "kinds": view.inputs[kind]["kinds"]}
     if view.empty_caption and view.empty_caption["file"].startswith(JOBS_DIR + "/"):
-        os.replace(out / view.empty_caption["file"], out / EMPTY_CAPTION_NAME)
+        moved = out / view.empty_caption["file"]
+        if moved.is_file() or not (out / EMPTY_CAPTION_NAME).is_file():  # else a killed merge moved it already
+            os.replace(moved, out / EMPTY_CAPTION_NAME)
+        kill_point("empty-caption-moved")
         view.empty_caption = {**view.empty_caption, "file": EMPTY_CAPTION_NAME}
     resume = _merge_config(out, run[0].stem)
     merge_cache_files(out)

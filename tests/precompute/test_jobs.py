@@ -149,3 +149,17 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_c
            f"{first.pid}" in caplog.text
     assert_same_samples(out, one_job)
     assert not (out / JOBS_DIR / "job-0000-of-0001.lock").exists()
+
+
+def test_a_merge_killed_after_moving_the_empty_caption_is_merged_again(tiny_cog, shapes_data, tmp_path, one_job):
+    # the merge moves job 0's empty caption into place before it writes the manifest: killed in between, the
+    # next merge finds it moved already
+    out = tmp_path / "shards"
+    code, _ = finish(start(argv(tiny_cog, shapes_data, out), FT_TEST_KILL_AT="empty-caption-moved"))
+    assert code == -signal.SIGKILL
+    assert (out / EMPTY_CAPTION_NAME).is_file() and not list((out / JOBS_DIR).glob("*.empty_caption.*"))
+    run_cli(["precompute", "--finalize", "--out", out])
+    assert_same_samples(out, one_job)
+    manifest = Manifest.load(out)
+    assert manifest.empty_caption["file"] == EMPTY_CAPTION_NAME
+    assert open_shard_set(out)[0].empty_caption["sha256"] == Manifest.load(one_job).empty_caption["sha256"]
