@@ -199,7 +199,8 @@ class Lock:
         except FileNotFoundError:  # another process took it over first
             return
         taken = _read_lock(aside)
-        if taken != holder and taken and _alive(taken):  # a live lock made in between: put it back
+        # a lock made in between (live, or {}: its maker is filling it in this instant): put it back
+        if taken is not None and taken != holder and _alive(taken):
             os.rename(aside, self.path)
             return
         aside.unlink(missing_ok=True)

@@ -9,13 +9,15 @@ shard and the jobs that wrote them. Then it removes the job files, each state fi
 merged again by the next one (shards are taken by name, so nothing is listed twice).
 
 Every job runs the check when it finishes: once its own state says complete, it merges if every job of its run
-has finished. Two jobs finishing at once both see that; the merge lock lets one merge and the other step aside.
+has finished. Two jobs finishing at once: the merge lock lets one merge while the other waits, then looks again
+(the first may have read its state before it said complete), so the last job to finish always sees every state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from ft.common.errors import UserError
@@ -37,6 +39,7 @@ from .jobs import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
 
 CONFIG_NAME = "precompute_config.json"
+MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
 
 
 def _concat(out: Path, files: list[str], target: str) -> int:
@@ -82,16 +85,24 @@ def _merge_config(out: Path, stem: str) -> str:
 
 
 def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = None) -> Manifest | None:
-    """Merge the jobs of `out` into its manifest. `own`: the job asking, at its end; it steps aside (None) when
-    the set is not ready or another process is merging. From the command line, what is in the way is an error."""
+    """Merge the jobs of `out` into its manifest. `own`: the job asking, at its end; it waits for another
+    process's merge, then steps aside (None) when the set is not ready. From the command line, what is in the way
+    is an error."""
     lock = Lock(out / JOBS_DIR / "merge.lock", "a merge of the jobs")
-    try:
-        lock.acquire()
-    except UserError:
-        if own is not None:
-            log.info("another job is merging the set")
-            return None
-        raise
+    waited = time.monotonic()
+    while True:
+        try:
+            lock.acquire()
+            break
+        except UserError:
+            # a job at its end waits for the merge in progress (seconds) and then looks again: that merge may have
+            # read this job's state before it said complete, and found the set not ready
+            if own is None:
+                raise
+            if time.monotonic() - waited > MERGE_WAIT_S:
+                log.info(f"another process has been merging the set for {MERGE_WAIT_S}s; not waiting for it")
+                return None
+            time.sleep(0.2)
     try:
         states = read_states(out)
         if not states:
@@ -126,7 +137,10 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         count = _concat(out, view.inputs[kind]["files"], name)
         inputs[kind] = {"files": [name], "count": count, "kinds": view.inputs[kind]["kinds"]}
     if view.empty_caption and view.empty_caption["file"].startswith(JOBS_DIR + "/"):
-        os.replace(out / view.empty_caption["file"], out / EMPTY_CAPTION_NAME)
+        moved = out / view.empty_caption["file"]
+        if moved.is_file() or not (out / EMPTY_CAPTION_NAME).is_file():  # else a killed merge moved it already
+            os.replace(moved, out / EMPTY_CAPTION_NAME)
+        kill_point("empty-caption-moved")
         view.empty_caption = {**view.empty_caption, "file": EMPTY_CAPTION_NAME}
     resume = _merge_config(out, run[0].stem)
     merge_cache_files(out)

@@ -12,7 +12,8 @@ all from torch.distributed (as torchtitan composes them):
 - HSDP (R, S > 1): the same on a 2-D mesh ("replicate", "shard"): sharded within a group, replicated across.
 The weights are loaded on the CPU and sharded block by block onto the device, so no rank holds the whole
 transformer on its device. Gradients are reduced in fp32 (MixedPrecisionPolicy.reduce_dtype); with
-`--master-dtype fp32` the all-gathered weights are cast to `--transformer-dtype` for compute.
+`--master-dtype fp32` the all-gathered weights are cast to `--transformer-dtype` for compute (the inputs are not:
+autocast casts them where one process does).
 
 `export_state` gathers the trainable weights (full state dict, CPU) on rank 0 for the exported LoRA or
 transformer, written once.
@@ -128,7 +129,9 @@ def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_
     # place, so FSDP2's warning about in-place ops on a view does not apply
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     dp_mesh = mesh  # 1-D ("shard",) for FSDP2, 2-D ("replicate", "shard") for HSDP
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # the forward runs under autocast (trainer.py), as in one process: FSDP must not cast the fp32 inputs (the
+    # timesteps, the rotary tables handed to each block) to bf16 at every module boundary
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = blocks_of(transformer, block_lists)
     for i, block in enumerate(blocks):
         # the last block's weights are needed again at once by backward: keep them gathered (torchtitan)

@@ -128,13 +128,14 @@ def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict,
 
 
 def training_device(requested: str, world: dist.World) -> str:
-    """--device for this process: under several processes each takes cuda:LOCAL_RANK (or the CPU)."""
-    device = pick_device(requested)
+    """--device for this process: under several processes each takes cuda:LOCAL_RANK (or the CPU). A rank past
+    the node's GPU count is the only one to meet that error, so it prints it itself; the others are alike."""
+    device = dist.same_on_every_rank(lambda: pick_device(requested))
     if world.size == 1 or not device.startswith("cuda"):
         return device
     if ":" in requested:
-        raise UserError(f"--device {requested}: under {world.launcher}, each process trains on cuda:LOCAL_RANK; "
-                        "pass --device cuda (or auto).")
+        raise dist.raised_everywhere(UserError(f"--device {requested}: under {world.launcher}, each process trains "
+                                               "on cuda:LOCAL_RANK; pass --device cuda (or auto)."))
     import torch
 
     if world.local_rank >= torch.cuda.device_count():
@@ -152,7 +153,7 @@ class Trainer:
             lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world))
         if not self.world.main:
             quiet_other_ranks(self.world.rank)
-        self.device = dist.same_on_every_rank(lambda: training_device(cfg.device, self.world))
+        self.device = training_device(cfg.device, self.world)
         if self.world.size > 1:
             dist.init_process_group(self.world, self.device, cfg.init_timeout)
         self.samples_per_step = cfg.batch_size * self.world.size * cfg.gradient_accumulation_steps

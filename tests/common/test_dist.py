@@ -56,3 +56,68 @@ def test_degrees_that_do_not_fit_are_one_clear_message(degree, shards, world, me
 def test_layout_names():
     assert Layout(1, 1).name == "one process" and Layout(4, 1).name == "DDP over 4 replicas"
     assert Layout(1, 4).name == "FSDP2 over 4 shards" and Layout(2, 2).name == "HSDP: 2 replicas x 2 shards"
+
+
+def test_fsdp2_keeps_fp32_inputs_for_autocast(tmp_path):
+    # --master-dtype fp32 under FSDP2 computes in bf16 through autocast, as one process does: the forward's fp32
+    # inputs (timesteps, rotary tables passed to the blocks) reach the modules in fp32, not rounded to bf16 by
+    # the policy (999.0 in bf16 is 1000.0)
+    import torch
+    import torch.distributed as torch_dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ft.train.parallel import Layout, parallelize
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            seen.append(t.dtype)
+            return self.proj(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x, timestep):
+            seen.append(timestep.dtype)
+            for block in self.blocks:
+                x = block(x, timestep)
+            return x
+
+    seen: list = []
+    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                                  world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+        model = parallelize(Model(), Layout(1, 2), mesh, "cpu", ("blocks",), compute_dtype=torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(2, 4), torch.tensor([999.0, 3.0]))
+    finally:
+        torch_dist.destroy_process_group()
+    assert seen == [torch.float32] * 3
+
+
+def test_a_rank_without_a_gpu_says_so_itself(monkeypatch):
+    # only the ranks past the node's GPU count meet it, so such a rank prints its own message: marked quiet (left
+    # to rank 0, which has a GPU and goes on to wait for the others) nobody would print it
+    import torch
+
+    from ft.train import trainer
+    from ft.train.config import TrainConfig
+
+    monkeypatch.setattr(trainer.dist, "world_from_env", lambda: World(1, 2, 1, "torchrun"))
+    monkeypatch.setattr(trainer, "quiet_other_ranks", lambda rank: None)
+    monkeypatch.setattr(trainer, "pick_device", lambda requested: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = TrainConfig(model="cogvideox", pretrained="m", shards=["s"], output_dir="o", device="cuda")
+    with pytest.raises(UserError, match="local rank 1 has no GPU") as raised:
+        trainer.Trainer(cfg)
+    assert not getattr(raised.value, "quiet", False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="each process trains on cuda:LOCAL_RANK") as raised:  # alike on every rank
+        trainer.Trainer(TrainConfig(model="cogvideox", pretrained="m", shards=["s"], output_dir="o", device="cuda:1"))
+    assert raised.value.quiet

@@ -87,3 +87,15 @@ def test_jobs_of_another_num_jobs_are_refused_while_they_write(tmp_path):
         held.release()
     assert not list((out / "jobs").glob("*.lock"))
     assert Path(out / "jobs").is_dir()
+
+
+def test_a_takeover_puts_back_a_lock_another_process_has_just_made(tmp_path):
+    # two processes judge one dead holder's lock stale; the first takes it over and makes its own lock, which the
+    # second then renames aside before the first has written it (an empty file): it must be put back, not removed
+    path = tmp_path / "jobs" / "job-0000-of-0001.lock"
+    path.parent.mkdir()
+    dead = {"what": "w", "host": socket.gethostname(), "pid": 0}
+    path.write_text("")  # the first process's new lock, made with O_EXCL and not yet filled in
+    Lock(path, "second")._take_over(dead)
+    assert path.is_file() and path.read_text() == ""
+    assert not list(path.parent.glob("*.stale-*"))

@@ -149,3 +149,37 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_c
            f"{first.pid}" in caplog.text
     assert_same_samples(out, one_job)
     assert not (out / JOBS_DIR / "job-0000-of-0001.lock").exists()
+
+
+def test_a_merge_killed_after_moving_the_empty_caption_is_merged_again(tiny_cog, shapes_data, tmp_path, one_job):
+    # the merge moves job 0's empty caption into place before it writes the manifest: killed in between, the
+    # next merge finds it moved already
+    out = tmp_path / "shards"
+    code, _ = finish(start(argv(tiny_cog, shapes_data, out), FT_TEST_KILL_AT="empty-caption-moved"))
+    assert code == -signal.SIGKILL
+    assert (out / EMPTY_CAPTION_NAME).is_file() and not list((out / JOBS_DIR).glob("*.empty_caption.*"))
+    run_cli(["precompute", "--finalize", "--out", out])
+    assert_same_samples(out, one_job)
+    manifest = Manifest.load(out)
+    assert manifest.empty_caption["file"] == EMPTY_CAPTION_NAME
+    assert open_shard_set(out)[0].empty_caption["sha256"] == Manifest.load(one_job).empty_caption["sha256"]
+
+
+def test_a_job_finishing_while_another_merges_waits_and_merges(tiny_cog, shapes_data, tmp_path, one_job):
+    # two jobs finishing at once: A takes the merge lock and reads B's state before B saved it complete, so A
+    # finds the set not ready; B, complete, must not step aside while A holds the lock, or nobody merges
+    import json
+    import threading
+
+    from ft.precompute.jobs import JobSlot, Lock
+    from ft.precompute.merge import finalize
+
+    out = tmp_path / "shards"
+    code, _ = finish(start(argv(tiny_cog, shapes_data, out), FT_TEST_KILL_AT="job-complete"))
+    assert code == -signal.SIGKILL
+    other = Lock(out / JOBS_DIR / "merge.lock", "a merge of the jobs")
+    other.acquire()  # job A, merging (held by a live process: this one)
+    threading.Timer(1.0, other.release).start()  # A finds the set not ready and lets go
+    merged = finalize(out, own=JobSlot())
+    assert merged is not None and merged.unmerged is None, json.dumps(merged.unmerged if merged else None)
+    assert_same_samples(out, one_job)
