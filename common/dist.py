@@ -100,12 +100,31 @@ def init_process_group(world: World, device: str, timeout_s: float) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
-def set_timeout(timeout_s: float) -> None:
-    """The timeout of every collective from here on (the training loop's, `--nccl-timeout`)."""
-    if initialized():
-        from torch.distributed.distributed_c10d import _set_pg_timeout
+def set_timeout(timeout_s: float, mesh: Any = None) -> None:
+    """The timeout of every collective from here on (the training loop's, `--nccl-timeout`): of the default group
+    and of each group of `mesh` (FSDP2 and HSDP talk on those), after a barrier (torchtitan's set_pg_timeouts)."""
+    if not initialized():
+        return
+    import torch.distributed as torch_dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        _set_pg_timeout(timedelta(seconds=timeout_s))
+    torch_dist.barrier()
+    groups = [None] + ([mesh.get_group(name) for name in mesh.mesh_dim_names] if mesh is not None else [])
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
+def run_on_rank_zero(fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 while the others wait; a failure there stops every rank with its message. Returns rank 0's
+    result to rank 0 (None elsewhere)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    agree(error)
+    return result
 
 
 def destroy(together: bool = True) -> None:

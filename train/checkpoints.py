@@ -89,7 +89,7 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
         for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:  # killed half-way
             shutil.rmtree(leftover, ignore_errors=True)
 
-    _on_rank_zero(prepare)
+    dist.run_on_rank_zero(prepare)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(tensors, checkpoint_id=str(tmp))  # DCP fsyncs what it writes (FileSystemWriter sync_files)
@@ -113,21 +113,8 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
                 _delete(old)
                 log.info(f"deleted {old} (--checkpointing-limit {limit})")
 
-    _on_rank_zero(publish)
+    dist.run_on_rank_zero(publish)
     return final
-
-
-def _on_rank_zero(fn: Any) -> None:
-    """Run `fn` on rank 0 while the others wait; a failure there stops every rank with its message."""
-    from ft.common import dist
-
-    error = None
-    if dist.is_main():
-        try:
-            fn()
-        except Exception as e:
-            error = e
-    dist.agree(error)
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:

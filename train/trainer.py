@@ -157,6 +157,8 @@ class Trainer:
         if self.world.size > 1:
             dist.init_process_group(self.world, self.device, cfg.init_timeout)
         self.samples_per_step = cfg.batch_size * self.world.size * cfg.gradient_accumulation_steps
+        self.pending: BaseException | None = None  # a rank-0 write that failed, for the next agree()
+        self.mesh = None
         error = None
         try:  # a rank failing here makes the others stop too (agree), instead of waiting in a collective
             dist.same_on_every_rank(self.check_run)
@@ -166,7 +168,7 @@ class Trainer:
         dist.agree(error)
         if self.resume_from is not None:
             dist.same_on_every_rank(lambda: self.resume(self.resume_from))
-        dist.set_timeout(cfg.nccl_timeout)
+        dist.set_timeout(cfg.nccl_timeout, self.mesh if self.world.size > 1 else None)
 
     def check_run(self) -> None:
         """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
@@ -316,7 +318,7 @@ class Trainer:
         except Exception as e:  # a corrupt shard on one rank: every rank stops with its message (no hang)
             error = e
         waited = time.perf_counter() - t0
-        dist.agree(error)
+        dist.agree(error or self.pending)  # and rank 0's failed log write of the step before
         total = None
         for m, batch in enumerate(micro):
             batch = batch.to(self.device)
@@ -374,7 +376,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, main = self.cfg, self.world.main
-        n_trainable = sum(p.numel() for p in self.params)  # this rank's share under FSDP
+        # this rank's share under FSDP (a DTensor's numel is the whole tensor's)
+        n_trainable = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.params)
         samples = sum(len(s.active) if s.active is not None else s.manifest.num_samples for s in self.sets)
         what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
         share = "" if self.layout.shards == 1 else " on each rank, its shard"
@@ -382,8 +385,8 @@ class Trainer:
                  f"on {self.device}{'' if self.world.size == 1 else ' x ' + str(self.world.size)} "
                  f"({self.layout.name}), {samples} samples in {len(self.sets)} shard set(s), "
                  f"{self.samples_per_step} per optimizer step")
-        if main:
-            (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
+        dist.run_on_rank_zero(lambda: (self.out / "train_config.json").write_text(
+            json.dumps(self.config_json, indent=2) + "\n"))
         eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
         if len(eval_set) < cfg.eval_batches:
             log.warning(f"--eval-batches {cfg.eval_batches}: {self.sets[0].folder} has samples for "
@@ -392,8 +395,8 @@ class Trainer:
         if eval_set:
             summary["eval_loss_before"] = self.fixed_loss(eval_set)
         start = self.state.step
-        run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from else
-                         None) if main else None
+        run_log = dist.run_on_rank_zero(lambda: RunLog(self.out, cfg.report_to, self.config_json,
+                                                       resumed_step=start if self.resume_from else None))
         batches = background(self.stream.batches(self.state.data_position))
         bar = tqdm(range(start + 1, cfg.train_steps + 1), desc="train", unit="step", initial=start,
                    total=cfg.train_steps, disable=not main)
@@ -408,11 +411,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}",
                                 samples_s=f"{self.samples_per_step / seconds:.1f}")
                 if run_log and (step % cfg.logging_steps == 0 or step == cfg.train_steps):
-                    run_log.write({"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
-                                   "seconds": round(seconds, 4),
-                                   "samples_per_s": round(self.samples_per_step / seconds, 3),
-                                   "data_wait_share": round(metrics["data_wait"] / seconds, 4),
-                                   "epoch": metrics["epoch"]})
+                    record = {"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+                              "seconds": round(seconds, 4), "samples_per_s": round(self.samples_per_step / seconds, 3),
+                              "data_wait_share": round(metrics["data_wait"] / seconds, 4), "epoch": metrics["epoch"]}
+                    self.rank_zero_write(lambda record=record: run_log.write(record))
                 if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
                     self.checkpoint()
                 self.validation.after_step(self, step, run_log)  # videos and eval_loss, when due
@@ -434,7 +436,21 @@ class Trainer:
             if run_log:
                 run_log.close()
             bar.close()
+        dist.agree(self.pending)  # rank 0's last log line failed: every rank stops before the export
         return self.finish(summary, eval_set, losses)
+
+    def rank_zero_write(self, write: Any) -> None:
+        """Rank 0's writes between collectives (a log line): in one process a failure raises at once; under
+        several it is carried to the next point every rank meets, so the others stop with it instead of waiting."""
+        if not self.world.main:
+            return
+        if self.world.size == 1:
+            write()
+            return
+        try:
+            write()
+        except Exception as e:
+            self.pending = self.pending or e
 
     def finish(self, summary: dict[str, Any], eval_set: list[Batch], losses: list[float]) -> dict[str, Any]:
         import torch
