@@ -175,7 +175,10 @@ def bare_step(trainer):
 
 
 def bare_worker(config: str, work: Path, steps: int) -> dict | None:
-    """ft's step and the bare step, alternating, in this process (one of several under torchrun: DDP)."""
+    """ft's step fed by its loader thread, ft's step on micro-batches read ahead into memory (the same code, no
+    thread) and the bare step, in turn (every order of the three), in this process (one of 2 under torchrun: DDP)."""
+    import itertools
+    import os
     import statistics
 
     from ft.common import dist
@@ -184,40 +187,45 @@ def bare_worker(config: str, work: Path, steps: int) -> dict | None:
     from ft.train.trainer import Trainer
 
     c = CONFIGS[config]
-    rank = int(__import__("os").environ.get("RANK", "0"))
     cfg = TrainConfig(model="cogvideox", pretrained=str(work / "model"), transformer_dtype="fp32", vae_dtype="fp32",
                       text_encoder_dtype="fp32", shards=[str(work / "shards")],
-                      output_dir=str(work / f"out-bare-{rank}-{time.time_ns()}"), batch_size=c["batch"], rank=16,
-                      lora_alpha=16, report_to="none", seed=0, lr_warmup_steps=0, train_steps=2 * steps + 10)
+                      output_dir=str(work / f"out-bare-{os.environ.get('RANK', '0')}-{time.time_ns()}"),
+                      batch_size=c["batch"], rank=16, lora_alpha=16, report_to="none", seed=0, lr_warmup_steps=0,
+                      train_steps=2 * steps + 10)
     trainer = Trainer(cfg)
+    in_memory = iter(list(itertools.islice(trainer.stream.batches(), steps + 2)))
     batches = background(trainer.stream.batches())
     bare = bare_step(trainer)
-    wall = {"ft": [], "bare": []}
-    cpu = {"ft": [], "bare": []}
+    wall: dict[str, list[float]] = {"ft": [], "memory": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ft": [], "memory": [], "bare": []}
     n = 0
 
     def timed(name: str) -> None:
         nonlocal n
         c0, t0 = time.process_time(), time.perf_counter()
-        if name == "ft":
-            n += 1
-            trainer.optimizer_step(batches, n)
-        else:
+        if name == "bare":
             bare()
+        else:
+            n += 1
+            trainer.optimizer_step(batches if name == "ft" else in_memory, n)
         wall[name].append(time.perf_counter() - t0)
         cpu[name].append(time.process_time() - c0)
 
+    orders = list(itertools.permutations(wall))
     try:
-        for i in range(steps + 2):  # the first 2 pairs pay for lazy initialisation
-            for name in (("ft", "bare") if i % 2 == 0 else ("bare", "ft")):
+        for i in range(steps + 2):  # the first 2 rounds pay for lazy initialisation
+            for name in orders[i % len(orders)]:
                 timed(name)
     finally:
         batches.close()
-    ft, bare_s = wall["ft"][2:], wall["bare"][2:]
-    ratios = [a / b for a, b in zip(ft, bare_s, strict=True)]
-    result = {"ft_s": statistics.median(ft), "bare_s": statistics.median(bare_s),
-              "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-              "ft_cores": sum(cpu["ft"][2:]) / sum(ft), "bare_cores": sum(cpu["bare"][2:]) / sum(bare_s),
+    times = {k: v[2:] for k, v in wall.items()}
+    ratios = [a / b for a, b in zip(times["ft"], times["bare"], strict=True)]
+    memory = [a / b for a, b in zip(times["memory"], times["bare"], strict=True)]
+    result = {"ft_s": statistics.median(times["ft"]), "memory_s": statistics.median(times["memory"]),
+              "bare_s": statistics.median(times["bare"]), "ratio": statistics.median(ratios),
+              "memory_ratio": statistics.median(memory), "ratio_min": min(ratios), "ratio_max": max(ratios),
+              "ft_cores": sum(cpu["ft"][2:]) / sum(times["ft"]),
+              "bare_cores": sum(cpu["bare"][2:]) / sum(times["bare"]),
               "world": trainer.world.size}
     dist.destroy()
     return result if trainer.world.main else None
@@ -244,14 +252,15 @@ def run_bare(config: str, work: Path, steps: int) -> list[dict]:
 def bare_table(config: str, steps: int, results: list[dict]) -> str:
     c = CONFIGS[config]
     lines = [f"ft's step against the bare step, `{config}` config ({'x'.join(map(str, c['bucket']))}, batch "
-             f"{c['batch']} per process, LoRA r16, fp32), {steps} pairs after 2 warm-up pairs, alternating in one "
-             "process", "",
-             "| layout | ft s/step | bare s/step | ft / bare (median of pairs) | pairs' range | cores used ft / bare |",
-             "|---|---|---|---|---|---|"]
+             f"{c['batch']} per process, LoRA r16, fp32): {steps} rounds after 2 warm-up rounds, each round the three "
+             "steps in turn (every order) in each process; ratios are medians of the rounds' ratios", "",
+             "| layout | ft s/step (loader thread) | ft, batches in memory | bare s/step | ft / bare | "
+             "ft in memory / bare | ft / bare, range | cores used ft / bare |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = "1 process" if r["world"] == 1 else f"DDP x{r['world']}"
-        lines.append(f"| {name} | {r['ft_s']:.3f} | {r['bare_s']:.3f} | {r['ratio']:.3f} | "
-                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['ft_cores']:.2f} / {r['bare_cores']:.2f} |")
+        lines.append(f"| {name} | {r['ft_s']:.4f} | {r['memory_s']:.4f} | {r['bare_s']:.4f} | {r['ratio']:.3f} | "
+                     f"{r['memory_ratio']:.3f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
+                     f"{r['ft_cores']:.2f} / {r['bare_cores']:.2f} |")
     return "\n".join(lines)
 
 
