@@ -121,7 +121,7 @@ def table(config: str, results: dict[tuple[str, str], list[dict]], args: argpars
     lines = [f"`{config}` CogVideoX ({bucket}, batch 1 per rank, fp32, gloo on the CPU), median of {args.steps} "
              f"optimizer steps after {args.warmup} warm-up; MiB per rank: the largest rank (the smallest in "
              "brackets where ranks differ)", "",
-             "| training | layout | processes | threads each | weights | of them trainable | gradients | "
+             "| training | layout | processes | threads each | weights (MiB) | of them trainable | gradients | "
              "optimizer state | s/step | samples/s vs 1 process |", "|---|---|---|---|---|---|---|---|---|---|"]
     for training in TRAINING:
         base = results.get(("1", training))

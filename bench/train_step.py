@@ -1,4 +1,4 @@
-"""The train stage against an all-in-one trainer: the same step fed from shards (ft) or with the VAE and text
+"""The train stage against ft's all-in-one mode: the same step fed from shards (ft) or with the VAE and text
 encoder loaded and run online in the same process (what a trainer without a precompute stage does).
 
     python bench/train_step.py [--config tiny|medium] [--steps 20] [--rows all|bare] [--out FILE]
