@@ -1,7 +1,7 @@
-"""The train stage against an all-in-one trainer: the same step fed from shards (ft) or with the VAE and text
+"""The train stage against ft's all-in-one mode: the same step fed from shards (ft) or with the VAE and text
 encoder loaded and run online in the same process (what a trainer without a precompute stage does).
 
-    python bench/train_step.py [--config tiny|medium] [--steps 20] [--out bench/results/train_step.md]
+    python bench/train_step.py [--config tiny|medium] [--steps 20] [--rows all|bare] [--out FILE]
 
 Same model, batch, bucket, seed and step code (`ft.train.trainer.Trainer.optimizer_step`) both ways; online, the
 "data" of a step is decoding the clips and running the encoders. Each way runs in its own process so its peak
@@ -10,6 +10,12 @@ memory is its own: RSS on a CPU, CUDA peak allocated and reserved on a GPU. Conf
 - medium: CogVideoX at scaled-down widths of the real config (4 layers of width 512, 16 latent channels, a
   4-layer T5 of width 512, the real VAE layout at widths 32-128), 17x128x192 clips, batch 1. The largest that
   runs on a 2-core CPU in a few minutes; on a GPU, bench/gpu.sh measures the real sizes.
+
+The bare rows set ft's step against its limit: the same transformer's forward, backward, gradient clipping and
+AdamW step on one batch already in memory (no loader, no logging, no per-sample generators: `torch.randn` noise,
+`torch.randint` timesteps and the CogVideoX objective inline), in one process and under DDP x2 (torchrun, gloo).
+The two steps alternate in one process (ft, bare, bare, ft, ...) so that a change in the machine's load hits both;
+the ratio is the median of the pairs' ratios. Written to bench/results/train_step_bare_<config>.md.
 """
 
 from __future__ import annotations
@@ -136,6 +142,128 @@ def worker(mode: str, config: str, work: Path, steps: int) -> dict:
     return result
 
 
+def bare_step(trainer):
+    """The step with nothing but the model: one in-memory batch, plain torch.randn noise, the objective inline."""
+    import torch
+
+    batch = next(trainer.stream.batches())[0].to(trainer.device)
+    latents = trainer.spec.prepare_latents(batch.latents, trainer.vae_config, [torch.Generator().manual_seed(0)])
+    embeds = batch.cond["prompt_embeds"]
+    frames, height, width = latents.shape[1], latents.shape[3], latents.shape[4]
+    rotary = trainer.spec.rotary_embeddings(trainer.transformer.config, frames, height, width, latents.device)
+    scheduler, cfg = trainer.objective.scheduler, trainer.cfg
+    alphas = scheduler.alphas_cumprod.to(latents.device)
+    optimizer = torch.optim.AdamW(trainer.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.epsilon)
+
+    def step() -> float:
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        output = trainer.transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=t,
+                                     image_rotary_emb=rotary, return_dict=False)[0]
+        prediction = scheduler.get_velocity(output, noisy, t)
+        weights = (1.0 / (1.0 - alphas[t])).reshape(-1, 1, 1, 1, 1)
+        loss = (weights * (prediction - latents) ** 2).flatten(1).mean(1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def bare_worker(config: str, work: Path, steps: int) -> dict | None:
+    """ft's step fed by its loader thread, ft's step on micro-batches read ahead into memory (the same code, no
+    thread) and the bare step, in turn (every order of the three), in this process (one of 2 under torchrun: DDP)."""
+    import itertools
+    import os
+    import statistics
+
+    from ft.common import dist
+    from ft.train.config import TrainConfig
+    from ft.train.loader import background
+    from ft.train.trainer import Trainer
+
+    c = CONFIGS[config]
+    cfg = TrainConfig(model="cogvideox", pretrained=str(work / "model"), transformer_dtype="fp32", vae_dtype="fp32",
+                      text_encoder_dtype="fp32", shards=[str(work / "shards")],
+                      output_dir=str(work / f"out-bare-{os.environ.get('RANK', '0')}-{time.time_ns()}"),
+                      batch_size=c["batch"], rank=16, lora_alpha=16, report_to="none", seed=0, lr_warmup_steps=0,
+                      train_steps=2 * steps + 10)
+    trainer = Trainer(cfg)
+    in_memory = iter(list(itertools.islice(trainer.stream.batches(), steps + 2)))
+    batches = background(trainer.stream.batches())
+    bare = bare_step(trainer)
+    wall: dict[str, list[float]] = {"ft": [], "memory": [], "bare": []}
+    cpu: dict[str, list[float]] = {"ft": [], "memory": [], "bare": []}
+    n = 0
+
+    def timed(name: str) -> None:
+        nonlocal n
+        c0, t0 = time.process_time(), time.perf_counter()
+        if name == "bare":
+            bare()
+        else:
+            n += 1
+            trainer.optimizer_step(batches if name == "ft" else in_memory, n)
+        wall[name].append(time.perf_counter() - t0)
+        cpu[name].append(time.process_time() - c0)
+
+    orders = list(itertools.permutations(wall))
+    try:
+        for i in range(steps + 2):  # the first 2 rounds pay for lazy initialisation
+            for name in orders[i % len(orders)]:
+                timed(name)
+    finally:
+        batches.close()
+    times = {k: v[2:] for k, v in wall.items()}
+    ratios = [a / b for a, b in zip(times["ft"], times["bare"], strict=True)]
+    memory = [a / b for a, b in zip(times["memory"], times["bare"], strict=True)]
+    result = {"ft_s": statistics.median(times["ft"]), "memory_s": statistics.median(times["memory"]),
+              "bare_s": statistics.median(times["bare"]), "ratio": statistics.median(ratios),
+              "memory_ratio": statistics.median(memory), "ratio_min": min(ratios), "ratio_max": max(ratios),
+              "ft_cores": sum(cpu["ft"][2:]) / sum(times["ft"]),
+              "bare_cores": sum(cpu["bare"][2:]) / sum(times["bare"]),
+              "world": trainer.world.size}
+    dist.destroy()
+    return result if trainer.world.main else None
+
+
+def run_bare(config: str, work: Path, steps: int) -> list[dict]:
+    """The bare comparison in one process, then under torchrun as DDP x2."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    results = []
+    for nproc in (1, 2):
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--standalone", "--nproc_per_node", "2"]
+        threads = {} if nproc == 1 else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        out = subprocess.run([*launcher, __file__, "--worker", "bare", "--config", config, "--workdir", str(work),
+                              "--steps", str(steps)], capture_output=True, text=True, env={**env, **threads})
+        if out.returncode:
+            raise SystemExit(f"the bare comparison on {nproc} process(es) failed:\n{out.stderr[-6000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def bare_table(config: str, steps: int, results: list[dict]) -> str:
+    c = CONFIGS[config]
+    lines = [f"ft's step against the bare step, `{config}` config ({'x'.join(map(str, c['bucket']))}, batch "
+             f"{c['batch']} per process, LoRA r16, fp32): {steps} rounds after 2 warm-up rounds, each round the three "
+             "steps in turn (every order) in each process; ratios are medians of the rounds' ratios", "",
+             "| layout | ft s/step (loader thread) | ft, batches in memory | bare s/step | ft / bare | "
+             "ft in memory / bare | ft / bare, range | cores used ft / bare |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "1 process" if r["world"] == 1 else f"DDP x{r['world']}"
+        lines.append(f"| {name} | {r['ft_s']:.4f} | {r['memory_s']:.4f} | {r['bare_s']:.4f} | {r['ratio']:.3f} | "
+                     f"{r['memory_ratio']:.3f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
+                     f"{r['ft_cores']:.2f} / {r['bare_cores']:.2f} |")
+    return "\n".join(lines)
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that across exec, so a
     worker would report its parent's peak."""
@@ -158,15 +286,27 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="Markdown file for the table (default: print only).")
-    parser.add_argument("--worker", choices=("shards", "online"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", choices=("all", "encoders", "bare"), default="all",
+                        help="encoders: shards against online encoders; bare: ft against the bare step; all: both")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/train_step_bare_*.md")
+    parser.add_argument("--worker", choices=("shards", "online", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "bare":
+        result = bare_worker(args.config, Path(args.workdir), args.steps)
+        if result is not None:
+            print(json.dumps(result))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.config, Path(args.workdir), args.steps)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(args.config, work)
+        bare = bare_table(args.config, args.steps, run_bare(args.config, work, args.steps)) if (
+            args.rows != "encoders") else None
+        if bare is not None and args.rows == "bare":
+            return report_bare(args, bare)
         results = {}
         for mode in ("shards", "online"):
             out = subprocess.run([sys.executable, __file__, "--worker", mode, "--config", args.config, "--workdir",
@@ -186,6 +326,17 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")
+    if bare is not None:
+        report_bare(args, bare)
+
+
+def report_bare(args: argparse.Namespace, table: str) -> None:
+    if args.no_save:
+        print(table)
+        return
+    from report import save_result
+
+    save_result(f"train_step_bare_{args.config}", table)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,26 @@ class CogVideoXSpec(ModelSpec):
                                        temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
                                        max_size=(base_h, base_w), device=device)
 
+    def cached_rotary_embeddings(self, transformer_config: Any, latent_frames: int, latent_height: int,
+                                 latent_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`rotary_embeddings`, made once per latent size and device: the same tables every step of a bucket (the
+        transformer only reads them), without rebuilding them on the host each micro-batch."""
+        names = ("use_rotary_positional_embeddings", "patch_size", "patch_size_t", "sample_width", "sample_height",
+                 "attention_head_dim")
+        key = (tuple(transformer_config.get(n) for n in names), latent_frames, latent_height, latent_width,
+               str(device))
+        cache = self.__dict__.setdefault("_rotary_cache", {})
+        if key not in cache:
+            if len(cache) >= 16:  # a few buckets at a time; never grows without bound
+                cache.clear()
+            cache[key] = self.rotary_embeddings(transformer_config, latent_frames, latent_height, latent_width,
+                                                device)
+        return cache[key]
+
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The transformer's v-prediction output for the noised latents, fed as CogVideoXPipeline feeds it."""
         _, frames, _, height, width = step.noisy.shape
-        rotary = self.rotary_embeddings(transformer.config, frames, height, width, step.noisy.device)
+        rotary = self.cached_rotary_embeddings(transformer.config, frames, height, width, step.noisy.device)
         output = transformer(hidden_states=step.noisy.to(dtype),
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
                              timestep=step.timesteps, image_rotary_emb=rotary, return_dict=False)[0]

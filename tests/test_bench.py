@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -29,7 +31,7 @@ def test_gpu_step_runs_the_tiny_model_on_the_cpu():
 
 
 def test_train_step_bench_compares_shards_with_online_encoders():
-    out = bench(str(BENCH / "train_step.py"), "--config", "tiny", "--steps", "2")
+    out = bench(str(BENCH / "train_step.py"), "--config", "tiny", "--steps", "2", "--rows", "encoders")
     assert "| shards (ft) |" in out and "| online encoders (all-in-one) |" in out and "ratio shards / online" in out
 
 
@@ -41,3 +43,16 @@ def test_precompute_bench_prints_its_table():
 def test_precompute_scale_bench_prints_its_table():
     out = bench(str(BENCH / "precompute_scale.py"), "--samples", "40,80", "--clips", "", "--no-save")
     assert "| synthetic samples | manifest.json | all manifest writes |" in out and "| growth 2x samples |" in out
+
+
+@pytest.mark.slow
+def test_train_step_bench_sets_ft_against_the_bare_step():
+    out = bench(str(BENCH / "train_step.py"), "--config", "tiny", "--steps", "1", "--rows", "bare", "--no-save")
+    assert "| 1 process |" in out and "| DDP x2 |" in out and "ft / bare" in out
+
+
+@pytest.mark.slow
+def test_dist_bench_measures_each_rank():
+    out = bench(str(BENCH / "dist.py"), "--config", "tiny", "--layouts", "fsdp2", "--training", "lora", "--steps", "1",
+                "--warmup", "0", "--no-save")
+    assert "| LoRA r16 | FSDP2 x2 | 2 | 1 |" in out and "optimizer state" in out

@@ -1,0 +1,193 @@
+"""What each rank holds, and what a step costs, in every data-parallel layout of `ft train`.
+
+    python bench/dist.py [--config tiny|medium] [--steps 4] [--layouts all|1,ddp2,fsdp2,ddp4,fsdp4,hsdp2x2]
+
+For LoRA and full finetune, each layout is one real torchrun launch (`python -m torch.distributed.run --standalone
+--nproc_per_node N bench/dist.py --worker ...`, gloo on the CPU, fp32) of bench/train_step.py's CogVideoX (`medium`:
+4 layers of width 512 at 17x128x192; `tiny`: the test model at 9x32x32), batch 1 per rank. Every rank builds ft's
+own Trainer from a TrainConfig (`--dp-degree`/`--dp-shards` as the layout says), takes `--warmup` + `--steps`
+optimizer steps through `Trainer.optimizer_step` fed by the shard loader, then measures from its live tensors:
+- weights: every parameter of the transformer it holds (under FSDP2 the local shard of each DTensor, `to_local()`),
+  and of those the trainable ones;
+- gradients: after one more backward (the gradients an optimizer step sees; under FSDP2 their local shards);
+- optimizer state: every tensor in the optimizer's state (AdamW's two moments and step counters);
+and writes them with its median s/step to a JSON file of its own; the table shows the largest rank (and the
+smallest where ranks differ). s/step is per optimizer step of `batch x world` samples; samples/s is set against
+the 1-process run. Each process gets cores // processes intra-op threads (at least 1): on a 2-core machine the 4
+process layouts are oversubscribed (4 processes on 2 cores), so their times measure contention, not scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (report, train_step), also under torchrun
+
+LAYOUTS = {  # name: (label, processes, dp_degree, dp_shards)
+    "1": ("1 process", 1, 1, 1),
+    "ddp2": ("DDP x2", 2, 2, 1),
+    "fsdp2": ("FSDP2 x2", 2, 1, 2),
+    "ddp4": ("DDP x4", 4, 4, 1),
+    "fsdp4": ("FSDP2 x4", 4, 1, 4),
+    "hsdp2x2": ("HSDP 2x2", 4, 2, 2),
+}
+TRAINING = {"lora": "LoRA r16", "full-finetune": "full finetune"}
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes this rank holds of `tensor`: the local shard of a DTensor, the tensor itself otherwise."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: train `--warmup` + `--steps` optimizer steps with ft's Trainer, measure, write rank-N.json."""
+    import torch
+
+    from ft.common import dist
+    from ft.train.config import TrainConfig
+    from ft.train.loader import background
+    from ft.train.parallel import set_gradient_sync
+    from ft.train.trainer import Trainer
+
+    work = Path(args.workdir)
+    _, _, replicas, shards = LAYOUTS[args.layout]
+    total_steps = args.warmup + args.steps
+    lora = {"rank": 16, "lora_alpha": 16} if args.training == "lora" else {}
+    cfg = TrainConfig(model="cogvideox", pretrained=str(work / "model"), transformer_dtype="fp32", vae_dtype="fp32",
+                      text_encoder_dtype="fp32", shards=[str(work / "shards")],
+                      output_dir=str(work / f"out-{args.layout}-{args.training}"), batch_size=1,
+                      training_type=args.training, **lora, lr=1e-5, report_to="none", seed=0,
+                      lr_warmup_steps=0, train_steps=total_steps + 1, dp_degree=replicas, dp_shards=shards)
+    trainer = Trainer(cfg)
+    batches = background(trainer.stream.batches())
+    times = []
+    try:
+        for step in range(1, total_steps + 1):
+            t0 = time.perf_counter()
+            trainer.optimizer_step(batches, step)
+            times.append(time.perf_counter() - t0)
+        # the gradients of one more backward, as the optimizer step sees them (optimizer_step frees them after)
+        batch = next(batches)[0].to(trainer.device)
+        set_gradient_sync(trainer.transformer, trainer.layout, True)
+        trainer.sample_losses(batch, batch.position["batches"]).mean().backward()
+        grads = sum(tensor_bytes(p.grad) for p in trainer.params if p.grad is not None)
+        trainer.state.optimizer.zero_grad(set_to_none=True)
+    finally:
+        batches.close()
+    optimizer_state = sum(tensor_bytes(v) for state in trainer.state.optimizer.state.values()
+                          for v in state.values() if torch.is_tensor(v))
+    result = {"rank": trainer.world.rank, "world": trainer.world.size, "layout": trainer.layout.name,
+              "threads": torch.get_num_threads(),
+              "weights": sum(tensor_bytes(p) for p in trainer.transformer.parameters()),
+              "trainable": sum(tensor_bytes(p) for p in trainer.params), "grads": grads,
+              "optimizer": optimizer_state, "step_s": statistics.median(times[args.warmup:]),
+              "times": [round(t, 4) for t in times]}
+    (work / f"{args.layout}-{args.training}-rank{trainer.world.rank}.json").write_text(json.dumps(result))
+    dist.destroy()
+
+
+def launch(work: Path, layout: str, training: str, args: argparse.Namespace) -> list[dict]:
+    """One torchrun launch of the worker; every rank's measurements."""
+    _, nproc, _, _ = LAYOUTS[layout]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               __file__, "--worker", "--layout", layout, "--training", training, "--workdir", str(work),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if out.returncode:
+        raise SystemExit(f"{LAYOUTS[layout][0]} {training} failed (exit {out.returncode}):\n{out.stderr[-12000:]}")
+    return [json.loads((work / f"{layout}-{training}-rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def mb(values: list[int]) -> str:
+    low, high = min(values) / 2**20, max(values) / 2**20
+    return f"{high:.2f}" if abs(high - low) < 0.005 else f"{high:.2f} ({low:.2f})"
+
+
+def table(config: str, results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> str:
+    from train_step import CONFIGS
+
+    bucket = "x".join(map(str, CONFIGS[config]["bucket"]))
+    lines = [f"`{config}` CogVideoX ({bucket}, batch 1 per rank, fp32, gloo on the CPU), median of {args.steps} "
+             f"optimizer steps after {args.warmup} warm-up; MiB per rank: the largest rank (the smallest in "
+             "brackets where ranks differ)", "",
+             "| training | layout | processes | threads each | weights (MiB) | of them trainable | gradients | "
+             "optimizer state | s/step | samples/s vs 1 process |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for training in TRAINING:
+        base = results.get(("1", training))
+        for layout, (label, nproc, _, _) in LAYOUTS.items():
+            ranks = results.get((layout, training))
+            if not ranks:
+                continue
+            step = max(r["step_s"] for r in ranks)
+            speed = f"{(nproc / step) / (1 / base[0]['step_s']):.2f}x" if base else "-"
+            if nproc > (os.cpu_count() or 1):
+                speed += " (oversubscribed)"
+            lines.append(f"| {TRAINING[training]} | {label} | {nproc} | {ranks[0]['threads']} | "
+                         f"{mb([r['weights'] for r in ranks])} | {mb([r['trainable'] for r in ranks])} | "
+                         f"{mb([r['grads'] for r in ranks])} | {mb([r['optimizer'] for r in ranks])} | "
+                         f"{step:.3f} | {speed} |")
+    cores = os.cpu_count() or 1
+    lines += ["", f"This machine has {cores} cores: each process runs {cores}//processes intra-op threads (at least "
+              "1), so 2 processes split the cores and 4 processes are oversubscribed (2 per core); their s/step "
+              "measures contention, not how the layout scales. The bytes do not depend on the machine: under FSDP2 "
+              "and HSDP each rank holds its share of the weights, gradients and optimizer state (the frozen base "
+              "weights are sharded too); under DDP every rank holds all of them."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from train_step import CONFIGS, prepare
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="medium")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per layout")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--layouts", default="all", help=f"comma-separated, from {', '.join(LAYOUTS)} (or all)")
+    parser.add_argument("--training", default="lora,full-finetune", help="comma-separated: lora, full-finetune")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one launch may take")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args()
+    if args.worker:
+        return worker(args)
+    layouts = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
+    trainings = args.training.split(",")
+    for name in layouts:
+        if name not in LAYOUTS:
+            parser.error(f"--layouts: unknown layout {name!r}")
+    for name in trainings:
+        if name not in TRAINING:
+            parser.error(f"--training: unknown {name!r}")
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(args.config, work)
+        for training in trainings:
+            for layout in layouts:
+                t0 = time.perf_counter()
+                results[(layout, training)] = launch(work, layout, training, args)
+                print(f"{LAYOUTS[layout][0]} {training}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    body = table(args.config, results, args)
+    if args.no_save:
+        print(body)
+    else:
+        from report import save_result
+
+        save_result(f"dist_{args.config}", body)
+
+
+if __name__ == "__main__":
+    main()
