@@ -121,13 +121,7 @@ def _on_rank_zero(fn: Any) -> None:
     """Run `fn` on rank 0 while the others wait; a failure there stops every rank with its message."""
     from ft.common import dist
 
-    error = None
-    if dist.is_main():
-        try:
-            fn()
-        except Exception as e:
-            error = e
-    dist.agree(error)
+    dist.main_only(fn)
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:

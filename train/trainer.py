@@ -381,8 +381,6 @@ class Trainer:
                  f"on {self.device}{'' if self.world.size == 1 else ' x ' + str(self.world.size)} "
                  f"({self.layout.name}), {samples} samples in {len(self.sets)} shard set(s), "
                  f"{self.samples_per_step} per optimizer step")
-        if main:
-            (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
         eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
         if len(eval_set) < cfg.eval_batches:
             log.warning(f"--eval-batches {cfg.eval_batches}: {self.sets[0].folder} has samples for "
@@ -391,13 +389,20 @@ class Trainer:
         if eval_set:
             summary["eval_loss_before"] = self.fixed_loss(eval_set)
         start = self.state.step
-        run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from else
-                         None) if main else None
+        run_log = None
+
+        def start_log() -> None:  # rank 0 writes; a full or read-only disk stops every rank (dist.main_only)
+            nonlocal run_log
+            (self.out / "train_config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
+            run_log = RunLog(self.out, cfg.report_to, self.config_json, resumed_step=start if self.resume_from
+                             else None)
+
         batches = background(self.stream.batches(self.state.data_position))
         bar = tqdm(range(start + 1, cfg.train_steps + 1), desc="train", unit="step", initial=start,
                    total=cfg.train_steps, disable=not main)
         losses: list[float] = []
         try:
+            dist.main_only(start_log)
             for step in bar:
                 t0 = time.perf_counter()
                 metrics = self.optimizer_step(batches, step)
@@ -406,12 +411,11 @@ class Trainer:
                 lr = self.state.lr_schedule.get_last_lr()[0]
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}",
                                 samples_s=f"{self.samples_per_step / seconds:.1f}")
-                if run_log and (step % cfg.logging_steps == 0 or step == cfg.train_steps):
-                    run_log.write({"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
-                                   "seconds": round(seconds, 4),
-                                   "samples_per_s": round(self.samples_per_step / seconds, 3),
-                                   "data_wait_share": round(metrics["data_wait"] / seconds, 4),
-                                   "epoch": metrics["epoch"]})
+                if step % cfg.logging_steps == 0 or step == cfg.train_steps:  # rank 0 writes, every rank agrees
+                    record = {"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
+                              "seconds": round(seconds, 4), "samples_per_s": round(self.samples_per_step / seconds, 3),
+                              "data_wait_share": round(metrics["data_wait"] / seconds, 4), "epoch": metrics["epoch"]}
+                    dist.main_only(lambda r=record: run_log.write(r))  # type: ignore[union-attr]
                 if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
                     self.checkpoint()
                 self.validation.after_step(self, step, run_log)  # videos and eval_loss, when due
@@ -426,8 +430,11 @@ class Trainer:
         except BaseException as e:  # the disk filled or went read-only: stop cleanly, the last checkpoint stands
             if environment_fault(e) is None or isinstance(e, (SystemExit, GeneratorExit)):
                 raise
-            raise UserError(stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
-                                             list_checkpoints(self.out))) from e
+            message = stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
+                                       list_checkpoints(self.out))
+            # a DCP save fails on every rank alike (its CheckpointException gathers every rank's failures): rank 0
+            # prints the message once
+            raise dist.RankError(message, quiet=self.world.rank != 0 and _dcp_failure(e)) from e
         finally:
             batches.close()  # stops the reader thread
             if run_log:
@@ -476,6 +483,15 @@ class Trainer:
                 error = e
         dist.agree(error)
         return dist.broadcast_object(result)
+
+
+def _dcp_failure(exc: BaseException | None) -> bool:
+    """Whether `exc` is, or was caused by, a torch.distributed.checkpoint CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    while exc is not None and not isinstance(exc, CheckpointException):
+        exc = exc.__cause__ or exc.__context__
+    return exc is not None
 
 
 def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: TrainConfig, world: int) -> None:

@@ -149,3 +149,12 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_c
            f"{first.pid}" in caplog.text
     assert_same_samples(out, one_job)
     assert not (out / JOBS_DIR / "job-0000-of-0001.lock").exists()
+
+
+def test_finalize_of_a_folder_that_is_not_a_shard_set_touches_nothing(tmp_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "videos.txt").write_text("a.mp4\n")
+    with pytest.raises(UserError, match="not a shard set written by `ft precompute`"):
+        run_cli(["precompute", "--finalize", "--out", folder])
+    assert sorted(p.name for p in folder.iterdir()) == ["videos.txt"]  # no jobs/ folder, no lock left behind
