@@ -57,6 +57,9 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
         size, rank = _int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1, _int(env, "RANK") if "RANK" in env else 0
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         launcher = "torchrun"
+        if size > 1 and "RANK" not in env:
+            raise UserError(f"the environment says WORLD_SIZE={size} but sets no RANK: this process's place is "
+                            "unknown; start ft with torchrun, srun or accelerate launch, which set both.")
     elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a task of `srun` (not the batch script itself)
         size, rank = _int(env, "SLURM_STEP_NUM_TASKS"), _int(env, "SLURM_PROCID")
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
@@ -95,9 +98,20 @@ def init_process_group(world: World, device: str, timeout_s: float) -> None:
     import torch.distributed as dist
 
     export_srun_env(world)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise UserError(f"the environment says rank {world.rank} of {world.size} processes, but "
+                        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so the processes "
+                        "cannot meet; start ft with torchrun, srun or accelerate launch, which set them.")
     cuda = device.startswith("cuda")
     kwargs: dict[str, Any] = {"device_id": torch.device(device)} if cuda else {}
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs)
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs)
+    except (dist.DistStoreError, dist.DistNetworkError) as e:  # the others never came, or the address is wrong
+        raise UserError(f"rank {world.rank} of {world.size}: the processes did not meet at "
+                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within --init-timeout "
+                        f"{timeout_s:g} s ({str(e).splitlines()[0]}); check that every process was started, with "
+                        "the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise --init-timeout.") from None
 
 
 def set_timeout(timeout_s: float, mesh: Any = None) -> None:

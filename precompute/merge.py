@@ -188,6 +188,9 @@ def finalize_command_line(argv: list[str]) -> Manifest | None:
         raise UserError("`ft precompute --finalize` needs --out SHARDS: the folder the jobs wrote.")
     if not Path(out).is_dir():
         raise UserError(f"--out {out}: no such folder.")
+    if not (Path(out) / JOBS_DIR).is_dir() and not (Path(out) / MANIFEST_NAME).is_file():  # touch nothing there
+        raise UserError(f"--out {out} holds neither {MANIFEST_NAME} nor {JOBS_DIR}/: it is not a shard set written "
+                        "by `ft precompute`; pass the --out the jobs wrote.")
     manifest = finalize(Path(out), allow)
     if manifest is not None:
         log.info(f"{out}: {manifest.describe_completeness()}")

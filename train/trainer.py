@@ -429,8 +429,11 @@ class Trainer:
         except BaseException as e:  # the disk filled or went read-only: stop cleanly, the last checkpoint stands
             if environment_fault(e) is None or isinstance(e, (SystemExit, GeneratorExit)):
                 raise
-            raise UserError(stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
-                                             list_checkpoints(self.out))) from e
+            message = stopped_by_fault(environment_fault(e), self.out, self.state.step,  # type: ignore[arg-type]
+                                       list_checkpoints(self.out))
+            # a DCP save fails on every rank alike (its CheckpointException gathers every rank's failures): rank 0
+            # prints the message once
+            raise dist.RankError(message, quiet=self.world.rank != 0 and _dcp_failure(e)) from e
         finally:
             batches.close()  # stops the reader thread
             if run_log:
@@ -493,6 +496,15 @@ class Trainer:
                 error = e
         dist.agree(error)
         return dist.broadcast_object(result)
+
+
+def _dcp_failure(exc: BaseException | None) -> bool:
+    """Whether `exc` is, or was caused by, a torch.distributed.checkpoint CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    while exc is not None and not isinstance(exc, CheckpointException):
+        exc = exc.__cause__ or exc.__context__
+    return exc is not None
 
 
 def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: TrainConfig, world: int) -> None:

@@ -304,8 +304,10 @@ class Validation:
             with rng_untouched(trainer.device):
                 loss = self.held_out(trainer)
             self.summary["eval_loss"] = loss
+            from ft.common import dist
+
+            dist.run_on_rank_zero(lambda: run_log.write({"step": step, "eval_loss": loss}))  # a fault stops every rank
             if rank_and_world()[0] == 0:
-                run_log.write({"step": step, "eval_loss": loss})
                 log.info(f"step {step}: held-out eval_loss {loss:.5f}")
 
     # ------------------------------------------------------------------------------------------------ videos
@@ -363,9 +365,10 @@ class Validation:
             if not self.cfg.validation_keep_vae:
                 vae.to("cpu")
         gathered = gather_to_rank0(done)
-        if gathered is not None:
-            self.write(step, sorted(gathered, key=lambda item: item[0]), settings, pipe, run_log,
-                       time.perf_counter() - started)
+        from ft.common import dist
+
+        dist.run_on_rank_zero(lambda: gathered is not None and self.write(  # rank 0 writes; a fault stops every rank
+            step, sorted(gathered, key=lambda item: item[0]), settings, pipe, run_log, time.perf_counter() - started))
 
     def write(self, step: int, results: list[tuple[int, np.ndarray]], settings: list[SamplingSettings], pipe: Any,
               run_log: RunLog, seconds: float) -> None:

@@ -121,3 +121,31 @@ def test_a_rank_without_a_gpu_says_so_itself(monkeypatch):
     with pytest.raises(UserError, match="each process trains on cuda:LOCAL_RANK") as raised:  # alike on every rank
         trainer.Trainer(TrainConfig(model="cogvideox", pretrained="m", shards=["s"], output_dir="o", device="cuda:1"))
     assert raised.value.quiet
+
+
+def test_a_world_without_a_rank_or_a_rendezvous_is_one_clear_message(monkeypatch):
+    from ft.common.dist import init_process_group
+
+    with pytest.raises(UserError, match="WORLD_SIZE=2 but sets no RANK"):
+        world_from_env({"WORLD_SIZE": "2"})
+    assert world_from_env({"WORLD_SIZE": "1"}) == World()  # torchrun --nproc 1, or a stray WORLD_SIZE=1
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(UserError, match="MASTER_ADDR and MASTER_PORT are not set"):
+        init_process_group(World(0, 2, 0, "torchrun"), "cpu", 5)
+
+
+def test_processes_that_never_meet_end_at_the_init_timeout_with_a_message(monkeypatch):
+    import socket
+
+    from ft.common.dist import init_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"did not meet at 127\.0\.0\.1:\d+ within --init-timeout 2 s.*1/2"):
+        init_process_group(World(0, 2, 0, "torchrun"), "cpu", 2)

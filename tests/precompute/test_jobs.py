@@ -183,3 +183,12 @@ def test_a_job_finishing_while_another_merges_waits_and_merges(tiny_cog, shapes_
     merged = finalize(out, own=JobSlot())
     assert merged is not None and merged.unmerged is None, json.dumps(merged.unmerged if merged else None)
     assert_same_samples(out, one_job)
+
+
+def test_finalize_of_a_folder_that_is_not_a_shard_set_touches_nothing(tmp_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "videos.txt").write_text("a.mp4\n")
+    with pytest.raises(UserError, match="not a shard set written by `ft precompute`"):
+        run_cli(["precompute", "--finalize", "--out", folder])
+    assert sorted(p.name for p in folder.iterdir()) == ["videos.txt"]  # no jobs/ folder, no lock left behind

@@ -249,3 +249,21 @@ def test_two_tasks_of_a_plain_srun_train_as_ddp(tiny_cog, shards, reference, tmp
     assert [t.returncode for t in tasks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     assert "DDP over 2 replicas" in errors[0] and "training CogVideoX" not in errors[1]  # rank 1 says nothing
     assert_same_run(out, reference["lora", 2], "lora")
+
+
+def test_a_log_write_failing_on_rank_zero_stops_every_rank_with_its_message(tiny_cog, shards, tmpfs):
+    """Rank 0 alone writes train_log.jsonl: when the disk fills under it, the other rank stops with it at the
+    same point (not a gloo traceback in its next collective, or a wait of --nccl-timeout under nccl)."""
+    from helpers import fill
+
+    disk = tmpfs("out", "4m")
+    out = disk / "run"
+    out.mkdir()
+    fill(disk, 3 * 4096)  # train_config.json takes a page, the log fills the rest after a few dozen steps
+    done = torchrun(2, train_args(tiny_cog, shards, out, *LORA, "--batch-size", 1, "--train-steps", 400,
+                                  "--checkpointing-steps", 1000), timeout=180)
+    assert done.returncode != 0
+    assert "no space left on the device" in done.stderr
+    assert "training stopped after step" in done.stderr
+    assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("error: --output-dir") == 1  # printed once, by rank 0
