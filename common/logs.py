@@ -25,8 +25,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def quiet_other_ranks(rank: int) -> None:
-    """Under several processes, a rank other than 0 says only its warnings and errors, named as its own."""
-    log.setLevel(logging.WARNING)
+    """Under several processes, a rank other than 0 says only its errors, named as its own: every warning of a
+    training run (a flag, a bucket, a resume) is met by all ranks alike, and rank 0 says it once."""
+    log.setLevel(logging.ERROR)
     for handler in log.handlers:
         handler.setFormatter(logging.Formatter(f"[ft rank {rank}] %(message)s"))
 
