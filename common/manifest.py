@@ -305,5 +305,7 @@ def open_shard_set(folder: str | Path) -> tuple[Manifest, list[Path]]:
                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun `ft precompute` "
                         "with the same --out to rebuild them.")
     if not paths:
+        if not manifest.complete or manifest.unmerged is not None:  # nothing written yet: say what is left to do
+            raise UserError(f"{folder} holds no samples yet: it is {manifest.describe_completeness()}.")
         raise UserError(f"{folder} holds no samples (every input was rejected?); see `ft inspect {folder}`.")
     return manifest, paths
