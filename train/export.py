@@ -1,4 +1,4 @@
-"""`ft export`: the weights users load, made from any checkpoint, and atomic writes of exported weights.
+"""`ft export`: the weights users load, made from any checkpoint.
 
 A checkpoint (checkpoints.py) is a training state: DCP tensors keyed by parameter names, and state.json. A LoRA
 checkpoint also holds `pytorch_lora_weights.safetensors` (written with it, so `pipe.load_lora_weights(CKPT)` loads
@@ -7,15 +7,12 @@ alone (no optimizer state is read, no base weights are loaded): the LoRA in the 
 finetune, a diffusers `transformer` folder that `from_pretrained` takes, built on the meta device from the
 transformer's config and given the checkpoint's tensors.
 
-Every export is written aside (a hidden temporary folder or file next to the target) and renamed into place, so
-a kill never leaves half a transformer that loads.
+Every export is written aside and renamed into place (weights_io.py), so a kill never leaves half a transformer
+that loads.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,30 +21,7 @@ from ft.common.config import REQUIRED, opt
 from ft.common.errors import UserError
 from ft.common.logs import log
 
-from .lora import LORA_WEIGHTS_NAME
-from .trainable import TRANSFORMER_DIR
-
-
-def write_aside(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` on a hidden sibling of `target`, then rename it to `target` (replacing an older one)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    try:
-        write(tmp)
-        if target.is_dir() and tmp.is_dir():  # a folder cannot be replaced in one rename: move the old one aside
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    return target
+from .weights_io import LORA_WEIGHTS_NAME, TRANSFORMER_DIR, save_lora_file, save_transformer, write_aside
 
 
 @dataclass(kw_only=True)
@@ -129,35 +103,3 @@ def run_export(cfg: ExportConfig) -> Path:
     log.info(f"exported {path} ({run.training_type}, step {json.loads((path / STATE_NAME).read_text())['step']}) "
              f"to {result}")
     return result
-
-
-def save_lora_file(spec: Any, target: Path, state: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """The diffusers LoRA file at `target` (the pipeline's save_lora_weights writes a folder: its file is moved)."""
-    folder = target.with_name(target.name + ".d")
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        spec.save_lora(folder, state, metadata)
-        os.replace(folder / LORA_WEIGHTS_NAME, target)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def save_transformer(spec: Any, config: dict[str, Any], state: dict[str, Any], dtype_name: str, folder: Path) -> None:
-    """A diffusers transformer folder from a config and full tensors: the family's class, built on the meta
-    device, takes the tensors (no base weights are loaded)."""
-    from accelerate import init_empty_weights
-
-    from ft.common.dtypes import parse_dtype
-
-    dtype = parse_dtype(dtype_name, "--transformer-dtype")
-    cls = spec.component_class("transformer")
-    with init_empty_weights():
-        model = cls.from_config(config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    if missing:
-        raise UserError(f"the weights lack {len(missing)} of the transformer's tensors (e.g. {missing[0]}); they are "
-                        "not a full finetune of this transformer.")
-    model.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()
-                           if k in expected}, strict=True, assign=True)
-    model.save_pretrained(folder)

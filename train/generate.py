@@ -34,7 +34,7 @@ from ft.common.video import write_video
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
-from .lora import LORA_WEIGHTS_NAME
+from .weights_io import LORA_WEIGHTS_NAME
 
 if TYPE_CHECKING:
     import numpy as np

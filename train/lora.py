@@ -13,8 +13,7 @@ from typing import Any
 from ft.common.errors import UserError
 from ft.pipelines.base import ModelSpec
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
+from .weights_io import LORA_WEIGHTS_NAME, save_lora_file, write_aside
 
 REGEX_CHARACTERS = set("()|*+?[]^$\\")
 
@@ -73,7 +72,5 @@ def adapter_metadata(transformer: Any) -> dict[str, Any]:
 
 def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path, state: dict[str, Any] | None = None) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` atomically; `pipe.load_lora_weights(out_dir)` loads it."""
-    from .export import save_lora_file, write_aside
-
     weights, metadata = lora_state_dict(transformer, state), adapter_metadata(transformer)
     return write_aside(Path(out_dir) / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, weights, metadata))

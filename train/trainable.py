@@ -19,8 +19,7 @@ from ft.pipelines.base import ModelSpec
 
 from .config import TrainConfig
 from .lora import add_lora, save_lora
-
-TRANSFORMER_DIR = "transformer"
+from .weights_io import TRANSFORMER_DIR, save_transformer, write_aside
 
 
 def uses_autocast(cfg: TrainConfig) -> bool:
@@ -79,8 +78,6 @@ def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path,
     place (export.write_aside): a kill never leaves half a transformer that loads."""
     if cfg.training_type == "lora":
         return save_lora(spec, transformer, out, full_state)
-    from .export import save_transformer, write_aside
-
     if full_state is None:  # one process: the module's own weights
         full_state = {k: v.detach().cpu() for k, v in transformer.state_dict().items()}
     config = dict(transformer.config)

@@ -94,7 +94,7 @@ def test_a_run_killed_before_its_export_finishes_it_on_resume(tiny_cog, cog_shar
 
 
 def test_a_failed_export_leaves_nothing_that_loads(tmp_path):
-    from ft.train.export import write_aside
+    from ft.train.weights_io import write_aside
 
     target = tmp_path / "transformer"
 
