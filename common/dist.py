@@ -238,6 +238,17 @@ def agree(error: BaseException | None) -> None:
     raise RankError(f"stopped because rank {r} failed: {m}", quiet=True)
 
 
+def peer_lost(error: BaseException) -> str | None:
+    """What a collective's error says when another rank hung (`--nccl-timeout` ran out) or died (its connection
+    closed): a short phrase, or None for any other error."""
+    text = str(error)
+    if "Timed out" in text or "timed out" in text or "Watchdog caught collective operation timeout" in text:
+        return "a collective timed out after --nccl-timeout"
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "Broken pipe" in text:
+        return "its connection closed"
+    return None
+
+
 def broadcast_object(obj: T) -> T:
     """Rank 0's `obj` on every rank."""
     if not initialized():

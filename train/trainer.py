@@ -426,6 +426,14 @@ class Trainer:
                      "plus --resume-from-checkpoint latest" if kept else f"no checkpoint was saved yet ({hint})")
             log.error(f"interrupted at step {self.state.step}: {where}.")
             raise
+        except RuntimeError as e:  # a collective gave up: another rank hung or died (its own output says why)
+            if self.world.size == 1 or not dist.peer_lost(e):
+                raise
+            kept = list_checkpoints(self.out)
+            last = f"The last checkpoint is step {kept[-1][0]}" if kept else "No checkpoint was saved yet"
+            raise UserError(f"rank {self.world.rank} stopped at step {self.state.step}: another rank stopped "
+                            f"answering ({dist.peer_lost(e)}); see that rank's output for why. {last}; the same "
+                            "command plus --resume-from-checkpoint latest goes on.") from None
         except BaseException as e:  # the disk filled or went read-only: stop cleanly, the last checkpoint stands
             if environment_fault(e) is None or isinstance(e, (SystemExit, GeneratorExit)):
                 raise

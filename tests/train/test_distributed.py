@@ -268,3 +268,19 @@ def test_a_log_write_failing_on_rank_zero_stops_every_rank_with_its_message(tiny
     assert "training stopped after step" in done.stderr
     assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.count("error: --output-dir") == 1  # printed once, by rank 0
+
+
+def test_a_rank_that_hangs_ends_the_others_at_the_timeout_with_a_message(tiny_cog, shards, tmp_path):
+    # rank 0 is stopped (SIGSTOP) after its second log line; rank 1 waits at most --nccl-timeout in the next
+    # collective, then says so in one line naming the last checkpoint (not a gloo traceback)
+    env = {"FT_TEST_KILL_AT": "logged:2", "FT_TEST_KILL_SIGNAL": "STOP"}
+    argv = train_args(tiny_cog, shards, tmp_path / "out", *LORA, "--batch-size", 1, "--train-steps", 20,
+                      "--checkpointing-steps", 1, "--nccl-timeout", 5)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ft.common.cli", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+    assert done.returncode != 0
+    assert ("[ft rank 1] error: rank 1 stopped at step 2: another rank stopped answering (a collective timed out "
+            "after --nccl-timeout)") in done.stderr, done.stderr[-3000:]
+    assert "The last checkpoint is step 1" in done.stderr
