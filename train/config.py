@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
+from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
+from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.model_args import ModelArgs
-
-from .fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
-from .fp8 import check_args as check_fp8_args
 
 TRAINING_TYPES = ("lora", "full-finetune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
