@@ -140,13 +140,14 @@ def _flags() -> list[Flag]:
             "revision", "variant", "cache_dir", "tokenizer_id", "tokenizer_2_id", "tokenizer_3_id",
             "text_encoder_id", "text_encoder_2_id", "text_encoder_3_id", "transformer_id", "vae_id",
             "text_encoder_dtype", "text_encoder_2_dtype", "text_encoder_3_dtype", "transformer_dtype", "vae_dtype")),
-        Flag("layerwise_upcasting_modules", u, nargs="+", why="fp8 storage of the transformer's weights is not in "
-             "ft; train in --transformer-dtype bf16.",
-             check=lambda v: None if not v else "--layerwise_upcasting_modules: fp8 weight storage is not supported "
-                                                "by ft; leave it out and train in bf16."),
-        Flag("layerwise_upcasting_storage_dtype", n, why="only used with --layerwise_upcasting_modules."),
-        Flag("layerwise_upcasting_skip_modules_pattern", n, nargs="+",
-             why="only used with --layerwise_upcasting_modules."),
+        Flag("layerwise_upcasting_modules", s, (T,), "layerwise_upcasting_modules", nargs="+",
+             why="fp8 storage of the frozen transformer (LoRA, one process), through diffusers' layerwise casting; "
+             "the adapters stay fp32."),
+        Flag("layerwise_upcasting_storage_dtype", s, (T,), "layerwise_upcasting_storage_dtype",
+             why="float8_e4m3fn (default) or float8_e5m2."),
+        Flag("layerwise_upcasting_skip_modules_pattern", s, (T,), "layerwise_upcasting_skip_modules_pattern",
+             nargs="+", why="finetrainers' default (norms, embeddings, proj_in/proj_out); the adapters are always "
+             "skipped."),
         # dataset
         Flag("dataset_config", s, (P, T), why="ft precompute encodes each dataset of the file into its own shard "
              "set; ft train mixes them by each one's weight. See 'Datasets' below."),

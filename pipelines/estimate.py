@@ -8,7 +8,9 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   `--transformer-dtype`, or all three in fp32 with `--master-dtype fp32` (the forward then runs under autocast,
   whose per-op casts are not counted); adamw-8bit keeps each moment in 1 byte. `--dp-shards S` divides what
   FSDP shards by S and adds the two transformer blocks it holds gathered (the one computing and the one
-  prefetched);
+  prefetched); with `--layerwise-upcasting-modules transformer` the layers `ft train` stores in fp8 (counted by
+  applying the same layerwise casting to the meta-device model) are 1 byte per weight, the skipped ones stay in
+  `--transformer-dtype` (one layer at a time is cast up for its forward: not counted);
 - activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
   sequence x sequence matrix kept), (16 + 4 r) bytes per token per hidden unit in bf16 for an MLP of ratio r
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without dropout).
@@ -32,6 +34,8 @@ from typing import Any
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
+from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
+from ft.common.fp8 import check_args as check_fp8_args
 
 from .real_configs import FAMILIES, Family, find_checkpoint, get_family, known_names
 
@@ -64,6 +68,12 @@ class EstimateConfig:
     dp_shards: int = opt(1, "FSDP shards: the transformer's weights, gradients and optimizer state are split this "
                             "many ways.")
     num_samples: int = opt(1000, "Dataset size for the disk estimate.")
+    layerwise_upcasting_modules: list[str] = opt([], "transformer: fp8 storage of the frozen base, as `ft train "
+                                                     "--layerwise-upcasting-modules` (its cast layers at 1 byte per "
+                                                     "weight).")
+    layerwise_upcasting_storage_dtype: str = opt("float8_e4m3fn", "float8_e4m3fn or float8_e5m2.")
+    layerwise_upcasting_skip_modules_pattern: list[str] = opt(list(FP8_SKIP), "Modules kept in "
+                                                                              "--transformer-dtype, as in ft train.")
 
     def __post_init__(self) -> None:
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
@@ -72,6 +82,10 @@ class EstimateConfig:
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
+        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
+        if self.layerwise_upcasting_modules and self.dp_shards > 1:
+            raise UserError("--layerwise-upcasting-modules: ft train stores the base in fp8 in one process only; "
+                            "leave out --dp-shards.")
 
 
 @dataclass
@@ -190,6 +204,18 @@ def _lora_params(transformer: Any, rank: int, targets: list[str]) -> int:
     return sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
 
 
+def _fp8_params(transformer: Any, cfg: EstimateConfig) -> int:
+    """Parameters `ft train` stores in fp8: diffusers' layerwise casting applied to the meta-device transformer
+    (LoRA already added) exactly as ft train applies it (common/fp8.py), then counted."""
+    import torch
+
+    from ft.common.fp8 import apply_fp8_storage
+
+    apply_fp8_storage(transformer, cfg.layerwise_upcasting_storage_dtype, torch.bfloat16,
+                      cfg.layerwise_upcasting_skip_modules_pattern)
+    return sum(p.numel() for p in transformer.parameters() if p.element_size() == 1)
+
+
 def _lora_targets(family: Family) -> list[str]:
     from .registry import SPECS
 
@@ -281,8 +307,11 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     if cfg.training_type == "lora":
         trainable = _lora_params(transformer, cfg.rank, _lora_targets(family))
         master = "float32"
-        static = {f"transformer weights ({SHORT[weights]}, frozen)": params * base / shards,
-                  "LoRA weights (fp32)": trainable * ELEMENT_BYTES[master] / shards}
+        cast = _fp8_params(transformer, cfg) if cfg.layerwise_upcasting_modules else 0
+        static = {f"transformer weights ({SHORT[weights]}, frozen)": (params - cast) * base / shards}
+        if cast:
+            static[f"transformer weights ({cfg.layerwise_upcasting_storage_dtype}, frozen)"] = cast
+        static["LoRA weights (fp32)"] = trainable * ELEMENT_BYTES[master] / shards
     else:
         trainable = params
         master = weights if cfg.master_dtype == "auto" else "float32"  # fp32: loaded in fp32, autocast computes

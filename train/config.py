@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
+from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
+from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.model_args import ModelArgs
 
 TRAINING_TYPES = ("lora", "full-finetune")
@@ -86,6 +88,18 @@ class TrainConfig(ModelArgs):
     allow_incomplete: bool = opt(False, "Train on a shard set whose precompute run did not finish (refused by "
                                         "default: part of the dataset, maybe whole buckets, would be missing).",
                                  panel=RUN)
+    layerwise_upcasting_modules: list[str] = opt([], "fp8 storage of the frozen base (finetrainers' flag): "
+                                                     "`transformer` stores its Linear and Conv weights in "
+                                                     "--layerwise-upcasting-storage-dtype and casts each to "
+                                                     "--transformer-dtype for its forward (diffusers' layerwise "
+                                                     "casting). LoRA only, one process; the adapters stay fp32.",
+                                                 panel=LORA)
+    layerwise_upcasting_storage_dtype: str = opt("float8_e4m3fn", "fp8 storage dtype: float8_e4m3fn or "
+                                                                  "float8_e5m2.", panel=LORA)
+    layerwise_upcasting_skip_modules_pattern: list[str] = opt(
+        list(FP8_SKIP), "Regexes (re.search on module names) of modules kept in --transformer-dtype; finetrainers' "
+                        "default keeps norms, embeddings and the input/output projections. The adapters are always "
+                        "kept in fp32.", panel=LORA)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
     target_modules: list[str] = opt([], "Module names to put LoRA on. Default: the model's attention "
@@ -198,6 +212,7 @@ class TrainConfig(ModelArgs):
                 re.compile(self.target_modules[0])
             except re.error as e:
                 raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
+        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
         if self.training_type == "full-finetune":
             for name, default in (("rank", 64), ("lora_alpha", 64.0)):
                 if getattr(self, name) != default:

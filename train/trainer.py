@@ -62,6 +62,11 @@ from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 from .validation import Validation
 
+FP8_SEVERAL_PROCESSES = (
+    "--layerwise-upcasting-modules (fp8 storage) trains in one process only: diffusers' layerwise casting changes "
+    "each layer's weights between fp8 and --transformer-dtype around its forward, while FSDP2 shards and gathers "
+    "those same weights as flat buffers of one dtype, and DDP broadcasts them at start; fp8 storage is for fitting "
+    "ONE GPU. With several GPUs, train in bf16 with --dp-shards (FSDP2 splits the weights over the processes).")
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
@@ -179,6 +184,8 @@ class Trainer:
                                               and self.transformer_config.get("guidance_embeds", True)):
             raise UserError(f"--guidance-scale {cfg.guidance_scale}: this {self.spec.display_name} transformer has no "
                             "embedded guidance input; leave it at 1.")
+        if cfg.layerwise_upcasting_modules and self.world.size > 1:
+            raise UserError(FP8_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config)  # checks its files
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})

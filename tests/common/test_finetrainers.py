@@ -90,7 +90,6 @@ def test_flags_with_nothing_to_do_are_accepted_when_they_ask_for_nothing():
     (["--push_to_hub"], "huggingface-cli upload"),
     (["--optimizer", "adam-bnb-8bit"], "no 8-bit Adam"),
     (["--training_type", "control-lora"], "control conditioning is not supported"),
-    (["--layerwise_upcasting_modules", "transformer"], "fp8"),
     (["--compile_modules", "transformer"], "torch.compile"),
     (["--logging_dir", "elsewhere"], "OUTPUT_DIR/logs"),
 ])
@@ -249,6 +248,16 @@ def test_finetrainers_training_semantics_carry_over():
                     {"push_to_hub": False, "enable_tiling": False, "layerwise_upcasting_modules": []}, configs,
                     "c.yaml")
     assert "--vae-tiling" not in off.runs[0] or off.runs[0][off.runs[0].index("--vae-tiling") + 1:][:1] != ["true"]
+
+
+def test_layerwise_upcasting_flags_carry_over_to_ft_train():
+    run = tr("train", *MODEL, "--shards", "s", "--layerwise_upcasting_modules", "transformer",
+             "--layerwise_upcasting_storage_dtype", "float8_e5m2", "--layerwise_upcasting_skip_modules_pattern",
+             "norm", "^proj_out$").runs[0]
+    assert run[run.index("--layerwise-upcasting-modules") + 1] == "transformer"
+    assert run[run.index("--layerwise-upcasting-storage-dtype") + 1] == "float8_e5m2"
+    patterns = [run[i + 1] for i, a in enumerate(run) if a == "--layerwise-upcasting-skip-modules-pattern"]
+    assert patterns == ["norm", "^proj_out$"]
 
 
 def test_a_flag_without_its_value_and_a_bad_regex_are_clear_errors():

@@ -118,3 +118,17 @@ def test_flags_are_checked():
         EstimateConfig(model="cogvideox", pretrained="x", master_dtype="bf16")
     with pytest.raises(UserError, match="--dp-shards must be > 0"):
         EstimateConfig(model="cogvideox", pretrained="x", dp_shards=0)
+
+
+def test_fp8_storage_counts_the_cast_layers_at_one_byte(cog5b):
+    fp8 = estimate(EstimateConfig(model="cogvideox", pretrained="THUDM/CogVideoX-5b", rank=64,
+                                  layerwise_upcasting_modules=["transformer"]))
+    cast = fp8.train_static["transformer weights (float8_e4m3fn, frozen)"]
+    kept = fp8.train_static["transformer weights (bf16, frozen)"]
+    params = fp8.component("transformer").params
+    assert cast + kept / 2 == params and 0.8 * params < cast < params  # norms, embeddings, proj_out stay bf16
+    assert fp8.train_static_bytes < 0.65 * cog5b.train_static_bytes
+    assert fp8.train_static["LoRA weights (fp32)"] == cog5b.train_static["LoRA weights (fp32)"]
+    with pytest.raises(UserError, match="optimizer cannot update"):
+        EstimateConfig(model="cogvideox", pretrained="x", training_type="full-finetune",
+                       layerwise_upcasting_modules=["transformer"])
