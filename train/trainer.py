@@ -257,14 +257,15 @@ class Trainer:
         if saved is not None and saved != self.stream.fingerprints():
             log.warning(f"the shard sets changed since {path} was saved (re-precomputed or edited): training goes "
                         "on from the same position, but the data order from here is not the straight run's")
-        later, error = [], None
-        if self.world.main:
+
+        def set_aside() -> list[Path]:
             try:
-                later = set_aside_later_checkpoints(self.out, self.state.step)
+                return set_aside_later_checkpoints(self.out, self.state.step)
             except OSError as e:
-                error = UserError(f"could not move the checkpoints after step {self.state.step} aside in "
-                                  f"{self.out} ({e}); make the folder writable and resume again.")
-        dist.agree(error)
+                raise UserError(f"could not move the checkpoints after step {self.state.step} aside in "
+                                f"{self.out} ({e}); make the folder writable and resume again.") from e
+
+        later = dist.run_on_rank_zero(set_aside) or []
         if later:
             log.warning(f"{len(later)} checkpoint(s) after step {self.state.step} belong to the run that went on "
                         f"from it; moved to {later[0].parent} so that `latest` and --checkpointing-limit mean this run")
@@ -503,13 +504,8 @@ class Trainer:
         if self.world.size == 1:
             return save_result(self.cfg, self.spec, self.transformer, self.out)
         full = export_state(self.transformer, trainable_only=self.cfg.training_type == "lora")
-        result, error = None, None
-        if self.world.main:
-            try:
-                result = save_result(self.cfg, self.spec, self.transformer, self.out, full_state=full)
-            except Exception as e:
-                error = e
-        dist.agree(error)
+        result = dist.run_on_rank_zero(lambda: save_result(self.cfg, self.spec, self.transformer, self.out,
+                                                           full_state=full))
         return dist.broadcast_object(result)
 
 
