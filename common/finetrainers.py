@@ -169,7 +169,9 @@ def _flags() -> list[Flag]:
         Flag("flow_resolution_shifting", s, (T,), "flow_resolution_shifting", nargs=0,
              why="finetrainers parses it and never applies it; ft applies it (e^mu shift from the latent sequence "
              "length), for families sampled with dynamic shifting (LTX-Video) only, and refuses it elsewhere."),
-        *(Flag(name, s, (T,), name, why="acts with --flow_resolution_shifting (finetrainers never used it).")
+        *(Flag(name, s, (T,), name, why="acts with --flow_resolution_shifting (finetrainers never used it); "
+               "left out, it is the scheduler config's value, as the pipeline reads it (finetrainers' default is "
+               "SD3's 256/4096/0.5/1.15).")
           for name in ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")),
         Flag("flow_shift", s, (T,), "flow_shift", why="finetrainers parses it and never applies it; ft shifts "
              "the sampled sigmas by it (1: none, the default)."),
@@ -204,8 +206,13 @@ def _flags() -> list[Flag]:
              convert=_optimizer, check=lambda v: None if v[0].lower() != "adam-bnb-8bit" else
              "--optimizer adam-bnb-8bit: ft has no 8-bit Adam with L2 weight decay. Use --optimizer adamw-8bit "
              "(8-bit, decoupled weight decay) or adam (32-bit, L2 decay as Adam8bit has)."),
+        Flag("lr_scheduler", s, (T,), "lr_scheduler", why="cosine is diffusers' half cosine, from the peak to 0 at "
+             "the last step. finetrainers' cosine takes --lr_num_cycles (1 by default) as whole periods of the "
+             "wave, so its rate falls to 0 at mid-run and climbs back to the peak by the last step, which its own "
+             "function's docstring calls not the default (half a period); ft keeps the half cosine. For restarts "
+             "use cosine_with_restarts --lr_num_cycles N (the same in both)."),
         *(Flag(name, s, (T,), name) for name in (
-            "lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "beta1", "beta2", "weight_decay",
+            "lr", "lr_warmup_steps", "lr_num_cycles", "lr_power", "beta1", "beta2", "weight_decay",
             "epsilon", "max_grad_norm")),
         Flag("beta3", u, why="ft's optimizers take two betas.",
              check=lambda v: "--beta3: ft's optimizers (adam, adamw) take two betas; leave it out."),

@@ -131,7 +131,11 @@ DATASETS = """## Datasets
 
 Differences that remain: finetrainers picks a clip's bucket by frame count first, then aspect ratio; ft picks the
 nearest aspect ratio among the buckets the clip has frames for. A clip shorter than every bucket is rejected with
-a reason (finetrainers would train it at its own length).
+a reason (finetrainers would train it at its own length). Spreading F frames over a clip of N, both take the
+evenly spaced positions 0 ... N-1; finetrainers truncates each to a frame index (`torch.linspace(...).long()`:
+each falls up to one frame early), ft rounds it to the nearest frame (at most half a frame off, either way). The
+frames differ by at most one source frame each; ft keeps rounding because the frame indices are part of every
+sample's key, and truncating would re-encode every shard set written with `--frame-sampling uniform`.
 
 ### CogVideoX 1.5 buckets
 CogVideoX 1.5 patches latent frames in pairs. finetrainers' example trains CogVideoX1.5-5B at 81x480x768: 81

@@ -124,6 +124,18 @@ def sample_posterior(latents: dict[str, torch.Tensor], generators: list[torch.Ge
     return mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
 
 
+REGEX_CHARACTERS = set("()|*+?[]^$\\")
+
+
+def peft_targets(target_modules: list[str]) -> str | list[str]:
+    """What PEFT takes: one value with regex characters is a regex matched against whole module names (as
+    finetrainers passes `(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)`); otherwise
+    module names, each matching a name or its last parts. `--target-modules` and a spec's default_lora_targets."""
+    if len(target_modules) == 1 and REGEX_CHARACTERS & set(target_modules[0]):
+        return target_modules[0]
+    return list(target_modules)
+
+
 @dataclass
 class StepInputs:
     """What a family's `predict` receives for one batch: the clean latents and the noise, the noised latents

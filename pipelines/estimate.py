@@ -37,6 +37,7 @@ from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
 
+from .base import peft_targets
 from .real_configs import FAMILIES, Family, find_checkpoint, get_family, known_names
 
 GB = 1e9
@@ -200,7 +201,7 @@ def _configs(family: Family, pretrained: str) -> tuple[str, dict[str, dict[str, 
 def _lora_params(transformer: Any, rank: int, targets: list[str]) -> int:
     from peft import LoraConfig
 
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=peft_targets(targets)))
     return sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
 
 

@@ -59,9 +59,10 @@ class HunyuanVideoSpec(ModelSpec):
     }
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
-    # the attention projections of the double- and single-stream blocks (finetrainers' HunyuanVideo example)
-    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out"]
+    # the attention projections of the double- and single-stream blocks, not the text token refiner's (its blocks
+    # have to_q/to_k/to_v/to_out.0 too): finetrainers' HunyuanVideo example restricts them with this regex
+    default_lora_targets = ["(transformer_blocks|single_transformer_blocks).*"
+                            "(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
     default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
     block_lists = ("transformer_blocks", "single_transformer_blocks")  # dual-stream, then single-stream
     default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)

@@ -19,7 +19,11 @@ What is fed (stage 2), as `LTXPipeline.__call__` feeds its transformer:
   (temporal compression / fps, spatial compression, spatial compression) with each sample's own fps.
 - `--first-frame-conditioning-p P`: with probability P per sample (drawn from the sample's generator), the first
   latent frame is noised only to sigma_ff = min(u * sigma, 0.25) (u uniform), as finetrainers' LTX trainer does
-  for image-to-video, and its loss is masked out (per-element weight 0): it is the condition, not a target.
+  for image-to-video (a light noise on the condition, as LTXConditionPipeline's `image_cond_noise_scale` adds at
+  sampling); its tokens get timestep 0, as LTXImageToVideoPipeline feeds them (t * (1 - conditioning_mask)); and
+  its elements leave the loss, numerator and denominator (the mean is over the frames that are targets), as
+  Lightricks' LTX-Video-Trainer masks it. finetrainers feeds every token the sample's timestep and keeps the
+  frame in its loss: the condition is then trained as a target at a timestep it is not noised to.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ def unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, p
     return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
+# Lightricks/LTX-Video's scheduler_config.json (resolution-dependent shift at sampling time): the tiny model's
+# scheduler, so tests train and sample with LTX-Video's own shift settings
+SCHEDULER_CONFIG = {"base_image_seq_len": 1024, "base_shift": 0.95, "max_image_seq_len": 4096, "max_shift": 2.05,
+                    "shift": 1.0, "shift_terminal": 0.1, "use_dynamic_shifting": True}
 PIPELINE_MULTIPLE = 32  # diffusers' LTXPipeline.check_inputs: height and width divisible by 32
 
 
@@ -227,7 +235,8 @@ class LTXVideoSpec(ModelSpec):
 
     def condition_first_frame(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The noised latents with the first frame re-noised to a low sigma for the samples whose draw says so,
-        and per-element weights that mask those frames' loss (None when no sample is conditioned)."""
+        and the conditioning mask [B, 1, F, H, W] (1 on those samples' first frames; None when no sample is
+        conditioned), LTXImageToVideoPipeline's `conditioning_mask` before packing."""
         import torch
 
         p = float(step.options.get("first_frame_conditioning_p") or 0.0)
@@ -243,24 +252,36 @@ class LTXVideoSpec(ModelSpec):
         select = chosen.view(-1, 1, 1, 1, 1)
         noisy = step.noisy.clone()
         noisy[:, :, :1] = torch.where(select, first, step.noisy[:, :, :1])
-        weights = torch.ones(noisy.shape[0], 1, noisy.shape[2], 1, 1, device=noisy.device)
-        weights[:, :, :1] = torch.where(select, 0.0, 1.0)
-        return noisy, weights
+        b, _, frames, height, width = noisy.shape
+        mask = torch.zeros(b, 1, frames, height, width, device=noisy.device)
+        mask[:, :, :1] = select.to(mask.dtype)
+        return noisy, mask
+
+    @staticmethod
+    def token_timesteps(timesteps: torch.Tensor, mask: torch.Tensor, p: int, p_t: int) -> torch.Tensor:
+        """Per-token timesteps [B, tokens] as LTXImageToVideoPipeline makes them: t * (1 - conditioning_mask), the
+        mask packed as the latents are (so the conditioned frame's tokens get 0)."""
+        packed = pack_latents(mask, p, p_t).squeeze(-1)
+        return timesteps.to(packed).unsqueeze(-1) * (1 - packed)
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The transformer's velocity prediction, fed as LTXPipeline feeds it, unpacked to [B, C, F, H, W]."""
+        """The transformer's velocity prediction, fed as LTXPipeline feeds it, unpacked to [B, C, F, H, W].
+        A batch with conditioned first frames is fed as LTXImageToVideoPipeline feeds it (per-token timesteps, 0
+        on the condition), and the condition's elements get loss weight 0 (out of the mean, see
+        ft.train.objectives.Objective.sample_losses)."""
         config = transformer.config
         p, p_t = config.patch_size, config.patch_size_t
-        noisy, weights = self.condition_first_frame(step)
+        noisy, mask = self.condition_first_frame(step)
         _, _, frames, height, width = noisy.shape
+        timestep = step.timesteps if mask is None else self.token_timesteps(step.timesteps, mask, p, p_t)
         scale = self.rope_interpolation_scale(step.meta, noisy.device)
         output = transformer(hidden_states=pack_latents(noisy, p, p_t).to(dtype),
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
-                             timestep=step.timesteps, encoder_attention_mask=step.cond["prompt_attention_mask"],
+                             timestep=timestep, encoder_attention_mask=step.cond["prompt_attention_mask"],
                              num_frames=frames, height=height, width=width, rope_interpolation_scale=scale,
                              return_dict=False)[0]
-        return unpack_latents(output, frames, height, width, p, p_t), weights
+        return unpack_latents(output, frames, height, width, p, p_t), None if mask is None else 1 - mask
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -291,9 +312,6 @@ class LTXVideoSpec(ModelSpec):
         transformer = LTXVideoTransformer3DModel(
             in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
             cross_attention_dim=32, num_layers=1, caption_channels=32)
-        # LTX-Video's own scheduler settings (resolution-dependent shift at sampling time)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05, shift=1.0,
-            shift_terminal=0.1, use_dynamic_shifting=True)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
         return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
                 "scheduler": scheduler}

@@ -15,6 +15,7 @@ from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.model_args import ModelArgs
+from ft.pipelines.base import REGEX_CHARACTERS
 
 TRAINING_TYPES = ("lora", "full-finetune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -102,8 +103,10 @@ class TrainConfig(ModelArgs):
                         "kept in fp32.", panel=LORA)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
-    target_modules: list[str] = opt([], "Module names to put LoRA on. Default: the model's attention "
-                                        "projections (to_q to_k to_v to_out.0).", panel=LORA)
+    target_modules: list[str] = opt([], "Module names to put LoRA on, or one regex matched against whole names. "
+                                        "Default: the model's attention projections (to_q to_k to_v to_out.0; "
+                                        "HunyuanVideo: those and the text-stream ones of its double- and "
+                                        "single-stream blocks, not the token refiner's).", panel=LORA)
     optimizer: str = opt("adamw", f"Optimizer: {', '.join(OPTIMIZERS)} (adamw-8bit needs bitsandbytes).",
                          panel=OPTIM)
     lr: float = opt(1e-4, "Peak learning rate.", panel=OPTIM)
@@ -128,10 +131,15 @@ class TrainConfig(ModelArgs):
     flow_resolution_shifting: bool = opt(False, "Shift by the latent sequence length instead of --flow-shift, "
                                                 "interpolating between the base and max shifts below.",
                                          panel=OBJECTIVE)
-    flow_base_seq_len: int = opt(256, "Sequence length that gets --flow-base-shift.", panel=OBJECTIVE)
-    flow_max_seq_len: int = opt(4096, "Sequence length that gets --flow-max-shift.", panel=OBJECTIVE)
-    flow_base_shift: float = opt(0.5, "Shift exponent (mu) at --flow-base-seq-len.", panel=OBJECTIVE)
-    flow_max_shift: float = opt(1.15, "Shift exponent (mu) at --flow-max-seq-len.", panel=OBJECTIVE)
+    flow_base_seq_len: int | None = opt(None, "Sequence length that gets --flow-base-shift. Default: the "
+                                              "scheduler config's base_image_seq_len, as the pipeline reads it.",
+                                        panel=OBJECTIVE)
+    flow_max_seq_len: int | None = opt(None, "Sequence length that gets --flow-max-shift. Default: the scheduler "
+                                             "config's max_image_seq_len.", panel=OBJECTIVE)
+    flow_base_shift: float | None = opt(None, "Shift exponent (mu) at --flow-base-seq-len. Default: the scheduler "
+                                              "config's base_shift.", panel=OBJECTIVE)
+    flow_max_shift: float | None = opt(None, "Shift exponent (mu) at --flow-max-seq-len. Default: the scheduler "
+                                             "config's max_shift.", panel=OBJECTIVE)
     # --- HunyuanVideo (a family without an embedded guidance input refuses a value other than 1) ---
     guidance_scale: float = opt(1.0, "HunyuanVideo: the embedded guidance scale the guidance-distilled transformer is "
                                      "trained with (1.0 as finetrainers and musubi-tuner train; generation uses the "
@@ -183,7 +191,7 @@ class TrainConfig(ModelArgs):
         for name in ("init_timeout", "nccl_timeout"):
             check_positive(getattr(self, name), name)
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",
-                     "logging_steps", "lora_alpha", "flow_logit_std", "flow_shift", "flow_base_seq_len", "lr_power"):
+                     "logging_steps", "lora_alpha", "flow_logit_std", "flow_shift", "lr_power"):
             check_positive(getattr(self, name), name)
         for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "eval_batches", "checkpointing_steps",
                      "validation_steps"):
@@ -197,7 +205,10 @@ class TrainConfig(ModelArgs):
                             f"{self.first_frame_conditioning_p}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
-        if self.flow_max_seq_len <= self.flow_base_seq_len:
+        if self.flow_base_seq_len is not None:
+            check_positive(self.flow_base_seq_len, "flow_base_seq_len")
+        if None not in (self.flow_base_seq_len, self.flow_max_seq_len) and (
+                self.flow_max_seq_len <= self.flow_base_seq_len):
             raise UserError(f"--flow-max-seq-len ({self.flow_max_seq_len}) must be greater than --flow-base-seq-len "
                             f"({self.flow_base_seq_len}).")
         if self.lr_scheduler != "polynomial" and self.lr_power != 1.0:
@@ -205,7 +216,7 @@ class TrainConfig(ModelArgs):
         if self.lr_scheduler != "cosine_with_restarts" and self.lr_num_cycles != 1:
             raise UserError(f"--lr-num-cycles applies to --lr-scheduler cosine_with_restarts, not "
                             f"{self.lr_scheduler}.")
-        if len(self.target_modules) == 1 and set("()|*+?[]^$\\") & set(self.target_modules[0]):
+        if len(self.target_modules) == 1 and REGEX_CHARACTERS & set(self.target_modules[0]):
             import re
 
             try:  # a regex, as PEFT takes it: checked here, before any model loads

@@ -63,6 +63,10 @@ class GenerateConfig(ModelArgs):
                                              "whose --guidance-scale is an embedded scale (HunyuanVideo and its "
                                              "finetunes; SkyReels-V1 samples with about 6). Off (1) by default.",
                                        panel=GEN)
+    max_sequence_length: int | None = opt(None, "Text tokens the prompt is encoded to. Default: the length the "
+                                                "weights were trained at (the shard set named in the train_config"
+                                                ".json beside --lora or --transformer-id), else the model's (226 "
+                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo).", panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
                                   "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
@@ -71,7 +75,7 @@ class GenerateConfig(ModelArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_inference_steps", "fps"):
+        for name in ("num_inference_steps", "fps", "max_sequence_length"):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
 
@@ -187,6 +191,44 @@ def resolve_size(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
     return size
 
 
+def trained_text_length(cfg: GenerateConfig) -> int | None:
+    """The text length the trained weights saw: `max_sequence_length` of the first shard set in the
+    train_config.json of the run that wrote --lora (or the --transformer-id folder), looked for in that folder and
+    the two above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/). None when there is no such
+    file or the shard set is not readable here."""
+    import json
+
+    from ft.common.shards import Manifest
+
+    from .loader import parse_shard_arg
+
+    starts = [Path(p) for p in (cfg.lora, cfg.transformer_id) if p]
+    for start in starts:
+        folder = start.parent if start.is_file() else start
+        for candidate in (folder, folder.parent, folder.parent.parent):
+            path = candidate / "train_config.json"
+            if not path.is_file():
+                continue
+            try:
+                shards = json.loads(path.read_text())["shards"]
+                manifest = Manifest.load(parse_shard_arg(shards[0])[0])
+                return int(manifest.encoding["max_sequence_length"])
+            except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
+                log.info(f"{path}: its shard set's text length is not readable here ({e}); the model's default "
+                         "applies (--max-sequence-length sets it)")
+                return None
+    return None
+
+
+def text_length(spec: ModelSpec, cfg: GenerateConfig, transformer_config: dict) -> int:
+    """--max-sequence-length, else the trained length, else the family's default; checked against the model."""
+    length = cfg.max_sequence_length or trained_text_length(cfg) or spec.default_sequence_length(transformer_config)
+    problem = spec.check_sequence_length(length, transformer_config)
+    if problem:
+        raise UserError(f"--max-sequence-length {length}: {problem}.")
+    return length
+
+
 def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
     lora = check_lora_folder(cfg.lora) if cfg.lora else None
     pipe = spec.load_pipeline(cfg, device)
@@ -240,7 +282,7 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     dtype = pipe.transformer.dtype
     pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
-    seq_len = spec.default_sequence_length(transformer_config)
+    seq_len = text_length(spec, cfg, transformer_config)
     true_cfg_settings(cfg, pipe)
     settings = sampling_settings(spec, cfg, size)
     with torch.no_grad():

@@ -11,20 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
-from ft.pipelines.base import ModelSpec
+from ft.pipelines.base import ModelSpec, peft_targets
 
 from .weights_io import LORA_WEIGHTS_NAME, save_lora_file, write_aside
-
-REGEX_CHARACTERS = set("()|*+?[]^$\\")
-
-
-def peft_targets(target_modules: list[str]) -> str | list[str]:
-    """What PEFT takes: one value with regex characters is a regex matched against whole module names (as
-    finetrainers passes `(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)`); otherwise
-    module names, each matching a name or its last parts."""
-    if len(target_modules) == 1 and REGEX_CHARACTERS & set(target_modules[0]):
-        return target_modules[0]
-    return list(target_modules)
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str]) -> Any:

@@ -6,8 +6,9 @@ what the transformer's output is compared with, and how each sample's loss is we
   `mode` with `--flow-mode-scale`; 1 - u because the reference scripts index a descending sigma table with u, so
   finetrainers' settings mean the same here), then a shift towards noise: `--flow-shift`
   (s' = shift*s / (1 + (shift-1)*s)), or with `--flow-resolution-shifting` one set by the latent sequence length
-  before patching, as finetrainers counts it (mu interpolated between `--flow-base-seq-len`/`--flow-base-shift`
-  and `--flow-max-seq-len`/`--flow-max-shift`; s' = e^mu / (e^mu + 1/s - 1)). These are the formulas of
+  before patching, as finetrainers and LTXPipeline count it (mu interpolated between `--flow-base-seq-len`/
+  `--flow-base-shift` and `--flow-max-seq-len`/`--flow-max-shift`, which default to the scheduler config's, as
+  the pipeline's calculate_shift reads them; s' = e^mu / (e^mu + 1/s - 1)). These are the formulas of
   diffusers' training utilities and finetrainers; here every knob acts.
 - `FlowMatching` (LTX-Video, HunyuanVideo): x_s = (1 - s) x0 + s noise, timestep = 1000 s, target noise - x0,
   weights from `--flow-weighting-scheme` (sigma_sqrt: s^-2; cosmap: 2 / (pi (1 - 2s + 2s^2)); else 1).
@@ -55,6 +56,12 @@ def normal_per_sample(generators: list[torch.Generator], mean: float, std: float
     return torch.cat([torch.randn(1, generator=g) for g in generators]) * std + mean
 
 
+# SigmaSampler's resolution knobs: (field, TrainConfig flag, the scheduler config key the pipelines read)
+RESOLUTION_KNOBS = (("base_seq_len", "flow_base_seq_len", "base_image_seq_len"),
+                    ("max_seq_len", "flow_max_seq_len", "max_image_seq_len"),
+                    ("base_shift", "flow_base_shift", "base_shift"), ("max_shift", "flow_max_shift", "max_shift"))
+
+
 @dataclass
 class SigmaSampler:
     """Draws each sample's sigma in [MIN_SIGMA, 1] (see the module docstring for the formulas)."""
@@ -71,10 +78,29 @@ class SigmaSampler:
     max_shift: float = 1.15
 
     @classmethod
-    def from_config(cls, cfg: Any) -> SigmaSampler:
+    def from_config(cls, cfg: Any, scheduler_config: Any = None, family: str = "this model") -> SigmaSampler:
+        """The run's sigma knobs. The resolution shift's four (`--flow-base-seq-len` ...) default to the loaded
+        scheduler config's base_image_seq_len, max_image_seq_len, base_shift and max_shift, read as the family's
+        pipeline reads them for calculate_shift (with its fallbacks, this class's defaults, where a key is
+        missing): training then shifts as that pipeline samples."""
+        from ft.common.errors import UserError
+
+        scheduler_config = scheduler_config or {}
+        if cfg.flow_resolution_shifting and not scheduler_config.get("use_dynamic_shifting"):
+            # the pre-patch sequence length of a CogVideoX or HunyuanVideo clip is far past the max length: the
+            # extrapolated shift would put every sigma at ~1. Only families sampled with dynamic shifting.
+            raise UserError(f"--flow-resolution-shifting: {family} is not sampled with resolution-dependent "
+                            "shifting (its scheduler has no use_dynamic_shifting); use a fixed --flow-shift "
+                            "instead.")
+        resolved = {}
+        for knob, flag, key in RESOLUTION_KNOBS:
+            value = getattr(cfg, flag)
+            resolved[knob] = value if value is not None else scheduler_config.get(key, getattr(cls, knob))
+        if resolved["max_seq_len"] <= resolved["base_seq_len"]:
+            raise UserError(f"--flow-max-seq-len ({resolved['max_seq_len']}) must be greater than --flow-base-seq-len "
+                            f"({resolved['base_seq_len']}; defaults from the scheduler config).")
         return cls(cfg.flow_weighting_scheme, cfg.flow_logit_mean, cfg.flow_logit_std, cfg.flow_mode_scale,
-                   cfg.flow_shift, cfg.flow_resolution_shifting, cfg.flow_base_seq_len, cfg.flow_max_seq_len,
-                   cfg.flow_base_shift, cfg.flow_max_shift)
+                   cfg.flow_shift, cfg.flow_resolution_shifting, **resolved)
 
     def density(self, generators: list[torch.Generator]) -> torch.Tensor:
         """u in [0, 1] per sample, before any shift."""
@@ -146,6 +172,20 @@ class Objective(ABC):
     def weights(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights [B]."""
 
+    def sample_losses(self, output: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
+                      sigmas: torch.Tensor, timesteps: torch.Tensor, element_weights: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """Per-sample losses [B]: the weighted squared error of the prediction, averaged over each sample's
+        elements. With a family's per-element weights (`ModelSpec.predict`; 0 on a conditioning frame) it is
+        their weighted mean, sum(w * e) / sum(w): an element of weight 0 is out of the denominator too, so a
+        conditioned sample's loss is the mean over its target frames."""
+        error = (self.prediction(output, noisy, timesteps).float() - self.target(latents, noise).float()) ** 2
+        weights = self.weights(sigmas, timesteps).float().reshape(-1, *([1] * (error.ndim - 1)))
+        if element_weights is None:
+            return (weights * error).flatten(1).mean(1)
+        element_weights = element_weights.float().expand_as(error)
+        return (weights * error * element_weights).flatten(1).sum(1) / element_weights.flatten(1).sum(1)
+
 
 def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_sample.reshape(-1, *([1] * (like.ndim - 1))).to(like.device, like.dtype)
@@ -191,6 +231,6 @@ class DDPMVPrediction(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"flow_matching": FlowMatching, "ddpm_v_prediction": DDPMVPrediction}
 
 
-def build_objective(name: str, scheduler: Any, cfg: Any) -> Objective:
-    """The objective a family names, with the run's sigma knobs."""
-    return OBJECTIVES[name](scheduler, SigmaSampler.from_config(cfg))
+def build_objective(name: str, scheduler: Any, cfg: Any, family: str = "this model") -> Objective:
+    """The objective a family names, with the run's sigma knobs (defaults from the scheduler's config)."""
+    return OBJECTIVES[name](scheduler, SigmaSampler.from_config(cfg, scheduler.config, family))

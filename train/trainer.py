@@ -215,13 +215,7 @@ class Trainer:
         transformer = self.spec.load_component("transformer", load_cfg, self.device if world.size == 1 else "cpu")
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
-        if cfg.flow_resolution_shifting and not scheduler.config.get("use_dynamic_shifting"):
-            # the pre-patch sequence length of a CogVideoX or HunyuanVideo clip is far past --flow-max-seq-len:
-            # the extrapolated shift would put every sigma at ~1. Only families sampled with dynamic shifting.
-            raise UserError(f"--flow-resolution-shifting: {self.spec.display_name} is not sampled with "
-                            "resolution-dependent shifting (its scheduler has no use_dynamic_shifting); use a fixed "
-                            "--flow-shift instead.")
-        self.objective = build_objective(self.spec.objective, scheduler, cfg)
+        self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name)
         make_trainable(cfg, self.spec, transformer)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -298,11 +292,7 @@ class Trainer:
         context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()
         with context:
             output, element_weights = spec.predict(self.transformer, inputs, self.model_dtype)
-        error = (objective.prediction(output, noisy, timesteps).float() - objective.target(latents, noise).float()) ** 2
-        if element_weights is not None:
-            error = error * element_weights
-        weights = objective.weights(sigmas, timesteps).float().reshape(-1, *([1] * (error.ndim - 1)))
-        return (weights * error).flatten(1).mean(1)
+        return objective.sample_losses(output, latents, noise, noisy, sigmas, timesteps, element_weights)
 
     def fixed_loss(self, batches: list[Batch]) -> float:
         """Mean loss over `batches` with draws keyed on EVAL_STEP: comparable across a run, and across runs."""

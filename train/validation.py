@@ -237,12 +237,7 @@ class HeldOutLoss:
                        else nullcontext())
             with context:
                 output, element_weights = spec.predict(trainer.transformer, inputs, trainer.model_dtype)
-            error = (objective.prediction(output, noisy, timesteps).float()
-                     - objective.target(latents, noise).float()) ** 2
-            if element_weights is not None:
-                error = error * element_weights
-            weights = objective.weights(sigmas, timesteps).float().reshape(-1, *([1] * (error.ndim - 1)))
-            total += (weights * error).flatten(1).mean(1)
+            total += objective.sample_losses(output, latents, noise, noisy, sigmas, timesteps, element_weights)
         return (total / len(EVAL_SIGMAS)).tolist()
 
     def __call__(self, trainer: Any) -> float:

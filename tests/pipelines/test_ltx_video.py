@@ -162,20 +162,20 @@ def test_first_frame_conditioning_renoises_and_masks_the_first_frame(spec, pipe,
     sigmas = torch.tensor([0.9, 0.1])
     step = step_inputs(torch.randn(2, 8, 3, 8, 8), sigmas, cond, [25.0, 25.0],
                        options={"first_frame_conditioning_p": 1.0}, seed=3)
-    noisy, weights = spec.condition_first_frame(step)
+    noisy, mask = spec.condition_first_frame(step)
     draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(3 + i)) for i in range(2)])
     sigma_ff = torch.minimum(draws[:, 1] * sigmas, torch.tensor(0.25))
     assert bool((sigma_ff <= 0.25).all() and (sigma_ff <= sigmas).all())
     s = sigma_ff.view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy[:, :, 0], (1 - s) * step.latents[:, :, 0] + s * step.noise[:, :, 0])
     assert torch.equal(noisy[:, :, 1:], step.noisy[:, :, 1:])
-    assert weights.shape == (2, 1, 3, 1, 1)
-    assert weights[:, :, 0].sum() == 0 and bool((weights[:, :, 1:] == 1).all())
-    # the transformer sees the re-noised first frame (the same draws: fresh generators of the same seeds)
+    assert mask.shape == (2, 1, 3, 8, 8)
+    assert bool((mask[:, :, 0] == 1).all()) and mask[:, :, 1:].sum() == 0
+    # the transformer sees the re-noised first frame and per-token timesteps (the same draws: fresh generators)
     step.generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
     with torch.no_grad():
-        output, _ = spec.predict(pipe.transformer, step, torch.float32)
-        torch.testing.assert_close(output, pipeline_call(pipe, noisy, step, 25))
+        output, weights = spec.predict(pipe.transformer, step, torch.float32)
+    assert torch.equal(weights, 1 - mask)
     step.options["first_frame_conditioning_p"] = 0.0  # p = 0: nothing changes
     assert spec.condition_first_frame(step) == (step.noisy, None)
     # a still's only latent frame is the whole sample: it is never conditioned away (its loss would be 0)
@@ -184,6 +184,56 @@ def test_first_frame_conditioning_renoises_and_masks_the_first_frame(spec, pipe,
     assert spec.condition_first_frame(still) == (still.noisy, None)
 
 
+def transformer_calls(transformer):
+    """A hook that records every call's keyword arguments (remove it with .remove())."""
+    calls = []
+    handle = transformer.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(dict(kwargs)),
+                                                   with_kwargs=True)
+    return calls, handle
+
+
+def test_conditioned_tokens_get_the_image_to_video_pipelines_timesteps(spec, pipe, cond):
+    """LTXImageToVideoPipeline feeds per-token timesteps t * (1 - conditioning_mask): 0 on the first frame's
+    tokens. The trainer's conditioned sample, at the pipeline's first timestep, is fed exactly those."""
+    from diffusers import LTXImageToVideoPipeline
+    from PIL import Image
+
+    i2v = LTXImageToVideoPipeline(**pipe.components)
+    calls, handle = transformer_calls(pipe.transformer)
+    try:
+        with torch.no_grad():
+            i2v(image=Image.new("RGB", (32, 32), (200, 40, 40)), prompt_embeds=cond["prompt_embeds"][:1],
+                prompt_attention_mask=cond["prompt_attention_mask"][:1], num_frames=9, height=32, width=32,
+                num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+            theirs = calls[0]["timestep"]
+            t = theirs.max().reshape(1)
+            step = step_inputs(torch.randn(1, 8, 3, 8, 8), t / 1000, {k: v[:1] for k, v in cond.items()}, [25.0],
+                               options={"first_frame_conditioning_p": 1.0})
+            step.timesteps = t
+            calls.clear()
+            _, weights = spec.predict(pipe.transformer, step, torch.float32)
+    finally:
+        handle.remove()
+    ours = calls[0]["timestep"]
+    assert theirs.shape == ours.shape == (1, 3 * 8 * 8)
+    assert torch.equal(ours, theirs)
+    assert bool((ours[:, :64] == 0).all() and (ours[:, 64:] == t).all())
+    assert weights[:, :, 0].sum() == 0
+
+
+def test_the_conditioned_frame_leaves_the_loss_denominator(spec):
+    """A conditioned sample's loss is the mean over its target frames, not over all frames with zeros."""
+    from ft.train.objectives import FlowMatching, SigmaSampler
+
+    objective = FlowMatching(None, SigmaSampler())
+    latents, noise, output = torch.randn(3, 2, 1, 3, 4, 4).unbind(0)
+    sigmas = torch.tensor([0.5, 0.5])
+    weights = torch.ones(2, 1, 3, 1, 1)
+    weights[0, :, 0] = 0  # sample 0 conditioned on its first frame
+    losses = objective.sample_losses(output, latents, noise, None, sigmas, sigmas * 1000, weights)
+    error = (output - (noise - latents)) ** 2
+    torch.testing.assert_close(losses, torch.stack([error[0, :, 1:].mean(), error[1].mean()]))
 def test_first_frame_conditioning_is_refused_for_a_family_without_it():
     from ft.pipelines.registry import spec_for
     from ft.train.config import TrainConfig

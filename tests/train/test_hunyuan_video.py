@@ -35,6 +35,9 @@ def test_lora_training_lowers_the_loss(trained):
     assert weights and all(k.startswith("transformer.") for k in weights)
     layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights}
     assert {"to_q", "add_q_proj", "to_add_out"} <= layers  # double-stream blocks' text projections too
+    # finetrainers' regex: the double- and single-stream blocks, not the text token refiner (which has to_q too)
+    assert any(k.startswith("transformer.single_transformer_blocks.") for k in weights)
+    assert not any("refiner" in k for k in weights)
 
 
 def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_hunyuan):
@@ -52,7 +55,7 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_hunyuan):
     (adapter,) = pipe.get_active_adapters()
     loaded = pipe.transformer.peft_config[adapter]
     assert (loaded.r, loaded.lora_alpha) == (8, 16)
-    # every trained weight arrived, the refiner's and single-stream blocks' included: nothing dropped with a warning
+    # every trained weight arrived, the single-stream blocks' included: nothing dropped with a warning
     from peft.utils import get_peft_model_state_dict
 
     held = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter)
@@ -72,6 +75,33 @@ def test_generate_writes_a_video_with_and_without_lora(trained, tiny_hunyuan, tm
     without = open_media(run_cli([*common, "--out", tmp_path / "base.mp4"]))
     assert (with_lora.num_frames, with_lora.height, with_lora.width) == (9, 32, 64)
     assert not np.array_equal(with_lora.read(list(range(9))), without.read(list(range(9))))
+
+
+def test_generate_encodes_the_prompt_at_the_trained_text_length(trained, tiny_hunyuan, tmp_path):
+    """The LoRA was trained on 32-token captions (HUNYUAN_TEXT): ft generate --lora encodes at 32, not the
+    pipeline's 256, unless --max-sequence-length says otherwise; a LoRA moved away from its run keeps the default."""
+    import shutil
+
+    from ft.pipelines.registry import get_spec
+    from ft.train.generate import GenerateConfig, text_length
+
+    out, _ = trained
+    spec = get_spec("hunyuan_video")
+    tconfig = spec.load_config("transformer", GenerateConfig(model="hunyuan_video", pretrained=str(tiny_hunyuan),
+                                                             prompt="x"))
+
+    def length(**flags):
+        return text_length(spec, GenerateConfig(model="hunyuan_video", pretrained=str(tiny_hunyuan), prompt="x",
+                                                **flags), tconfig)
+
+    assert length(lora=str(out)) == 32
+    assert length(lora=str(out / "pytorch_lora_weights.safetensors")) == 32
+    assert length(lora=str(out), max_sequence_length=48) == 48
+    assert length() == 256
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "pytorch_lora_weights.safetensors", alone)
+    assert length(lora=str(alone)) == 256
 
 
 def test_full_finetune_loads_with_from_pretrained_and_a_resumed_run_equals_a_straight_one(

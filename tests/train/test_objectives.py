@@ -115,3 +115,40 @@ def test_a_samples_generator_depends_only_on_seed_step_and_key():
     assert torch.equal(draw(1, 2, "a"), draw(1, 2, "a"))
     for other in [(2, 2, "a"), (1, 3, "a"), (1, 2, "b")]:
         assert not torch.equal(draw(1, 2, "a"), draw(*other))
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "ltx_video", "hunyuan_video"])
+def test_resolution_shift_defaults_are_the_family_schedulers(family):
+    """--flow-resolution-shifting shifts as the family's pipeline samples: mu from its module's calculate_shift
+    with its scheduler's config, applied as the scheduler's time_shift; a family whose scheduler has no dynamic
+    shifting refuses the flag."""
+    import inspect
+
+    from ft.common.errors import UserError
+    from ft.pipelines.base import import_class
+    from ft.pipelines.registry import get_spec
+    from ft.train.config import TrainConfig
+
+    spec = get_spec(family)
+    scheduler = spec.tiny_components()["scheduler"]
+    cfg = TrainConfig(model=family, pretrained="x", shards=["s"], output_dir="o", flow_resolution_shifting=True)
+    if not scheduler.config.get("use_dynamic_shifting"):
+        with pytest.raises(UserError, match="--flow-resolution-shifting.*fixed --flow-shift"):
+            SigmaSampler.from_config(cfg, scheduler.config, spec.display_name)
+        return
+    sampler = SigmaSampler.from_config(cfg, scheduler.config, spec.display_name)
+    pipeline_module = inspect.getmodule(import_class(*spec.pipeline_class))
+    u = torch.linspace(0.05, 0.95, 7)
+    for seq_len in (256, 2688, 6000):  # 2688: 49x512x768 through LTX-Video's VAE (7 x 16 x 24 latents)
+        c = scheduler.config
+        mu = pipeline_module.calculate_shift(seq_len, c.get("base_image_seq_len", 256),
+                                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                             c.get("max_shift", 1.15))
+        assert sampler.resolution_mu(seq_len) == pytest.approx(mu)
+        torch.testing.assert_close(sampler.shifted(u, seq_len), scheduler.time_shift(mu, 1.0, u))
+    if family == "ltx_video":  # LTX-Video's scheduler config, not SD3's 256/4096/0.5/1.15: e^mu 4.7, not 2.5
+        assert math.exp(sampler.resolution_mu(2688)) == pytest.approx(4.69, abs=0.01)
+    # a flag given overrides the scheduler's value
+    assert SigmaSampler.from_config(TrainConfig(model=family, pretrained="x", shards=["s"], output_dir="o",
+                                                flow_resolution_shifting=True, flow_max_shift=3.0),
+                                    scheduler.config).max_shift == 3.0
