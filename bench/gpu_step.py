@@ -6,7 +6,7 @@ finetrainers' published one. Run by bench/gpu.sh on a CUDA machine; `--tiny` run
 
 What runs is `ft train` itself (LoRA, batch 1, gradient checkpointing, bf16), in this process so that the CUDA
 peak can be read after it. Its inputs are made here, without a download:
-- the model folder: the checkpoint's real transformer configuration (pipelines/real_configs.py) with random
+- the model folder: the checkpoint's real transformer configuration (its spec's `checkpoints`) with random
   weights made on the device in bf16 and saved, beside the family's training scheduler config;
 - the shards: synthetic samples of the real shapes (`ft estimate`'s latent and conditioning shapes) written with
   ShardWriter, and a manifest as `ft precompute` writes it (family, VAE config, shapes).
@@ -28,11 +28,9 @@ import torch
 
 from ft.common.cli import invoke
 from ft.common.shards import Manifest, ShardWriter
-from ft.pipelines.base import import_class
-from ft.pipelines.estimate import EstimateConfig, estimate
-from ft.pipelines.real_configs import Family, find_checkpoint, get_family
-from ft.pipelines.registry import SPECS
-from ft.pipelines.tiny import save_tiny_model
+from ft.pipelines.base import ModelSpec, import_class
+from ft.pipelines.estimate import EstimateConfig, conditioning_shapes, estimate
+from ft.pipelines.registry import get_spec, save_tiny_model
 
 GB = 1e9
 # finetrainers' published memory for CogVideoX-5b LoRA training with precomputed latents and embeddings.
@@ -61,13 +59,13 @@ def write_shards(folder: Path, family: str, vae_config: dict, latent_shape: tupl
     return folder
 
 
-def save_random_transformer(family: Family, config: dict, folder: Path, device: torch.device) -> None:
+def save_random_transformer(spec: ModelSpec, config: dict, folder: Path, device: torch.device) -> None:
     """The real-size transformer with random weights, made on `device` in bf16 (no fp32 copy) and saved."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with device:
-            model = import_class(*family.components["transformer"]).from_config(config)
+            model = import_class(*spec.component_classes["transformer"]).from_config(config)
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(folder / "transformer")
@@ -86,38 +84,34 @@ def meta_config(module: str, cls_name: str, config: dict) -> dict:
 
 def prepare(args: argparse.Namespace, root: Path) -> tuple[str, str, Any]:
     """Write the model folder and the shards; returns (display name, family name, the estimate or None)."""
-    family = get_family(args.model)
-    if family.name not in SPECS:
-        raise SystemExit(f"{family.display_name} has no ModelSpec yet: ft cannot train it, so there is nothing to "
-                         "measure.")
-    spec = SPECS[family.name]()
+    spec = get_spec(args.model)
     bucket = [int(x) for x in args.bucket.split("x")]
     if args.tiny:
-        save_tiny_model(family.name, root / "model")
+        save_tiny_model(spec.name, root / "model")
         tiny = spec.tiny_components()
         tconfig = dict(tiny["transformer"].config)
         vae_config = json.loads(json.dumps(dict(tiny["vae"].config), default=list))
         latent_shape = tuple(spec.encode_video(tiny["vae"], torch.zeros(1, 3, *bucket))["mean"].shape[1:])
-        cond_shapes = {k: shape for k, (shape, _) in family.cond_shapes(tconfig).items()}
+        cond_shapes = {k: shape for k, (shape, _) in conditioning_shapes(spec, tconfig).items()}
         name, est = "tiny", None
     else:
-        ckpt = find_checkpoint(family.name, args.pretrained)
+        ckpt = spec.find_checkpoint(args.pretrained)
         if ckpt is None:
-            raise SystemExit(f"{args.pretrained}: not a checkpoint with built-in configs (pipelines/real_configs.py)")
-        est = estimate(EstimateConfig(model=family.name, pretrained=args.pretrained, buckets=[args.bucket],
+            raise SystemExit(f"{args.pretrained}: not a checkpoint with built-in configs (the spec's checkpoints)")
+        est = estimate(EstimateConfig(model=spec.name, pretrained=args.pretrained, buckets=[args.bucket],
                                       rank=args.rank))
         tconfig, name = dict(ckpt.configs["transformer"]), ckpt.display_name
         if args.layers:  # a shallow copy of the real width, to check this path on a CPU
-            accepted = inspect.signature(import_class(*family.components["transformer"]).__init__).parameters
+            accepted = inspect.signature(import_class(*spec.component_classes["transformer"]).__init__).parameters
             tconfig.update({k: args.layers for k in ("num_layers", "num_single_layers") if k in accepted})
             name += f" ({args.layers} layer{'s' if args.layers > 1 else ''})"
-        vae_config = meta_config(*family.components["vae"], ckpt.configs["vae"])
+        vae_config = meta_config(*spec.component_classes["vae"], ckpt.configs["vae"])
         latent_shape, cond_shapes = est.buckets[0].latent_shape, est.buckets[0].cond_shapes
         if not args.dry_run:
-            save_random_transformer(family, tconfig, root / "model", torch.device(args.device))
+            save_random_transformer(spec, tconfig, root / "model", torch.device(args.device))
             spec.tiny_components()["scheduler"].save_pretrained(root / "model" / "scheduler")  # size-independent
-    write_shards(root / "shards", family.name, vae_config, latent_shape, cond_shapes, bucket, args.samples)
-    return name, family.name, est
+    write_shards(root / "shards", spec.name, vae_config, latent_shape, cond_shapes, bucket, args.samples)
+    return name, spec.name, est
 
 
 def train(args: argparse.Namespace, root: Path) -> dict[str, Any]:

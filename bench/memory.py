@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 from ft.pipelines.estimate import GB, EstimateConfig, estimate
-from ft.pipelines.real_configs import CHECKPOINTS, FAMILIES
 from ft.pipelines.registry import SPECS
 
 
@@ -27,8 +26,8 @@ def main() -> None:
              "| checkpoint | bucket | transformer | bf16 weights | LoRA params | LoRA+grads+AdamW (fp32) | "
              "ft train static | + activations, checkpointing on | encoders kept out of training | "
              "all-in-one static | disk per sample |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for ckpt in CHECKPOINTS:
-        est = estimate(EstimateConfig(model=ckpt.family, pretrained=ckpt.names[0], rank=args.rank))
+    for family, ckpt in [(name, c) for name, spec in SPECS.items() for c in spec.checkpoints]:
+        est = estimate(EstimateConfig(model=family, pretrained=ckpt.names[0], rank=args.rank))
         transformer = est.component("transformer").params
         lora = est.trainable_params
         bucket = est.buckets[0]
@@ -39,9 +38,7 @@ def main() -> None:
             f"{(est.train_static_bytes + bucket.activations_checkpointed) / GB:.2f} GB | "
             f"{est.precompute_bytes / GB:.2f} GB ({encoders}) | "
             f"{(est.train_static_bytes + est.precompute_bytes) / GB:.2f} GB | {bucket.disk_per_sample / 1e6:.2f} MB |")
-    spec_less = [f.display_name for name, f in FAMILIES.items() if name not in SPECS]
-    lines += ["", f"Activations are `ft estimate`'s model, not a measurement. {', '.join(spec_less)}: sizes of the "
-                  "published configs; ft trains them once their ModelSpec exists."]
+    lines += ["", "Activations are `ft estimate`'s model, not a measurement."]
     body = "\n".join(lines)
     if args.no_save:
         print(body)

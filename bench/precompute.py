@@ -109,7 +109,7 @@ def main() -> None:
     from ft.common.logs import quiet_libraries
     from ft.common.synthetic import make_shapes_dataset
     from ft.pipelines.cogvideox import CogVideoXSpec
-    from ft.pipelines.tiny import save_tiny_model
+    from ft.pipelines.registry import save_tiny_model
 
     quiet_libraries()
     count_stage_one(CogVideoXSpec)

@@ -105,7 +105,7 @@ def synthetic_set(folder: Path, n: int) -> float:
 
 def clips_rows(n: int, work: Path) -> dict[str, float]:
     from ft.common.synthetic import make_shapes_dataset
-    from ft.pipelines.tiny import save_tiny_model
+    from ft.pipelines.registry import save_tiny_model
 
     model = work / "model"
     if not model.exists():

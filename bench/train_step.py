@@ -65,7 +65,7 @@ def build_medium(folder: Path) -> Path:
 def prepare(config: str, work: Path) -> None:
     from ft.common.cli import invoke
     from ft.common.synthetic import make_shapes_dataset
-    from ft.pipelines.tiny import save_tiny_model
+    from ft.pipelines.registry import save_tiny_model
 
     c = CONFIGS[config]
     frames, height, width = c["bucket"]
@@ -147,7 +147,8 @@ def bare_step(trainer):
     import torch
 
     batch = next(trainer.stream.batches())[0].to(trainer.device)
-    latents = trainer.spec.prepare_latents(batch.latents, trainer.vae_config, [torch.Generator().manual_seed(0)])
+    latents = trainer.spec.prepare_latents(batch.latents, trainer.vae_config, trainer.transformer_config,
+                                           [torch.Generator().manual_seed(0)])
     embeds = batch.cond["prompt_embeds"]
     frames, height, width = latents.shape[1], latents.shape[3], latents.shape[4]
     rotary = trainer.spec.rotary_embeddings(trainer.transformer.config, frames, height, width, latents.device)

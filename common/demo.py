@@ -28,8 +28,7 @@ def _run(argv: list[str]) -> object:
 
 def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "cogvideox") -> dict:
     """Build a tiny random `model` (any family `ft models` lists), then precompute, train and generate."""
-    from ft.pipelines.registry import get_spec
-    from ft.pipelines.tiny import save_tiny_model
+    from ft.pipelines.registry import get_spec, save_tiny_model
 
     from .synthetic import make_shapes_dataset
 

@@ -33,7 +33,7 @@ P, T, CHECK = "precompute", "train", "check-data"
 # flags of other training scripts (diffusers' examples) that name an ft flag far from their spelling
 HINTS = {"learning_rate": "--lr", "max_train_steps": "--train-steps", "train_batch_size": "--batch-size",
          "num_train_epochs": "--train-steps", "lora_rank": "--rank", "mixed_precision": "--transformer-dtype"}
-FAMILIES = {"cogvideox": "cogvideox", "ltx_video": "ltx_video", "hunyuan_video": "hunyuan_video"}
+# finetrainers' --model_name values are ft's family names (pipelines/registry.py SPECS); these it has beyond them
 OTHER_FAMILIES = ("cogview4", "flux", "wan")
 MICRO_BATCHES = ("finetrainers counts micro-batches, ft optimizer steps: with --gradient_accumulation_steps above 1 "
                  "the value is divided by it (rounded up).")
@@ -70,12 +70,14 @@ def _degree(what: str) -> Check:
 
 
 def _model_name(v: list[str]) -> list[tuple[str, list[str]]]:
+    from ft.pipelines.registry import SPECS
+
     name = v[0].lower().replace("-", "_")
-    if name not in FAMILIES:
+    if name not in SPECS:
         kind = "a finetrainers family" if name in OTHER_FAMILIES else "not a model family"
         raise UserError(f"--model_name {v[0]}: {kind} not supported by ft; it supports "
-                        f"{', '.join(FAMILIES)}.")
-    return [("model", [FAMILIES[name]])]
+                        f"{', '.join(SPECS)}.")
+    return [("model", [name])]
 
 
 def _optimizer(v: list[str]) -> list[tuple[str, list[str]]]:

@@ -22,7 +22,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +31,7 @@ from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
 from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +137,19 @@ def peft_targets(target_modules: list[str]) -> str | list[str]:
     return list(target_modules)
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """The run's settings that a family's `predict` reads, each one `ft train` flag (a family that does not take
+    one refuses a value other than the default: `ModelSpec.check_args`, and the trainer for the guidance scale)."""
+
+    first_frame_conditioning_p: float = 0.0  # --first-frame-conditioning-p (LTX-Video)
+    guidance_scale: float = 1.0  # --guidance-scale, the embedded guidance trained with (HunyuanVideo)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrainOptions:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
 @dataclass
 class StepInputs:
     """What a family's `predict` receives for one batch: the clean latents and the noise, the noised latents
@@ -150,7 +164,36 @@ class StepInputs:
     cond: dict[str, torch.Tensor]
     meta: list[dict[str, Any]]
     generators: list[torch.Generator]
-    options: dict[str, Any] = field(default_factory=dict)
+    options: TrainOptions = field(default_factory=TrainOptions)
+
+
+@dataclass(frozen=True)
+class CondTensor:
+    """One conditioning tensor a sample stores (`encode_prompts`' output, the shards' `cond` group): its shape is
+    [text length, width] per token, [text length] for a mask (`width` None), or [width] for a pooled embedding
+    (`per_token` False); `width` names the transformer config entry it must equal. `check_shards` and `ft
+    estimate` read the layout from here."""
+
+    name: str
+    width: str | None
+    encoder: str = "text encoder"
+    per_token: bool = True
+    dtype: str = "bfloat16"
+
+    def shape(self, transformer_config: dict, text_length: int) -> tuple[int, ...]:
+        width = () if self.width is None else (int(transformer_config[self.width]),)
+        return ((text_length,) if self.per_token else ()) + width
+
+
+def t5_prompt_embeds(encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, bool attention mask) of T5 as CogVideoXPipeline and LTXPipeline make them
+    (`_get_t5_prompt_embeds`): padded to `max_sequence_length`, the encoder run without the mask."""
+    tokenizer, text_encoder = encoders["tokenizer"], encoders["text_encoder"]
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return embeds, tokens.attention_mask.bool().to(embeds.device)
 
 
 class ModelSpec(ABC):
@@ -158,6 +201,7 @@ class ModelSpec(ABC):
 
     name: ClassVar[str]
     display_name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()  # other spellings of `--model` (case-insensitive)
     # the training objective in ft.train.objectives: "ddpm_v_prediction" (CogVideoX) or "flow_matching"
     objective: ClassVar[str]
     channel_dim: ClassVar[int] = 1  # where the channels are in prepare_latents' output
@@ -166,8 +210,13 @@ class ModelSpec(ABC):
     component_classes: ClassVar[dict[str, tuple[str, str]]]
     text_components: ClassVar[tuple[str, ...]]
     scheduler_class: ClassVar[tuple[str, str]]
+    # module names, or one regex matched against whole names (see `peft_targets`)
     default_lora_targets: ClassVar[list[str]]
     default_buckets: ClassVar[list[str]]
+    # the conditioning tensors of a sample, in the order encode_prompts returns them
+    conditioning: ClassVar[tuple[CondTensor, ...]]
+    # the published checkpoints' real-size configs, by the names `--pretrained` may give (`ft estimate`, bench/)
+    checkpoints: ClassVar[tuple[Checkpoint, ...]] = ()
     # the transformer's lists of blocks, each block a unit for FSDP2 sharding (and `ft estimate`'s gathered block)
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
@@ -178,10 +227,6 @@ class ModelSpec(ABC):
     frame_rate_argument: ClassVar[str | None] = None
     # whether stage 2 can condition on a clean-ish first frame (`--first-frame-conditioning-p`)
     first_frame_conditioning: ClassVar[bool] = False
-
-    def __init__(self, options: dict[str, Any] | None = None):
-        """`options`: the run's settings (a config as a dict) for families whose stage 2 has knobs of its own."""
-        self.options = dict(options or {})
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -310,6 +355,11 @@ class ModelSpec(ABC):
 
     # ------------------------------------------------------------------------------------------------ facts
 
+    @classmethod
+    def find_checkpoint(cls, pretrained: str) -> Checkpoint | None:
+        """The built-in checkpoint `pretrained` names (a hub id or its last part, any case), or None."""
+        return next((c for c in cls.checkpoints if c.matches(pretrained)), None)
+
     @abstractmethod
     def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
         """Why the model cannot take this frames x height x width bucket, or None if it can."""
@@ -356,29 +406,64 @@ class ModelSpec(ABC):
         parameters (precompute.plan.sample_encoding), so changing one re-encodes instead of reusing."""
         return {}
 
-    @abstractmethod
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample)."""
+        """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample): the
+        VAE posterior's `mean` and `logvar`, from which stage 2 draws (`sample_posterior`)."""
+        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
+        return {"mean": posterior.mean, "logvar": posterior.logvar}
 
     @abstractmethod
     def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
                        ) -> dict[str, torch.Tensor]:
-        """Captions -> named conditioning tensors with the batch first."""
+        """Captions -> named conditioning tensors with the batch first (the `conditioning` layout)."""
 
     # ------------------------------------------------------------------------------------------------ stage 2
     # The objective (how noise is added, what is predicted, the loss weights) is shared code in ft.train,
     # named here; the family gives only what is its own: the latents from the stored posterior and the call of
     # its transformer, exactly as its diffusers pipeline makes it.
 
-    @abstractmethod
+    def latent_channels(self, transformer_config: dict) -> int:
+        """The channels of the VAE latents this transformer takes (its `in_channels`, before any patching)."""
+        return int(transformer_config.get("in_channels") or 0)
+
     def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
-        """Raise UserError when a shard set cannot train this transformer (family, channels, text shapes)."""
+        """Raise UserError when a shard set cannot train this transformer: another family, latent channels, a
+        conditioning tensor missing or of another width (`conditioning`), a text length the transformer does not
+        take (`check_sequence_length`), then the family's own checks (`check_shard_extras`)."""
+        if manifest.model_family != self.name:
+            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
+                            f"precompute them again with --model {self.name}.")
+        shapes = manifest.shapes
+        channels, expected = shapes.get("latent_channels"), self.latent_channels(transformer_config)
+        if channels != expected:
+            raise UserError(f"the shards hold latents with {channels} channels but the transformer takes "
+                            f"{expected}: they were encoded with another VAE.")
+        for tensor in self.conditioning:
+            shape = shapes.get(tensor.name)
+            if shape is None:
+                raise UserError(f"the shards hold no {tensor.name}: they were not written by ft's "
+                                f"{self.display_name} precompute; precompute them again with --model {self.name}.")
+            if tensor.width is not None and shape[-1] != transformer_config.get(tensor.width):
+                raise UserError(f"the shards hold {tensor.name} of width {shape[-1]} but the transformer takes "
+                                f"{transformer_config.get(tensor.width)}: they were encoded with another "
+                                f"{tensor.encoder}.")
+        length = shapes[self.conditioning[0].name][0]
+        problem = self.check_sequence_length(length, transformer_config)
+        if problem:
+            raise UserError(f"the shards hold {length} text tokens but {problem}: precompute with "
+                            f"--max-sequence-length {self.default_sequence_length(transformer_config)}.")
+        self.check_shard_extras(manifest, transformer_config)
+
+    def check_shard_extras(self, manifest: Manifest, transformer_config: dict) -> None:
+        """What else a family needs of a shard set (LTX-Video: the VAE's latent statistics in the manifest)."""
+        return None
 
     @abstractmethod
-    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
         """Stored posterior tensors (batched) -> the clean latents the objective noises, in the layout the
-        transformer takes. Sample i's posterior draw comes from `generators[i]` (see `randn_per_sample`)."""
+        transformer (of `transformer_config`) takes. Sample i's posterior draw comes from `generators[i]` (see
+        `randn_per_sample`)."""
 
     def latent_sequence_length(self, latents: torch.Tensor) -> int:
         """Tokens of one sample's latents before patching (frames x height x width), for resolution-dependent

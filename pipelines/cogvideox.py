@@ -12,14 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ft.common.errors import UserError
-
-from .base import ModelSpec, StepInputs, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, sample_posterior, t5_prompt_embeds
+from .real_configs import T5_XXL, Checkpoint
 
 if TYPE_CHECKING:
     import torch
-
-    from ft.common.shards import Manifest
 
 TEMPORAL_COMPRESSION = 4
 
@@ -40,6 +37,7 @@ def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.
 class CogVideoXSpec(ModelSpec):
     name = "cogvideox"
     display_name = "CogVideoX"
+    aliases = ("cogvideo", "cog")
     objective = "ddpm_v_prediction"
     channel_dim = 2  # latents are [B, F, C, H, W]
     pipeline_class = ("diffusers", "CogVideoXPipeline")
@@ -53,6 +51,15 @@ class CogVideoXSpec(ModelSpec):
     scheduler_class = ("diffusers", "CogVideoXDPMScheduler")
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     default_buckets = ["49x480x720"]
+    conditioning = (CondTensor("prompt_embeds", "text_embed_dim"),)  # max_text_seq_length T5 tokens
+    checkpoints = (
+        Checkpoint("CogVideoX-2b", ("THUDM/CogVideoX-2b", "zai-org/CogVideoX-2b", "cogvideox-2b"),
+                   {"transformer": {}, "vae": {}, "text_encoder": T5_XXL}),
+        Checkpoint("CogVideoX-5b", ("THUDM/CogVideoX-5b", "zai-org/CogVideoX-5b", "cogvideox-5b"),
+                   {"transformer": {"num_attention_heads": 48, "num_layers": 42,
+                                    "use_rotary_positional_embeddings": True},
+                    "vae": {"scaling_factor": 0.7}, "text_encoder": T5_XXL}),
+    )
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -82,47 +89,18 @@ class CogVideoXSpec(ModelSpec):
 
     # ------------------------------------------------------------------------------------------------ stage 1
 
-    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
-        return {"mean": posterior.mean, "logvar": posterior.logvar}
-
     def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
                        ) -> dict[str, torch.Tensor]:
-        tokenizer, text_encoder = encoders["tokenizer"], encoders["text_encoder"]
-        ids = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                        add_special_tokens=True, return_tensors="pt").input_ids
-        embeds = text_encoder(ids.to(text_encoder.device))[0]
-        return {"prompt_embeds": embeds}
+        return {"prompt_embeds": t5_prompt_embeds(encoders, prompts, max_sequence_length)[0]}
 
     # ------------------------------------------------------------------------------------------------ stage 2
 
-    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
-        # the trainer checks the shards against the transformer before training: the 1.5 temporal patch that
-        # prepare_latents pads to is learnt here
-        self.latent_frame_patch = transformer_config.get("patch_size_t")
-        if manifest.model_family != self.name:
-            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
-                            f"precompute them again with --model {self.name}.")
-        shapes = manifest.shapes
-        in_channels = transformer_config.get("in_channels")
-        if shapes.get("latent_channels") != in_channels:
-            raise UserError(f"the shards hold latents with {shapes.get('latent_channels')} channels but the "
-                            f"transformer takes {in_channels}: they were encoded with another VAE.")
-        seq, dim = shapes.get("prompt_embeds", [None, None])
-        if dim != transformer_config.get("text_embed_dim"):
-            raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
-                            f"{transformer_config.get('text_embed_dim')}: they were encoded with another text encoder.")
-        problem = self.check_sequence_length(seq, transformer_config)
-        if problem:
-            raise UserError(f"the shards hold {seq} text tokens but {problem}: precompute with "
-                            f"--max-sequence-length {self.default_sequence_length(transformer_config)}.")
-
-    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
         sample = sample_posterior(latents, generators)
         scale = vae_config.get("scaling_factor", 1.15258426)
         latents = (sample * scale).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F, H, W] -> [B, F, C, H, W]
-        return pad_latent_frames(latents, getattr(self, "latent_frame_patch", None))
+        return pad_latent_frames(latents, transformer_config.get("patch_size_t"))
 
     def rotary_embeddings(self, transformer_config: dict, latent_frames: int, latent_height: int,
                           latent_width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -17,8 +17,10 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   With gradient checkpointing each block keeps only its input (2 bytes per token per hidden unit) and one block
   is recomputed at a time. bench/gpu.sh measures the real peak on a GPU;
 - disk per sample is exact: one sample of the real shapes is written with `ShardWriter`.
-Configs come from `--pretrained`: a known checkpoint's name uses the built-in configs (real_configs.py, offline);
-a local diffusers folder has its `<component>/config.json` read.
+Everything about the family comes from its ModelSpec: its components (all but the tokenizers), its checkpoints'
+built-in configs (offline), its conditioning layout and text length, its block lists (the layers a token passes
+through, and the block FSDP gathers), its LoRA targets and default bucket. `--pretrained` is a known checkpoint's
+name (the spec's `checkpoints`) or a local diffusers folder, whose `<component>/config.json` is read.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
 
-from .base import peft_targets
-from .real_configs import FAMILIES, Family, find_checkpoint, get_family, known_names
+from .base import ModelSpec, peft_targets
+from .registry import SPECS, get_spec
 
 GB = 1e9
 # the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
@@ -54,7 +56,7 @@ SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 class EstimateConfig:
     """Estimate memory and disk of precompute and training from the model's configs (no weights are loaded)."""
 
-    model: str = opt(REQUIRED, f"Model family: {', '.join(FAMILIES)}.")
+    model: str = opt(REQUIRED, f"Model family: {', '.join(SPECS)}.")
     pretrained: str = opt(REQUIRED, "A known checkpoint such as THUDM/CogVideoX-5b (built-in configs, offline) or a "
                                     "local diffusers folder whose configs are read.")
     buckets: list[str] = opt([], "FRAMESxHEIGHTxWIDTH buckets to estimate. Default: the family's default bucket.")
@@ -186,16 +188,21 @@ def _read_config(folder: Path, component: str) -> dict[str, Any]:
                                                                                    "dtype", "transformers_version")}
 
 
-def _configs(family: Family, pretrained: str) -> tuple[str, dict[str, dict[str, Any]]]:
-    checkpoint = find_checkpoint(family.name, pretrained)
+def model_components(spec: ModelSpec) -> dict[str, tuple[str, str]]:
+    """The components that have weights (the transformer, the VAE, the text encoders), by name."""
+    return {name: cls for name, cls in spec.component_classes.items() if not name.startswith("tokenizer")}
+
+
+def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    checkpoint = spec.find_checkpoint(pretrained)
     if checkpoint is not None:
         return f"{checkpoint.display_name} (built-in configs)", checkpoint.configs
     folder = Path(pretrained)
     if folder.is_dir():
-        return str(folder), {c: _read_config(folder, c) for c in family.components}
+        return str(folder), {c: _read_config(folder, c) for c in model_components(spec)}
     raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
-                    f"({', '.join(known_names(family.name))}). Download its configs (no weights needed) and pass the "
-                    "folder.")
+                    f"({', '.join(c.names[0] for c in spec.checkpoints)}). Download its configs (no weights needed) "
+                    "and pass the folder.")
 
 
 def _lora_params(transformer: Any, rank: int, targets: list[str]) -> int:
@@ -217,21 +224,16 @@ def _fp8_params(transformer: Any, cfg: EstimateConfig) -> int:
     return sum(p.numel() for p in transformer.parameters() if p.element_size() == 1)
 
 
-def _lora_targets(family: Family) -> list[str]:
-    from .registry import SPECS
+def transformer_blocks(spec: ModelSpec, transformer: Any) -> list[Any]:
+    """The blocks of the family's block lists (ModelSpec.block_lists): the layers a token passes through, each
+    a unit FSDP2 shards and gathers."""
+    return [b for name in spec.block_lists for b in getattr(transformer, name)]
 
-    spec = SPECS.get(family.name)
-    return list(spec.default_lora_targets) if spec else family.lora_targets
 
-
-def _largest_block(family: Family, transformer: Any) -> int:
-    """The largest unit FSDP2 gathers: a block of the family's block lists (ModelSpec.block_lists)."""
-    from .registry import SPECS
-
-    spec = SPECS.get(family.name)
-    names = spec.block_lists if spec else ("transformer_blocks",)
-    blocks = [b for name in names for b in getattr(transformer, name, [])]
-    return max(sum(p.numel() for p in b.parameters()) for b in blocks)
+def conditioning_shapes(spec: ModelSpec, transformer_config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The conditioning one sample stores at the family's default text length: name -> (shape, dtype name)."""
+    length = spec.default_sequence_length(transformer_config)
+    return {t.name: (t.shape(transformer_config, length), t.dtype) for t in spec.conditioning}
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -292,21 +294,22 @@ def disk_per_sample(latent_shape: tuple[int, ...], cond: dict[str, tuple[tuple[i
 
 def estimate(cfg: EstimateConfig) -> Estimate:
     """Build the components on the meta device and compute every number of the report."""
-    family = get_family(cfg.model)
-    source, configs = _configs(family, cfg.pretrained)
-    modules = {name: _build(*family.components[name], configs[name]) for name in family.components}
+    spec = get_spec(cfg.model)
+    source, configs = _configs(spec, cfg.pretrained)
+    modules = {name: _build(*cls, configs[name]) for name, cls in model_components(spec).items()}
     components = [Component(name, type(m).__name__, sum(p.numel() for p in m.parameters()))
                   for name, m in modules.items()]
     transformer = modules["transformer"]
     tconfig = dict(transformer.config)
     params = next(c.params for c in components if c.name == "transformer")
-    block = _largest_block(family, transformer)
+    blocks = transformer_blocks(spec, transformer)
+    block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     shards = cfg.dp_shards
     gathered = 2 * block * BF16 if shards > 1 else 0
     weights = DTYPE_NAMES[cfg.transformer_dtype.lower()]
     base = ELEMENT_BYTES[weights]
     if cfg.training_type == "lora":
-        trainable = _lora_params(transformer, cfg.rank, _lora_targets(family))
+        trainable = _lora_params(transformer, cfg.rank, spec.default_lora_targets)
         master = "float32"
         cast = _fp8_params(transformer, cfg) if cfg.layerwise_upcasting_modules else 0
         static = {f"transformer weights ({SHORT[weights]}, frozen)": (params - cast) * base / shards}
@@ -325,11 +328,11 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
-    layers, mlp_ratio = family.transformer_layers(tconfig), float(tconfig.get("mlp_ratio", 4.0))
-    cond = family.cond_shapes(tconfig)
-    text_tokens = next(iter(cond.values()))[0][0]
+    layers, mlp_ratio = len(blocks), float(tconfig.get("mlp_ratio", 4.0))
+    cond = conditioning_shapes(spec, tconfig)
+    text_tokens = spec.default_sequence_length(tconfig)
     out = []
-    for name in cfg.buckets or family.default_buckets:
+    for name in cfg.buckets or spec.default_buckets:
         grid = latent_grid(modules["vae"], tconfig, _parse_bucket(name))
         tokens = video_tokens(tconfig, grid)
         total = tokens + text_tokens
@@ -338,7 +341,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
             activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=True),
             activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=False),
             disk_per_sample(grid, cond)))
-    return Estimate(family.display_name, source, cfg, components, trainable, static, out)
+    return Estimate(spec.display_name, source, cfg, components, trainable, static, out)
 
 
 def run_estimate(cfg: EstimateConfig) -> Estimate:

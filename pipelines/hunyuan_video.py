@@ -8,7 +8,8 @@ Stage 1 encodes as `HunyuanVideoPipeline.encode_prompt` does:
 - the caption alone goes through the CLIP text model (77 tokens) and its pooled output is `pooled_prompt_embeds`;
 - the VAE's posterior mean and log-variance are stored; a latent is drawn from them in stage 2.
 The template, crop, hidden layer and CLIP length are the family's encoding choices (`encoding_choices`): they
-enter every sample key and the manifest, so encoding with another template never reuses old samples.
+enter every sample key and the manifest, so a diffusers release with another template never reuses old samples.
+The template is the pipeline's, not a setting: `ft generate` and validation sample through the same pipeline.
 
 Stage 2 feeds the transformer as the pipeline's denoising loop does: latents [B, C, F, H, W] times the VAE's
 scaling factor, flow-matching noise (the shared objective), the timestep 1000 * sigma as a float,
@@ -21,18 +22,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ft.common.errors import UserError
-
-from .base import ModelSpec, StepInputs, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
+from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from ft.common.shards import Manifest
-
 HIDDEN_STATES_INDEX = -3  # the pipeline's num_hidden_layers_to_skip=2
 CLIP_MAX_LENGTH = 77
-DEFAULT_TRAIN_GUIDANCE = 1.0
+# the text half of llava-llama-3-8b and CLIP ViT-L/14's text tower: HunyuanVideo's two text encoders
+LLAVA_LLAMA3_8B_TEXT = {"vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "max_position_embeddings": 8192, "rope_theta": 500000.0}
+CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
 
 
 def default_prompt_template() -> dict[str, Any]:
@@ -46,6 +49,7 @@ def default_prompt_template() -> dict[str, Any]:
 class HunyuanVideoSpec(ModelSpec):
     name = "hunyuan_video"
     display_name = "HunyuanVideo"
+    aliases = ("hunyuan-video", "hunyuan", "hunyuanvideo")
     objective = "flow_matching"
     channel_dim = 1  # latents are [B, C, F, H, W]
     pipeline_class = ("diffusers", "HunyuanVideoPipeline")
@@ -64,6 +68,14 @@ class HunyuanVideoSpec(ModelSpec):
     default_lora_targets = ["(transformer_blocks|single_transformer_blocks).*"
                             "(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
     default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
+    conditioning = (CondTensor("prompt_embeds", "text_embed_dim", "text encoder (Llama)"),
+                    CondTensor("prompt_attention_mask", None, dtype="bool"),
+                    CondTensor("pooled_prompt_embeds", "pooled_projection_dim", "second text encoder (CLIP)",
+                               per_token=False))
+    checkpoints = (Checkpoint("HunyuanVideo", ("hunyuanvideo-community/HunyuanVideo", "tencent/HunyuanVideo",
+                                               "hunyuan-video"),
+                              {"transformer": {}, "vae": {}, "text_encoder": LLAVA_LLAMA3_8B_TEXT,
+                               "text_encoder_2": CLIP_L_TEXT}),)
     block_lists = ("transformer_blocks", "single_transformer_blocks")  # dual-stream, then single-stream
     default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)
     embedded_guidance = True  # the transformer takes the guidance scale as an input (--guidance-scale)
@@ -89,28 +101,15 @@ class HunyuanVideoSpec(ModelSpec):
 
     # ------------------------------------------------------------------------------------------------ stage 1
 
-    def prompt_template(self) -> dict[str, Any]:
-        """The template and crop of the Llama prompt: the pipeline's, unless the run's options name another
-        (`prompt_template`: {"template": "...{}...", "crop_start": N})."""
-        template = self.options.get("prompt_template") or default_prompt_template()
-        if "{}" not in template.get("template", "") or not isinstance(template.get("crop_start"), int):
-            raise UserError(f"prompt_template {template!r}: it needs a 'template' with a {{}} for the caption and an "
-                            "integer 'crop_start' (the template's tokens before the caption).")
-        return {"template": template["template"], "crop_start": template["crop_start"]}
-
     def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
-        template = self.prompt_template()
+        template = default_prompt_template()
         return {"prompt_template": template["template"], "crop_start": template["crop_start"],
                 "hidden_states_index": HIDDEN_STATES_INDEX, "clip_max_length": CLIP_MAX_LENGTH}
-
-    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = vae.encode(frames.to(vae.device, vae.dtype)).latent_dist
-        return {"mean": posterior.mean, "logvar": posterior.logvar}
 
     def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
                        ) -> dict[str, torch.Tensor]:
         """`_get_llama_prompt_embeds` and `_get_clip_prompt_embeds` of the pipeline, with its template."""
-        template = self.prompt_template()
+        template = default_prompt_template()
         crop = template["crop_start"]
         tokenizer, llama = encoders["tokenizer"], encoders["text_encoder"]
         tokens = tokenizer([template["template"].format(p) for p in prompts], max_length=max_sequence_length + crop,
@@ -127,23 +126,7 @@ class HunyuanVideoSpec(ModelSpec):
 
     # ------------------------------------------------------------------------------------------------ stage 2
 
-    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
-        if manifest.model_family != self.name:
-            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
-                            f"precompute them again with --model {self.name}.")
-        shapes = manifest.shapes
-        if shapes.get("latent_channels") != transformer_config.get("in_channels"):
-            raise UserError(f"the shards hold latents with {shapes.get('latent_channels')} channels but the "
-                            f"transformer takes {transformer_config.get('in_channels')}: they were encoded with "
-                            "another VAE.")
-        for name, key, encoder in (("prompt_embeds", "text_embed_dim", "text encoder (Llama)"),
-                                   ("pooled_prompt_embeds", "pooled_projection_dim", "second text encoder (CLIP)")):
-            width = (shapes.get(name) or [None])[-1]
-            if width != transformer_config.get(key):
-                raise UserError(f"the shards hold {name} of width {width} but the transformer takes "
-                                f"{transformer_config.get(key)}: they were encoded with another {encoder}.")
-
-    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
         return sample_posterior(latents, generators) * vae_config.get("scaling_factor", 0.476986)
 
@@ -151,7 +134,7 @@ class HunyuanVideoSpec(ModelSpec):
         """The flow (velocity) prediction, fed as HunyuanVideoPipeline's denoising loop feeds the transformer."""
         import torch
 
-        scale = float(step.options.get("guidance_scale", DEFAULT_TRAIN_GUIDANCE))
+        scale = step.options.guidance_scale
         batch = step.noisy.shape[0]
         guidance = torch.full((batch,), scale, dtype=dtype, device=step.noisy.device) * 1000.0
         cond = step.cond

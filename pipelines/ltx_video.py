@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-from .base import ModelSpec, StepInputs, randn_per_sample
+from .base import CondTensor, ModelSpec, StepInputs, sample_posterior, t5_prompt_embeds
 from .fingerprint import read_stored_tensor
+from .real_configs import T5_XXL, Checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +87,7 @@ PIPELINE_MULTIPLE = 32  # diffusers' LTXPipeline.check_inputs: height and width 
 class LTXVideoSpec(ModelSpec):
     name = "ltx_video"
     display_name = "LTX-Video"
+    aliases = ("ltx-video", "ltx", "ltxvideo")
     objective = "flow_matching"
     channel_dim = 1  # prepare_latents returns [B, C, F, H, W]; predict packs and unpacks around the transformer
     pipeline_class = ("diffusers", "LTXPipeline")
@@ -99,6 +101,10 @@ class LTXVideoSpec(ModelSpec):
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     default_buckets = ["49x512x768"]
+    conditioning = (CondTensor("prompt_embeds", "caption_channels"), CondTensor("prompt_attention_mask", None,
+                                                                                 dtype="bool"))
+    checkpoints = (Checkpoint("LTX-Video 0.9", ("Lightricks/LTX-Video", "a-r-r-o-w/LTX-Video-diffusers", "ltx-video"),
+                              {"transformer": {}, "vae": {}, "text_encoder": T5_XXL}),)
     default_fps = DEFAULT_FRAME_RATE
     frame_rate_argument = "frame_rate"
     first_frame_conditioning = True
@@ -167,44 +173,27 @@ class LTXVideoSpec(ModelSpec):
 
     def encode_prompts(self, encoders: dict[str, Any], prompts: list[str], max_sequence_length: int
                        ) -> dict[str, torch.Tensor]:
-        tokenizer, text_encoder = encoders["tokenizer"], encoders["text_encoder"]
-        tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                           add_special_tokens=True, return_tensors="pt")
-        embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-        return {"prompt_embeds": embeds, "prompt_attention_mask": tokens.attention_mask.bool().to(embeds.device)}
+        embeds, mask = t5_prompt_embeds(encoders, prompts, max_sequence_length)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     # ------------------------------------------------------------------------------------------------ stage 2
 
-    def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
-        if manifest.model_family != self.name:
-            raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
-                            f"precompute them again with --model {self.name}.")
-        shapes = manifest.shapes
+    def latent_channels(self, transformer_config: dict) -> int:
+        """The VAE's channels: the transformer's in_channels are those times its patch (p x p x p_t)."""
         p, p_t = transformer_config.get("patch_size", 1), transformer_config.get("patch_size_t", 1)
-        channels, in_channels = shapes.get("latent_channels"), transformer_config.get("in_channels")
-        if channels is None or channels * p * p * p_t != in_channels:
-            raise UserError(f"the shards hold latents with {channels} channels but the transformer takes "
-                            f"{in_channels} (patch {p}x{p}x{p_t}): they were encoded with another VAE.")
-        _, dim = shapes.get("prompt_embeds", [None, None])
-        if dim != transformer_config.get("caption_channels"):
-            raise UserError(f"the shards hold text embeddings of width {dim} but the transformer takes "
-                            f"{transformer_config.get('caption_channels')}: they were encoded with another text "
-                            "encoder.")
-        if "prompt_attention_mask" not in shapes:
-            raise UserError("the shards hold no prompt_attention_mask: they were not written by ft's LTX-Video "
-                            "precompute; precompute them again with --model ltx_video.")
+        return int(transformer_config.get("in_channels") or 0) // (p * p * p_t)
+
+    def check_shard_extras(self, manifest: Manifest, transformer_config: dict) -> None:
         vae = manifest.encoders.get("vae", {}).get("config", {})
         if "latents_mean" not in vae or "latents_std" not in vae:
             raise UserError("the manifest lacks the VAE's latents_mean/latents_std: precompute the shards again "
                             "with this version of ft.")
 
-    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict,
+    def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
         import torch
 
-        mean, logvar = latents["mean"].float(), latents["logvar"].float()
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # [B, 1, F, H, W], broadcast over channels
-        sample = mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
+        sample = sample_posterior(latents, generators)  # the one-channel log-variance broadcasts over channels
         return normalize_latents(sample, torch.tensor(vae_config["latents_mean"]),
                                  torch.tensor(vae_config["latents_std"]), vae_config.get("scaling_factor", 1.0))
 
@@ -239,7 +228,7 @@ class LTXVideoSpec(ModelSpec):
         conditioned), LTXImageToVideoPipeline's `conditioning_mask` before packing."""
         import torch
 
-        p = float(step.options.get("first_frame_conditioning_p") or 0.0)
+        p = step.options.first_frame_conditioning_p
         if p <= 0 or step.noisy.shape[2] < 2:  # a still's only frame is the sample: nothing to condition on
             return step.noisy, None
         coin, u = torch.stack([torch.rand(2, generator=g) for g in step.generators]).T  # after the shared draws

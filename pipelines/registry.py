@@ -1,14 +1,17 @@
-"""The model families `ft` knows, by name: a plain dict. An unknown name is an error listing the known ones."""
+"""The model families `ft` knows, by name: a plain dict. An unknown name is an error listing the known ones.
+
+Each family's other spellings of `--model` are its spec's `aliases`; adding a family is its file and one line here.
+`save_tiny_model` writes a family's toy-size model (`ModelSpec.tiny_components`) as a diffusers folder.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from pathlib import Path
 
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-from .base import ModelSpec
+from .base import ModelSpec, import_class
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
 from .ltx_video import LTXVideoSpec
@@ -18,22 +21,33 @@ SPECS: dict[str, type[ModelSpec]] = {
     LTXVideoSpec.name: LTXVideoSpec,
     HunyuanVideoSpec.name: HunyuanVideoSpec,
 }
-ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox", "ltx-video": "ltx_video", "ltx": "ltx_video",
-           "hunyuan-video": "hunyuan_video", "hunyuan": "hunyuan_video"}
+ALIASES = {alias: name for name, spec in SPECS.items() for alias in spec.aliases}
 
 
-def get_spec(name: str, options: dict[str, Any] | None = None) -> ModelSpec:
-    """The spec for `--model NAME` (case-insensitive; a few common aliases accepted), built with the run's
-    options."""
+def family_name(name: str) -> str:
+    """The registry name of `--model NAME` (case-insensitive; the specs' aliases accepted)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in SPECS:
         raise UserError(f"--model {name!r} is not a model family ft knows; use one of: {', '.join(sorted(SPECS))}.")
-    return SPECS[key](options)
+    return key
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for `--model NAME`."""
+    return SPECS[family_name(name)]()
 
 
 def spec_for(args: ModelArgs) -> ModelSpec:
-    """The spec for `args.model`, built with the run's settings, after checking the component flags make sense
-    for that family."""
-    spec = get_spec(args.model, dataclasses.asdict(args))
+    """The spec for `args.model`, after checking the component flags make sense for that family."""
+    spec = get_spec(args.model)
     spec.check_args(args)
     return spec
+
+
+def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny `model` family with random weights and save it as a diffusers folder."""
+    spec = get_spec(model)
+    pipe = import_class(*spec.pipeline_class)(**spec.tiny_components(seed))
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    return folder

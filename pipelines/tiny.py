@@ -1,15 +1,14 @@
 """Toy-size models and tokenizers built locally, for tests and `ft demo` (no download, ever).
 
 Tokenizers are trained in milliseconds with the `tokenizers` library on a small English corpus and wrapped in the
-real transformers classes, so `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip them. Models come from
-each spec's `tiny_components(seed)`; `save_tiny_model` writes them as a diffusers folder that the real loading code
-(`from_pretrained` on a local folder) reads.
+real transformers classes, so `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip them. The families'
+`tiny_components(seed)` build their toy models from these; `registry.save_tiny_model` writes one as a diffusers
+folder that the real loading code (`from_pretrained` on a local folder) reads.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ft.common.synthetic import COLORS, MOTIONS, SHAPES
@@ -56,19 +55,6 @@ def tiny_t5_encoder(tokenizer: Any) -> Any:
     return T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-
-
-def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:
-    """Build the tiny `model` family with random weights and save it as a diffusers folder."""
-    from .base import import_class
-    from .registry import get_spec
-
-    spec = get_spec(model)
-    parts = spec.tiny_components(seed)
-    pipe = import_class(*spec.pipeline_class)(**parts)
-    folder = Path(folder)
-    pipe.save_pretrained(folder)
-    return folder
 
 
 def _trained_bpe(lines: list[str], vocab_size: int, special_tokens: list[str], **bpe: Any

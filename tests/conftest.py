@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny CogVideoX and a tiny LTX-Video saved as diffusers folders, datasets of real mp4 clips,
-encoded shards.
+"""Shared fixtures: each family's tiny model saved as a diffusers folder and its shards of a dataset of real mp4
+clips (one parametrised fixture each: `tiny_model(family)`, `family_shards(family)`, also reachable by the names
+tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards).
 
 Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
 """
@@ -14,14 +15,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, HUNYUAN_FP32, HUNYUAN_TEXT, run_cli
 
-
-@pytest.fixture(scope="session")
-def tiny_cog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ft.pipelines.tiny import save_tiny_model
-
-    return save_tiny_model("cogvideox", tmp_path_factory.mktemp("models") / "tiny-cogvideox", seed=0)
+# each family's shared tiny model and shard set: (fixture-name stem, the precompute flags of its shards)
+FAMILIES = {"cogvideox": ("cog", FP32), "ltx_video": ("ltx", FP32),
+            "hunyuan_video": ("hunyuan", [*HUNYUAN_FP32, *HUNYUAN_TEXT])}
 
 
 @pytest.fixture(scope="session")
@@ -33,43 +31,51 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cog_shards(tmp_path_factory: pytest.TempPathFactory, tiny_cog: Path, shapes_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "cog"
-    run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
-             "--out", out, *BUCKETS, "--batch-size", "2"])
-    return out
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_model(family)`: the family's tiny model (seed 0) saved as a diffusers folder, made once a session."""
+    from ft.pipelines.registry import save_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            folder = tmp_path_factory.mktemp("models") / f"tiny-{family.replace('_', '-')}"
+            made[family] = save_tiny_model(family, folder, seed=0)
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_hunyuan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ft.pipelines.tiny import save_tiny_model
+def family_shards(tmp_path_factory: pytest.TempPathFactory, tiny_model, shapes_data: Path):
+    """`family_shards(family)`: `shapes_data` precomputed with the family's tiny model (fp32, BUCKETS), made once
+    a session."""
+    made: dict[str, Path] = {}
 
-    return save_tiny_model("hunyuan_video", tmp_path_factory.mktemp("models") / "tiny-hunyuan-video", seed=0)
+    def get(family: str) -> Path:
+        if family not in made:
+            stem, flags = FAMILIES[family]
+            out = tmp_path_factory.mktemp("shards") / stem
+            run_cli(["precompute", "--model", family, "--pretrained", tiny_model(family), *flags, "--dataset",
+                     shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
+            made[family] = out
+        return made[family]
 
-
-@pytest.fixture(scope="session")
-def hunyuan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_hunyuan: Path, shapes_data: Path) -> Path:
-    from helpers import HUNYUAN_FP32, HUNYUAN_TEXT
-
-    out = tmp_path_factory.mktemp("shards") / "hunyuan"
-    run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, *HUNYUAN_TEXT,
-             "--dataset", shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ft.pipelines.tiny import save_tiny_model
-
-    return save_tiny_model("ltx_video", tmp_path_factory.mktemp("models") / "tiny-ltx-video", seed=0)
+    return get
 
 
-@pytest.fixture(scope="session")
-def ltx_shards(tmp_path_factory: pytest.TempPathFactory, tiny_ltx: Path, shapes_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "ltx"
-    run_cli(["precompute", "--model", "ltx-video", "--pretrained", tiny_ltx, *FP32, "--dataset", shapes_data,
-             "--out", out, *BUCKETS, "--batch-size", "2"])
-    return out
+def _family_fixture(factory: str, family: str, name: str):
+    @pytest.fixture(scope="session", name=name)
+    def fixture(request: pytest.FixtureRequest) -> Path:
+        return request.getfixturevalue(factory)(family)
+
+    return fixture
+
+
+# tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards: the factories' values, by name
+for _family, (_stem, _) in FAMILIES.items():
+    globals()[f"tiny_{_stem}"] = _family_fixture("tiny_model", _family, f"tiny_{_stem}")
+    globals()[f"{_stem}_shards"] = _family_fixture("family_shards", _family, f"{_stem}_shards")
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import kill_point, require_complete
 from ft.common.video import parse_bucket
-from ft.pipelines.base import ModelSpec, StepInputs, randn_per_sample
+from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.registry import spec_for
 
 from .checkpoints import (
@@ -180,6 +180,7 @@ class Trainer:
         cfg = self.cfg
         self.spec = spec_for(cfg)
         self.transformer_config = self.spec.load_config("transformer", cfg)
+        self.options = TrainOptions.from_config(cfg)  # what the family's predict reads of the run
         if cfg.guidance_scale != 1.0 and not (self.spec.embedded_guidance
                                               and self.transformer_config.get("guidance_embeds", True)):
             raise UserError(f"--guidance-scale {cfg.guidance_scale}: this {self.spec.display_name} transformer has no "
@@ -284,11 +285,11 @@ class Trainer:
             mask = to_device(dropped, self.device)
             cond = {k: torch.where(mask.reshape(-1, *([1] * (v.ndim - 1))), empty[k].to(v.device, v.dtype), v)
                     for k, v in cond.items()}
-        latents = spec.prepare_latents(batch.latents, self.vae_config, generators)
+        latents = spec.prepare_latents(batch.latents, self.vae_config, self.transformer_config, generators)
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
         sigmas = to_device(objective.sample_sigmas(generators, spec.latent_sequence_length(latents)), latents.device)
         noisy, timesteps = objective.noised(latents, noise, sigmas)
-        inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, spec.options)
+        inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, self.options)
         context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()
         with context:
             output, element_weights = spec.predict(self.transformer, inputs, self.model_dtype)

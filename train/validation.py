@@ -41,6 +41,7 @@ import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ from ft.common.logs import log
 from ft.common.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
 from ft.common.shards import iter_shard, require_complete
 from ft.common.video import parse_bucket, write_video
-from ft.pipelines.base import StepInputs, randn_per_sample
+from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
 
 from .generate import SamplingSettings, pipeline_defaults, sample_frames
@@ -198,7 +199,7 @@ class HeldOutLoss:
     """The held-out loss of the trainer's current weights (call it; every rank must, under FSDP)."""
 
     def __init__(self, cfg: TrainConfig, spec: ModelSpec, train_set: ShardSet, transformer_config: dict):
-        self.cfg, self.spec = cfg, spec
+        self.cfg, self.spec, self.transformer_config = cfg, spec, transformer_config
         self.set = open_eval_set(cfg, spec, train_set, transformer_config)
         self.vae_config = self.set.manifest.encoders.get("vae", {}).get("config", {})
         self._batches: list[Batch] | None = None
@@ -225,9 +226,9 @@ class HeldOutLoss:
         spec, objective = self.spec, trainer.objective
         batch = batch.to(trainer.device)
         generators = [sample_generator(EVAL_SEED, EVAL_DRAW, key) for key in batch.keys]
-        latents = spec.prepare_latents(batch.latents, self.vae_config, generators)
+        latents = spec.prepare_latents(batch.latents, self.vae_config, self.transformer_config, generators)
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
-        options = {**spec.options, "first_frame_conditioning_p": 0.0}
+        options = replace(TrainOptions.from_config(self.cfg), first_frame_conditioning_p=0.0)
         total = torch.zeros(latents.shape[0], device=latents.device)
         for sigma in EVAL_SIGMAS:
             sigmas = torch.full((latents.shape[0],), sigma, device=latents.device)

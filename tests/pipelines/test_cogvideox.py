@@ -53,7 +53,7 @@ def test_latents_are_scaled_like_the_pipeline_decodes_them(spec, pipe):
     mean = torch.randn(2, 4, 3, 4, 4)
     stored = {"mean": mean, "logvar": torch.full_like(mean, -60.0)}  # no variance: the draw is the mean
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
-    latents = spec.prepare_latents(stored, dict(pipe.vae.config), generators)
+    latents = spec.prepare_latents(stored, dict(pipe.vae.config), dict(pipe.transformer.config), generators)
     assert latents.shape == (2, 3, 4, 4, 4)  # [B, F, C, H, W] as the transformer takes them
     torch.testing.assert_close(latents, mean.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor)
 
@@ -168,3 +168,15 @@ def test_cogvideox_1_5_layout_rotary_and_forward(spec, args):
     output, _ = spec.predict(transformer, step_inputs(latents, torch.tensor([500]),
                                                       {"prompt_embeds": torch.randn(1, 16, 32)}), torch.float32)
     assert output.shape == latents.shape
+
+
+def test_the_15_latent_padding_comes_from_the_transformer_config_alone(spec):
+    """prepare_latents pads the latent frames to the temporal patch of the transformer config it is given (as
+    finetrainers pads CogVideoX 1.5), with no state left by an earlier check_shards call."""
+    mean = torch.randn(1, 4, 3, 4, 4)  # 3 latent frames
+    stored = {"mean": mean, "logvar": torch.full_like(mean, -60.0)}
+    fresh = type(spec)()
+    padded = fresh.prepare_latents(stored, {"scaling_factor": 1.0}, {"patch_size_t": 2}, [torch.Generator()])
+    assert padded.shape == (1, 4, 4, 4, 4)  # [B, F, C, H, W]: the last frame repeated
+    assert torch.equal(padded[:, 3], padded[:, 2])
+    assert fresh.prepare_latents(stored, {"scaling_factor": 1.0}, {}, [torch.Generator()]).shape == (1, 3, 4, 4, 4)

@@ -9,8 +9,7 @@ import pytest
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard
 from ft.pipelines.estimate import EstimateConfig, activation_bytes, estimate
-from ft.pipelines.real_configs import FAMILIES, get_family
-from ft.pipelines.registry import SPECS
+from ft.pipelines.registry import SPECS, get_spec
 from helpers import run_cli
 
 
@@ -72,12 +71,18 @@ def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transform
     result = estimate(EstimateConfig(model=model, pretrained=pretrained))
     assert round(result.component("transformer").params / 1e6) == transformer
     assert round(result.component("vae").params / 1e6) == vae
-    assert result.buckets[0].bucket == get_family(model).default_buckets[0]
+    # the bucket precompute defaults to (HunyuanVideo: finetrainers' 49x480x768), from the one spec
+    assert result.buckets[0].bucket == get_spec(model).default_buckets[0]
+    assert result.buckets[0].cond_shapes["prompt_embeds"][0] == {"ltx-video": 128, "hunyuan-video": 256}[model]
 
 
-def test_the_lora_targets_of_a_family_with_a_spec_are_the_specs():
+def test_every_family_lists_its_checkpoints_by_names_its_alias_spelling_reaches():
     for name, spec in SPECS.items():
-        assert FAMILIES[name].lora_targets == spec.default_lora_targets
+        assert spec.checkpoints, name
+        for ckpt in spec.checkpoints:
+            assert all(spec.find_checkpoint(n) is ckpt for n in ckpt.names)
+            assert spec.find_checkpoint(ckpt.names[0].upper() + "/") is ckpt
+        assert all(get_spec(alias).name == name for alias in spec.aliases)
 
 
 def test_a_local_folder_is_read_and_its_shapes_are_those_precompute_writes(tiny_cog, cog_shards):
@@ -102,7 +107,7 @@ def test_activation_model():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"model": "cogvideox", "pretrained": "someone/finetune"}, "not a local folder nor a checkpoint ft knows"),
-    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, ltx_video, hunyuan_video"),
+    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, hunyuan_video, ltx_video"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["50x480x720"]}, "4k+1 frames"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["49x480"]}, "write FRAMESxHEIGHTxWIDTH"),
 ])

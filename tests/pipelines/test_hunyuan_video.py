@@ -10,7 +10,7 @@ import torch
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.common.shards import Manifest
-from ft.pipelines.base import StepInputs
+from ft.pipelines.base import StepInputs, TrainOptions
 from ft.pipelines.registry import get_spec
 
 PROMPTS = ["a red circle moving left to right on a dark background", "a blue square"]
@@ -58,29 +58,32 @@ def test_prompt_encoding_matches_the_pipeline_with_its_default_template(spec, pi
     assert kept[0] > kept[1] > 0
 
 
-def test_another_template_is_an_encoding_choice_that_changes_the_sample_key(spec, pipe):
+def test_the_pipelines_template_is_an_encoding_choice_that_changes_the_sample_key(spec, pipe, monkeypatch):
+    """The template is diffusers' own, read when encoding: a diffusers release with another template encodes as
+    the pipeline then does, and its samples get other keys (nothing encoded with the old one is reused)."""
+    from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video
+
     from ft.common.shards import sample_key
     from ft.precompute.plan import sample_encoding
 
-    plain = get_spec("hunyuan_video", {"prompt_template": PLAIN_TEMPLATE})
-    ours = plain.encode_prompts(encoders(spec, pipe), PROMPTS, 16)
+    real = spec.encoding_choices({})
+    assert real["crop_start"] == 95 and real["prompt_template"].startswith("<|start_header_id|>system")
+    assert real["hidden_states_index"] == -3 and real["clip_max_length"] == 77
+    monkeypatch.setattr(pipeline_hunyuan_video, "DEFAULT_PROMPT_TEMPLATE", PLAIN_TEMPLATE)
+    ours = spec.encode_prompts(encoders(spec, pipe), PROMPTS, 16)
     embeds, mask = pipe._get_llama_prompt_embeds(PROMPTS, PLAIN_TEMPLATE, device="cpu", max_sequence_length=16)
     torch.testing.assert_close(ours["prompt_embeds"], embeds)
     assert torch.equal(ours["prompt_attention_mask"], mask.bool())
-
-    real, other = spec.encoding_choices({}), plain.encoding_choices({})
-    assert real["crop_start"] == 95 and real["prompt_template"].startswith("<|start_header_id|>system")
-    assert real["hidden_states_index"] == -3 and real["clip_max_length"] == 77
+    other = spec.encoding_choices({})
     assert other["prompt_template"] == "{}" and other["crop_start"] == 0
     assert sample_key(sample_encoding(256, real)) != sample_key(sample_encoding(256, other))
-    with pytest.raises(UserError, match="crop_start"):
-        get_spec("hunyuan_video", {"prompt_template": {"template": "{}"}}).encoding_choices({})
 
 
 def test_latents_are_scaled_like_the_pipeline_decodes_them(spec, pipe):
     mean = torch.randn(2, 4, 3, 4, 4)
     stored = {"mean": mean, "logvar": torch.full_like(mean, -60.0)}  # no variance: the draw is the mean
-    latents = spec.prepare_latents(stored, dict(pipe.vae.config), [torch.Generator().manual_seed(i) for i in range(2)])
+    latents = spec.prepare_latents(stored, dict(pipe.vae.config), dict(pipe.transformer.config),
+                                   [torch.Generator().manual_seed(i) for i in range(2)])
     assert latents.shape == (2, 4, 3, 4, 4)  # [B, C, F, H, W] as the transformer takes them
     torch.testing.assert_close(latents, mean * pipe.vae.config.scaling_factor)
 
@@ -91,7 +94,7 @@ def test_predict_feeds_the_transformer_as_the_pipeline_does(spec, pipe, guidance
     noise = torch.randn_like(latents)
     sigmas = torch.tensor([0.01, 0.9])
     cond = spec.encode_prompts(encoders(spec, pipe), PROMPTS, 32)
-    options = {} if guidance is None else {"guidance_scale": guidance}
+    options = TrainOptions() if guidance is None else TrainOptions(guidance_scale=guidance)
     step = StepInputs(latents, noise, (1 - sigmas[:, None, None, None, None]) * latents + sigmas[
         :, None, None, None, None] * noise, sigmas, sigmas * 1000, cond, [{}, {}], [], options)
     output, weights = spec.predict(pipe.transformer, step, torch.float32)
@@ -110,9 +113,9 @@ def test_predict_feeds_the_transformer_as_the_pipeline_does(spec, pipe, guidance
 def test_the_guidance_scale_changes_the_prediction(spec, pipe):
     latents = torch.randn(1, 4, 3, 4, 4)
     cond = spec.encode_prompts(encoders(spec, pipe), PROMPTS[:1], 32)
-    outputs = [spec.predict(pipe.transformer, StepInputs(latents, latents, latents, torch.tensor([0.5]),
-                                                         torch.tensor([500.0]), cond, [{}], [], {"guidance_scale": g}),
-                            torch.float32)[0] for g in (1.0, 6.0)]
+    steps = [StepInputs(latents, latents, latents, torch.tensor([0.5]), torch.tensor([500.0]), cond, [{}], [],
+                        TrainOptions(guidance_scale=g)) for g in (1.0, 6.0)]
+    outputs = [spec.predict(pipe.transformer, step, torch.float32)[0] for step in steps]
     assert not torch.allclose(*outputs)
 
 

@@ -9,7 +9,7 @@ import torch
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.common.shards import Manifest, iter_shard
-from ft.pipelines.base import StepInputs
+from ft.pipelines.base import StepInputs, TrainOptions
 from ft.pipelines.registry import get_spec
 
 PROMPTS = ["a red circle moving left to right on a dark background", "a blue square"]
@@ -31,12 +31,12 @@ def meta(fps, bucket=(9, 32, 32), latent_shape=(8, 3, 8, 8)):
     return {"fps": fps, "bucket": list(bucket), "latent_shape": list(latent_shape)}
 
 
-def step_inputs(latents, sigmas, cond, fps, options=None, seed=0):
+def step_inputs(latents, sigmas, cond, fps, conditioning_p=0.0, seed=0):
     noise = torch.randn_like(latents)
     s = sigmas.view(-1, 1, 1, 1, 1)
     return StepInputs(latents, noise, (1 - s) * latents + s * noise, sigmas, sigmas * 1000, cond,
                       [meta(f) for f in fps], [torch.Generator().manual_seed(seed + i) for i in range(len(fps))],
-                      options or {})
+                      TrainOptions(first_frame_conditioning_p=conditioning_p))
 
 
 def test_registry_names_and_aliases(spec):
@@ -89,7 +89,7 @@ def test_latents_are_normalised_as_the_pipeline_denormalises_them(spec, pipe, lt
     vae_config = Manifest.load(ltx_shards).encoders["vae"]["config"]
     mean = torch.randn(2, 8, 3, 4, 4)
     stored = {"mean": mean, "logvar": torch.full((2, 1, 3, 4, 4), -60.0)}  # no variance: the draw is the mean
-    latents = spec.prepare_latents(stored, vae_config, [torch.Generator().manual_seed(i) for i in range(2)])
+    latents = spec.prepare_latents(stored, vae_config, {}, [torch.Generator().manual_seed(i) for i in range(2)])
     vae = pipe.vae
     torch.testing.assert_close(latents, pipe._normalize_latents(mean, vae.latents_mean, vae.latents_std,
                                                                 vae.config.scaling_factor))
@@ -97,8 +97,8 @@ def test_latents_are_normalised_as_the_pipeline_denormalises_them(spec, pipe, lt
                                                          vae.config.scaling_factor), mean, atol=1e-5, rtol=1e-5)
     # with variance, each sample's draw is its own generator's, whatever shares the batch
     stored["logvar"] = torch.zeros(2, 1, 3, 4, 4)
-    a = spec.prepare_latents(stored, vae_config, [torch.Generator().manual_seed(i) for i in range(2)])
-    b = spec.prepare_latents({k: v[1:] for k, v in stored.items()}, vae_config, [torch.Generator().manual_seed(1)])
+    a = spec.prepare_latents(stored, vae_config, {}, [torch.Generator().manual_seed(i) for i in range(2)])
+    b = spec.prepare_latents({k: v[1:] for k, v in stored.items()}, vae_config, {}, [torch.Generator().manual_seed(1)])
     assert torch.equal(a[1:], b) and not torch.allclose(a, latents)
 
 
@@ -161,7 +161,7 @@ def test_each_sample_keeps_its_own_frame_rate(spec, pipe, cond):
 def test_first_frame_conditioning_renoises_and_masks_the_first_frame(spec, pipe, cond):
     sigmas = torch.tensor([0.9, 0.1])
     step = step_inputs(torch.randn(2, 8, 3, 8, 8), sigmas, cond, [25.0, 25.0],
-                       options={"first_frame_conditioning_p": 1.0}, seed=3)
+                       conditioning_p=1.0, seed=3)
     noisy, mask = spec.condition_first_frame(step)
     draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(3 + i)) for i in range(2)])
     sigma_ff = torch.minimum(draws[:, 1] * sigmas, torch.tensor(0.25))
@@ -176,11 +176,11 @@ def test_first_frame_conditioning_renoises_and_masks_the_first_frame(spec, pipe,
     with torch.no_grad():
         output, weights = spec.predict(pipe.transformer, step, torch.float32)
     assert torch.equal(weights, 1 - mask)
-    step.options["first_frame_conditioning_p"] = 0.0  # p = 0: nothing changes
+    step.options = TrainOptions()  # p = 0: nothing changes
     assert spec.condition_first_frame(step) == (step.noisy, None)
     # a still's only latent frame is the whole sample: it is never conditioned away (its loss would be 0)
     still = step_inputs(torch.randn(2, 8, 1, 8, 8), sigmas, cond, [25.0, 25.0],
-                        options={"first_frame_conditioning_p": 1.0}, seed=3)
+                        conditioning_p=1.0, seed=3)
     assert spec.condition_first_frame(still) == (still.noisy, None)
 
 
@@ -209,7 +209,7 @@ def test_conditioned_tokens_get_the_image_to_video_pipelines_timesteps(spec, pip
             theirs = calls[0]["timestep"]
             t = theirs.max().reshape(1)
             step = step_inputs(torch.randn(1, 8, 3, 8, 8), t / 1000, {k: v[:1] for k, v in cond.items()}, [25.0],
-                               options={"first_frame_conditioning_p": 1.0})
+                               conditioning_p=1.0)
             step.timesteps = t
             calls.clear()
             _, weights = spec.predict(pipe.transformer, step, torch.float32)

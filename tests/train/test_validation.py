@@ -113,7 +113,7 @@ def test_a_bad_size_or_another_vae_is_refused_before_the_first_step(tiny_cog, va
     bad = validation_file(tmp_path, [{"caption": "x", "num_frames": 10}], "bad.json")
     with pytest.raises(UserError, match=r"bad.json row 1: num_frames 10.*4k\+1"):
         train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", bad)
-    from ft.pipelines.tiny import save_tiny_model
+    from ft.pipelines.registry import save_tiny_model
 
     other = save_tiny_model("cogvideox", tmp_path / "other", seed=5)
     good = validation_file(tmp_path, [{"caption": "a small bright square"}], "good.json")
