@@ -15,11 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import BUCKETS, FP32, HUNYUAN_FP32, HUNYUAN_TEXT, run_cli
-
-# each family's shared tiny model and shard set: (fixture-name stem, the precompute flags of its shards)
-FAMILIES = {"cogvideox": ("cog", FP32), "ltx_video": ("ltx", FP32),
-            "hunyuan_video": ("hunyuan", [*HUNYUAN_FP32, *HUNYUAN_TEXT])}
+from helpers import BUCKETS, FAMILIES, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +50,9 @@ def family_shards(tmp_path_factory: pytest.TempPathFactory, tiny_model, shapes_d
 
     def get(family: str) -> Path:
         if family not in made:
-            stem, flags = FAMILIES[family]
+            stem, dtypes, text = FAMILIES[family]
             out = tmp_path_factory.mktemp("shards") / stem
-            run_cli(["precompute", "--model", family, "--pretrained", tiny_model(family), *flags, "--dataset",
+            run_cli(["precompute", "--model", family, "--pretrained", tiny_model(family), *dtypes, *text, "--dataset",
                      shapes_data, "--out", out, *BUCKETS, "--batch-size", "2"])
             made[family] = out
         return made[family]
@@ -73,7 +69,7 @@ def _family_fixture(factory: str, family: str, name: str):
 
 
 # tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards: the factories' values, by name
-for _family, (_stem, _) in FAMILIES.items():
+for _family, (_stem, *_) in FAMILIES.items():
     globals()[f"tiny_{_stem}"] = _family_fixture("tiny_model", _family, f"tiny_{_stem}")
     globals()[f"{_stem}_shards"] = _family_fixture("family_shards", _family, f"{_stem}_shards")
 

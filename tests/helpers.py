@@ -14,6 +14,10 @@ def run_cli(argv: list[object]) -> object:
 HUNYUAN_FP32 = [*FP32, "--text-encoder-2-dtype", "fp32"]
 # 32 Llama tokens after the template's crop (the default is 256): the same code path, half the step time on a CPU
 HUNYUAN_TEXT = ["--max-sequence-length", "32"]
+# each family's shared test shard set (conftest's family_shards): the fixture-name stem, the dtype flags (every
+# command takes them) and the flags precompute takes besides
+FAMILIES = {"cogvideox": ("cog", FP32, []), "ltx_video": ("ltx", FP32, []),
+            "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT)}
 
 
 def mount_tmpfs(path: object, size: str = "4m") -> None:

@@ -10,20 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FP32, HUNYUAN_FP32, HUNYUAN_TEXT, BuiltClasses, run_cli
+from helpers import FAMILIES, BuiltClasses, run_cli
 
-FAMILIES = {
-    "ltx_video": ("tiny_ltx", "ltx_shards", FP32, [], {"frame_rate": 12}),
-    # true CFG exercises the stored negative prompt, HunyuanVideo's second transformer pass per step
-    "hunyuan_video": ("tiny_hunyuan", "hunyuan_shards", HUNYUAN_FP32, HUNYUAN_TEXT, {"true_cfg_scale": 3.0}),
-}
+# each family's validation row settings: true CFG exercises the stored negative prompt, HunyuanVideo's second
+# transformer pass per step
+EXTRA = {"ltx_video": {"frame_rate": 12}, "hunyuan_video": {"true_cfg_scale": 3.0}}
 
 
-@pytest.fixture(params=sorted(FAMILIES))
-def family(request, tmp_path):
+@pytest.fixture(params=sorted(EXTRA))
+def family(request, tmp_path, tiny_model, family_shards):
     name = request.param
-    model_fixture, shards_fixture, dtypes, text, extra = FAMILIES[name]
-    model, shards = request.getfixturevalue(model_fixture), request.getfixturevalue(shards_fixture)
+    _, dtypes, text = FAMILIES[name]
+    model, shards, extra = tiny_model(name), family_shards(name), EXTRA[name]
     rows = [{"caption": "a red circle moving left", "num_inference_steps": 2, "num_frames": 5, "height": 32,
              "width": 64, **extra}, {"caption": "a dark street", "num_inference_steps": 2}]
     (tmp_path / "validation.json").write_text(json.dumps({"data": rows}))
