@@ -3,17 +3,22 @@
 precompute and train never branch on a model's name; they ask the spec. A spec says:
 - loading: which classes make up the family, and how `--pretrained` plus per-component overrides and dtypes
   (`ModelArgs`) become loaded modules, with a clear error for a folder that is not of this family;
-- stage 1: `encode_video(vae, frames)` and `encode_prompts(encoders, prompts)`, each returning named tensors that
-  become the `latents` and `cond` groups of a shard sample;
+- stage 1: `encode_video(vae, frames)` (the VAE posterior by default) and `encode_prompts(encoders, prompts)`,
+  each returning named tensors that become the `latents` and `cond` groups of a shard sample; the `cond` layout
+  is the spec's `conditioning` (CondTensor: name, width, shape), which `check_shards` and `ft estimate` read;
 - stage 2: the objective it trains with (by name; the objectives are shared code in ft.train), `prepare_latents`
-  (stored posterior -> model latents, one generator per sample) and `predict` (the transformer call, fed
-  exactly as the family's pipeline feeds it, with the batch's metadata, generators and the run's options);
-- facts: LoRA target modules, valid frame counts and size multiples, default buckets, the transformer's block
-  lists (what FSDP2 shards block by block);
+  (stored posterior -> model latents for a transformer config, one generator per sample) and `predict` (the
+  transformer call, fed exactly as the family's pipeline feeds it, with the batch's metadata, generators and the
+  run's typed `TrainOptions`); `check_shards` (family, latent channels, conditioning, text length, then the
+  family's `check_shard_extras`);
+- facts: `aliases`, LoRA target modules, valid frame counts and size multiples, default buckets, the
+  transformer's block lists (what FSDP2 shards block by block, and the layers `ft estimate` counts), and the
+  published checkpoints' real-size configs (`checkpoints`, offline);
 - generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
   from stored embeddings: validation in training, and `ft generate`), and the pipeline's defaults;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
-Adding a family is adding a file with a subclass and a line in registry.py.
+Code two families share lives here (`sample_posterior`, `t5_prompt_embeds`, `peft_targets`). Adding a family is
+adding a file with a subclass and a line in registry.py.
 """
 
 from __future__ import annotations
