@@ -324,7 +324,9 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
-    layers, mlp_ratio = family.transformer_layers(tconfig), float(tconfig.get("mlp_ratio", 4.0))
+    # the MLP's width: a config's mlp_ratio (HunyuanVideo), or its ffn_dim over the hidden size (Wan), else 4
+    mlp_ratio = float(tconfig.get("mlp_ratio") or tconfig.get("ffn_dim", 4 * hidden) / hidden)
+    layers = family.transformer_layers(tconfig)
     cond = family.cond_shapes(tconfig)
     text_tokens = next(iter(cond.values()))[0][0]
     out = []

@@ -20,6 +20,9 @@ from typing import Any
 
 from ft.common.errors import UserError
 
+from . import wan
+from .wan import WanSpec
+
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
           "feed_forward_proj": "gated-gelu"}
 LLAVA_LLAMA3_8B_TEXT = {"vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336,
@@ -87,6 +90,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            # the image/text stream projections of the dual-stream blocks too, as finetrainers targets them
            lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                          "to_add_out"]),
+    # Wan's facts are its spec's (pipelines/wan.py); this entry only points at them
+    Family(WanSpec.name, WanSpec.display_name, {c: WanSpec.component_classes[c] for c in
+                                                ("transformer", "vae", "text_encoder")},
+           transformer_layers=lambda c: c["num_layers"], cond_shapes=wan.cond_shapes,
+           lora_targets=WanSpec.default_lora_targets, default_buckets=WanSpec.default_buckets),
 )}
 
 CHECKPOINTS: list[Checkpoint] = [
@@ -100,6 +108,7 @@ CHECKPOINTS: list[Checkpoint] = [
     Checkpoint("hunyuan_video", "HunyuanVideo",
                ("hunyuanvideo-community/HunyuanVideo", "tencent/HunyuanVideo", "hunyuan-video"),
                {"transformer": {}, "vae": {}, "text_encoder": LLAVA_LLAMA3_8B_TEXT, "text_encoder_2": CLIP_L_TEXT}),
+    *(Checkpoint(WanSpec.name, *checkpoint) for checkpoint in wan.CHECKPOINTS),
 ]
 
 
@@ -107,8 +116,8 @@ def get_family(name: str) -> Family:
     """The family for `--model NAME`; an unknown name is an error listing the known ones."""
     # the registry's names (ltx_video, hunyuan_video) and its aliases
     key = {"cogvideo": "cogvideox", "ltx": "ltx_video", "ltxvideo": "ltx_video", "ltx-video": "ltx_video",
-           "hunyuan": "hunyuan_video", "hunyuanvideo": "hunyuan_video", "hunyuan-video": "hunyuan_video"
-           }.get(name.lower(), name.lower())
+           "hunyuan": "hunyuan_video", "hunyuanvideo": "hunyuan_video", "hunyuan-video": "hunyuan_video",
+           **dict.fromkeys(wan.ALIASES, WanSpec.name)}.get(name.lower(), name.lower())
     if key not in FAMILIES:
         raise UserError(f"--model {name!r}: no known configs for this family; use one of: {', '.join(FAMILIES)}.")
     return FAMILIES[key]

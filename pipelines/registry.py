@@ -12,14 +12,17 @@ from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
 from .ltx_video import LTXVideoSpec
+from .wan import ALIASES as WAN_ALIASES
+from .wan import WanSpec
 
 SPECS: dict[str, type[ModelSpec]] = {
     CogVideoXSpec.name: CogVideoXSpec,
     LTXVideoSpec.name: LTXVideoSpec,
     HunyuanVideoSpec.name: HunyuanVideoSpec,
+    WanSpec.name: WanSpec,
 }
 ALIASES = {"cogvideo": "cogvideox", "cog": "cogvideox", "ltx-video": "ltx_video", "ltx": "ltx_video",
-           "hunyuan-video": "hunyuan_video", "hunyuan": "hunyuan_video"}
+           "hunyuan-video": "hunyuan_video", "hunyuan": "hunyuan_video", **dict.fromkeys(WAN_ALIASES, WanSpec.name)}
 
 
 def get_spec(name: str, options: dict[str, Any] | None = None) -> ModelSpec:

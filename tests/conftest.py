@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny CogVideoX and a tiny LTX-Video saved as diffusers folders, datasets of real mp4 clips,
+"""Shared fixtures: a tiny model of each family saved as a diffusers folder, datasets of real mp4 clips,
 encoded shards.
 
 Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
@@ -68,6 +68,21 @@ def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ltx_shards(tmp_path_factory: pytest.TempPathFactory, tiny_ltx: Path, shapes_data: Path) -> Path:
     out = tmp_path_factory.mktemp("shards") / "ltx"
     run_cli(["precompute", "--model", "ltx-video", "--pretrained", tiny_ltx, *FP32, "--dataset", shapes_data,
+             "--out", out, *BUCKETS, "--batch-size", "2"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ft.pipelines.tiny import save_tiny_model
+
+    return save_tiny_model("wan", tmp_path_factory.mktemp("models") / "tiny-wan", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_wan: Path, shapes_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "wan"
+    run_cli(["precompute", "--model", "wan", "--pretrained", tiny_wan, *FP32, "--dataset", shapes_data,
              "--out", out, *BUCKETS, "--batch-size", "2"])
     return out
 
