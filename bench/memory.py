@@ -40,8 +40,9 @@ def main() -> None:
             f"{est.precompute_bytes / GB:.2f} GB ({encoders}) | "
             f"{(est.train_static_bytes + est.precompute_bytes) / GB:.2f} GB | {bucket.disk_per_sample / 1e6:.2f} MB |")
     spec_less = [f.display_name for name, f in FAMILIES.items() if name not in SPECS]
-    lines += ["", f"Activations are `ft estimate`'s model, not a measurement. {', '.join(spec_less)}: sizes of the "
-                  "published configs; ft trains them once their ModelSpec exists."]
+    lines += ["", "Activations are `ft estimate`'s model, not a measurement." + (
+        f" {', '.join(spec_less)}: sizes of the published configs; ft trains them once their ModelSpec exists."
+        if spec_less else "")]
     body = "\n".join(lines)
     if args.no_save:
         print(body)

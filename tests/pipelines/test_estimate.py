@@ -24,7 +24,7 @@ def cog5b(cog_shards):
 
 def test_cogvideox_5b_counts_and_bytes(cog5b):
     params = {c.name: round(c.params / 1e6) for c in cog5b.components}
-    assert params == {"transformer": 5570, "vae": 216, "text_encoder": 4894}
+    assert params == {"transformer": 5570, "vae": 216, "text_encoder": 4762}
     assert round(cog5b.trainable_params / 1e5) == 661  # LoRA r64 on to_q, to_k, to_v, to_out.0
     assert cog5b.precompute_bytes == (cog5b.component("vae").params + cog5b.component("text_encoder").params) * 2
     assert cog5b.train_static_bytes == cog5b.component("transformer").params * 2 + cog5b.trainable_params * 16
@@ -73,6 +73,19 @@ def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transform
     assert round(result.component("transformer").params / 1e6) == transformer
     assert round(result.component("vae").params / 1e6) == vae
     assert result.buckets[0].bucket == get_family(model).default_buckets[0]
+
+
+@pytest.mark.parametrize("pretrained,transformer", [("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1419),
+                                                    ("wan2.1-t2v-14b", 14288)])
+def test_wan_sizes_from_its_specs_configs(pretrained, transformer):
+    """Both Wan 2.1 sizes; the UMT5-XXL encoder counts its vocabulary once (5.68B: the embedding is tied); the
+    latent grid, patches and text length are the ones precompute and train use."""
+    result = estimate(EstimateConfig(model="wan2.1", pretrained=pretrained))
+    params = {c.name: round(c.params / 1e6) for c in result.components}
+    assert params == {"transformer": transformer, "vae": 127, "text_encoder": 5681}
+    (bucket,) = result.buckets
+    assert bucket.bucket == "49x480x832" and bucket.latent_shape == (16, 13, 60, 104)
+    assert (bucket.video_tokens, bucket.text_tokens) == (13 * 30 * 52, 512)
 
 
 def test_the_lora_targets_of_a_family_with_a_spec_are_the_specs():
