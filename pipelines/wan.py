@@ -21,6 +21,12 @@ What is fed (stage 2), as `WanPipeline.__call__` feeds its transformer:
 Generation samples with the pipeline's own scheduler (UniPCMultistepScheduler with the `flow_shift` of the model's
 scheduler config: 3.0 for 480p, 5.0 for 720p).
 
+Wan 2.2 TI2V-5B (text-to-video) is the same classes with a 48-channel VAE that patches 2x2 itself (16x spatial
+compression) and one pipeline setting, `expand_timesteps` in model_index.json: the pipeline then gives every token
+its own timestep (all equal for text-to-video, as float32), and so does `predict`. The setting is read from
+`--pretrained`, and the pipelines ft builds (generation, validation) get it too. Wan 2.2's two-transformer A14B
+(`boundary_ratio`, `transformer_2`) is refused.
+
 Everything Wan-specific lives here: the spec, the real-size configs of Wan2.1-T2V-1.3B and 14B (`CHECKPOINTS`,
 read by real_configs.py for `ft estimate`), the aliases, the default bucket, the block list and LoRA targets.
 """
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length
 PIPELINE_MULTIPLE = 16  # WanPipeline.check_inputs: height and width divisible by 16
-ALIASES = ("wan2.1", "wan-2.1", "wan_2.1", "wan21", "wan-t2v")
+ALIASES = ("wan2.1", "wan-2.1", "wan_2.1", "wan21", "wan-t2v", "wan2.2", "wan-2.2")
 
 # ---------------------------------------------------------------------------------------------- real-size configs
 # The published config.json files (Wan-AI/Wan2.1-T2V-*-Diffusers). The diffusers defaults of WanTransformer3DModel
@@ -56,6 +62,14 @@ CHECKPOINTS = [
       "text_encoder": UMT5_XXL}),
     ("Wan2.1-T2V-14B", ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan2.1-t2v-14b"),
      {"transformer": {}, "vae": {}, "text_encoder": UMT5_XXL}),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers: its transformer and VAE configs' structure (the VAE's 48 latents_mean/std
+    # values come from the model's own config.json when it trains)
+    ("Wan2.2-TI2V-5B", ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "wan2.2-ti2v-5b"),
+     {"transformer": {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48,
+                      "out_channels": 48},
+      "vae": {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "patch_size": 2,
+              "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16},
+      "text_encoder": UMT5_XXL}),
 ]
 
 
@@ -69,6 +83,27 @@ def prompt_clean(prompts: list[str]) -> list[str]:
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean as clean
 
     return [clean(p) for p in prompts]
+
+
+def read_pipeline_settings(pretrained: str | None, revision: str | None = None, cache_dir: str | None = None
+                           ) -> dict[str, Any]:
+    """The settings of `pretrained`'s model_index.json that change the transformer call: `expand_timesteps` (Wan 2.2
+    TI2V-5B). No `pretrained` (a spec built bare, as in unit tests): Wan 2.1's. A two-transformer Wan 2.2 (A14B)
+    is refused: ft trains one transformer."""
+    if not pretrained:
+        return {"expand_timesteps": False}
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(pretrained, revision=revision, cache_dir=cache_dir)
+    except Exception as e:  # OSError, EnvironmentError, hub errors
+        raise UserError(f"--pretrained {pretrained}: could not read its model_index.json ({e}); pass a diffusers "
+                        "Wan folder or hub id.") from e
+    if config.get("boundary_ratio") is not None or (config.get("transformer_2") or [None])[0]:
+        raise UserError(f"--pretrained {pretrained} is a two-transformer Wan 2.2 (boundary_ratio "
+                        f"{config.get('boundary_ratio')}, a transformer_2): ft trains one transformer; use Wan 2.1 or "
+                        "Wan 2.2 TI2V-5B.")
+    return {"expand_timesteps": bool(config.get("expand_timesteps", False))}
 
 
 def normalise(latents: torch.Tensor, vae_config: dict) -> torch.Tensor:
@@ -156,7 +191,15 @@ class WanSpec(ModelSpec):
 
     # ------------------------------------------------------------------------------------------------ stage 2
 
+    def pipeline_settings(self) -> dict[str, Any]:
+        """`read_pipeline_settings` of the run's --pretrained, read once."""
+        if "_pipeline_settings" not in self.__dict__:
+            o = self.options
+            self._pipeline_settings = read_pipeline_settings(o.get("pretrained"), o.get("revision"), o.get("cache_dir"))
+        return self._pipeline_settings
+
     def check_shards(self, manifest: Manifest, transformer_config: dict) -> None:
+        self.pipeline_settings()  # a two-transformer Wan 2.2 is refused before any weight loads
         if manifest.model_family != self.name:
             raise UserError(f"these shards were encoded for {manifest.model_family!r}, not {self.name!r}: "
                             f"precompute them again with --model {self.name}.")
@@ -180,7 +223,13 @@ class WanSpec(ModelSpec):
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The flow (velocity) prediction, fed as WanPipeline's denoising loop feeds the transformer."""
-        output = transformer(hidden_states=step.noisy.to(dtype), timestep=step.timesteps.long(),
+        timestep = step.timesteps.long()
+        if self.pipeline_settings()["expand_timesteps"]:
+            # Wan 2.2 TI2V-5B: WanPipeline's (mask[0][0][:, ::2, ::2] * t).flatten(), its mask all ones for
+            # text-to-video: the sample's timestep for every token, float32
+            _, _, frames, height, width = step.noisy.shape
+            timestep = timestep.float()[:, None].expand(-1, frames * -(-height // 2) * -(-width // 2))
+        output = transformer(hidden_states=step.noisy.to(dtype), timestep=timestep,
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype), attention_kwargs=None,
                              return_dict=False)[0]
         return output, None
@@ -192,6 +241,17 @@ class WanSpec(ModelSpec):
 
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         return {"max_sequence_length": DEFAULT_TEXT_TOKENS}
+
+    def load_pipeline(self, args: Any, device: Any) -> Any:
+        """As the base, with the model's `expand_timesteps` (the base builds the pipeline from components only)."""
+        pipe = super().load_pipeline(args, device)
+        pipe.register_to_config(**read_pipeline_settings(args.pretrained, args.revision, args.cache_dir))
+        return pipe
+
+    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
+        pipe = super().build_pipeline(transformer, vae, scheduler)
+        pipe.register_to_config(**self.pipeline_settings())
+        return pipe
 
     # ------------------------------------------------------------------------------------------------ tests
 
@@ -219,3 +279,18 @@ class WanSpec(ModelSpec):
                                             num_train_timesteps=1000, flow_shift=3.0)
         return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
                 "scheduler": scheduler}
+
+
+def tiny_ti2v_components(seed: int = 0) -> dict[str, Any]:
+    """Wan 2.2 TI2V-5B's layout at toy size: `WanSpec.tiny_components` with a residual VAE that patches 2x2 itself
+    (16x spatial compression) and the pipeline's `expand_timesteps`; `WanPipeline(**parts)` builds it."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    parts = WanSpec().tiny_components(seed)
+    torch.manual_seed(seed + 1)
+    parts["vae"] = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+        scale_factor_spatial=16, latents_mean=[-0.2, -0.1, 0.1, 0.2], latents_std=[0.5, 0.8, 1.2, 1.5])
+    return {**parts, "expand_timesteps": True}

@@ -80,6 +80,18 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan_ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2 TI2V-5B's layout at toy size (expand_timesteps in model_index.json)."""
+    from diffusers import WanPipeline
+
+    from ft.pipelines.wan import tiny_ti2v_components
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-wan2.2-ti2v"
+    WanPipeline(**tiny_ti2v_components(0)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def wan_shards(tmp_path_factory: pytest.TempPathFactory, tiny_wan: Path, shapes_data: Path) -> Path:
     out = tmp_path_factory.mktemp("shards") / "wan"
     run_cli(["precompute", "--model", "wan", "--pretrained", tiny_wan, *FP32, "--dataset", shapes_data,

@@ -75,17 +75,19 @@ def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transform
     assert result.buckets[0].bucket == get_family(model).default_buckets[0]
 
 
-@pytest.mark.parametrize("pretrained,transformer", [("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1419),
-                                                    ("wan2.1-t2v-14b", 14288)])
-def test_wan_sizes_from_its_specs_configs(pretrained, transformer):
-    """Both Wan 2.1 sizes; the UMT5-XXL encoder counts its vocabulary once (5.68B: the embedding is tied); the
-    latent grid, patches and text length are the ones precompute and train use."""
-    result = estimate(EstimateConfig(model="wan2.1", pretrained=pretrained))
+@pytest.mark.parametrize("pretrained,transformer,vae,grid", [
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1419, 127, (16, 13, 60, 104)),
+    ("wan2.1-t2v-14b", 14288, 127, (16, 13, 60, 104)),
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 5000, 705, (48, 13, 30, 52))])
+def test_wan_sizes_from_its_specs_configs(pretrained, transformer, vae, grid):
+    """Wan 2.1's two sizes and Wan 2.2 TI2V-5B; the UMT5-XXL encoder counts its vocabulary once (5.68B: the
+    embedding is tied); the latent grid, patches and text length are the ones precompute and train use."""
+    result = estimate(EstimateConfig(model="wan", pretrained=pretrained))
     params = {c.name: round(c.params / 1e6) for c in result.components}
-    assert params == {"transformer": transformer, "vae": 127, "text_encoder": 5681}
+    assert params == {"transformer": transformer, "vae": vae, "text_encoder": 5681}
     (bucket,) = result.buckets
-    assert bucket.bucket == "49x480x832" and bucket.latent_shape == (16, 13, 60, 104)
-    assert (bucket.video_tokens, bucket.text_tokens) == (13 * 30 * 52, 512)
+    assert bucket.bucket == "49x480x832" and bucket.latent_shape == grid
+    assert (bucket.video_tokens, bucket.text_tokens) == (13 * grid[2] // 2 * grid[3] // 2, 512)
 
 
 def test_the_lora_targets_of_a_family_with_a_spec_are_the_specs():

@@ -20,11 +20,15 @@ def spec():
     return get_spec("wan")
 
 
+def fp32_args(folder):
+    return ModelArgs(model="wan", pretrained=str(folder), transformer_dtype="fp32", vae_dtype="fp32",
+                     text_encoder_dtype="fp32")
+
+
 @pytest.fixture(scope="module")
 def pipe(spec, tiny_wan):
-    args = ModelArgs(model="wan", pretrained=str(tiny_wan), transformer_dtype="fp32", vae_dtype="fp32",
-                     text_encoder_dtype="fp32")
-    return spec.load_pipeline(args, "cpu")
+    return spec.load_pipeline(fp32_args(tiny_wan), "cpu")
+
 
 
 def encoders(pipe):
@@ -94,13 +98,18 @@ def assert_same_call(ours: dict, theirs: dict):
             assert ours[name] == value, name
 
 
-def test_predict_makes_the_transformer_call_the_pipeline_makes(spec, pipe):
+@pytest.mark.parametrize("version", ["2.1", "2.2-ti2v"])
+def test_predict_makes_the_transformer_call_the_pipeline_makes(version, tiny_wan, tiny_wan_ti2v):
     """A real 3-step WanPipeline run with classifier-free guidance: each of its transformer calls (conditional and
     unconditional) is made again through ft's predict, with the noisy latents of that step, the sigma of the
     pipeline's scheduler and timesteps from the trainer's flow-matching objective: the same keyword arguments,
-    bitwise, and the same output."""
+    bitwise, and the same output. Wan 2.2 TI2V-5B's pipeline gives every token a timestep; predict too."""
     from ft.train.objectives import FlowMatching, SigmaSampler
 
+    folder = tiny_wan if version == "2.1" else tiny_wan_ti2v
+    spec = get_spec("wan", {"pretrained": str(folder)})
+    pipe = spec.load_pipeline(fp32_args(folder), "cpu")
+    assert pipe.config.expand_timesteps == (version != "2.1")
     with torch.no_grad():
         cond = pipe._get_t5_prompt_embeds(PROMPTS[:1], max_sequence_length=512, device="cpu")
         uncond = pipe._get_t5_prompt_embeds([""], max_sequence_length=512, device="cpu")
@@ -124,7 +133,44 @@ def test_predict_makes_the_transformer_call_the_pipeline_makes(spec, pipe):
         assert weights is None
         assert_same_call(ours[0], call)
         assert torch.equal(output, expected)
-    assert theirs[0]["timestep"].dtype == torch.int64  # the pipeline's UniPC timesteps are integers
+    if version == "2.1":
+        assert theirs[0]["timestep"].dtype == torch.int64  # the pipeline's UniPC timesteps are integers
+    else:  # a float32 timestep per token: 3 latent frames x (a 2x2 latent in one 2x2 patch)
+        assert theirs[0]["hidden_states"].shape == (1, 4, 3, 2, 2)
+        assert theirs[0]["timestep"].shape == (1, 3) and theirs[0]["timestep"].dtype == torch.float32
+
+
+def test_a_two_transformer_wan_2_2_is_refused(tiny_wan, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_wan, tmp_path / "a14b")
+    index = json.loads((tmp_path / "a14b" / "model_index.json").read_text())
+    index.update(boundary_ratio=0.875, transformer_2=["diffusers", "WanTransformer3DModel"])
+    (tmp_path / "a14b" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="two-transformer Wan 2.2"):
+        get_spec("wan", {"pretrained": str(tmp_path / "a14b")}).pipeline_settings()
+    with pytest.raises(UserError, match="model_index.json"):
+        get_spec("wan", {"pretrained": str(tmp_path / "nothing")}).pipeline_settings()
+
+
+def test_the_wan_2_2_vae_compresses_16x_and_the_buckets_follow(spec, tiny_wan_ti2v):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan
+
+    from ft.pipelines.wan import CHECKPOINTS
+
+    configs = next(c for name, _, c in CHECKPOINTS if name == "Wan2.2-TI2V-5B")
+    with init_empty_weights():
+        vae = AutoencoderKLWan(**configs["vae"])
+    assert spec.compression(dict(vae.config)) == (4, 16) and vae.spatial_compression_ratio == 16
+    transformer = {"patch_size": (1, 2, 2)}
+    assert spec.check_bucket((121, 704, 1280), dict(vae.config), transformer) is None
+    assert "multiples of 32" in spec.check_bucket((49, 480, 848), dict(vae.config), transformer)
+    tiny = spec.load_component("vae", fp32_args(tiny_wan_ti2v))
+    with torch.no_grad():
+        latents = spec.encode_video(tiny, torch.zeros(1, 3, 9, 32, 64))
+    assert latents["mean"].shape == (1, 4, 3, 2, 4)
 
 
 @pytest.mark.parametrize("bucket,ok", [((81, 480, 832), True), ((49, 480, 832), True), ((1, 720, 1280), True),
@@ -179,3 +225,13 @@ def test_the_encoding_choices_record_the_caption_cleaning(spec):
     choices = spec.encoding_choices({})
     assert choices["prompt_clean"] == ("ftfy, html, whitespace" if is_ftfy_available() else "html, whitespace")
     assert "latents_mean" in choices["latent_normalisation"]
+
+
+def test_validations_pipeline_keeps_the_models_expand_timesteps(tiny_wan, tiny_wan_ti2v):
+    """The pipeline validation builds around the live transformer (no text encoder) samples as the model's does."""
+    for folder, expand in ((tiny_wan, False), (tiny_wan_ti2v, True)):
+        spec = get_spec("wan", {"pretrained": str(folder)})
+        args = fp32_args(folder)
+        pipe = spec.build_pipeline(spec.load_component("transformer", args), spec.load_component("vae", args),
+                                   spec.pipeline_scheduler(args))
+        assert pipe.config.expand_timesteps == expand and pipe.text_encoder is None

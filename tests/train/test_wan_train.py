@@ -95,6 +95,40 @@ def test_full_finetune_loads_with_from_pretrained_and_a_resumed_run_equals_a_str
     assert video.is_file()
 
 
+def test_wan_2_2_ti2v_trains_and_generates_with_per_token_timesteps(tiny_wan_ti2v, shapes_data, tmp_path):
+    """Wan 2.2 TI2V-5B's layout end to end: its 16x VAE's shards, a LoRA, and generation through a pipeline that
+    keeps the model's expand_timesteps: ft generate's frames are diffusers' own from_pretrained pipeline's (to the
+    uint8 rounding; the mp4 encoder is not compared)."""
+    from diffusers import WanPipeline
+
+    from ft.pipelines.registry import spec_for
+    from ft.train.generate import GenerateConfig, generate_frames, load_pipeline_with_lora, resolve_size
+    from helpers import BUCKETS
+
+    manifest = run_cli(["precompute", "--model", "wan2.2", "--pretrained", tiny_wan_ti2v, *FP32, "--dataset",
+                        shapes_data, "--out", tmp_path / "shards", *BUCKETS, "--batch-size", "2"])
+    assert manifest.shapes["latent_channels"] == 4 and manifest.encoders["vae"]["config"]["patch_size"] == 2
+    summary = train(tiny_wan_ti2v, tmp_path / "shards", tmp_path / "out", "--rank", "4", "--train-steps", "3",
+                    "--lr", "1e-3", "--seed", "0")
+    assert summary["steps"] == 3 and np.isfinite(summary["last_loss"])
+    size = ["--num-frames", "5", "--height", "32", "--width", "32", "--num-inference-steps", "2"]
+    video = run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan_ti2v, *FP32, "--lora", tmp_path / "out",
+                     "--prompt", PROMPT, *size, "--out", tmp_path / "ti2v.mp4"])
+    assert video.is_file()
+    cfg = GenerateConfig(model="wan", pretrained=str(tiny_wan_ti2v), transformer_dtype="fp32", vae_dtype="fp32",
+                         text_encoder_dtype="fp32", lora=str(tmp_path / "out"), prompt=PROMPT, num_frames=5,
+                         height=32, width=32, num_inference_steps=2)
+    spec = spec_for(cfg)
+    ours_pipe = load_pipeline_with_lora(spec, cfg, "cpu")
+    assert ours_pipe.config.expand_timesteps
+    ours = generate_frames(spec, cfg, ours_pipe, resolve_size(spec, cfg)).astype(np.float32) / 255
+    pipe = WanPipeline.from_pretrained(tiny_wan_ti2v)
+    pipe.load_lora_weights(tmp_path / "out")
+    theirs = pipe(prompt=PROMPT, num_frames=5, height=32, width=32, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6
+
+
 def test_demo_runs_on_the_tiny_wan(tmp_path):
     from ft.common.demo import run_demo
 
