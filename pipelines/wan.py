@@ -27,8 +27,9 @@ its own timestep (all equal for text-to-video, as float32), and so does `predict
 `--pretrained`, and the pipelines ft builds (generation, validation) get it too. Wan 2.2's two-transformer A14B
 (`boundary_ratio`, `transformer_2`) is refused.
 
-Everything Wan-specific lives here: the spec, the real-size configs of Wan2.1-T2V-1.3B and 14B (`CHECKPOINTS`,
-read by real_configs.py for `ft estimate`), the aliases, the default bucket, the block list and LoRA targets.
+Everything Wan-specific lives here: the spec, the real-size configs of Wan2.1-T2V-1.3B and 14B and Wan2.2-TI2V-5B
+(`CHECKPOINTS`, read by real_configs.py for `ft estimate`), the aliases, the default bucket, the block list and
+LoRA targets.
 """
 
 from __future__ import annotations
