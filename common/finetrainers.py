@@ -34,7 +34,7 @@ P, T, CHECK = "precompute", "train", "check-data"
 HINTS = {"learning_rate": "--lr", "max_train_steps": "--train-steps", "train_batch_size": "--batch-size",
          "num_train_epochs": "--train-steps", "lora_rank": "--rank", "mixed_precision": "--transformer-dtype"}
 # finetrainers' --model_name values are ft's family names (pipelines/registry.py SPECS); these it has beyond them
-OTHER_FAMILIES = ("cogview4", "flux", "wan")
+OTHER_FAMILIES = ("cogview4", "flux")
 MICRO_BATCHES = ("finetrainers counts micro-batches, ft optimizer steps: with --gradient_accumulation_steps above 1 "
                  "the value is divided by it (rounded up).")
 Check = Callable[[list[str]], "str | None"]
@@ -135,8 +135,8 @@ def _flags() -> list[Flag]:
         Flag("tp_degree", n, why="1 only: ft does not split layers across GPUs.",
              check=_degree("tensor parallelism")),
         # model
-        Flag("model_name", r, (P, T, "generate", "estimate"), "model", why="cogvideox, ltx_video, hunyuan_video; "
-             "finetrainers' other families are not supported.", convert=_model_name),
+        Flag("model_name", r, (P, T, "generate", "estimate"), "model", why="cogvideox, ltx_video, hunyuan_video, "
+             "wan; finetrainers' other families are not supported.", convert=_model_name),
         Flag("pretrained_model_name_or_path", r, (P, T, "generate", "estimate"), "pretrained"),
         *(Flag(name, s, (P, T, "generate"), name) for name in (
             "revision", "variant", "cache_dir", "tokenizer_id", "tokenizer_2_id", "tokenizer_3_id",

@@ -26,7 +26,7 @@ FT_NAMES = {"dataset_shuffle_buffer_size": "shuffle_buffer"}
 INTRO = """# Coming from finetrainers
 
 ft takes a finetrainers SFT argument list (its `finetrainers/args.py`, for the families ft has: cogvideox,
-ltx_video, hunyuan_video) and its `--dataset_config` file unchanged. Give the same list to both stages:
+ltx_video, hunyuan_video, wan) and its `--dataset_config` file unchanged. Give the same list to both stages:
 
 ```bash
 ft precompute <your finetrainers flags> --out shards/    # VAE + text encoders, once

@@ -173,9 +173,12 @@ def _build(module: str, cls_name: str, config: dict[str, Any]) -> Any:
 
     cls = getattr(importlib.import_module(module), cls_name)
     with init_empty_weights():
-        if module == "transformers":
-            return cls(cls.config_class(**config))
-        return cls.from_config(config)
+        model = cls(cls.config_class(**config)) if module == "transformers" else cls.from_config(config)
+    if module == "transformers":
+        # init_empty_weights leaves the embedding ties unmade: without this a T5 encoder counts its vocabulary
+        # twice (shared and encoder.embed_tokens: +1.05B for UMT5-XXL, +0.13B for T5-XXL)
+        model.tie_weights()
+    return model
 
 
 def _read_config(folder: Path, component: str) -> dict[str, Any]:
@@ -252,17 +255,23 @@ def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]
     frames, height, width = bucket
     vc = vae.config
     spatial = getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(vc.block_out_channels) - 1)
-    temporal = vc.get("temporal_compression_ratio") or getattr(vae, "temporal_compression_ratio", 1)
+    temporal = (vc.get("temporal_compression_ratio") or getattr(vae, "temporal_compression_ratio", None)
+                or vc.get("scale_factor_temporal", 1))  # the last: Wan's config name
     if height % spatial or width % spatial or (frames - 1) % temporal:
         raise UserError(f"--buckets {frames}x{height}x{width}: this VAE takes {temporal}k+1 frames and sizes that "
                         f"are multiples of {spatial}.")
-    return vc.latent_channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+    channels = vc.get("latent_channels") or vc["z_dim"]  # z_dim: Wan's name
+    return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
 def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
     _, t, h, w = grid
     p, p_t = transformer_config.get("patch_size") or 1, transformer_config.get("patch_size_t") or 1
-    return math.ceil(t / p_t) * (h // p) * (w // p)
+    if isinstance(p, (list, tuple)):  # (t, h, w) in one entry (Wan)
+        p_t, p_h, p_w = p
+    else:
+        p_h = p_w = p
+    return math.ceil(t / p_t) * (h // p_h) * (w // p_w)
 
 
 def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_ratio: float, checkpointing: bool
@@ -328,7 +337,9 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
-    layers, mlp_ratio = len(blocks), float(tconfig.get("mlp_ratio", 4.0))
+    # the MLP's width: a config's mlp_ratio (HunyuanVideo), or its ffn_dim over the hidden size (Wan), else 4
+    mlp_ratio = float(tconfig.get("mlp_ratio") or tconfig.get("ffn_dim", 4 * hidden) / hidden)
+    layers = len(blocks)
     cond = conditioning_shapes(spec, tconfig)
     text_tokens = spec.default_sequence_length(tconfig)
     out = []

@@ -15,11 +15,13 @@ from .base import ModelSpec, import_class
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
 from .ltx_video import LTXVideoSpec
+from .wan import WanSpec
 
 SPECS: dict[str, type[ModelSpec]] = {
     CogVideoXSpec.name: CogVideoXSpec,
     LTXVideoSpec.name: LTXVideoSpec,
     HunyuanVideoSpec.name: HunyuanVideoSpec,
+    WanSpec.name: WanSpec,
 }
 ALIASES = {alias: name for name, spec in SPECS.items() for alias in spec.aliases}
 

@@ -107,8 +107,8 @@ class PrecomputeConfig(DataArgs, ModelArgs):
 class CheckDataConfig(DataArgs):
     """Check a dataset before paying for GPU time (loads no model): what precompute would reject, and why."""
 
-    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: cogvideox, ltx_video or "
-                               "hunyuan_video (and their aliases; see `ft models`).", panel=DATA)
+    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: cogvideox, ltx_video, "
+                               "hunyuan_video or wan (and their aliases; see `ft models`).", panel=DATA)
     pretrained: str | None = opt(None, "A diffusers folder or hub id of the base model: its tokenizer counts caption "
                                        "tokens and its configs check the buckets (no weights are loaded). Without "
                                        "it, the family's defaults apply and tokens are not counted.", panel=DATA)

@@ -1,6 +1,6 @@
 """Shared fixtures: each family's tiny model saved as a diffusers folder and its shards of a dataset of real mp4
 clips (one parametrised fixture each: `tiny_model(family)`, `family_shards(family)`, also reachable by the names
-tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards).
+tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards, tiny_wan, wan_shards).
 
 Everything is built locally from configs (no network; HF_HUB_OFFLINE=1 is set here too) and cached per session.
 """
@@ -68,10 +68,22 @@ def _family_fixture(factory: str, family: str, name: str):
     return fixture
 
 
-# tiny_cog, cog_shards, tiny_ltx, ltx_shards, tiny_hunyuan, hunyuan_shards: the factories' values, by name
+# tiny_cog, cog_shards, ..., tiny_wan, wan_shards: the factories' values, by name
 for _family, (_stem, *_) in FAMILIES.items():
     globals()[f"tiny_{_stem}"] = _family_fixture("tiny_model", _family, f"tiny_{_stem}")
     globals()[f"{_stem}_shards"] = _family_fixture("family_shards", _family, f"{_stem}_shards")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2 TI2V-5B's layout at toy size (expand_timesteps in model_index.json)."""
+    from diffusers import WanPipeline
+
+    from ft.pipelines.wan import tiny_ti2v_components
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-wan2.2-ti2v"
+    WanPipeline(**tiny_ti2v_components(0)).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

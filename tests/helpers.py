@@ -11,13 +11,25 @@ def run_cli(argv: list[object]) -> object:
     from ft.common.cli import invoke
 
     return invoke([str(a) for a in argv], standalone=False)
+def torchrun(nproc: int, argv: list[object], timeout: float = 240) -> object:
+    """`ft argv` in `nproc` processes under torchrun (gloo on the CPU); returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "ft.common.cli", *map(str, argv)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 HUNYUAN_FP32 = [*FP32, "--text-encoder-2-dtype", "fp32"]
 # 32 Llama tokens after the template's crop (the default is 256): the same code path, half the step time on a CPU
 HUNYUAN_TEXT = ["--max-sequence-length", "32"]
 # each family's shared test shard set (conftest's family_shards): the fixture-name stem, the dtype flags (every
 # command takes them) and the flags precompute takes besides
 FAMILIES = {"cogvideox": ("cog", FP32, []), "ltx_video": ("ltx", FP32, []),
-            "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT)}
+            "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT), "wan": ("wan", FP32, [])}
 
 
 def mount_tmpfs(path: object, size: str = "4m") -> None:

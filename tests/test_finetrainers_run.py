@@ -1,5 +1,5 @@
-"""finetrainers' CogVideoX crush_smol example (examples/training/sft/cogvideox/crush_smol_lora/train.sh in
-a-r-r-o-w/finetrainers) run through `ft precompute` and `ft train` on the tiny model.
+"""finetrainers' CogVideoX and Wan crush_smol examples (examples/training/sft/{cogvideox,wan}/crush_smol_lora/train.sh
+in a-r-r-o-w/finetrainers) run through `ft precompute` and `ft train` on the tiny models.
 
 The argument list is the script's, flag for flag, its validation flags included. Changed: the paths (model,
 dataset config, validation file, output), the step counts (training, validation, inference), and the script's
@@ -23,23 +23,27 @@ from helpers import run_cli
 
 REPORT_TO = "wandb" if importlib.util.find_spec("wandb") else "none"
 REGEX = "(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)"
+# examples/training/sft/wan/crush_smol_lora/train.sh: the same arrays but for the model and its LoRA targets
+WAN = {"model_name": "wan", "regex": "blocks.*(to_q|to_k|to_v|to_out.0)"}
 
 
 def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: int,
-                    parallel: str = "DDP_1", validation_file: Path | None = None) -> list[str]:
-    """train.sh's arrays, in its order; only the paths and --train_steps are parameters."""
+                    parallel: str = "DDP_1", validation_file: Path | None = None, model_name: str = "cogvideox",
+                    regex: str = REGEX) -> list[str]:
+    """train.sh's arrays, in its order; only the paths and --train_steps are parameters (and, for another
+    family's script, its --model_name and --target_modules)."""
     backend = "ptd"
     parallel_cmd = {
         "DDP_1": f"--parallel_backend {backend} --pp_degree 1 --dp_degree 1 --dp_shards 1 --cp_degree 1 --tp_degree 1",
         "DDP_2": f"--parallel_backend {backend} --pp_degree 1 --dp_degree 2 --dp_shards 1 --cp_degree 1 --tp_degree 1",
     }[parallel].split()
-    model_cmd = ["--model_name", "cogvideox", "--pretrained_model_name_or_path", str(model)]
+    model_cmd = ["--model_name", model_name, "--pretrained_model_name_or_path", str(model)]
     dataset_cmd = ["--dataset_config", str(dataset_config), "--dataset_shuffle_buffer_size", "10",
                    "--enable_precomputation", "--precomputation_items", "25", "--precomputation_once"]
     dataloader_cmd = ["--dataloader_num_workers", "0"]
     diffusion_cmd = ["--flow_weighting_scheme", "logit_normal"]
     training_cmd = ["--training_type", "lora", "--seed", "42", "--batch_size", "1", "--train_steps", str(steps),
-                    "--rank", "32", "--lora_alpha", "32", "--target_modules", REGEX,
+                    "--rank", "32", "--lora_alpha", "32", "--target_modules", regex,
                     "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "--checkpointing_steps", "1000",
                     "--checkpointing_limit", "2", "--enable_slicing", "--enable_tiling"]
     optimizer_cmd = ["--optimizer", "adamw", "--lr", "5e-5", "--lr_scheduler", "constant_with_warmup",
@@ -47,7 +51,7 @@ def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: 
                      "--weight_decay", "1e-4", "--epsilon", "1e-8", "--max_grad_norm", "1.0"]
     validation_cmd = ["--validation_dataset_file", str(validation_file), "--validation_steps", "2"] if (
         validation_file) else []
-    miscellaneous_cmd = ["--tracker_name", "finetrainers-cogvideox", "--output_dir", str(output_dir),
+    miscellaneous_cmd = ["--tracker_name", f"finetrainers-{model_name}", "--output_dir", str(output_dir),
                          "--init_timeout", "600", "--nccl_timeout", "600", "--report_to", REPORT_TO]
     return [*parallel_cmd, *model_cmd, *dataset_cmd, *dataloader_cmd, *diffusion_cmd, *training_cmd,
             *optimizer_cmd, *validation_cmd, *miscellaneous_cmd]
@@ -103,6 +107,26 @@ def test_crush_smol_example_runs_through_both_stages(crush_smol, tiny_cog, tmp_p
     steps = sorted(p.name for p in (tmp_path / "out" / "validation").iterdir())
     assert steps == ["step-000002", "step-000003"]  # every --validation_steps and at the last
     assert len(list((tmp_path / "out" / "validation" / "step-000003").glob("*.mp4"))) == 2
+
+
+def test_the_wan_crush_smol_example_runs_through_both_stages(crush_smol, tiny_wan, tmp_path, monkeypatch):
+    """finetrainers' sft/wan/crush_smol_lora script: its argument list and training.json carry over to Wan."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    argv = crush_smol_argv(tiny_wan, crush_smol / "training.json", tmp_path / "out", steps=2,
+                           validation_file=crush_smol / "validation.json", **WAN)
+    manifest = run_cli(["precompute", *argv, "--out", tmp_path / "shards"])
+    assert manifest.model_family == "wan" and manifest.training_histogram() == {"9x32x32": 3}
+    assert run_cli(["train", *argv, "--shards", tmp_path / "shards"])["steps"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.get_tensor(next(k for k in keys if "lora_A" in k)).shape[0] == 32
+    for attn in ("attn1", "attn2"):  # the regex reaches self- and cross-attention of every block
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            assert any(f"blocks.1.{attn}.{proj}.lora_A" in k for k in keys), keys
+    assert len(list((tmp_path / "out" / "validation" / "step-000002").glob("*.mp4"))) == 2
 
 
 def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_path):

@@ -116,9 +116,11 @@ def test_validation_flags_reach_both_stages():
 def test_model_names():
     assert tr("train", "--model_name", "ltx_video", "--pretrained_model_name_or_path", "p", "--shards", "s"
               ).runs[0][:2] == ["--model", "ltx_video"]
-    with pytest.raises(UserError, match="wan: a finetrainers family not supported by ft; it supports cogvideox, "
-                                        "ltx_video, hunyuan_video"):
-        tr("train", "--model_name", "wan")
+    assert tr("train", "--model_name", "wan", "--pretrained_model_name_or_path", "p", "--shards", "s"
+              ).runs[0][:2] == ["--model", "wan"]
+    with pytest.raises(UserError, match="flux: a finetrainers family not supported by ft; it supports cogvideox, "
+                                        "ltx_video, hunyuan_video, wan"):
+        tr("train", "--model_name", "flux")
 
 
 def test_optimizer_names_map_where_the_meaning_is_the_same():

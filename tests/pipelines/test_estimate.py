@@ -23,7 +23,7 @@ def cog5b(cog_shards):
 
 def test_cogvideox_5b_counts_and_bytes(cog5b):
     params = {c.name: round(c.params / 1e6) for c in cog5b.components}
-    assert params == {"transformer": 5570, "vae": 216, "text_encoder": 4894}
+    assert params == {"transformer": 5570, "vae": 216, "text_encoder": 4762}
     assert round(cog5b.trainable_params / 1e5) == 661  # LoRA r64 on to_q, to_k, to_v, to_out.0
     assert cog5b.precompute_bytes == (cog5b.component("vae").params + cog5b.component("text_encoder").params) * 2
     assert cog5b.train_static_bytes == cog5b.component("transformer").params * 2 + cog5b.trainable_params * 16
@@ -74,6 +74,21 @@ def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transform
     # the bucket precompute defaults to (HunyuanVideo: finetrainers' 49x480x768), from the one spec
     assert result.buckets[0].bucket == get_spec(model).default_buckets[0]
     assert result.buckets[0].cond_shapes["prompt_embeds"][0] == {"ltx-video": 128, "hunyuan-video": 256}[model]
+
+
+@pytest.mark.parametrize("pretrained,transformer,vae,grid", [
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1419, 127, (16, 13, 60, 104)),
+    ("wan2.1-t2v-14b", 14288, 127, (16, 13, 60, 104)),
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 5000, 705, (48, 13, 30, 52))])
+def test_wan_sizes_from_its_specs_configs(pretrained, transformer, vae, grid):
+    """Wan 2.1's two sizes and Wan 2.2 TI2V-5B; the UMT5-XXL encoder counts its vocabulary once (5.68B: the
+    embedding is tied); the latent grid, patches and text length are the ones precompute and train use."""
+    result = estimate(EstimateConfig(model="wan", pretrained=pretrained))
+    params = {c.name: round(c.params / 1e6) for c in result.components}
+    assert params == {"transformer": transformer, "vae": vae, "text_encoder": 5681}
+    (bucket,) = result.buckets
+    assert bucket.bucket == "49x480x832" and bucket.latent_shape == grid
+    assert (bucket.video_tokens, bucket.text_tokens) == (13 * grid[2] // 2 * grid[3] // 2, 512)
 
 
 def test_every_family_lists_its_checkpoints_by_names_its_alias_spelling_reaches():

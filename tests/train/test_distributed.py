@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, run_cli, torchrun
 
 pytestmark = pytest.mark.slow
 STEPS = ["--train-steps", "6", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps", "3",
@@ -45,13 +45,6 @@ def shards(tmp_path_factory, tiny_cog, shapes_data):
 def train_args(model, shards, out, *extra):
     return ["train", "--model", "cogvideox", "--pretrained", str(model), *FP32, "--shards", str(shards),
             "--output-dir", str(out), *STEPS, *map(str, extra)]
-
-
-def torchrun(nproc: int, argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "ft.common.cli", *argv]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def losses(out):

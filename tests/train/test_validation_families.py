@@ -1,5 +1,5 @@
-"""Validation in a tiny run of LTX-Video and HunyuanVideo: prompts precomputed, videos at the right steps with the
-row's frames and size, no text encoder or tokenizer built in training, and the weights of a run without it."""
+"""Validation in a tiny run of LTX-Video, HunyuanVideo and Wan: prompts precomputed, videos at the right steps with
+the row's frames and size, no text encoder or tokenizer built in training, and the weights of a run without it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from helpers import FAMILIES, BuiltClasses, run_cli
 
 # each family's validation row settings: true CFG exercises the stored negative prompt, HunyuanVideo's second
-# transformer pass per step
-EXTRA = {"ltx_video": {"frame_rate": 12}, "hunyuan_video": {"true_cfg_scale": 3.0}}
+# transformer pass per step; Wan: classifier-free guidance with the stored empty prompt's embeddings, through
+# WanPipeline's UniPC scheduler
+EXTRA = {"ltx_video": {"frame_rate": 12}, "hunyuan_video": {"true_cfg_scale": 3.0}, "wan": {"guidance_scale": 5.0}}
+FPS = {"ltx_video": 12, "hunyuan_video": 24.0, "wan": 16.0}
 
 
 @pytest.fixture(params=sorted(EXTRA))
@@ -56,7 +58,7 @@ def test_a_tiny_run_validates_without_a_text_encoder(family, tmp_path):
         assert (out / "validation" / step / "contact_sheet.png").is_file()
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     files = next(r for r in records if "validation" in r)["validation"]["videos"]
-    assert files[0]["fps"] == (12 if family[0] == "ltx_video" else 24.0)
+    assert files[0]["fps"] == FPS[family[0]]
 
     plain = train(family, tmp_path / "plain")
     assert plain["last_loss"] == summary["last_loss"]
