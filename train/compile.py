@@ -10,7 +10,7 @@
 Compiled in place, the modules keep their names, so checkpoints, the exported LoRA and FSDP2's state dicts do
 not change. The order is torchtitan's for FSDP2 (`fully_shard` per block, then compile): FSDP2's hooks and
 offloading's (common/offload.py, `torch.compiler.disable`) run eagerly around a compiled block. Gradient
-checkpointing wraps each (compiled) block as before; fp8 storage's casting hooks are traced inside the block.
+checkpointing wraps each (compiled) block as before. The layers fp8 storage casts run eagerly (eager_casting).
 
 `CompileWatch` reads dynamo's own counters and clocks, so that the first step's compile time is logged apart from
 the steady s/step (trainer.py writes `compile_seconds` and `graphs_compiled` into train_log.jsonl on the steps
@@ -29,6 +29,7 @@ SCOPES = ("regional", "full")
 # dynamo compiles a block's code once per bucket shape before it goes dynamic; the default limit (8) is shared by
 # every block of a class, so a model of many blocks would fall back to eager after a few buckets
 RECOMPILE_LIMIT = 64
+LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting._LAYERWISE_CASTING_HOOK
 
 
 def check_args(modules: list[str], scopes: list[str]) -> str | None:
@@ -50,16 +51,39 @@ def check_args(modules: list[str], scopes: list[str]) -> str | None:
     return scopes[0]
 
 
-def apply_compile(transformer: Any, blocks: list[Any], scope: str) -> None:
-    """Compile `transformer` in place: each of `blocks` (regional) or the whole module (full)."""
+def eager_casting(modules: list[Any]) -> int:
+    """Run the layers that fp8 storage casts (diffusers' layerwise casting hooks) outside the compiled graph;
+    returns how many. Traced by dynamo, the hook's in-place cast of the weight to --transformer-dtype and back is
+    seen by gradient checkpointing's recompute in the storage dtype (torch.utils.checkpoint's CheckpointError:
+    "Recomputed values ... have different metadata", bf16 saved, fp8 recomputed); eager, the cast layer is what it
+    is without compile, and the compiled graphs hold what lies between the cast layers (norms, attention, rotary
+    embeddings, activations)."""
+    import torch
+
+    count = 0
+    for root in modules:
+        for module in root.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(LAYERWISE_CASTING_HOOK) is not None:
+                module.forward = torch.compiler.disable(module.forward)
+                count += 1
+    return count
+
+
+def apply_compile(transformer: Any, blocks: list[Any], scope: str, backend: str = "inductor") -> None:
+    """Compile `transformer` in place: each of `blocks` (regional) or the whole module (full). `backend`: a test
+    passes aot_eager to check the graph capture with autograd without inductor's code generation."""
     import torch
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    cast = eager_casting([transformer])
+    if cast:
+        log.info(f"torch.compile: the {cast} layers stored in fp8 run eagerly between the compiled graphs")
     if scope == "full":
-        transformer.compile()
+        transformer.compile(backend=backend)
     else:
         for block in blocks:
-            block.compile()
+            block.compile(backend=backend)
     log.info(f"torch.compile: {'the whole transformer' if scope == 'full' else f'{len(blocks)} blocks'} (compiled "
              "on the first step of each bucket shape; that step's compile time is logged as compile_seconds)")
 
