@@ -133,3 +133,21 @@ class CompileWatch:
 
         callback_handler.remove_start_callback(self._start)
         callback_handler.remove_end_callback(self._end)
+
+
+def compile_summary(times: list[tuple[float, dict[str, float]]]) -> dict[str, Any]:
+    """A compiled run's first step, its compile time, and the steady s/step of the steps that compiled nothing;
+    logged in one line."""
+    compiling = [(s, c) for s, c in times if c]
+    steady = [s for s, c in times if not c]
+    out: dict[str, Any] = {
+        "first_step_seconds": round(times[0][0], 3) if times else None,
+        "compile_seconds": round(sum(c["compile_seconds"] for _, c in compiling), 3),
+        "graphs_compiled": sum(int(c["graphs_compiled"]) for _, c in compiling),
+        "steady_seconds_per_step": round(sum(steady) / len(steady), 4) if steady else None}
+    if times:
+        rate = f"{out['steady_seconds_per_step']:.3f} s/step" if steady else "no step without compiling"
+        log.info(f"torch.compile: {out['graphs_compiled']} graph(s) in {out['compile_seconds']:.1f} s over "
+                 f"{len(compiling)} step(s) (the first step took {out['first_step_seconds']:.1f} s); steady {rate} "
+                 f"over the {len(steady)} other step(s)")
+    return out
