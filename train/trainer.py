@@ -220,8 +220,9 @@ class Trainer:
 
         load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
         # several processes: load on the CPU, then shard block by block onto the device (parallel.py); offloading:
-        # load on the CPU, then move all but the offloaded blocks' weights (common/offload.py)
-        on_cpu = world.size > 1 or cfg.offload_blocks > 0
+        # load on the CPU, then move all but the offloaded blocks' weights (common/offload.py); fp8 storage: cast on
+        # the CPU, so that the device never holds the whole transformer in --transformer-dtype
+        on_cpu = world.size > 1 or cfg.offload_blocks > 0 or bool(cfg.layerwise_upcasting_modules)
         transformer = self.spec.load_component("transformer", load_cfg, "cpu" if on_cpu else self.device)
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
