@@ -107,10 +107,9 @@ class TrainConfig(ModelArgs):
     compile_modules: list[str] = opt([], "transformer: torch.compile it (finetrainers' flag). The first step of each "
                                          "bucket shape compiles (logged as compile_seconds in train_log.jsonl), the "
                                          "steps after it run the compiled code.", panel=SPEED)
-    compile_scopes: list[str] = opt(["regional"], "regional: each transformer block compiled on its own (fast to "
-                                                  "compile; a new bucket shape recompiles the blocks once, then "
-                                                  "their shapes are dynamic); full: the whole transformer as one "
-                                                  "graph.", panel=SPEED)
+    compile_scopes: list[str] = opt(["regional"], "regional: each transformer block compiled on its own (a new "
+                                                  "bucket shape recompiles each block once, then its shapes are "
+                                                  "dynamic); full: the whole transformer as one graph.", panel=SPEED)
     offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the last ones) in CPU "
                                  "memory and copy each to the GPU on a side stream just before its forward and its "
                                  "backward (musubi-tuner's blocks to swap): for GPUs too small for the model. LoRA, "
