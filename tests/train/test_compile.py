@@ -46,10 +46,12 @@ def test_a_compiled_run_trains_as_the_eager_one_and_recompiles_each_block_once_p
     assert summary["steady_seconds_per_step"] < summary["first_step_seconds"]
 
 
-@pytest.mark.slow  # two torchrun processes each compiling on 2 cores: minutes with a cold inductor cache
-def test_regional_compile_after_fully_shard_trains_as_the_eager_run(tiny_cog, cog_shards, tmp_path):
-    """FSDP2 x2 (fully_shard per block, then each block compiled, as torchtitan orders them) against one eager
-    process at the same samples per optimizer step: the losses agree within the compile tolerance."""
+@pytest.mark.slow  # two torchrun processes each compiling on 2 cores: about 2 minutes each layout
+@pytest.mark.parametrize("layout", [["--dp-shards", "2"], ["--dp-degree", "2"]], ids=["fsdp2", "ddp"])
+def test_regional_compile_after_wrapping_trains_as_the_eager_run(tiny_cog, cog_shards, tmp_path, layout):
+    """FSDP2 x2 (fully_shard per block, then each block compiled, as torchtitan orders them) and DDP x2
+    (replicate, then compile) against one eager process at the same samples per optimizer step: the losses agree
+    within the compile tolerance."""
     import os
     import subprocess
     import sys
@@ -59,7 +61,7 @@ def test_regional_compile_after_fully_shard_trains_as_the_eager_run(tiny_cog, co
     argv = ["train", "--model", "cogvideox", "--pretrained", str(tiny_cog), *FP32, "--shards", str(cog_shards),
             "--output-dir", str(out), "--rank", "4", "--lora-alpha", "4", "--batch-size", "1", "--lr-warmup-steps",
             "0", "--lr", "1e-3", "--train-steps", "6", "--seed", "0", "--report-to", "none",
-            "--gradient-checkpointing", "--dp-shards", "2", "--compile-modules", "transformer"]
+            "--gradient-checkpointing", *layout, "--compile-modules", "transformer"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "ft.common.cli", *argv], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
