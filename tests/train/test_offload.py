@@ -30,6 +30,23 @@ def test_a_run_with_offloaded_blocks_trains_exactly_as_without(tiny_cog, cog_sha
         assert losses(tiny_cog, cog_shards, tmp_path / f"offload{n}", *dtype, "--offload-blocks", n) == plain
 
 
+def test_offloading_spans_both_block_lists_of_hunyuan_video(tiny_hunyuan, hunyuan_shards, tmp_path):
+    """HunyuanVideo runs its dual-stream blocks, then its single-stream ones (ModelSpec.block_lists): offloading
+    the last of each list's order (1: the single-stream block; 2: both) trains exactly as without."""
+    from helpers import HUNYUAN_FP32
+
+    def run(out, *extra):
+        run_cli(["train", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, "--shards",
+                 hunyuan_shards, "--output-dir", out, "--rank", "4", "--lora-alpha", "4", "--batch-size", "2",
+                 "--lr-warmup-steps", "0", "--lr", "3e-3", "--train-steps", "3", "--seed", "0", "--report-to",
+                 "none", "--gradient-checkpointing", *extra])
+        return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    plain = run(tmp_path / "plain")
+    assert run(tmp_path / "one", "--offload-blocks", "1") == plain
+    assert run(tmp_path / "both", "--offload-blocks", "2") == plain
+
+
 def tiny_lora_transformer(tiny_cog):
     from ft.pipelines.registry import spec_for
     from ft.train.config import TrainConfig
