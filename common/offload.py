@@ -19,11 +19,12 @@ What the libraries lacked (why this is not one of them):
   is onloaded by the previous group's prefetch in the FORWARD order, so the backward's recompute (reverse order)
   meets blocks nobody prefetched; without a stream it is synchronous (no overlap). It also offloads the whole
   model, not N blocks.
-- FSDP2's CPUOffloadPolicy (`fully_shard(..., offload_policy=CPUOffloadPolicy())`, per block, so that only N blocks
-  offload) needs a process group even for one process, and it gathers each parameter from flat fp32-or-one-dtype
-  shards each forward: diffusers' layerwise casting (fp8 storage, common/fp8.py) swaps the same parameters between
-  fp8 and bf16 around each layer, which FSDP2 does not allow (see FP8_SEVERAL_PROCESSES in train/trainer.py);
-  HunyuanVideo on 24 GB needs fp8 AND offloading.
+- FSDP2's CPUOffloadPolicy (`fully_shard(..., offload_policy=CPUOffloadPolicy())` per block, so that only N
+  blocks offload) handles the backward, but needs a process group even in one process, and it swaps each
+  parameter between its sharded DTensor and the gathered tensor around forward and backward, while diffusers'
+  layerwise casting (fp8 storage, common/fp8.py) swaps the same parameters' data between fp8 and bf16 around each
+  layer: the reason ft already refuses fp8 storage under FSDP2 (FP8_SEVERAL_PROCESSES in train/trainer.py), and
+  HunyuanVideo on 24 GB needs fp8 AND offloading. (Read from the code, not tried: no GPU was at hand.)
 Only frozen parameters are offloaded (the LoRA adapters stay on the GPU, where the optimizer updates them); a full
 finetune is refused. On a CPU the mechanism runs as it does on a GPU (the hooks swap in a copy of each block's
 weights for its forward) without streams: it costs a copy and saves nothing, and training is unchanged.
