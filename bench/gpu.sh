@@ -2,36 +2,43 @@
 # The GPU benchmark, prepared to run as is on a CUDA machine from the repository root:
 #
 #     make setup            # or: python -m venv .venv && .venv/bin/pip install <your CUDA torch> && pip install -e .
-#     bash bench/gpu.sh     # about 5-10 minutes on one 80 GB GPU
+#     bash bench/gpu.sh     # planned for under 8 minutes on one 80 GB H100-class GPU (not yet run on one)
 #
-# For each family ft can train, `ft train` itself (bench/gpu_step.py): the real-size transformer with random weights
-# (saved to a temp folder first: ~11 GB for CogVideoX-5b), LoRA rank 128, batch 1, gradient checkpointing, bf16,
-# fed by synthetic shards of the real shapes. Prints
-# peak memory allocated/reserved and s/step beside finetrainers' published number (CogVideoX-5b LoRA: 20.7 GB max
-# reserved with precomputation; our target is at least 10% under), and writes bench/results/gpu-*.md.
-# A family whose ModelSpec does not exist yet (LTX-Video, HunyuanVideo) is skipped with a note; adding the family
-# makes its line run. On a machine without a GPU, `bash bench/gpu.sh --check` runs the same script's CPU checks.
+# For each family, `ft train` itself (bench/gpu_step.py), one row per configuration: the real-size transformer with
+# random weights made on the GPU in bf16 and saved once per model to a temp folder (~11 GB for CogVideoX-5b, ~26 GB
+# for HunyuanVideo), LoRA rank 128, batch 1, gradient checkpointing, fed by synthetic shards of the real shapes:
+#   CogVideoX-5b 49x480x720: LoRA bf16, LoRA fp8 storage; LoRA bf16 again compiled (regional)
+#   LTX-Video 49x512x768: LoRA bf16, LoRA fp8, full finetune (bf16); LoRA bf16 again compiled
+#   HunyuanVideo 49x512x768: LoRA bf16, LoRA fp8, LoRA fp8 + the fewest --offload-blocks that `ft estimate` says
+#   fit a 24 GB card
+# Each row prints as soon as it is measured: peak allocated/reserved, s/step, the first step (and its compile
+# time), the share of time waiting for data, ft estimate's peak and finetrainers' published number (LoRA with fp8
+# storage: LTX-Video 5 GB, CogVideoX-5b 18 GB, HunyuanVideo 32 GB; CogVideoX-5b bf16 20.7 GB); the tables are
+# written to bench/results/gpu-*.md. STEPS and WARMUP (default 3 and 1) set the steps per row.
+# On a machine without a GPU, `bash bench/gpu.sh --check` runs every row on the tiny model on the CPU (compile
+# left out: gcc compiles inductor's kernels in minutes there; tests/test_bench.py runs it apart) and writes each
+# model's real-size shards, printing the flags and estimate of each row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-3}
+WARMUP=${WARMUP:-1}
 export HF_HUB_OFFLINE=1  # PyTorch's default CUDA allocator unless PYTORCH_CUDA_ALLOC_CONF is set by the caller
 
+# model|pretrained|bucket|results name|rows|rows measured again compiled
 RUNS=(
-  "cogvideox THUDM/CogVideoX-5b 49x480x720 gpu-cogvideox-5b"
-  "ltx-video Lightricks/LTX-Video 49x512x768 gpu-ltx-video"
+  "cogvideox|THUDM/CogVideoX-5b|49x480x720|gpu-cogvideox-5b|lora-bf16 lora-fp8|lora-bf16"
+  "ltx-video|Lightricks/LTX-Video|49x512x768|gpu-ltx-video|lora-bf16 lora-fp8 full-bf16|lora-bf16"
+  "hunyuan_video|hunyuanvideo-community/HunyuanVideo|49x512x768|gpu-hunyuan-video|lora-bf16 lora-fp8 lora-fp8-offload24|"
 )
 
-has_spec() { "$PY" -c "import sys; from ft.pipelines.registry import SPECS; sys.exit($1 not in SPECS)" 2>/dev/null; }
-
-if [[ "${1:-}" == "--check" ]]; then  # no GPU: the tiny model end to end, and the real-size shards without a model
-  "$PY" bench/gpu_step.py --tiny --device cpu
+if [[ "${1:-}" == "--check" ]]; then  # no GPU: every row on the tiny model, and the real-size shards without a model
+  "$PY" bench/gpu_step.py --tiny --device cpu --rows lora-bf16 lora-fp8 lora-fp8-offload24 full-bf16
   for run in "${RUNS[@]}"; do
-    read -r model pretrained bucket _ <<<"$run"
-    if has_spec "'$model'"; then
-      "$PY" bench/gpu_step.py --model "$model" --pretrained "$pretrained" --bucket "$bucket" --samples 2 --dry-run
-    else
-      echo "skip $model: no ModelSpec yet"
-    fi
+    IFS='|' read -r model pretrained bucket _ rows _ <<<"$run"
+    # shellcheck disable=SC2086
+    "$PY" bench/gpu_step.py --model "$model" --pretrained "$pretrained" --bucket "$bucket" --samples 2 --dry-run \
+      --rows $rows
   done
   exit 0
 fi
@@ -39,12 +46,9 @@ fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU (--check runs the CPU checks)')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for run in "${RUNS[@]}"; do
-  read -r model pretrained bucket name <<<"$run"
-  if ! has_spec "'$model'"; then
-    echo "skip $model: no ModelSpec yet"
-    continue
-  fi
+  IFS='|' read -r model pretrained bucket name rows compiled <<<"$run"
+  # shellcheck disable=SC2086
   "$PY" bench/gpu_step.py --model "$model" --pretrained "$pretrained" --bucket "$bucket" --rank 128 \
-    --steps 10 --warmup 3 --save "$name"
+    --steps "$STEPS" --warmup "$WARMUP" --rows $rows --compile-rows $compiled --save "$name"
 done
 "$PY" bench/memory.py

@@ -249,9 +249,10 @@ def _flags() -> list[Flag]:
         Flag("verbose", s, (P, T), why="0-3: how much diffusers and transformers log.",
              convert=_effect("FT_LIBRARY_VERBOSITY")),
         # torch config
-        Flag("compile_modules", u, nargs="+", why="ft does not torch.compile modules.",
-             check=lambda v: None if not v else "--compile_modules: ft does not torch.compile; leave it out."),
-        Flag("compile_scopes", n, nargs="+", why="only used with --compile_modules."),
+        Flag("compile_modules", s, (T,), "compile_modules", nargs="+", why="transformer: torch.compile of the "
+             "transformer, the only module ft train loads."),
+        Flag("compile_scopes", s, (T,), "compile_scopes", nargs="+", why="regional (default: each block of the "
+             "family's block lists) or full (the whole transformer)."),
         Flag("allow_tf32", s, (P, T), nargs=0, why="TF32 matmuls and convolutions on GPUs that have them.",
              convert=_effect("FT_ALLOW_TF32")),
         Flag("float32_matmul_precision", s, (P, T), why="torch.set_float32_matmul_precision.",

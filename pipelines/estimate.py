@@ -10,7 +10,13 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   FSDP shards by S and adds the two transformer blocks it holds gathered (the one computing and the one
   prefetched); with `--layerwise-upcasting-modules transformer` the layers `ft train` stores in fp8 (counted by
   applying the same layerwise casting to the meta-device model) are 1 byte per weight, the skipped ones stay in
-  `--transformer-dtype` (one layer at a time is cast up for its forward: not counted);
+  `--transformer-dtype` (one layer at a time is cast up for its forward: not counted); with `--offload-blocks N`
+  the frozen weights of the last N blocks (in their stored dtype, so fp8 halves them too) leave the GPU for pinned
+  CPU memory, and IN_FLIGHT of them (the one computing and the one arriving, common/offload.py) stay counted on
+  it; `--compile-modules` adds nothing counted (torch.compile keeps no second copy of the weights; its kernels'
+  workspaces are transient);
+- which GPUs it fits: the peak (static + activations) against 24, 48 and 80 GiB cards, less FIT_HEADROOM of each
+  for the CUDA context, the allocator's fragmentation and kernel workspaces (an assumption, not a measurement);
 - activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
   sequence x sequence matrix kept), (16 + 4 r) bytes per token per hidden unit in bf16 for an MLP of ratio r
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without dropout).
@@ -38,6 +44,7 @@ from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
+from ft.common.offload import IN_FLIGHT, offloaded_indices
 
 from .base import ModelSpec, peft_targets
 from .registry import SPECS, get_spec
@@ -50,6 +57,9 @@ MASTER_DTYPES = ("auto", "fp32")
 BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+GPU_SIZES_GIB = (24, 48, 80)
+FIT_HEADROOM = 0.1  # of a card's memory, not usable by the tensors counted here
+GIB = 2 ** 30
 
 
 @dataclass(kw_only=True)
@@ -77,6 +87,9 @@ class EstimateConfig:
     layerwise_upcasting_storage_dtype: str = opt("float8_e4m3fn", "float8_e4m3fn or float8_e5m2.")
     layerwise_upcasting_skip_modules_pattern: list[str] = opt(list(FP8_SKIP), "Modules kept in "
                                                                               "--transformer-dtype, as in ft train.")
+    offload_blocks: int = opt(0, "Transformer blocks whose frozen weights stay in CPU memory, as `ft train "
+                                 "--offload-blocks` (LoRA, gradient checkpointing).")
+    compile_modules: list[str] = opt([], "transformer: as `ft train --compile-modules` (adds nothing counted).")
 
     def __post_init__(self) -> None:
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
@@ -86,6 +99,11 @@ class EstimateConfig:
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
+        from ft.common.offload import check_args as check_offload_args
+
+        check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
+        if self.offload_blocks and self.dp_shards > 1:
+            raise UserError("--offload-blocks: ft train offloads in one process only; leave out --dp-shards.")
         if self.layerwise_upcasting_modules and self.dp_shards > 1:
             raise UserError("--layerwise-upcasting-modules: ft train stores the base in fp8 in one process only; "
                             "leave out --dp-shards.")
@@ -121,6 +139,8 @@ class Estimate:
     trainable_params: int
     train_static: dict[str, float]
     buckets: list[BucketEstimate]
+    offloaded_bytes: float = 0.0  # in CPU memory, with --offload-blocks
+    block_bytes: list[float] | None = None  # frozen bytes of each block as stored (LoRA: what offloading can move)
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
@@ -152,14 +172,51 @@ class Estimate:
                   f"| all-in-one trainer | the same plus the encoders | "
                   f"{(self.train_static_bytes + self.precompute_bytes) / GB:.2f} |", "",
                   "| bucket | tokens (video + text) | activations, checkpointing on / off | train peak, checkpointing "
-                  f"on / off | disk per sample | disk for {cfg.num_samples} samples |", "|---|---|---|---|---|---|"]
+                  f"on / off | fits (checkpointing on / off) | disk per sample | disk for {cfg.num_samples} samples |",
+                  "|---|---|---|---|---|---|---|"]
         for b in self.buckets:
-            on, off = self.train_static_bytes + b.activations_checkpointed, self.train_static_bytes + b.activations_full
+            on, off = self.peak(b, True), self.peak(b, False)
+            off_text = "n/a (offloading needs checkpointing)" if cfg.offload_blocks else f"{off / GB:.2f} GB"
+            fits = f"{_sizes(self.fits(b, True))} / {'-' if cfg.offload_blocks else _sizes(self.fits(b, False))}"
             lines.append(f"| {b.bucket} | {b.video_tokens} + {b.text_tokens} | {b.activations_checkpointed / GB:.2f} / "
-                         f"{b.activations_full / GB:.2f} GB | {on / GB:.2f} / {off / GB:.2f} GB | "
+                         f"{b.activations_full / GB:.2f} GB | {on / GB:.2f} / {off_text} | {fits} | "
                          f"{b.disk_per_sample / 1e6:.2f} MB | {b.disk_per_sample * cfg.num_samples / GB:.2f} GB |")
-        lines += ["", "Activations are an estimate (see `ft.pipelines.estimate`); bench/gpu.sh measures the peak."]
+        for b in self.buckets:
+            for gib in GPU_SIZES_GIB:
+                n = self.offload_to_fit(b, gib) if gib not in self.fits(b, True) else None
+                if n is not None and n != cfg.offload_blocks:
+                    lines += ["", f"{b.bucket} fits {gib} GB cards with --offload-blocks {n} (and "
+                              "--gradient-checkpointing)."]
+                    break
+        if self.offloaded_bytes:
+            lines += ["", f"--offload-blocks {cfg.offload_blocks}: {self.offloaded_bytes / GB:.2f} GB of frozen "
+                      "weights in pinned CPU memory (besides the process's own)."]
+        if cfg.compile_modules:
+            lines += ["", "--compile-modules: torch.compile adds no weights or states; not counted."]
+        lines += ["", "Activations are an estimate (see `ft.pipelines.estimate`); a card fits when the peak is at "
+                  f"most {1 - FIT_HEADROOM:.0%} of it. bench/gpu.sh measures the peak."]
         return "\n".join(lines)
+
+    def peak(self, bucket: BucketEstimate, checkpointing: bool) -> float:
+        """Static bytes plus the bucket's activations."""
+        return self.train_static_bytes + (bucket.activations_checkpointed if checkpointing else bucket.activations_full)
+
+    def offload_to_fit(self, bucket: BucketEstimate, gib: int) -> int | None:
+        """The fewest --offload-blocks with which `bucket` fits a `gib` GiB card (checkpointing on); None when
+        even every block offloaded does not."""
+        if not self.block_bytes:
+            return None
+        moved = sum(v for k, v in self.train_static.items() if "offloaded blocks" in k)  # this run's own offload
+        base = self.peak(bucket, True) - moved
+        for n in range(len(self.block_bytes) + 1):
+            tail = self.block_bytes[len(self.block_bytes) - n:] if n else []
+            if base - sum(tail) + sum(sorted(tail, reverse=True)[:IN_FLIGHT]) <= (1 - FIT_HEADROOM) * gib * GIB:
+                return n
+        return None
+
+    def fits(self, bucket: BucketEstimate, checkpointing: bool = True) -> list[int]:
+        """The GPU sizes (GiB, of GPU_SIZES_GIB) this configuration fits, the headroom kept free."""
+        return [gib for gib in GPU_SIZES_GIB if self.peak(bucket, checkpointing) <= (1 - FIT_HEADROOM) * gib * GIB]
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -237,6 +294,23 @@ def conditioning_shapes(spec: ModelSpec, transformer_config: dict) -> dict[str, 
     """The conditioning one sample stores at the family's default text length: name -> (shape, dtype name)."""
     length = spec.default_sequence_length(transformer_config)
     return {t.name: (t.shape(transformer_config, length), t.dtype) for t in spec.conditioning}
+
+
+def _sizes(gibs: list[int]) -> str:
+    return ", ".join(f"{g} GB" for g in gibs) if gibs else f"none of {'/'.join(map(str, GPU_SIZES_GIB))} GB"
+
+
+def _block_bytes(spec: ModelSpec, transformer: Any) -> list[float]:
+    """Each block's frozen parameters in bytes, as stored (after LoRA and fp8 storage were applied): what
+    --offload-blocks moves."""
+    return [float(sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad))
+            for b in transformer_blocks(spec, transformer)]
+
+
+def _offloaded(block_bytes: list[float], n: int) -> tuple[float, float]:
+    """(bytes that leave the GPU, bytes of the IN_FLIGHT largest of those blocks, on it at a time) for the last n."""
+    sizes = [block_bytes[i] for i in offloaded_indices(len(block_bytes), n)]
+    return sum(sizes), sum(sorted(sizes, reverse=True)[:IN_FLIGHT])
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -325,6 +399,11 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         if cast:
             static[f"transformer weights ({cfg.layerwise_upcasting_storage_dtype}, frozen)"] = cast
         static["LoRA weights (fp32)"] = trainable * ELEMENT_BYTES[master] / shards
+        block_bytes = _block_bytes(spec, transformer)
+        if cfg.offload_blocks:
+            offloaded, in_flight = _offloaded(block_bytes, cfg.offload_blocks)
+            static[f"frozen weights of {cfg.offload_blocks} offloaded blocks, in CPU memory"] = -offloaded
+            static[f"offloaded blocks in flight ({min(IN_FLIGHT, cfg.offload_blocks)} on the GPU at once)"] = in_flight
     else:
         trainable = params
         master = weights if cfg.master_dtype == "auto" else "float32"  # fp32: loaded in fp32, autocast computes
@@ -352,7 +431,9 @@ def estimate(cfg: EstimateConfig) -> Estimate:
             activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=True),
             activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=False),
             disk_per_sample(grid, cond)))
-    return Estimate(spec.display_name, source, cfg, components, trainable, static, out)
+    offloaded_bytes = -sum(v for k, v in static.items() if "offloaded blocks, in CPU" in k)
+    return Estimate(spec.display_name, source, cfg, components, trainable, static, out, offloaded_bytes,
+                    block_bytes if cfg.training_type == "lora" else None)
 
 
 def run_estimate(cfg: EstimateConfig) -> Estimate:

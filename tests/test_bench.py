@@ -25,9 +25,39 @@ def test_loader_bench_prints_its_table():
     assert "ft iter_shard + xxh3-128 verify (first pass, now)" in out
 
 
-def test_gpu_step_runs_the_tiny_model_on_the_cpu():
-    out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu")
-    assert "| ft (measured) |" in out and "waiting for data" in out
+def test_gpu_step_runs_every_row_of_the_tiny_model_on_the_cpu():
+    out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu", "--rows", "lora-bf16", "lora-fp8",
+                "lora-fp8-offload24", "full-bf16")
+    assert "waiting for data" in out and "| lora-bf16 | - |" in out
+    assert "| lora-fp8 | --layerwise-upcasting-modules transformer |" in out
+    assert "| lora-fp8-offload24 | --layerwise-upcasting-modules transformer --offload-blocks 1 |" in out
+    assert "| full-bf16 | --training-type full-finetune |" in out
+
+
+def test_gpu_step_dry_run_resolves_the_offload_that_fits_24_gb_at_real_size():
+    out = bench(str(BENCH / "gpu_step.py"), "--model", "ltx-video", "--pretrained", "Lightricks/LTX-Video",
+                "--bucket", "49x512x768", "--samples", "1", "--dry-run", "--rows", "lora-fp8", "lora-fp8-offload24")
+    assert "synthetic samples of 49x512x768" in out and "nothing trained" in out
+    assert "lora-fp8: ft train --training-type lora --rank 128 --lora-alpha 128 --layerwise-upcasting-modules" in out
+    assert "--offload-blocks" in out.split("lora-fp8-offload24:")[1] and "fits [24, 48, 80] GiB" in out
+
+
+@pytest.mark.slow  # compiling on 2 cores: 1-3 minutes with a cold inductor cache
+def test_gpu_step_measures_a_compiled_row_apart():
+    out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu", "--rows", "lora-bf16", "--compile-rows",
+                "lora-bf16")
+    compiled = next(line for line in out.splitlines() if line.startswith("| lora-bf16 compiled |"))
+    assert "--compile-modules transformer" in compiled and " s (" in compiled  # the first step's compile time
+
+
+@pytest.mark.slow
+def test_gpu_sh_check_runs_its_cpu_parts():
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--check"], capture_output=True, text=True,
+                            cwd=BENCH.parent, env={**os.environ, "HF_HUB_OFFLINE": "1", "PY": sys.executable},
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("nothing trained") == 3 and "| full-bf16 |" in result.stdout
+    assert "lora-fp8-offload24: ft train" in result.stdout
 
 
 def test_train_step_bench_compares_shards_with_online_encoders():

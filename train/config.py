@@ -15,7 +15,10 @@ from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.model_args import ModelArgs
+from ft.common.offload import check_args as check_offload_args
 from ft.pipelines.base import REGEX_CHARACTERS
+
+from .compile import check_args as check_compile_args
 
 TRAINING_TYPES = ("lora", "full-finetune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -31,6 +34,7 @@ OBJECTIVE = "Objective (noise, timesteps, loss weights)"
 WATCH = "Watching the run"
 PARALLEL = "Several processes (torchrun, srun)"
 VALIDATE = "Validation (videos and a held-out loss)"
+SPEED = "GPU memory and speed"
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "use --report-to none"), "wandb": ("wandb", "use --report-to "
@@ -101,6 +105,17 @@ class TrainConfig(ModelArgs):
         list(FP8_SKIP), "Regexes (re.search on module names) of modules kept in --transformer-dtype; finetrainers' "
                         "default keeps norms, embeddings and the input/output projections. The adapters are always "
                         "kept in fp32.", panel=LORA)
+    compile_modules: list[str] = opt([], "transformer: torch.compile it (finetrainers' flag). The first step of each "
+                                         "bucket shape compiles (logged as compile_seconds in train_log.jsonl), the "
+                                         "steps after it run the compiled code.", panel=SPEED)
+    compile_scopes: list[str] = opt(["regional"], "regional: each transformer block compiled on its own (a new "
+                                                  "bucket shape recompiles each block once, then its shapes are "
+                                                  "dynamic); full: the whole transformer as one graph.", panel=SPEED)
+    offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the last ones) in CPU "
+                                 "memory and copy each to the GPU on a side stream just before its forward and its "
+                                 "backward (musubi-tuner's blocks to swap): for GPUs too small for the model. LoRA, "
+                                 "one process, with --gradient-checkpointing; `ft estimate --offload-blocks N` says "
+                                 "what fits.", panel=SPEED)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
     target_modules: list[str] = opt([], "Module names to put LoRA on, or one regex matched against whole names. "
@@ -223,6 +238,8 @@ class TrainConfig(ModelArgs):
                 re.compile(self.target_modules[0])
             except re.error as e:
                 raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
+        check_compile_args(self.compile_modules, self.compile_scopes)
+        check_offload_args(self.offload_blocks, self.training_type, self.gradient_checkpointing)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
         if self.training_type == "full-finetune":
             for name, default in (("rank", 64), ("lora_alpha", 64.0)):

@@ -43,12 +43,14 @@ from .checkpoints import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
+from .compile import CompileWatch, apply_compile, compile_summary
 from .config import TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .lora import save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
 from .parallel import (
     Layout,
+    blocks_of,
     build_mesh,
     clip_grad_norm,
     export_state,
@@ -67,6 +69,10 @@ FP8_SEVERAL_PROCESSES = (
     "each layer's weights between fp8 and --transformer-dtype around its forward, while FSDP2 shards and gathers "
     "those same weights as flat buffers of one dtype, and DDP broadcasts them at start; fp8 storage is for fitting "
     "ONE GPU. With several GPUs, train in bf16 with --dp-shards (FSDP2 splits the weights over the processes).")
+OFFLOAD_SEVERAL_PROCESSES = (
+    "--offload-blocks trains in one process only: with several GPUs, shard the transformer over them with "
+    "--dp-shards instead (FSDP2 keeps 1/N of every block on each GPU and gathers one block at a time, which is what "
+    "offloading does with the CPU).")
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
@@ -187,6 +193,8 @@ class Trainer:
                             "embedded guidance input; leave it at 1.")
         if cfg.layerwise_upcasting_modules and self.world.size > 1:
             raise UserError(FP8_SEVERAL_PROCESSES)
+        if cfg.offload_blocks and self.world.size > 1:
+            raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config)  # checks its files
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
@@ -212,8 +220,11 @@ class Trainer:
         from dataclasses import replace
 
         load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
-        # several processes: load on the CPU, then shard block by block onto the device (parallel.py)
-        transformer = self.spec.load_component("transformer", load_cfg, self.device if world.size == 1 else "cpu")
+        # several processes: load on the CPU, then shard block by block onto the device (parallel.py); offloading:
+        # load on the CPU, then move all but the offloaded blocks' weights (common/offload.py); fp8 storage: cast on
+        # the CPU, so that the device never holds the whole transformer in --transformer-dtype
+        on_cpu = world.size > 1 or cfg.offload_blocks > 0 or bool(cfg.layerwise_upcasting_modules)
+        transformer = self.spec.load_component("transformer", load_cfg, "cpu" if on_cpu else self.device)
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
         self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name)
@@ -222,8 +233,21 @@ class Trainer:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         self.mesh = build_mesh(self.layout, self.device)
-        self.transformer = parallelize(transformer, self.layout, self.mesh, self.device, self.spec.block_lists,
-                                       compute_dtype=self.dtype if self.autocast else None)
+        self.offloader = None
+        if cfg.offload_blocks:  # one process (check_run)
+            from ft.common.offload import BlockOffloader
+
+            self.offloader = BlockOffloader(transformer, blocks_of(transformer, self.spec.block_lists),
+                                            cfg.offload_blocks, self.device)
+            log.info(f"--offload-blocks {cfg.offload_blocks}: {self.offloader.offloaded_bytes() / 1e9:.2f} GB of "
+                     "frozen weights stay in CPU memory")
+            self.transformer = transformer
+        else:
+            self.transformer = parallelize(transformer, self.layout, self.mesh, self.device, self.spec.block_lists,
+                                           compute_dtype=self.dtype if self.autocast else None)
+        if cfg.compile_modules:  # after fully_shard and the offloading hooks, which run eagerly around each block
+            apply_compile(self.transformer, blocks_of(self.transformer, self.spec.block_lists),
+                          cfg.compile_scopes[0])
         self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
         self.state = TrainState(self.transformer, optimizer, lr_schedule)
@@ -340,7 +364,8 @@ class Trainer:
         self.state.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited}
+        bucket = "x".join(str(d) for d in micro[-1].meta[0].get("bucket", []))
+        return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited, "bucket": bucket}
 
     def gather(self, loss: Any, norm: Any) -> list[float]:
         """Every rank's loss, then the (global) grad norm, read from the device in one go."""
@@ -400,11 +425,15 @@ class Trainer:
         bar = tqdm(range(start + 1, cfg.train_steps + 1), desc="train", unit="step", initial=start,
                    total=cfg.train_steps, disable=not main)
         losses: list[float] = []
+        watch = CompileWatch() if cfg.compile_modules else None
+        times: list[tuple[float, dict[str, float]]] = []  # each step's seconds and what it compiled
         try:
             for step in bar:
                 t0 = time.perf_counter()
                 metrics = self.optimizer_step(batches, step)
                 seconds = time.perf_counter() - t0
+                compiled = watch.take() if watch else {}
+                times.append((seconds, compiled))
                 losses.append(metrics["loss"])
                 lr = self.state.lr_schedule.get_last_lr()[0]
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}",
@@ -412,7 +441,8 @@ class Trainer:
                 if run_log and (step % cfg.logging_steps == 0 or step == cfg.train_steps):
                     record = {"step": step, "loss": metrics["loss"], "lr": lr, "grad_norm": metrics["grad_norm"],
                               "seconds": round(seconds, 4), "samples_per_s": round(self.samples_per_step / seconds, 3),
-                              "data_wait_share": round(metrics["data_wait"] / seconds, 4), "epoch": metrics["epoch"]}
+                              "data_wait_share": round(metrics["data_wait"] / seconds, 4), "epoch": metrics["epoch"],
+                              "bucket": metrics["bucket"], **compiled}
                     self.rank_zero_write(lambda record=record: run_log.write(record))
                 if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.train_steps):
                     self.checkpoint()
@@ -442,11 +472,15 @@ class Trainer:
             # prints the message once
             raise dist.RankError(message, quiet=self.world.rank != 0 and _dcp_failure(e)) from e
         finally:
+            if watch:
+                watch.close()
             batches.close()  # stops the reader thread
             if run_log:
                 run_log.close()
             bar.close()
         dist.agree(self.pending)  # rank 0's last log line failed: every rank stops before the export
+        if watch:
+            summary.update(compile_summary(times))
         return self.finish(summary, eval_set, losses)
 
     def rank_zero_write(self, write: Any) -> None:

@@ -90,7 +90,6 @@ def test_flags_with_nothing_to_do_are_accepted_when_they_ask_for_nothing():
     (["--push_to_hub"], "huggingface-cli upload"),
     (["--optimizer", "adam-bnb-8bit"], "no 8-bit Adam"),
     (["--training_type", "control-lora"], "control conditioning is not supported"),
-    (["--compile_modules", "transformer"], "torch.compile"),
     (["--logging_dir", "elsewhere"], "OUTPUT_DIR/logs"),
 ])
 def test_flags_asking_for_what_ft_lacks_are_refused_with_the_reason(flag, message):
@@ -260,6 +259,20 @@ def test_layerwise_upcasting_flags_carry_over_to_ft_train():
     assert run[run.index("--layerwise-upcasting-storage-dtype") + 1] == "float8_e5m2"
     patterns = [run[i + 1] for i, a in enumerate(run) if a == "--layerwise-upcasting-skip-modules-pattern"]
     assert patterns == ["norm", "^proj_out$"]
+
+
+def test_compile_flags_carry_over_to_ft_train_and_a_bad_scope_is_refused():
+    run = tr("train", *MODEL, "--shards", "s", "--compile_modules", "transformer", "--compile_scopes", "full").runs[0]
+    assert run[run.index("--compile-modules") + 1] == "transformer"
+    assert run[run.index("--compile-scopes") + 1] == "full"
+    from ft.train.config import TrainConfig
+
+    base = dict(model="cogvideox", pretrained="m", shards=["s"], output_dir="o")
+    assert TrainConfig(**base, compile_modules=["transformer"]).compile_scopes == ["regional"]  # finetrainers' default
+    with pytest.raises(UserError, match="--compile-scopes partial: use regional"):
+        TrainConfig(**base, compile_modules=["transformer"], compile_scopes=["partial"])
+    with pytest.raises(UserError, match="--compile-modules vae: ft train loads only the transformer"):
+        TrainConfig(**base, compile_modules=["vae"])
 
 
 def test_a_flag_without_its_value_and_a_bad_regex_are_clear_errors():

@@ -152,3 +152,37 @@ def test_fp8_storage_counts_the_cast_layers_at_one_byte(cog5b):
     with pytest.raises(UserError, match="optimizer cannot update"):
         EstimateConfig(model="cogvideox", pretrained="x", training_type="full-finetune",
                        layerwise_upcasting_modules=["transformer"])
+
+
+def test_offloaded_blocks_leave_the_gpu_but_the_ones_in_flight_and_the_fits_follow():
+    from ft.common.offload import IN_FLIGHT
+
+    kw = dict(model="hunyuan_video", pretrained="hunyuan-video", rank=128, buckets=["49x512x768"],
+              layerwise_upcasting_modules=["transformer"])
+    plain = estimate(EstimateConfig(**kw))
+    (bucket,) = plain.buckets
+    blocks = plain.block_bytes
+    assert len(blocks) == 60 and all(b > 0 for b in blocks)  # 20 dual-stream + 40 single-stream, fp8 as stored
+    assert 24 not in plain.fits(bucket) and 48 in plain.fits(bucket)
+    n = plain.offload_to_fit(bucket, 24)
+    assert n is not None and 0 < n < 60 and f"fits 24 GB cards with --offload-blocks {n}" in plain.report()
+    off = estimate(EstimateConfig(**kw, offload_blocks=n))
+    tail = blocks[-n:]
+    assert off.offloaded_bytes == sum(tail)
+    in_flight = sum(sorted(tail, reverse=True)[:IN_FLIGHT])
+    assert off.train_static_bytes == pytest.approx(plain.train_static_bytes - sum(tail) + in_flight)
+    assert 24 in off.fits(off.buckets[0]) and "offloading needs checkpointing" in off.report()
+    assert off.buckets[0].activations_checkpointed == bucket.activations_checkpointed  # tokens do not move
+    fewer = estimate(EstimateConfig(**kw, offload_blocks=n - 1))
+    assert 24 not in fewer.fits(fewer.buckets[0])  # n is the fewest
+    compiled = estimate(EstimateConfig(**kw, compile_modules=["transformer"]))
+    assert compiled.train_static == plain.train_static and "torch.compile adds no weights" in compiled.report()
+
+
+def test_offloading_refuses_what_ft_train_refuses():
+    with pytest.raises(UserError, match="a full finetune updates every weight"):
+        EstimateConfig(model="cogvideox", pretrained="x", training_type="full-finetune", offload_blocks=2)
+    with pytest.raises(UserError, match="leave out --dp-shards"):
+        EstimateConfig(model="cogvideox", pretrained="x", offload_blocks=2, dp_shards=2)
+    with pytest.raises(UserError, match="--offload-blocks 99: this transformer has 42 blocks"):
+        estimate(EstimateConfig(model="cogvideox", pretrained="THUDM/CogVideoX-5b", offload_blocks=99))
