@@ -30,6 +30,7 @@ RUNS=(
   "cogvideox|THUDM/CogVideoX-5b|49x480x720|gpu-cogvideox-5b|lora-bf16 lora-fp8|lora-bf16"
   "ltx-video|Lightricks/LTX-Video|49x512x768|gpu-ltx-video|lora-bf16 lora-fp8 full-bf16|lora-bf16"
   "hunyuan_video|hunyuanvideo-community/HunyuanVideo|49x512x768|gpu-hunyuan-video|lora-bf16 lora-fp8 lora-fp8-offload24|"
+  "wan|Wan-AI/Wan2.1-T2V-1.3B-Diffusers|49x480x832|gpu-wan-1.3b|lora-bf16 lora-fp8|"
 )
 
 if [[ "${1:-}" == "--check" ]]; then  # no GPU: every row on the tiny model, and the real-size shards without a model

@@ -225,6 +225,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["lora-bf16"], choices=list(ROWS))
     parser.add_argument("--compile-rows", nargs="*", default=[], choices=list(ROWS),
                         help="rows measured again with --compile-modules transformer")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the compiled rows (aot_eager: a quick CPU check)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--samples", type=int, default=8, help="synthetic samples written to the shards")
@@ -266,7 +268,8 @@ def main() -> None:
         for row in args.rows:
             for compiled in (False, True) if row in args.compile_rows else (False,):
                 flags, est = row_flags(args, row, est_kwargs)
-                flags += ["--compile-modules", "transformer"] if compiled else []
+                if compiled:
+                    flags += ["--compile-modules", "transformer", "--compile-backend", args.compile_backend]
                 r = train(args, root, f"{row}{'-compiled' if compiled else ''}", flags)
                 if not compiled:
                     measured[row] = r

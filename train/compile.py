@@ -32,9 +32,9 @@ RECOMPILE_LIMIT = 64
 LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers.hooks.layerwise_casting._LAYERWISE_CASTING_HOOK
 
 
-def check_args(modules: list[str], scopes: list[str]) -> str | None:
-    """`--compile-modules` and `--compile-scopes` (one scope, or one per module, as finetrainers takes them);
-    returns the scope, None when nothing is compiled."""
+def check_args(modules: list[str], scopes: list[str], backend: str = "inductor") -> str | None:
+    """`--compile-modules`, `--compile-scopes` (one scope, or one per module, as finetrainers takes them) and
+    `--compile-backend`, before any model loads; returns the scope, None when nothing is compiled."""
     for m in modules:
         if m not in MODULES:
             raise UserError(f"--compile-modules {m}: ft train loads only the transformer; pass --compile-modules "
@@ -48,6 +48,13 @@ def check_args(modules: list[str], scopes: list[str]) -> str | None:
     if len(scopes) not in (1, len(modules)):
         raise UserError(f"--compile-scopes takes one scope or one per --compile-modules entry, got {len(scopes)} for "
                         f"{len(modules)}.")
+    if backend != "inductor":
+        import torch
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in backends:
+            raise UserError(f"--compile-backend {backend!r} is not a torch.compile backend here; use one of: "
+                            f"{', '.join(sorted(backends))}.")
     return scopes[0]
 
 
@@ -71,8 +78,9 @@ def eager_casting(modules: list[Any]) -> int:
 
 
 def apply_compile(transformer: Any, blocks: list[Any], scope: str, backend: str = "inductor") -> None:
-    """Compile `transformer` in place: each of `blocks` (regional) or the whole module (full). `backend`: a test
-    passes aot_eager to check the graph capture with autograd without inductor's code generation."""
+    """Compile `transformer` in place: each of `blocks` (regional) or the whole module (full) with torch.compile's
+    `backend` (`--compile-backend`; aot_eager captures the graphs with autograd without inductor's code
+    generation)."""
     import torch
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)

@@ -111,6 +111,9 @@ class TrainConfig(ModelArgs):
     compile_scopes: list[str] = opt(["regional"], "regional: each transformer block compiled on its own (a new "
                                                   "bucket shape recompiles each block once, then its shapes are "
                                                   "dynamic); full: the whole transformer as one graph.", panel=SPEED)
+    compile_backend: str = opt("inductor", "torch.compile's backend (torchtitan's compile.backend): inductor "
+                                           "generates kernels; aot_eager captures the graphs with autograd but runs "
+                                           "them eagerly, to tell a compiler problem from a model one.", panel=SPEED)
     offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the last ones) in CPU "
                                  "memory and copy each to the GPU on a side stream just before its forward and its "
                                  "backward (musubi-tuner's blocks to swap): for GPUs too small for the model. LoRA, "
@@ -238,7 +241,7 @@ class TrainConfig(ModelArgs):
                 re.compile(self.target_modules[0])
             except re.error as e:
                 raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
-        check_compile_args(self.compile_modules, self.compile_scopes)
+        check_compile_args(self.compile_modules, self.compile_scopes, self.compile_backend)
         check_offload_args(self.offload_blocks, self.training_type, self.gradient_checkpointing)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
         if self.training_type == "full-finetune":

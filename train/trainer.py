@@ -247,7 +247,7 @@ class Trainer:
                                            compute_dtype=self.dtype if self.autocast else None)
         if cfg.compile_modules:  # after fully_shard and the offloading hooks, which run eagerly around each block
             apply_compile(self.transformer, blocks_of(self.transformer, self.spec.block_lists),
-                          cfg.compile_scopes[0])
+                          cfg.compile_scopes[0], cfg.compile_backend)
         self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
         self.state = TrainState(self.transformer, optimizer, lr_schedule)
