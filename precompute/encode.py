@@ -219,11 +219,11 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with lock_slot(out, slot):
-            same = unchanged(cfg, out, slot.stem) if slot.num_jobs == 1 else None
+            same = unchanged(cfg, out, slot.stem)
             if same is not None:
-                log.info(f"nothing changed since the last run into {out} (its config, the dataset's files and the "
-                         f"model's files, each stat'ed): {same.active.get('samples', same.num_samples)} samples in "
-                         f"{len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
+                log.info(f"nothing changed since {slot}'s last run into {out} (its config, the dataset's files and "
+                         f"the model's files, each stat'ed): the set has {same.active.get('samples', same.num_samples)}"
+                         f" samples in {len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
                 return same
             return _run_job(cfg, slot, out)
     finally:
@@ -393,14 +393,13 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     state.header["shapes"] = state.header["shapes"] or encoder.shapes
     state.complete, state.written = True, len(encoder.written)
     state.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    root = os.path.abspath(dataset_root(cfg.dataset))  # before the state says complete: the merge seals it
+    write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
+                                             if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
     state.save(out)
     kill_point("job-complete")
     merged = finalize(out, own=slot)
     manifest = merged or Manifest.load(out)
-    if merged is not None and slot.num_jobs == 1 and merged.complete:
-        root = os.path.abspath(dataset_root(cfg.dataset))
-        write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
-                                                 if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
     log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: {slot} is "
              f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
     check.planned, check.rejected, check.warnings = active, rejected, warnings

@@ -37,6 +37,7 @@ from ft.common.shards import (
 
 from .jobs import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
+from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
 MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
@@ -157,6 +158,8 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         (out / state.file(".json")).unlink(missing_ok=True)
     for state in states:
         remove_job_files(out, state.stem)
+    if manifest.complete:  # an unchanged rerun of any of these jobs can now stop after a stat of its inputs
+        seal_stamps(out, [s.stem for s in run])
     log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
              f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
     return Manifest.load(out)

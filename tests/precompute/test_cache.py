@@ -5,7 +5,10 @@ encoding). Encoder calls are counted by wrapping the family's real `encode_video
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -75,6 +78,33 @@ def test_unchanged_rerun_loads_no_model_and_encodes_nothing(tmp_path, tiny_cog, 
     assert again.encoder_fingerprint == first.encoder_fingerprint and again.complete
     assert [s.name for s in again.shards] == [s.name for s in first.shards]
 
+
+
+def test_unchanged_rerun_of_job_i_of_n_stops_after_a_stat_before_importing_torch(tmp_path, tiny_cog, calls,
+                                                                                   caplog):
+    data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=26)
+    out = tmp_path / "out"
+    for index in ("0", "1"):  # job 1 finishes last and merges: it seals both jobs' stamps
+        precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", index)
+    assert Manifest.load(out).complete
+    calls.clear()
+    with caplog.at_level("INFO", logger="ft"):
+        again = precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
+    assert calls == Counter() and again.complete and "nothing changed since job 0 of 2" in caplog.text
+    assert "items are this job's" not in caplog.text  # not even the slice was taken: nothing was planned
+    # as a new process: it stops before torch (or diffusers) is imported
+    code = ("import sys; from ft.common.cli import invoke; m = invoke(sys.argv[1:], standalone=False); "
+            "print(m.complete, sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    args = ["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data, "--out", out,
+            *BUCKETS, "--num-jobs", "2", "--job-index", "1"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True []"
+    (data / "videos" / "clip_000.mp4").touch()  # a file touched: the job plans again (and finds it encoded)
+    calls.clear()
+    precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
+    assert calls["clips"] == 0 and calls["load vae"] == 0
 
 def test_one_caption_changed_is_one_text_encoding_and_reuses_the_latents(tmp_path, tiny_cog, calls):
     data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=22)
