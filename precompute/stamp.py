@@ -3,13 +3,15 @@
 When a job (a single run, or job i of N) has finished, it records in `cache/run-<job>.json` a digest of
 everything its output depends on: the resolved config, the ft version, the stat signature (size, mtime, inode)
 of every file under the dataset folder, under `--pretrained` and every other path the config names (component
-folders, a dataset config), and of each media file it planned that lies outside the dataset folder; and, once the set is merged and
-complete, the sha256 of the merged manifest.json (the merge, by whichever job finishes last or by `--finalize`,
-seals the stamps of the jobs it merged: a job that is not the last has no final manifest to name). The next run with the same config first recomputes that digest (a walk and
-a stat per file, as `git status` does): when it matches, the manifest is unchanged and every listed shard is
-there, nothing can have changed, and the run says so and stops before loading torch, diffusers or a tokenizer.
-Anything else (a file touched, a shard lost, another run into the set, a hub id whose files are not local
-paths) takes the full path, which is correct on its own; the stamp only skips work whose result is known.
+folders, a dataset config), and of each media file it planned that lies outside the dataset folder. Once the
+set is merged and complete, the merge (by whichever job finishes last, or `--finalize`) seals the stamps of the
+jobs it merged with the sha256 of the merged manifest.json: a job that is not the last has no final manifest to
+name. The next run of a job with the same config first recomputes that digest (a walk and a stat per file, as
+`git status` does): when it matches, the manifest is unchanged and every listed shard is there, nothing can
+have changed, and the run says so and stops before loading torch, diffusers or a tokenizer. Anything else (a
+file touched, a shard lost, another run into the set, a hub id whose files are not local paths) takes the full
+path, which is correct on its own; the stamp only skips work whose result is known. A job whose rerun changed
+the set (and merged it again) leaves the other jobs' stamps naming the old manifest: they plan once more.
 """
 
 from __future__ import annotations
