@@ -65,7 +65,7 @@ from .dataset_config import apply_caption_options
 from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
 from .faults import disk_fault_message
-from .jobs import JobSlot, item_identity, job_device, lock_slot, resolve_slot
+from .jobs import JobSlot, item_identity, job_device, live_locks, lock_slot, resolve_slot
 from .media_cache import MediaCache
 from .merge import finalize, remove_job_files
 from .plan import PlannedSample, SampleKeys, sample_encoding
@@ -224,7 +224,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with lock_slot(out, slot):
-            same = unchanged(cfg, out, slot.stem)
+            # another job of this run writing now: join it (its merge needs this job's state), do not stop
+            running = any(h.get("index") != slot.index for h in live_locks(out))
+            same = None if running else unchanged(cfg, out, slot.stem)
             if same is not None:
                 log.info(f"nothing changed since {slot}'s last run into {out} (its config, the dataset's files and "
                          f"the model's files, each stat'ed): the set has {same.active.get('samples', same.num_samples)}"
@@ -244,6 +246,11 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     started = time.time()
     spec = spec_for(cfg)
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+    root = os.path.abspath(dataset_root(cfg.dataset))
+    # media outside the dataset folder, every job's: each job's stamp stats them all, so a change to any of them
+    # makes every job plan again (a job stopping on its stamp while another replans would leave the set unmerged)
+    outside = sorted({os.path.abspath(it.path) for it in items if not it.extracted
+                      and not os.path.abspath(it.path).startswith(root + os.sep)})
     if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
         total = len(items)
         items = [it for it in items if slot.owns(item_identity(it, dataset_root(cfg.dataset)))]
@@ -418,9 +425,7 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     state.header["shapes"] = state.header["shapes"] or encoder.shapes
     state.complete, state.written = True, len(encoder.written)
     state.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    root = os.path.abspath(dataset_root(cfg.dataset))  # before the state says complete: the merge seals it
-    write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
-                                             if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
+    write_stamp(cfg, out, slot.stem, outside)  # before the state says complete: the merge seals it
     state.save(out)
     kill_point("job-complete")
     merged = finalize(out, own=slot)

@@ -27,6 +27,7 @@ from ft.common import __version__
 from ft.common.config import to_jsonable
 from ft.common.shards import MANIFEST_NAME, Manifest, read_states, write_atomic
 
+from .datasets import dataset_root
 from .media_cache import CACHE_DIR
 
 MODEL_FIELDS = ("pretrained",)  # and every field ending in "_id": where a component comes from
@@ -56,7 +57,8 @@ def inputs_digest(values: dict[str, Any], out: Path, outside: list[str]) -> str 
             if is_model:
                 return None
             continue
-        for path in _files(Path(value), skip):
+        # a dataset given as a metadata file (CSV, JSON): its media live in its folder, stat'ed too
+        for path in _files(dataset_root(value) if name == "dataset" else Path(value), skip):
             try:
                 st = os.stat(path)
             except OSError:

@@ -106,6 +106,18 @@ def test_unchanged_rerun_of_job_i_of_n_stops_after_a_stat_before_importing_torch
     precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
     assert calls["clips"] == 0 and calls["load vae"] == 0
 
+
+def test_a_clip_replaced_beside_a_metadata_file_is_seen_by_the_rerun(tmp_path, tiny_cog, calls):
+    # --dataset names the metadata file: the media in its folder are stat'ed for the stamp too
+    data = make_shapes_dataset(tmp_path / "data", num_clips=3, layout="jsonl", seed=27)
+    precompute(tiny_cog, data / "metadata.jsonl", tmp_path / "out")
+    other = make_shapes_dataset(tmp_path / "other", num_clips=1, seed=98)
+    clip = next((data / "videos").glob("*.mp4"))
+    shutil.copy(other / "videos" / "clip_000.mp4", clip)  # new bytes under the old name
+    calls.clear()
+    manifest = precompute(tiny_cog, data / "metadata.jsonl", tmp_path / "out")
+    assert calls["clips"] == 1 and manifest.active["samples"] == 3
+
 def test_one_caption_changed_is_one_text_encoding_and_reuses_the_latents(tmp_path, tiny_cog, calls):
     data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=22)
     out = tmp_path / "out"
