@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,30 @@ def test_a_clip_replaced_beside_a_metadata_file_is_seen_by_the_rerun(tmp_path, t
     calls.clear()
     manifest = precompute(tiny_cog, data / "metadata.jsonl", tmp_path / "out")
     assert calls["clips"] == 1 and manifest.active["samples"] == 3
+
+
+def test_one_media_under_two_names_of_two_jobs_is_noted_as_one_job_notes_it(tmp_path, tiny_cog, calls):
+    from ft.precompute.jobs import owner
+
+    data = make_shapes_dataset(tmp_path / "data", num_clips=3, seed=28)
+    first = "videos/clip_000.mp4"
+    copy = next(f"videos/copy_{i}.mp4" for i in range(100) if owner(f"videos/copy_{i}.mp4", 2) != owner(first, 2))
+    shutil.copy(data / first, data / copy)
+    caption = (data / "prompts.txt").read_text().splitlines()[0]
+    with open(data / "videos.txt", "a") as f:
+        f.write(copy + "\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write(caption + "\n")  # the same bytes, frames and caption: one sample
+    single = precompute(tiny_cog, data, tmp_path / "one")
+    [note] = [w for w in single.warnings if w["kind"] == "duplicate"]
+    for index in ("0", "1"):
+        jobs = precompute(tiny_cog, data, tmp_path / "two", "--num-jobs", "2", "--job-index", index)
+    assert jobs.complete and jobs.active_keys(tmp_path / "two") == single.active_keys(tmp_path / "one")
+    [merged] = [w for w in jobs.warnings if w["kind"] == "duplicate"]
+    assert {Path(merged["path"]).name, Path(merged["reason"].split(" as ")[1].split(";")[0]).name} == \
+        {Path(note["path"]).name, Path(note["reason"].split(" as ")[1].split(";")[0]).name} == {"clip_000.mp4",
+                                                                                               Path(copy).name}
+    assert "trained once" in merged["reason"] and jobs.inputs["warnings"]["kinds"]["duplicate"] == 1
 
 def test_one_caption_changed_is_one_text_encoding_and_reuses_the_latents(tmp_path, tiny_cog, calls):
     data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=22)
