@@ -1,8 +1,15 @@
 """Video and image decoding, frame sampling, bucketing, resize/crop, and writing mp4.
 
 Decoding uses decord when it is installed (fast, seeks by index) and PyAV otherwise; images (png, jpg, webp) are
-1-frame videos. `open_media` probes a file without decoding all of it; `MediaReader.read(indices)` decodes just the
-frames a bucket needs. Frames are returned as uint8 tensors [F, H, W, 3].
+1-frame videos. `open_media` probes a file from its container's headers; `MediaReader.read(indices)` decodes just
+the frames a bucket needs. Frames are returned as uint8 tensors [F, H, W, 3].
+
+The probe decodes no frame of an mp4/mov: size and frame rate come from PyAV's stream header, the display rotation
+from the track header (display_matrix.py), the frame count from the header (else the packets), the frames'
+timestamps from the packets (demuxed, not decoded). A frame is decoded only where the header cannot say: the
+rotation of a video in another container (Matroska can carry one), a frame count no header or packet gives, and
+an image (a still is its one frame: its EXIF orientation may trail the pixels in a PNG, and whether it has
+transparent pixels, which the alpha note reports, is in the pixels).
 
 Media are decoded as people see them, whichever decoder runs:
 - a video's rotation (the mp4/mov display matrix a phone writes) is applied: decord does it itself, PyAV does not,
@@ -29,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .display_matrix import quarter_turns
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -85,7 +93,7 @@ class MediaReader:
     fps: float
     height: int  # as displayed: after rotation / EXIF orientation
     width: int
-    _decord: object | None = None
+    backend: str = "auto"  # which decoder `read` uses: auto (decord, else PyAV), decord or pyav
     # each frame's presentation time in seconds from the first, when the container gives them
     timestamps: list[float] | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)  # (kind, reason): kept, with a note
@@ -94,11 +102,14 @@ class MediaReader:
         """Decode the frames at `indices` as uint8 [F, H, W, 3]."""
         if is_image(self.path):
             return _read_image(self.path)[0][None].repeat(len(indices), 0)
-        if self._decord is not None:
+        if self.backend in ("auto", "decord") and _have_decord():
+            import decord
+
             try:
-                return self._decord.get_batch(indices).asnumpy()  # type: ignore[attr-defined]
-            except Exception:  # decord fails on some frame sizes (row alignment); PyAV decodes them
-                self._decord = None
+                reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
+                return reader.get_batch(indices).asnumpy()
+            except Exception:  # decord fails on some frame sizes (row alignment) and files; PyAV decodes them
+                pass
         return _pyav_read(self.path, indices)
 
     @property
@@ -177,7 +188,10 @@ def _have_decord() -> bool:
 
 
 def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
-    """Probe a video or image. `backend` is 'auto' (decord, else PyAV), 'decord' or 'pyav'."""
+    """Probe a video or image (see the module docstring: a video's headers, no frame decoded for mp4/mov).
+    `backend` is the decoder `read` uses: 'auto' (decord, else PyAV), 'decord' or 'pyav'. The probe's answers are
+    the decoder's: the displayed size (decord turns rotated frames itself, PyAV's are turned by `_rotated`),
+    the frame count each indexes frames by."""
     path = Path(path)
     if not path.is_file():
         raise MediaError("file not found", "missing")
@@ -185,45 +199,45 @@ def open_media(path: str | Path, backend: str = "auto") -> MediaReader:
         raise MediaError("zero-byte file", "zero-byte")
     if is_image(path):
         frame, notes = _read_image(path)
-        return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1], notes=notes)
-    if backend in ("auto", "decord") and _have_decord():
-        import decord
-
-        try:
-            vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-            n = len(vr)
-            if n == 0:
-                raise MediaError("the video has no frames")
-            h, w = vr[0].shape[:2]  # decord applies the rotation: these are the displayed sizes
-            vr.seek(0)
-            times = vr.get_frame_timestamp(range(n))[:, 0]
-            return MediaReader(path, n, float(vr.get_avg_fps()), int(h), int(w), vr,
-                               timestamps=[float(t - times[0]) for t in times])
-        except MediaError:
-            raise
-        except Exception as e:
-            if backend == "decord":
-                raise _unreadable(path, "video", e) from e
-    return _pyav_probe(path)
+        return MediaReader(path, 1, 0.0, frame.shape[0], frame.shape[1], backend, notes=notes)
+    return _probe_video(path, backend)
 
 
-def _pyav_probe(path: Path) -> MediaReader:
+# FFmpeg's stream probing (avformat_find_stream_info) decodes up to 7 H.264 frames to guess the decoder's delay,
+# which a probe does not need: 250 ms of a 1080p probe's 251 (bench/probe.py). With the probing decoder told to
+# skip every frame, the header gives the same size, rate, count and time base (compared on mp4, mov, mkv, webm,
+# avi, gif); a header without the size (a bare stream) is probed again the usual way.
+_HEADER_ONLY = {"skip_frame": "all"}
+
+
+def _probe_video(path: Path, backend: str) -> MediaReader:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        container = av.open(str(path), options=_HEADER_ONLY)
+        if container.streams.video and not (container.streams.video[0].codec_context.width
+                                            and container.streams.video[0].codec_context.height):
+            container.close()
+            container = av.open(str(path))
+        with container:
             if not container.streams.video:  # also what a cut-off mp4 without its index looks like
                 raise _unreadable(path, "video", MediaError("the file has no video stream"))
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             n = stream.frames
             h, w = stream.codec_context.height, stream.codec_context.width
-            if _quarter_turns(container) % 2:
+            turns = quarter_turns(path, container.format.name)
+            if turns is None:  # a container whose header this does not read: the first frame says
+                turns = _first_frame_quarter_turns(container)
+            if turns % 2:
                 h, w = w, h
             pts = _packet_times(container, stream)
-            if not n:  # the container does not say: count by decoding
-                container.seek(0)
-                n = sum(1 for _ in container.decode(video=0))
+            if not n:  # the header does not say: decord indexes the packets; PyAV counts decoded frames
+                if pts and backend != "pyav" and _have_decord():
+                    n = len(pts)
+                else:
+                    container.seek(0)
+                    n = sum(1 for _ in container.decode(video=0))
             base = float(stream.time_base or 0)
     except MediaError:
         raise
@@ -232,10 +246,10 @@ def _pyav_probe(path: Path) -> MediaReader:
     if n == 0:
         raise MediaError("the video has no frames")
     times = [float(t - pts[0]) * base for t in pts] if base and len(pts) == n else None
-    return MediaReader(path, n, fps, h, w, timestamps=times)
+    return MediaReader(path, n, fps, h, w, backend, timestamps=times)
 
 
-def _quarter_turns(container: object) -> int:
+def _first_frame_quarter_turns(container: object) -> int:
     """The display rotation in quarter turns, read from the first frame (PyAV carries it on frames); 0 when the
     first frame does not decode (reading the frames then names the problem)."""
     try:

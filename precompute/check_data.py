@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .config import CheckDataConfig, DataArgs
 from .dataset_config import apply_caption_options
 from .datasets import DatasetItem, dataset_root, load_dataset
 from .media_cache import MediaCache
-from .plan import PlannedSample, assign_keys, plan_samples, sample_encoding
+from .plan import PlannedSample, assign_keys, plan_stream, sample_encoding
 from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
@@ -77,17 +78,35 @@ class DataCheck:
         return head + ("\n" + rest if rest else "")
 
 
+def screen(items: list[DatasetItem], cfg: DataArgs) -> tuple[list[DatasetItem], list[Rejected], list[Rejected]]:
+    """What needs no decoding (policy.screen_items): (items to plan, rejected, warnings)."""
+    return screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions, cfg.allow_outside_paths)
+
+
+def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
+            vae_config: dict, transformer_config: dict, cache: MediaCache | None = None
+            ) -> Iterator[PlannedSample | Rejected]:
+    """Each screened item planned (probe, bucket, frames, digest) in order, as it is made (plan.plan_stream)."""
+    return plan_stream(items, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder, cfg.decode_workers,
+                       lambda b: spec.check_bucket(b, vae_config, transformer_config), cfg.max_upscale, cache)
+
+
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
                   vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
                   cache: MediaCache | None = None) -> DataCheck:
     """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
     where it is."""
-    usable, rejected, warnings = screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions,
-                                              cfg.allow_outside_paths)
-    planned, bad = plan_samples(usable, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder,
-                                cfg.decode_workers, lambda b: spec.check_bucket(b, vae_config, transformer_config),
-                                cfg.max_upscale, cache)
-    result = DataCheck(items, planned, rejected + bad, warnings)
+    usable, rejected, warnings = screen(items, cfg)
+    result = DataCheck(items, [], rejected, warnings)
+    for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache):
+        (result.rejected if isinstance(planned, Rejected) else result.planned).append(planned)
+    return finish_check(result, spec, seq_len, model_args)
+
+
+def finish_check(result: DataCheck, spec: ModelSpec, seq_len: int, model_args: ModelArgs | None) -> DataCheck:
+    """The checks of the planned items as a whole, added to `result.warnings`: the decoders' notes, and (with a
+    tokenizer) captions longer than the text length or mostly unknown tokens."""
+    planned = result.planned
     result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
     if model_args is not None and planned:
         captions = sorted({p.item.caption for p in planned})

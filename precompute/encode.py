@@ -8,11 +8,13 @@ already in a usable shard of `--out` are skipped (existing.py), so a killed job,
 experiment on the same encoders pays only for what is new; unchanged media is neither probed nor hashed again
 (media_cache.py).
 
-Before any encoder is loaded the job's items go through the data policy (check_data.py, policy.py) and its
-summary is printed. The job's state is saved at the start as incomplete (what it must encode), each finished
-shard is appended to its journal, and the state says complete at the end, so a kill at any point leaves a shard
-set that says what it lacks, and a rerun (the same command, or the job's saved config) gives the sample set of
-an uninterrupted run.
+The job's items go through the data policy (check_data.py, policy.py) and its summary is printed: before any
+encoder is loaded when the job plans up front (a rerun into a set that has shards, or `--on-error fail`), or as
+the last item is planned when a first run plans while it encodes (planning.py), so the GPU does not wait for
+every file to be probed and hashed. The encoders load when first needed. The job's state is saved at the start
+as incomplete (what it must encode, once known), each finished shard is appended to its journal, and the state
+says complete at the end, so a kill at any point leaves a shard set that says what it lacks, and a rerun (the
+same command, or the job's saved config) gives the sample set of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +59,19 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
 from ft.pipelines.registry import spec_for
 
-from .check_data import DataCheck, check_buckets, check_dataset, sequence_length
+from .check_data import DataCheck, check_buckets, sequence_length
 from .config import PrecomputeConfig
 from .dataset_config import apply_caption_options
 from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
 from .faults import disk_fault_message
-from .jobs import JobSlot, item_identity, job_device, lock_slot, resolve_slot
+from .jobs import JobSlot, item_identity, job_device, live_locks, lock_slot, resolve_slot
 from .media_cache import MediaCache
 from .merge import finalize, remove_job_files
-from .plan import PlannedSample, assign_keys, sample_encoding
+from .plan import PlannedSample, SampleKeys, sample_encoding
+from .planning import JobPlan
 from .policy import Rejected, enforce_on_error
-from .reuse import TextHalves, with_cached_video
+from .reuse import HalfIndex, TextHalves, with_cached_video
 from .stamp import unchanged, write_stamp
 
 
@@ -94,11 +98,11 @@ def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], en
 class _Encoder:
     """Batches the samples to write per bucket. A sample's video half is its clip's decoded frames to encode
     through the VAE, or latents read from the cache; its text half is encoded, or taken from `texts` (cached
-    halves by text_key). `vae` / `encoders` are None when the run needs none."""
+    halves by text_key). The models load on their first use (`models`): a run that needs none loads none."""
 
-    def __init__(self, spec: ModelSpec, encoders: dict | None, vae: Any, writer: ShardWriter, seq_len: int,
-                 batch_size: int, shapes: dict[str, Any], texts: TextHalves):
-        self.spec, self.encoders, self.vae, self.writer = spec, encoders, vae, writer
+    def __init__(self, spec: ModelSpec, models: _Models, writer: ShardWriter, seq_len: int, batch_size: int,
+                 shapes: dict[str, Any], texts: TextHalves):
+        self.spec, self.models, self.writer = spec, models, writer
         self.seq_len, self.batch_size, self.shapes, self.texts = seq_len, batch_size, dict(shapes), texts
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written: set[str] = set()
@@ -121,12 +125,13 @@ class _Encoder:
         with torch.no_grad():
             if clips:
                 frames = torch.stack([batch[i][1].permute(1, 0, 2, 3) for i in clips])  # [B, C, F, H, W]
-                encoded = self.spec.encode_video(self.vae, frames)
+                encoded = self.spec.encode_video(self.models.vae(), frames)
                 for j, i in enumerate(clips):
                     latents[i] = {k: v[j].detach().clone() for k, v in encoded.items()}
             if captions:
                 text = {s.text_key: s.item.caption for s, _, _ in batch}
-                cond = self.spec.encode_prompts(self.encoders, [text[k] for k in captions], self.seq_len)
+                cond = self.spec.encode_prompts(self.models.text_encoders(), [text[k] for k in captions],
+                                                self.seq_len)
                 new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
                 conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
         if not self.shapes:
@@ -219,11 +224,13 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     try:
         with lock_slot(out, slot):
-            same = unchanged(cfg, out, slot.stem) if slot.num_jobs == 1 else None
+            # another job of this run writing now: join it (its merge needs this job's state), do not stop
+            running = any(h.get("index") != slot.index for h in live_locks(out))
+            same = None if running else unchanged(cfg, out, slot.stem)
             if same is not None:
-                log.info(f"nothing changed since the last run into {out} (its config, the dataset's files and the "
-                         f"model's files, each stat'ed): {same.active.get('samples', same.num_samples)} samples in "
-                         f"{len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
+                log.info(f"nothing changed since {slot}'s last run into {out} (its config, the dataset's files and "
+                         f"the model's files, each stat'ed): the set has {same.active.get('samples', same.num_samples)}"
+                         f" samples in {len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
                 return same
             return _run_job(cfg, slot, out)
     finally:
@@ -239,6 +246,11 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     started = time.time()
     spec = spec_for(cfg)
     items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+    root = os.path.abspath(dataset_root(cfg.dataset))
+    # media outside the dataset folder, every job's: each job's stamp stats them all, so a change to any of them
+    # makes every job plan again (a job stopping on its stamp while another replans would leave the set unmerged)
+    outside = sorted({os.path.abspath(it.path) for it in items if not it.extracted
+                      and not os.path.abspath(it.path).startswith(root + os.sep)})
     if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
         total = len(items)
         items = [it for it in items if slot.owns(item_identity(it, dataset_root(cfg.dataset)))]
@@ -259,17 +271,8 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
 
     quiet_libraries()
     cache = MediaCache(out, cfg.decoder, {str(it.path.absolute()) for it in items})
-    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, cfg, cache)
-    if cache.hits:
-        log.info(f"{cache.hits} media files unchanged since the last run (not probed or hashed again), "
-                 f"{cache.misses} probed")
-    _log_summary(check)  # the same checks and summary as `ft check-data`, before any encoder is loaded
-    enforce_on_error(cfg.on_error, check.rejected, cfg.dataset)
-    cache.save(slot.stem)
-    rejected, warnings = check.rejected, check.warnings
-
     device = pick_device(job_device(cfg.device))
-    models = _Models(spec, cfg, device)
+    models = _Models(spec, cfg, device)  # the fingerprint from the files: nothing is loaded here
     fingerprints = models.fingerprints()
     fingerprint = sample_key(fingerprints)
     halves = (sample_key({"vae": fingerprints["vae"]}),
@@ -278,30 +281,36 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
                 "text_encoder_dtype": cfg.text_encoder_dtype}
-    planned, duplicates = assign_keys(check.planned, fingerprint, encoding, halves)
-    warnings += duplicates
-
     base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
     if base:
         _check_reuse(out, base, fingerprints, encoding, spec.name)
     if not any(s.index == slot.index for s in states):
         remove_job_files(out, slot.stem)  # leftovers of this slot's merged attempt
     journal = [info for _, info in read_journal(out, slot.stem)]
-    found = scan_existing(out, slot, base, journal, {p.key for p in planned})
-    todo = sorted((p for p in planned if p.key not in found.done), key=lambda p: p.bucket)
-    index = half_index(out, found.shards, {p.video_key for p in todo}, {p.text_key for p in todo})
-    texts = TextHalves(out, found.shards, index, todo)
-    to_decode = sorted((p for p in todo if p.video_key not in index.video), key=lambda p: texts.source(p.text_key))
-    reused = [p for p in todo if p.video_key in index.video]
+    found = scan_existing(out, slot, base, journal)
+
+    plan = JobPlan(items, cfg, spec, buckets, (vae_config, transformer_config), seq_len, cache,
+                   SampleKeys(fingerprint, encoding, halves))
+    streamed = not found.shards and cfg.on_error != "fail"  # nothing to reuse: plan while encoding (planning.py)
+    if streamed:
+        planned: list[PlannedSample] = plan.check.planned  # filled as the items are planned
+        todo, reused, done = planned, [], set()
+        index = HalfIndex()
+        texts = TextHalves(out, found.shards, index, [])
+    else:
+        planned = plan.up_front()
+        cache.save(slot.stem)
+        done = {p.key for p in planned if p.key in found.held}
+        todo = sorted((p for p in planned if p.key not in done), key=lambda p: p.bucket)
+        index = half_index(out, found.shards, {p.video_key for p in todo}, {p.text_key for p in todo})
+        texts = TextHalves(out, found.shards, index, todo)
+        reused = [p for p in todo if p.video_key in index.video]
+    rejected, warnings = plan.check.rejected, plan.check.warnings
     empty_caption = base.empty_caption if base and base.empty_caption and \
         (out / base.empty_caption["file"]).is_file() else {}
     empty_missing = slot.index == 0 and not empty_caption  # job 0 stores it for the set
-    # only what this job must encode is loaded: nothing at all when every sample is in `out` already
     # the prompt table's rows this run adds (job 0 writes them for the set, as the empty caption)
     prompts = PromptWriter(out, fingerprints, encoding, validation if slot.index == 0 else [])
-    vae = models.vae() if to_decode else None
-    encoders = models.text_encoders() if empty_missing or prompts.needed or any(
-        p.text_key not in texts for p in todo) else None
 
     state = JobState(slot.index, slot.num_jobs, uuid.uuid4().hex, socket.gethostname(), os.getpid(),
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -328,9 +337,12 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
 
         holder = Manifest(spec.name, {}, "", {}, {})
         with torch.no_grad():  # stored once per shard set, for caption dropout in training
-            empty = spec.encode_prompts(encoders, [""], seq_len)
+            empty = spec.encode_prompts(models.text_encoders(), [""], seq_len)
         holder.set_empty_caption(out, {k: v[0] for k, v in empty.items()}, state.file(".empty_caption.safetensors"))
         state.header["empty_caption"] = holder.empty_caption
+    # the text encoders, when this job encodes text: the prompt table's missing rows (the negative prompt) with it
+    encoders = models.text_encoders() if empty_missing or prompts.needed or streamed or any(
+        p.text_key not in texts for p in todo) else None
     state.header["prompts"] = prompts.write(spec, encoders, seq_len, cfg.batch_size) or state.header["prompts"]
     state.save(out)
     kill_point("started")
@@ -341,11 +353,30 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
             state.header["shapes"] = encoder.shapes
             state.save(out)
 
+    def reject(record: Rejected) -> None:  # planning found it bad while the job encodes
+        _append_record(out, state.file(".rejected.jsonl"), record)
+
+    def planned_all() -> None:  # the last item is planned: the state now says all this job must encode
+        cache.save(slot.stem)
+        _write_records(out, state.file(".warnings.jsonl"), warnings)
+        state.todo = dict(Counter(bucket_name(*p.bucket) for p in todo))
+        set_view(planned)
+        state.save(out)
+        log.info(f"planned {len(planned)} samples while encoding ({len(rejected)} items rejected)")
+        kill_point("planned")
+
     writer = ShardWriter(out, slot.prefix, None, cfg.shard_samples, cfg.shard_max_mb << 20, on_shard=record)
-    encoder = _Encoder(spec, encoders, vae, writer, seq_len, cfg.batch_size, state.header["shapes"], texts)
-    captions = len({p.text_key for p in todo if p.text_key not in texts})
-    log.info(f"{len(todo)} new samples on {device} ({len(planned) - len(todo)} already in {out}): {len(to_decode)} "
-             f"clips to encode ({len(reused)} video latents reused from {out}), {captions} captions to encode")
+    encoder = _Encoder(spec, models, writer, seq_len, cfg.batch_size, state.header["shapes"], texts)
+    if streamed:
+        to_decode: Iterable[PlannedSample] = plan.stream(reject, planned_all)
+        log.info(f"nothing in {out} to reuse: encoding on {device} as the items are planned")
+    else:
+        to_decode = sorted((p for p in todo if p.video_key not in index.video),
+                           key=lambda p: texts.source(p.text_key))
+        captions = len({p.text_key for p in todo if p.text_key not in texts})
+        log.info(f"{len(todo)} new samples on {device} ({len(planned) - len(todo)} already in {out}): "
+                 f"{len(to_decode)} clips to encode ({len(reused)} video latents reused from {out}), {captions} "
+                 "captions to encode")
 
     def decode(sample: PlannedSample) -> tuple[PlannedSample, Any]:
         try:
@@ -356,7 +387,8 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
 
     failed: set[str] = set()
     try:
-        with tqdm(total=len(todo), unit="clip", desc="precompute", disable=not todo) as bar:
+        with tqdm(total=None if streamed else len(todo), unit="clip", desc="precompute",
+                  disable=not (todo or streamed)) as bar:
             for sample, latents in with_cached_video(out, found.shards, index, reused):
                 encoder.add(sample, latents=latents)
                 bar.update(1)
@@ -388,21 +420,19 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     finally:
         writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
     kill_point("encoded")
-    active = [p for p in planned if p.key not in failed and (p.key in found.done or p.key in encoder.written)]
+    active = [p for p in planned if p.key not in failed and (p.key in done or p.key in encoder.written)]
     set_view(active)
     state.header["shapes"] = state.header["shapes"] or encoder.shapes
     state.complete, state.written = True, len(encoder.written)
     state.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_stamp(cfg, out, slot.stem, outside)  # before the state says complete: the merge seals it
     state.save(out)
     kill_point("job-complete")
     merged = finalize(out, own=slot)
     manifest = merged or Manifest.load(out)
-    if merged is not None and slot.num_jobs == 1 and merged.complete:
-        root = os.path.abspath(dataset_root(cfg.dataset))
-        write_stamp(cfg, out, slot.stem, sorted({os.path.abspath(p.item.path) for p in planned
-                                                 if not os.path.abspath(p.item.path).startswith(root + os.sep)}))
     log.info(f"wrote {len(encoder.written)} new samples to {out} in {time.time() - started:.1f}s: {slot} is "
              f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
+    check = plan.check
     check.planned, check.rejected, check.warnings = active, rejected, warnings
     _log_summary(check)
     if not active and slot.num_jobs == 1:

@@ -8,7 +8,7 @@ samples are encoded again). Only a single run (one job, which no other writer ca
 did not write: leftovers of every killed writer (`*.tar.tmp`), and listed shards whose samples all sit in other
 listed shards; a job removes only its own leftovers.
 
-Nothing here holds a sample's JSON: a first pass collects the keys done, a second (only when there is something
+Nothing here holds a sample's JSON: a first pass collects the keys held, a second (only when there is something
 to encode) the locations of the halves the new samples can reuse.
 """
 
@@ -37,10 +37,10 @@ from .reuse import HalfIndex
 
 @dataclass
 class Existing:
-    """The usable shards (by name), the keys they hold among those planned, and what changed on the way."""
+    """The usable shards (by name), the keys they hold, and what changed on the way."""
 
     shards: dict[str, ShardInfo] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)  # every key in the usable shards
     dropped: list[str] = field(default_factory=list)  # listed shards lost, unreadable or redundant
     adopted: list[ShardInfo] = field(default_factory=list)  # whole shards found unlisted, to record now
 
@@ -61,9 +61,9 @@ def _rows(out: Path, info: ShardInfo | None, name: str, exclusive: bool) -> list
     return rows
 
 
-def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list[ShardInfo],
-                  planned_keys: set[str]) -> Existing:
-    """The first pass: which listed (and unlisted own) shards are usable and which planned keys they hold."""
+def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list[ShardInfo]) -> Existing:
+    """The first pass: which listed (and unlisted own) shards are usable and which keys they hold. It needs no
+    plan, so it runs before planning: a job whose `--out` holds nothing usable plans while it encodes."""
     exclusive = slot.num_jobs == 1
     _remove_leftovers(out, slot)
     found = Existing()
@@ -84,7 +84,6 @@ def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list
             found.dropped.append(shard.name)
             continue
         seen |= keys
-        found.done |= keys & planned_keys
         found.shards[shard.name] = shard
     pattern = "shard-*.tar" if exclusive else f"{slot.prefix}-*.tar"
     for path in sorted(out.glob(pattern)):
@@ -105,10 +104,10 @@ def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list
             found.shards[path.name] = info
             found.adopted.append(info)
             seen |= keys
-            found.done |= keys & planned_keys
             log.info(f"adopting {path.name}: complete on disk but not recorded")
         except (OSError, tarfile.TarError, UserError) as e:
             log.warning(f"{path} is unlisted and cannot be read ({e}); ignoring it")
+    found.held = seen
     return found
 
 

@@ -29,14 +29,18 @@ from ft.common.shards import (
     JOBS_DIR,
     MANIFEST_NAME,
     Manifest,
+    ShardInfo,
+    iter_shard,
     kill_point,
     merged_view,
     read_states,
+    shard_rows,
     write_atomic,
 )
 
 from .jobs import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
+from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
 MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
@@ -59,18 +63,40 @@ def _concat(out: Path, files: list[str], target: str) -> int:
     return count
 
 
-def _merge_active(out: Path, files: list[str]) -> int:
-    """`active_keys.txt` from the jobs' key files, each key once; returns the number of keys."""
+def _merge_active(out: Path, files: list[str]) -> tuple[int, set[str]]:
+    """`active_keys.txt` from the jobs' key files, each key once; returns the number of keys, and the keys that
+    more than one job holds (a job drops its own duplicates: these are one media under two names that two jobs
+    own, each of which encoded it)."""
     seen: set[str] = set()
+    repeated: set[str] = set()
     tmp = out / (ACTIVE_KEYS_NAME + ".tmp")
     with open(tmp, "w") as dst:
         for name in files:
             for key in (out / name).read_text().split():
-                if key not in seen:
+                if key in seen:
+                    repeated.add(key)
+                else:
                     seen.add(key)
                     dst.write(key + "\n")
     os.replace(tmp, out / ACTIVE_KEYS_NAME)
-    return len(seen)
+    return len(seen), repeated
+
+
+def _duplicate_notes(out: Path, shards: list[ShardInfo], keys: set[str]) -> list[dict[str, str]]:
+    """The warnings a single job gives for exact duplicates, for `keys` found in several jobs: each later source
+    named beside the first (read from the samples' JSON; only the shards holding such keys are opened)."""
+    sources: dict[str, list[str]] = {}
+    for info in shards:
+        path = out / info.name
+        if not keys & {r.key for r in shard_rows(path, info)}:
+            continue
+        for sample in iter_shard(path, wanted=keys.__contains__):
+            found = sources.setdefault(sample.key, [])
+            if sample.meta.get("source") not in found:
+                found.append(sample.meta.get("source"))
+    return [{"path": later, "reason": f"same media bytes, frames and caption as {names[0]}; trained once (two "
+             "jobs own the two names, so both encoded it)", "kind": "duplicate"}
+            for _, names in sorted(sources.items()) for later in names[1:]]
 
 
 def _merge_config(out: Path, stem: str) -> str:
@@ -131,11 +157,21 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
 
 def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
     run = [s for s in states if s.num_jobs == view.unmerged["num_jobs"]]
-    samples = _merge_active(out, view.active["keys_files"])
+    samples, repeated = _merge_active(out, view.active["keys_files"])
     inputs = {}
     for kind, name in INPUT_FILES.items():
         count = _concat(out, view.inputs[kind]["files"], name)
         inputs[kind] = {"files": [name], "count": count, "kinds": view.inputs[kind]["kinds"]}
+    if repeated:
+        notes = _duplicate_notes(out, view.shards, repeated)
+        with open(out / INPUT_FILES["warnings"], "a") as f:
+            f.write("".join(json.dumps(n) + "\n" for n in notes))
+        kinds = inputs["warnings"]["kinds"]
+        inputs["warnings"] = {**inputs["warnings"], "count": inputs["warnings"]["count"] + len(notes),
+                              "kinds": dict(sorted({**kinds, "duplicate": kinds.get("duplicate", 0) + len(notes)}
+                                                   .items()))}
+        for n in notes:
+            log.info(f"{n['path']}: {n['reason']}")
     if view.empty_caption and view.empty_caption["file"].startswith(JOBS_DIR + "/"):
         moved = out / view.empty_caption["file"]
         if moved.is_file() or not (out / EMPTY_CAPTION_NAME).is_file():  # else a killed merge moved it already
@@ -157,6 +193,8 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         (out / state.file(".json")).unlink(missing_ok=True)
     for state in states:
         remove_job_files(out, state.stem)
+    if manifest.complete:  # an unchanged rerun of any of these jobs can now stop after a stat of its inputs
+        seal_stamps(out, [s.stem for s in run])
     log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
              f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
     return Manifest.load(out)

@@ -7,7 +7,7 @@ whose stat is unchanged since the last run is neither probed nor hashed again (m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,32 +139,56 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
                          height=media.height, width=media.width, notes=notes)
 
 
+def plan_stream(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
+                decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0,
+                cache: MediaCache | None = None) -> Iterator[PlannedSample | Rejected]:
+    """Each item's plan (or its rejection), in the items' order, as soon as it is made: `workers` threads plan
+    ahead of the consumer, so the encode loop can take the first items while the rest are being planned."""
+    return prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale, cache),
+                        items, workers, ahead=max(4, workers * 4))
+
+
 def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
                  decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0,
                  cache: MediaCache | None = None) -> tuple[list[PlannedSample], list[Rejected]]:
     """Plan every item (in parallel threads); rejected items come back with their reasons. `check` says why the
     model cannot take a bucket (None when it can); `cache` spares unchanged files their probe and hash."""
     planned, rejected = [], []
-    for result in prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale,
-                                                    cache), items, workers, ahead=max(4, workers * 4)):
+    for result in plan_stream(items, buckets, sampling, stride, decoder, workers, check, max_upscale, cache):
         (rejected if isinstance(result, Rejected) else planned).append(result)
     return planned, rejected
 
 
+class SampleKeys:
+    """Sets each sample's content key, and its halves' keys from `halves` (the VAE's and the text encoders'
+    fingerprints), one sample at a time; the second of two exact duplicates (same media bytes, frames and caption,
+    under any names) is reported, and the first kept."""
+
+    def __init__(self, encoder_fingerprint: str, encoding: dict[str, Any], halves: tuple[str, str] = ("", "")):
+        self.encoder_fingerprint, self.encoding, self.halves = encoder_fingerprint, encoding, halves
+        self.seen: dict[str, str] = {}  # key -> the path that has it
+
+    def assign(self, p: PlannedSample) -> Rejected | None:
+        """Key `p`; a Rejected (kind "duplicate") when its key was seen already, else None."""
+        p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
+        p.video_key, p.text_key = p.half_keys(*self.halves, self.encoding)
+        if p.key in self.seen:
+            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key]}; "
+                                              "trained once", "duplicate")
+        self.seen[p.key] = str(p.item.path)
+        return None
+
+
 def assign_keys(planned: list[PlannedSample], encoder_fingerprint: str, encoding: dict[str, Any],
                 halves: tuple[str, str] = ("", "")) -> tuple[list[PlannedSample], list[Rejected]]:
-    """Set each sample's content key, and its halves' keys from `halves` (the VAE's and the text encoders'
-    fingerprints); drop exact duplicates (same media bytes, frames and caption twice, under any names), each
-    reported as a warning."""
-    seen: dict[str, PlannedSample] = {}
+    """Key every sample (SampleKeys); returns the samples without exact duplicates, and the duplicates as
+    warnings."""
+    keys = SampleKeys(encoder_fingerprint, encoding, halves)
     out, duplicates = [], []
     for p in planned:
-        p.key = sample_key(p.key_parts(encoder_fingerprint, encoding))
-        p.video_key, p.text_key = p.half_keys(*halves, encoding)
-        if p.key in seen:
-            duplicates.append(Rejected(str(p.item.path), f"same media bytes, frames and caption as "
-                                                         f"{seen[p.key].item.path}; trained once", "duplicate"))
-            continue
-        seen[p.key] = p
-        out.append(p)
+        duplicate = keys.assign(p)
+        if duplicate is None:
+            out.append(p)
+        else:
+            duplicates.append(duplicate)
     return out, duplicates

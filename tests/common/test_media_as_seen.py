@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ft.common.display_matrix import boxes, quarter_turns
 from ft.common.synthetic import shape_clip
-from ft.common.video import open_media, write_video
+from ft.common.video import MediaError, open_media, write_video
 
 DECODERS = ("decord", "pyav")
 
@@ -50,6 +51,39 @@ def test_decord_and_pyav_give_the_same_frames_of_a_rotated_clip(tmp_path: Path, 
     assert decoded["decord"].shape == decoded["pyav"].shape == (9, 64, 32, 3)
     assert int(np.abs(decoded["decord"].astype(int) - decoded["pyav"]).max()) <= 3
 
+
+
+@pytest.mark.parametrize("faststart", [False, True])
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270, 45])
+def test_header_rotation_is_the_decoded_frames_rotation(tmp_path: Path, rotation: int, faststart: bool) -> None:
+    # the probe reads the display matrix from the mp4 header; PyAV reports it only on decoded frames
+    import av
+
+    path = write_video(tmp_path / "r.mp4", shape_clip("square", "red", "left to right", 3, 32, 64),
+                       rotation=rotation, faststart=faststart)
+    with av.open(str(path)) as container:
+        frame_turns = round(next(container.decode(video=0)).rotation / 90) % 4
+        assert quarter_turns(path, container.format.name) == frame_turns
+    assert quarter_turns(path, "matroska,webm") is None  # another container: the caller decodes a frame
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_probe_decodes_no_frame_of_an_mp4(tmp_path: Path, decoder: str) -> None:
+    # every byte of the frame data zeroed: a probe that decoded a frame would fail or see no rotation
+    path = write_video(tmp_path / "rot.mp4", shape_clip("square", "red", "left to right", 9, 32, 64), rotation=90)
+    data = bytearray(path.read_bytes())
+    with open(path, "rb") as f:
+        mdat = [(body, end) for kind, body, end in boxes(f, 0, len(data)) if kind == b"mdat"]
+    assert len(mdat) == 1
+    data[mdat[0][0] : mdat[0][1]] = bytes(mdat[0][1] - mdat[0][0])
+    blank = tmp_path / "blank.mp4"
+    blank.write_bytes(bytes(data))
+    intact, probed = open_media(path, decoder), open_media(blank, decoder)
+    assert (probed.num_frames, probed.fps, probed.height, probed.width) == (9, 8.0, 64, 32)
+    assert (probed.num_frames, probed.fps, probed.height, probed.width, probed.timestamps) == (
+        intact.num_frames, intact.fps, intact.height, intact.width, intact.timestamps)
+    with pytest.raises(MediaError, match="mid-file"):  # the frames themselves are gone: reading says so
+        probed.read([0])
 
 def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
     seen = shape_clip("triangle", "green", "left to right", 3, 48, 32)[1]  # 48 high, 32 wide, as displayed

@@ -5,8 +5,12 @@ encoding). Encoder calls are counted by wrapping the family's real `encode_video
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +79,69 @@ def test_unchanged_rerun_loads_no_model_and_encodes_nothing(tmp_path, tiny_cog, 
     assert again.encoder_fingerprint == first.encoder_fingerprint and again.complete
     assert [s.name for s in again.shards] == [s.name for s in first.shards]
 
+
+
+def test_unchanged_rerun_of_job_i_of_n_stops_after_a_stat_before_importing_torch(tmp_path, tiny_cog, calls,
+                                                                                   caplog):
+    data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=26)
+    out = tmp_path / "out"
+    for index in ("0", "1"):  # job 1 finishes last and merges: it seals both jobs' stamps
+        precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", index)
+    assert Manifest.load(out).complete
+    calls.clear()
+    with caplog.at_level("INFO", logger="ft"):
+        again = precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
+    assert calls == Counter() and again.complete and "nothing changed since job 0 of 2" in caplog.text
+    assert "items are this job's" not in caplog.text  # not even the slice was taken: nothing was planned
+    # as a new process: it stops before torch (or diffusers) is imported
+    code = ("import sys; from ft.common.cli import invoke; m = invoke(sys.argv[1:], standalone=False); "
+            "print(m.complete, sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    args = ["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data, "--out", out,
+            *BUCKETS, "--num-jobs", "2", "--job-index", "1"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True []"
+    (data / "videos" / "clip_000.mp4").touch()  # a file touched: the job plans again (and finds it encoded)
+    calls.clear()
+    precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
+    assert calls["clips"] == 0 and calls["load vae"] == 0
+
+
+def test_a_clip_replaced_beside_a_metadata_file_is_seen_by_the_rerun(tmp_path, tiny_cog, calls):
+    # --dataset names the metadata file: the media in its folder are stat'ed for the stamp too
+    data = make_shapes_dataset(tmp_path / "data", num_clips=3, layout="jsonl", seed=27)
+    precompute(tiny_cog, data / "metadata.jsonl", tmp_path / "out")
+    other = make_shapes_dataset(tmp_path / "other", num_clips=1, seed=98)
+    clip = next((data / "videos").glob("*.mp4"))
+    shutil.copy(other / "videos" / "clip_000.mp4", clip)  # new bytes under the old name
+    calls.clear()
+    manifest = precompute(tiny_cog, data / "metadata.jsonl", tmp_path / "out")
+    assert calls["clips"] == 1 and manifest.active["samples"] == 3
+
+
+def test_one_media_under_two_names_of_two_jobs_is_noted_as_one_job_notes_it(tmp_path, tiny_cog, calls):
+    from ft.precompute.jobs import owner
+
+    data = make_shapes_dataset(tmp_path / "data", num_clips=3, seed=28)
+    first = "videos/clip_000.mp4"
+    copy = next(f"videos/copy_{i}.mp4" for i in range(100) if owner(f"videos/copy_{i}.mp4", 2) != owner(first, 2))
+    shutil.copy(data / first, data / copy)
+    caption = (data / "prompts.txt").read_text().splitlines()[0]
+    with open(data / "videos.txt", "a") as f:
+        f.write(copy + "\n")
+    with open(data / "prompts.txt", "a") as f:
+        f.write(caption + "\n")  # the same bytes, frames and caption: one sample
+    single = precompute(tiny_cog, data, tmp_path / "one")
+    [note] = [w for w in single.warnings if w["kind"] == "duplicate"]
+    for index in ("0", "1"):
+        jobs = precompute(tiny_cog, data, tmp_path / "two", "--num-jobs", "2", "--job-index", index)
+    assert jobs.complete and jobs.active_keys(tmp_path / "two") == single.active_keys(tmp_path / "one")
+    [merged] = [w for w in jobs.warnings if w["kind"] == "duplicate"]
+    assert {Path(merged["path"]).name, Path(merged["reason"].split(" as ")[1].split(";")[0]).name} == \
+        {Path(note["path"]).name, Path(note["reason"].split(" as ")[1].split(";")[0]).name} == {"clip_000.mp4",
+                                                                                               Path(copy).name}
+    assert "trained once" in merged["reason"] and jobs.inputs["warnings"]["kinds"]["duplicate"] == 1
 
 def test_one_caption_changed_is_one_text_encoding_and_reuses_the_latents(tmp_path, tiny_cog, calls):
     data = make_shapes_dataset(tmp_path / "data", num_clips=4, seed=22)

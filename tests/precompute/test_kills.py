@@ -51,9 +51,10 @@ def reference(tiny_cog, shapes_data, tmp_path_factory) -> set[str]:
 
 
 # a kill inside a sample, before a shard's rename, between a shard's rename and its manifest entry (the first
-# shard, before the manifest names any; a later one), and after the last shard before the run is marked complete
+# shard, before the manifest names any; a later one), once the last item is planned (a first run plans while it
+# encodes), and after the last shard before the run is marked complete
 @pytest.mark.parametrize("point", ["sample-member:4", "shard-written:1", "shard-renamed:1", "shard-renamed:2",
-                                   "encoded"])
+                                   "planned", "encoded"])
 def test_a_kill_then_a_rerun_gives_the_uninterrupted_sample_set(point, tiny_cog, shapes_data, tmp_path, reference):
     out = tmp_path / "shards"
     killed = run_process(precompute_argv(tiny_cog, shapes_data, out), FT_TEST_KILL_AT=point)
