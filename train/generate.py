@@ -269,6 +269,14 @@ def true_cfg_settings(cfg: GenerateConfig, pipe: Any) -> dict[str, float]:
     return {"true_cfg_scale": scale}
 
 
+def match_vae_dtype(spec: ModelSpec, vae: Any, dtype: torch.dtype) -> None:
+    """Put the VAE in the transformer's dtype where the family's pipeline decodes the transformer's latents without
+    casting them (CogVideoX); elsewhere the pipeline casts them to the VAE's dtype, and the VAE keeps the one it was
+    loaded in (`--vae-dtype`: a float32 Wan VAE, as diffusers' Wan example decodes)."""
+    if not spec.decode_casts_latents:
+        vae.to(dtype=dtype)
+
+
 def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
@@ -280,7 +288,7 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
 
     transformer_config = dict(pipe.transformer.config)
     dtype = pipe.transformer.dtype
-    pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
+    match_vae_dtype(spec, pipe.vae, dtype)
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
     seq_len = text_length(spec, cfg, transformer_config)
     true_cfg_settings(cfg, pipe)
