@@ -194,8 +194,9 @@ def resolve_size(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
 def trained_text_length(cfg: GenerateConfig) -> int | None:
     """The text length the trained weights saw: `max_sequence_length` of the first shard set in the
     train_config.json of the run that wrote --lora (or the --transformer-id folder), looked for in that folder and
-    the two above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/). None when there is no such
-    file or the shard set is not readable here."""
+    the two above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/); a relative shard path leads
+    from the folder training ran in (`training_folder`), not the current one. None when there is no such file or
+    the shard set is not readable here."""
     import json
 
     from ft.common.shards import Manifest
@@ -210,14 +211,31 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
             if not path.is_file():
                 continue
             try:
-                shards = json.loads(path.read_text())["shards"]
-                manifest = Manifest.load(parse_shard_arg(shards[0])[0])
+                saved = json.loads(path.read_text())
+                shards = parse_shard_arg(saved["shards"][0])[0]
+                if "://" not in shards:  # a folder: relative to where training ran (a URL stays as it is)
+                    shards = str(training_folder(candidate, saved.get("output_dir")) / shards)
+                manifest = Manifest.load(shards)
                 return int(manifest.encoding["max_sequence_length"])
             except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
                 log.info(f"{path}: its shard set's text length is not readable here ({e}); the model's default "
                          "applies (--max-sequence-length sets it)")
                 return None
     return None
+
+
+def training_folder(run_folder: Path, output_dir: str | None) -> Path:
+    """The folder `ft train` ran in, where the relative paths of its train_config.json lead from: `run_folder`
+    (the one holding the file) less the `--output-dir` it was typed as, when that was relative; else the current
+    folder. (An absolute path joined to it stays as it is.)"""
+    out = Path(output_dir) if output_dir else None
+    if out is None or out.is_absolute():
+        return Path.cwd()
+    parts = [part for part in out.parts if part != "."]
+    here = run_folder.resolve().parts
+    if parts and ".." not in parts and tuple(here[-len(parts):]) == tuple(parts):
+        return Path(*here[:-len(parts)])
+    return Path.cwd()
 
 
 def text_length(spec: ModelSpec, cfg: GenerateConfig, transformer_config: dict) -> int:
