@@ -66,7 +66,7 @@ class GenerateConfig(ModelArgs):
     max_sequence_length: int | None = opt(None, "Text tokens the prompt is encoded to. Default: the length the "
                                                 "weights were trained at (the shard set named in the train_config"
                                                 ".json beside --lora or --transformer-id), else the model's (226 "
-                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo).", panel=GEN)
+                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo, 512 Wan).", panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
                                   "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
