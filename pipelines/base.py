@@ -232,6 +232,10 @@ class ModelSpec(ABC):
     frame_rate_argument: ClassVar[str | None] = None
     # whether stage 2 can condition on a clean-ish first frame (`--first-frame-conditioning-p`)
     first_frame_conditioning: ClassVar[bool] = False
+    # whether the pipeline casts its latents to the VAE's dtype before decoding (WanPipeline, HunyuanVideoPipeline,
+    # LTXPipeline do): the VAE then decodes in its own --vae-dtype; one that does not (CogVideoXPipeline) gets its
+    # VAE in the transformer's dtype (`match_vae_dtype`)
+    decode_casts_latents: ClassVar[bool] = True
 
     # ------------------------------------------------------------------------------------------------ loading
 

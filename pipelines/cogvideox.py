@@ -38,6 +38,7 @@ class CogVideoXSpec(ModelSpec):
     name = "cogvideox"
     display_name = "CogVideoX"
     aliases = ("cogvideo", "cog")
+    decode_casts_latents = False  # decode_latents hands the VAE the transformer-dtype latents as they are
     objective = "ddpm_v_prediction"
     channel_dim = 2  # latents are [B, F, C, H, W]
     pipeline_class = ("diffusers", "CogVideoXPipeline")

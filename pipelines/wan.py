@@ -173,6 +173,11 @@ class WanSpec(ModelSpec):
     def default_sequence_length(self, transformer_config: dict) -> int:
         return DEFAULT_TEXT_TOKENS
 
+    def caption_token_stats(self, args: Any, captions: list[str]) -> list[tuple[int, int, int]]:
+        """The base's counts of the captions as they are encoded: cleaned first (`prompt_clean`: HTML entities,
+        whitespace, ftfy), so a count is the tokens `encode_prompts` keeps before the zero padding."""
+        return super().caption_token_stats(args, prompt_clean(captions))
+
     # ------------------------------------------------------------------------------------------------ stage 1
 
     def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:

@@ -8,8 +8,10 @@
   compiles each block at most twice.
 - full: the whole transformer as one compiled module; every new bucket shape may recompile it.
 Compiled in place, the modules keep their names, so checkpoints, the exported LoRA and FSDP2's state dicts do
-not change. The order is torchtitan's for FSDP2 (`fully_shard` per block, then compile): FSDP2's hooks and
-offloading's (common/offload.py, `torch.compiler.disable`) run eagerly around a compiled block. Gradient
+not change. ft compiles after `fully_shard` and the offloading hooks; torchtitan compiles each block before
+`fully_shard` (torchtitan/models/llama3/parallelize.py). With `nn.Module.compile` the order does not matter: the
+compiled `_call_impl` reads the module's hooks when it runs, and FSDP2's hooks (dynamo-disabled) and offloading's
+(common/offload.py, `torch.compiler.disable`) run eagerly around the compiled block either way. Gradient
 checkpointing wraps each (compiled) block as before. The layers fp8 storage casts run eagerly (eager_casting).
 
 `CompileWatch` reads dynamo's own counters and clocks, so that the first step's compile time is logged apart from

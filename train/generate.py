@@ -66,7 +66,7 @@ class GenerateConfig(ModelArgs):
     max_sequence_length: int | None = opt(None, "Text tokens the prompt is encoded to. Default: the length the "
                                                 "weights were trained at (the shard set named in the train_config"
                                                 ".json beside --lora or --transformer-id), else the model's (226 "
-                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo).", panel=GEN)
+                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo, 512 Wan).", panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
                                   "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
@@ -194,8 +194,9 @@ def resolve_size(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
 def trained_text_length(cfg: GenerateConfig) -> int | None:
     """The text length the trained weights saw: `max_sequence_length` of the first shard set in the
     train_config.json of the run that wrote --lora (or the --transformer-id folder), looked for in that folder and
-    the two above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/). None when there is no such
-    file or the shard set is not readable here."""
+    the two above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/); a relative shard path leads
+    from the folder training ran in (`training_folder`), not the current one. None when there is no such file or
+    the shard set is not readable here."""
     import json
 
     from ft.common.shards import Manifest
@@ -210,14 +211,31 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
             if not path.is_file():
                 continue
             try:
-                shards = json.loads(path.read_text())["shards"]
-                manifest = Manifest.load(parse_shard_arg(shards[0])[0])
+                saved = json.loads(path.read_text())
+                shards = parse_shard_arg(saved["shards"][0])[0]
+                if "://" not in shards:  # a folder: relative to where training ran (a URL stays as it is)
+                    shards = str(training_folder(candidate, saved.get("output_dir")) / shards)
+                manifest = Manifest.load(shards)
                 return int(manifest.encoding["max_sequence_length"])
             except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
                 log.info(f"{path}: its shard set's text length is not readable here ({e}); the model's default "
                          "applies (--max-sequence-length sets it)")
                 return None
     return None
+
+
+def training_folder(run_folder: Path, output_dir: str | None) -> Path:
+    """The folder `ft train` ran in, where the relative paths of its train_config.json lead from: `run_folder`
+    (the one holding the file) less the `--output-dir` it was typed as, when that was relative; else the current
+    folder. (An absolute path joined to it stays as it is.)"""
+    out = Path(output_dir) if output_dir else None
+    if out is None or out.is_absolute():
+        return Path.cwd()
+    parts = [part for part in out.parts if part != "."]
+    here = run_folder.resolve().parts
+    if parts and ".." not in parts and tuple(here[-len(parts):]) == tuple(parts):
+        return Path(*here[:-len(parts)])
+    return Path.cwd()
 
 
 def text_length(spec: ModelSpec, cfg: GenerateConfig, transformer_config: dict) -> int:
@@ -269,6 +287,14 @@ def true_cfg_settings(cfg: GenerateConfig, pipe: Any) -> dict[str, float]:
     return {"true_cfg_scale": scale}
 
 
+def match_vae_dtype(spec: ModelSpec, vae: Any, dtype: torch.dtype) -> None:
+    """Put the VAE in the transformer's dtype where the family's pipeline decodes the transformer's latents without
+    casting them (CogVideoX); elsewhere the pipeline casts them to the VAE's dtype, and the VAE keeps the one it was
+    loaded in (`--vae-dtype`: a float32 Wan VAE, as diffusers' Wan example decodes)."""
+    if not spec.decode_casts_latents:
+        vae.to(dtype=dtype)
+
+
 def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
@@ -280,7 +306,7 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
 
     transformer_config = dict(pipe.transformer.config)
     dtype = pipe.transformer.dtype
-    pipe.vae.to(dtype=dtype)  # the pipeline decodes latents in the transformer's dtype without casting
+    match_vae_dtype(spec, pipe.vae, dtype)
     encoders = {name: getattr(pipe, name) for name in spec.text_components}
     seq_len = text_length(spec, cfg, transformer_config)
     true_cfg_settings(cfg, pipe)

@@ -53,7 +53,7 @@ from ft.common.video import parse_bucket, write_video
 from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
 
-from .generate import SamplingSettings, pipeline_defaults, sample_frames
+from .generate import SamplingSettings, match_vae_dtype, pipeline_defaults, sample_frames
 from .loader import Batch, ShardSet, collate
 from .objectives import sample_generator
 
@@ -318,7 +318,7 @@ class Validation:
                 if now.get("dtype") != self.vae_stored.get("dtype"):  # loaded weights' bytes depend on the dtype
                     now.pop("weights", None)
                 compare_vae(now, self.vae_stored, self.cfg, self.folder)
-            vae.to(dtype=trainer.model_dtype)  # the pipelines decode latents in the transformer's dtype
+            match_vae_dtype(self.spec, vae, trainer.model_dtype)
             if self.cfg.validation_keep_vae:
                 vae.to(trainer.device)
             self._pipe = self.spec.build_pipeline(trainer.transformer, vae, self.spec.pipeline_scheduler(self.cfg))

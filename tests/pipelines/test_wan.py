@@ -233,3 +233,16 @@ def test_validations_pipeline_keeps_the_models_expand_timesteps(tiny_wan, tiny_w
         pipe = spec.build_pipeline(spec.load_component("transformer", args), spec.load_component("vae", args),
                                    spec.pipeline_scheduler(args))
         assert pipe.config.expand_timesteps == expand and pipe.text_encoder is None
+
+
+def test_caption_token_counts_are_the_tokens_the_encoding_keeps(spec, pipe, tiny_wan):
+    """check-data's caption lengths (the truncation warnings) count the caption as WanPipeline encodes it, cleaned:
+    "&amp;" is one "&", runs of whitespace one space."""
+    captions = [PROMPTS[1], "a  red\n\ncircle &lt;moving&gt; left"]
+    counts = spec.caption_token_counts(fp32_args(tiny_wan), captions)
+    with torch.no_grad():
+        embeds = spec.encode_prompts(encoders(pipe), captions, 64)["prompt_embeds"]
+    kept = [int(row.abs().sum(-1).gt(0).sum()) for row in embeds]
+    assert counts == kept
+    raw = [len(ids) for ids in pipe.tokenizer(captions).input_ids]
+    assert raw != kept  # the raw captions' counts are not what is encoded
