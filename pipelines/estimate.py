@@ -238,12 +238,19 @@ def _build(module: str, cls_name: str, config: dict[str, Any]) -> Any:
     return model
 
 
-def _read_config(folder: Path, component: str) -> dict[str, Any]:
+def _read_config(spec: ModelSpec, folder: Path, component: str) -> dict[str, Any]:
     path = folder / component / "config.json"
     if not path.is_file():
         raise UserError(f"--pretrained {folder}: no {component}/config.json; pass a diffusers folder of the family "
                         "or a known checkpoint name.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pretrained {folder}: {path} is not readable JSON ({e}); download that config "
+                        "again.") from e
+    if not isinstance(data, dict):
+        raise UserError(f"--pretrained {folder}: {path} is not a config (a JSON object); download it again.")
+    spec.check_component_class(component, data, str(path.parent))
     return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype",
                                                                                    "dtype", "transformers_version")}
 
@@ -259,7 +266,9 @@ def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str,
         return f"{checkpoint.display_name} (built-in configs)", checkpoint.configs
     folder = Path(pretrained)
     if folder.is_dir():
-        return str(folder), {c: _read_config(folder, c) for c in model_components(spec)}
+        configs = {c: _read_config(spec, folder, c) for c in model_components(spec)}
+        spec.check_pretrained(str(folder))
+        return str(folder), configs
     raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
                     f"({', '.join(c.names[0] for c in spec.checkpoints)}). Download its configs (no weights needed) "
                     "and pass the folder.")
