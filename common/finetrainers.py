@@ -30,6 +30,7 @@ from .errors import UserError
 
 SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not needed", "not supported", "not yet"
 P, T, CHECK = "precompute", "train", "check-data"
+ESTIMATE = "estimate"
 # flags of other training scripts (diffusers' examples) that name an ft flag far from their spelling
 HINTS = {"learning_rate": "--lr", "max_train_steps": "--train-steps", "train_batch_size": "--batch-size",
          "num_train_epochs": "--train-steps", "lora_rank": "--rank", "mixed_precision": "--transformer-dtype"}
@@ -505,8 +506,11 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
         if not available:
             result.not_yet.append(entry.spelling)
             return []
+        # ft estimate's flags are ft train's, spelled alike (pipelines/estimate.py): a finetrainers spelling of one
+        # means there what it means to ft train
         if command not in flag.stages and not (command == CHECK and P in flag.stages
-                                                and (flag.ft in own or key == "dataset_config")):
+                                                and (flag.ft in own or key == "dataset_config")) and not (
+                command == ESTIMATE and T in flag.stages and flag.ft in own):
             _leave(result, flag, entry, command, stages)
             return []
         finetrainers[key] = entry.values

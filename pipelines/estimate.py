@@ -53,6 +53,7 @@ GB = 1e9
 # the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
 TRAINING_TYPES = ("lora", "full-finetune")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
+COMPILE_MODULES = ("transformer",)  # train/compile.py's MODULES
 MASTER_DTYPES = ("auto", "fp32")
 BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -104,6 +105,10 @@ class EstimateConfig:
         check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
         if self.offload_blocks and self.dp_shards > 1:
             raise UserError("--offload-blocks: ft train offloads in one process only; leave out --dp-shards.")
+        for module in self.compile_modules:  # as ft train refuses them
+            if module not in COMPILE_MODULES:
+                raise UserError(f"--compile-modules {module}: ft train loads only the transformer; pass "
+                                "--compile-modules transformer.")
         if self.layerwise_upcasting_modules and self.dp_shards > 1:
             raise UserError("--layerwise-upcasting-modules: ft train stores the base in fp8 in one process only; "
                             "leave out --dp-shards.")
