@@ -249,6 +249,9 @@ def test_another_familys_folder_is_refused_naming_its_family(tiny_wan, tiny_cog,
         run_cli(["estimate", "--model", "wan", "--pretrained", tiny_cog])
     with pytest.raises(UserError, match="pass --model cogvideox"):
         run_cli(["generate", "--model", "wan", "--pretrained", tiny_cog, "--prompt", "x", "--out", tmp_path / "a.mp4"])
+    with pytest.raises(UserError, match="pass a diffusers Wan transformer as --transformer-id"):
+        run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, "--transformer-id", tiny_cog / "transformer",
+                 "--prompt", "x", "--out", tmp_path / "b.mp4"])
     assert get_spec("wan").load_config("transformer", fp32_args(tiny_wan))["_class_name"] == "WanTransformer3DModel"
 
 
