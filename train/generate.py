@@ -330,11 +330,18 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
                          dtype)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
+
+
 def check_out(out: str) -> Path:
-    """--out, checked before any model loads: not a folder, and its folder takes a write."""
+    """--out, checked before any model loads: not a folder, a container that takes H.264, and its folder takes a
+    write."""
     path = Path(out)
     if path.is_dir():
         raise UserError(f"--out {out} is a folder; give the mp4's file name, e.g. --out {path / 'video.mp4'}.")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:  # PyAV picks the container by the suffix; H.264 fits these
+        raise UserError(f"--out {out}: the video is written as H.264 in a {', '.join(VIDEO_SUFFIXES)} file; give "
+                        f"one of those suffixes, e.g. --out {path.with_suffix('.mp4')}.")
     check_writable(path.parent, "--out", f"the folder {path.name} is written to")
     return path
 
