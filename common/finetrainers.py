@@ -30,6 +30,8 @@ from .errors import UserError
 
 SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not needed", "not supported", "not yet"
 P, T, CHECK = "precompute", "train", "check-data"
+ESTIMATE = "estimate"
+RESOLUTION_FLAGS = ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")
 # flags of other training scripts (diffusers' examples) that name an ft flag far from their spelling
 HINTS = {"learning_rate": "--lr", "max_train_steps": "--train-steps", "train_batch_size": "--batch-size",
          "num_train_epochs": "--train-steps", "lora_rank": "--rank", "mixed_precision": "--transformer-dtype"}
@@ -174,7 +176,7 @@ def _flags() -> list[Flag]:
         *(Flag(name, s, (T,), name, why="acts with --flow_resolution_shifting (finetrainers never used it); "
                "left out, it is the scheduler config's value, as the pipeline reads it (finetrainers' default is "
                "SD3's 256/4096/0.5/1.15).")
-          for name in ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")),
+          for name in RESOLUTION_FLAGS),
         Flag("flow_shift", s, (T,), "flow_shift", why="finetrainers parses it and never applies it; ft shifts "
              "the sampled sigmas by it (1: none, the default)."),
         *(Flag(name, s, (T,), name) for name in (
@@ -505,8 +507,11 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
         if not available:
             result.not_yet.append(entry.spelling)
             return []
+        # ft estimate's flags are ft train's, spelled alike (pipelines/estimate.py): a finetrainers spelling of one
+        # means there what it means to ft train
         if command not in flag.stages and not (command == CHECK and P in flag.stages
-                                                and (flag.ft in own or key == "dataset_config")):
+                                                and (flag.ft in own or key == "dataset_config")) and not (
+                command == ESTIMATE and T in flag.stages and flag.ft in own):
             _leave(result, flag, entry, command, stages)
             return []
         finetrainers[key] = entry.values
@@ -609,6 +614,16 @@ def _finetrainers_training_semantics(settings: dict[str, list[str]], finetrainer
         result.notes.append(f"--flow_weighting_scheme {dropped}: finetrainers samples CogVideoX timesteps "
                             "uniformly whatever the scheme, and so does this run (--flow-weighting-scheme picks a "
                             "density in ft)")
+    # finetrainers parses its shift knobs and never applies them; ft refuses a knob that would do nothing (the
+    # resolution knobs without --flow-resolution-shifting, --flow-shift beside it), so a script's leave the run
+    shifting = (settings.get("flow_resolution_shifting") or ["false"])[0].lower() in ("true", "1", "yes")
+    idle = [name for name in RESOLUTION_FLAGS if name in finetrainers and name in settings] if not shifting else (
+        ["flow_shift"] if "flow_shift" in finetrainers and "flow_shift" in settings else [])
+    for name in idle:
+        dropped = settings.pop(name)[0]
+        result.notes.append(f"--{name} {dropped}: finetrainers never applies it, and "
+                            f"{'without' if not shifting else 'beside'} --flow_resolution_shifting it means nothing "
+                            "to this run either; left out")
 
 
 def _precompute_runs(settings: dict[str, list[str]], datasets: list[Any], kinds: dict[str, str],

@@ -186,7 +186,9 @@ translation is named in the run's info line):
 - CogVideoX: finetrainers samples timesteps uniformly whatever `--flow_weighting_scheme` says, so a carried-over
   scheme is dropped for CogVideoX; ft's `--flow-weighting-scheme` does pick the timestep density.
 - `--flow_shift` and `--flow_resolution_shifting` (with its base/max knobs) are parsed and never applied by
-  finetrainers; in ft they act (resolution shifting only for LTX-Video, whose scheduler shifts by resolution)."""
+  finetrainers; in ft they act (resolution shifting only for LTX-Video, whose scheduler shifts by resolution).
+  Where one would act on nothing (a base/max knob without `--flow_resolution_shifting`, `--flow_shift` beside it)
+  a carried-over run leaves it out with a note; ft's own spellings of such a pair are refused."""
 
 
 def render() -> str:

@@ -279,10 +279,37 @@ class ModelSpec(ABC):
         source, subfolder, revision = self._source(component, args)
         cls = self.component_class(component)
         try:
-            return dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
+            config = dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
         except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
             raise UserError(f"could not read the {component} config from {source}"
                             f"{'/' + subfolder if subfolder else ''}: {e}") from e
+        flag = f"--{component.replace('_', '-')}-id" if args.source_of(component) else "--pretrained"
+        self.check_component_class(component, config, f"{source}{'/' + subfolder if subfolder else ''}", flag)
+        return config
+
+    def check_component_class(self, component: str, config: dict[str, Any], where: str, flag: str = "--pretrained"
+                              ) -> None:
+        """Refuse a transformer or VAE config whose `_class_name` is another class than this family's (another
+        family's folder passed as --pretrained): diffusers would build this family's class from a config it does
+        not fit, and fail deep inside, or not at all."""
+        if component not in ("transformer", "vae") or component not in self.component_classes:
+            return
+        module, expected = self.component_classes[component]
+        found = config.get("_class_name")
+        if module != "diffusers" or not found or found == expected:
+            return
+        from .registry import SPECS  # registry imports this module
+
+        owners = [spec.name for spec in SPECS.values() if spec.component_classes.get(component, ("", ""))[1] == found]
+        owner = f" (a {owners[0]} model: pass --model {owners[0]})" if owners else ""
+        raise UserError(f"{where}: this {component} is {found}{owner}, not the {expected} of "
+                        f"{self.display_name}; pass a diffusers {self.display_name} "
+                        f"{'folder' if flag == '--pretrained' else component} as {flag}.")
+
+    def check_pretrained(self, pretrained: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+        """What this family refuses in --pretrained's model_index.json before any weight loads (`ft estimate`
+        reads configs only); nothing by default."""
+        return None
 
     def load_component(self, component: str, args: ModelArgs, device: str | torch.device | None = None) -> Any:
         """Load one component (`transformer`, `vae`, `text_encoder_2`, `tokenizer`, ...) in its configured dtype."""

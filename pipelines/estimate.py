@@ -53,6 +53,7 @@ GB = 1e9
 # the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
 TRAINING_TYPES = ("lora", "full-finetune")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
+COMPILE_MODULES = ("transformer",)  # train/compile.py's MODULES
 MASTER_DTYPES = ("auto", "fp32")
 BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -104,6 +105,10 @@ class EstimateConfig:
         check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
         if self.offload_blocks and self.dp_shards > 1:
             raise UserError("--offload-blocks: ft train offloads in one process only; leave out --dp-shards.")
+        for module in self.compile_modules:  # as ft train refuses them
+            if module not in COMPILE_MODULES:
+                raise UserError(f"--compile-modules {module}: ft train loads only the transformer; pass "
+                                "--compile-modules transformer.")
         if self.layerwise_upcasting_modules and self.dp_shards > 1:
             raise UserError("--layerwise-upcasting-modules: ft train stores the base in fp8 in one process only; "
                             "leave out --dp-shards.")
@@ -238,12 +243,19 @@ def _build(module: str, cls_name: str, config: dict[str, Any]) -> Any:
     return model
 
 
-def _read_config(folder: Path, component: str) -> dict[str, Any]:
+def _read_config(spec: ModelSpec, folder: Path, component: str) -> dict[str, Any]:
     path = folder / component / "config.json"
     if not path.is_file():
         raise UserError(f"--pretrained {folder}: no {component}/config.json; pass a diffusers folder of the family "
                         "or a known checkpoint name.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--pretrained {folder}: {path} is not readable JSON ({e}); download that config "
+                        "again.") from e
+    if not isinstance(data, dict):
+        raise UserError(f"--pretrained {folder}: {path} is not a config (a JSON object); download it again.")
+    spec.check_component_class(component, data, str(path.parent))
     return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype",
                                                                                    "dtype", "transformers_version")}
 
@@ -259,7 +271,9 @@ def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str,
         return f"{checkpoint.display_name} (built-in configs)", checkpoint.configs
     folder = Path(pretrained)
     if folder.is_dir():
-        return str(folder), {c: _read_config(folder, c) for c in model_components(spec)}
+        configs = {c: _read_config(spec, folder, c) for c in model_components(spec)}
+        spec.check_pretrained(str(folder))
+        return str(folder), configs
     raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
                     f"({', '.join(c.names[0] for c in spec.checkpoints)}). Download its configs (no weights needed) "
                     "and pass the folder.")

@@ -142,6 +142,9 @@ class WanSpec(ModelSpec):
         super().check_args(args)
         self.with_pretrained(args.pretrained, args.revision, args.cache_dir)
 
+    def check_pretrained(self, pretrained: str, revision: str | None = None, cache_dir: str | None = None) -> None:
+        read_pipeline_settings(pretrained, revision, cache_dir)  # refuses a two-transformer Wan 2.2
+
     def with_pretrained(self, pretrained: str | None, revision: str | None = None, cache_dir: str | None = None
                         ) -> WanSpec:
         """This spec reading its pipeline settings from `pretrained`'s model_index.json (`read_pipeline_settings`,

@@ -120,6 +120,18 @@ def test_generate_checks_out_before_sampling(tiny_cog, tmpfs, tmp_path):
     shutil.rmtree(rescued.parent)
 
 
+def test_generate_refuses_an_out_suffix_it_cannot_write_before_sampling(tiny_cog, tmp_path):
+    """`--out v.txt` (or .gif, or no suffix) sampled the whole video and then died in PyAV ("Could not determine
+    output format"), losing it; now refused before any model loads. A .mkv is written and reads back."""
+    args = ["generate", "--model", "cogvideox", "--pretrained", tiny_cog, "--prompt", "a red square", "--num-frames",
+            "9", "--height", "32", "--width", "32", "--num-inference-steps", "2", *FP32[:4]]
+    for name in ("v.txt", "v.gif", "v"):
+        with pytest.raises(UserError, match=rf"--out \S+{name}: the video is written as H.264 in a .mp4, .mkv"):
+            run_cli([*args, "--out", tmp_path / name])
+        assert not (tmp_path / name).exists()
+    assert open_media(run_cli([*args, "--out", tmp_path / "v.mkv"])).num_frames == 9
+
+
 def test_inspect_verify_names_a_missing_listed_shard(cog_shards, tmp_path):
     from ft.common.inspect_shards import describe
 

@@ -28,6 +28,7 @@ from ft.common.logs import log
 
 MODULES = ("transformer",)
 SCOPES = ("regional", "full")
+DEFAULT_SCOPES = ("regional",)  # finetrainers' default; train/config.py's
 # dynamo compiles a block's code once per bucket shape before it goes dynamic; the default limit (8) is shared by
 # every block of a class, so a model of many blocks would fall back to eager after a few buckets
 RECOMPILE_LIMIT = 64
@@ -46,6 +47,9 @@ def check_args(modules: list[str], scopes: list[str], backend: str = "inductor")
             raise UserError(f"--compile-scopes {s}: use regional (each transformer block) or full (the whole "
                             "transformer).")
     if not modules:
+        if list(scopes) != list(DEFAULT_SCOPES):  # the default is saved in every train_config.json: taken
+            raise UserError(f"--compile-scopes {' '.join(scopes)}: nothing is compiled without --compile-modules "
+                            "transformer; add it, or leave --compile-scopes out.")
         return None
     if len(scopes) not in (1, len(modules)):
         raise UserError(f"--compile-scopes takes one scope or one per --compile-modules entry, got {len(scopes)} for "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ft.common.config import REQUIRED, check_choice, check_positive, opt
+from ft.common.config import REQUIRED, check_choice, check_positive, flag_name, opt
 from ft.common.errors import UserError
 from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
@@ -223,6 +223,14 @@ class TrainConfig(ModelArgs):
                             f"{self.first_frame_conditioning_p}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
+        knobs = [name for name in ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")
+                 if getattr(self, name) is not None]
+        if knobs and not self.flow_resolution_shifting:
+            raise UserError(f"{', '.join(flag_name(k) for k in knobs)}: used only with --flow-resolution-shifting; "
+                            "add it, or leave these out (--flow-shift is the fixed shift).")
+        if self.flow_resolution_shifting and self.flow_shift != 1.0:
+            raise UserError(f"--flow-shift {self.flow_shift} and --flow-resolution-shifting: the resolution shift "
+                            "replaces the fixed one; give one of them.")
         if self.flow_base_seq_len is not None:
             check_positive(self.flow_base_seq_len, "flow_base_seq_len")
         if None not in (self.flow_base_seq_len, self.flow_max_seq_len) and (

@@ -205,16 +205,13 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
 
     starts = [Path(p) for p in (cfg.lora, cfg.transformer_id) if p]
     for start in starts:
-        folder = start.parent if start.is_file() else start
-        for candidate in (folder, folder.parent, folder.parent.parent):
-            path = candidate / "train_config.json"
-            if not path.is_file():
-                continue
+        path = train_config_beside(start)
+        if path is not None:
             try:
                 saved = json.loads(path.read_text())
                 shards = parse_shard_arg(saved["shards"][0])[0]
                 if "://" not in shards:  # a folder: relative to where training ran (a URL stays as it is)
-                    shards = str(training_folder(candidate, saved.get("output_dir")) / shards)
+                    shards = str(training_folder(path.parent, saved.get("output_dir")) / shards)
                 manifest = Manifest.load(shards)
                 return int(manifest.encoding["max_sequence_length"])
             except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
@@ -247,14 +244,50 @@ def text_length(spec: ModelSpec, cfg: GenerateConfig, transformer_config: dict) 
     return length
 
 
+def train_config_beside(path: Path) -> Path | None:
+    """The train_config.json of the run that wrote `path` (a --lora or --transformer-id): in its folder or the two
+    above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/)."""
+    folder = path.parent if path.is_file() else path
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "train_config.json").is_file():
+            return candidate / "train_config.json"
+    return None
+
+
+def check_lora_family(spec: ModelSpec, lora: Path, flag: str = "--lora") -> None:
+    """Refuse weights that the train_config.json beside them says were trained for another family (peft would
+    fail deep inside with the target modules it cannot find, or load nothing)."""
+    import json
+
+    from ft.pipelines.registry import family_name
+
+    path = train_config_beside(lora)
+    if path is None:
+        return
+    try:
+        model = json.loads(path.read_text())["model"]
+        family = family_name(str(model))
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return  # not ft's, or unreadable: the weights themselves are checked when they load
+    if family != spec.name:
+        raise UserError(f"{flag} {lora}: trained for --model {family} ({path}), not {spec.name}; generate with "
+                        f"--model {family} and that family's --pretrained.")
+
+
 def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
     lora = check_lora_folder(cfg.lora) if cfg.lora else None
+    if lora is not None:
+        check_lora_family(spec, lora)
     pipe = spec.load_pipeline(cfg, device)
     if lora is not None:
-        if lora.is_file():
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ft")
-        else:
-            pipe.load_lora_weights(str(lora), adapter_name="ft")
+        try:
+            if lora.is_file():
+                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ft")
+            else:
+                pipe.load_lora_weights(str(lora), adapter_name="ft")
+        except (ValueError, KeyError, RuntimeError, OSError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
+            raise UserError(f"--lora {cfg.lora}: these LoRA weights do not fit this {spec.display_name} transformer "
+                            f"({type(e).__name__}: {e}); pass a LoRA trained on --pretrained {cfg.pretrained}.") from e
         pipe.set_adapters(["ft"], [cfg.lora_scale])
     return pipe
 
@@ -323,11 +356,18 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
                          dtype)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
+
+
 def check_out(out: str) -> Path:
-    """--out, checked before any model loads: not a folder, and its folder takes a write."""
+    """--out, checked before any model loads: not a folder, a container that takes H.264, and its folder takes a
+    write."""
     path = Path(out)
     if path.is_dir():
         raise UserError(f"--out {out} is a folder; give the mp4's file name, e.g. --out {path / 'video.mp4'}.")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:  # PyAV picks the container by the suffix; H.264 fits these
+        raise UserError(f"--out {out}: the video is written as H.264 in a {', '.join(VIDEO_SUFFIXES)} file; give "
+                        f"one of those suffixes, e.g. --out {path.with_suffix('.mp4')}.")
     check_writable(path.parent, "--out", f"the folder {path.name} is written to")
     return path
 

@@ -275,6 +275,20 @@ def test_compile_flags_carry_over_to_ft_train_and_a_bad_scope_is_refused():
         TrainConfig(**base, compile_modules=["vae"])
 
 
+def test_a_compile_scope_without_compile_modules_is_refused_not_ignored():
+    """`ft train --compile-scopes full` alone trained eagerly with no word; the default scope alone (every saved
+    train_config.json holds it) still loads."""
+    from ft.train.config import TrainConfig
+
+    base = dict(model="cogvideox", pretrained="m", shards=["s"], output_dir="o")
+    with pytest.raises(UserError, match="--compile-scopes full: nothing is compiled without --compile-modules"):
+        TrainConfig(**base, compile_scopes=["full"])
+    with pytest.raises(UserError, match="--compile-scopes regional full: nothing is compiled"):
+        TrainConfig(**base, compile_scopes=["regional", "full"])
+    assert TrainConfig(**base, compile_scopes=["regional"]).compile_modules == []
+    assert TrainConfig(**base, compile_modules=["transformer"], compile_scopes=["full"]).compile_scopes == ["full"]
+
+
 def test_a_flag_without_its_value_and_a_bad_regex_are_clear_errors():
     with pytest.raises(UserError, match="--out needs a value"):
         tr("precompute", "--dataset", "d", "--out")

@@ -59,10 +59,25 @@ def test_fp32_master_weights_and_8bit_moments(cog5b):
 
 def test_the_choices_are_ft_trains():
     from ft.pipelines import estimate as est
+    from ft.train import compile as compiled
     from ft.train import config
 
-    assert (est.TRAINING_TYPES, est.OPTIMIZERS, est.MASTER_DTYPES) == (
-        config.TRAINING_TYPES, config.OPTIMIZERS, config.MASTER_DTYPES)
+    assert (est.TRAINING_TYPES, est.OPTIMIZERS, est.MASTER_DTYPES, est.COMPILE_MODULES) == (
+        config.TRAINING_TYPES, config.OPTIMIZERS, config.MASTER_DTYPES, compiled.MODULES)
+
+
+def test_train_flags_in_finetrainers_spellings_and_compile_modules_are_taken_as_ft_train_takes_them():
+    """`ft estimate --compile_modules transformer` (and --layerwise_upcasting_modules) were refused as "a flag of ft
+    train, not ft estimate" though estimate has them; `--compile-modules vae` was estimated where train refuses it."""
+    wan = ["estimate", "--model", "wan", "--pretrained", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]
+    fp8 = run_cli([*wan, "--layerwise_upcasting_modules", "transformer", "--compile_modules", "transformer"])
+    assert fp8.report() == run_cli([*wan, "--layerwise-upcasting-modules", "transformer", "--compile-modules",
+                                    "transformer"]).report()
+    assert fp8.report() != run_cli(wan).report()
+    with pytest.raises(UserError, match="--compile-modules vae: ft train loads only the transformer"):
+        run_cli([*wan, "--compile-modules", "vae"])
+    with pytest.raises(UserError, match="--lr is a flag of ft train, not ft estimate"):
+        run_cli([*wan, "--lr", "1e-4"])
 
 
 @pytest.mark.parametrize("model,pretrained,transformer,vae", [

@@ -246,3 +246,46 @@ def test_caption_token_counts_are_the_tokens_the_encoding_keeps(spec, pipe, tiny
     assert counts == kept
     raw = [len(ids) for ids in pipe.tokenizer(captions).input_ids]
     assert raw != kept  # the raw captions' counts are not what is encoded
+
+
+def test_another_familys_folder_is_refused_naming_its_family(tiny_wan, tiny_cog, tmp_path):
+    """A CogVideoX folder as --pretrained for wan (and the reverse) is refused at the first config read, naming
+    the family it is, in train, generate and estimate; before, train said "the transformer takes None" and
+    estimate died in WanTransformer3DModel's __init__ (TypeError: 'int' object is not iterable)."""
+    from helpers import run_cli
+
+    with pytest.raises(UserError, match=r"CogVideoXTransformer3DModel \(a cogvideox model: pass --model cogvideox\)"):
+        get_spec("wan").load_config("transformer", fp32_args(tiny_cog))
+    with pytest.raises(UserError, match=r"WanTransformer3DModel \(a wan model: pass --model wan\)"):
+        get_spec("cogvideox").load_config("transformer", ModelArgs(model="cogvideox", pretrained=str(tiny_wan)))
+    with pytest.raises(UserError, match=r"AutoencoderKLCogVideoX \(a cogvideox model"):
+        run_cli(["estimate", "--model", "wan", "--pretrained", tiny_cog])
+    with pytest.raises(UserError, match="pass --model cogvideox"):
+        run_cli(["generate", "--model", "wan", "--pretrained", tiny_cog, "--prompt", "x", "--out", tmp_path / "a.mp4"])
+    with pytest.raises(UserError, match="pass a diffusers Wan transformer as --transformer-id"):
+        run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, "--transformer-id", tiny_cog / "transformer",
+                 "--prompt", "x", "--out", tmp_path / "b.mp4"])
+    assert get_spec("wan").load_config("transformer", fp32_args(tiny_wan))["_class_name"] == "WanTransformer3DModel"
+
+
+def test_estimate_refuses_a_bad_model_index_and_a_two_transformer_wan_2_2(tiny_wan, tmp_path):
+    """ft estimate read only the component configs: a corrupt model_index.json and a two-transformer Wan 2.2
+    (which ft train refuses) were estimated as if fine; a corrupt component config was a JSONDecodeError."""
+    import json
+    import shutil
+
+    from helpers import run_cli
+
+    assert run_cli(["estimate", "--model", "wan", "--pretrained", tiny_wan, "--buckets", "9x32x32"]) is not None
+    shutil.copytree(tiny_wan, tmp_path / "a14b")
+    index = json.loads((tmp_path / "a14b" / "model_index.json").read_text())
+    index.update(boundary_ratio=0.875, transformer_2=["diffusers", "WanTransformer3DModel"])
+    (tmp_path / "a14b" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="two-transformer Wan 2.2"):
+        run_cli(["estimate", "--model", "wan", "--pretrained", tmp_path / "a14b"])
+    (tmp_path / "a14b" / "model_index.json").write_text('{"_class_name": "WanPipeline", ')
+    with pytest.raises(UserError, match="could not read its model_index.json"):
+        run_cli(["estimate", "--model", "wan", "--pretrained", tmp_path / "a14b"])
+    (tmp_path / "a14b" / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"transformer/config.json is not readable JSON"):
+        run_cli(["estimate", "--model", "wan", "--pretrained", tmp_path / "a14b"])

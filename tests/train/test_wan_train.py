@@ -160,3 +160,33 @@ def test_fsdp2_over_wans_blocks_follows_the_one_process_run(tiny_wan, wan_shards
     # Adam turns a gradient's rounding noise into steps of its own size (test_distributed.py's docstring): measured,
     # the last block's cross-attention to_k LoRA B differs by 1.6e-5 of its 1.2e-2, every other tensor by < 1e-5
     assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
+
+
+def test_generate_refuses_a_lora_of_another_family(trained, tiny_wan, tmp_path):
+    """A CogVideoX run's --lora given to `ft generate --model wan`: refused by its train_config.json's family, and
+    without that file by what peft says when the weights' modules are not in the Wan transformer (before: peft's
+    NoMatchingPeftModuleError traceback)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ft.common.errors import UserError
+
+    out, _ = trained
+    common = ["generate", "--model", "wan", "--pretrained", tiny_wan, *FP32, "--prompt", PROMPT, "--num-frames", "9",
+              "--height", "32", "--width", "32", "--num-inference-steps", "2", "--out", tmp_path / "x.mp4"]
+    other = tmp_path / "cog-run"
+    (other / "checkpoints" / "checkpoint-000002").mkdir(parents=True)
+    shutil.copy(out / "pytorch_lora_weights.safetensors", other / "checkpoints" / "checkpoint-000002")
+    config = json.loads((out / "train_config.json").read_text())
+    (other / "train_config.json").write_text(json.dumps({**config, "model": "CogVideoX"}))
+    with pytest.raises(UserError, match=r"trained for --model cogvideox .*not wan"):
+        run_cli([*common, "--lora", other / "checkpoints" / "checkpoint-000002"])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    save_file({k.replace(".blocks.", ".transformer_blocks."): v for k, v in weights.items()},
+              alone / "pytorch_lora_weights.safetensors")
+    with pytest.raises(UserError, match=r"--lora .*alone: these LoRA weights do not fit this Wan transformer"):
+        run_cli([*common, "--lora", alone])
+    assert run_cli([*common, "--lora", out]) is not None
