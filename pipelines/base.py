@@ -17,8 +17,8 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
 - generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
   from stored embeddings: validation in training, and `ft generate`), and the pipeline's defaults;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
-Code two families share lives here (`sample_posterior`, `t5_prompt_embeds`, `peft_targets`). Adding a family is
-adding a file with a subclass and a line in registry.py.
+Code two families share lives here (`sample_posterior`, `normalize_latents`, `t5_prompt_embeds`, `peft_targets`).
+Adding a family is adding a file with a subclass and a line in registry.py.
 """
 
 from __future__ import annotations
@@ -128,6 +128,15 @@ def sample_posterior(latents: dict[str, torch.Tensor], generators: list[torch.Ge
     mean, logvar = latents["mean"].float(), latents["logvar"].float()
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     return mean + std * randn_per_sample(tuple(mean.shape[1:]), generators, mean.device)
+
+
+def normalize_latents(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scaling_factor: float
+                      ) -> torch.Tensor:
+    """[B, C, F, H, W]: (z - latents_mean) * scaling_factor / latents_std per channel (LTXPipeline's and, with
+    scaling_factor 1, WanPipeline's: the inverse of their decode's denormalisation)."""
+    mean = mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return (latents - mean) * scaling_factor / std
 
 
 REGEX_CHARACTERS = set("()|*+?[]^$\\")

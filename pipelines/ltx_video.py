@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-from .base import CondTensor, ModelSpec, StepInputs, sample_posterior, t5_prompt_embeds
+from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior, t5_prompt_embeds
 from .fingerprint import read_stored_tensor
 from .real_configs import T5_XXL, Checkpoint
 
@@ -53,14 +53,6 @@ def compression_ratios(vae_config: dict) -> tuple[int, int]:
     spatial = vae_config.get("spatial_compression_ratio") or vae_config.get("patch_size", 4) * 2 ** sum(scaling)
     temporal = vae_config.get("temporal_compression_ratio") or vae_config.get("patch_size_t", 1) * 2 ** sum(scaling)
     return int(temporal), int(spatial)
-
-
-def normalize_latents(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scaling_factor: float
-                      ) -> torch.Tensor:
-    """[B, C, F, H, W]: (z - latents_mean) * scaling_factor / latents_std per channel (LTXPipeline's formula)."""
-    mean = mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    std = std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
-    return (latents - mean) * scaling_factor / std
 
 
 def pack_latents(latents: torch.Tensor, p: int, p_t: int) -> torch.Tensor:

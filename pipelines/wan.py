@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -100,16 +100,6 @@ def read_pipeline_settings(pretrained: str | None, revision: str | None = None, 
                         f"{config.get('boundary_ratio')}, a transformer_2): ft trains one transformer; use Wan 2.1 or "
                         "Wan 2.2 TI2V-5B.")
     return {"expand_timesteps": bool(config.get("expand_timesteps", False))}
-
-
-def normalise(latents: torch.Tensor, vae_config: dict) -> torch.Tensor:
-    """[B, C, F, H, W] -> (z - latents_mean) / latents_std per channel: what WanPipeline's decode
-    (`latents / (1 / latents_std) + latents_mean`) turns back into the VAE's latents."""
-    import torch
-
-    mean = torch.tensor(vae_config["latents_mean"], dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae_config["latents_std"], dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1, 1)
-    return (latents - mean) / std
 
 
 class WanSpec(ModelSpec):
@@ -222,7 +212,11 @@ class WanSpec(ModelSpec):
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
-        return normalise(sample_posterior(latents, generators), vae_config)
+        import torch
+
+        # WanPipeline's decode: latents / (1 / latents_std) + latents_mean; this is its inverse
+        return normalize_latents(sample_posterior(latents, generators), torch.tensor(vae_config["latents_mean"]),
+                                 torch.tensor(vae_config["latents_std"]), 1.0)
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The flow (velocity) prediction, fed as WanPipeline's denoising loop feeds the transformer."""
