@@ -139,6 +139,19 @@ def normalize_latents(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     return (latents - mean) * scaling_factor / std
 
 
+def transformer_blocks(transformer: Any, block_lists: tuple[str, ...]) -> list[Any]:
+    """The transformer's blocks named by a family's block lists (`ModelSpec.block_lists`), in order: the units FSDP2
+    shards, --offload-blocks moves, regional compile compiles and `ft estimate` counts."""
+    blocks = []
+    for name in block_lists:
+        found = getattr(transformer, name, None)
+        if found is None:
+            raise UserError(f"{type(transformer).__name__} has no `{name}` (a block list of this family's "
+                            "ModelSpec): this transformer is not of the family's architecture.")
+        blocks.extend(found)
+    return blocks
+
+
 REGEX_CHARACTERS = set("()|*+?[]^$\\")
 
 

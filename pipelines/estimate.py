@@ -46,7 +46,7 @@ from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.offload import IN_FLIGHT, offloaded_indices
 
-from .base import ModelSpec, peft_targets
+from .base import ModelSpec, peft_targets, transformer_blocks
 from .registry import SPECS, get_spec
 
 GB = 1e9
@@ -298,12 +298,6 @@ def _fp8_params(transformer: Any, cfg: EstimateConfig) -> int:
     return sum(p.numel() for p in transformer.parameters() if p.element_size() == 1)
 
 
-def transformer_blocks(spec: ModelSpec, transformer: Any) -> list[Any]:
-    """The blocks of the family's block lists (ModelSpec.block_lists): the layers a token passes through, each
-    a unit FSDP2 shards and gathers."""
-    return [b for name in spec.block_lists for b in getattr(transformer, name)]
-
-
 def conditioning_shapes(spec: ModelSpec, transformer_config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """The conditioning one sample stores at the family's default text length: name -> (shape, dtype name)."""
     length = spec.default_sequence_length(transformer_config)
@@ -318,7 +312,7 @@ def _block_bytes(spec: ModelSpec, transformer: Any) -> list[float]:
     """Each block's frozen parameters in bytes, as stored (after LoRA and fp8 storage were applied): what
     --offload-blocks moves."""
     return [float(sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad))
-            for b in transformer_blocks(spec, transformer)]
+            for b in transformer_blocks(transformer, spec.block_lists)]
 
 
 def _offloaded(block_bytes: list[float], n: int) -> tuple[float, float]:
@@ -399,7 +393,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     transformer = modules["transformer"]
     tconfig = dict(transformer.config)
     params = next(c.params for c in components if c.name == "transformer")
-    blocks = transformer_blocks(spec, transformer)
+    blocks = transformer_blocks(transformer, spec.block_lists)
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     shards = cfg.dp_shards
     gathered = 2 * block * BF16 if shards > 1 else 0

@@ -26,6 +26,7 @@ from typing import Any
 
 from ft.common.dist import World
 from ft.common.errors import UserError
+from ft.pipelines.base import transformer_blocks
 
 UNSET = -1
 
@@ -94,18 +95,6 @@ def build_mesh(layout: Layout, device: str) -> Any:
     return init_device_mesh(kind, (layout.replicas, layout.shards), mesh_dim_names=("replicate", "shard"))
 
 
-def blocks_of(transformer: Any, block_lists: tuple[str, ...]) -> list[Any]:
-    """The transformer blocks named by the family's block lists, in order."""
-    blocks = []
-    for name in block_lists:
-        found = getattr(transformer, name, None)
-        if found is None:
-            raise UserError(f"{type(transformer).__name__} has no `{name}` (a block list of this family's "
-                            "ModelSpec): this transformer is not of the family's architecture.")
-        blocks.extend(found)
-    return blocks
-
-
 def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_lists: tuple[str, ...],
                 compute_dtype: Any = None) -> Any:
     """Wrap `transformer` (on the CPU, LoRA already added) for `layout` and put it on `device`."""
@@ -132,7 +121,7 @@ def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_
     # the forward runs under autocast (trainer.py), as in one process: FSDP must not cast the fp32 inputs (the
     # timesteps, the rotary tables handed to each block) to bf16 at every module boundary
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    blocks = blocks_of(transformer, block_lists)
+    blocks = transformer_blocks(transformer, block_lists)
     for i, block in enumerate(blocks):
         # the last block's weights are needed again at once by backward: keep them gathered (torchtitan)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)

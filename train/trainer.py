@@ -33,7 +33,7 @@ from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import kill_point, require_complete
 from ft.common.video import parse_bucket
-from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample
+from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.registry import spec_for
 
 from .checkpoints import (
@@ -50,7 +50,6 @@ from .lora import save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
 from .parallel import (
     Layout,
-    blocks_of,
     build_mesh,
     clip_grad_norm,
     export_state,
@@ -237,7 +236,7 @@ class Trainer:
         if cfg.offload_blocks:  # one process (check_run)
             from ft.common.offload import BlockOffloader
 
-            self.offloader = BlockOffloader(transformer, blocks_of(transformer, self.spec.block_lists),
+            self.offloader = BlockOffloader(transformer, transformer_blocks(transformer, self.spec.block_lists),
                                             cfg.offload_blocks, self.device)
             log.info(f"--offload-blocks {cfg.offload_blocks}: {self.offloader.offloaded_bytes() / 1e9:.2f} GB of "
                      "frozen weights stay in CPU memory")
@@ -246,7 +245,7 @@ class Trainer:
             self.transformer = parallelize(transformer, self.layout, self.mesh, self.device, self.spec.block_lists,
                                            compute_dtype=self.dtype if self.autocast else None)
         if cfg.compile_modules:  # after fully_shard and the offloading hooks, which run eagerly around each block
-            apply_compile(self.transformer, blocks_of(self.transformer, self.spec.block_lists),
+            apply_compile(self.transformer, transformer_blocks(self.transformer, self.spec.block_lists),
                           cfg.compile_scopes[0], cfg.compile_backend)
         self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
