@@ -13,7 +13,7 @@ from ft.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # the one place in ft.common allowed to reach up: the CLI composition root and the demo it runs
-COMPOSITION_ROOT = {"common/cli.py", "common/demo.py", "common/finetrainers.py"}
+COMPOSITION_ROOT = {"cli/main.py", "cli/demo.py", "cli/finetrainers.py"}
 FORBIDDEN = {
     "common": ("ft.pipelines", "ft.precompute", "ft.train"),
     "pipelines": ("ft.precompute", "ft.train"),
@@ -64,8 +64,8 @@ def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_p
     import shlex
     import subprocess
 
-    from ft.common.cli import _configs
-    from ft.common.finetrainers import translate
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
 
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     # run the script with ft, srun and the SLURM tools replaced by stubs that print the ft command line
@@ -85,5 +85,5 @@ def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_p
     assert done.returncode == 0, done.stderr
     (line,) = calls.read_text().splitlines()
     _, command, *argv = shlex.split(line)
-    (run,) = translate(command, argv, None, _configs(), "").runs  # every flag is one of ft's
+    (run,) = translate(command, argv, None, command_configs(), "").runs  # every flag is one of ft's
     assert "--model" in run

@@ -6,18 +6,20 @@ that flags override. A `UserError` prints its message and exits 2 with no traceb
 fault (a full disk, a read-only folder: common/faults.py) that no command turned into a message of its own.
 Heavy libraries (torch, diffusers) are imported only inside the commands, so `ft --help` is instant.
 
-This module is the composition root: it is the one place in `ft.common` that reaches into precompute and train
-(lazily, inside the commands).
+The command line is the top floor (ft.cli): it reaches into precompute and train lazily, through the one
+command table `COMMANDS`, and nothing below imports it.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
-from .config import (
+from ft.common.config import (
     expand_multi_value_flags,
     kebab_flags,
     list_options,
@@ -25,60 +27,40 @@ from .config import (
     pop_config_flag,
     read_config_file,
 )
-from .errors import UserError
-from .faults import environment_fault, fault_message
+from ft.common.errors import UserError
+from ft.common.faults import environment_fault, fault_message
+from ft.common.logs import log, setup_logging
+
 from .finetrainers import apply_effects, translate
-from .logs import log, setup_logging
 
 app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: precompute, then train.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
-def _configs() -> dict[str, type]:
-    from ft.pipelines.estimate import EstimateConfig
-    from ft.precompute.config import CheckDataConfig, PrecomputeConfig
-    from ft.train.config import TrainConfig
-    from ft.train.export import ExportConfig
-    from ft.train.generate import GenerateConfig
-
-    return {"precompute": PrecomputeConfig, "train": TrainConfig, "generate": GenerateConfig,
-            "check-data": CheckDataConfig, "estimate": EstimateConfig, "export": ExportConfig}
-
-
-def _run_check_data(cfg: object) -> object:
-    from ft.precompute.check_data import run_check_data
-
-    return run_check_data(cfg)  # type: ignore[arg-type]
+# The command table: each command that runs from a config dataclass -> (its config class, its runner), as
+# "module:name" references resolved only when asked, so `ft --help` imports no stage.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "precompute": ("ft.precompute.config:PrecomputeConfig", "ft.precompute.encode:run_precompute"),
+    "train": ("ft.train.config:TrainConfig", "ft.train.trainer:run_train"),
+    "generate": ("ft.train.generate:GenerateConfig", "ft.train.generate:run_generate"),
+    "check-data": ("ft.precompute.config:CheckDataConfig", "ft.precompute.check_data:run_check_data"),
+    "estimate": ("ft.cli.estimate:EstimateConfig", "ft.cli.estimate:run_estimate"),
+    "export": ("ft.train.export:ExportConfig", "ft.train.export:run_export"),
+}
 
 
-def _run_precompute(cfg: object) -> object:
-    from ft.precompute.encode import run_precompute
-
-    return run_precompute(cfg)  # type: ignore[arg-type]
-
-
-def _run_train(cfg: object) -> object:
-    from ft.train.trainer import run_train
-
-    return run_train(cfg)  # type: ignore[arg-type]
+def _resolve(reference: str) -> Any:
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _run_generate(cfg: object) -> object:
-    from ft.train.generate import run_generate
-
-    return run_generate(cfg)  # type: ignore[arg-type]
-
-
-def _run_export(cfg: object) -> object:
-    from ft.train.export import run_export
-
-    return run_export(cfg)  # type: ignore[arg-type]
+def command_configs() -> dict[str, type]:
+    """Each table command's config class (imports the stages' config modules)."""
+    return {name: _resolve(config) for name, (config, _) in COMMANDS.items()}
 
 
-def _run_estimate(cfg: object) -> object:
-    from ft.pipelines.estimate import run_estimate
-
-    return run_estimate(cfg)  # type: ignore[arg-type]
+def _runner(name: str) -> Callable[[object], object]:
+    return lambda cfg: _resolve(COMMANDS[name][1])(cfg)
 
 
 CONFIG_EPILOG = ("Also: --config FILE (.toml, .yaml or .json) supplies any of these flags, in either spelling; "
@@ -86,11 +68,9 @@ CONFIG_EPILOG = ("Also: --config FILE (.toml, .yaml or .json) supplies any of th
 
 
 def _register() -> None:
-    runners = {"precompute": _run_precompute, "train": _run_train, "generate": _run_generate,
-               "check-data": _run_check_data, "estimate": _run_estimate, "export": _run_export}
-    for name, config_cls in _configs().items():
+    for name, config_cls in command_configs().items():
         app.command(name, help=config_cls.__doc__, epilog=CONFIG_EPILOG)(
-            make_command(config_cls, runners[name], config_cls.__doc__))
+            make_command(config_cls, _runner(name), config_cls.__doc__))
 
 
 @app.command("demo")
@@ -136,7 +116,7 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
     (a list of results when a finetrainers dataset config makes several precompute runs)."""
     args, config_path = pop_config_flag(list(argv))
     command = next((a for a in args if not a.startswith("-")), None)
-    configs = _configs()
+    configs = command_configs()
     if config_path and command not in configs:
         raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")
     if command not in configs or "--help" in args:
@@ -172,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         invoke(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        if not getattr(e, "quiet", False):  # under several processes, another rank prints it (common/dist.py)
+        if not getattr(e, "quiet", False):  # under several processes, another rank prints it (train/dist.py)
             log.error(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:  # the command has said what it kept and how to go on
