@@ -1,4 +1,4 @@
-"""Shared fixtures for the ft.common tests: small real mp4 clips, written once per session."""
+"""Shared fixtures for the media tests: small real mp4 clips, written once per session."""
 
 from __future__ import annotations
 
