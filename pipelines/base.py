@@ -461,7 +461,7 @@ class ModelSpec(ABC):
     def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
         """The stage-1 choices this family makes beyond the encoders' weights (prompt template, template crop,
         hidden layer, latent normalisation, ...). They go into every sample key and the manifest's encoding
-        parameters (precompute.plan.sample_encoding), so changing one re-encodes instead of reusing."""
+        parameters (precompute.planned_sample.sample_encoding), so changing one re-encodes instead of reusing."""
         return {}
 
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:

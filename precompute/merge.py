@@ -38,7 +38,7 @@ from ft.common.shards import (
     write_atomic,
 )
 
-from .jobs import JobSlot, Lock, describe_holder, live_locks
+from .job_slots import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
 from .stamp import seal_stamps
 

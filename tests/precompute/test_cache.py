@@ -121,7 +121,7 @@ def test_a_clip_replaced_beside_a_metadata_file_is_seen_by_the_rerun(tmp_path, t
 
 
 def test_one_media_under_two_names_of_two_jobs_is_noted_as_one_job_notes_it(tmp_path, tiny_cog, calls):
-    from ft.precompute.jobs import owner
+    from ft.precompute.job_slots import owner
 
     data = make_shapes_dataset(tmp_path / "data", num_clips=3, seed=28)
     first = "videos/clip_000.mp4"

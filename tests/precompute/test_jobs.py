@@ -171,7 +171,7 @@ def test_a_job_finishing_while_another_merges_waits_and_merges(tiny_cog, shapes_
     import json
     import threading
 
-    from ft.precompute.jobs import JobSlot, Lock
+    from ft.precompute.job_slots import JobSlot, Lock
     from ft.precompute.merge import finalize
 
     out = tmp_path / "shards"

@@ -10,7 +10,7 @@ import torch
 
 from ft.common.shards import Manifest, iter_shard, open_shard_set
 from ft.pipelines.cogvideox import CogVideoXSpec
-from ft.precompute import plan
+from ft.precompute import planned_sample
 from helpers import BUCKETS, FP32, run_cli
 
 
@@ -29,7 +29,7 @@ def tensors(out) -> dict[str, dict[str, bytes]]:
 
 def test_a_first_run_encodes_while_it_plans(tiny_cog, shapes_data, tmp_path, monkeypatch, caplog):
     events: list[str] = []  # the real planning of an item and the real VAE calls, in the order they ran
-    plan_facts, encode_video = plan.media_facts, CogVideoXSpec.encode_video
+    plan_facts, encode_video = planned_sample.media_facts, CogVideoXSpec.encode_video
 
     def planned(*args, **kwargs):
         events.append("plan")
@@ -39,7 +39,7 @@ def test_a_first_run_encodes_while_it_plans(tiny_cog, shapes_data, tmp_path, mon
         events.append("encode")
         return encode_video(self, vae, frames)
 
-    monkeypatch.setattr(plan, "media_facts", planned)
+    monkeypatch.setattr(planned_sample, "media_facts", planned)
     monkeypatch.setattr(CogVideoXSpec, "encode_video", encoded)
     with caplog.at_level(logging.INFO, logger="ft"):
         # no threads: planning and decoding take turns in one thread, so the order below is fixed
