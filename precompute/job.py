@@ -322,8 +322,8 @@ class PrecomputeJob:
         refuses it), with its rejects and warnings so far; store the empty caption (job 0, once per set) and the
         prompt table's missing rows."""
         cfg, spec, slot, out, base = self.cfg, self.spec, self.slot, self.out, self.base
-        empty_caption = base.empty_caption if base and base.empty_caption and \
-            (out / base.empty_caption["file"]).is_file() else {}
+        empty_caption = (base.empty_caption if base and base.empty_caption
+                         and (out / base.empty_caption["file"]).is_file() else {})
         empty_missing = slot.index == 0 and not empty_caption  # job 0 stores it for the set
         # the prompt table's rows this run adds (job 0 writes them for the set, as the empty caption)
         prompts = PromptWriter(out, self.fingerprints, self.encoding, self.validation if slot.index == 0 else [])
@@ -353,8 +353,8 @@ class PrecomputeJob:
         # the text encoders, when this job encodes text: the prompt table's missing rows (the negative prompt) with it
         encoders = self.models.text_encoders() if empty_missing or prompts.needed or self.streamed or any(
             p.text_key not in self.texts for p in self.todo) else None
-        state.header["prompts"] = prompts.write(spec, encoders, self.seq_len, cfg.batch_size) or \
-            state.header["prompts"]
+        state.header["prompts"] = (prompts.write(spec, encoders, self.seq_len, cfg.batch_size)
+                                   or state.header["prompts"])
         state.save(out)
         kill_point("started")
 
