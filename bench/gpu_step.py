@@ -37,7 +37,7 @@ import torch
 
 from ft.cli.estimate import EstimateConfig, conditioning_shapes, estimate
 from ft.cli.main import invoke
-from ft.common.shards import Manifest, ShardWriter
+from ft.common.shards import Manifest, ShardWriter, parse_bucket
 from ft.pipelines.base import ModelSpec, import_class
 from ft.pipelines.registry import get_spec, save_tiny_model
 
@@ -104,7 +104,7 @@ def meta_config(module: str, cls_name: str, config: dict) -> dict:
 def prepare(args: argparse.Namespace, root: Path) -> tuple[str, str, Any]:
     """Write the model folder and the shards; returns (display name, family name, the estimate or None)."""
     spec = get_spec(args.model)
-    bucket = [int(x) for x in args.bucket.split("x")]
+    bucket = list(parse_bucket(args.bucket))
     if args.tiny:
         save_tiny_model(spec.name, root / "model")
         tiny = spec.tiny_components()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
+from ft.common.shards import bucket_name
 
 # finetrainers/constants.py: COMMON_LLM_START_PHRASES, in its order (the first prefix that matches is removed)
 _BEGINNINGS = ("This video", "The video", "This clip", "The clip", "The animation", "This image", "The image",
@@ -77,7 +78,7 @@ def _buckets(value: Any, dims: int, key: str, path: str) -> list[str]:
     for b in value:
         if not isinstance(b, (list, tuple)) or len(b) != dims or not all(isinstance(x, int) and x > 0 for x in b):
             raise UserError(f"--dataset_config {path}: {key} entry {b!r} is not {dims} positive integers.")
-        out.append("x".join(str(x) for x in ((1, *b) if dims == 2 else b)))
+        out.append(bucket_name(*((1, *b) if dims == 2 else b)))
     return out
 
 

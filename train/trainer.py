@@ -30,7 +30,7 @@ from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
-from ft.common.shards import kill_point, parse_bucket, require_complete
+from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.registry import spec_for
 from ft.train import dist
@@ -362,7 +362,7 @@ class Trainer:
         self.state.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        bucket = "x".join(str(d) for d in micro[-1].meta[0].get("bucket", []))
+        bucket = bucket_name(*micro[-1].meta[0]["bucket"])
         return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited, "bucket": bucket}
 
     def gather(self, loss: Any, norm: Any) -> list[float]:

@@ -139,7 +139,7 @@ def test_activation_model():
     ({"model": "cogvideox", "pretrained": "someone/finetune"}, "not a local folder nor a checkpoint ft knows"),
     ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, hunyuan_video, ltx_video"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["50x480x720"]}, "4k+1 frames"),
-    ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["49x480"]}, "write FRAMESxHEIGHTxWIDTH"),
+    ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["49x480"]}, "FRAMESxHEIGHTxWIDTH"),
 ])
 def test_mistakes_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=re.escape(message)):
