@@ -40,6 +40,7 @@ from ft.cli.main import invoke
 from ft.common.shards import Manifest, ShardWriter, parse_bucket
 from ft.pipelines.base import ModelSpec, import_class
 from ft.pipelines.registry import get_spec, save_tiny_model
+from ft.train.reporting import LOG_NAME
 
 GB = 1e9
 # (flags of `ft train`, flags of `ft estimate`) per row; "offload24" is resolved with ft estimate (offload_blocks)
@@ -174,7 +175,7 @@ def train(args: argparse.Namespace, root: Path, name: str, flags: list[str]) -> 
         allocated, reserved = torch.cuda.max_memory_allocated() / GB, torch.cuda.max_memory_reserved() / GB
     else:
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     timed = [r for r in records if "seconds" in r and r["step"] > args.warmup and not r.get("graphs_compiled")]
     total = sum(r["seconds"] for r in timed)
     result = {"allocated": allocated, "reserved": reserved, "s_per_step": total / len(timed) if timed else None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
+from ft.common.shards import MANIFEST_NAME
 from ft.precompute.media import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
@@ -72,7 +73,7 @@ class DataArgs:
 class PrecomputeConfig(DataArgs, ModelArgs):
     """Encode a dataset through the VAE and text encoders into sharded WebDataset tars with a manifest."""
 
-    out: str = opt(REQUIRED, "Folder for the shards and manifest.json. Rerunning into the same folder reuses what "
+    out: str = opt(REQUIRED, f"Folder for the shards and {MANIFEST_NAME}. Rerunning into the same folder reuses what "
                              "is already encoded.", panel=OUTPUT)
     batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).",
                           panel=ENCODING)

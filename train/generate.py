@@ -34,6 +34,7 @@ from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 from ft.train.video_writer import write_video
 
+from .config import TRAIN_CONFIG_NAME
 from .weights_io import LORA_WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -249,8 +250,8 @@ def train_config_beside(path: Path) -> Path | None:
     above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/)."""
     folder = path.parent if path.is_file() else path
     for candidate in (folder, folder.parent, folder.parent.parent):
-        if (candidate / "train_config.json").is_file():
-            return candidate / "train_config.json"
+        if (candidate / TRAIN_CONFIG_NAME).is_file():
+            return candidate / TRAIN_CONFIG_NAME
     return None
 
 
