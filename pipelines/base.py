@@ -237,13 +237,17 @@ class ModelSpec(ABC):
     component_classes: ClassVar[dict[str, tuple[str, str]]]
     text_components: ClassVar[tuple[str, ...]]
     scheduler_class: ClassVar[tuple[str, str]]
-    # module names, or one regex matched against whole names (see `peft_targets`)
-    default_lora_targets: ClassVar[list[str]]
+    # module names, or one regex matched against whole names (see `peft_targets`); by default the attention
+    # projections of diffusers' attention blocks, which a family overrides where it trains other modules
+    default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
     default_buckets: ClassVar[list[str]]
     # the conditioning tensors of a sample, in the order encode_prompts returns them
     conditioning: ClassVar[tuple[CondTensor, ...]]
     # the published checkpoints' real-size configs, by the names `--pretrained` may give (`ft estimate`, bench/)
     checkpoints: ClassVar[tuple[Checkpoint, ...]] = ()
+    # the text length the family's pipeline encodes prompts to (its max_sequence_length): the default of
+    # --max-sequence-length where the transformer config does not fix one (`default_sequence_length`)
+    default_text_tokens: ClassVar[int]
     # the transformer's lists of blocks, each block a unit for FSDP2 sharding (and `ft estimate`'s gathered block)
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
@@ -258,6 +262,11 @@ class ModelSpec(ABC):
     # LTXPipeline do): the VAE then decodes in its own --vae-dtype; one that does not (CogVideoXPipeline) gets its
     # VAE in the transformer's dtype (`match_vae_dtype`)
     decode_casts_latents: ClassVar[bool] = True
+    # how finetrainers trains the family where ft's default differs, so that a carried-over finetrainers run
+    # (cli/finetrainers.py) trains as it did there: the first-frame conditioning probability it hard-codes, and
+    # whether it samples timesteps uniformly whatever --flow_weighting_scheme says
+    finetrainers_first_frame_conditioning_p: ClassVar[float] = 0.0
+    finetrainers_uniform_timesteps: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -423,7 +432,8 @@ class ModelSpec(ABC):
         """Why the model cannot take this frames x height x width bucket, or None if it can."""
 
     def default_sequence_length(self, transformer_config: dict) -> int:
-        return 226
+        """The text length captions are encoded to when --max-sequence-length is not given."""
+        return self.default_text_tokens
 
     def check_sequence_length(self, length: int, transformer_config: dict) -> str | None:
         """Why captions of `length` tokens cannot train this transformer, or None."""
