@@ -37,7 +37,7 @@ import torch
 
 from ft.cli.estimate import EstimateConfig, conditioning_shapes, estimate
 from ft.cli.main import invoke
-from ft.common.shards import Manifest, ShardWriter, parse_bucket
+from ft.common.shards import Manifest, ShardWriter, load_manifest, parse_bucket
 from ft.pipelines.base import ModelSpec, import_class
 from ft.pipelines.registry import get_spec, save_tiny_model
 from ft.train.reporting import LOG_NAME
@@ -255,7 +255,7 @@ def main() -> None:
         lines = [title, "", *HEADER]
         published_family = None if args.tiny or args.layers else family  # real size only
         if args.dry_run:
-            manifest = Manifest.load(root / "shards")
+            manifest = load_manifest(root / "shards")
             print(f"dry run: {manifest.num_samples} synthetic samples of {args.bucket} "
                   f"({manifest.num_bytes / 1e6:.1f} MB, shapes {manifest.shapes}) for {name}; nothing trained")
             for row in args.rows:

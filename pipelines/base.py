@@ -329,10 +329,8 @@ class ModelSpec(ABC):
         found = config.get("_class_name")
         if module != "diffusers" or not found or found == expected:
             return
-        from .registry import SPECS  # registry imports this module
-
-        owners = [spec.name for spec in SPECS.values() if spec.component_classes.get(component, ("", ""))[1] == found]
-        owner = f" (a {owners[0]} model: pass --model {owners[0]})" if owners else ""
+        owner = family_of_class(component, found)
+        owner = f" (a {owner} model: pass --model {owner})" if owner else ""
         raise UserError(f"{where}: this {component} is {found}{owner}, not the {expected} of "
                         f"{self.display_name}; pass a diffusers {self.display_name} "
                         f"{'folder' if flag == '--pretrained' else component} as {flag}.")
@@ -584,3 +582,16 @@ class ModelSpec(ABC):
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         """The family at toy size with random weights: pipeline components by name (scheduler included)."""
+
+
+def family_of_class(component: str, class_name: str) -> str | None:
+    """The family whose `component` (transformer, vae) is the diffusers class `class_name`, or None: asked of the
+    families defined, ModelSpec's subclasses (every family's file is imported by registry.py, which a spec does not
+    import: it imports this module)."""
+    found, seen = [], list(ModelSpec.__subclasses__())
+    while seen:
+        spec = seen.pop(0)
+        seen += spec.__subclasses__()
+        if getattr(spec, "name", None) and spec.component_classes.get(component, ("", ""))[1] == class_name:
+            found.append(spec.name)
+    return found[0] if found else None

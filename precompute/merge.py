@@ -32,6 +32,7 @@ from ft.common.shards import (
     ShardInfo,
     iter_shard,
     kill_point,
+    load_manifest,
     merged_view,
     read_states,
     shard_rows,
@@ -134,7 +135,7 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
         if not states:
             if own is None:
                 log.info(f"{out} has no jobs to merge: it is merged")
-            return Manifest.load(out)
+            return load_manifest(out)
         base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
         view = merged_view(out, base, states)
         running = [h for h in live_locks(out) if not any(
@@ -197,7 +198,7 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         seal_stamps(out, [s.stem for s in run])
     log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
              f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
-    return Manifest.load(out)
+    return load_manifest(out)
 
 
 def remove_job_files(out: Path, stem: str) -> None:

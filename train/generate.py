@@ -203,7 +203,7 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
     the shard set is not readable here."""
     import json
 
-    from ft.common.shards import Manifest
+    from ft.common.shards import load_manifest
 
     from .loader import parse_shard_arg
 
@@ -216,7 +216,7 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
                 shards = parse_shard_arg(saved["shards"][0])[0]
                 if "://" not in shards:  # a folder: relative to where training ran (a URL stays as it is)
                     shards = str(training_folder(path.parent, saved.get("output_dir")) / shards)
-                manifest = Manifest.load(shards)
+                manifest = load_manifest(shards)
                 return int(manifest.encoding["max_sequence_length"])
             except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
                 log.info(f"{path}: its shard set's text length is not readable here ({e}); the model's default "
