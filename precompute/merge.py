@@ -47,6 +47,11 @@ CONFIG_NAME = "precompute_config.json"
 MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
 
 
+def job_config_path(out: Path, stem: str) -> Path:
+    """Where a job saves its resolved config (encode.py) and the merge reads job 0's back: `jobs/<stem>.config.json`."""
+    return out / JOBS_DIR / f"{stem}.config.json"
+
+
 def _concat(out: Path, files: list[str], target: str) -> int:
     """Append the lines of `files` into `target` (a new file, replaced atomically); returns the line count."""
     tmp = out / (target + ".tmp")
@@ -102,7 +107,7 @@ def _duplicate_notes(out: Path, shards: list[ShardInfo], keys: set[str]) -> list
 
 def _merge_config(out: Path, stem: str) -> str:
     """Job 0's saved config, as a single run's (no job index), to `precompute_config.json`."""
-    path = out / JOBS_DIR / f"{stem}.config.json"
+    path = job_config_path(out, stem)
     if path.is_file():
         values = json.loads(path.read_text())
         for name in ("num_jobs", "job_index"):
