@@ -11,9 +11,11 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   transformer call, fed exactly as the family's pipeline feeds it, with the batch's metadata, generators and the
   run's typed `TrainOptions`); `check_shards` (family, latent channels, conditioning, text length, then the
   family's `check_shard_extras`);
-- facts: `aliases`, LoRA target modules, valid frame counts and size multiples, default buckets, the
-  transformer's block lists (what FSDP2 shards block by block, and the layers `ft estimate` counts), and the
-  published checkpoints' real-size configs (`checkpoints`, offline);
+- facts: `aliases`, LoRA target modules (by default the attention projections), valid frame counts and size
+  multiples, default buckets, the text length (`default_text_tokens`), the transformer's block lists (what FSDP2
+  shards block by block, and the layers `ft estimate` counts), the published checkpoints' real-size configs
+  (`checkpoints`, offline), and how finetrainers trained the family where ft's defaults differ
+  (`finetrainers_*`, for carried-over runs); help texts read these instead of restating them;
 - generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
   from stored embeddings: validation in training, and `ft generate`), and the pipeline's defaults;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
