@@ -9,7 +9,7 @@ from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.common.shards import MANIFEST_NAME
-from ft.pipelines.registry import per_family
+from ft.pipelines.registry import SPECS, per_family
 from ft.precompute.media import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
@@ -110,8 +110,9 @@ class PrecomputeConfig(DataArgs, ModelArgs):
 class CheckDataConfig(DataArgs):
     """Check a dataset before paying for GPU time (loads no model): what precompute would reject, and why."""
 
-    model: str = opt(REQUIRED, "Model family whose buckets and text length apply (`ft models` lists them and "
-                               "their aliases).", panel=DATA)
+    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: "
+                               f"{', '.join(list(SPECS)[:-1])} or {list(SPECS)[-1]} (and their aliases; see "
+                               "`ft models`).", panel=DATA)
     pretrained: str | None = opt(None, "A diffusers folder or hub id of the base model: its tokenizer counts caption "
                                        "tokens and its configs check the buckets (no weights are loaded). Without "
                                        "it, the family's defaults apply and tokens are not counted.", panel=DATA)

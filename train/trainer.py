@@ -362,7 +362,8 @@ class Trainer:
         self.state.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        bucket = bucket_name(*micro[-1].meta[0]["bucket"])
+        meta = micro[-1].meta[0]  # batches fed from elsewhere than shards (bench/train_step.py) carry no bucket
+        bucket = bucket_name(*meta["bucket"]) if "bucket" in meta else ""
         return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited, "bucket": bucket}
 
     def gather(self, loss: Any, norm: Any) -> list[float]:
