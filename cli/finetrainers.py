@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.config import _is_list, flag_name
+from ft.common.config import flag_name, is_list
 from ft.common.errors import UserError
 from ft.common.shards import MANIFEST_NAME
 from ft.pipelines.registry import SPECS
@@ -64,7 +64,7 @@ class Fields:
         out = {}
         for command, config_cls in configs.items():
             hints = typing.get_type_hints(config_cls)
-            out[command] = {f.name: "bool" if hints[f.name] is bool else "list" if _is_list(hints[f.name])
+            out[command] = {f.name: "bool" if hints[f.name] is bool else "list" if is_list(hints[f.name])
                             else "value" for f in dataclasses.fields(config_cls) if f.init}
         return cls(out)
 
