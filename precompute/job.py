@@ -51,6 +51,7 @@ from ft.common.shards import (
     bucket_name,
     finalize_command,
     kill_point,
+    load_manifest,
     read_journal,
     read_states,
     sample_key,
@@ -478,7 +479,7 @@ class PrecomputeJob:
         state.save(out)
         kill_point("job-complete")
         merged = finalize(out, own=slot)
-        manifest = merged or Manifest.load(out)
+        manifest = merged or load_manifest(out)
         log.info(f"wrote {len(written)} new samples to {out} in {time.time() - self.started:.1f}s: {slot} is "
                  f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
         check = self.planning.check

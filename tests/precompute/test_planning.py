@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from ft.common.shards import Manifest, iter_shard, open_shard_set
+from ft.common.shards import iter_shard, load_manifest, open_shard_set
 from ft.pipelines.cogvideox import CogVideoXSpec
 from ft.precompute import planned_sample
 from helpers import BUCKETS, FP32, run_cli
@@ -64,4 +64,4 @@ def test_streamed_runs_write_the_same_shards_and_up_front_the_same_samples(tiny_
     # a rerun (shards in --out: planned up front) finds every sample there
     again = run_cli(argv(tiny_cog, shapes_data, tmp_path / "a", "--max-upscale", "2.5"))  # not the stamp's config
     assert [s.name for s in again.shards] == [s.name for s in first.shards]
-    assert Manifest.load(tmp_path / "a").active_keys(tmp_path / "a") == first.active_keys(tmp_path / "a")
+    assert load_manifest(tmp_path / "a").active_keys(tmp_path / "a") == first.active_keys(tmp_path / "a")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from helpers import FP32, BuiltClasses, run_cli
 
 STEPS = ["--num-inference-steps", "2"]
@@ -71,7 +71,7 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
     out, manifest, loads = val_shards
     assert loads == []  # no clip was encoded again: only the text encoders ran
     assert manifest.prompts == {"folder": "prompts", "negative": PromptTable(out, manifest).key("")}
-    table = PromptTable(out, Manifest.load(out))
+    table = PromptTable(out, load_manifest(out))
     assert table.missing([prompts[1], "a small bright square", ""]) == []
     # a validation prompt is keyed like a sample: the training caption's row IS the sample's conditioning
     sample = next(s for shard in manifest.shards for s in iter_shard(out / shard.name)
@@ -92,7 +92,7 @@ def test_a_damaged_prompt_file_is_refused(val_shards, tmp_path):
 
     out = tmp_path / "shards"
     shutil.copytree(val_shards[0], out)
-    table = PromptTable(out, Manifest.load(out))
+    table = PromptTable(out, load_manifest(out))
     path = table.path(table.key(""))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
