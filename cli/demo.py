@@ -20,7 +20,7 @@ DEMO_PROMPT = "a red circle moving left to right on a dark background"
 
 
 def _run(argv: list[str]) -> object:
-    from .main import invoke
+    from .commands import invoke
 
     log.info("$ ft " + " ".join(shlex.quote(a) for a in argv))
     return invoke(argv, standalone=False)
