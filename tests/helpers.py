@@ -11,6 +11,8 @@ def run_cli(argv: list[object]) -> object:
     from ft.cli.main import invoke
 
     return invoke([str(a) for a in argv], standalone=False)
+
+
 def torchrun(nproc: int, argv: list[object], timeout: float = 240) -> object:
     """`ft argv` in `nproc` processes under torchrun (gloo on the CPU); returns the CompletedProcess."""
     import os
@@ -30,6 +32,37 @@ HUNYUAN_TEXT = ["--max-sequence-length", "32"]
 # command takes them) and the flags precompute takes besides
 FAMILIES = {"cogvideox": ("cog", FP32, []), "ltx_video": ("ltx", FP32, []),
             "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT), "wan": ("wan", FP32, [])}
+
+# each family's LoRA run that lowers the loss (tests/train's `lora_run(family)`): rank 8, alpha 16, lr 3e-3, seed 0;
+# the steps and fixed-noise eval batches its tiny model needs, and the family's own flags (LTX-Video trains with
+# first-frame conditioning half the time)
+LORA_RUN = ["--rank", "8", "--lora-alpha", "16", "--batch-size", "2", "--lr", "3e-3", "--lr-warmup-steps", "0",
+            "--seed", "0"]
+LORA_RUNS = {"cogvideox": (50, 4, []), "ltx_video": (20, 2, ["--first-frame-conditioning-p", "0.5"]),
+             "hunyuan_video": (30, 4, []), "wan": (30, 4, [])}
+
+
+def train_args(family: str, model: object, shards: object, out: object, *flags: object) -> list[str]:
+    """`ft train`'s command line for the tiny `model` of `family` (a FAMILIES key) on `shards` into `out`, in the
+    family's fp32 dtypes, then `flags`: what a test file's runs share, then the run's own (a flag given twice
+    counts with its last value)."""
+    _, dtypes, _ = FAMILIES[family]
+    argv = ["train", "--model", family, "--pretrained", model, *dtypes, "--shards", shards, "--output-dir", out,
+            *flags]
+    return [str(a) for a in argv]
+
+
+def train(family: str, model: object, shards: object, out: object, *flags: object) -> dict:
+    """`ft train` (train_args's command line) in this process; returns the run's summary."""
+    return run_cli(train_args(family, model, shards, out, *flags))
+
+
+def train_log(out: object) -> list[dict]:
+    """The records of the run in `out`, from its train_log.jsonl."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(str(out)) / "train_log.jsonl").read_text().splitlines()]
 
 
 def mount_tmpfs(path: object, size: str = "4m") -> None:

@@ -4,30 +4,26 @@ train_log.jsonl records them), and the first step's compile time is logged apart
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from helpers import FP32, run_cli
+from helpers import torchrun, train, train_args, train_log
 
 # fp32 on the CPU: inductor fuses and reorders the elementwise ops, so the sums differ in the last bits only
 LOSS_RTOL = 1e-4
 BLOCKS = 2  # the tiny CogVideoX's transformer blocks
 
 
-def train(model, shards, out, *extra):
-    summary = run_cli(["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards,
-                       "--output-dir", out, "--rank", "4", "--lora-alpha", "4", "--batch-size", "1",
-                       "--lr-warmup-steps", "0", "--lr", "1e-3", "--train-steps", "6", "--seed", "0",
-                       "--report-to", "none", "--gradient-checkpointing", *extra])
-    return summary, [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+# what this file's runs share besides the run's own flags
+RUN = ["--rank", "4", "--lora-alpha", "4", "--batch-size", "1", "--lr-warmup-steps", "0", "--lr", "1e-3",
+       "--train-steps", "6", "--seed", "0", "--report-to", "none", "--gradient-checkpointing"]
 
 
 @pytest.mark.slow  # about 90 s on 2 cores with a cold inductor cache (gcc compiles each kernel), ~15 s warm
 def test_a_compiled_run_trains_as_the_eager_one_and_recompiles_each_block_once_per_new_shape(tiny_cog, cog_shards,
                                                                                               tmp_path):
-    _, eager = train(tiny_cog, cog_shards, tmp_path / "eager")
-    summary, compiled = train(tiny_cog, cog_shards, tmp_path / "compiled", "--compile-modules", "transformer")
+    train("cogvideox", tiny_cog, cog_shards, tmp_path / "eager", *RUN)
+    summary = train("cogvideox", tiny_cog, cog_shards, tmp_path / "compiled", *RUN, "--compile-modules", "transformer")
+    eager, compiled = train_log(tmp_path / "eager"), train_log(tmp_path / "compiled")
     assert [r["bucket"] for r in compiled] == [r["bucket"] for r in eager]
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=LOSS_RTOL)
     assert "graphs_compiled" not in eager[0]
@@ -53,21 +49,12 @@ def test_regional_compile_after_wrapping_trains_as_the_eager_run(tiny_cog, cog_s
     """FSDP2 x2 (fully_shard per block, then each block compiled, as torchtitan orders them) and DDP x2
     (replicate, then compile) against one eager process at the same samples per optimizer step: the losses agree
     within the compile tolerance."""
-    import os
-    import subprocess
-    import sys
-
-    _, eager = train(tiny_cog, cog_shards, tmp_path / "eager", "--batch-size", "2")
+    train("cogvideox", tiny_cog, cog_shards, tmp_path / "eager", *RUN, "--batch-size", "2")
     out = tmp_path / "fsdp"
-    argv = ["train", "--model", "cogvideox", "--pretrained", str(tiny_cog), *FP32, "--shards", str(cog_shards),
-            "--output-dir", str(out), "--rank", "4", "--lora-alpha", "4", "--batch-size", "1", "--lr-warmup-steps",
-            "0", "--lr", "1e-3", "--train-steps", "6", "--seed", "0", "--report-to", "none",
-            "--gradient-checkpointing", *layout, "--compile-modules", "transformer", "--compile-backend", "aot_eager"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "ft.cli.main", *argv], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = torchrun(2, train_args("cogvideox", tiny_cog, cog_shards, out, *RUN, *layout, "--compile-modules",
+                                    "transformer", "--compile-backend", "aot_eager"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    compiled, eager = train_log(out), train_log(tmp_path / "eager")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=LOSS_RTOL)
     assert compiled[0]["graphs_compiled"] >= 1
 

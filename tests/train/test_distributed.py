@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BUCKETS, FP32, run_cli, torchrun
+from helpers import BUCKETS, FP32, run_cli, torchrun, train, train_args, train_log
 
 pytestmark = pytest.mark.slow
 STEPS = ["--train-steps", "6", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps", "3",
@@ -42,13 +42,8 @@ def shards(tmp_path_factory, tiny_cog, shapes_data):
     return out
 
 
-def train_args(model, shards, out, *extra):
-    return ["train", "--model", "cogvideox", "--pretrained", str(model), *FP32, "--shards", str(shards),
-            "--output-dir", str(out), *STEPS, *map(str, extra)]
-
-
 def losses(out):
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in train_log(out)]
 
 
 def weights(out, training_type):
@@ -81,7 +76,7 @@ def reference(tmp_path_factory, tiny_cog, shards):
     for training_type, extra in (("lora", LORA), ("full-finetune", FULL)):
         for samples in (2, 4):
             out = root / f"{training_type}-{samples}"
-            run_cli(train_args(tiny_cog, shards, out, *extra, "--batch-size", samples))
+            train("cogvideox", tiny_cog, shards, out, *STEPS, *extra, "--batch-size", samples)
             runs[training_type, samples] = out
     return runs
 
@@ -96,7 +91,8 @@ def launched(tmp_path_factory, tiny_cog, shards):
         if key not in cache:
             out = tmp_path_factory.mktemp("launched") / "out"
             extra = LORA if training_type == "lora" else FULL
-            done = torchrun(nproc, train_args(tiny_cog, shards, out, *extra, "--batch-size", 1, *layout))
+            done = torchrun(nproc, train_args("cogvideox", tiny_cog, shards, out, *STEPS, *extra, "--batch-size", 1,
+                                              *layout))
             assert done.returncode == 0, done.stderr[-3000:]
             cache[key] = out, done
         return cache[key]
@@ -156,7 +152,7 @@ def test_a_resume_under_other_degrees_continues_the_curve(tiny_cog, shards, refe
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(first / "checkpoints" / "checkpoint-000003", resumed / "checkpoints" / "checkpoint-000003")
     nproc, layout = resumed_with
-    argv = train_args(tiny_cog, shards, resumed, *LORA, "--batch-size", 2 // nproc, *layout,
+    argv = train_args("cogvideox", tiny_cog, shards, resumed, *STEPS, *LORA, "--batch-size", 2 // nproc, *layout,
                       "--resume-from-checkpoint", "latest")
     if nproc == 1:
         run_cli(argv)
@@ -176,7 +172,8 @@ def test_a_resume_with_other_samples_per_step_is_refused_with_the_numbers(tiny_c
     shutil.copytree(reference["lora", 2] / "checkpoints" / "checkpoint-000003", out / "checkpoints" /
                     "checkpoint-000003")
     with pytest.raises(UserError, match="trained 2 samples per optimizer step, this run 4.*--batch-size 2"):
-        run_cli(train_args(tiny_cog, shards, out, *LORA, "--batch-size", 4, "--resume-from-checkpoint", "latest"))
+        train("cogvideox", tiny_cog, shards, out, *STEPS, *LORA, "--batch-size", 4, "--resume-from-checkpoint",
+              "latest")
 
 
 def corrupt_a_shard_of_rank_1(shards, tmp_path):
@@ -198,8 +195,8 @@ def corrupt_a_shard_of_rank_1(shards, tmp_path):
 def test_a_corrupt_shard_on_one_rank_stops_every_rank_with_its_message(tiny_cog, shards, tmp_path):
     bad, name = corrupt_a_shard_of_rank_1(shards, tmp_path)
     start = time.monotonic()
-    done = torchrun(2, train_args(tiny_cog, bad, tmp_path / "out", *LORA, "--batch-size", 1, "--train-steps", 50,
-                                  "--nccl-timeout", 60), timeout=240)
+    done = torchrun(2, train_args("cogvideox", tiny_cog, bad, tmp_path / "out", *STEPS, *LORA, "--batch-size", 1,
+                                  "--train-steps", 50, "--nccl-timeout", 60), timeout=240)
     # well within the test's time even on a loaded machine: the ranks stop at the step the shard is first read
     assert done.returncode != 0 and time.monotonic() - start < 150, done.stderr[-3000:]
     assert "[ft rank 1] error:" in done.stderr and name in done.stderr, done.stderr[-3000:]
@@ -208,16 +205,16 @@ def test_a_corrupt_shard_on_one_rank_stops_every_rank_with_its_message(tiny_cog,
 
 
 def test_a_non_finite_loss_stops_every_rank(tiny_cog, shards, tmp_path):
-    done = torchrun(2, train_args(tiny_cog, shards, tmp_path / "out", *LORA, "--batch-size", 1, "--lr", "1e30",
-                                  "--max-grad-norm", "0", "--train-steps", "40"), timeout=120)
+    done = torchrun(2, train_args("cogvideox", tiny_cog, shards, tmp_path / "out", *STEPS, *LORA, "--batch-size", 1,
+                                  "--lr", "1e30", "--max-grad-norm", "0", "--train-steps", "40"), timeout=120)
     assert done.returncode != 0
     assert done.stderr.count("training diverged") == 1, done.stderr[-3000:]  # said once, by rank 0
 
 
 def test_degrees_that_do_not_multiply_to_the_world_are_one_message_before_any_weight_loads(tiny_cog, shards,
                                                                                           tmp_path):
-    done = torchrun(2, train_args(tiny_cog, shards, tmp_path / "out", *LORA, "--dp-degree", 2, "--dp-shards", 2),
-                    timeout=120)
+    done = torchrun(2, train_args("cogvideox", tiny_cog, shards, tmp_path / "out", *STEPS, *LORA, "--dp-degree", 2,
+                                  "--dp-shards", 2), timeout=120)
     assert done.returncode != 0
     message = "--dp-degree 2 x --dp-shards 2 asks for a world of 4 processes, but torchrun started 2 processes"
     assert done.stderr.count(message) == 1, done.stderr[-3000:]
@@ -233,7 +230,7 @@ def test_two_tasks_of_a_plain_srun_train_as_ddp(tiny_cog, shards, reference, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    argv = train_args(tiny_cog, shards, out, *LORA, "--batch-size", 1)
+    argv = train_args("cogvideox", tiny_cog, shards, out, *STEPS, *LORA, "--batch-size", 1)
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     tasks = [subprocess.Popen([sys.executable, "-m", "ft.cli.main", *argv], stderr=subprocess.PIPE, text=True,
                               env={**base, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r),
@@ -254,8 +251,8 @@ def test_a_log_write_failing_on_rank_zero_stops_every_rank_with_its_message(tiny
     out = disk / "run"
     out.mkdir()
     fill(disk, 3 * 4096)  # train_config.json takes a page, the log fills the rest after a few dozen steps
-    done = torchrun(2, train_args(tiny_cog, shards, out, *LORA, "--batch-size", 1, "--train-steps", 400,
-                                  "--checkpointing-steps", 1000), timeout=180)
+    done = torchrun(2, train_args("cogvideox", tiny_cog, shards, out, *STEPS, *LORA, "--batch-size", 1, "--train-steps",
+                                  400, "--checkpointing-steps", 1000), timeout=180)
     assert done.returncode != 0
     assert "no space left on the device" in done.stderr
     assert "training stopped after step" in done.stderr
@@ -267,8 +264,8 @@ def test_a_rank_that_hangs_ends_the_others_at_the_timeout_with_a_message(tiny_co
     # rank 0 is stopped (SIGSTOP) after its second log line; rank 1 waits at most --nccl-timeout in the next
     # collective, then says so in one line naming the last checkpoint (not a gloo traceback)
     env = {"FT_TEST_KILL_AT": "logged:2", "FT_TEST_KILL_SIGNAL": "STOP"}
-    argv = train_args(tiny_cog, shards, tmp_path / "out", *LORA, "--batch-size", 1, "--train-steps", 20,
-                      "--checkpointing-steps", 1, "--nccl-timeout", 5)
+    argv = train_args("cogvideox", tiny_cog, shards, tmp_path / "out", *STEPS, *LORA, "--batch-size", 1,
+                      "--train-steps", 20, "--checkpointing-steps", 1, "--nccl-timeout", 5)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ft.cli.main", *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240,

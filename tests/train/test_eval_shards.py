@@ -3,13 +3,12 @@ eval_loss; the same weights give the same value twice, after a resume, and whate
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
 from ft.common.errors import UserError
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, run_cli, train, train_log
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +21,23 @@ def held_out(tmp_path_factory, tiny_cog):
              root / "shards", *BUCKETS])
     return root / "shards"
 
-
-def argv(model, shards, out, *extra):
-    return ["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards, "--output-dir", out,
-            "--rank", "4", "--batch-size", "2", "--lr", "1e-3", "--lr-warmup-steps", "0", *extra]
+# what this file's runs share besides the run's own flags
+RUN = ["--rank", "4", "--batch-size", "2", "--lr", "1e-3", "--lr-warmup-steps", "0"]
 
 
 def eval_losses(out):
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    return {r["step"]: r["eval_loss"] for r in train_log(out) if "eval_loss" in r}
 
 
 def test_eval_loss_is_logged_and_equal_after_a_resume(tiny_cog, cog_shards, held_out, tmp_path):
     common = ["--eval-shards", held_out, "--eval-steps", "2", "--checkpointing-steps", "2", "--seed", "4"]
-    summary = run_cli(argv(tiny_cog, cog_shards, tmp_path / "a", "--train-steps", "4", *common))
+    summary = train("cogvideox", tiny_cog, cog_shards, tmp_path / "a", *RUN, "--train-steps", "4", *common)
     straight = eval_losses(tmp_path / "a")
     assert sorted(straight) == [2, 4] and straight[2] != straight[4]
     assert summary["eval_loss"] == straight[4]
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    run_cli(argv(tiny_cog, cog_shards, tmp_path / "b", "--train-steps", "4", *common,
-                 "--resume-from-checkpoint", "2"))
+    train("cogvideox", tiny_cog, cog_shards, tmp_path / "b", *RUN, "--train-steps", "4", *common,
+          "--resume-from-checkpoint", "2")
     assert eval_losses(tmp_path / "b") == straight  # step 4 recomputed by the resumed run: the same value
 
 
@@ -63,8 +59,8 @@ def test_the_same_weights_give_the_same_value_twice_and_under_any_seed(tiny_cog,
 
 def test_eval_shards_must_be_held_out_and_of_the_same_model(tiny_cog, cog_shards, ltx_shards, held_out, tmp_path):
     with pytest.raises(UserError, match="--eval-shards .* is a training shard set"):
-        run_cli(argv(tiny_cog, cog_shards, tmp_path / "o", "--eval-shards", cog_shards))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *RUN, "--eval-shards", cog_shards)
     with pytest.raises(UserError, match="encoded for 'ltx_video'"):
-        run_cli(argv(tiny_cog, cog_shards, tmp_path / "o", "--eval-shards", ltx_shards))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *RUN, "--eval-shards", ltx_shards)
     with pytest.raises(UserError, match="--eval-steps must be > 0"):
-        run_cli(argv(tiny_cog, cog_shards, tmp_path / "o", "--eval-shards", held_out, "--eval-steps", "0"))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *RUN, "--eval-shards", held_out, "--eval-steps", "0")

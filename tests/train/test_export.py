@@ -14,16 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from helpers import FP32, run_cli
+from helpers import run_cli, train, train_args
 
 STEPS = ["--train-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "5",
          "--checkpointing-steps", "2", "--report-to", "none"]
 LORA = ["--rank", "4", "--lora-alpha", "8"]
-
-
-def train_args(model, shards, out, *extra):
-    return ["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards, "--output-dir", out,
-            *STEPS, *extra]
 
 
 def same(a, b):
@@ -33,7 +28,7 @@ def same(a, b):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_cog, cog_shards):
     out = tmp_path_factory.mktemp("export") / "lora"
-    run_cli(train_args(tiny_cog, cog_shards, out, *LORA))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, *LORA)
     return out
 
 
@@ -62,7 +57,7 @@ def test_ft_export_makes_a_full_finetunes_transformer_from_a_checkpoint(tiny_cog
     from diffusers import CogVideoXTransformer3DModel
 
     out = tmp_path / "full"
-    run_cli(train_args(tiny_cog, cog_shards, out, "--training-type", "full-finetune"))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--training-type", "full-finetune")
     exported = run_cli(["export", "--checkpoint", out / "checkpoints" / "checkpoint-000004", "--out", tmp_path / "x"])
     a = CogVideoXTransformer3DModel.from_pretrained(exported).state_dict()
     b = CogVideoXTransformer3DModel.from_pretrained(out / "transformer").state_dict()
@@ -80,7 +75,7 @@ def test_ft_export_refuses_what_is_not_a_checkpoint(tmp_path, lora_run):
 
 def test_a_run_killed_before_its_export_finishes_it_on_resume(tiny_cog, cog_shards, tmp_path, lora_run):
     out = tmp_path / "killed"
-    argv = [str(a) for a in train_args(tiny_cog, cog_shards, out, *LORA)]
+    argv = train_args("cogvideox", tiny_cog, cog_shards, out, *STEPS, *LORA)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": "exporting"}
     done = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], env=env, capture_output=True, text=True,
                           timeout=300)

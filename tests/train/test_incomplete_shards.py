@@ -13,13 +13,10 @@ import pytest
 from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
 from ft.common.shards import load_manifest, open_shard_set, shard_keys
-from helpers import FP32, run_cli
+from helpers import FP32, run_cli, train
 
-
-def train(model, shards, out, *extra):
-    return run_cli(["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards,
-                    "--output-dir", out, "--rank", "4", "--batch-size", "1", "--train-steps", "2",
-                    "--lr-warmup-steps", "0", *extra])
+# what this file's runs share besides the run's own flags
+RUN = ["--rank", "4", "--batch-size", "1", "--train-steps", "2", "--lr-warmup-steps", "0"]
 
 
 @pytest.fixture
@@ -36,7 +33,7 @@ def incomplete(tmp_path, cog_shards):
 def test_train_refuses_an_incomplete_set_with_the_command_that_completes_it(incomplete, tiny_cog, tmp_path):
     with pytest.raises(UserError, match=r"INCOMPLETE: 4 samples of the dataset are not encoded yet; run "
                                         r"`ft precompute --config .*precompute_config.json`.*--allow-incomplete"):
-        train(tiny_cog, incomplete, tmp_path / "out")
+        train("cogvideox", tiny_cog, incomplete, tmp_path / "out", *RUN)
     assert "INCOMPLETE: 4 samples" in describe(str(incomplete))
     assert "9x32x64       4" in describe(str(incomplete)).split("not encoded yet (missing from training)")[1]
 
@@ -45,7 +42,7 @@ def test_allow_incomplete_trains_on_what_is_there_with_a_warning(incomplete, tin
     with caplog.at_level(logging.WARNING, logger="ft"):
         logging.getLogger("ft").propagate = True
         try:
-            summary = train(tiny_cog, incomplete, tmp_path / "out", "--allow-incomplete")
+            summary = train("cogvideox", tiny_cog, incomplete, tmp_path / "out", *RUN, "--allow-incomplete")
         finally:
             logging.getLogger("ft").propagate = False
     assert summary["steps"] == 2

@@ -16,16 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from helpers import FP32, run_cli
+from helpers import FP32, run_cli, train, train_args, train_log
 
 STEPS = ["--train-steps", "6", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--lr", "3e-3",
          "--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps", "3",
          "--report-to", "none"]
-
-
-def train_args(model, shards, out, *extra):
-    return ["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards, "--output-dir", out,
-            *STEPS, *extra]
 
 
 def weights(out, training_type):
@@ -36,17 +31,13 @@ def weights(out, training_type):
     return CogVideoXTransformer3DModel.from_pretrained(out / "transformer").state_dict()
 
 
-def losses(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("training_type", ["lora", "full-finetune"])
 def test_a_resumed_run_ends_bitwise_equal_to_a_straight_run(tiny_cog, cog_shards, tmp_path, training_type):
     extra = ["--training-type", training_type] + (["--rank", "4", "--lora-alpha", "8"] if training_type == "lora"
                                                   else [])
     straight = tmp_path / "straight"
-    summary = run_cli(train_args(tiny_cog, cog_shards, straight, *extra))
-    log = losses(straight)
+    summary = train("cogvideox", tiny_cog, cog_shards, straight, *STEPS, *extra)
+    log = train_log(straight)
     assert summary["steps"] == 6 and len({r["epoch"] for r in log}) >= 2  # crosses an epoch boundary
     assert [p.name for p in sorted((straight / "checkpoints").iterdir())] == ["checkpoint-000003",
                                                                              "checkpoint-000006"]
@@ -54,10 +45,10 @@ def test_a_resumed_run_ends_bitwise_equal_to_a_straight_run(tiny_cog, cog_shards
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "checkpoint-000003", resumed / "checkpoints" / "checkpoint-000003")
     (resumed / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:4]))  # a killed run's log
-    run_cli(train_args(tiny_cog, cog_shards, resumed, *extra, "--resume-from-checkpoint", "latest"))
+    train("cogvideox", tiny_cog, cog_shards, resumed, *STEPS, *extra, "--resume-from-checkpoint", "latest")
     a, b = weights(straight, training_type), weights(resumed, training_type)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    again = losses(resumed)
+    again = train_log(resumed)
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]  # appended after step 3, not overwritten
     assert [r["loss"] for r in again] == [r["loss"] for r in log]
 
@@ -67,10 +58,10 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(tiny_cog, co
     # run (6 steps) share their learning rates
     lora = ["--rank", "4", "--lora-alpha", "8", "--lr-scheduler", "constant"]
     straight = tmp_path / "straight"
-    run_cli(train_args(tiny_cog, cog_shards, straight, *lora, "--checkpointing-steps", "2"))
+    train("cogvideox", tiny_cog, cog_shards, straight, *STEPS, *lora, "--checkpointing-steps", "2")
     killed = tmp_path / "killed"
-    argv = [str(a) for a in train_args(tiny_cog, cog_shards, killed, *lora, "--checkpointing-steps", "2",
-                                       "--train-steps", "400")]
+    argv = train_args("cogvideox", tiny_cog, cog_shards, killed, *STEPS, *lora, "--checkpointing-steps", "2",
+                      "--train-steps", "400")
     process = subprocess.Popen([sys.executable, "-m", "ft.cli.main", *argv], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -88,8 +79,8 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(tiny_cog, co
     for name in steps_left:
         if name != "checkpoint-000004":
             shutil.rmtree(killed / "checkpoints" / name)
-    run_cli(train_args(tiny_cog, cog_shards, killed, *lora, "--checkpointing-steps", "2",
-                       "--resume-from-checkpoint", "4"))
+    train("cogvideox", tiny_cog, cog_shards, killed, *STEPS, *lora, "--checkpointing-steps", "2",
+          "--resume-from-checkpoint", "4")
     a, b = weights(straight, "lora"), weights(killed, "lora")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -97,37 +88,37 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(tiny_cog, co
 def test_checkpoint_errors_limit_and_atomic_saves(tiny_cog, cog_shards, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="holds no checkpoint"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "latest"))
-    run_cli(train_args(tiny_cog, cog_shards, out, "--checkpointing-steps", "1", "--checkpointing-limit", "2",
-                       "--rank", "4"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "latest")
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--checkpointing-steps", "1", "--checkpointing-limit", "2",
+          "--rank", "4")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000005", "checkpoint-000006"]
     with pytest.raises(UserError, match="steps: 5, 6"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "3", "--rank", "4"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "3", "--rank", "4")
     # a save killed half-way leaves a hidden .tmp folder: never resumed from, removed by the next save
     half = out / "checkpoints" / ".checkpoint-000007.tmp"
     half.mkdir()
     (half / "__0_0.distcp").write_bytes(b"partial")
     # resumed at its last step, the run only finishes its export (a kill may have come between the two)
-    assert run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "latest", "--rank", "4"))[
-        "first_loss"] is None
+    assert train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "latest", "--rank",
+                 "4")["first_loss"] is None
     with pytest.raises(UserError, match="at step 6, past --train-steps 5; raise --train-steps"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "latest", "--rank", "4",
-                           "--train-steps", "5"))
-    run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "latest", "--rank", "4",
-                       "--train-steps", "7", "--checkpointing-steps", "7"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "latest", "--rank", "4",
+              "--train-steps", "5")
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "latest", "--rank", "4",
+          "--train-steps", "7", "--checkpointing-steps", "7")
     assert not half.exists() and (out / "checkpoints" / "checkpoint-000007").is_dir()
     # the LoRA of another rank does not fit the checkpoint: said plainly
     with pytest.raises(UserError, match="does not fit this run"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--resume-from-checkpoint", "latest", "--rank", "8",
-                           "--train-steps", "8"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--resume-from-checkpoint", "latest", "--rank", "8",
+              "--train-steps", "8")
 
 
 def test_full_finetune_result_loads_in_diffusers_and_ft_generate(tiny_cog, cog_shards, tmp_path):
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     out = tmp_path / "full"
-    run_cli(train_args(tiny_cog, cog_shards, out, "--training-type", "full-finetune", "--train-steps", "2",
-                       "--checkpointing-steps", "0", "--optimizer", "adam", "--report-to", "tensorboard"))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--training-type", "full-finetune", "--train-steps", "2",
+          "--checkpointing-steps", "0", "--optimizer", "adam", "--report-to", "tensorboard")
     transformer = CogVideoXTransformer3DModel.from_pretrained(out / "transformer")
     base = CogVideoXTransformer3DModel.from_pretrained(tiny_cog / "transformer")
     changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
@@ -158,9 +149,9 @@ def test_master_weights_in_fp32_compute_in_bf16(tiny_cog, cog_shards, tmp_path):
 def test_optimizer_and_dropout_errors(tiny_cog, cog_shards, tmp_path):
     # CogVideoX's pre-patch sequence length would extrapolate the shift to sigma ~ 1 for every sample
     with pytest.raises(UserError, match="--flow-resolution-shifting.*fixed --flow-shift"):
-        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "o", "--flow-resolution-shifting"))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *STEPS, "--flow-resolution-shifting")
     with pytest.raises(UserError, match="bitsandbytes"):
-        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "o", "--optimizer", "adamw-8bit"))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *STEPS, "--optimizer", "adamw-8bit")
     old = tmp_path / "old-shards"
     shutil.copytree(cog_shards, old)
     from ft.common.shards import load_manifest
@@ -169,7 +160,7 @@ def test_optimizer_and_dropout_errors(tiny_cog, cog_shards, tmp_path):
     manifest.empty_caption = {}
     manifest.save(old)
     with pytest.raises(UserError, match="empty caption.*Rerun `ft precompute`"):
-        run_cli(train_args(tiny_cog, old, tmp_path / "o", "--caption-dropout-p", "0.1"))
+        train("cogvideox", tiny_cog, old, tmp_path / "o", *STEPS, "--caption-dropout-p", "0.1")
 
 
 def test_caption_dropout_trains_on_the_stored_empty_caption(tiny_cog, cog_shards, tmp_path):
@@ -200,16 +191,16 @@ def test_two_shard_sets_mix_in_one_run(tiny_cog, cog_shards, tmp_path):
                      "--batch-size", "2", "--report-to", "none", "--checkpointing-steps", "0"])
     assert mixed["steps"] == 3
     with pytest.raises(UserError, match="given twice"):
-        run_cli(train_args(tiny_cog, f"{cog_shards}:0.5", tmp_path / "x", "--shards", cog_shards))
+        train("cogvideox", tiny_cog, f"{cog_shards}:0.5", tmp_path / "x", *STEPS, "--shards", cog_shards)
     with pytest.raises(UserError, match="finite number"):
-        run_cli(train_args(tiny_cog, f"{other}:inf", tmp_path / "x"))
+        train("cogvideox", tiny_cog, f"{other}:inf", tmp_path / "x", *STEPS)
     from ft.common.shards import load_manifest
 
     manifest = load_manifest(other)
     manifest.encoder_fingerprint = "0" * 32
     manifest.save(other)
     with pytest.raises(UserError, match="other encoders"):
-        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "x", "--shards", other))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "x", *STEPS, "--shards", other)
 
 
 def test_a_samples_loss_does_not_depend_on_the_batch_it_is_in(tiny_cog, cog_shards, tmp_path):
@@ -241,14 +232,15 @@ def test_report_to_wandb_without_wandb_is_a_clear_error(tiny_cog, cog_shards, tm
     except ImportError:
         pass
     with pytest.raises(UserError, match="pip install wandb"):
-        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "o", "--report-to", "wandb"))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "o", *STEPS, "--report-to", "wandb")
 
 
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_cog, cog_shards, tmp_path):
     out = tmp_path / "out"
-    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--checkpointing-steps", "2", "--train-steps", "6"))
-    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--checkpointing-steps", "2", "--train-steps", "6",
-                       "--resume-from-checkpoint", "2", "--checkpointing-limit", "1", "--lr", "1e-3"))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--checkpointing-steps", "2", "--train-steps",
+          "6")
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--checkpointing-steps", "2", "--train-steps",
+          "6", "--resume-from-checkpoint", "2", "--checkpointing-limit", "1", "--lr", "1e-3")
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-000006"]
     assert sorted(p.name for p in (root / "abandoned-000002").iterdir()) == ["checkpoint-000004",
@@ -260,33 +252,35 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_cog, cog_sh
 
 def test_damaged_or_unfitting_checkpoints_and_output_dirs_are_clear_errors(tiny_cog, cog_shards, tmp_path):
     out = tmp_path / "out"
-    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "2", "--checkpointing-steps", "1"))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--train-steps", "2", "--checkpointing-steps",
+          "1")
     with pytest.raises(UserError, match="holds checkpoints of an earlier run.*--resume-from-checkpoint latest"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4")
     config_before = (out / "train_config.json").read_text()
     # fewer adapters than the checkpoint holds would silently drop trained weights
     with pytest.raises(UserError, match="would drop"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--target-modules", "to_q",
-                           "--resume-from-checkpoint", "1"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--target-modules", "to_q",
+              "--resume-from-checkpoint", "1")
     assert (out / "train_config.json").read_text() == config_before  # a refused attempt writes nothing
     state = out / "checkpoints" / "checkpoint-000002" / "state.json"
     state.write_text(state.read_text()[:50])
     with pytest.raises(UserError, match="is damaged.*steps: 1"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--resume-from-checkpoint", "2"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--resume-from-checkpoint", "2")
     data = next((out / "checkpoints" / "checkpoint-000001").glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(UserError, match="is damaged"):
-        run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--resume-from-checkpoint", "1"))
+        train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--resume-from-checkpoint", "1")
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match="--output-dir"):
-        run_cli(train_args(tiny_cog, cog_shards, tmp_path / "a-file"))
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "a-file", *STEPS)
 
 
 def test_a_half_written_log_line_does_not_stop_a_resume(tiny_cog, cog_shards, tmp_path):
     out = tmp_path / "out"
-    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "2", "--checkpointing-steps", "1"))
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--train-steps", "2", "--checkpointing-steps",
+          "1")
     with open(out / "train_log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
-    run_cli(train_args(tiny_cog, cog_shards, out, "--rank", "4", "--train-steps", "3", "--resume-from-checkpoint",
-                       "latest"))
-    assert [r["step"] for r in losses(out)] == [1, 2, 3]
+    train("cogvideox", tiny_cog, cog_shards, out, *STEPS, "--rank", "4", "--train-steps", "3",
+          "--resume-from-checkpoint", "latest")
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ft.common.errors import UserError
 from ft.common.shards import iter_shard, load_manifest
-from helpers import FP32, BuiltClasses, run_cli
+from helpers import FP32, BuiltClasses, run_cli, train, train_log
 
 STEPS = ["--num-inference-steps", "2"]
 
@@ -24,10 +24,9 @@ def validation_file(folder, rows, name="validation.json"):
     return path
 
 
-def train(model, shards, out, *extra):
-    return run_cli(["train", "--model", "cogvideox", "--pretrained", model, *FP32, "--shards", shards,
-                    "--output-dir", out, "--rank", "4", "--lora-alpha", "8", "--batch-size", "2",
-                    "--lr-warmup-steps", "0", "--lr", "1e-3", "--seed", "1", *extra])
+# what this file's runs share besides the run's own flags
+RUN = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--lr-warmup-steps", "0", "--lr", "1e-3",
+       "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +103,7 @@ def test_a_damaged_prompt_file_is_refused(val_shards, tmp_path):
 def test_train_refuses_prompts_that_were_not_precomputed(tiny_cog, cog_shards, prompts, tmp_path):
     with pytest.raises(UserError, match=r"2 prompt\(s\) are not precomputed.*ft precompute --config .*"
                                         r"precompute_config.json --validation-dataset-file"):
-        train(tiny_cog, cog_shards, tmp_path / "out", "--train-steps", "1",
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "out", *RUN, "--train-steps", "1",
               "--validation-dataset-file", prompts[0])
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -112,14 +111,14 @@ def test_train_refuses_prompts_that_were_not_precomputed(tiny_cog, cog_shards, p
 def test_a_bad_size_or_another_vae_is_refused_before_the_first_step(tiny_cog, val_shards, tmp_path):
     bad = validation_file(tmp_path, [{"caption": "x", "num_frames": 10}], "bad.json")
     with pytest.raises(UserError, match=r"bad.json row 1: num_frames 10.*4k\+1"):
-        train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", bad)
+        train("cogvideox", tiny_cog, val_shards[0], tmp_path / "out", *RUN, "--validation-dataset-file", bad)
     from ft.pipelines.registry import save_tiny_model
 
     other = save_tiny_model("cogvideox", tmp_path / "other", seed=5)
     good = validation_file(tmp_path, [{"caption": "a small bright square"}], "good.json")
     with pytest.raises(UserError, match=r"the VAE at .*other/vae is not the one .* (weights|config)"):
-        train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", good, "--vae-id",
-              other / "vae")
+        train("cogvideox", tiny_cog, val_shards[0], tmp_path / "out", *RUN, "--validation-dataset-file", good,
+              "--vae-id", other / "vae")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +126,8 @@ def validated(tmp_path_factory, tiny_cog, val_shards, prompts):
     """Three steps with validation every 2 (steps 2 and 3), watched for text-encoder and tokenizer classes."""
     out = tmp_path_factory.mktemp("validated") / "out"
     with BuiltClasses() as built:
-        summary = train(tiny_cog, val_shards[0], out, "--train-steps", "3", "--validation-dataset-file", prompts[0],
-                        "--validation-steps", "2")
+        summary = train("cogvideox", tiny_cog, val_shards[0], out, *RUN, "--train-steps", "3",
+                        "--validation-dataset-file", prompts[0], "--validation-steps", "2")
     return out, summary, built
 
 
@@ -147,8 +146,7 @@ def test_videos_at_the_right_steps_with_their_frames_and_size(validated, prompts
         from PIL import Image
 
         assert Image.open(out / "validation" / folder / "contact_sheet.png").size[1] > 2 * 32
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    validation = [r for r in records if "validation" in r]
+    validation = [r for r in train_log(out) if "validation" in r]
     assert [r["step"] for r in validation] == [2, 3]
     files = validation[0]["validation"]["videos"]
     assert [f["caption"] for f in files] == [prompts[1], "a small bright square"]
@@ -181,7 +179,7 @@ def test_tensorboard_holds_the_scalars_and_the_videos(validated):
 
 def test_validation_leaves_the_training_weights_as_a_run_without_it(validated, tiny_cog, val_shards, tmp_path):
     out, summary, _ = validated
-    plain = train(tiny_cog, val_shards[0], tmp_path / "plain", "--train-steps", "3")
+    plain = train("cogvideox", tiny_cog, val_shards[0], tmp_path / "plain", *RUN, "--train-steps", "3")
     assert plain["last_loss"] == summary["last_loss"]
     a, b = load_file(out / "pytorch_lora_weights.safetensors"), load_file(
         tmp_path / "plain" / "pytorch_lora_weights.safetensors")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FAMILIES, BuiltClasses, run_cli
+from helpers import FAMILIES, BuiltClasses, run_cli, train, train_log
 
 # each family's validation row settings: true CFG exercises the stored negative prompt, HunyuanVideo's second
 # transformer pass per step; Wan: classifier-free guidance with the stored empty prompt's embeddings, through
@@ -36,18 +36,18 @@ def family(request, tmp_path, tiny_model, family_shards):
     return name, model, copy, dtypes, tmp_path / "validation.json"
 
 
-def train(family, out, *extra):
-    name, model, shards, dtypes, _ = family
-    return run_cli(["train", "--model", name, "--pretrained", model, *dtypes, "--shards", shards, "--output-dir", out,
-                    "--batch-size", "2", "--rank", "4", "--lr", "1e-3", "--lr-warmup-steps", "0", "--train-steps",
-                    "2", "--seed", "3", *extra])
+# what this file's runs share besides the run's own flags
+RUN = ["--batch-size", "2", "--rank", "4", "--lr", "1e-3", "--lr-warmup-steps", "0", "--train-steps", "2", "--seed",
+       "3"]
 
 
 def test_a_tiny_run_validates_without_a_text_encoder(family, tmp_path):
     from ft.precompute.media import open_media
 
+    name, model, shards, _, validation_file = family
     with BuiltClasses() as built:
-        summary = train(family, tmp_path / "out", "--validation-dataset-file", family[4], "--validation-steps", "1")
+        summary = train(name, model, shards, tmp_path / "out", *RUN, "--validation-dataset-file", validation_file,
+                        "--validation-steps", "1")
     assert built == []
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000001", "step-000002"]
@@ -56,11 +56,10 @@ def test_a_tiny_run_validates_without_a_text_encoder(family, tmp_path):
         sizes = [(m.num_frames, m.height, m.width) for m in map(open_media, videos)]
         assert sizes == [(5, 32, 64), (9, 32, 32)]  # the row's size; the shards' first video bucket
         assert (out / "validation" / step / "contact_sheet.png").is_file()
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    files = next(r for r in records if "validation" in r)["validation"]["videos"]
-    assert files[0]["fps"] == FPS[family[0]]
+    files = next(r for r in train_log(out) if "validation" in r)["validation"]["videos"]
+    assert files[0]["fps"] == FPS[name]
 
-    plain = train(family, tmp_path / "plain")
+    plain = train(name, model, shards, tmp_path / "plain", *RUN)
     assert plain["last_loss"] == summary["last_loss"]
     a = load_file(out / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
