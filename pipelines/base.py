@@ -11,7 +11,8 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   transformer call, fed exactly as the family's pipeline feeds it, with the batch's metadata, generators and the
   run's typed `TrainOptions`); `check_shards` (family, latent channels, conditioning, text length, then the
   family's `check_shard_extras`);
-- facts: `aliases`, LoRA target modules, valid frame counts and size multiples, default buckets, the
+- facts: `aliases`, LoRA target modules and the LoRA key layout of the family's original checkpoint
+  (`original_layout`, what ComfyUI reads: lora_keys.py), valid frame counts and size multiples, default buckets, the
   transformer's block lists (what FSDP2 shards block by block, and the layers `ft estimate` counts), and the
   published checkpoints' real-size configs (`checkpoints`, offline);
 - generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
@@ -36,6 +37,7 @@ from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
 from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+from .lora_keys import OriginalLayout
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -239,6 +241,8 @@ class ModelSpec(ABC):
     scheduler_class: ClassVar[tuple[str, str]]
     # module names, or one regex matched against whole names (see `peft_targets`)
     default_lora_targets: ClassVar[list[str]]
+    # the LoRA's module names in the family's original checkpoint, as ComfyUI reads them (lora_keys.py)
+    original_layout: ClassVar[OriginalLayout]
     default_buckets: ClassVar[list[str]]
     # the conditioning tensors of a sample, in the order encode_prompts returns them
     conditioning: ClassVar[tuple[CondTensor, ...]]
