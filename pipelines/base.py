@@ -567,12 +567,6 @@ class ModelSpec(ABC):
         """Family-specific arguments of the pipeline's __call__ (e.g. the text length the transformer takes)."""
         return {}
 
-    def save_lora(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor], adapter_config: dict) -> None:
-        """Save transformer LoRA weights so that `pipe.load_lora_weights(out_dir)` loads them."""
-        pipeline = import_class(*self.pipeline_class)
-        pipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict,
-                                   transformer_lora_adapter_metadata=adapter_config)
-
     # ------------------------------------------------------------------------------------------------ tests
 
     @abstractmethod
