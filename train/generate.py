@@ -35,7 +35,7 @@ from ft.common.video import write_video
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
 
-from .lora_formats import diffusers_state, find_lora_file, lora_modules, read_lora
+from .lora_formats import config_modules, diffusers_state, find_lora_file, read_lora
 
 if TYPE_CHECKING:
     import numpy as np
@@ -268,12 +268,15 @@ def check_lora_family(spec: ModelSpec, lora: Path, flag: str = "--lora") -> None
 
 
 def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
+    """The pipeline with --lora loaded as adapter "ft". The LoRA is read (any layout) before any model loads,
+    against the transformer's modules as its config makes them."""
     lora = find_lora_file(cfg.lora, "--lora") if cfg.lora else None
+    layout, pairs = "", {}
     if lora is not None:
         check_lora_family(spec, lora)
+        layout, pairs = read_lora(spec, lora, config_modules(spec, spec.load_config("transformer", cfg)), "--lora")
     pipe = spec.load_pipeline(cfg, device)
     if lora is not None:
-        layout, pairs = read_lora(spec, lora, lora_modules(pipe.transformer), "--lora")
         try:
             if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
                 pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ft")
