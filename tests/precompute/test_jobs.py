@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.inspect_shards import describe
 from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, Manifest, iter_shard, open_shard_set
 from helpers import BUCKETS, FP32, run_cli
 
@@ -34,7 +34,7 @@ def argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def start(args: list[str], **env: str) -> subprocess.Popen:
     clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT",
                                                               "SLURM_ARRAY_TASK_ID")}
-    return subprocess.Popen([sys.executable, "-m", "ft.common.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "ft.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**clean, "HF_HUB_OFFLINE": "1", **env},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 from .manifest import INPUT_FILES, Manifest, ShardInfo, write_atomic
 
 JOBS_DIR = "jobs"
