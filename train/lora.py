@@ -23,10 +23,11 @@ def lora_config(rank: int, alpha: float, target_modules: list[str]) -> Any:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=peft_targets(target_modules))
 
 
-def plan_lora(cfg: Any, spec: ModelSpec, transformer_config: dict) -> LoraPlan:
-    """The run's LoRA plan from its flags (a TrainConfig): formats checked, --init-lora read."""
+def plan_lora(cfg: Any, spec: ModelSpec, transformer_config: dict, resuming: bool = False) -> LoraPlan:
+    """The run's LoRA plan from its flags (a TrainConfig): formats checked, --init-lora read (not when resuming:
+    the checkpoint holds the adapter then)."""
     return LoraPlan.make(spec, transformer_config, cfg.rank, cfg.lora_alpha, cfg.target_modules,
-                         cfg.transformer_id or cfg.pretrained, cfg.lora_format, cfg.init_lora)
+                         cfg.transformer_id or cfg.pretrained, cfg.lora_format, None if resuming else cfg.init_lora)
 
 
 def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str],

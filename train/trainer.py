@@ -200,7 +200,8 @@ class Trainer:
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
         # what the LoRA files will be (each adapted module has a key in every layout written), --init-lora read
-        self.lora_plan = plan_lora(cfg, self.spec, self.transformer_config) if cfg.training_type == "lora" else None
+        self.lora_plan = plan_lora(cfg, self.spec, self.transformer_config, resuming=self.resume_from is not None) if (
+            cfg.training_type == "lora") else None
         self.config_json = to_jsonable(cfg)
 
     def build(self) -> None:
