@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
-from .lora_keys import Fused, OriginalLayout, Refused, Rename
+from .lora_keys import Fused, OriginalLayout, Rename
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -70,12 +70,12 @@ ORIGINAL_LAYOUT = OriginalLayout(
            Fused(_DOUBLE + r"attn\.", ("add_q_proj", "add_k_proj", "add_v_proj"), r"double_blocks.\1.txt_attn_qkv"),
            Fused(_SINGLE, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), r"single_blocks.\1.linear1"),
            Fused(_REFINER + r"attn\.", ("to_q", "to_k", "to_v"), _REFINER_TO + "self_attn_qkv")),
-    refused=(Refused(r"norm_out\.linear", "the original final_layer.adaLN_modulation.1 holds its rows in the other "
-                                         "order (shift, scale), and diffusers' reader would split its down-projection"),
-             Refused(r"time_text_embed\.(timestep|guidance)_embedder\.linear_[12]|"
-                     r"context_embedder\.time_text_embed\.(timestep|text)_embedder\.linear_[12]",
-                     "ComfyUI names these embedders in_layer/out_layer where the original checkpoint has mlp.0/mlp.2 "
-                     "or linear_1/linear_2, so no one key loads in both")),
+    refused={r"norm_out\.linear": "the original final_layer.adaLN_modulation.1 holds its rows in the other order "
+                                  "(shift, scale), and diffusers' reader would split its down-projection",
+             r"time_text_embed\.(timestep|guidance)_embedder\.linear_[12]|"
+             r"context_embedder\.time_text_embed\.(timestep|text)_embedder\.linear_[12]":
+                 "ComfyUI names these embedders in_layer/out_layer where the original checkpoint has mlp.0/mlp.2 or "
+                 "linear_1/linear_2, so no one key loads in both"},
     read_prefixes=("diffusion_model.", "transformer."))
 
 

@@ -9,7 +9,7 @@ ModelSpec names its `OriginalLayout`, made of:
   v; HunyuanVideo's single-stream `linear1` is q, k, v and the MLP's input projection). Its LoRA is one exact LoRA
   made from the parts' adapters: their down-projections stacked, their up-projections block-diagonal, so each
   part's rows get exactly that part's delta (rank: the parts' ranks summed); a part with no adapter gets zero rows;
-- `Refused`: a module whose original counterpart no single key can carry, with the reason.
+- `refused`: modules (regex) whose original counterpart no single key can carry, with the reason.
 A module that matches none has no counterpart: a run that writes this layout refuses it when it starts.
 
 `to_original` turns adapters keyed by diffusers names into adapters keyed by original names (plus the part ranks
@@ -24,7 +24,7 @@ Adapters are `LoraPair`s: delta = scale * up @ down (a convolution's kernel dime
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
@@ -55,14 +55,6 @@ class Fused:
 
 
 @dataclass(frozen=True)
-class Refused:
-    """Diffusers modules (regex) that have an original counterpart no single LoRA key can carry, and why."""
-
-    pattern: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class Counterpart:
     """Where a diffusers module lives in the original layout: the original module, and for a fused one the
     module's index among the parts and every part's diffusers name (`group`, in row order)."""
@@ -80,7 +72,7 @@ class OriginalLayout:
     prefix: str = "diffusion_model."  # what ft writes in front of each original module name
     renames: tuple[Rename, ...] = ()
     fused: tuple[Fused, ...] = ()
-    refused: tuple[Refused, ...] = ()
+    refused: dict[str, str] = field(default_factory=dict)  # regex over a diffusers module name -> why it has no key
     read_prefixes: tuple[str, ...] = ("diffusion_model.",)  # the prefixes other tools write, read back
     kohya: bool = False  # whether ft writes kohya's `lora_unet_` flattening too (musubi-tuner's layout)
 
@@ -92,7 +84,7 @@ class OriginalLayout:
                 if match:
                     prefix = module[: len(module) - len(part)]
                     return Counterpart(match.expand(fused.original), index, tuple(prefix + p for p in fused.parts))
-        if any(re.fullmatch(refused.pattern, module) for refused in self.refused):
+        if any(re.fullmatch(pattern, module) for pattern in self.refused):
             return None
         for rename in self.renames:
             match = re.fullmatch(rename.pattern, module)
@@ -104,9 +96,9 @@ class OriginalLayout:
         """Why `module` has no LoRA key in this layout, or None when it has one."""
         if self.counterpart(module) is not None:
             return None
-        for refused in self.refused:
-            if re.fullmatch(refused.pattern, module):
-                return refused.reason
+        for pattern, reason in self.refused.items():
+            if re.fullmatch(pattern, module):
+                return reason
         return f"{self.description} has no module it corresponds to"
 
 
@@ -234,24 +226,22 @@ def resolve(layout: OriginalLayout, names: list[str], modules: list[str], index:
     transformer with `modules` (diffusers names) whose original names are `index`. Raises UserError naming what
     does not fit."""
     known = set(modules)
-    candidates: list[Resolved] = [Resolved("diffusers", {n: n[len(DIFFUSERS_PREFIX):] for n in names
-                                                         if n.startswith(DIFFUSERS_PREFIX)})]
-    for prefix in layout.read_prefixes:
-        candidates.append(Resolved("comfyui", {n: n[len(prefix):] for n in names if n.startswith(prefix)}))
     flat = {original.replace(".", "_"): original for original in index}
-    candidates.append(Resolved("kohya", {n: flat.get(n[len(KOHYA_PREFIX):], "") for n in names
-                                         if n.startswith(KOHYA_PREFIX)}))
-    best: tuple[int, Resolved, list[str]] | None = None
-    for found in candidates:
-        targets = known if found.layout == "diffusers" else index
+    candidates = [("diffusers", DIFFUSERS_PREFIX, known, lambda rest: rest)]
+    candidates += [("comfyui", prefix, index, lambda rest: rest) for prefix in layout.read_prefixes]
+    candidates.append(("kohya", KOHYA_PREFIX, index, lambda rest: flat.get(rest, "")))
+    scored = []
+    for name, prefix, targets, to_module in candidates:
+        found = Resolved(name, {n: to_module(n[len(prefix):]) for n in names if n.startswith(prefix)})
         fits = [n for n, module in found.names.items() if module in targets]
         if len(fits) == len(names):
             return found
-        if fits and (best is None or len(fits) > best[0]):
-            best = (len(fits), found, [n for n in names if n not in fits])
-    if best is None:
+        # a layout whose prefix every key has, but whose modules this transformer lacks: another model's LoRA
+        every_key = bool(prefix) and len(found.names) == len(names)
+        scored.append((len(fits), every_key, found, [n for n in names if n not in fits]))
+    fits, every_key, found, misfits = max(scored, key=lambda s: s[:2])
+    if not fits and not every_key:
         raise UserError(f"its keys (e.g. {names[0]}) are in no LoRA layout ft reads for {display_name}. ft reads: "
                         f"{LAYOUTS_READ}.")
-    _, found, misfits = best
     raise UserError(f"in the {found.layout} layout, {len(misfits)} of its modules are not in this {display_name} "
                     f"transformer (e.g. {misfits[0]}): it was trained for another model.")

@@ -44,7 +44,8 @@ def real_modules(family: str) -> dict[str, int]:
 @pytest.mark.parametrize("family", sorted(CONVERTERS))
 def test_the_original_names_are_those_diffusers_converts_to_each_module(family):
     """An original-layout checkpoint built from ft's table (fused modules as their parts' rows stacked) is turned
-    back by diffusers' full-checkpoint converter into exactly the diffusers modules' weights."""
+    back by diffusers' full-checkpoint converter into exactly the diffusers modules' weights; the keys of ft's
+    ComfyUI file are exactly those original modules."""
     import diffusers.loaders.single_file_utils as single_file
 
     layout, modules = get_spec(family).original_layout, real_modules(family)
@@ -66,6 +67,15 @@ def test_the_original_names_are_those_diffusers_converts_to_each_module(family):
     assert sorted(converted) == sorted(m + ".weight" for m in mapped)
     for module, weight in mapped.items():
         assert torch.equal(converted[module + ".weight"], weight), module
+    # and the ComfyUI file of a LoRA on every mapped module: each key is one of those original modules, with its rows
+    from ft.train.lora_formats import original_state
+
+    state, _ = original_state(get_spec(family), random_pairs(modules, list(mapped), rank=1), modules, "comfyui")
+    ups = {k.removeprefix(layout.prefix).removesuffix(".lora_B.weight"): v for k, v in state.items()
+           if k.endswith(".lora_B.weight")}
+    assert all(k.startswith(layout.prefix) for k in state) and len(state) == 2 * len(ups)
+    assert sorted(ups) == sorted(k.removesuffix(".weight") for k in original)
+    assert all(ups[name].shape[0] == original[name + ".weight"].shape[0] for name in ups)
 
 
 def test_a_module_without_an_original_counterpart_has_a_reason():

@@ -189,5 +189,6 @@ def test_an_unknown_layout_is_one_message_listing_the_layouts_ft_reads(tmp_path,
     hunyuan = write(tmp_path / "other_model.safetensors", {
         "diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight": torch.zeros(2, 2),
         "diffusion_model.double_blocks.0.img_attn_qkv.lora_B.weight": torch.zeros(2, 2)})
-    with pytest.raises(UserError, match="no LoRA layout ft reads for Wan"):
+    with pytest.raises(UserError, match=r"other_model.safetensors: in the comfyui layout, 1 of its modules are not in "
+                                        r"this Wan transformer \(e.g. diffusion_model.double_blocks.0.img_attn_qkv\)"):
         run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, *FP32, "--prompt", "x", "--lora", hunyuan])
