@@ -141,18 +141,21 @@ def test_the_comfyui_file_loaded_by_diffusers_is_the_lora_ft_trained(case, tmp_p
 
 def test_the_files_say_what_they_are(tmp_path):
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    _, _, _, _, plan = trained_lora("wan", tmp_path)
-    for name, layout in (("pytorch_lora_weights", "diffusers"), ("lora_comfyui", "comfyui"), ("lora_kohya", "kohya")):
-        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
-            meta, keys = f.metadata(), list(f.keys())
+    trained_lora("wan", tmp_path)
+    for layout, name in FILE_NAMES.items():
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            meta = f.metadata()
         assert meta["ft.family"] == "wan" and meta["ft.layout"] == layout and meta["ft.base_model"] == "tiny"
         assert (meta["ft.rank"], meta["ft.alpha"], meta["ft.steps"]) == ("4", "8", "3")
         assert json.loads(meta["ft.target_modules"]) == CASES["wan"][1] and meta["ft.version"]
         assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["modelspec.architecture"]) == ("4", "8",
                                                                                                      "wan/lora")
         assert ("lora_adapter_metadata" in meta) == (layout == "diffusers")  # diffusers would apply its alpha again
-    assert "blocks.0.self_attn.q" in " ".join(keys) or "lora_unet_blocks_0_self_attn_q.alpha" in keys
+    comfy, kohya = load_file(tmp_path / FILE_NAMES["comfyui"]), load_file(tmp_path / FILE_NAMES["kohya"])
+    assert "diffusion_model.blocks.1.cross_attn.o.lora_B.weight" in comfy and not any("alpha" in k for k in comfy)
+    assert float(kohya["lora_unet_blocks_1_ffn_2.alpha"]) == ALPHA
 
 
 def test_a_target_without_an_original_key_is_refused_when_the_run_starts(tmp_path):
