@@ -15,7 +15,11 @@ from typing import Any
 
 import typer
 
-from ft.common.config import (
+from ft.common.errors import UserError
+from ft.common.logs import log
+
+from .finetrainers import apply_effects, translate
+from .flags import (
     expand_multi_value_flags,
     kebab_flags,
     list_options,
@@ -23,10 +27,6 @@ from ft.common.config import (
     pop_config_flag,
     read_config_file,
 )
-from ft.common.errors import UserError
-from ft.common.logs import log
-
-from .finetrainers import apply_effects, translate
 
 app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: precompute, then train.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ft.common.config import _is_list, flag_name
+from ft.common.config import flag_name, is_list
 from ft.common.errors import UserError
 from ft.precompute.dataset_config import read_dataset_config
 
@@ -335,7 +335,7 @@ class Fields:
         out = {}
         for command, config_cls in configs.items():
             hints = typing.get_type_hints(config_cls)
-            out[command] = {f.name: "bool" if hints[f.name] is bool else "list" if _is_list(hints[f.name])
+            out[command] = {f.name: "bool" if hints[f.name] is bool else "list" if is_list(hints[f.name])
                             else "value" for f in dataclasses.fields(config_cls) if f.init}
         return cls(out)
 

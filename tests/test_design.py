@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.common.config import load_config_file
+from ft.cli.flags import load_config_file
 from ft.precompute.config import PrecomputeConfig
 from ft.train.config import TrainConfig
 

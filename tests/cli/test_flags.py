@@ -1,4 +1,5 @@
-"""The argv rewriting and config-file loading that sit between the shell and the typed run configs."""
+"""The argv rewriting and config-file loading that sit between the shell and the typed run configs (cli/flags.py),
+and the config fields and checks they build on (common/config.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ft.common.config import (
-    check_choice,
-    check_positive,
-    expand_multi_value_flags,
-    flag_name,
-    kebab_flags,
-    list_options,
-    load_config_file,
-    opt,
-    pop_config_flag,
-)
+from ft.cli.flags import expand_multi_value_flags, kebab_flags, list_options, load_config_file, pop_config_flag
+from ft.common.config import check_choice, check_positive, flag_name, opt
 from ft.common.errors import UserError
 
 MULTI = {"--buckets"}
