@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ft.common.config import REQUIRED, opt
+from ft.common.config import REQUIRED, check_choice, opt
 from ft.common.errors import UserError
 from ft.common.logs import log
 
@@ -44,8 +44,6 @@ class ExportConfig:
                                               "--transformer-dtype).")
 
     def __post_init__(self) -> None:
-        from ft.common.config import check_choice
-
         check_choice(self.lora_format, LORA_FORMATS, "lora_format")
 
 
