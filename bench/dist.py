@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ft.common.shards import bucket_name
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (report, train_step), also under torchrun
 
 LAYOUTS = {  # name: (label, processes, dp_degree, dp_shards)
@@ -117,7 +119,7 @@ def mb(values: list[int]) -> str:
 def table(config: str, results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> str:
     from train_step import CONFIGS
 
-    bucket = "x".join(map(str, CONFIGS[config]["bucket"]))
+    bucket = bucket_name(*CONFIGS[config]["bucket"])
     lines = [f"`{config}` CogVideoX ({bucket}, batch 1 per rank, fp32, gloo on the CPU), median of {args.steps} "
              f"optimizer steps after {args.warmup} warm-up; MiB per rank: the largest rank (the smallest in "
              "brackets where ranks differ)", "",

@@ -37,9 +37,10 @@ import torch
 
 from ft.cli.estimate import EstimateConfig, conditioning_shapes, estimate
 from ft.cli.main import invoke
-from ft.common.shards import Manifest, ShardWriter
+from ft.common.shards import Manifest, ShardWriter, load_manifest, parse_bucket
 from ft.pipelines.base import ModelSpec, import_class
 from ft.pipelines.registry import get_spec, save_tiny_model
+from ft.train.reporting import LOG_NAME
 
 GB = 1e9
 # (flags of `ft train`, flags of `ft estimate`) per row; "offload24" is resolved with ft estimate (offload_blocks)
@@ -104,7 +105,7 @@ def meta_config(module: str, cls_name: str, config: dict) -> dict:
 def prepare(args: argparse.Namespace, root: Path) -> tuple[str, str, Any]:
     """Write the model folder and the shards; returns (display name, family name, the estimate or None)."""
     spec = get_spec(args.model)
-    bucket = [int(x) for x in args.bucket.split("x")]
+    bucket = list(parse_bucket(args.bucket))
     if args.tiny:
         save_tiny_model(spec.name, root / "model")
         tiny = spec.tiny_components()
@@ -174,7 +175,7 @@ def train(args: argparse.Namespace, root: Path, name: str, flags: list[str]) -> 
         allocated, reserved = torch.cuda.max_memory_allocated() / GB, torch.cuda.max_memory_reserved() / GB
     else:
         allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
     timed = [r for r in records if "seconds" in r and r["step"] > args.warmup and not r.get("graphs_compiled")]
     total = sum(r["seconds"] for r in timed)
     result = {"allocated": allocated, "reserved": reserved, "s_per_step": total / len(timed) if timed else None,
@@ -254,7 +255,7 @@ def main() -> None:
         lines = [title, "", *HEADER]
         published_family = None if args.tiny or args.layers else family  # real size only
         if args.dry_run:
-            manifest = Manifest.load(root / "shards")
+            manifest = load_manifest(root / "shards")
             print(f"dry run: {manifest.num_samples} synthetic samples of {args.bucket} "
                   f"({manifest.num_bytes / 1e6:.1f} MB, shapes {manifest.shapes}) for {name}; nothing trained")
             for row in args.rows:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ft.common.shards import ShardInfo, ShardWriter, _tar_members, iter_shard, tensors_from_bytes
+from ft.common.shards import ShardInfo, ShardWriter, _tar_members, iter_shard, parse_bucket, tensors_from_bytes
 
 VERIFIED_TARGET = 0.5  # the verified first pass reads at least half as fast as the unverified passes
 
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="take the best of this many reads of each kind")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write bench/results/loader.md")
     args = parser.parse_args()
-    frames, height, width = (int(x) for x in args.bucket.split("x"))
+    frames, height, width = parse_bucket(args.bucket)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         writer = ShardWriter(root / "shards", max_samples=64)

@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ft.common.shards import bucket_name
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = {"tiny": {"bucket": (9, 32, 32), "clips": 8}, "medium": {"bucket": (17, 128, 192), "clips": 24}}
@@ -104,7 +106,7 @@ def main() -> None:
     c = CONFIGS[args.config]
     clips = args.clips or c["clips"]
     frames, height, width = c["bucket"]
-    bucket = f"{frames}x{height}x{width}"
+    bucket = bucket_name(frames, height, width)
 
     from ft.cli.synthetic import make_shapes_dataset
     from ft.common.logs import quiet_libraries

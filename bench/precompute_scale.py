@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ft.common.shards import MANIFEST_NAME
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 FT = [sys.executable, "-m", "ft.cli.main"]
@@ -124,7 +126,7 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
         os.stat(path)
     stat_s = time.perf_counter() - start
     return {"first": first, "rerun": rerun, "rss": rss, "help+stat": help_s + stat_s,
-            "manifest": (out / "manifest.json").stat().st_size}
+            "manifest": (out / MANIFEST_NAME).stat().st_size}
 
 
 def ratio(a: float, b: float) -> str:
@@ -148,7 +150,7 @@ def main() -> None:
             writes = synthetic_set(folder, n)
             _, _, out = run_child([sys.executable, "-c", TRAIN_STARTUP, str(folder)])
             startup, rss = (float(x) for x in out.split())
-            found.append((n, (folder / "manifest.json").stat().st_size, writes, startup, rss))
+            found.append((n, (folder / MANIFEST_NAME).stat().st_size, writes, startup, rss))
             rows.append(f"| {n:,} | {found[-1][1] / 1e3:.1f} KB | {writes:.2f} s | {startup:.2f} s | {rss:.0f} MB |")
         if len(found) > 1:
             (a, *ra), (b, *rb) = found[0], found[-1]

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ft.common.shards import bucket_name
+
 CONFIGS = {
     "tiny": {"bucket": (9, 32, 32), "batch": 2, "clips": 8},
     "medium": {"bucket": (17, 128, 192), "batch": 1, "clips": 6},
@@ -76,7 +78,7 @@ def prepare(config: str, work: Path) -> None:
     make_shapes_dataset(work / "data", num_clips=c["clips"], frames=frames, sizes=((height, width),), num_images=0,
                         seed=0)
     invoke(["precompute", "--model", "cogvideox", "--pretrained", str(work / "model"), *FP32, "--dataset",
-            str(work / "data"), "--out", str(work / "shards"), "--buckets", f"{frames}x{height}x{width}"],
+            str(work / "data"), "--out", str(work / "shards"), "--buckets", bucket_name(frames, height, width)],
            standalone=False)
 
 
@@ -252,7 +254,7 @@ def run_bare(config: str, work: Path, steps: int) -> list[dict]:
 
 def bare_table(config: str, steps: int, results: list[dict]) -> str:
     c = CONFIGS[config]
-    lines = [f"ft's step against the bare step, `{config}` config ({'x'.join(map(str, c['bucket']))}, batch "
+    lines = [f"ft's step against the bare step, `{config}` config ({bucket_name(*c['bucket'])}, batch "
              f"{c['batch']} per process, LoRA r16, fp32): {steps} rounds after 2 warm-up rounds, each round the three "
              "steps in turn (every order) in each process; ratios are medians of the rounds' ratios", "",
              "| layout | ft s/step (loader thread) | ft, batches in memory | bare s/step | ft / bare | "
@@ -315,7 +317,7 @@ def main() -> None:
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     s, o = results["shards"], results["online"]
     memory = "cuda_reserved_gb" if "cuda_reserved_gb" in s else "peak_rss_gb"
-    lines = [f"train step, `{args.config}` config ({'x'.join(map(str, CONFIGS[args.config]['bucket']))}, batch "
+    lines = [f"train step, `{args.config}` config ({bucket_name(*CONFIGS[args.config]['bucket'])}, batch "
              f"{CONFIGS[args.config]['batch']}, LoRA r16, fp32), {args.steps} steps; {platform.machine()}, "
              f"{'CUDA' if 'cuda_reserved_gb' in s else 'CPU'}; {versions()}; {time.strftime('%Y-%m-%d')}", "",
              "| fed from | s/step | data wait share | peak memory (GB) |", "|---|---|---|---|"]

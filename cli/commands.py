@@ -35,7 +35,7 @@ app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: pr
 # The command table: each command that runs from a config dataclass -> (its config class, its runner), as
 # "module:name" references resolved only when asked, so `ft --help` imports no stage.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "precompute": ("ft.precompute.config:PrecomputeConfig", "ft.precompute.encode:run_precompute"),
+    "precompute": ("ft.precompute.config:PrecomputeConfig", "ft.precompute.job:run_precompute"),
     "train": ("ft.train.config:TrainConfig", "ft.train.trainer:run_train"),
     "generate": ("ft.train.generate:GenerateConfig", "ft.train.generate:run_generate"),
     "check-data": ("ft.precompute.config:CheckDataConfig", "ft.precompute.check_data:run_check_data"),

@@ -29,6 +29,8 @@ def _run(argv: list[str]) -> object:
 def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "cogvideox") -> dict:
     """Build a tiny random `model` (any family `ft models` lists), then precompute, train and generate."""
     from ft.pipelines.registry import get_spec, save_tiny_model
+    from ft.train.reporting import LOG_NAME
+    from ft.train.weights_io import LORA_WEIGHTS_NAME
 
     from .synthetic import make_shapes_dataset
 
@@ -55,7 +57,7 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     _run(["generate", *base, *fp32, "--lora", str(out), "--prompt", DEMO_PROMPT, "--out", str(sample),
           "--num-frames", "9", "--height", "32", "--width", "32", "--num-inference-steps", "10"])
 
-    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (out / LOG_NAME).read_text().splitlines()]
     window = max(1, len(losses) // 6)
     curve = [sum(losses[i : i + window]) / len(losses[i : i + window]) for i in range(0, len(losses), window)]
     assert isinstance(summary, dict)
@@ -63,7 +65,7 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     print(f"  model    {model_dir}   (a diffusers folder: tiny {model}, random weights)")
     print(f"  data     {data}   (videos.txt + prompts.txt, real mp4 clips)")
     print(f"  shards   {shards}   (`ft inspect {shards}` describes them)")
-    print(f"  out      {out}   (pytorch_lora_weights.safetensors, train_log.jsonl)")
+    print(f"  out      {out}   ({LORA_WEIGHTS_NAME}, {LOG_NAME})")
     print(f"  sample   {sample}   (\"{DEMO_PROMPT}\")")
     print(f"  training loss, mean of each {window} steps: " + " -> ".join(f"{x:.3f}" for x in curve))
     print(f"  fixed-noise loss on 4 batches: {summary['eval_loss_before']:.4f} before, "

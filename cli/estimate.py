@@ -42,6 +42,7 @@ from typing import Any
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
+from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
 from ft.pipelines.registry import SPECS, get_spec
 from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
@@ -323,14 +324,6 @@ def _offloaded(block_bytes: list[float], n: int) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------- sizes
 
 
-def _parse_bucket(bucket: str) -> tuple[int, int, int]:
-    try:
-        frames, height, width = (int(x) for x in bucket.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--buckets {bucket}: write FRAMESxHEIGHTxWIDTH, e.g. 49x480x720.") from None
-    return frames, height, width
-
-
 def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]) -> tuple[int, int, int, int]:
     """(latent channels, latent frames, latent height, latent width) of a bucket, from the VAE's compression."""
     frames, height, width = bucket
@@ -339,7 +332,7 @@ def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]
     temporal = (vc.get("temporal_compression_ratio") or getattr(vae, "temporal_compression_ratio", None)
                 or vc.get("scale_factor_temporal", 1))  # the last: Wan's config name
     if height % spatial or width % spatial or (frames - 1) % temporal:
-        raise UserError(f"--buckets {frames}x{height}x{width}: this VAE takes {temporal}k+1 frames and sizes that "
+        raise UserError(f"--buckets {bucket_name(*bucket)}: this VAE takes {temporal}k+1 frames and sizes that "
                         f"are multiples of {spatial}.")
     channels = vc.get("latent_channels") or vc["z_dim"]  # z_dim: Wan's name
     return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
@@ -430,7 +423,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     text_tokens = spec.default_sequence_length(tconfig)
     out = []
     for name in cfg.buckets or spec.default_buckets:
-        grid = latent_grid(modules["vae"], tconfig, _parse_bucket(name))
+        grid = latent_grid(modules["vae"], tconfig, parse_bucket(name))
         tokens = video_tokens(tconfig, grid)
         total = tokens + text_tokens
         out.append(BucketEstimate(

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ft.common.runtime import prefetch_map
+from ft.common.shards.journal import load_manifest
 from ft.common.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from ft.common.shards.reader import ShardCorruptError, iter_shard
 from ft.precompute.rejects import summarize_inputs
@@ -49,7 +50,7 @@ def describe(folder: str, verify: bool = False) -> str:
 
 
 def _describe(folder: str, verify: bool) -> str:
-    manifest = Manifest.load(folder)
+    manifest = load_manifest(folder)
     lines = [
         f"shard set      {folder}",
         f"model family   {manifest.model_family}",

@@ -6,7 +6,7 @@ sets SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, which `export_srun_en
 task has SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (less SLURM_ARRAY_TASK_MIN, so `--array 1-8` works).
 
 `ft train` makes a process group of the `World` (train/dist.py); `ft precompute` makes each process of a world, or
-each array task, one job of N (precompute/jobs.py).
+each array task, one job of N (precompute/job_slots.py).
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   transformer call, fed exactly as the family's pipeline feeds it, with the batch's metadata, generators and the
   run's typed `TrainOptions`); `check_shards` (family, latent channels, conditioning, text length, then the
   family's `check_shard_extras`);
-- facts: `aliases`, LoRA target modules and the LoRA key layout of the family's original checkpoint
-  (`original_layout`, what ComfyUI reads: lora_keys.py), valid frame counts and size multiples, default buckets, the
-  transformer's block lists (what FSDP2 shards block by block, and the layers `ft estimate` counts), and the
-  published checkpoints' real-size configs (`checkpoints`, offline);
+- facts: `aliases`, LoRA target modules (by default the attention projections) and the LoRA key layout of the
+  family's original checkpoint (`original_layout`, what ComfyUI reads: lora_keys.py), valid frame counts and size
+  multiples, default buckets, the text length (`default_text_tokens`), the transformer's block lists (what FSDP2
+  shards block by block, and the layers `ft estimate` counts), the published checkpoints' real-size configs
+  (`checkpoints`, offline), and how finetrainers trained the family where ft's defaults differ
+  (`finetrainers_*`, for carried-over runs); help texts read these instead of restating them;
 - generation: `build_pipeline(transformer, vae, scheduler)`, the family's pipeline with no text encoder (it samples
   from stored embeddings: validation in training, and `ft generate`), and the pipeline's defaults;
 - `tiny_components(seed)`: the same family at toy size, for tests and `ft demo`.
@@ -239,8 +241,9 @@ class ModelSpec(ABC):
     component_classes: ClassVar[dict[str, tuple[str, str]]]
     text_components: ClassVar[tuple[str, ...]]
     scheduler_class: ClassVar[tuple[str, str]]
-    # module names, or one regex matched against whole names (see `peft_targets`)
-    default_lora_targets: ClassVar[list[str]]
+    # module names, or one regex matched against whole names (see `peft_targets`); by default the attention
+    # projections of diffusers' attention blocks, which a family overrides where it trains other modules
+    default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
     # the LoRA's module names in the family's original checkpoint, as ComfyUI reads them (lora_keys.py)
     original_layout: ClassVar[OriginalLayout]
     default_buckets: ClassVar[list[str]]
@@ -248,6 +251,9 @@ class ModelSpec(ABC):
     conditioning: ClassVar[tuple[CondTensor, ...]]
     # the published checkpoints' real-size configs, by the names `--pretrained` may give (`ft estimate`, bench/)
     checkpoints: ClassVar[tuple[Checkpoint, ...]] = ()
+    # the text length the family's pipeline encodes prompts to (its max_sequence_length): the default of
+    # --max-sequence-length where the transformer config does not fix one (`default_sequence_length`)
+    default_text_tokens: ClassVar[int]
     # the transformer's lists of blocks, each block a unit for FSDP2 sharding (and `ft estimate`'s gathered block)
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # whether the transformer takes an embedded guidance scale (guidance-distilled), set by `--guidance-scale`
@@ -262,6 +268,11 @@ class ModelSpec(ABC):
     # LTXPipeline do): the VAE then decodes in its own --vae-dtype; one that does not (CogVideoXPipeline) gets its
     # VAE in the transformer's dtype (`match_vae_dtype`)
     decode_casts_latents: ClassVar[bool] = True
+    # how finetrainers trains the family where ft's default differs, so that a carried-over finetrainers run
+    # (cli/finetrainers.py) trains as it did there: the first-frame conditioning probability it hard-codes, and
+    # whether it samples timesteps uniformly whatever --flow_weighting_scheme says
+    finetrainers_first_frame_conditioning_p: ClassVar[float] = 0.0
+    finetrainers_uniform_timesteps: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -324,10 +335,8 @@ class ModelSpec(ABC):
         found = config.get("_class_name")
         if module != "diffusers" or not found or found == expected:
             return
-        from .registry import SPECS  # registry imports this module
-
-        owners = [spec.name for spec in SPECS.values() if spec.component_classes.get(component, ("", ""))[1] == found]
-        owner = f" (a {owners[0]} model: pass --model {owners[0]})" if owners else ""
+        owner = family_of_class(component, found)
+        owner = f" (a {owner} model: pass --model {owner})" if owner else ""
         raise UserError(f"{where}: this {component} is {found}{owner}, not the {expected} of "
                         f"{self.display_name}; pass a diffusers {self.display_name} "
                         f"{'folder' if flag == '--pretrained' else component} as {flag}.")
@@ -427,7 +436,8 @@ class ModelSpec(ABC):
         """Why the model cannot take this frames x height x width bucket, or None if it can."""
 
     def default_sequence_length(self, transformer_config: dict) -> int:
-        return 226
+        """The text length captions are encoded to when --max-sequence-length is not given."""
+        return self.default_text_tokens
 
     def check_sequence_length(self, length: int, transformer_config: dict) -> str | None:
         """Why captions of `length` tokens cannot train this transformer, or None."""
@@ -465,7 +475,7 @@ class ModelSpec(ABC):
     def encoding_choices(self, transformer_config: dict) -> dict[str, Any]:
         """The stage-1 choices this family makes beyond the encoders' weights (prompt template, template crop,
         hidden layer, latent normalisation, ...). They go into every sample key and the manifest's encoding
-        parameters (precompute.plan.sample_encoding), so changing one re-encodes instead of reusing."""
+        parameters (precompute.planned_sample.sample_encoding), so changing one re-encodes instead of reusing."""
         return {}
 
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -572,3 +582,16 @@ class ModelSpec(ABC):
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         """The family at toy size with random weights: pipeline components by name (scheduler included)."""
+
+
+def family_of_class(component: str, class_name: str) -> str | None:
+    """The family whose `component` (transformer, vae) is the diffusers class `class_name`, or None: asked of the
+    families defined, ModelSpec's subclasses (every family's file is imported by registry.py, which a spec does not
+    import: it imports this module)."""
+    found, seen = [], list(ModelSpec.__subclasses__())
+    while seen:
+        spec = seen.pop(0)
+        seen += spec.__subclasses__()
+        if getattr(spec, "name", None) and spec.component_classes.get(component, ("", ""))[1] == class_name:
+            found.append(spec.name)
+    return found[0] if found else None

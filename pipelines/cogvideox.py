@@ -56,9 +56,10 @@ class CogVideoXSpec(ModelSpec):
     }
     text_components = ("tokenizer", "text_encoder")
     scheduler_class = ("diffusers", "CogVideoXDPMScheduler")
-    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     original_layout = ORIGINAL_LAYOUT
+    finetrainers_uniform_timesteps = True  # its CogVideoX trainer ignores --flow_weighting_scheme
     default_buckets = ["49x480x720"]
+    default_text_tokens = 226  # CogVideoXPipeline's max_sequence_length; a transformer config's max_text_seq_length
     conditioning = (CondTensor("prompt_embeds", "text_embed_dim"),)  # max_text_seq_length T5 tokens
     checkpoints = (
         Checkpoint("CogVideoX-2b", ("THUDM/CogVideoX-2b", "zai-org/CogVideoX-2b", "cogvideox-2b"),
@@ -86,7 +87,7 @@ class CogVideoXSpec(ModelSpec):
         return None
 
     def default_sequence_length(self, transformer_config: dict) -> int:
-        return int(transformer_config.get("max_text_seq_length", 226))
+        return int(transformer_config.get("max_text_seq_length", self.default_text_tokens))
 
     def check_sequence_length(self, length: int, transformer_config: dict) -> str | None:
         # Generation feeds max_text_seq_length tokens; training on another length would learn another model.

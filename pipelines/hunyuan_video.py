@@ -110,6 +110,7 @@ class HunyuanVideoSpec(ModelSpec):
                             "(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
     original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
+    default_text_tokens = 256  # the pipeline's max_sequence_length: Llama tokens after the template's crop
     conditioning = (CondTensor("prompt_embeds", "text_embed_dim", "text encoder (Llama)"),
                     CondTensor("prompt_attention_mask", None, dtype="bool"),
                     CondTensor("pooled_prompt_embeds", "pooled_projection_dim", "second text encoder (CLIP)",
@@ -137,9 +138,6 @@ class HunyuanVideoSpec(ModelSpec):
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}, not {height}x{width}"
         return None
-
-    def default_sequence_length(self, transformer_config: dict) -> int:
-        return 256  # the pipeline's max_sequence_length: Llama tokens after the template's crop
 
     # ------------------------------------------------------------------------------------------------ stage 1
 

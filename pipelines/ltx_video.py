@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from ft.common.shards import Manifest
 
 DEFAULT_FRAME_RATE = 25.0  # LTXPipeline.__call__'s frame_rate; what a still (no frame spacing) trains at
-DEFAULT_TEXT_TOKENS = 128  # LTXPipeline's max_sequence_length
 MIN_FIRST_FRAME_SIGMA = 0.25  # finetrainers' cap on the conditioned first frame's noise level
 
 
@@ -100,9 +99,9 @@ class LTXVideoSpec(ModelSpec):
     }
     text_components = ("tokenizer", "text_encoder")
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
-    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x512x768"]
+    default_text_tokens = 128  # LTXPipeline's max_sequence_length
     conditioning = (CondTensor("prompt_embeds", "caption_channels"), CondTensor("prompt_attention_mask", None,
                                                                                  dtype="bool"))
     checkpoints = (Checkpoint("LTX-Video 0.9", ("Lightricks/LTX-Video", "a-r-r-o-w/LTX-Video-diffusers", "ltx-video"),
@@ -110,6 +109,7 @@ class LTXVideoSpec(ModelSpec):
     default_fps = DEFAULT_FRAME_RATE
     frame_rate_argument = "frame_rate"
     first_frame_conditioning = True
+    finetrainers_first_frame_conditioning_p = 0.1  # hard-coded in finetrainers' LTX-Video trainer
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -138,9 +138,6 @@ class LTXVideoSpec(ModelSpec):
         return (f"LTXPipeline generates only heights and widths divisible by {PIPELINE_MULTIPLE} (its check_inputs), "
                 f"not {size[1]}x{size[2]}, even where training takes that size; use --height {near[0]} --width "
                 f"{near[1]}")
-
-    def default_sequence_length(self, transformer_config: dict) -> int:
-        return DEFAULT_TEXT_TOKENS
 
     # ------------------------------------------------------------------------------------------------ stage 1
 

@@ -1,11 +1,13 @@
 """The model families `ft` knows, by name: a plain dict. An unknown name is an error listing the known ones.
 
 Each family's other spellings of `--model` are its spec's `aliases`; adding a family is its file and one line here.
+`per_family` writes a fact of every family for a help text, so the help restates no number a spec holds.
 `save_tiny_model` writes a family's toy-size model (`ModelSpec.tiny_components`) as a diffusers folder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ft.common.errors import UserError
@@ -24,6 +26,12 @@ SPECS: dict[str, type[ModelSpec]] = {
     WanSpec.name: WanSpec,
 }
 ALIASES = {alias: name for name, spec in SPECS.items() for alias in spec.aliases}
+
+
+def per_family(fact: Callable[[type[ModelSpec]], object]) -> str:
+    """One fact of every family as help texts give it, read from the specs: `per_family(lambda s:
+    s.default_text_tokens)` is "226 CogVideoX, 128 LTX-Video, 256 HunyuanVideo, 512 Wan"."""
+    return ", ".join(f"{fact(spec)} {spec.display_name}" for spec in SPECS.values())
 
 
 def family_name(name: str) -> str:

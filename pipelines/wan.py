@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
     from ft.common.shards import Manifest
 
-DEFAULT_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length
 PIPELINE_MULTIPLE = 16  # WanPipeline.check_inputs: height and width divisible by 16
 ALIASES = ("wan2.1", "wan-2.1", "wan_2.1", "wan21", "wan-t2v", "wan2.2", "wan-2.2")
 
@@ -140,10 +139,11 @@ class WanSpec(ModelSpec):
     # finetrainers trains Wan with FlowMatchEulerDiscreteScheduler(); the pipeline samples with the UniPC scheduler
     # its scheduler config names (ModelSpec.pipeline_scheduler)
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
-    # self- and cross-attention projections of every block: finetrainers' "blocks.*(to_q|to_k|to_v|to_out.0)"
-    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    # LoRA: the default targets are the self- and cross-attention projections of every block, as finetrainers'
+    # "blocks.*(to_q|to_k|to_v|to_out.0)"; in ComfyUI's layout they are Wan-AI's names (ORIGINAL_LAYOUT)
     original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x480x832"]  # finetrainers' Wan example; the pipeline generates 81x480x832
+    default_text_tokens = 512  # WanPipeline.__call__'s max_sequence_length
     block_lists = ("blocks",)
     default_fps = 16.0  # Wan's videos (the pipeline's example writes 16 fps)
     # the stored UMT5 embeddings, zero-padded to the text length (the pipeline feeds no text mask)
@@ -184,9 +184,6 @@ class WanSpec(ModelSpec):
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}, not {height}x{width}"
         return None
-
-    def default_sequence_length(self, transformer_config: dict) -> int:
-        return DEFAULT_TEXT_TOKENS
 
     def caption_token_stats(self, args: Any, captions: list[str]) -> list[tuple[int, int, int]]:
         """The base's counts of the captions as they are encoded: cleaned first (`prompt_clean`: HTML entities,
@@ -259,7 +256,7 @@ class WanSpec(ModelSpec):
         return {"num_frames": 81, "height": 480, "width": 832}  # WanPipeline.__call__'s defaults
 
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
-        return {"max_sequence_length": DEFAULT_TEXT_TOKENS}
+        return {"max_sequence_length": self.default_text_tokens}
 
     def load_pipeline(self, args: Any, device: Any) -> Any:
         """As the base, with the model's `expand_timesteps` (the base builds the pipeline from components only)."""

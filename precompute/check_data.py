@@ -1,19 +1,16 @@
-"""`ft check-data`: a preflight of a dataset that loads no model, and the checks `ft precompute` runs first.
+"""`ft check-data`: a preflight of a dataset that loads no model, and its report.
 
-`check_dataset` reads the dataset, screens it (problems found while reading, empty captions, paths outside the
-dataset folder, duplicate rows), probes every file (decodability, fps, frames, size), picks each item's bucket
-under `--max-upscale`, and counts caption tokens with the family's tokenizer alone. `ft precompute` runs it before
-loading any encoder and prints the same summary; `ft check-data` also decodes the frames each item would use
-(frames failing mid-file), prints a table and writes a JSON report, so a user fixes the data before paying for
-GPU time.
+The command alone lives here: `run_check_data` runs the planning pipeline that `ft precompute` runs first
+(planning.py: screen, probe, bucket under `--max-upscale`, count caption tokens with the family's tokenizer alone),
+then also decodes the frames each item would use (`decode_planned`: frames failing mid-file) and keys the samples
+without the encoders' fingerprint (exact duplicates), prints a table (`format_table`) and the same summary
+`ft precompute` prints, and writes a JSON report, so a user fixes the data before paying for GPU time.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,102 +19,18 @@ from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import prefetch_map
-from ft.common.shards import bucket_name, parse_bucket
-from ft.pipelines.base import ModelSpec
+from ft.common.shards import bucket_name
 from ft.pipelines.registry import get_spec
 from ft.precompute.media import MediaError, open_media, upscale_factor
-from ft.precompute.rejects import summarize_inputs
 
-from .config import CheckDataConfig, DataArgs
+from .config import CheckDataConfig
 from .dataset_config import apply_caption_options
-from .datasets import DatasetItem, dataset_root, load_dataset
-from .media_cache import MediaCache
-from .plan import PlannedSample, assign_keys, plan_stream, sample_encoding
-from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
+from .datasets import load_dataset
+from .planned_sample import PlannedSample, assign_keys, sample_encoding
+from .planning import DataCheck, check_buckets, check_dataset, sequence_length
+from .policy import Rejected, enforce_on_error
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
-
-
-def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transformer_config: dict
-                  ) -> list[tuple[int, int, int]]:
-    """`--buckets` parsed and checked against the model (a bucket it cannot take is an error naming it)."""
-    buckets = []
-    for text in texts:
-        bucket = parse_bucket(text)
-        problem = spec.check_bucket(bucket, vae_config, transformer_config)
-        if problem:
-            raise UserError(f"--buckets {text}: {problem}.")
-        buckets.append(bucket)
-    return buckets
-
-
-def sequence_length(spec: ModelSpec, cfg: DataArgs, transformer_config: dict) -> int:
-    """The text length captions are encoded at: the flag, else the transformer's; checked against the model."""
-    seq_len = cfg.max_sequence_length or spec.default_sequence_length(transformer_config)
-    problem = spec.check_sequence_length(seq_len, transformer_config)
-    if problem:
-        raise UserError(f"--max-sequence-length {seq_len}: {problem}.")
-    return seq_len
-
-
-@dataclass
-class DataCheck:
-    """What the checks found: the items planned into buckets, the rejected ones and the notes."""
-
-    items: list[DatasetItem]
-    planned: list[PlannedSample]
-    rejected: list[Rejected] = field(default_factory=list)
-    warnings: list[Rejected] = field(default_factory=list)
-    tokens: dict[str, int] = field(default_factory=dict)  # caption -> token count, when a tokenizer was given
-
-    def summary(self) -> str:
-        histogram = Counter(bucket_name(*p.bucket) for p in self.planned)
-        head = (f"{len(self.items)} items: {len(self.planned)} usable "
-                f"({', '.join(f'{b}: {n}' for b, n in sorted(histogram.items())) or 'none'})")
-        rest = summarize_inputs([r.to_dict() for r in self.rejected], [w.to_dict() for w in self.warnings])
-        return head + ("\n" + rest if rest else "")
-
-
-def screen(items: list[DatasetItem], cfg: DataArgs) -> tuple[list[DatasetItem], list[Rejected], list[Rejected]]:
-    """What needs no decoding (policy.screen_items): (items to plan, rejected, warnings)."""
-    return screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions, cfg.allow_outside_paths)
-
-
-def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
-            vae_config: dict, transformer_config: dict, cache: MediaCache | None = None
-            ) -> Iterator[PlannedSample | Rejected]:
-    """Each screened item planned (probe, bucket, frames, digest) in order, as it is made (plan.plan_stream)."""
-    return plan_stream(items, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder, cfg.decode_workers,
-                       lambda b: spec.check_bucket(b, vae_config, transformer_config), cfg.max_upscale, cache)
-
-
-def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
-                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
-                  cache: MediaCache | None = None) -> DataCheck:
-    """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
-    where it is."""
-    usable, rejected, warnings = screen(items, cfg)
-    result = DataCheck(items, [], rejected, warnings)
-    for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache):
-        (result.rejected if isinstance(planned, Rejected) else result.planned).append(planned)
-    return finish_check(result, spec, seq_len, model_args)
-
-
-def finish_check(result: DataCheck, spec: ModelSpec, seq_len: int, model_args: ModelArgs | None) -> DataCheck:
-    """The checks of the planned items as a whole, added to `result.warnings`: the decoders' notes, and (with a
-    tokenizer) captions longer than the text length or mostly unknown tokens."""
-    planned = result.planned
-    result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
-    if model_args is not None and planned:
-        captions = sorted({p.item.caption for p in planned})
-        stats = dict(zip(captions, spec.caption_token_stats(model_args, captions), strict=True))
-        result.tokens = {caption: counts[0] for caption, counts in stats.items()}
-        result.warnings += long_caption_warnings([str(p.item.path) for p in planned],
-                                                 [result.tokens[p.item.caption] for p in planned], seq_len)
-        result.warnings += unknown_token_warnings([str(p.item.path) for p in planned],
-                                                  [p.item.caption for p in planned],
-                                                  [stats[p.item.caption] for p in planned])
-    return result
 
 
 def decode_planned(planned: list[PlannedSample], decoder: str, workers: int

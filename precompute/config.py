@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
+from ft.common.shards import MANIFEST_NAME
+from ft.pipelines.registry import SPECS, per_family
 from ft.precompute.media import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
@@ -41,8 +43,9 @@ class DataArgs:
     strip_llm_prefixes: bool = opt(False, "Remove common LLM caption openings (\"The video shows\", \"In this "
                                           "video,\", ...) as finetrainers' remove_common_llm_caption_prefixes does.",
                                    panel=DATA)
-    max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the transformer's "
-                                                "max_text_seq_length (226 for CogVideoX).", panel=DATA)
+    max_sequence_length: int | None = opt(None, "Text tokens per caption. Default: the model's "
+                                                f"({per_family(lambda s: s.default_text_tokens)}), or a CogVideoX "
+                                                "transformer config's max_text_seq_length.", panel=DATA)
     decode_workers: int = opt(2, "Threads decoding media ahead of the encoders.", panel=ENCODING)
     decoder: str = opt("auto", "Video decoder: auto (decord, else PyAV), decord or pyav.", panel=ENCODING)
     on_error: str = opt("skip", "A bad item (missing, unreadable, too short, too small, empty caption, ...): skip "
@@ -72,7 +75,7 @@ class DataArgs:
 class PrecomputeConfig(DataArgs, ModelArgs):
     """Encode a dataset through the VAE and text encoders into sharded WebDataset tars with a manifest."""
 
-    out: str = opt(REQUIRED, "Folder for the shards and manifest.json. Rerunning into the same folder reuses what "
+    out: str = opt(REQUIRED, f"Folder for the shards and {MANIFEST_NAME}. Rerunning into the same folder reuses what "
                              "is already encoded.", panel=OUTPUT)
     batch_size: int = opt(1, "Clips per VAE/text-encoder batch (clips of one bucket are batched together).",
                           panel=ENCODING)
@@ -107,8 +110,9 @@ class PrecomputeConfig(DataArgs, ModelArgs):
 class CheckDataConfig(DataArgs):
     """Check a dataset before paying for GPU time (loads no model): what precompute would reject, and why."""
 
-    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: cogvideox, ltx_video, "
-                               "hunyuan_video or wan (and their aliases; see `ft models`).", panel=DATA)
+    model: str = opt(REQUIRED, "Model family whose buckets and text length apply: "
+                               f"{', '.join(list(SPECS)[:-1])} or {list(SPECS)[-1]} (and their aliases; see "
+                               "`ft models`).", panel=DATA)
     pretrained: str | None = opt(None, "A diffusers folder or hub id of the base model: its tokenizer counts caption "
                                        "tokens and its configs check the buckets (no weights are loaded). Without "
                                        "it, the family's defaults apply and tokens are not counted.", panel=DATA)

@@ -70,6 +70,8 @@ class DatasetEntry:
 
 
 def _buckets(value: Any, dims: int, key: str, path: str) -> list[str]:
+    from ft.common.shards import bucket_name  # here, not on top: every command line loads this file, not the contract
+
     if not isinstance(value, list) or not value:
         raise UserError(f"--dataset_config {path}: {key} must be a non-empty list of "
                         f"{'[frames, height, width]' if dims == 3 else '[height, width]'} lists.")
@@ -77,7 +79,7 @@ def _buckets(value: Any, dims: int, key: str, path: str) -> list[str]:
     for b in value:
         if not isinstance(b, (list, tuple)) or len(b) != dims or not all(isinstance(x, int) and x > 0 for x in b):
             raise UserError(f"--dataset_config {path}: {key} entry {b!r} is not {dims} positive integers.")
-        out.append("x".join(str(x) for x in ((1, *b) if dims == 2 else b)))
+        out.append(bucket_name(*((1, *b) if dims == 2 else b)))  # an image bucket: one frame
     return out
 
 

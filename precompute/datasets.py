@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ft.common.errors import UserError
+from ft.common.shards import MANIFEST_NAME
 from ft.common.tables import read_table
 from ft.precompute.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
@@ -73,7 +74,7 @@ def load_dataset(dataset: str | Path, video_column: str | None = None, caption_c
     if tables:
         return _from_table(tables[0], video_column, caption_column)
     # ft's own shards are not a dataset (an --out inside --dataset)
-    if any(t.suffix == ".tar" and not (t.parent / "manifest.json").is_file() for t in walk_files(root)):
+    if any(t.suffix == ".tar" and not (t.parent / MANIFEST_NAME).is_file() for t in walk_files(root)):
         from .webdataset_media import read_webdataset_folder
 
         return read_webdataset_folder(root, caption_column)

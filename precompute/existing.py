@@ -31,7 +31,7 @@ from ft.common.shards import (
     write_index_file,
 )
 
-from .jobs import JobSlot
+from .job_slots import JobSlot
 from .reuse import HalfIndex
 
 

@@ -32,18 +32,24 @@ from ft.common.shards import (
     ShardInfo,
     iter_shard,
     kill_point,
+    load_manifest,
     merged_view,
     read_states,
     shard_rows,
     write_atomic,
 )
 
-from .jobs import JobSlot, Lock, describe_holder, live_locks
+from .job_slots import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
 from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
 MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
+
+
+def job_config_path(out: Path, stem: str) -> Path:
+    """Where a job saves its resolved config (encode.py) and the merge reads job 0's back: `jobs/<stem>.config.json`."""
+    return out / JOBS_DIR / f"{stem}.config.json"
 
 
 def _concat(out: Path, files: list[str], target: str) -> int:
@@ -101,7 +107,7 @@ def _duplicate_notes(out: Path, shards: list[ShardInfo], keys: set[str]) -> list
 
 def _merge_config(out: Path, stem: str) -> str:
     """Job 0's saved config, as a single run's (no job index), to `precompute_config.json`."""
-    path = out / JOBS_DIR / f"{stem}.config.json"
+    path = job_config_path(out, stem)
     if path.is_file():
         values = json.loads(path.read_text())
         for name in ("num_jobs", "job_index"):
@@ -134,7 +140,7 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
         if not states:
             if own is None:
                 log.info(f"{out} has no jobs to merge: it is merged")
-            return Manifest.load(out)
+            return load_manifest(out)
         base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
         view = merged_view(out, base, states)
         running = [h for h in live_locks(out) if not any(
@@ -197,7 +203,7 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
         seal_stamps(out, [s.stem for s in run])
     log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
              f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
-    return Manifest.load(out)
+    return load_manifest(out)
 
 
 def remove_job_files(out: Path, stem: str) -> None:

@@ -1,4 +1,12 @@
-"""A job's planning (screen, probe, bucket, digest, key each item), up front or streamed into the encode loop.
+"""The planning pipeline: a dataset's items screened, planned, checked as a whole and keyed, for a job or a preflight.
+
+This file is the pipeline; the plan of one item (probe, bucket, frames, keys) is planned_sample.py. The run's
+settings are checked against the model first (`check_buckets`, `sequence_length`). Then `screen` takes what
+needs no decoding (problems found while reading, empty captions, paths outside the dataset folder, duplicate
+rows: policy.py), `planner` plans each remaining item in threads (planned_sample.plan_item), and `finish_check`
+checks the plan as a whole (the decoders' notes; with a tokenizer, captions longer than the text length or mostly
+unknown tokens). `check_dataset` runs all of it and returns a `DataCheck`: `ft check-data` (check_data.py) prints
+it; the precompute job (job.py) runs it through `JobPlan`.
 
 Planning a first run is probing and hashing every file, and the GPU would wait for all of it. So when a job's
 `--out` holds nothing it could reuse (no shard: no sample done, no cached half), its items are planned in threads
@@ -8,26 +16,126 @@ with shards to look at (a rerun, a grown dataset) plans up front (`JobPlan.up_fr
 and which halves can be reused, are decided from the whole plan; its unchanged files cost a stat each
 (media_cache.py). `--on-error fail` plans up front too, so a bad item stops the job before any encoder loads.
 
-Either way each item gets the same key (plan.SampleKeys, in the dataset's order, so the same duplicate is the
-one dropped) and the shards hold the same samples with the same bytes; only their order in the shards differs:
-streamed, in the order items are planned and batched per bucket; up front, sorted by bucket. Both are fixed by
-the dataset, so two runs write the same shards.
+Either way each item gets the same key (planned_sample.SampleKeys, in the dataset's order, so the same duplicate
+is the one dropped) and the shards hold the same samples with the same bytes; only their order in the shards
+differs: streamed, in the order items are planned and batched per bucket; up front, sorted by bucket. Both are
+fixed by the dataset, so two runs write the same shards.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from ft.common.errors import UserError
 from ft.common.logs import log
+from ft.common.model_args import ModelArgs
+from ft.common.runtime import prefetch_map
+from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec
+from ft.precompute.rejects import summarize_inputs
 
-from .check_data import DataCheck, check_dataset, finish_check, planner, screen
-from .config import PrecomputeConfig
-from .datasets import DatasetItem
+from .config import DataArgs, PrecomputeConfig
+from .datasets import DatasetItem, dataset_root
 from .media_cache import MediaCache
-from .plan import PlannedSample, SampleKeys
-from .policy import Rejected, enforce_on_error
+from .planned_sample import PlannedSample, SampleKeys, plan_item
+from .policy import Rejected, enforce_on_error, long_caption_warnings, screen_items, unknown_token_warnings
+
+
+def check_buckets(spec: ModelSpec, texts: list[str], vae_config: dict, transformer_config: dict
+                  ) -> list[tuple[int, int, int]]:
+    """`--buckets` parsed and checked against the model (a bucket it cannot take is an error naming it)."""
+    buckets = []
+    for text in texts:
+        bucket = parse_bucket(text)
+        problem = spec.check_bucket(bucket, vae_config, transformer_config)
+        if problem:
+            raise UserError(f"--buckets {text}: {problem}.")
+        buckets.append(bucket)
+    return buckets
+
+
+def sequence_length(spec: ModelSpec, cfg: DataArgs, transformer_config: dict) -> int:
+    """The text length captions are encoded at: the flag, else the transformer's; checked against the model."""
+    seq_len = cfg.max_sequence_length or spec.default_sequence_length(transformer_config)
+    problem = spec.check_sequence_length(seq_len, transformer_config)
+    if problem:
+        raise UserError(f"--max-sequence-length {seq_len}: {problem}.")
+    return seq_len
+
+
+@dataclass
+class DataCheck:
+    """What the checks found: the items planned into buckets, the rejected ones and the notes."""
+
+    items: list[DatasetItem]
+    planned: list[PlannedSample]
+    rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[Rejected] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)  # caption -> token count, when a tokenizer was given
+
+    def summary(self) -> str:
+        histogram = Counter(bucket_name(*p.bucket) for p in self.planned)
+        head = (f"{len(self.items)} items: {len(self.planned)} usable "
+                f"({', '.join(f'{b}: {n}' for b, n in sorted(histogram.items())) or 'none'})")
+        rest = summarize_inputs([r.to_dict() for r in self.rejected], [w.to_dict() for w in self.warnings])
+        return head + ("\n" + rest if rest else "")
+
+    def log_summary(self) -> None:
+        """The summary to the log, a line at a time (what `ft precompute` prints before and after encoding)."""
+        for line in self.summary().splitlines():
+            log.info(line)
+
+
+def screen(items: list[DatasetItem], cfg: DataArgs) -> tuple[list[DatasetItem], list[Rejected], list[Rejected]]:
+    """What needs no decoding (policy.screen_items): (items to plan, rejected, warnings)."""
+    return screen_items(items, dataset_root(cfg.dataset), cfg.allow_empty_captions, cfg.allow_outside_paths)
+
+
+def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
+            vae_config: dict, transformer_config: dict, cache: MediaCache | None = None
+            ) -> Iterator[PlannedSample | Rejected]:
+    """Each screened item's plan (planned_sample.plan_item) or its rejection, in the items' order, as soon as it is
+    made: `--decode-workers` threads plan ahead of the consumer, so the encode loop can take the first items while
+    the rest are being planned. `cache` spares unchanged files their probe and hash."""
+    def check(bucket: tuple[int, int, int]) -> str | None:  # why the model cannot take a bucket, None when it can
+        return spec.check_bucket(bucket, vae_config, transformer_config)
+
+    workers = cfg.decode_workers
+    return prefetch_map(lambda it: plan_item(it, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder, check,
+                                             cfg.max_upscale, cache),
+                        items, workers, ahead=max(4, workers * 4))
+
+
+def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
+                  vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
+                  cache: MediaCache | None = None) -> DataCheck:
+    """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
+    where it is."""
+    usable, rejected, warnings = screen(items, cfg)
+    result = DataCheck(items, [], rejected, warnings)
+    for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache):
+        (result.rejected if isinstance(planned, Rejected) else result.planned).append(planned)
+    return finish_check(result, spec, seq_len, model_args)
+
+
+def finish_check(result: DataCheck, spec: ModelSpec, seq_len: int, model_args: ModelArgs | None) -> DataCheck:
+    """The checks of the planned items as a whole, added to `result.warnings`: the decoders' notes, and (with a
+    tokenizer) captions longer than the text length or mostly unknown tokens."""
+    planned = result.planned
+    result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
+    if model_args is not None and planned:
+        captions = sorted({p.item.caption for p in planned})
+        stats = dict(zip(captions, spec.caption_token_stats(model_args, captions), strict=True))
+        result.tokens = {caption: counts[0] for caption, counts in stats.items()}
+        result.warnings += long_caption_warnings([str(p.item.path) for p in planned],
+                                                 [result.tokens[p.item.caption] for p in planned], seq_len)
+        result.warnings += unknown_token_warnings([str(p.item.path) for p in planned],
+                                                  [p.item.caption for p in planned],
+                                                  [stats[p.item.caption] for p in planned])
+    return result
 
 
 class JobPlan:
@@ -46,8 +154,7 @@ class JobPlan:
         if self.cache.hits:
             log.info(f"{self.cache.hits} media files unchanged since the last run (not probed or hashed again), "
                      f"{self.cache.misses} probed")
-        for line in self.check.summary().splitlines():
-            log.info(line)
+        self.check.log_summary()
 
     def up_front(self) -> list[PlannedSample]:
         """Plan every item now, print the summary (before any encoder is loaded), apply `--on-error`, and key

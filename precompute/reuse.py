@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.shards import ShardInfo, iter_shard
 
-from .plan import PlannedSample
+from .planned_sample import PlannedSample
 
 if TYPE_CHECKING:
     import torch

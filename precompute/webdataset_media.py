@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ft.common.errors import UserError
+from ft.common.shards import MANIFEST_NAME
 
 from .datasets import DatasetItem, walk_files
 
@@ -58,7 +59,7 @@ def read_webdataset_folder(root: Path, caption_column: str | None = None) -> lis
     out_dir = _extract_dir()
     items: list[DatasetItem] = []
     wanted = (caption_column,) if caption_column else CAPTION_COLUMNS
-    for tar_path in (t for t in walk_files(root) if t.suffix == ".tar" and not (t.parent / "manifest.json").is_file()):
+    for tar_path in (t for t in walk_files(root) if t.suffix == ".tar" and not (t.parent / MANIFEST_NAME).is_file()):
         samples: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(tar_path) as tar:

@@ -147,3 +147,15 @@ def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_p
     _, command, *argv = shlex.split(line)
     (run,) = translate(command, argv, None, command_configs(), "").runs  # every flag is one of ft's
     assert "--model" in run
+
+
+@pytest.mark.parametrize(("folder", "module", "why"), [
+    ("common/shards/manifest.py", "ft.common.shards.journal", "the manifest reader knows nothing of precompute's "
+     "jobs: readers that must see them ask journal.load_manifest"),
+    ("pipelines", "ft.pipelines.registry", "a spec knows nothing of the registry that lists it"),
+])
+def test_no_circles(folder, module, why):
+    paths = [ROOT / folder] if folder.endswith(".py") else sorted((ROOT / folder).rglob("*.py"))
+    for path in paths:
+        if module_name(path) != module:
+            assert module not in imported_modules(path), f"{path.relative_to(ROOT)} imports {module}: {why}"

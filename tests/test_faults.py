@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ft.common.errors import UserError
-from ft.common.shards import ACTIVE_KEYS_NAME, Manifest
+from ft.common.shards import ACTIVE_KEYS_NAME, load_manifest
 from ft.precompute.media import open_media
 from helpers import BUCKETS, FP32, fill, remount, run_cli
 
@@ -40,7 +40,7 @@ def ft_process(argv: list[object], **env: str) -> subprocess.Popen:
 
 def test_disk_full_during_precompute_keeps_whole_shards_and_says_how_much_is_needed(
         tiny_cog, shapes_data, cog_shards, tmpfs):
-    reference = Manifest.load(cog_shards)
+    reference = load_manifest(cog_shards)
     per_sample = reference.num_bytes / reference.num_samples
     disk = tmpfs("small", "2m")
     filler = fill(disk, leave=int(64e3 + 5 * per_sample))  # room for about two shards of two samples
@@ -51,7 +51,7 @@ def test_disk_full_during_precompute_keeps_whole_shards_and_says_how_much_is_nee
     assert message.startswith(f"--out {out}: ") and "no space left on the device" in message
     assert "Kept: " in message and "whole shard(s)" in message and "Needed: about " in message
     assert "is free there" in message and "run the same command again" in message
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.shards and not manifest.complete  # what was finished is listed, and the set says it is partial
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar.tmp"))  # the partial shard was removed
     kept = sum(s.samples for s in manifest.shards)
@@ -81,7 +81,7 @@ def test_a_rerun_into_existing_shards_on_a_read_only_disk_says_they_are_untouche
     with pytest.raises(UserError, match="read-only filesystem") as error:
         run_cli(precompute(tiny_cog, shapes_data, disk / "shards"))
     assert "the shards already in it are untouched and `ft train` reads them where they are" in str(error.value)
-    assert Manifest.load(disk / "shards").complete  # and they are still a whole, readable set
+    assert load_manifest(disk / "shards").complete  # and they are still a whole, readable set
 
 
 # ---------------------------------------------------------------------------------------------- other commands
@@ -137,7 +137,7 @@ def test_inspect_verify_names_a_missing_listed_shard(cog_shards, tmp_path):
 
     shards = tmp_path / "shards"
     shutil.copytree(cog_shards, shards)
-    first = Manifest.load(shards).shards[0].name
+    first = load_manifest(shards).shards[0].name
     (shards / first).unlink()
     with pytest.raises(UserError, match=rf"(?s)1 listed shard\(s\) are not on disk: {first}; rerun `ft precompute` "
                                         r"with the same --out.*verification failed: 0 damaged and 1 missing"):

@@ -18,7 +18,7 @@ import pytest
 from ft.cli.inspect_shards import describe
 from ft.cli.synthetic import shape_clip
 from ft.common.errors import UserError
-from ft.common.shards import Manifest
+from ft.common.shards import load_manifest
 from ft.pipelines.registry import SPECS
 from ft.precompute.dataset_config import read_dataset_config
 from ft.precompute.datasets import load_dataset
@@ -96,7 +96,7 @@ def test_inspect_a_folder_of_shard_sets_and_an_incomplete_set(cog_shards, tmp_pa
     assert text.count("model family   cogvideox") == 2
     # an incomplete set: the dataset's view counts samples not encoded yet; never "-N more cached"
     incomplete = parent / "0-dissolve"
-    manifest = Manifest.load(incomplete)
+    manifest = load_manifest(incomplete)
     manifest.shards = manifest.shards[:1]  # as if killed after 4 samples: 6 of the dataset not encoded yet
     manifest.shards[0].samples = 4
     manifest.complete, manifest.missing = False, {"9x32x32": manifest.active["samples"] - 4}

@@ -21,6 +21,8 @@ from ft.train.offload import check_args as check_offload_args
 from .compile import check_args as check_compile_args
 from .lora_formats import LORA_FORMATS
 
+# the resolved config a run saves in its --output-dir; `ft generate` reads it back beside a --lora
+TRAIN_CONFIG_NAME = "train_config.json"
 TRAINING_TYPES = ("lora", "full-finetune")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")

@@ -32,9 +32,10 @@ from ft.common.logs import log, quiet_libraries
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import pick_device
 from ft.pipelines.base import ModelSpec
-from ft.pipelines.registry import spec_for
+from ft.pipelines.registry import per_family, spec_for
 from ft.train.video_writer import write_video
 
+from .config import TRAIN_CONFIG_NAME
 from .lora_formats import config_modules, diffusers_state, find_lora_file, read_lora
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ class GenerateConfig(ModelArgs):
                                  "diffusion-pipe, ai-toolkit) and kohya's (musubi-tuner) layouts are read.", panel=GEN)
     lora_scale: float = opt(1.0, "How strongly the LoRA applies.", panel=GEN)
     negative_prompt: str | None = opt(None, "What the video should not show.", panel=GEN)
-    num_frames: int | None = opt(None, "Frames to generate. Default: the model's (49 for CogVideoX).", panel=GEN)
+    num_frames: int | None = opt(None, "Frames to generate. Default: the model's ("
+                                       f"{per_family(lambda s: s().generation_defaults({}, {})['num_frames'])}).",
+                                 panel=GEN)
     height: int | None = opt(None, "Height in pixels. Default: the model's.", panel=GEN)
     width: int | None = opt(None, "Width in pixels. Default: the model's.", panel=GEN)
     num_inference_steps: int | None = opt(None, "Denoising steps. Default: the pipeline's (50).", panel=GEN)
@@ -66,13 +69,14 @@ class GenerateConfig(ModelArgs):
                                              "finetunes; SkyReels-V1 samples with about 6). Off (1) by default.",
                                        panel=GEN)
     max_sequence_length: int | None = opt(None, "Text tokens the prompt is encoded to. Default: the length the "
-                                                "weights were trained at (the shard set named in the train_config"
-                                                ".json beside --lora or --transformer-id), else the model's (226 "
-                                                "CogVideoX, 128 LTX-Video, 256 HunyuanVideo, 512 Wan).", panel=GEN)
+                                                f"weights were trained at (the shard set named in the "
+                                                f"{TRAIN_CONFIG_NAME} beside --lora or --transformer-id), else the "
+                                                f"model's ({per_family(lambda s: s.default_text_tokens)}).",
+                                          panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
-                                  "where it takes one (LTX-Video). Default: the model's (8 for CogVideoX, 25 for "
-                                  "LTX-Video).", panel=GEN)
+                                  "where it takes one (LTX-Video). Default: the model's "
+                                  f"({per_family(lambda s: f'{s.default_fps:g}')}).", panel=GEN)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.", panel=GEN)
 
     def __post_init__(self) -> None:
@@ -192,7 +196,7 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
     the shard set is not readable here."""
     import json
 
-    from ft.common.shards import Manifest
+    from ft.common.shards import load_manifest
 
     from .loader import parse_shard_arg
 
@@ -205,7 +209,7 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
                 shards = parse_shard_arg(saved["shards"][0])[0]
                 if "://" not in shards:  # a folder: relative to where training ran (a URL stays as it is)
                     shards = str(training_folder(path.parent, saved.get("output_dir")) / shards)
-                manifest = Manifest.load(shards)
+                manifest = load_manifest(shards)
                 return int(manifest.encoding["max_sequence_length"])
             except (OSError, ValueError, KeyError, IndexError, TypeError, UserError) as e:
                 log.info(f"{path}: its shard set's text length is not readable here ({e}); the model's default "
@@ -242,8 +246,8 @@ def train_config_beside(path: Path) -> Path | None:
     above it (a checkpoint's LoRA is OUTPUT_DIR/checkpoints/checkpoint-N/)."""
     folder = path.parent if path.is_file() else path
     for candidate in (folder, folder.parent, folder.parent.parent):
-        if (candidate / "train_config.json").is_file():
-            return candidate / "train_config.json"
+        if (candidate / TRAIN_CONFIG_NAME).is_file():
+            return candidate / TRAIN_CONFIG_NAME
     return None
 
 

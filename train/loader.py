@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, shard_rows, tensors_from_bytes
+from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, parse_bucket, shard_rows, tensors_from_bytes
 
 
 def mix_seed(*parts: object) -> int:
@@ -100,7 +100,7 @@ class ShardSet:
                 rows = shard_rows(self.folder / shard.name, shard)
                 for row in rows:
                     if row.bucket not in buckets:
-                        buckets[row.bucket] = tuple(int(d) for d in row.bucket.split("x"))
+                        buckets[row.bucket] = parse_bucket(row.bucket)
                 entries = [Entry(shard.name, row.key, buckets[row.bucket]) for row in rows
                            if self.active is None or row.key in self.active]
                 self._index[shard.name] = entries

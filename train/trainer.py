@@ -30,7 +30,7 @@ from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
-from ft.common.shards import kill_point, parse_bucket, require_complete
+from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.registry import spec_for
 from ft.train import dist
@@ -43,7 +43,7 @@ from .checkpoints import (
     set_aside_later_checkpoints,
 )
 from .compile import CompileWatch, apply_compile, compile_summary
-from .config import TrainConfig
+from .config import TRAIN_CONFIG_NAME, TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .lora import plan_lora, save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
@@ -57,7 +57,7 @@ from .parallel import (
     set_gradient_sync,
     trainable_parameters,
 )
-from .reporting import PLOT_NAME, RunLog, plot_losses, stopped_by_fault
+from .reporting import LOG_NAME, PLOT_NAME, RunLog, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 from .validation import Validation
@@ -365,7 +365,8 @@ class Trainer:
         self.state.lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         self.state.step = step
-        bucket = "x".join(str(d) for d in micro[-1].meta[0].get("bucket", []))
+        meta = micro[-1].meta[0]  # batches fed from elsewhere than shards (bench/train_step.py) carry no bucket
+        bucket = bucket_name(*meta["bucket"]) if "bucket" in meta else ""
         return {"loss": loss_value, "grad_norm": norm_value, "epoch": epoch, "data_wait": waited, "bucket": bucket}
 
     def gather(self, loss: Any, norm: Any) -> list[float]:
@@ -410,7 +411,7 @@ class Trainer:
                  f"on {self.device}{'' if self.world.size == 1 else ' x ' + str(self.world.size)} "
                  f"({self.layout.name}), {samples} samples in {len(self.sets)} shard set(s), "
                  f"{self.samples_per_step} per optimizer step")
-        dist.run_on_rank_zero(lambda: (self.out / "train_config.json").write_text(
+        dist.run_on_rank_zero(lambda: (self.out / TRAIN_CONFIG_NAME).write_text(
             json.dumps(self.config_json, indent=2) + "\n"))
         eval_set = eval_batches(self.sets[0], cfg.batch_size, cfg.eval_batches) if cfg.eval_batches else []
         if len(eval_set) < cfg.eval_batches:
@@ -510,7 +511,7 @@ class Trainer:
             log.info(f"peak GPU memory {summary['peak_gpu_memory_gb']:.2f} GB")
         kill_point("exporting")  # test hook (FT_TEST_KILL_AT=exporting): killed after the last checkpoint
         result = self.export()
-        plot = plot_losses(self.out / "train_log.jsonl", self.out / PLOT_NAME) if self.world.main else None
+        plot = plot_losses(self.out / LOG_NAME, self.out / PLOT_NAME) if self.world.main else None
         window = max(1, min(10, len(losses) // 4))
         summary.update(self.validation.summary)
         summary.update(steps=self.state.step, first_loss=sum(losses[:window]) / window if losses else None,

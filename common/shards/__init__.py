@@ -23,8 +23,9 @@ keys, bucket, byte spans) that reruns and `ft train` read instead of the tar hea
 The contract is split by concern; this module names it in one place:
 - codec.py: tensors <-> safetensors bytes, sample keys, file digests;
 - buckets.py: the `FRAMESxHEIGHTxWIDTH` spelling (`parse_bucket`, `bucket_name`);
-- manifest.py: `Manifest`, `ShardInfo`, `require_complete`, `open_shard_set`;
-- journal.py: the partial manifests of precompute jobs and the merged view of them;
+- manifest.py: `Manifest` (`Manifest.read`: the merged manifest alone), `ShardInfo`, `require_complete`;
+- journal.py: the partial manifests of precompute jobs and the merged view of them: `load_manifest` and
+  `open_shard_set`, the set as readers that must see unmerged jobs (`ft train`, `ft inspect`) ask for it;
 - reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
 - writer.py: `ShardWriter` (and the `kill_point` test hook);
 - prompts.py: the prompt table (validation prompts and the empty caption's conditioning).
@@ -46,7 +47,9 @@ from .journal import (
     append_journal,
     finalize_command,
     job_stem,
+    load_manifest,
     merged_view,
+    open_shard_set,
     read_journal,
     read_states,
 )
@@ -59,7 +62,6 @@ from .manifest import (
     TENSOR_GROUPS,
     Manifest,
     ShardInfo,
-    open_shard_set,
     require_complete,
     write_atomic,
 )
@@ -82,11 +84,11 @@ from .reader import (
 from .writer import ShardWriter, kill_point, shard_number
 
 __all__ = [
-    "_tar_members", "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "append_journal", "bucket_name",
-    "describe_shard", "EMPTY_CAPTION_NAME", "file_digest", "finalize_command", "index_path", "IndexRow",
-    "INPUT_FILES", "iter_shard", "job_stem", "JOBS_DIR", "JobState", "kill_point", "Manifest", "MANIFEST_NAME",
-    "merged_view", "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
-    "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index",
-    "shard_keys", "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter",
-    "TENSOR_GROUPS", "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file",
+    "_tar_members", "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "append_journal", "bucket_name", "describe_shard",
+    "EMPTY_CAPTION_NAME", "file_digest", "finalize_command", "index_path", "IndexRow", "INPUT_FILES", "iter_shard",
+    "job_stem", "JOBS_DIR", "JobState", "kill_point", "load_manifest", "Manifest", "MANIFEST_NAME", "merged_view",
+    "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
+    "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
+    "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "TENSOR_GROUPS",
+    "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file"
 ]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from ..errors import UserError
 
 
-def bucket_name(frames: int, height: int, width: int) -> str:
-    """`(49, 480, 720)` -> `'49x480x720'`, the spelling of `--buckets` and of the manifest's histograms."""
+def bucket_name(frames: int | str, height: int | str, width: int | str) -> str:
+    """`(49, 480, 720)` -> `'49x480x720'`, the spelling of `--buckets` and of the manifest's histograms (the sizes
+    as numbers, or as the digits a user typed, which `parse_bucket` checks later)."""
     return f"{frames}x{height}x{width}"
-
 
 
 def parse_bucket(text: str) -> tuple[int, int, int]:

@@ -10,8 +10,9 @@ its config and its lock; job 0 also stores the empty caption's conditioning when
 `merged_view` folds the states and journals into the last merged `manifest.json` in memory: the shards listed
 there (less those a job found lost) plus every journal's, the jobs' keys as the training view, what is still
 missing, and a status that names what to run. The last job to finish writes that view as the new manifest and
-removes the job files (precompute/merge.py); until then `Manifest.load` returns the view, marked `unmerged`, so
-`ft train` and `ft inspect` say the set is not merged and what to run.
+removes the job files (precompute/merge.py); until then `load_manifest` returns the view, marked `unmerged`, so
+`ft train` (through `open_shard_set`) and `ft inspect` say the set is not merged and what to run. This module
+stands on manifest.py, never under it: `Manifest.read` is the merged manifest alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .manifest import INPUT_FILES, Manifest, ShardInfo, write_atomic
+from .manifest import INPUT_FILES, MANIFEST_NAME, Manifest, ShardInfo, write_atomic
 
 JOBS_DIR = "jobs"
 _STATE_NAME = re.compile(r"^job-(\d{4})-of-(\d{4})\.json$")
@@ -206,3 +207,32 @@ def merged_view(folder: str | Path, base: Manifest | None, states: list[JobState
     manifest.unmerged = {"status": status, "all_finished": all_finished, "num_jobs": num_jobs,
                          "merge_command": finalize_command(folder), "stale": len(stale)}
     return manifest
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    """The shard set as it stands: its manifest, or while jobs under `jobs/` are not merged yet, the merged view of
+    what they wrote, with `unmerged` saying what to run."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder}: no such shard folder. Run `ft precompute ... --out {folder}` first.")
+    states = read_states(folder)
+    if states:
+        return merged_view(folder, Manifest.read(folder) if (folder / MANIFEST_NAME).is_file() else None, states)
+    return Manifest.read(folder)
+
+
+def open_shard_set(folder: str | Path) -> tuple[Manifest, list[Path]]:
+    """The manifest (`load_manifest`) and the shard paths of a shard set, checking that every listed shard is
+    there."""
+    manifest = load_manifest(folder)
+    paths = [Path(folder) / s.name for s in manifest.shards]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{folder}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun `ft precompute` "
+                        "with the same --out to rebuild them.")
+    if not paths:
+        if not manifest.complete or manifest.unmerged is not None:  # nothing written yet: say what is left to do
+            raise UserError(f"{folder} holds no samples yet: it is {manifest.describe_completeness()}.")
+        raise UserError(f"{folder} holds no samples (every input was rejected?); see `ft inspect {folder}`.")
+    return manifest, paths

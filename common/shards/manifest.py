@@ -7,10 +7,11 @@ and the jobs that wrote it. Rejected and noted inputs are kept out of it, in `re
 `warnings.jsonl` beside it, and summarised in `inputs` (counts by kind), so the manifest every `ft train` loads
 stays small whatever the dataset's problems; `Manifest.rejected` / `.warnings` read those files when asked.
 
-`ft precompute` runs as one or more jobs; each writes a partial manifest of its own under `jobs/` (see
-journal.py), and the set is merged when the last job finishes. `Manifest.load` sees a set whose jobs are not
-merged yet and returns the merged view of what is there, marked `unmerged`: incomplete, naming what to run.
-`require_complete` is what `ft train` asks before it trains.
+`Manifest.read` reads `manifest.json` alone, as the last merge wrote it. `ft precompute` runs as one or more jobs;
+each writes a partial manifest of its own under `jobs/`, and the set is merged when the last job finishes. This
+module knows nothing of those jobs: the readers that must see them (`ft train`, `ft inspect`, precompute's merge)
+ask journal.py (`load_manifest`, `open_shard_set`), which returns the merged view of a set not merged yet, marked
+`unmerged`: incomplete, naming what to run. `require_complete` is what `ft train` asks before it trains.
 """
 
 from __future__ import annotations
@@ -215,8 +216,13 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        """`manifest.json` alone, as the last merge wrote it (no unmerged jobs looked at)."""
+        """`manifest.json` alone, as the last merge wrote it (no unmerged jobs looked at: journal.load_manifest
+        does)."""
         path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            if not Path(folder).exists():
+                raise UserError(f"{folder}: no such shard folder. Run `ft precompute ... --out {folder}` first.")
+            raise UserError(f"{folder} has no {MANIFEST_NAME}: it is not a shard set written by `ft precompute`.")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -237,23 +243,6 @@ class Manifest:
         if inline:
             manifest._inline = inline
         return manifest
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Manifest:
-        """The shard set's manifest; when jobs under `jobs/` are not merged yet, the merged view of what is
-        there, with `unmerged` saying what to run (see journal.py)."""
-        from .journal import merged_view, read_states
-
-        folder = Path(folder)
-        if not folder.exists():
-            raise UserError(f"{folder}: no such shard folder. Run `ft precompute ... --out {folder}` first.")
-        states = read_states(folder)
-        base = cls.read(folder) if (folder / MANIFEST_NAME).is_file() else None
-        if states:
-            return merged_view(folder, base, states)
-        if base is None:
-            raise UserError(f"{folder} has no {MANIFEST_NAME}: it is not a shard set written by `ft precompute`.")
-        return base
 
     def describe_completeness(self) -> str:
         """One line: complete, or how much of the dataset is missing and how to encode it."""
@@ -289,18 +278,3 @@ def require_complete(manifest: Manifest, folder: str | Path, allow_incomplete: b
     usable = sum(manifest.training_histogram().values())
     log.warning(f"--allow-incomplete: {folder} is {status}; training on the {usable} samples encoded so far")
 
-
-def open_shard_set(folder: str | Path) -> tuple[Manifest, list[Path]]:
-    """The manifest and the shard paths of a shard set, checking that every listed shard is there."""
-    manifest = Manifest.load(folder)
-    paths = [Path(folder) / s.name for s in manifest.shards]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"{folder}: {len(missing)} shard(s) listed in {MANIFEST_NAME} are missing "
-                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Rerun `ft precompute` "
-                        "with the same --out to rebuild them.")
-    if not paths:
-        if not manifest.complete or manifest.unmerged is not None:  # nothing written yet: say what is left to do
-            raise UserError(f"{folder} holds no samples yet: it is {manifest.describe_completeness()}.")
-        raise UserError(f"{folder} holds no samples (every input was rejected?); see `ft inspect {folder}`.")
-    return manifest, paths

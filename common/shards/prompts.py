@@ -25,11 +25,11 @@ empty caption is the table's `negative` row. Layout, part of the shard contract:
                                      with `__metadata__` {"text_key", "caption", "digest"}; digest: sha256 over the
                                      tensors' names, dtypes, shapes and bytes, checked on read
     manifest.json "prompts"          {"folder": "prompts", "negative": <text_key of "">}, empty when there is none
-A prompt's `text_key` is the one a sample with that caption gets (`text_key`, shared with precompute/plan.py):
-the caption, the text encoders' fingerprint, the text length and the family's encoding choices. So a file is
-content-addressed: several precompute jobs may write the same prompt at once (each renames identical bytes into
-place), there is no index to merge, and `ft train` finds a caption's row from the manifest alone (`PromptTable`),
-loading no text encoder.
+A prompt's `text_key` is the one a sample with that caption gets (`text_key`, shared with
+precompute/planned_sample.py): the caption, the text encoders' fingerprint, the text length and the family's encoding
+choices. So a file is content-addressed: several precompute jobs may write the same prompt at once (each renames
+identical bytes into place), there is no index to merge, and `ft train` finds a caption's row from the manifest
+alone (`PromptTable`), loading no text encoder.
 
 Writing (stage 1, `PromptWriter`): `ft precompute --validation-dataset-file FILE` works out which rows the shard
 set lacks; only those are encoded, in batches, once the run's models are loaded, so a rerun with a new file on an

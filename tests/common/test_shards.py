@@ -24,6 +24,7 @@ from ft.common.shards import (
     file_digest,
     index_path,
     iter_shard,
+    load_manifest,
     open_shard_set,
     read_index_file,
     rows_from_headers,
@@ -405,7 +406,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert path == tmp_path / MANIFEST_NAME
     assert not list(tmp_path.glob("*.json.tmp"))
     assert m.updated  # stamped on save
-    loaded = Manifest.load(tmp_path)
+    loaded = load_manifest(tmp_path)
     assert loaded == m
     assert all(isinstance(s, ShardInfo) for s in loaded.shards)
     assert loaded.schema_version == SCHEMA_VERSION
@@ -419,7 +420,7 @@ def test_rejects_live_in_their_own_file_and_older_manifests_keep_theirs_inline(t
     record = {"path": "videos/bad.mp4", "reason": "not a readable video", "kind": "not-media"}
     _manifest([]).save(tmp_path)
     (tmp_path / "rejected.jsonl").write_text(json.dumps(record) + "\n")
-    loaded = Manifest.load(tmp_path)
+    loaded = load_manifest(tmp_path)
     assert "videos/bad.mp4" not in (tmp_path / MANIFEST_NAME).read_text()
     assert loaded.rejected == [record] and loaded.input_count("rejected") == 1 and loaded.warnings == []
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
@@ -427,7 +428,7 @@ def test_rejects_live_in_their_own_file_and_older_manifests_keep_theirs_inline(t
     data["rejected"] = [record]  # as ft wrote it before rejected.jsonl
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     (tmp_path / "rejected.jsonl").unlink()
-    old = Manifest.load(tmp_path)
+    old = load_manifest(tmp_path)
     assert old.rejected == [record] and old.input_count("rejected") == 1
 
 
@@ -436,7 +437,7 @@ def test_manifest_ignores_unknown_keys(tmp_path: Path) -> None:
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     data["from_the_future"] = 1
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    assert Manifest.load(tmp_path).model_family == "toy"
+    assert load_manifest(tmp_path).model_family == "toy"
 
 
 def test_manifest_ignores_unknown_keys_of_a_shard_entry(tmp_path: Path) -> None:
@@ -445,17 +446,17 @@ def test_manifest_ignores_unknown_keys_of_a_shard_entry(tmp_path: Path) -> None:
     data = json.loads((tmp_path / MANIFEST_NAME).read_text())
     data["shards"][0]["digest_of_the_future"] = "x"
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
-    assert Manifest.load(tmp_path).shards == writer.completed
+    assert load_manifest(tmp_path).shards == writer.completed
 
 
 def test_manifest_load_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such shard folder"):
-        Manifest.load(tmp_path / "nowhere")
+        load_manifest(tmp_path / "nowhere")
 
 
 def test_manifest_load_no_manifest(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=f"has no {MANIFEST_NAME}"):
-        Manifest.load(tmp_path)
+        load_manifest(tmp_path)
 
 
 def test_manifest_load_wrong_schema(tmp_path: Path) -> None:
@@ -464,17 +465,17 @@ def test_manifest_load_wrong_schema(tmp_path: Path) -> None:
     data["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(UserError, match=f"schema version {SCHEMA_VERSION + 1}"):
-        Manifest.load(tmp_path)
+        load_manifest(tmp_path)
     del data["schema_version"]
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(UserError, match="schema version None"):
-        Manifest.load(tmp_path)
+        load_manifest(tmp_path)
 
 
 def test_manifest_load_bad_json(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
-        Manifest.load(tmp_path)
+        load_manifest(tmp_path)
 
 
 def test_open_shard_set(tmp_path: Path) -> None:

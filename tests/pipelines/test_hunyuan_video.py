@@ -64,7 +64,7 @@ def test_the_pipelines_template_is_an_encoding_choice_that_changes_the_sample_ke
     from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video
 
     from ft.common.shards import sample_key
-    from ft.precompute.plan import sample_encoding
+    from ft.precompute.planned_sample import sample_encoding
 
     real = spec.encoding_choices({})
     assert real["crop_start"] == 95 and real["prompt_template"].startswith("<|start_header_id|>system")

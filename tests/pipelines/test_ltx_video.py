@@ -8,7 +8,7 @@ import torch
 
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from ft.pipelines.base import StepInputs, TrainOptions
 from ft.pipelines.registry import get_spec
 
@@ -56,7 +56,7 @@ def test_prompt_encoding_matches_the_pipeline(spec, pipe):
 def test_shards_hold_the_posterior_the_prompt_and_the_frame_rate(spec, pipe, ltx_shards):
     from ft.precompute.media import open_media, resize_center_crop
 
-    manifest = Manifest.load(ltx_shards)
+    manifest = load_manifest(ltx_shards)
     assert manifest.model_family == "ltx_video"
     assert manifest.shapes == {"latent_channels": 8, "prompt_embeds": [128, 32], "prompt_attention_mask": [128]}
     assert manifest.encoding["max_sequence_length"] == 128
@@ -86,7 +86,7 @@ def test_shards_hold_the_posterior_the_prompt_and_the_frame_rate(spec, pipe, ltx
 
 
 def test_latents_are_normalised_as_the_pipeline_denormalises_them(spec, pipe, ltx_shards):
-    vae_config = Manifest.load(ltx_shards).encoders["vae"]["config"]
+    vae_config = load_manifest(ltx_shards).encoders["vae"]["config"]
     mean = torch.randn(2, 8, 3, 4, 4)
     stored = {"mean": mean, "logvar": torch.full((2, 1, 3, 4, 4), -60.0)}  # no variance: the draw is the mean
     latents = spec.prepare_latents(stored, vae_config, {}, [torch.Generator().manual_seed(i) for i in range(2)])

@@ -18,7 +18,7 @@ import torch
 from ft.cli.synthetic import make_shapes_dataset
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from ft.pipelines.cogvideox import CogVideoXSpec
 from ft.pipelines.fingerprint import FilesUnavailable, locate
 from ft.pipelines.registry import get_spec
@@ -60,7 +60,7 @@ def precompute(model, data, out, *extra):
 
 
 def samples(out):
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     return {s.key: s for shard in manifest.shards for s in iter_shard(out / shard.name)}
 
 
@@ -87,7 +87,7 @@ def test_unchanged_rerun_of_job_i_of_n_stops_after_a_stat_before_importing_torch
     out = tmp_path / "out"
     for index in ("0", "1"):  # job 1 finishes last and merges: it seals both jobs' stamps
         precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", index)
-    assert Manifest.load(out).complete
+    assert load_manifest(out).complete
     calls.clear()
     with caplog.at_level("INFO", logger="ft"):
         again = precompute(tiny_cog, data, out, "--num-jobs", "2", "--job-index", "0")
@@ -121,7 +121,7 @@ def test_a_clip_replaced_beside_a_metadata_file_is_seen_by_the_rerun(tmp_path, t
 
 
 def test_one_media_under_two_names_of_two_jobs_is_noted_as_one_job_notes_it(tmp_path, tiny_cog, calls):
-    from ft.precompute.jobs import owner
+    from ft.precompute.job_slots import owner
 
     data = make_shapes_dataset(tmp_path / "data", num_clips=3, seed=28)
     first = "videos/clip_000.mp4"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ft.common.errors import UserError
-from ft.precompute.jobs import DatasetItem, JobSlot, Lock, item_identity, lock_slot, owner, resolve_slot
+from ft.precompute.job_slots import DatasetItem, JobSlot, Lock, item_identity, lock_slot, owner, resolve_slot
 
 
 def test_the_slot_comes_from_the_flags_then_slurm_then_torchrun():

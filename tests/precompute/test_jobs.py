@@ -19,7 +19,7 @@ import torch
 
 from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, Manifest, iter_shard, open_shard_set
+from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, iter_shard, load_manifest, open_shard_set
 from helpers import BUCKETS, FP32, run_cli
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def one_job(tiny_cog, shapes_data, tmp_path_factory) -> Path:
 
 
 def assert_same_samples(out: Path, reference: Path) -> None:
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.complete and manifest.unmerged is None and not manifest.missing
     assert set((out / ACTIVE_KEYS_NAME).read_text().split()) == set((reference / ACTIVE_KEYS_NAME).read_text().split())
     assert tensors(out) == tensors(reference)
@@ -79,7 +79,7 @@ def test_two_jobs_as_two_processes_give_the_samples_of_one(tiny_cog, shapes_data
         code, err = finish(proc)
         assert code == 0, err[-3000:]
     assert_same_samples(out, one_job)
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert {s.name.split("-")[1] for s in manifest.shards} == {"j0000", "j0001"}
     assert [(j["index"], j["num_jobs"], j["complete"]) for j in manifest.jobs] == [(0, 2, True), (1, 2, True)]
     assert sum(j["written"] for j in manifest.jobs) == manifest.num_samples
@@ -96,7 +96,7 @@ def test_a_job_killed_and_rerun_gives_the_same(tiny_cog, shapes_data, tmp_path, 
     assert finish(killed)[0] == -signal.SIGKILL
     code, err = finish(other)
     assert code == 0, err[-3000:]
-    manifest = Manifest.load(out)  # job 0 finished, job 1 did not: the set says so and what to run
+    manifest = load_manifest(out)  # job 0 finished, job 1 did not: the set says so and what to run
     assert manifest.unmerged is not None and not manifest.complete
     status = manifest.describe_completeness()
     assert "job(s) 1 of 2 did not finish" in status and "ft precompute --config" in status
@@ -160,9 +160,9 @@ def test_a_merge_killed_after_moving_the_empty_caption_is_merged_again(tiny_cog,
     assert (out / EMPTY_CAPTION_NAME).is_file() and not list((out / JOBS_DIR).glob("*.empty_caption.*"))
     run_cli(["precompute", "--finalize", "--out", out])
     assert_same_samples(out, one_job)
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.empty_caption["file"] == EMPTY_CAPTION_NAME
-    assert open_shard_set(out)[0].empty_caption["sha256"] == Manifest.load(one_job).empty_caption["sha256"]
+    assert open_shard_set(out)[0].empty_caption["sha256"] == load_manifest(one_job).empty_caption["sha256"]
 
 
 def test_a_job_finishing_while_another_merges_waits_and_merges(tiny_cog, shapes_data, tmp_path, one_job):
@@ -171,7 +171,7 @@ def test_a_job_finishing_while_another_merges_waits_and_merges(tiny_cog, shapes_
     import json
     import threading
 
-    from ft.precompute.jobs import JobSlot, Lock
+    from ft.precompute.job_slots import JobSlot, Lock
     from ft.precompute.merge import finalize
 
     out = tmp_path / "shards"

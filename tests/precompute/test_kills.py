@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ft.common.errors import UserError
-from ft.common.shards import ACTIVE_KEYS_NAME, Manifest, open_shard_set, require_complete, shard_keys
+from ft.common.shards import ACTIVE_KEYS_NAME, load_manifest, open_shard_set, require_complete, shard_keys
 from helpers import BUCKETS, FP32, run_cli
 
 FLAGS = [*FP32, *BUCKETS, "--shard-samples", "3"]
@@ -59,7 +59,7 @@ def test_a_kill_then_a_rerun_gives_the_uninterrupted_sample_set(point, tiny_cog,
     out = tmp_path / "shards"
     killed = run_process(precompute_argv(tiny_cog, shapes_data, out), FT_TEST_KILL_AT=point)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.complete is False and manifest.resume_command.startswith("ft precompute --config ")
     with pytest.raises(UserError, match="INCOMPLETE.*ft precompute --config .*--allow-incomplete"):
         require_complete(manifest, out)
@@ -68,7 +68,7 @@ def test_a_kill_then_a_rerun_gives_the_uninterrupted_sample_set(point, tiny_cog,
         run_cli(command[1:])
     else:
         run_cli(precompute_argv(tiny_cog, shapes_data, out))
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.complete and not manifest.missing
     keys = listed_keys(out)
     assert len(keys) == len(set(keys)), "a sample is listed twice"

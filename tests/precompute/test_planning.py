@@ -8,9 +8,9 @@ import logging
 
 import torch
 
-from ft.common.shards import Manifest, iter_shard, open_shard_set
+from ft.common.shards import iter_shard, load_manifest, open_shard_set
 from ft.pipelines.cogvideox import CogVideoXSpec
-from ft.precompute import plan
+from ft.precompute import planned_sample
 from helpers import BUCKETS, FP32, run_cli
 
 
@@ -29,7 +29,7 @@ def tensors(out) -> dict[str, dict[str, bytes]]:
 
 def test_a_first_run_encodes_while_it_plans(tiny_cog, shapes_data, tmp_path, monkeypatch, caplog):
     events: list[str] = []  # the real planning of an item and the real VAE calls, in the order they ran
-    plan_facts, encode_video = plan.media_facts, CogVideoXSpec.encode_video
+    plan_facts, encode_video = planned_sample.media_facts, CogVideoXSpec.encode_video
 
     def planned(*args, **kwargs):
         events.append("plan")
@@ -39,7 +39,7 @@ def test_a_first_run_encodes_while_it_plans(tiny_cog, shapes_data, tmp_path, mon
         events.append("encode")
         return encode_video(self, vae, frames)
 
-    monkeypatch.setattr(plan, "media_facts", planned)
+    monkeypatch.setattr(planned_sample, "media_facts", planned)
     monkeypatch.setattr(CogVideoXSpec, "encode_video", encoded)
     with caplog.at_level(logging.INFO, logger="ft"):
         # no threads: planning and decoding take turns in one thread, so the order below is fixed
@@ -64,4 +64,4 @@ def test_streamed_runs_write_the_same_shards_and_up_front_the_same_samples(tiny_
     # a rerun (shards in --out: planned up front) finds every sample there
     again = run_cli(argv(tiny_cog, shapes_data, tmp_path / "a", "--max-upscale", "2.5"))  # not the stamp's config
     assert [s.name for s in again.shards] == [s.name for s in first.shards]
-    assert Manifest.load(tmp_path / "a").active_keys(tmp_path / "a") == first.active_keys(tmp_path / "a")
+    assert load_manifest(tmp_path / "a").active_keys(tmp_path / "a") == first.active_keys(tmp_path / "a")

@@ -10,7 +10,7 @@ import torch
 
 from ft.cli.synthetic import make_shapes_dataset
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, iter_shard, open_shard_set
+from ft.common.shards import iter_shard, load_manifest, open_shard_set
 from helpers import BUCKETS, FP32, run_cli
 
 
@@ -136,7 +136,7 @@ def test_latents_are_the_vae_posterior_of_the_decoded_frames(cog_shards, tiny_co
 
     spec = get_spec("cogvideox")
     vae = spec.load_component("vae", ModelArgs(model="cogvideox", pretrained=str(tiny_cog), vae_dtype="fp32"))
-    manifest = Manifest.load(cog_shards)
+    manifest = load_manifest(cog_shards)
     sample = next(s for s in iter_shard(cog_shards / manifest.shards[0].name) if s.meta["bucket"][0] == 9)
     frames = open_media(sample.meta["source"]).read(sample.meta["frame_indices"])
     x = resize_center_crop(frames, *sample.meta["bucket"][1:]).permute(1, 0, 2, 3)[None]
@@ -223,7 +223,7 @@ def test_cogvideox_1_5_takes_any_4k_plus_1_frames_and_images(tmp_path, tiny_cog)
 def test_a_complete_shard_missing_from_the_manifest_is_adopted(tmp_path, tiny_cog, shapes_data):
     out = tmp_path / "out"
     first = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     lost = manifest.shards.pop()  # as if killed between the shard's rename and the manifest's save
     manifest.save(out)
     again = precompute(tiny_cog, shapes_data, out, "--shard-samples", "4")

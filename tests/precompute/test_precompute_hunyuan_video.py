@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from helpers import BUCKETS, HUNYUAN_FP32, HUNYUAN_TEXT, run_cli
 
 
@@ -30,7 +30,7 @@ def test_the_shards_hold_what_the_pipelines_encoders_make(hunyuan_shards, tiny_h
     spec = get_spec("hunyuan_video")
     args = ModelArgs(model="hunyuan_video", pretrained=str(tiny_hunyuan), vae_dtype="fp32",
                      text_encoder_dtype="fp32", text_encoder_2_dtype="fp32")
-    manifest = Manifest.load(hunyuan_shards)
+    manifest = load_manifest(hunyuan_shards)
     assert manifest.model_family == "hunyuan_video" and manifest.num_samples == 10 and not manifest.rejected
     assert manifest.shapes == {"latent_channels": 4, "prompt_embeds": [32, 16], "prompt_attention_mask": [32],
                                "pooled_prompt_embeds": [8]}
@@ -63,7 +63,7 @@ def test_precompute_with_another_second_text_encoder_in_its_own_dtype(tiny_hunyu
     manifest = run_cli(["precompute", "--model", "hunyuan", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32,
                         *HUNYUAN_TEXT, "--text-encoder-2-id", tmp_path / "clip", "--text-encoder-2-dtype", "bf16",
                         "--dataset", shapes_data, "--out", tmp_path / "shards", *BUCKETS])
-    base = Manifest.load(hunyuan_shards)
+    base = load_manifest(hunyuan_shards)
     assert manifest.encoders["text_encoder_2"]["dtype"] == "bf16"
     assert manifest.encoders["text_encoder_2"]["weights"] != base.encoders["text_encoder_2"]["weights"]
     assert manifest.encoders["text_encoder"] == base.encoders["text_encoder"]

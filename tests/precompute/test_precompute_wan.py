@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 
 
 def test_the_shards_hold_what_the_pipelines_encoders_make(wan_shards, tiny_wan):
@@ -17,7 +17,7 @@ def test_the_shards_hold_what_the_pipelines_encoders_make(wan_shards, tiny_wan):
     from ft.precompute.media import open_media, resize_center_crop
 
     pipe = WanPipeline.from_pretrained(tiny_wan)  # fp32, as the shards were encoded
-    manifest = Manifest.load(wan_shards)
+    manifest = load_manifest(wan_shards)
     assert manifest.model_family == "wan" and manifest.num_samples == 10 and not manifest.rejected
     assert manifest.shapes == {"latent_channels": 4, "prompt_embeds": [512, 32]}
     assert manifest.encoding["max_sequence_length"] == 512

@@ -12,7 +12,7 @@ import pytest
 
 from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, open_shard_set, shard_keys
+from ft.common.shards import load_manifest, open_shard_set, shard_keys
 from helpers import FP32, run_cli
 
 
@@ -26,7 +26,7 @@ def train(model, shards, out, *extra):
 def incomplete(tmp_path, cog_shards):
     out = tmp_path / "shards"
     shutil.copytree(cog_shards, out)
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     manifest.complete, manifest.missing = False, {"9x32x64": 4}
     manifest.resume_command = f"ft precompute --config {out}/precompute_config.json"
     manifest.save(out)
@@ -50,7 +50,7 @@ def test_allow_incomplete_trains_on_what_is_there_with_a_warning(incomplete, tin
             logging.getLogger("ft").propagate = False
     assert summary["steps"] == 2
     assert "training on the 6 samples encoded so far" in caplog.text
-    assert Manifest.load(incomplete).training_histogram() == {"1x32x32": 2, "9x32x32": 4}
+    assert load_manifest(incomplete).training_histogram() == {"1x32x32": 2, "9x32x32": 4}
 
 
 def test_a_manifest_of_the_previous_version_is_read_and_judged(tmp_path, cog_shards):
@@ -60,19 +60,19 @@ def test_a_manifest_of_the_previous_version_is_read_and_judged(tmp_path, cog_sha
     for field in ("complete", "missing", "inputs", "jobs", "resume_command"):  # what ft 0.1 did not write
         del data[field]
     (out / "manifest.json").write_text(json.dumps(data))
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.complete is True  # it has a training view: ft 0.1 wrote one only when the run finished
     assert "complete (an older manifest without the field: judged from its training view)" in describe(str(out))
     data["active"] = {}
     (out / "manifest.json").write_text(json.dumps(data))
-    assert Manifest.load(out).complete is False
+    assert load_manifest(out).complete is False
     assert "written by an older ft whose run did not finish" in describe(str(out))
 
 
 def test_an_unlisted_twin_of_a_listed_shard_is_never_adopted(tmp_path, tiny_cog, shapes_data, cog_shards):
     out = tmp_path / "shards"
     shutil.copytree(cog_shards, out)
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     shutil.copy(out / manifest.shards[0].name, out / "shard-000099.tar")  # a re-encoded twin, as a kill once left
     again = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset",
                      shapes_data, "--out", out, "--buckets", "9x32x32", "9x32x64", "1x32x32"])
@@ -88,7 +88,7 @@ def test_a_pass_never_repeats_a_sample_whatever_the_manifest_lists(tmp_path, cog
 
     out = tmp_path / "shards"
     shutil.copytree(cog_shards, out)
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     twin = manifest.shards[0]
     shutil.copy(out / twin.name, out / "shard-000099.tar")  # a copy of a shard, listed beside it
     manifest.shards.append(type(twin)(**{**twin.__dict__, "name": "shard-000099.tar"}))

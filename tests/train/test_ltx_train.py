@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from helpers import BUCKETS, FP32, run_cli
 
 PROMPT = "a red circle moving left to right on a dark background"
@@ -119,7 +119,7 @@ def test_an_overridden_text_encoder_with_its_own_dtype(tiny_ltx, shapes_data, tm
     out = tmp_path / "shards"
     run_cli(["precompute", "--model", "ltx_video", "--pretrained", tiny_ltx, *FP32, "--text-encoder-id",
              tmp_path / "my-t5", "--text-encoder-dtype", "bf16", "--dataset", shapes_data, "--out", out, *BUCKETS])
-    manifest = Manifest.load(out)
+    manifest = load_manifest(out)
     assert manifest.encoders["text_encoder"]["dtype"] == "bf16"
     assert manifest.encoders["vae"]["dtype"] == "fp32"
     sample = next(iter_shard(out / manifest.shards[0].name))

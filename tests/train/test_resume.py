@@ -163,9 +163,9 @@ def test_optimizer_and_dropout_errors(tiny_cog, cog_shards, tmp_path):
         run_cli(train_args(tiny_cog, cog_shards, tmp_path / "o", "--optimizer", "adamw-8bit"))
     old = tmp_path / "old-shards"
     shutil.copytree(cog_shards, old)
-    from ft.common.shards import Manifest
+    from ft.common.shards import load_manifest
 
-    manifest = Manifest.load(old)
+    manifest = load_manifest(old)
     manifest.empty_caption = {}
     manifest.save(old)
     with pytest.raises(UserError, match="empty caption.*Rerun `ft precompute`"):
@@ -203,9 +203,9 @@ def test_two_shard_sets_mix_in_one_run(tiny_cog, cog_shards, tmp_path):
         run_cli(train_args(tiny_cog, f"{cog_shards}:0.5", tmp_path / "x", "--shards", cog_shards))
     with pytest.raises(UserError, match="finite number"):
         run_cli(train_args(tiny_cog, f"{other}:inf", tmp_path / "x"))
-    from ft.common.shards import Manifest
+    from ft.common.shards import load_manifest
 
-    manifest = Manifest.load(other)
+    manifest = load_manifest(other)
     manifest.encoder_fingerprint = "0" * 32
     manifest.save(other)
     with pytest.raises(UserError, match="other encoders"):

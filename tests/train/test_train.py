@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest
+from ft.common.shards import Manifest, load_manifest
 from helpers import FP32, run_cli
 
 PROMPT = "a red circle moving left to right on a dark background"
@@ -110,7 +110,7 @@ def test_shards_of_another_family_or_shape_are_refused(tiny_cog, cog_shards, tmp
                                   ("shapes", {"latent_channels": 4, "prompt_embeds": [226, 32]}, "226 text tokens")]:
         shards = tmp_path / f"{field}-{message[:3].strip()}"
         shutil.copytree(cog_shards, shards)
-        manifest = Manifest.load(shards)
+        manifest = load_manifest(shards)
         setattr(manifest, field, value)
         manifest.save(shards)
         with pytest.raises(UserError, match=message):
@@ -131,7 +131,7 @@ def test_user_errors_name_the_flag(tiny_cog, cog_shards, tmp_path):
 
 
 def test_a_bucket_too_small_for_a_batch_never_repeats_a_sample(tmp_path):
-    from ft.common.shards import Manifest, ShardWriter
+    from ft.common.shards import ShardWriter
     from ft.train.loader import SetStream, ShardSet
 
     writer = ShardWriter(tmp_path)

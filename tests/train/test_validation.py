@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, iter_shard
+from ft.common.shards import iter_shard, load_manifest
 from helpers import FP32, BuiltClasses, run_cli
 
 STEPS = ["--num-inference-steps", "2"]
@@ -43,25 +43,25 @@ def prompts(tmp_path_factory, shapes_data):
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory, tiny_cog, shapes_data, cog_shards, prompts):
     """The session's CogVideoX shards with the validation prompts added by a second precompute run."""
-    from ft.precompute import encode
+    from ft.precompute import job
 
     out = tmp_path_factory.mktemp("val-shards") / "cog"
     shutil.copytree(cog_shards, out)
     config = json.loads((out / "precompute_config.json").read_text())
     loads = []
-    original = encode._Models.vae
+    original = job._Models.vae
 
     def counting_vae(self):  # the real loader, counted
         loads.append("vae")
         return original(self)
 
-    encode._Models.vae = counting_vae
+    job._Models.vae = counting_vae
     try:
         manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset",
                             shapes_data, "--out", out, "--buckets", *config["buckets"], "--batch-size", "2",
                             "--validation-dataset-file", prompts[0]])
     finally:
-        encode._Models.vae = original
+        job._Models.vae = original
     return out, manifest, loads
 
 
@@ -71,7 +71,7 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
     out, manifest, loads = val_shards
     assert loads == []  # no clip was encoded again: only the text encoders ran
     assert manifest.prompts == {"folder": "prompts", "negative": PromptTable(out, manifest).key("")}
-    table = PromptTable(out, Manifest.load(out))
+    table = PromptTable(out, load_manifest(out))
     assert table.missing([prompts[1], "a small bright square", ""]) == []
     # a validation prompt is keyed like a sample: the training caption's row IS the sample's conditioning
     sample = next(s for shard in manifest.shards for s in iter_shard(out / shard.name)
@@ -92,7 +92,7 @@ def test_a_damaged_prompt_file_is_refused(val_shards, tmp_path):
 
     out = tmp_path / "shards"
     shutil.copytree(val_shards[0], out)
-    table = PromptTable(out, Manifest.load(out))
+    table = PromptTable(out, load_manifest(out))
     path = table.path(table.key(""))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF

@@ -1,18 +1,22 @@
-"""Which sample each dataset item becomes: probe the media, pick a bucket and frames, and name it by content.
+"""What one dataset item becomes: its `PlannedSample` (media probed, bucket and frames chosen) and its keys.
+
+This file holds the plan of a single item: `plan_item` probes the media (or takes its facts from the media cache,
+media_cache.py, when the file's stat is unchanged), picks a bucket and the frames, or says why the item cannot be
+used; `SampleKeys` names the sample by its content (`sample_encoding` is what of the run enters the keys). The
+pipeline that runs this over a job's items (screen, plan, the checks of the whole plan, up front or streamed into
+the encode loop) is planning.py; `ft check-data` (check_data.py) and the precompute job (job.py) both run it.
 
 Planning runs before any model is loaded, so a dataset's problems (missing files, unreadable or too-short
-videos) show up in seconds, as rejected inputs with reasons, not after the encoders have taken the GPU. A file
-whose stat is unchanged since the last run is neither probed nor hashed again (media_cache.py).
+videos) show up in seconds, as rejected inputs with reasons, not after the encoders have taken the GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
 from ft.common.shards.prompts import text_key
 from ft.precompute.media import (
@@ -137,26 +141,6 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
                       "is measured from their timestamps; re-encode at a constant rate to train on even spacing"))
     return PlannedSample(item, bucket, indices, fps, media.num_frames, media.digest,
                          height=media.height, width=media.width, notes=notes)
-
-
-def plan_stream(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-                decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0,
-                cache: MediaCache | None = None) -> Iterator[PlannedSample | Rejected]:
-    """Each item's plan (or its rejection), in the items' order, as soon as it is made: `workers` threads plan
-    ahead of the consumer, so the encode loop can take the first items while the rest are being planned."""
-    return prefetch_map(lambda it: plan_item(it, buckets, sampling, stride, decoder, check, max_upscale, cache),
-                        items, workers, ahead=max(4, workers * 4))
-
-
-def plan_samples(items: list[DatasetItem], buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-                 decoder: str, workers: int, check: BucketCheck, max_upscale: float = 2.0,
-                 cache: MediaCache | None = None) -> tuple[list[PlannedSample], list[Rejected]]:
-    """Plan every item (in parallel threads); rejected items come back with their reasons. `check` says why the
-    model cannot take a bucket (None when it can); `cache` spares unchanged files their probe and hash."""
-    planned, rejected = [], []
-    for result in plan_stream(items, buckets, sampling, stride, decoder, workers, check, max_upscale, cache):
-        (rejected if isinstance(result, Rejected) else planned).append(result)
-    return planned, rejected
 
 
 class SampleKeys:

@@ -1,4 +1,5 @@
-"""Precompute as N independent jobs: which job this process is, which items it owns, and the lock of its slot.
+"""The slots of precompute's N independent jobs: which job this process is, which items it owns, and the lock
+of its slot (the job itself, what it does in its slot, is job.py).
 
 Job i of N comes from `--num-jobs/--job-index`, else SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (less
 SLURM_ARRAY_TASK_MIN, so `--array 1-8` works), else the launcher's world (one job per process under torchrun or

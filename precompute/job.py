@@ -1,0 +1,520 @@
+"""The `ft precompute` job: `PrecomputeJob`, one job's run in four named steps, and `run_precompute`, the command
+that takes the job's slot and runs it (or stops at once when nothing changed since its last run, stamp.py).
+
+`plan` reads the job's items and plans them (planning.py), `open_state` saves the job's state as incomplete,
+`encode` loads the encoders when first needed and encodes in batches into shards and the job's journal, `finish`
+says the job complete and, when it is the last job to finish, merges the set (merge.py).
+
+A single run is job 0 of 1. Job i of N (job_slots.py) takes the lock of its slot, reads only the items it owns, and
+writes only its own files: shards `shard-j000i-NNNNNN.tar`, and its state, journal, keys and rejects under
+`jobs/` (common/shards/journal.py). Content addressing makes a job resumable and incremental: samples whose key is
+already in a usable shard of `--out` are skipped (existing.py), so a killed job, a grown dataset, or a second
+experiment on the same encoders pays only for what is new; unchanged media is neither probed nor hashed again
+(media_cache.py).
+
+The job's items go through the data policy (planning.py, policy.py) and its summary is printed: before any
+encoder is loaded when the job plans up front (a rerun into a set that has shards, or `--on-error fail`), or as
+the last item is planned when a first run plans while it encodes (`JobPlan.stream`), so the GPU does not wait for
+every file to be probed and hashed. The encoders load when first needed. The job's state is saved at the start
+as incomplete (what it must encode, once known), each finished shard is appended to its journal, and the state
+says complete at the end, so a kill at any point leaves a shard set that says what it lacks, and a rerun (the
+same command, or the job's saved config) gives the sample set of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ft.common.config import to_jsonable
+from ft.common.errors import UserError
+from ft.common.faults import check_writable, environment_fault
+from ft.common.logs import log, quiet_libraries
+from ft.common.runtime import pick_device, prefetch_map
+from ft.common.shards import (
+    JOBS_DIR,
+    MANIFEST_NAME,
+    JobState,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    append_journal,
+    bucket_name,
+    finalize_command,
+    kill_point,
+    load_manifest,
+    read_journal,
+    read_states,
+    sample_key,
+    write_atomic,
+)
+from ft.common.shards.manifest import input_summary
+from ft.common.shards.prompts import PromptWriter, check_validation_file
+from ft.pipelines.base import ModelSpec
+from ft.pipelines.fingerprint import FilesUnavailable
+from ft.pipelines.registry import spec_for
+from ft.precompute.media import MediaError, effective_fps, open_media, resize_to_bucket
+
+from .config import PrecomputeConfig
+from .dataset_config import apply_caption_options
+from .datasets import dataset_root, load_dataset
+from .existing import half_index, scan_existing
+from .faults import disk_fault_message
+from .job_slots import JobSlot, item_identity, job_device, live_locks, lock_slot, resolve_slot
+from .media_cache import MediaCache
+from .merge import finalize, remove_job_files
+from .planned_sample import PlannedSample, SampleKeys, sample_encoding
+from .planning import JobPlan, check_buckets, sequence_length
+from .policy import Rejected, enforce_on_error
+from .reuse import HalfIndex, TextHalves, with_cached_video
+from .stamp import unchanged, write_stamp
+
+
+def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], encoding: dict[str, Any],
+                 family: str) -> None:
+    fingerprint = sample_key(fingerprints)
+    if existing.model_family == family and existing.encoder_fingerprint != fingerprint and any(
+            existing.encoders.get(name, {}).get("from") != info.get("from") for name, info in fingerprints.items()):
+        how = {None: "the loaded models", "files": "the model files"}
+        old = next(iter(existing.encoders.values()), {}).get("from")
+        new = next(iter(fingerprints.values()), {}).get("from")
+        raise UserError(f"--out {out} was written by a run that fingerprinted the encoders from {how[old]}; this run "
+                        f"fingerprints them from {how[new]}, so its sample keys differ and the two cannot be mixed. "
+                        "Choose a new --out folder (or delete this one) to encode the dataset again.")
+    if existing.model_family != family or existing.encoder_fingerprint != fingerprint:
+        raise UserError(f"--out {out} already holds shards made by other encoders ({existing.model_family}, "
+                        f"fingerprint {existing.encoder_fingerprint[:12]}); mixing them would corrupt training. "
+                        "Choose a new --out folder.")
+    if existing.encoding.get("max_sequence_length") != encoding["max_sequence_length"]:
+        raise UserError(f"--out {out} holds captions encoded with --max-sequence-length "
+                        f"{existing.encoding.get('max_sequence_length')}; use that, or a new --out folder.")
+
+
+class _Encoder:
+    """Batches the samples to write per bucket. A sample's video half is its clip's decoded frames to encode
+    through the VAE, or latents read from the cache; its text half is encoded, or taken from `texts` (cached
+    halves by text_key). The models load on their first use (`models`): a run that needs none loads none."""
+
+    def __init__(self, spec: ModelSpec, models: _Models, writer: ShardWriter, seq_len: int, batch_size: int,
+                 shapes: dict[str, Any], texts: TextHalves):
+        self.spec, self.models, self.writer = spec, models, writer
+        self.seq_len, self.batch_size, self.shapes, self.texts = seq_len, batch_size, dict(shapes), texts
+        self.pending: dict[tuple, list] = defaultdict(list)
+        self.written: set[str] = set()
+
+    def add(self, sample: PlannedSample, frames: Any = None, latents: dict | None = None) -> None:
+        self.pending[sample.bucket].append((sample, frames, latents))
+        if len(self.pending[sample.bucket]) >= self.batch_size:
+            self.flush(sample.bucket)
+
+    def flush(self, bucket: tuple) -> None:
+        import torch
+
+        batch = self.pending.pop(bucket, [])
+        if not batch:
+            return
+        latents = [lat for _, _, lat in batch]
+        conds = [self.texts.get(s.text_key) for s, _, _ in batch]
+        clips = [i for i, lat in enumerate(latents) if lat is None]
+        captions = list(dict.fromkeys(s.text_key for (s, _, _), c in zip(batch, conds, strict=True) if c is None))
+        with torch.no_grad():
+            if clips:
+                frames = torch.stack([batch[i][1].permute(1, 0, 2, 3) for i in clips])  # [B, C, F, H, W]
+                encoded = self.spec.encode_video(self.models.vae(), frames)
+                for j, i in enumerate(clips):
+                    latents[i] = {k: v[j].detach().clone() for k, v in encoded.items()}
+            if captions:
+                text = {s.text_key: s.item.caption for s, _, _ in batch}
+                cond = self.spec.encode_prompts(self.models.text_encoders(), [text[k] for k in captions],
+                                                self.seq_len)
+                new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
+                conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
+        if not self.shapes:
+            self.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
+                                    **{name: list(t.shape) for name, t in conds[0].items()}}
+        for (sample, _, _), lat, con in zip(batch, latents, conds, strict=True):
+            meta = {
+                "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
+                "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
+                "fps": effective_fps(sample.fps, sample.indices),
+                "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
+                "model_family": self.spec.name, "video_key": sample.video_key, "text_key": sample.text_key,
+            }
+            self.writer.write(sample.key, {"latents": lat, "cond": con}, meta)
+            self.written.add(sample.key)
+
+    def flush_all(self) -> None:
+        for bucket in list(self.pending):
+            self.flush(bucket)
+
+
+class _Models:
+    """The stage-1 models, loaded only when asked for. The fingerprint comes from the files when they can be read
+    (pipelines/fingerprint.py); otherwise every encoder is loaded to fingerprint it, as before."""
+
+    def __init__(self, spec: ModelSpec, cfg: PrecomputeConfig, device: Any):
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self._vae: Any = None
+        self._encoders: dict | None = None
+
+    def fingerprints(self) -> dict[str, Any]:
+        try:
+            return self.spec.fingerprints_from_files(self.cfg)
+        except (FilesUnavailable, OSError, ValueError) as e:
+            log.info(f"the encoders' files cannot be fingerprinted without loading them ({e}); loading them to "
+                     "fingerprint them")
+            return self.spec.encoder_fingerprints(self.text_encoders(), self.vae(), self.cfg)
+
+    def vae(self) -> Any:
+        if self._vae is None:
+            self._vae = self.spec.load_component("vae", self.cfg, self.device)
+            if self.cfg.vae_tiling:
+                for method in ("enable_tiling", "enable_slicing"):
+                    getattr(self._vae, method, lambda: None)()
+        return self._vae
+
+    def text_encoders(self) -> dict:
+        if self._encoders is None:
+            self._encoders = self.spec.load_text_encoders(self.cfg, self.device)
+        return self._encoders
+
+
+def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
+    """Save this job's resolved config (paths made absolute, its job named) under `jobs/`; returns the command
+    that reruns the job."""
+    values = to_jsonable(cfg)
+    for name in ("dataset", "out", "pretrained"):
+        if values.get(name) and Path(values[name]).exists():
+            values[name] = str(Path(values[name]).resolve())
+    values["num_jobs"], values["job_index"] = slot.num_jobs, slot.index
+    path = out / JOBS_DIR / f"{slot.stem}.config.json"
+    write_atomic(path, json.dumps(values, indent=2) + "\n")
+    return f"ft precompute --config {path.resolve()}"
+
+
+def _write_records(out: Path, name: str, records: list[Rejected]) -> None:
+    write_atomic(out / name, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+
+
+def _append_record(out: Path, name: str, record: Rejected) -> None:
+    with open(out / name, "a") as f:
+        f.write(json.dumps(record.to_dict()) + "\n")
+
+
+class PrecomputeJob:
+    """One job's run into `out` under the lock of its slot, in four named steps (`run` takes them in order):
+    `plan` (its items, the run checked against the model, the encoders' fingerprint, what `--out` holds, the
+    plan), `open_state` (its state saved as incomplete, the empty caption and prompt rows stored), `encode` (the
+    clips and captions through the encoders into shards) and `finish` (its state complete, the set merged when
+    it is the last job)."""
+
+    def __init__(self, cfg: PrecomputeConfig, slot: JobSlot, out: Path):
+        self.cfg, self.slot, self.out = cfg, slot, out
+        self.started = time.time()
+
+    def run(self) -> Manifest:
+        self.plan()
+        self.open_state()
+        self.encode()
+        return self.finish()
+
+    def read_items(self) -> None:
+        """This job's items, their captions as the caption options make them; refuses an `--out` that holds
+        unmerged jobs of another --num-jobs."""
+        cfg, slot, out = self.cfg, self.slot, self.out
+        items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
+        root = os.path.abspath(dataset_root(cfg.dataset))
+        # media outside the dataset folder, every job's: each job's stamp stats them all, so a change to any of them
+        # makes every job plan again (a job stopping on its stamp while another replans would leave the set unmerged)
+        self.outside = sorted({os.path.abspath(it.path) for it in items if not it.extracted
+                               and not os.path.abspath(it.path).startswith(root + os.sep)})
+        if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
+            total = len(items)
+            items = [it for it in items if slot.owns(item_identity(it, dataset_root(cfg.dataset)))]
+            log.info(f"{slot}: {len(items)} of the dataset's {total} items are this job's")
+        self.items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
+        self.states = read_states(out)
+        other = [s for s in self.states if s.num_jobs != slot.num_jobs]
+        if other:
+            raise UserError(f"{out} holds unmerged jobs of a run with --num-jobs {other[0].num_jobs} "
+                            f"({len(other)} of them); this is {slot}. Finish that run, or merge what it wrote with "
+                            f"`{finalize_command(out)} --allow-incomplete`, then run again.")
+
+    def check_model(self) -> None:
+        """The buckets, the text length and the validation prompts checked against the model's configs."""
+        cfg, spec = self.cfg, self.spec
+        self.vae_config = spec.load_config("vae", cfg)
+        self.transformer_config = spec.load_config("transformer", cfg)
+        self.buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, self.vae_config,
+                                     self.transformer_config)
+        self.seq_len = sequence_length(spec, cfg, self.transformer_config)
+        self.validation = check_validation_file(cfg.validation_dataset_file, spec, self.vae_config,
+                                                self.transformer_config, self.buckets)
+        log.info(f"dataset {cfg.dataset}: {len(self.items)} items; buckets "
+                 f"{', '.join(cfg.buckets or spec.default_buckets)}")
+
+    def name_samples(self) -> None:
+        """What names this run's samples: the encoders' fingerprints (from their files: nothing is loaded here)
+        and the encoding; an `--out` written with others is refused."""
+        cfg, spec, out = self.cfg, self.spec, self.out
+        self.fingerprints = self.models.fingerprints()
+        self.fingerprint = sample_key(self.fingerprints)
+        self.halves = (sample_key({"vae": self.fingerprints["vae"]}),
+                       sample_key({k: v for k, v in self.fingerprints.items() if k != "vae"}))
+        self.encoding = {**sample_encoding(self.seq_len, spec.encoding_choices(self.transformer_config),
+                                           cfg.resize_mode),
+                         "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
+                         "buckets": [list(b) for b in self.buckets], "vae_dtype": cfg.vae_dtype,
+                         "text_encoder_dtype": cfg.text_encoder_dtype}
+        self.base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
+        if self.base:
+            _check_reuse(out, self.base, self.fingerprints, self.encoding, spec.name)
+
+    def plan(self) -> None:
+        """What this job must encode. With shards in `--out` to look at (or `--on-error fail`) every item is
+        planned now: the samples already there are done, the video halves found there are reused, the rest is
+        `todo`, sorted by bucket. With nothing to reuse the items are planned while `encode` runs (planning.py):
+        `planned` and `todo` are the list planning fills."""
+        cfg, slot, out = self.cfg, self.slot, self.out
+        self.spec = spec_for(cfg)
+        self.read_items()
+        self.check_model()
+        quiet_libraries()
+        self.cache = MediaCache(out, cfg.decoder, {str(it.path.absolute()) for it in self.items})
+        self.device = pick_device(job_device(cfg.device))
+        self.models = _Models(self.spec, cfg, self.device)  # the fingerprint from the files: nothing is loaded here
+        self.name_samples()
+        if not any(s.index == slot.index for s in self.states):
+            remove_job_files(out, slot.stem)  # leftovers of this slot's merged attempt
+        journal = [info for _, info in read_journal(out, slot.stem)]
+        self.found = scan_existing(out, slot, self.base, journal)
+
+        self.planning = JobPlan(self.items, cfg, self.spec, self.buckets, (self.vae_config, self.transformer_config),
+                                self.seq_len, self.cache, SampleKeys(self.fingerprint, self.encoding, self.halves))
+        self.streamed = not self.found.shards and cfg.on_error != "fail"  # nothing to reuse: plan while encoding
+        if self.streamed:
+            self.planned: list[PlannedSample] = self.planning.check.planned  # filled as the items are planned
+            self.todo, self.reused, self.done = self.planned, [], set()
+            self.index = HalfIndex()
+            self.texts = TextHalves(out, self.found.shards, self.index, [])
+        else:
+            self.planned = self.planning.up_front()
+            self.cache.save(slot.stem)
+            self.done = {p.key for p in self.planned if p.key in self.found.held}
+            self.todo = sorted((p for p in self.planned if p.key not in self.done), key=lambda p: p.bucket)
+            self.index = half_index(out, self.found.shards, {p.video_key for p in self.todo},
+                                    {p.text_key for p in self.todo})
+            self.texts = TextHalves(out, self.found.shards, self.index, self.todo)
+            self.reused = [p for p in self.todo if p.video_key in self.index.video]
+        # the lists planning fills (streamed: as encode() runs), and encode() adds the clips that fail to decode to
+        self.rejected, self.warnings = self.planning.check.rejected, self.planning.check.warnings
+
+    def open_state(self) -> None:
+        """Save this job's state as incomplete (until it finishes, the set says what it lacks and `ft train`
+        refuses it), with its rejects and warnings so far; store the empty caption (job 0, once per set) and the
+        prompt table's missing rows."""
+        cfg, spec, slot, out, base = self.cfg, self.spec, self.slot, self.out, self.base
+        empty_caption = (base.empty_caption if base and base.empty_caption
+                         and (out / base.empty_caption["file"]).is_file() else {})
+        empty_missing = slot.index == 0 and not empty_caption  # job 0 stores it for the set
+        # the prompt table's rows this run adds (job 0 writes them for the set, as the empty caption)
+        prompts = PromptWriter(out, self.fingerprints, self.encoding, self.validation if slot.index == 0 else [])
+
+        self.state = state = JobState(
+            slot.index, slot.num_jobs, uuid.uuid4().hex, socket.gethostname(), os.getpid(),
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            header={"model_family": spec.name, "encoders": self.fingerprints, "encoder_fingerprint": self.fingerprint,
+                    "encoding": self.encoding, "shapes": base.shapes if base else {},
+                    "empty_caption": empty_caption, "prompts": base.prompts if base else {}},
+            resume_command=_save_config(cfg, out, slot),
+            todo=dict(Counter(bucket_name(*p.bucket) for p in self.todo)), dropped=self.found.dropped)
+        for info in self.found.adopted:  # recorded, not counted against this attempt's work
+            append_journal(out, dataclasses.replace(state, attempt="adopted"), info)
+        _write_records(out, state.file(".rejected.jsonl"), self.rejected)
+        _write_records(out, state.file(".warnings.jsonl"), self.warnings)
+        self.set_view(self.planned)
+        if empty_missing:
+            import torch
+
+            holder = Manifest(spec.name, {}, "", {}, {})
+            with torch.no_grad():  # stored once per shard set, for caption dropout in training
+                empty = spec.encode_prompts(self.models.text_encoders(), [""], self.seq_len)
+            holder.set_empty_caption(out, {k: v[0] for k, v in empty.items()},
+                                     state.file(".empty_caption.safetensors"))
+            state.header["empty_caption"] = holder.empty_caption
+        # the text encoders, when this job encodes text: the prompt table's missing rows (the negative prompt) with it
+        encoders = self.models.text_encoders() if empty_missing or prompts.needed or self.streamed or any(
+            p.text_key not in self.texts for p in self.todo) else None
+        state.header["prompts"] = (prompts.write(spec, encoders, self.seq_len, cfg.batch_size)
+                                   or state.header["prompts"])
+        state.save(out)
+        kill_point("started")
+
+    def set_view(self, active: list[PlannedSample]) -> None:
+        """The state's view of this job's samples (`active`), and of its rejects and warnings."""
+        state = self.state
+        write_atomic(self.out / state.file(".active.txt"), "".join(p.key + "\n" for p in active))
+        state.active = {"file": state.file(".active.txt"), "samples": len(active),
+                        "buckets": dict(sorted(Counter(bucket_name(*p.bucket) for p in active).items()))}
+        state.inputs = {
+            "rejected": input_summary([state.file(".rejected.jsonl")], [r.to_dict() for r in self.rejected]),
+            "warnings": input_summary([state.file(".warnings.jsonl")], [w.to_dict() for w in self.warnings])}
+
+    def encode(self) -> None:
+        """Encode `todo` into shards: reused video latents first, then the clips as they are decoded (streamed:
+        as they are planned). A clip that fails to decode is rejected (`--on-error` applies); Ctrl-C and a full
+        disk keep the whole shards and say how to go on."""
+        from tqdm import tqdm
+
+        cfg, out, todo = self.cfg, self.out, self.todo
+        self.writer = writer = ShardWriter(out, self.slot.prefix, None, cfg.shard_samples, cfg.shard_max_mb << 20,
+                                           on_shard=self.record)
+        self.encoder = _Encoder(self.spec, self.models, writer, self.seq_len, cfg.batch_size,
+                                self.state.header["shapes"], self.texts)
+        to_decode = self.to_decode()
+        self.failed: set[str] = set()
+        try:
+            with tqdm(total=None if self.streamed else len(todo), unit="clip", desc="precompute",
+                      disable=not (todo or self.streamed)) as bar:
+                for sample, latents in with_cached_video(out, self.found.shards, self.index, self.reused):
+                    self.encoder.add(sample, latents=latents)
+                    bar.update(1)
+                for sample, frames in prefetch_map(self.decode, to_decode, cfg.decode_workers):
+                    if isinstance(frames, MediaError):
+                        self.reject_clip(sample, frames)
+                    else:
+                        self.encoder.add(sample, frames)
+                    bar.update(1)
+                self.encoder.flush_all()
+        except KeyboardInterrupt:
+            writer.finish_shard()
+            kept = sum(shard.samples for shard in writer.completed)
+            log.error(f"interrupted: kept {kept} new samples in {out} (shards are whole; "
+                      f"{len(todo) - kept} samples of {self.slot} are not encoded yet). Run the same command again, "
+                      f"or `{self.state.resume_command}`, to go on: it encodes only what is missing.")
+            raise
+        except OSError as e:  # a full disk (or one gone read-only): keep the whole shards, say how much is needed
+            fault = environment_fault(e)
+            if fault is None:
+                raise
+            partial = writer.discard()
+            raise UserError(disk_fault_message(fault, out, writer.completed, partial, len(todo) - len(self.failed),
+                                               self.state.resume_command)) from e
+        finally:
+            writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
+        kill_point("encoded")
+
+    def to_decode(self) -> Iterable[PlannedSample]:
+        """The samples whose clips go through the VAE: streamed, each as planning makes it; else the ones whose
+        video half is not in `--out`, in the order of their text halves' sources."""
+        out = self.out
+        if self.streamed:
+            log.info(f"nothing in {out} to reuse: encoding on {self.device} as the items are planned")
+            return self.planning.stream(self.reject_planned, self.planned_all)
+        to_decode = sorted((p for p in self.todo if p.video_key not in self.index.video),
+                           key=lambda p: self.texts.source(p.text_key))
+        captions = len({p.text_key for p in self.todo if p.text_key not in self.texts})
+        log.info(f"{len(self.todo)} new samples on {self.device} ({len(self.planned) - len(self.todo)} already in "
+                 f"{out}): {len(to_decode)} clips to encode ({len(self.reused)} video latents reused from {out}), "
+                 f"{captions} captions to encode")
+        return to_decode
+
+    def decode(self, sample: PlannedSample) -> tuple[PlannedSample, Any]:
+        """A sample's frames resized to its bucket (in a decode worker), or the MediaError that stopped them."""
+        try:
+            frames = open_media(sample.item.path, self.cfg.decoder).read(sample.indices)
+            return sample, resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], self.cfg.resize_mode)
+        except MediaError as e:
+            return sample, e
+
+    def reject_clip(self, sample: PlannedSample, error: MediaError) -> None:
+        """A clip that failed to decode: rejected, recorded at once, and `--on-error` applied."""
+        self.rejected.append(Rejected(str(sample.item.path), str(error), error.kind))
+        _append_record(self.out, self.state.file(".rejected.jsonl"), self.rejected[-1])
+        self.failed.add(sample.key)
+        log.info(f"rejected {sample.item.path}: {error}")
+        enforce_on_error(self.cfg.on_error, self.rejected[-1:], self.cfg.dataset)
+
+    def reject_planned(self, record: Rejected) -> None:
+        """An item planning found bad while the job encodes (streamed), recorded at once."""
+        _append_record(self.out, self.state.file(".rejected.jsonl"), record)
+
+    def planned_all(self) -> None:
+        """The last item is planned (streamed): the state now says all this job must encode."""
+        self.cache.save(self.slot.stem)
+        _write_records(self.out, self.state.file(".warnings.jsonl"), self.warnings)
+        self.state.todo = dict(Counter(bucket_name(*p.bucket) for p in self.todo))
+        self.set_view(self.planned)
+        self.state.save(self.out)
+        log.info(f"planned {len(self.planned)} samples while encoding ({len(self.rejected)} items rejected)")
+        kill_point("planned")
+
+    def record(self, shard: ShardInfo) -> None:
+        """A finished shard, appended to the journal; the tensors' shapes enter the state with the first."""
+        append_journal(self.out, self.state, shard)
+        if not self.state.header["shapes"] and self.encoder.shapes:
+            self.state.header["shapes"] = self.encoder.shapes
+            self.state.save(self.out)
+
+    def finish(self) -> Manifest:
+        """Say this job complete (its samples, its stamp for a free rerun), merge the set when it is the last job,
+        print the summary; returns the set's manifest."""
+        cfg, slot, out, state = self.cfg, self.slot, self.out, self.state
+        written = self.encoder.written
+        active = [p for p in self.planned if p.key not in self.failed and (p.key in self.done or p.key in written)]
+        self.set_view(active)
+        state.header["shapes"] = state.header["shapes"] or self.encoder.shapes
+        state.complete, state.written = True, len(written)
+        state.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_stamp(cfg, out, slot.stem, self.outside)  # before the state says complete: the merge seals it
+        state.save(out)
+        kill_point("job-complete")
+        merged = finalize(out, own=slot)
+        manifest = merged or load_manifest(out)
+        log.info(f"wrote {len(written)} new samples to {out} in {time.time() - self.started:.1f}s: {slot} is "
+                 f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
+        check = self.planning.check
+        check.planned, check.rejected, check.warnings = active, self.rejected, self.warnings
+        check.log_summary()
+        if not active and slot.num_jobs == 1:
+            raise UserError(f"no usable clips in {cfg.dataset}: all {len(self.items)} were rejected (reasons above "
+                            f"and in {out / 'rejected.jsonl'}).")
+        return manifest
+
+
+def run_precompute(cfg: PrecomputeConfig) -> Manifest:
+    """Encode this job's part of `cfg.dataset` into shards under `cfg.out` (all of it for a single run), under
+    the lock of its slot; the last job to finish merges the set. Returns the set's manifest (a merged view while
+    other jobs have not finished)."""
+    slot = resolve_slot(cfg.num_jobs, cfg.job_index)
+    out = Path(cfg.out)
+    held = (out / MANIFEST_NAME).is_file()  # before the lock and the job files: a read-only disk costs nothing
+    check_writable(cfg.out, "--out", "the shard folder; the shards already in it are untouched and `ft train` reads "
+                   "them where they are" if held else "the shard folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock_slot(out, slot):
+            # another job of this run writing now: join it (its merge needs this job's state), do not stop
+            running = any(h.get("index") != slot.index for h in live_locks(out))
+            same = None if running else unchanged(cfg, out, slot.stem)
+            if same is not None:
+                log.info(f"nothing changed since {slot}'s last run into {out} (its config, the dataset's files and "
+                         f"the model's files, each stat'ed): the set has {same.active.get('samples', same.num_samples)}"
+                         f" samples in {len(same.shards)} shards, {same.describe_completeness()}; nothing to encode")
+                return same
+            return PrecomputeJob(cfg, slot, out).run()
+    finally:
+        if created:  # a run stopped before writing anything (--on-error fail, a bad flag) leaves no folder
+            for folder in (out / JOBS_DIR, out):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
