@@ -11,7 +11,8 @@ precompute and train never branch on a model's name; they ask the spec. A spec s
   transformer call, fed exactly as the family's pipeline feeds it, with the batch's metadata, generators and the
   run's typed `TrainOptions`); `check_shards` (family, latent channels, conditioning, text length, then the
   family's `check_shard_extras`);
-- facts: `aliases`, LoRA target modules (by default the attention projections), valid frame counts and size
+- facts: `aliases`, LoRA target modules (by default the attention projections) and the LoRA key layout of the
+  family's original checkpoint (`original_layout`, what ComfyUI reads: lora_keys.py), valid frame counts and size
   multiples, default buckets, the text length (`default_text_tokens`), the transformer's block lists (what FSDP2
   shards block by block, and the layers `ft estimate` counts), the published checkpoints' real-size configs
   (`checkpoints`, offline), and how finetrainers trained the family where ft's defaults differ
@@ -38,6 +39,7 @@ from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
 from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+from .lora_keys import OriginalLayout
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -242,6 +244,8 @@ class ModelSpec(ABC):
     # module names, or one regex matched against whole names (see `peft_targets`); by default the attention
     # projections of diffusers' attention blocks, which a family overrides where it trains other modules
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    # the LoRA's module names in the family's original checkpoint, as ComfyUI reads them (lora_keys.py)
+    original_layout: ClassVar[OriginalLayout]
     default_buckets: ClassVar[list[str]]
     # the conditioning tensors of a sample, in the order encode_prompts returns them
     conditioning: ClassVar[tuple[CondTensor, ...]]
@@ -572,12 +576,6 @@ class ModelSpec(ABC):
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         """Family-specific arguments of the pipeline's __call__ (e.g. the text length the transformer takes)."""
         return {}
-
-    def save_lora(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor], adapter_config: dict) -> None:
-        """Save transformer LoRA weights so that `pipe.load_lora_weights(out_dir)` loads them."""
-        pipeline = import_class(*self.pipeline_class)
-        pipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict,
-                                   transformer_lora_adapter_metadata=adapter_config)
 
     # ------------------------------------------------------------------------------------------------ tests
 

@@ -13,12 +13,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import CondTensor, ModelSpec, StepInputs, sample_posterior, t5_prompt_embeds
+from .lora_keys import OriginalLayout, Rename
 from .real_configs import T5_XXL, Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
 TEMPORAL_COMPRESSION = 4
+# ComfyUI has no CogVideoX model of its own; the node pack users run it with (kijai/ComfyUI-CogVideoXWrapper) loads
+# a LoRA through diffusers' CogVideoXPipeline.load_lora_weights, so its layout is diffusers' module names
+ORIGINAL_LAYOUT = OriginalLayout("CogVideoX's diffusers checkpoint (what ComfyUI-CogVideoXWrapper loads)",
+                                 prefix="transformer.", renames=(Rename(r"(.+)", r"\1"),),
+                                 read_prefixes=("transformer.",))
 
 
 def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -50,6 +56,7 @@ class CogVideoXSpec(ModelSpec):
     }
     text_components = ("tokenizer", "text_encoder")
     scheduler_class = ("diffusers", "CogVideoXDPMScheduler")
+    original_layout = ORIGINAL_LAYOUT
     finetrainers_uniform_timesteps = True  # its CogVideoX trainer ignores --flow_weighting_scheme
     default_buckets = ["49x480x720"]
     default_text_tokens = 226  # CogVideoXPipeline's max_sequence_length; a transformer config's max_text_seq_length

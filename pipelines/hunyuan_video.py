@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
+from .lora_keys import Fused, OriginalLayout, Rename
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -36,6 +37,46 @@ LLAVA_LLAMA3_8B_TEXT = {"vocab_size": 128320, "hidden_size": 4096, "intermediate
                         "max_position_embeddings": 8192, "rope_theta": 500000.0}
 CLIP_L_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768}
+
+# tencent's module names, which musubi-tuner and diffusion-pipe write and ComfyUI's HunyuanVideo LoRA map reads
+# (under diffusion_model. or transformer.), checked against diffusers' convert_hunyuan_video_transformer_to_diffusers
+# in tests/pipelines/test_lora_keys.py. q, k and v are one fused projection there (linear1 of a single-stream block
+# also holds the MLP's input projection).
+_DOUBLE, _SINGLE = r"transformer_blocks\.(\d+)\.", r"single_transformer_blocks\.(\d+)\."
+_REFINER = r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\."
+_REFINER_TO = r"txt_in.individual_token_refiner.blocks.\1."
+ORIGINAL_LAYOUT = OriginalLayout(
+    "HunyuanVideo's original (tencent) checkpoint",
+    renames=(Rename(r"x_embedder\.proj", "img_in.proj"),
+             Rename(r"time_text_embed\.text_embedder\.linear_1", "vector_in.in_layer"),
+             Rename(r"time_text_embed\.text_embedder\.linear_2", "vector_in.out_layer"),
+             Rename(_DOUBLE + r"attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
+             Rename(_DOUBLE + r"attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
+             Rename(_DOUBLE + r"norm1\.linear", r"double_blocks.\1.img_mod.linear"),
+             Rename(_DOUBLE + r"norm1_context\.linear", r"double_blocks.\1.txt_mod.linear"),
+             Rename(_DOUBLE + r"ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.fc1"),
+             Rename(_DOUBLE + r"ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
+             Rename(_DOUBLE + r"ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
+             Rename(_DOUBLE + r"ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
+             Rename(_SINGLE + r"proj_out", r"single_blocks.\1.linear2"),
+             Rename(_SINGLE + r"norm\.linear", r"single_blocks.\1.modulation.linear"),
+             Rename("proj_out", "final_layer.linear"),
+             Rename(r"context_embedder\.proj_in", "txt_in.input_embedder"),
+             Rename(_REFINER + r"attn\.to_out\.0", _REFINER_TO + "self_attn_proj"),
+             Rename(_REFINER + r"ff\.net\.0\.proj", _REFINER_TO + "mlp.fc1"),
+             Rename(_REFINER + r"ff\.net\.2", _REFINER_TO + "mlp.fc2"),
+             Rename(_REFINER + r"norm_out\.linear", _REFINER_TO + "adaLN_modulation.1")),
+    fused=(Fused(_DOUBLE + r"attn\.", ("to_q", "to_k", "to_v"), r"double_blocks.\1.img_attn_qkv"),
+           Fused(_DOUBLE + r"attn\.", ("add_q_proj", "add_k_proj", "add_v_proj"), r"double_blocks.\1.txt_attn_qkv"),
+           Fused(_SINGLE, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), r"single_blocks.\1.linear1"),
+           Fused(_REFINER + r"attn\.", ("to_q", "to_k", "to_v"), _REFINER_TO + "self_attn_qkv")),
+    refused={r"norm_out\.linear": "the original final_layer.adaLN_modulation.1 holds its rows in the other order "
+                                  "(shift, scale), and diffusers' reader would split its down-projection",
+             r"time_text_embed\.(timestep|guidance)_embedder\.linear_[12]|"
+             r"context_embedder\.time_text_embed\.(timestep|text)_embedder\.linear_[12]":
+                 "ComfyUI names these embedders in_layer/out_layer where the original checkpoint has mlp.0/mlp.2 or "
+                 "linear_1/linear_2, so no one key loads in both"},
+    read_prefixes=("diffusion_model.", "transformer."))
 
 
 def default_prompt_template() -> dict[str, Any]:
@@ -67,6 +108,7 @@ class HunyuanVideoSpec(ModelSpec):
     # have to_q/to_k/to_v/to_out.0 too): finetrainers' HunyuanVideo example restricts them with this regex
     default_lora_targets = ["(transformer_blocks|single_transformer_blocks).*"
                             "(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
+    original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x480x768"]  # finetrainers' HunyuanVideo example; the model generates 129x720x1280
     default_text_tokens = 256  # the pipeline's max_sequence_length: Llama tokens after the template's crop
     conditioning = (CondTensor("prompt_embeds", "text_embed_dim", "text encoder (Llama)"),

@@ -35,6 +35,7 @@ from ft.common.model_args import ModelArgs
 
 from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior, t5_prompt_embeds
 from .fingerprint import read_stored_tensor
+from .lora_keys import OriginalLayout, Rename
 from .real_configs import T5_XXL, Checkpoint
 
 if TYPE_CHECKING:
@@ -73,6 +74,14 @@ def unpack_latents(tokens: torch.Tensor, frames: int, height: int, width: int, p
 SCHEDULER_CONFIG = {"base_image_seq_len": 1024, "base_shift": 0.95, "max_image_seq_len": 4096, "max_shift": 2.05,
                     "shift": 1.0, "shift_terminal": 0.1, "use_dynamic_shifting": True}
 PIPELINE_MULTIPLE = 32  # diffusers' LTXPipeline.check_inputs: height and width divisible by 32
+# Lightricks' module names (ComfyUI's LTXV model has them): diffusers renamed only patchify_proj and adaln_single
+# (its convert_ltx_transformer_checkpoint_to_diffusers; checked in tests/pipelines/test_lora_keys.py)
+ORIGINAL_LAYOUT = OriginalLayout(
+    "LTX-Video's original (Lightricks) checkpoint",
+    renames=(Rename("proj_in", "patchify_proj"), Rename(r"time_embed\.(.+)", r"adaln_single.\1"),
+             Rename(r"(caption_projection\.linear_[12]|proj_out|transformer_blocks\.\d+\."
+                    r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))", r"\1")),
+    read_prefixes=("diffusion_model.", ""))
 
 
 class LTXVideoSpec(ModelSpec):
@@ -90,6 +99,7 @@ class LTXVideoSpec(ModelSpec):
     }
     text_components = ("tokenizer", "text_encoder")
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
+    original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x512x768"]
     default_text_tokens = 128  # LTXPipeline's max_sequence_length
     conditioning = (CondTensor("prompt_embeds", "caption_channels"), CondTensor("prompt_attention_mask", None,

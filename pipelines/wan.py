@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 
 from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior
+from .lora_keys import OriginalLayout, Rename
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -71,6 +72,26 @@ CHECKPOINTS = (
               "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16},
       "text_encoder": UMT5_XXL}),
 )
+
+
+# Wan-AI's module names, which ComfyUI's Wan model has and musubi-tuner, diffusion-pipe and diffusers' Wan LoRA reader
+# read (checked against diffusers' convert_wan_transformer_to_diffusers in tests/pipelines/test_lora_keys.py)
+ORIGINAL_LAYOUT = OriginalLayout(
+    "Wan's original (Wan-AI) checkpoint",
+    renames=(Rename(r"blocks\.(\d+)\.attn1\.to_(q|k|v)", r"blocks.\1.self_attn.\2"),
+             Rename(r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+             Rename(r"blocks\.(\d+)\.attn2\.to_(q|k|v)", r"blocks.\1.cross_attn.\2"),
+             Rename(r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+             Rename(r"blocks\.(\d+)\.attn2\.add_(k|v)_proj", r"blocks.\1.cross_attn.\2_img"),
+             Rename(r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
+             Rename(r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
+             Rename(r"condition_embedder\.(time|text)_embedder\.linear_1", r"\1_embedding.0"),
+             Rename(r"condition_embedder\.(time|text)_embedder\.linear_2", r"\1_embedding.2"),
+             Rename(r"condition_embedder\.time_proj", "time_projection.1"),
+             Rename(r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "img_emb.proj.1"),
+             Rename(r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
+             Rename("proj_out", "head.head"), Rename("patch_embedding", "patch_embedding")),
+    kohya=True)
 
 
 def prompt_clean(prompts: list[str]) -> list[str]:
@@ -119,7 +140,8 @@ class WanSpec(ModelSpec):
     # its scheduler config names (ModelSpec.pipeline_scheduler)
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
     # LoRA: the default targets are the self- and cross-attention projections of every block, as finetrainers'
-    # "blocks.*(to_q|to_k|to_v|to_out.0)"
+    # "blocks.*(to_q|to_k|to_v|to_out.0)"; in ComfyUI's layout they are Wan-AI's names (ORIGINAL_LAYOUT)
+    original_layout = ORIGINAL_LAYOUT
     default_buckets = ["49x480x832"]  # finetrainers' Wan example; the pipeline generates 81x480x832
     default_text_tokens = 512  # WanPipeline.__call__'s max_sequence_length
     block_lists = ("blocks",)

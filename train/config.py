@@ -19,6 +19,7 @@ from ft.train.fp8 import check_args as check_fp8_args
 from ft.train.offload import check_args as check_offload_args
 
 from .compile import check_args as check_compile_args
+from .lora_formats import LORA_FORMATS
 
 # the resolved config a run saves in its --output-dir; `ft generate` reads it back beside a --lora
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -127,6 +128,16 @@ class TrainConfig(ModelArgs):
                                         "Default: the model's attention projections (to_q to_k to_v to_out.0; "
                                         "HunyuanVideo: those and the text-stream ones of its double- and "
                                         "single-stream blocks, not the token refiner's).", panel=LORA)
+    lora_format: str = opt("both", "The LoRA files written (the result, each checkpoint's): both = "
+                                   "pytorch_lora_weights.safetensors (diffusers' layout: diffusers, `ft generate`) "
+                                   "and lora_comfyui.safetensors (the model's original layout, which ComfyUI loads; "
+                                   "alpha folded into the weights); diffusers or comfyui alone; kohya: "
+                                   "lora_kohya.safetensors, musubi-tuner's lora_unet_ layout (Wan).", panel=LORA)
+    init_lora: str | None = opt(None, "Start from an existing LoRA (a .safetensors file, or a folder holding one) in "
+                                      "any layout ft reads: diffusers', ComfyUI's original-layout (ft's "
+                                      "lora_comfyui, diffusion-pipe, ai-toolkit) or kohya's (musubi-tuner). Its "
+                                      "modules must be among the run's and its rank --rank; the run's other "
+                                      "modules start fresh.", panel=LORA)
     optimizer: str = opt("adamw", f"Optimizer: {', '.join(OPTIMIZERS)} (adamw-8bit needs bitsandbytes).",
                          panel=OPTIM)
     lr: float = opt(1e-4, "Peak learning rate.", panel=OPTIM)
@@ -208,6 +219,7 @@ class TrainConfig(ModelArgs):
         check_choice(self.report_to, REPORT_TO, "report_to")
         check_tracker_installed(self.report_to)  # before any model loads
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
+        check_choice(self.lora_format, LORA_FORMATS, "lora_format")
         for name in ("init_timeout", "nccl_timeout"):
             check_positive(getattr(self, name), name)
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",
@@ -261,3 +273,6 @@ class TrainConfig(ModelArgs):
                                     "full-finetune.")
             if self.target_modules:
                 raise UserError("--target-modules applies to --training-type lora, not full-finetune.")
+            if self.init_lora or self.lora_format != "both":
+                flag = "--init-lora" if self.init_lora else "--lora-format"
+                raise UserError(f"{flag} applies to --training-type lora, not full-finetune.")

@@ -3,9 +3,10 @@
 A checkpoint (checkpoints.py) is a training state: DCP tensors keyed by parameter names, and state.json. A LoRA
 checkpoint also holds `pytorch_lora_weights.safetensors` (written with it, so `pipe.load_lora_weights(CKPT)` loads
 any step). `ft export --checkpoint OUT/checkpoints/checkpoint-N --out DIR` writes, from the checkpoint's tensors
-alone (no optimizer state is read, no base weights are loaded): the LoRA in the diffusers format, or, for a full
-finetune, a diffusers `transformer` folder that `from_pretrained` takes, built on the meta device from the
-transformer's config and given the checkpoint's tensors.
+alone (no optimizer state is read, no base weights are loaded): the LoRA in the layouts of `--lora-format`
+(diffusers' and the family's original one that ComfyUI loads: lora_formats.py), or, for a full finetune, a
+diffusers `transformer` folder that `from_pretrained` takes, built on the meta device from the transformer's
+config and given the checkpoint's tensors.
 
 Every export is written aside and renamed into place (weights_io.py), so a kill never leaves half a transformer
 that loads.
@@ -17,11 +18,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ft.common.config import REQUIRED, opt
+from ft.common.config import REQUIRED, check_choice, opt
 from ft.common.errors import UserError
 from ft.common.logs import log
 
-from .weights_io import LORA_WEIGHTS_NAME, TRANSFORMER_DIR, save_lora_file, save_transformer, write_aside
+from .lora_formats import LORA_FORMATS, LoraPlan
+from .weights_io import TRANSFORMER_DIR, save_transformer, write_aside
 
 
 @dataclass(kw_only=True)
@@ -30,12 +32,19 @@ class ExportConfig:
     finetune's transformer folder for `from_pretrained` (no optimizer state is read)."""
 
     checkpoint: str = opt(REQUIRED, "A checkpoint folder: OUTPUT_DIR/checkpoints/checkpoint-NNNNNN.")
-    out: str = opt(REQUIRED, "Where the weights go: DIR/pytorch_lora_weights.safetensors (LoRA) or DIR/transformer "
-                             "(full finetune).")
+    out: str = opt(REQUIRED, "Where the weights go: DIR/pytorch_lora_weights.safetensors and/or "
+                             "DIR/lora_comfyui.safetensors (LoRA, as --lora-format says) or DIR/transformer (full "
+                             "finetune).")
+    lora_format: str = opt("both", "The LoRA files written: both (diffusers' pytorch_lora_weights.safetensors and "
+                                   "lora_comfyui.safetensors, the model's original layout that ComfyUI loads), "
+                                   "diffusers, comfyui, or kohya (lora_kohya.safetensors, musubi-tuner's layout: Wan).")
     pretrained: str | None = opt(None, "The base model, when it moved since training (default: the one the "
                                        "checkpoint's run used; only its transformer config is read).")
     transformer_dtype: str | None = opt(None, "dtype of the exported full transformer (default: the run's "
                                               "--transformer-dtype).")
+
+    def __post_init__(self) -> None:
+        check_choice(self.lora_format, LORA_FORMATS, "lora_format")
 
 
 def read_checkpoint_tensors(path: Path, prefix: str = "model.") -> dict[str, Any]:
@@ -75,7 +84,6 @@ def run_export(cfg: ExportConfig) -> Path:
 
     from .checkpoints import STATE_NAME
     from .config import TrainConfig
-    from .lora import lora_config_dict
 
     path = Path(cfg.checkpoint)
     if not (path / STATE_NAME).is_file():
@@ -92,14 +100,16 @@ def run_export(cfg: ExportConfig) -> Path:
     spec = spec_for(run)
     weights = read_checkpoint_tensors(path)
     out = Path(cfg.out)
+    step = json.loads((path / STATE_NAME).read_text())["step"]
     if run.training_type == "lora":
-        metadata = lora_config_dict(run.rank, run.lora_alpha, run.target_modules or spec.default_lora_targets)
-        result = write_aside(out / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, lora_from_peft_names(
-            weights), metadata))
+        plan = LoraPlan.make(spec, spec.load_config("transformer", run), run.rank, run.lora_alpha, run.target_modules,
+                             run.transformer_id or run.pretrained, cfg.lora_format)
+        result = plan.write(out, lora_from_peft_names(weights), step)
     else:
+        if cfg.lora_format != "both":
+            raise UserError(f"--lora-format: {path} is a full finetune's checkpoint; it exports a transformer.")
         config = spec.load_config("transformer", run)
         result = write_aside(out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights,
                                                                                 run.transformer_dtype, tmp))
-    log.info(f"exported {path} ({run.training_type}, step {json.loads((path / STATE_NAME).read_text())['step']}) "
-             f"to {result}")
+    log.info(f"exported {path} ({run.training_type}, step {step}) to {result}")
     return result

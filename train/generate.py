@@ -3,10 +3,11 @@ code it shares with validation during training (embeddings in, frames out).
 
 The pipeline is assembled through the ModelSpec (so `--transformer-id` and the other overrides apply, and a
 full-finetune output can stand in as the transformer). The LoRA is loaded with the pipeline's own
-`load_lora_weights`, exactly as a user of diffusers would. `--prompt` is encoded with the spec's
-`encode_prompts`, the code precompute runs; validation (validation.py) reads the prompt table precompute wrote
-instead. Both then go through `sample_frames`, so the two cannot drift: the same pipeline call, the same
-defaults, the same negative-prompt rule and the same conversion to frames.
+`load_lora_weights`, exactly as a user of diffusers would; one in another layout (ComfyUI's, the original
+checkpoint's, kohya's: from ft or another tool) is read by lora_formats.py into diffusers' first. `--prompt` is
+encoded with the spec's `encode_prompts`, the code precompute runs; validation (validation.py) reads the prompt
+table precompute wrote instead. Both then go through `sample_frames`, so the two cannot drift: the same pipeline
+call, the same defaults, the same negative-prompt rule and the same conversion to frames.
 - Defaults are the pipeline's own `__call__` defaults (steps, guidance); the frame rate is the family's
   (`ModelSpec.default_fps`), passed to the pipeline where it takes one (LTX-Video's `frame_rate`).
 - The negative prompt's embeddings go with every call that can use them: classifier-free guidance (CogVideoX,
@@ -35,7 +36,7 @@ from ft.pipelines.registry import per_family, spec_for
 from ft.train.video_writer import write_video
 
 from .config import TRAIN_CONFIG_NAME
-from .weights_io import LORA_WEIGHTS_NAME
+from .lora_formats import config_modules, diffusers_state, find_lora_file, read_lora
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,8 +51,9 @@ class GenerateConfig(ModelArgs):
 
     prompt: str = opt(REQUIRED, "What the video should show.", panel=GEN)
     out: str = opt("video.mp4", "Where to write the mp4.", panel=GEN)
-    lora: str | None = opt(None, "A folder holding pytorch_lora_weights.safetensors (the --output-dir of `ft train`)"
-                                 ".", panel=GEN)
+    lora: str | None = opt(None, "A LoRA: a .safetensors file, or a folder holding one (the --output-dir of `ft "
+                                 "train`, a checkpoint). Diffusers', ComfyUI's original-layout (ft's lora_comfyui, "
+                                 "diffusion-pipe, ai-toolkit) and kohya's (musubi-tuner) layouts are read.", panel=GEN)
     lora_scale: float = opt(1.0, "How strongly the LoRA applies.", panel=GEN)
     negative_prompt: str | None = opt(None, "What the video should not show.", panel=GEN)
     num_frames: int | None = opt(None, "Frames to generate. Default: the model's ("
@@ -172,15 +174,6 @@ def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
 # ---------------------------------------------------------------------------------------------- ft generate
 
 
-def check_lora_folder(path: str) -> Path:
-    folder = Path(path)
-    if folder.is_file() and folder.suffix == ".safetensors":
-        return folder
-    if not (folder / LORA_WEIGHTS_NAME).is_file():
-        raise UserError(f"--lora {path}: no {LORA_WEIGHTS_NAME} there. Pass the --output-dir of `ft train`.")
-    return folder
-
-
 def resolve_size(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
     """num_frames, height and width: the flags, else the model's defaults; checked before anything is loaded."""
     transformer_config, vae_config = spec.load_config("transformer", cfg), spec.load_config("vae", cfg)
@@ -279,16 +272,20 @@ def check_lora_family(spec: ModelSpec, lora: Path, flag: str = "--lora") -> None
 
 
 def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
-    lora = check_lora_folder(cfg.lora) if cfg.lora else None
+    """The pipeline with --lora loaded as adapter "ft". The LoRA is read (any layout) before any model loads,
+    against the transformer's modules as its config makes them."""
+    lora = find_lora_file(cfg.lora, "--lora") if cfg.lora else None
+    layout, pairs = "", {}
     if lora is not None:
         check_lora_family(spec, lora)
+        layout, pairs = read_lora(spec, lora, config_modules(spec, spec.load_config("transformer", cfg)), "--lora")
     pipe = spec.load_pipeline(cfg, device)
     if lora is not None:
         try:
-            if lora.is_file():
+            if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
                 pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ft")
             else:
-                pipe.load_lora_weights(str(lora), adapter_name="ft")
+                pipe.load_lora_weights(diffusers_state(pairs), adapter_name="ft")
         except (ValueError, KeyError, RuntimeError, OSError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
             raise UserError(f"--lora {cfg.lora}: these LoRA weights do not fit this {spec.display_name} transformer "
                             f"({type(e).__name__}: {e}); pass a LoRA trained on --pretrained {cfg.pretrained}.") from e

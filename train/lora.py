@@ -1,8 +1,9 @@
-"""LoRA on the transformer with PEFT, and its export in the diffusers format.
+"""LoRA on the transformer with PEFT, and the files users load (train/lora_formats.py).
 
-The adapters are kept in fp32 on a base in `--transformer-dtype`. The export goes through the family's pipeline
-class (`save_lora_weights`, with the adapter config as metadata), because a state dict with peft's raw keys is
-loaded by `pipe.load_lora_weights` as nothing at all.
+The adapters are kept in fp32 on a base in `--transformer-dtype`. `plan_lora` checks, when a run starts and before
+any weight loads, what the run will write (`--lora-format`: diffusers' layout, the family's original layout that
+ComfyUI reads, or both) and reads `--init-lora`; `add_lora` puts the adapter on the transformer (from
+--init-lora's weights when given), `save_lora` writes the files from the adapter's weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from ft.common.errors import UserError
 from ft.pipelines.base import ModelSpec, peft_targets
 
-from .weights_io import LORA_WEIGHTS_NAME, save_lora_file, write_aside
+from .lora_formats import LoraPlan, init_adapters
 
 
 def lora_config(rank: int, alpha: float, target_modules: list[str]) -> Any:
@@ -22,17 +23,17 @@ def lora_config(rank: int, alpha: float, target_modules: list[str]) -> Any:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=peft_targets(target_modules))
 
 
-def lora_config_dict(rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
-    """The adapter config as the exported LoRA's metadata (what `adapter_metadata` reads off a live model)."""
-    return _plain(lora_config(rank, alpha, target_modules).to_dict())
+def plan_lora(cfg: Any, spec: ModelSpec, transformer_config: dict, resuming: bool = False) -> LoraPlan:
+    """The run's LoRA plan from its flags (a TrainConfig): formats checked, --init-lora read (not when resuming:
+    the checkpoint holds the adapter then)."""
+    return LoraPlan.make(spec, transformer_config, cfg.rank, cfg.lora_alpha, cfg.target_modules,
+                         cfg.transformer_id or cfg.pretrained, cfg.lora_format, None if resuming else cfg.init_lora)
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-
-
-def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str]) -> list[Any]:
-    """Freeze the transformer, add a LoRA adapter, and return its (fp32) trainable parameters."""
+def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str],
+             plan: LoraPlan | None = None) -> list[Any]:
+    """Freeze the transformer, add a LoRA adapter (set to `plan.init`, --init-lora's, when there is one), and
+    return its (fp32) trainable parameters."""
     import torch
 
     transformer.requires_grad_(False)
@@ -44,6 +45,8 @@ def add_lora(transformer: Any, rank: int, alpha: float, target_modules: list[str
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.to(torch.float32)
+    if plan is not None and plan.init:
+        init_adapters(transformer, plan.init, rank, alpha)
     return params
 
 
@@ -55,11 +58,8 @@ def lora_state_dict(transformer: Any, state: dict[str, Any] | None = None) -> di
     return {k: v.detach().cpu().contiguous() for k, v in found.items()}
 
 
-def adapter_metadata(transformer: Any) -> dict[str, Any]:
-    return _plain(transformer.peft_config["default"].to_dict())
-
-
-def save_lora(spec: ModelSpec, transformer: Any, out_dir: str | Path, state: dict[str, Any] | None = None) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` atomically; `pipe.load_lora_weights(out_dir)` loads it."""
-    weights, metadata = lora_state_dict(transformer, state), adapter_metadata(transformer)
-    return write_aside(Path(out_dir) / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, weights, metadata))
+def save_lora(plan: LoraPlan, transformer: Any, out_dir: str | Path, steps: int,
+              state: dict[str, Any] | None = None) -> Path:
+    """Write the run's LoRA files into `out_dir` (each atomically); returns the first (`pipe.load_lora_weights(
+    out_dir)` loads the diffusers one)."""
+    return plan.write(out_dir, lora_state_dict(transformer, state), steps)

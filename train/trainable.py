@@ -22,6 +22,7 @@ from ft.train.fp8 import apply_fp8_storage
 
 from .config import TrainConfig
 from .lora import add_lora, save_lora
+from .lora_formats import LoraPlan
 from .weights_io import TRANSFORMER_DIR, save_transformer, write_aside
 
 
@@ -38,10 +39,12 @@ def load_dtype(cfg: TrainConfig) -> str:
     return cfg.transformer_dtype
 
 
-def make_trainable(cfg: TrainConfig, spec: ModelSpec, transformer: Any) -> list[Any]:
-    """Add LoRA (or unfreeze everything) and return the parameters the optimizer updates."""
+def make_trainable(cfg: TrainConfig, spec: ModelSpec, transformer: Any, plan: LoraPlan | None = None) -> list[Any]:
+    """Add LoRA (from --init-lora's weights, read into `plan`) or unfreeze everything; return the parameters the
+    optimizer updates."""
     if cfg.training_type == "lora":
-        params = add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets)
+        params = add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets,
+                          plan)
         if cfg.layerwise_upcasting_modules:  # after the adapter: it is made, and stays, in fp32 (train/fp8.py)
             from ft.common.dtypes import parse_dtype
 
@@ -78,16 +81,18 @@ def build_optimizer(cfg: TrainConfig, params: list[Any]) -> tuple[Any, Any]:
     return optimizer, schedule
 
 
-def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path,
+def save_result(cfg: TrainConfig, spec: ModelSpec, transformer: Any, out: Path, plan: LoraPlan | None, steps: int,
                 full_state: dict[str, Any] | None = None) -> Path:
-    """LoRA: OUT/pytorch_lora_weights.safetensors (diffusers format). Full finetune: OUT/transformer, a diffusers
-    folder that `from_pretrained` loads and `ft generate --transformer-id OUT/transformer` uses.
+    """LoRA: the files of `--lora-format` (lora_formats.py; OUT/pytorch_lora_weights.safetensors is diffusers').
+    Full finetune: OUT/transformer, a diffusers folder that `from_pretrained` loads and `ft generate
+    --transformer-id OUT/transformer` uses.
 
     `full_state`: the weights gathered from several processes (parallel.export_state), written instead of the
     wrapped module's own (whose class and parameters are the wrappers'). Both are written aside and renamed into
     place (export.write_aside): a kill never leaves half a transformer that loads."""
     if cfg.training_type == "lora":
-        return save_lora(spec, transformer, out, full_state)
+        assert plan is not None, "a LoRA run has its plan (Trainer.check_run)"
+        return save_lora(plan, transformer, out, steps, full_state)
     if full_state is None:  # one process: the module's own weights
         full_state = {k: v.detach().cpu() for k, v in transformer.state_dict().items()}
     config = dict(transformer.config)

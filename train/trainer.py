@@ -45,7 +45,7 @@ from .checkpoints import (
 from .compile import CompileWatch, apply_compile, compile_summary
 from .config import TRAIN_CONFIG_NAME, TrainConfig
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
-from .lora import save_lora
+from .lora import plan_lora, save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
 from .parallel import (
     Layout,
@@ -199,6 +199,9 @@ class Trainer:
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
+        # what the LoRA files will be (each adapted module has a key in every layout written), --init-lora read
+        self.lora_plan = plan_lora(cfg, self.spec, self.transformer_config, resuming=self.resume_from is not None) if (
+            cfg.training_type == "lora") else None
         self.config_json = to_jsonable(cfg)
 
     def build(self) -> None:
@@ -226,7 +229,7 @@ class Trainer:
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
         self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name)
-        make_trainable(cfg, self.spec, transformer)
+        make_trainable(cfg, self.spec, transformer, self.lora_plan)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
@@ -389,7 +392,7 @@ class Trainer:
         write_weights = None
         if self.cfg.training_type == "lora":
             gathered = export_state(self.transformer, trainable_only=True) if self.world.size > 1 else None
-            write_weights = partial(save_lora, self.spec, self.transformer, state=gathered)
+            write_weights = partial(save_lora, self.lora_plan, self.transformer, steps=self.state.step, state=gathered)
         path = save_checkpoint(self.out, self.state.step, state["tensors"], extra, self.cfg.checkpointing_limit,
                                write_weights)
         log.info(f"saved {path}")
@@ -526,10 +529,10 @@ class Trainer:
     def export(self) -> Path:
         """The LoRA or the full transformer, written once (by rank 0, from the weights gathered on its CPU)."""
         if self.world.size == 1:
-            return save_result(self.cfg, self.spec, self.transformer, self.out)
+            return save_result(self.cfg, self.spec, self.transformer, self.out, self.lora_plan, self.state.step)
         full = export_state(self.transformer, trainable_only=self.cfg.training_type == "lora")
         result = dist.run_on_rank_zero(lambda: save_result(self.cfg, self.spec, self.transformer, self.out,
-                                                           full_state=full))
+                                                           self.lora_plan, self.state.step, full_state=full))
         return dist.broadcast_object(result)
 
 

@@ -1,8 +1,8 @@
-"""Writing the weights users load: the LoRA file diffusers' `load_lora_weights` takes, a transformer folder
-`from_pretrained` takes (built on the meta device from a config and full tensors: no base weights loaded), each
-written aside (a hidden temporary file or folder next to the target) and renamed into place, so a kill never
-leaves half a transformer that loads. Used by the run's export (trainable.py, lora.py), each LoRA checkpoint and
-`ft export` (export.py).
+"""Writing the weights users load: the LoRA files (lora_formats.py) and a transformer folder `from_pretrained`
+takes (built on the meta device from a config and full tensors: no base weights loaded), each written aside (a
+hidden temporary file or folder next to the target) and renamed into place, so a kill never leaves half a
+transformer that loads. Used by the run's export (trainable.py, lora_formats.py), each LoRA checkpoint and `ft
+export` (export.py).
 """
 
 from __future__ import annotations
@@ -39,17 +39,6 @@ def write_aside(target: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
     return target
-
-
-def save_lora_file(spec: Any, target: Path, state: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """The diffusers LoRA file at `target` (the pipeline's save_lora_weights writes a folder: its file is moved)."""
-    folder = target.with_name(target.name + ".d")
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        spec.save_lora(folder, state, metadata)
-        os.replace(folder / LORA_WEIGHTS_NAME, target)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_transformer(spec: Any, config: dict[str, Any], state: dict[str, Any], dtype_name: str, folder: Path) -> None:

@@ -49,8 +49,12 @@ def test_ft_export_makes_the_lora_of_any_checkpoint(lora_run, tmp_path):
     checkpoint = lora_run / "checkpoints" / "checkpoint-000002"
     result = run_cli(["export", "--checkpoint", checkpoint, "--out", tmp_path / "step2"])
     assert result == tmp_path / "step2" / "pytorch_lora_weights.safetensors"
-    assert same(load_file(result), load_file(checkpoint / "pytorch_lora_weights.safetensors"))
-    assert [p.name for p in (tmp_path / "step2").iterdir()] == ["pytorch_lora_weights.safetensors"]  # nothing aside
+    files = ["lora_comfyui.safetensors", "pytorch_lora_weights.safetensors"]  # --lora-format both, the default
+    for name in files:
+        assert same(load_file(tmp_path / "step2" / name), load_file(checkpoint / name))
+    assert sorted(p.name for p in (tmp_path / "step2").iterdir()) == files  # nothing aside
+    run_cli(["export", "--checkpoint", checkpoint, "--out", tmp_path / "comfy", "--lora-format", "comfyui"])
+    assert [p.name for p in (tmp_path / "comfy").iterdir()] == ["lora_comfyui.safetensors"]
 
 
 def test_ft_export_makes_a_full_finetunes_transformer_from_a_checkpoint(tiny_cog, cog_shards, tmp_path):

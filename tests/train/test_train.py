@@ -105,6 +105,7 @@ def test_the_saved_lora_is_exactly_the_trained_one_after_load_lora_weights(tiny_
     from ft.common.model_args import ModelArgs
     from ft.pipelines.registry import get_spec
     from ft.train.lora import add_lora, save_lora
+    from ft.train.lora_formats import LoraPlan
 
     spec = get_spec("cogvideox")
     transformer = spec.load_component("transformer", ModelArgs(model="cogvideox", pretrained=str(tiny_cog),
@@ -114,7 +115,8 @@ def test_the_saved_lora_is_exactly_the_trained_one_after_load_lora_weights(tiny_
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.1)  # stand-in for trained weights, B included
-    save_lora(spec, transformer, tmp_path)
+    plan = LoraPlan.make(spec, dict(transformer.config), 4, 12, [], str(tiny_cog), "diffusers")
+    save_lora(plan, transformer, tmp_path, steps=0)
 
     inputs = {"hidden_states": torch.randn(1, 3, 4, 4, 4), "encoder_hidden_states": torch.randn(1, 16, 32),
               "timestep": torch.tensor([300]),
