@@ -160,7 +160,8 @@ def merged_view(folder: str | Path, base: Manifest | None, states: list[JobState
     header = dict(run[0].header)
     if base is not None:
         header = {"model_family": base.model_family, "encoders": base.encoders, "shapes": base.shapes,
-                  "encoder_fingerprint": base.encoder_fingerprint, "encoding": base.encoding,
+                  "encoder_fingerprint": base.encoder_fingerprint,
+                  "encoding": run[0].header.get("encoding") or base.encoding,  # the run's: its keys are active
                   "empty_caption": base.empty_caption if base.empty_caption and
                   (folder / base.empty_caption["file"]).is_file() else {}, "prompts": base.prompts}
     for s in states:

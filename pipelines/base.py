@@ -545,6 +545,22 @@ class ModelSpec(ABC):
         """Why the pipeline cannot generate frames x height x width, or None. Training's rule by default."""
         return self.check_bucket(size, vae_config, transformer_config)
 
+    def compression(self, vae_config: dict) -> tuple[int, int]:
+        """(temporal, spatial) compression of the family's VAE, from its config."""
+        temporal = vae_config.get("temporal_compression_ratio") or vae_config.get("scale_factor_temporal") or 4
+        spatial = vae_config.get("spatial_compression_ratio") or vae_config.get("scale_factor_spatial") or \
+            2 ** (len(vae_config.get("block_out_channels") or (0, 0, 0, 0)) - 1)
+        return int(temporal), int(spatial)
+
+    def check_generation_memory(self, size: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                                memory: tuple[float, str]) -> str | None:
+        """Why generating frames x height x width does not fit `memory` (bytes, and what they are), or None:
+        pipelines/memory.py's estimate, the arithmetic of `ft estimate`."""
+        from .memory import check_generation_memory
+
+        return check_generation_memory(size, self.compression(vae_config), vae_config, transformer_config,
+                                       self.default_sequence_length(transformer_config), memory)
+
     def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
         """The family's diffusers pipeline around these modules with no tokenizer or text encoder: it samples from
         stored embeddings (`prompt_embeds`, `negative_*`), which is all `encode_prompt` needs when they are given.

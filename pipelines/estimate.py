@@ -32,7 +32,6 @@ name (the spec's `checkpoints`) or a local diffusers folder, whose `<component>/
 from __future__ import annotations
 
 import json
-import math
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.offload import IN_FLIGHT, offloaded_indices
 
 from .base import ModelSpec, peft_targets, transformer_blocks
+from .memory import BF16, FIT_HEADROOM, GIB, GPU_SIZES_GIB, activation_bytes, hidden_and_mlp_ratio, video_tokens
 from .registry import SPECS, get_spec
 
 GB = 1e9
@@ -55,12 +55,8 @@ TRAINING_TYPES = ("lora", "full-finetune")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
 COMPILE_MODULES = ("transformer",)  # train/compile.py's MODULES
 MASTER_DTYPES = ("auto", "fp32")
-BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-GPU_SIZES_GIB = (24, 48, 80)
-FIT_HEADROOM = 0.1  # of a card's memory, not usable by the tensors counted here
-GIB = 2 ** 30
 
 
 @dataclass(kw_only=True)
@@ -346,25 +342,6 @@ def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]
     return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
-def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
-    _, t, h, w = grid
-    p, p_t = transformer_config.get("patch_size") or 1, transformer_config.get("patch_size_t") or 1
-    if isinstance(p, (list, tuple)):  # (t, h, w) in one entry (Wan)
-        p_t, p_h, p_w = p
-    else:
-        p_h = p_w = p
-    return math.ceil(t / p_t) * (h // p_h) * (w // p_w)
-
-
-def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_ratio: float, checkpointing: bool
-                     ) -> float:
-    """The activations a transformer keeps for backward, in bf16 (see the module docstring for the model)."""
-    per_block = (16 + 4 * mlp_ratio) * tokens * batch * hidden
-    if checkpointing:
-        return layers * BF16 * tokens * batch * hidden + per_block
-    return layers * per_block
-
-
 def disk_per_sample(latent_shape: tuple[int, ...], cond: dict[str, tuple[tuple[int, ...], str]]) -> int:
     """Bytes one sample takes in a shard: the posterior (mean, logvar), the conditioning and the JSON, as written."""
     import torch
@@ -423,9 +400,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         trainable * 2 * moment / shards)
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
-    hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
-    # the MLP's width: a config's mlp_ratio (HunyuanVideo), or its ffn_dim over the hidden size (Wan), else 4
-    mlp_ratio = float(tconfig.get("mlp_ratio") or tconfig.get("ffn_dim", 4 * hidden) / hidden)
+    hidden, mlp_ratio = hidden_and_mlp_ratio(tconfig)
     layers = len(blocks)
     cond = conditioning_shapes(spec, tconfig)
     text_tokens = spec.default_sequence_length(tconfig)

@@ -57,10 +57,12 @@ from ft.common.shards import (
 from ft.common.video import MediaError, effective_fps, open_media, resize_to_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
+from ft.pipelines.memory import largest_gpu
 from ft.pipelines.registry import spec_for
 
 from .check_data import DataCheck, check_buckets, sequence_length
 from .config import PrecomputeConfig
+from .consistency import caption_shaping, check_job_start
 from .dataset_config import apply_caption_options
 from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
@@ -266,7 +268,8 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     transformer_config = spec.load_config("transformer", cfg)
     buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, vae_config, transformer_config)
     seq_len = sequence_length(spec, cfg, transformer_config)
-    validation = check_validation_file(cfg.validation_dataset_file, spec, vae_config, transformer_config, buckets)
+    validation = check_validation_file(cfg.validation_dataset_file, spec, vae_config, transformer_config, buckets,
+                                       largest_gpu())
     log.info(f"dataset {cfg.dataset}: {len(items)} items; buckets {', '.join(cfg.buckets or spec.default_buckets)}")
 
     quiet_libraries()
@@ -280,7 +283,11 @@ def _run_job(cfg: PrecomputeConfig, slot: JobSlot, out: Path) -> Manifest:
     encoding = {**sample_encoding(seq_len, spec.encoding_choices(transformer_config), cfg.resize_mode),
                 "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                 "buckets": [list(b) for b in buckets], "vae_dtype": cfg.vae_dtype,
-                "text_encoder_dtype": cfg.text_encoder_dtype}
+                "text_encoder_dtype": cfg.text_encoder_dtype,
+                "captions": caption_shaping(cfg.id_token, cfg.strip_llm_prefixes)}
+    check_job_start(out, slot.index, slot.num_jobs, {"encoders": fingerprints, "encoder_fingerprint": fingerprint,
+                                                     "encoding": encoding}, states)
+    kill_point("checked")
     base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
     if base:
         _check_reuse(out, base, fingerprints, encoding, spec.name)

@@ -38,6 +38,7 @@ from ft.common.shards import (
     write_atomic,
 )
 
+from .consistency import check_jobs_agree
 from .jobs import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
 from .stamp import seal_stamps
@@ -150,6 +151,7 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
                 return None
             raise UserError(f"{out} cannot be merged yet: {view.describe_completeness()}. Or pass "
                             "--allow-incomplete to merge what is there (the set is then marked incomplete).")
+        check_jobs_agree(out, states, view.unmerged["num_jobs"])
         return _write_merged(out, view, states)
     finally:
         lock.release()

@@ -34,6 +34,7 @@ from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import kill_point, require_complete
 from ft.common.video import parse_bucket
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
+from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
 
 from .checkpoints import (
@@ -195,7 +196,8 @@ class Trainer:
         if cfg.offload_blocks and self.world.size > 1:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
-        self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config)  # checks its files
+        self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
+                                     device_memory(self.device))
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (

@@ -260,7 +260,8 @@ class HeldOutLoss:
 class Validation:
     """The validation videos and the held-out loss of a run (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict):
+    def __init__(self, cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict,
+                 memory: tuple[float, str] | None = None):
         self.cfg, self.spec = cfg, spec
         self.summary: dict[str, Any] = {}
         self.prompts: list = []
@@ -273,7 +274,7 @@ class Validation:
         self.vae_stored = manifest.encoders.get("vae", {})
         buckets = manifest.encoding.get("buckets") or [parse_bucket(b) for b in manifest.training_histogram()]
         self.prompts = resolve_sizes(read_validation_file(path), path, spec, self.vae_stored.get("config", {}),
-                                     transformer_config, default_size(buckets))
+                                     transformer_config, default_size(buckets), memory)
         table = PromptTable(shard_set.folder, manifest)
         missing = table.missing([p.caption for p in self.prompts] + [""])
         if missing:

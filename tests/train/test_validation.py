@@ -109,6 +109,26 @@ def test_train_refuses_prompts_that_were_not_precomputed(tiny_cog, cog_shards, p
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+HUGE = {"caption": "a small bright square", "num_frames": 9, "height": 32768, "width": 32768}
+
+
+def test_a_row_too_big_to_generate_is_refused_in_precompute_and_at_train_start(tiny_cog, shapes_data, val_shards,
+                                                                              tmp_path):
+    huge = validation_file(tmp_path, [{"caption": "a red circle"}, HUGE], "huge.json")
+    # precompute: against the largest GPU ft estimate knows, before any encoder loads or any clip is probed
+    with pytest.raises(UserError, match=r"huge.json row 2: num_frames 9, height 32768, width 32768: generating it "
+                                        r"needs about [\d,.]+ GiB .*more than the 80 GiB of the largest GPU"):
+        run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+                 "--out", tmp_path / "shards", "--validation-dataset-file", huge])
+    assert not (tmp_path / "shards").exists()
+    # train start (the sizes come from the file given to train): against this machine's memory, before any weight
+    with pytest.raises(UserError, match=r"huge.json row 2: .*height 32768.*more than this machine's memory .*Set the "
+                                        r"row's num_frames, height and width columns .*or leave them out to generate "
+                                        r"at 9x32x32"):
+        train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", huge)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_size_or_another_vae_is_refused_before_the_first_step(tiny_cog, val_shards, tmp_path):
     bad = validation_file(tmp_path, [{"caption": "x", "num_frames": 10}], "bad.json")
     with pytest.raises(UserError, match=r"bad.json row 1: num_frames 10.*4k\+1"):
