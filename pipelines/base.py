@@ -262,7 +262,9 @@ class ModelSpec(ABC):
     # ------------------------------------------------------------------------------------------------ loading
 
     def check_args(self, args: ModelArgs) -> None:
-        """Refuse overrides of components this family does not have (a flag that would silently do nothing)."""
+        """Refuse overrides of components this family does not have (a flag that would silently do nothing), and
+        what `check_pretrained` refuses of --pretrained: every command (precompute and check-data too) refuses a
+        folder that a later stage would, before any work."""
         for component in COMPONENTS:
             if component in self.component_classes:
                 continue
@@ -275,6 +277,8 @@ class ModelSpec(ABC):
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
                             "conditioning; leave it at 0.")
+        if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
+            self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
     def component_class(self, component: str) -> type:
         return import_class(*self.component_classes[component])
