@@ -21,7 +21,15 @@ from ft.common.config import REQUIRED, opt
 from ft.common.errors import UserError
 from ft.common.logs import log
 
-from .weights_io import LORA_WEIGHTS_NAME, TRANSFORMER_DIR, save_lora_file, save_transformer, write_aside
+from .weights_io import (
+    LORA_WEIGHTS_NAME,
+    TRANSFORMER_DIR,
+    save_lora_file,
+    save_transformer,
+    weights_bytes,
+    write_aside,
+    write_guarded,
+)
 
 
 @dataclass(kw_only=True)
@@ -94,12 +102,12 @@ def run_export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     if run.training_type == "lora":
         metadata = lora_config_dict(run.rank, run.lora_alpha, run.target_modules or spec.default_lora_targets)
-        result = write_aside(out / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, lora_from_peft_names(
-            weights), metadata))
+        result = write_guarded(out, weights_bytes(weights), lambda: write_aside(
+            out / LORA_WEIGHTS_NAME, lambda tmp: save_lora_file(spec, tmp, lora_from_peft_names(weights), metadata)))
     else:
         config = spec.load_config("transformer", run)
-        result = write_aside(out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights,
-                                                                                run.transformer_dtype, tmp))
+        result = write_guarded(out, weights_bytes(weights, run.transformer_dtype), lambda: write_aside(
+            out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights, run.transformer_dtype, tmp)))
     log.info(f"exported {path} ({run.training_type}, step {json.loads((path / STATE_NAME).read_text())['step']}) "
              f"to {result}")
     return result
