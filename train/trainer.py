@@ -59,7 +59,7 @@ from .parallel import (
     set_gradient_sync,
     trainable_parameters,
 )
-from .reporting import PLOT_NAME, RunLog, plot_losses, stopped_by_fault
+from .reporting import PLOT_NAME, RunLog, check_wandb_login, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 from .validation import Validation
@@ -184,6 +184,8 @@ class Trainer:
     def check_run(self) -> None:
         """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
         cfg = self.cfg
+        if cfg.report_to == "wandb":
+            check_wandb_login()
         self.spec = spec_for(cfg)
         self.transformer_config = self.spec.load_config("transformer", cfg)
         self.options = TrainOptions.from_config(cfg)  # what the family's predict reads of the run
