@@ -28,7 +28,7 @@ from .config import (
 from .errors import UserError
 from .faults import environment_fault, fault_message
 from .finetrainers import apply_effects, translate
-from .logs import log, setup_logging
+from .logs import first_rank, log, setup_logging
 
 app = typer.Typer(help="Fine-tune video diffusion transformers in two stages: precompute, then train.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -152,7 +152,7 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
         return finalize_command_line(args[at + 1 :])
     values = read_config_file(config_path) if config_path else None
     translation = translate(command, args[at + 1 :], values, configs, config_path or "")
-    for line in translation.info_lines():
+    for line in translation.info_lines() if first_rank() else []:  # the same notes on every rank: said once
         log.info(line)
     apply_effects(translation.effects)
     results = []

@@ -95,7 +95,8 @@ class EstimateConfig:
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
-        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
+        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
+                       self.layerwise_upcasting_skip_modules_pattern)
         from ft.common.offload import check_args as check_offload_args
 
         check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
@@ -185,7 +186,7 @@ class Estimate:
         for b in self.buckets:
             for gib in GPU_SIZES_GIB:
                 n = self.offload_to_fit(b, gib) if gib not in self.fits(b, True) else None
-                if n is not None and n != cfg.offload_blocks:
+                if n is not None and n != cfg.offload_blocks and cfg.dp_shards == 1:  # ft train offloads alone
                     lines += ["", f"{b.bucket} fits {gib} GB cards with --offload-blocks {n} (and "
                               "--gradient-checkpointing)."]
                     break

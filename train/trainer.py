@@ -521,8 +521,9 @@ class Trainer:
         if self.cfg.training_type == "lora":
             summary["lora"] = str(result)
         if losses:
-            log.info(f"saved {result}; mean loss of the first {window} steps {summary['first_loss']:.4f}, of the "
-                     f"last {window} {summary['last_loss']:.4f}")
+            steps = f"{window} steps" if window > 1 else "step"
+            log.info(f"saved {result}; mean loss of the first {steps} {summary['first_loss']:.4f}, of the "
+                     f"last {steps} {summary['last_loss']:.4f}")
         else:  # resumed at the last step: only the export was left to do
             log.info(f"saved {result}")
         return summary

@@ -46,13 +46,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
-from ft.common.logs import log
+from ft.common.logs import log, note
 from ft.common.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
 from ft.common.shards import iter_shard, require_complete
 from ft.common.video import parse_bucket, write_video
 from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
 
+from .config import DEFAULT_VALIDATION_STEPS
 from .generate import SamplingSettings, match_vae_dtype, pipeline_defaults, sample_frames
 from .loader import Batch, ShardSet, collate
 from .objectives import sample_generator
@@ -268,6 +269,10 @@ class Validation:
         self.held_out = HeldOutLoss(cfg, spec, sets[0], transformer_config) if cfg.eval_shards else None
         self._pipe: Any = None
         if not cfg.validation_dataset_file:
+            if cfg.validation_steps != DEFAULT_VALIDATION_STEPS:
+                note(f"--validation-steps {cfg.validation_steps} does nothing without --validation-dataset-file (no "
+                     "prompts to generate): add the file (its prompts precomputed by `ft precompute "
+                     "--validation-dataset-file`), or leave the flag out.")
             return
         shard_set, path = sets[0], cfg.validation_dataset_file
         manifest = shard_set.manifest
