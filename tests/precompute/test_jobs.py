@@ -83,7 +83,7 @@ def test_a_job_killed_and_rerun_gives_the_same(tiny_cog, shapes_data, tmp_path, 
     manifest = Manifest.load(out)  # job 0 finished, job 1 did not: the set says so and what to run
     assert manifest.unmerged is not None and not manifest.complete
     status = manifest.describe_completeness()
-    assert "job(s) 1 of 2 did not finish" in status and "ft precompute --config" in status
+    assert "job(s) 1 of 2 stopped before finishing: rerun" in status and "ft precompute --config" in status
     with pytest.raises(UserError, match="INCOMPLETE.*job-0001-of-0002.config.json"):
         run_cli(["train", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--shards", out,
                  "--output-dir", tmp_path / "train", "--rank", "4", "--train-steps", "1"])
