@@ -35,7 +35,7 @@ from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
-from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+from .fingerprint import ComponentFiles, clean_config, file_fingerprint, hub_hint, locate
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
@@ -308,7 +308,7 @@ class ModelSpec(ABC):
             config = dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
         except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
             raise UserError(f"could not read the {component} config from {source}"
-                            f"{'/' + subfolder if subfolder else ''}: {e}") from e
+                            f"{'/' + subfolder if subfolder else ''}: {e}{hub_hint(source)}") from e
         flag = f"--{component.replace('_', '-')}-id" if args.source_of(component) else "--pretrained"
         self.check_component_class(component, config, f"{source}{'/' + subfolder if subfolder else ''}", flag)
         return config
@@ -358,7 +358,8 @@ class ModelSpec(ABC):
                 module = cls.from_pretrained(source, revision=revision, **kwargs, **hub)
         except Exception as e:  # from_pretrained raises OSError/ValueError/hub errors for a bad source
             where = f"{source}/{subfolder}" if subfolder else source
-            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}") from e
+            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}"
+                            f"{hub_hint(source)}") from e
         if device is not None and hasattr(module, "to"):
             module = module.to(device)
         if hasattr(module, "eval"):

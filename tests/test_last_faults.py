@@ -101,3 +101,17 @@ def test_a_resumed_run_removes_a_delete_cut_short_and_says_step_not_steps(tiny_c
     assert "mean loss of the first step " in err and "of the last step " in err
     # the default warmup (100 steps) on a 3-step run: said once as a note, not warned
     assert "never reaches --lr" not in err and err.count("the learning rate warms up over the whole run") == 1
+
+
+def test_a_hub_id_offline_says_so_and_how_to_download_it(tmp_path):
+    from helpers import finish, start
+
+    hub_id = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    code, err = finish(start(["train", "--model", "wan", "--pretrained", hub_id, "--shards", tmp_path,
+                              "--output-dir", tmp_path / "out"], HF_HOME=str(tmp_path / "hf")))  # an empty cache
+    assert code == 2 and "Traceback" not in err
+    assert f"{hub_id} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" in err
+    assert f"`huggingface-cli download {hub_id} --local-dir DIR`" in err
+    code, err = finish(start(["generate", "--model", "cogvideox", "--pretrained", "THUDM/CogVideoX-2b", "--prompt",
+                              "x", "--out", tmp_path / "v.mp4"], HF_HOME=str(tmp_path / "hf")))
+    assert code == 2 and "THUDM/CogVideoX-2b is a Hugging Face Hub id, HF_HUB_OFFLINE is set" in err, err[-2000:]
