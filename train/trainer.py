@@ -431,6 +431,8 @@ class Trainer:
         watch = CompileWatch() if cfg.compile_modules else None
         times: list[tuple[float, dict[str, float]]] = []  # each step's seconds and what it compiled
         try:
+            if self.resume_from is not None:  # a validation the stop cut short is made first
+                self.validation.after_resume(self, start, run_log)
             for step in bar:
                 t0 = time.perf_counter()
                 metrics = self.optimizer_step(batches, step)

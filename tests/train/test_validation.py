@@ -176,6 +176,36 @@ def test_videos_at_the_right_steps_with_their_frames_and_size(validated, prompts
     assert (out / files[0]["file"]).is_file() and summary["validation"].endswith("step-000003")
 
 
+@pytest.mark.slow
+def test_a_kill_during_validation_leaves_no_half_folder_and_the_resumed_run_makes_it(validated, tiny_cog,
+                                                                                     val_shards, prompts, tmp_path):
+    import signal
+
+    from helpers import finish, start
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--shards", val_shards[0],
+            "--output-dir", out, "--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--lr-warmup-steps", "0",
+            "--lr", "1e-3", "--seed", "1", "--train-steps", "3", "--validation-dataset-file", prompts[0],
+            "--validation-steps", "2", "--checkpointing-steps", "2", "--report-to", "none"]
+    code, err = finish(start(argv, FT_TEST_KILL_AT="validation-video:1"))  # step 2: one of its two videos written
+    assert code == -signal.SIGKILL, err[-3000:]
+    assert (out / "checkpoints" / "checkpoint-000002").is_dir()
+    assert not (out / "validation" / "step-000002").exists()  # no folder that looks done
+    assert len(list((out / "validation" / ".step-000002.tmp").glob("*.mp4"))) == 1
+    code, err = finish(start([*argv, "--resume-from-checkpoint", "latest"]))
+    assert code == 0, err[-3000:]
+    assert "step 2: its validation was cut short by the stop; making it again" in err
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002", "step-000003"]
+    from ft.common.video import open_media
+
+    for step in ("step-000002", "step-000003"):  # whole: the files of the run that was never stopped
+        made, straight = out / "validation" / step, validated[0] / "validation" / step
+        assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in straight.iterdir())
+        assert [open_media(v).num_frames for v in sorted(made.glob("*.mp4"))] == [9, 9]
+    assert not list((out / "validation").glob(".*"))
+
+
 def test_no_text_encoder_or_tokenizer_is_built_in_training(validated):
     from ft.pipelines.tiny import t5_tokenizer, tiny_t5_encoder
 
