@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: train `--warmup` + `--steps` optimizer steps with ft's Trainer, measure, write rank-N.json."""
     import torch
 
-    from ft.common import dist
+    from ft.train import dist
     from ft.train.config import TrainConfig
     from ft.train.loader import background
     from ft.train.parallel import set_gradient_sync

@@ -40,7 +40,7 @@ def timed(self, vae, frames):
     first.append(time.perf_counter())
     return real(self, vae, frames)
 CogVideoXSpec.encode_video = timed
-from ft.common.cli import invoke
+from ft.cli.main import invoke
 import ft.common
 start = time.perf_counter()
 invoke(sys.argv[2:], standalone=False)
@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     from report import save_result
 
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
     from ft.pipelines.tiny import save_tiny_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="ft-first-run-"))

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from ft.common.cli import invoke
+from ft.cli.estimate import EstimateConfig, conditioning_shapes, estimate
+from ft.cli.main import invoke
 from ft.common.shards import Manifest, ShardWriter
 from ft.pipelines.base import ModelSpec, import_class
-from ft.pipelines.estimate import EstimateConfig, conditioning_shapes, estimate
 from ft.pipelines.registry import get_spec, save_tiny_model
 
 GB = 1e9

@@ -3,7 +3,7 @@ known checkpoint, side by side.
 
     python bench/memory.py [--rank 64] [--no-save]
 
-Every number comes from ft.pipelines.estimate (the components built from their real configs on the meta device;
+Every number comes from ft.cli.estimate (the components built from their real configs on the meta device;
 the shard bytes of one sample written with ShardWriter). The table is printed and written to
 bench/results/memory.md. Measured GPU peaks come from bench/gpu.sh.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ft.pipelines.estimate import GB, EstimateConfig, estimate
+from ft.cli.estimate import GB, EstimateConfig, estimate
 from ft.pipelines.registry import SPECS
 
 

@@ -2,7 +2,7 @@
 
     python bench/precompute.py [--config tiny|medium] [--clips N] [--no-save]
 
-Each run goes through the real command (`ft.common.cli.invoke`, in this process, so the import of torch and
+Each run goes through the real command (`ft.cli.main.invoke`, in this process, so the import of torch and
 diffusers is paid once, before the first run, and is not in any row). The family's real `encode_video`,
 `encode_prompts` and `load_component` are wrapped to count the clips and captions encoded, the models loaded, and
 the seconds spent encoding. Configurations:
@@ -63,7 +63,7 @@ def count_stage_one(spec_class: type) -> None:
 
 
 def run(model: Path, data: Path, out: Path, bucket: str) -> dict[str, float]:
-    from ft.common.cli import invoke
+    from ft.cli.main import invoke
 
     COUNTS.clear()
     SECONDS.clear()
@@ -84,8 +84,8 @@ def cli_run(model: Path, data: Path, out: Path, bucket: str) -> dict[str, float]
 
 def decode_seconds(data: Path, bucket: tuple[int, int, int]) -> float:
     """Decoding (and resizing) every clip's frames as precompute does, in one thread."""
-    from ft.common.video import frame_indices, open_media, resize_to_bucket
     from ft.precompute.datasets import load_dataset
+    from ft.precompute.media import frame_indices, open_media, resize_to_bucket
 
     start = time.perf_counter()
     for item in load_dataset(data):
@@ -106,8 +106,8 @@ def main() -> None:
     frames, height, width = c["bucket"]
     bucket = f"{frames}x{height}x{width}"
 
+    from ft.cli.synthetic import make_shapes_dataset
     from ft.common.logs import quiet_libraries
-    from ft.common.synthetic import make_shapes_dataset
     from ft.pipelines.cogvideox import CogVideoXSpec
     from ft.pipelines.registry import save_tiny_model
 

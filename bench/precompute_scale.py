@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-FT = [sys.executable, "-m", "ft.common.cli"]
+FT = [sys.executable, "-m", "ft.cli.main"]
 
 TRAIN_STARTUP = """
 import resource, sys, time
@@ -66,8 +66,8 @@ def synthetic_set(folder: Path, n: int) -> float:
     """Write n tiny samples as one precompute job writes them and merge; returns the seconds of manifest writes."""
     import torch
 
-    from ft.common.manifest import input_summary
     from ft.common.shards import JOBS_DIR, JobState, ShardWriter, append_journal, write_atomic
+    from ft.common.shards.manifest import input_summary
     from ft.precompute.merge import finalize
 
     (folder / JOBS_DIR).mkdir(parents=True)
@@ -104,7 +104,7 @@ def synthetic_set(folder: Path, n: int) -> float:
 
 
 def clips_rows(n: int, work: Path) -> dict[str, float]:
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
     from ft.pipelines.registry import save_tiny_model
 
     model = work / "model"

@@ -8,7 +8,7 @@ plain, one with a 90-degree display rotation, as a phone writes), then times, pe
 - before, decord: what `open_media` did with decord installed: open a VideoReader, decode frame 0 for its
   displayed size, read the frame timestamps (copied here as it was, as the baseline);
 - before, PyAV: open the container, decode frame 0 for its rotation, demux every packet for the timestamps;
-- now: `ft.common.video.open_media` (headers: the stream header, the mp4 display matrix, packet timestamps), for
+- now: `ft.precompute.media.open_media` (headers: the stream header, the mp4 display matrix, packet timestamps), for
   the decord and the PyAV backend; both give the sizes, frame count and rate the old probes gave (checked).
 The file's sha256 (the other half of planning a new file) is timed beside them. All from the page cache.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from report import save_result
 
-from ft.common.video import open_media, write_video
+from ft.precompute.media import open_media
+from ft.train.video_writer import write_video
 
 SIZES = {"480p": (480, 720), "1080p": (1080, 1920)}
 

@@ -63,8 +63,8 @@ def build_medium(folder: Path) -> Path:
 
 
 def prepare(config: str, work: Path) -> None:
-    from ft.common.cli import invoke
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.main import invoke
+    from ft.cli.synthetic import make_shapes_dataset
     from ft.pipelines.registry import save_tiny_model
 
     c = CONFIGS[config]
@@ -84,8 +84,8 @@ def online_batches(trainer, work: Path, config: str):
     """Batches made as an all-in-one trainer makes them: decode, resize, VAE and text encoder, every step."""
     import torch
 
-    from ft.common.video import frame_indices, open_media, resize_center_crop
     from ft.precompute.datasets import load_dataset
+    from ft.precompute.media import frame_indices, open_media, resize_center_crop
     from ft.train.loader import Batch
 
     spec, c = trainer.spec, CONFIGS[config]
@@ -182,7 +182,7 @@ def bare_worker(config: str, work: Path, steps: int) -> dict | None:
     import os
     import statistics
 
-    from ft.common import dist
+    from ft.train import dist
     from ft.train.config import TrainConfig
     from ft.train.loader import background
     from ft.train.trainer import Trainer

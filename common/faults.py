@@ -10,7 +10,7 @@ names the path, says what happened and what to do, and says what was kept. This 
   it (torch.distributed.checkpoint raises CheckpointException, a BaseException holding each rank's error);
 - `describe(err)` and `fault_message(err, what)`: "no space left on the device (...)" with the fix for that errno;
 - `bytes_text(n)`: sizes in the messages.
-`ft.common.cli.main` turns any fault that reaches it into a UserError-style line (exit status 2); commands that
+`ft.cli.main.main` turns any fault that reaches it into a UserError-style line (exit status 2); commands that
 can say more (what was kept, how to go on) catch it first: precompute keeps its whole shards and says how much
 space the rest needs; training stops with its last checkpoint usable and names it.
 

@@ -8,7 +8,7 @@ What is stored (stage 1), as `LTXPipeline._get_t5_prompt_embeds` and the VAE mak
   travel in the manifest beside the VAE's config (`encoders.vae.config`), and stage 2 normalises with them. So the
   stored posterior is the VAE's own, and the draw z = mean + exp(logvar / 2) * eps is made before normalising.
 - Each sample's JSON records its effective frame rate `fps` (source fps over the frame spacing; see
-  ft.common.video.effective_fps); a still has none and trains at the pipeline's default, 25 fps.
+  ft.precompute.media.effective_fps); a still has none and trains at the pipeline's default, 25 fps.
 
 What is fed (stage 2), as `LTXPipeline.__call__` feeds its transformer:
 - latents drawn from the posterior, normalised as `_normalize_latents` does ((z - latents_mean) * scaling_factor /

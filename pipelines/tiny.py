@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ft.common.synthetic import COLORS, MOTIONS, SHAPES
+# the words of the synthetic clips' captions (cli/synthetic.py), which the toy tokenizers must know
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40),
+          "white": (240, 240, 240)}
+SHAPES = ("circle", "square")
+MOTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
 
 _WORDS = (
     "a an the of on in at to from with and or is are moving left right top bottom dark light background "

@@ -21,12 +21,12 @@ from ft.common.errors import UserError
 from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log
 from ft.common.model_args import ModelArgs
-from ft.common.rejects import summarize_inputs
 from ft.common.runtime import prefetch_map
-from ft.common.shards import bucket_name
-from ft.common.video import MediaError, open_media, parse_bucket, upscale_factor
+from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import get_spec
+from ft.precompute.media import MediaError, open_media, upscale_factor
+from ft.precompute.rejects import summarize_inputs
 
 from .config import CheckDataConfig, DataArgs
 from .dataset_config import apply_caption_options

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
-from ft.common.video import FRAME_SAMPLING, RESIZE_MODES
+from ft.precompute.media import FRAME_SAMPLING, RESIZE_MODES
 
 DATA = "Data"
 POLICY = "Bad input"

@@ -31,7 +31,7 @@ LLM_CAPTION_PREFIXES: tuple[str, ...] = (
     *(f"{b} {c}" for b in _BEGINNINGS for c in _CONTINUATIONS),
 )
 
-# finetrainers' reshape modes -> ft's --resize-mode (see common/video.py RESIZE_MODES)
+# finetrainers' reshape modes -> ft's --resize-mode (see precompute/media.py RESIZE_MODES)
 RESHAPE_MODES = {"bicubic": "stretch", "resize_crop": "center-crop", "center_crop": "crop"}
 KNOWN_KEYS = ("data_root", "dataset_file", "dataset_type", "id_token", "video_resolution_buckets",
               "image_resolution_buckets", "reshape_mode", "remove_common_llm_caption_prefixes", "caption_options",

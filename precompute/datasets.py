@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ft.common.errors import UserError
 from ft.common.tables import read_table
-from ft.common.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ft.precompute.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
                 "image_path", "video_file")

@@ -3,7 +3,7 @@ shards and its journal; the last job to finish merges the set (merge.py).
 
 A single run is job 0 of 1. Job i of N (jobs.py) takes the lock of its slot, reads only the items it owns, and
 writes only its own files: shards `shard-j000i-NNNNNN.tar`, and its state, journal, keys and rejects under
-`jobs/` (common/jobstate.py). Content addressing makes a job resumable and incremental: samples whose key is
+`jobs/` (common/shards/journal.py). Content addressing makes a job resumable and incremental: samples whose key is
 already in a usable shard of `--out` are skipped (existing.py), so a killed job, a grown dataset, or a second
 experiment on the same encoders pays only for what is new; unchanged media is neither probed nor hashed again
 (media_cache.py).
@@ -35,8 +35,6 @@ from ft.common.config import to_jsonable
 from ft.common.errors import UserError
 from ft.common.faults import check_writable, environment_fault
 from ft.common.logs import log, quiet_libraries
-from ft.common.manifest import input_summary
-from ft.common.prompts import PromptWriter, check_validation_file
 from ft.common.runtime import pick_device, prefetch_map
 from ft.common.shards import (
     JOBS_DIR,
@@ -54,11 +52,13 @@ from ft.common.shards import (
     sample_key,
     write_atomic,
 )
-from ft.common.video import MediaError, effective_fps, open_media, resize_to_bucket
+from ft.common.shards.manifest import input_summary
+from ft.common.shards.prompts import PromptWriter, check_validation_file
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
 from ft.pipelines.memory import largest_gpu
 from ft.pipelines.registry import spec_for
+from ft.precompute.media import MediaError, effective_fps, open_media, resize_to_bucket
 
 from .check_data import DataCheck, check_buckets, sequence_length
 from .config import PrecomputeConfig

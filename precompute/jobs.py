@@ -1,10 +1,10 @@
 """Precompute as N independent jobs: which job this process is, which items it owns, and the lock of its slot.
 
 Job i of N comes from `--num-jobs/--job-index`, else SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID (less
-SLURM_ARRAY_TASK_MIN, so `--array 1-8` works), else WORLD_SIZE/RANK (one job per process under torchrun, each on
-`cuda:LOCAL_RANK`), else 0 of 1. A job owns the items whose stable hash (sha256 of the media path relative to the
-dataset) falls to it: decided from the dataset listing alone, before any probing or hashing, so each job reads
-only its slice, and a grown dataset does not move an item to another job.
+SLURM_ARRAY_TASK_MIN, so `--array 1-8` works), else the launcher's world (one job per process under torchrun or
+srun, each on `cuda:LOCAL_RANK`; common/launcher.py), else 0 of 1. A job owns the items whose stable hash (sha256
+of the media path relative to the dataset) falls to it: decided from the dataset listing alone, before any
+probing or hashing, so each job reads only its slice, and a grown dataset does not move an item to another job.
 
 Every writer into an `--out` holds the lock of its slot, `jobs/job-000i-of-000N.lock`, made with O_CREAT|O_EXCL
 and naming its host, pid and start time: a second writer of the same slot is refused at once with the holder
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
-from ft.common.liveness import TORN_AFTER_S, describe_holder
-from ft.common.liveness import alive as _alive
-from ft.common.liveness import process_start as _process_start
-from ft.common.liveness import read_lock as _read_lock
+from ft.common.launcher import array_task, world_from_env
 from ft.common.logs import log
 from ft.common.shards import JOBS_DIR, job_stem, kill_point
+from ft.common.shards.liveness import TORN_AFTER_S, describe_holder
+from ft.common.shards.liveness import alive as _alive
+from ft.common.shards.liveness import process_start as _process_start
+from ft.common.shards.liveness import read_lock as _read_lock
 
 from .datasets import DatasetItem
 
@@ -74,31 +75,21 @@ def item_identity(item: DatasetItem, root: Path) -> str:
     return os.path.relpath(full, base) if os.path.commonpath([full, base]) == base else full
 
 
-def _env_int(env: dict[str, str], name: str) -> int | None:
-    value = env.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"the environment variable {name}={value!r} is not a number.") from None
-
-
 def resolve_slot(num_jobs: int | None, job_index: int | None, env: dict[str, str] | None = None) -> JobSlot:
-    """This process's job: the flags, else SLURM's array variables, else torchrun's, else 0 of 1."""
-    env = dict(os.environ if env is None else env)
+    """This process's job: the flags, else SLURM's array variables, else the launcher's world (torchrun, srun),
+    else 0 of 1 (common/launcher.py reads the environment)."""
     if (num_jobs is None) != (job_index is None):
         raise UserError("--num-jobs and --job-index go together: give both (job I of N, I from 0 to N-1), or "
                         "neither (they are then read from SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID or "
                         "WORLD_SIZE/RANK).")
     source = "--num-jobs/--job-index"
     if num_jobs is None:
-        count, task = _env_int(env, "SLURM_ARRAY_TASK_COUNT"), _env_int(env, "SLURM_ARRAY_TASK_ID")
-        if count is not None and task is not None:
-            num_jobs, job_index = count, task - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0)
-            source = "SLURM array"
-        elif _env_int(env, "WORLD_SIZE") is not None and _env_int(env, "RANK") is not None:
-            num_jobs, job_index, source = _env_int(env, "WORLD_SIZE"), _env_int(env, "RANK"), "torchrun"
+        task = array_task(env)
+        world = world_from_env(env) if task is None else None
+        if task is not None:
+            (job_index, num_jobs), source = task, "SLURM array"
+        elif world is not None and world.size > 1:
+            num_jobs, job_index, source = world.size, world.rank, world.launcher
         else:
             return JobSlot()
     assert num_jobs is not None and job_index is not None
@@ -109,14 +100,13 @@ def resolve_slot(num_jobs: int | None, job_index: int | None, env: dict[str, str
 
 
 def job_device(device: str, env: dict[str, str] | None = None) -> str:
-    """Under torchrun, `--device auto`/`cuda` means this process's GPU, `cuda:LOCAL_RANK`."""
-    env = dict(os.environ if env is None else env)
-    local = _env_int(env, "LOCAL_RANK")
-    if local is None or device not in ("auto", "cuda"):
+    """Under torchrun (or srun), `--device auto`/`cuda` means this process's GPU, `cuda:LOCAL_RANK`."""
+    world = world_from_env(env)
+    if world.size == 1 or device not in ("auto", "cuda"):
         return device
     import torch
 
-    return f"cuda:{local}" if torch.cuda.is_available() else device
+    return f"cuda:{world.local_rank}" if torch.cuda.is_available() else device
 
 
 # ---------------------------------------------------------------------------------------------- locks

@@ -39,7 +39,7 @@ class MediaFacts:
 
     def reader(self, path: Path) -> Any:
         """The probe as a MediaReader (without a decoder): its variable_rate and span_fps."""
-        from ft.common.video import MediaReader
+        from ft.precompute.media import MediaReader
 
         return MediaReader(Path(path), self.num_frames, self.fps, self.height, self.width,
                            timestamps=self.timestamps, notes=list(self.notes))

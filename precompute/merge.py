@@ -1,7 +1,7 @@
 """Merging the jobs of one `--out` into one shard set: done by the last job to finish, or by
 `ft precompute --finalize --out SHARDS`.
 
-The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/jobstate.py `merged_view`) and
+The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/shards/journal.py `merged_view`) and
 writes, each atomically: `active_keys.txt` (every job's keys, each once), `rejected.jsonl` and `warnings.jsonl`
 (the jobs' files one after another, summarised in the manifest), the empty caption's conditioning (job 0's),
 `precompute_config.json` (job 0's, as a single run), the media cache, and last `manifest.json`, listing every

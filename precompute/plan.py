@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.common.prompts import text_key
 from ft.common.runtime import prefetch_map
 from ft.common.shards import file_digest, sample_key
-from ft.common.video import (
+from ft.common.shards.prompts import text_key
+from ft.precompute.media import (
     MediaError,
     bucket_pool,
     choose_bucket,
@@ -65,7 +65,7 @@ class PlannedSample:
     def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
         """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text
         encoders and the text length); the family's choices enter both. The text key is the prompt table's
-        (common/prompts.py), so a validation prompt is keyed as a sample with its caption would be."""
+        (common/shards/prompts.py), so a validation prompt is keyed as a sample with its caption would be."""
         choices = encoding.get("family_choices") or {}
         video = {"half": "video", "media": self.media_digest, "frames": self.indices, "bucket": list(self.bucket),
                  "resize": encoding["resize_mode"], "vae": video_fingerprint, "family_choices": choices}

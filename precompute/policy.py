@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ft.common.errors import UserError
-from ft.common.rejects import summarize_inputs
+from ft.precompute.rejects import summarize_inputs
 
 from .datasets import DatasetItem, outside_folder
 

@@ -20,7 +20,7 @@ from helpers import BUCKETS, FAMILIES, run_cli
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_clips=8, frames=17,
                                sizes=((32, 32), (32, 64)), num_images=2, seed=0)

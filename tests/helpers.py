@@ -8,7 +8,7 @@ BUCKETS = ["--buckets", "9x32x32", "9x32x64", "1x32x32"]
 
 def run_cli(argv: list[object]) -> object:
     """Run `ft argv` through the real command-line parser; returns the command's result."""
-    from ft.common.cli import invoke
+    from ft.cli.main import invoke
 
     return invoke([str(a) for a in argv], standalone=False)
 def torchrun(nproc: int, argv: list[object], timeout: float = 240) -> object:
@@ -18,7 +18,7 @@ def torchrun(nproc: int, argv: list[object], timeout: float = 240) -> object:
     import sys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "ft.common.cli", *map(str, argv)]
+               "-m", "ft.cli.main", *map(str, argv)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -105,7 +105,7 @@ def start(args: list[str], **env: str) -> object:
 
     clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT",
                                                               "SLURM_ARRAY_TASK_ID")}
-    return subprocess.Popen([sys.executable, "-m", "ft.common.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "ft.cli.main", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**clean, "HF_HUB_OFFLINE": "1", **env},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -12,41 +12,101 @@ from ft.precompute.config import PrecomputeConfig
 from ft.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-# the one place in ft.common allowed to reach up: the CLI composition root and the demo it runs
-COMPOSITION_ROOT = {"common/cli.py", "common/demo.py", "common/finetrainers.py"}
-FORBIDDEN = {
-    "common": ("ft.pipelines", "ft.precompute", "ft.train"),
-    "pipelines": ("ft.precompute", "ft.train"),
-    "precompute": ("ft.train",),
-    "train": ("ft.precompute",),
-}
+# The floors of the house: a package imports only from floors below it (and from itself). precompute and train
+# stand side by side on one floor and never import each other; the command line stands on top.
+FLOORS = {"common": 0, "pipelines": 1, "precompute": 2, "train": 2, "cli": 3}
+# within ft.common, the base stands below the shard contract (common/shards/)
+BASE_OF_COMMON = "ft.common"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(("ft", *parts[:-1])) if parts[-1] == "__init__" else ".".join(("ft", *parts))
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every ft module `path` imports, wherever the import stands (top level or inside a function), relative
+    imports resolved."""
     tree = ast.parse(path.read_text())
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+            names |= {a.name for a in node.names if a.name.split(".")[0] == "ft"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            if module.split(".")[0] == "ft":
+                names.add(module)
+                names |= {f"{module}.{a.name}" for a in node.names}  # `from ft.common import shards`
+    return {name for name in names if _is_module(name)}
 
 
-@pytest.mark.parametrize("package", FORBIDDEN)
-def test_imports_run_one_way(package):
-    for path in sorted((ROOT / package).glob("*.py")):
-        rel = f"{package}/{path.name}"
-        if rel in COMPOSITION_ROOT:
+def _is_module(name: str) -> bool:
+    parts = name.split(".")[1:]
+    if not parts or parts[0] not in FLOORS:
+        return False
+    folder = ROOT.joinpath(*parts)
+    return folder.with_suffix(".py").exists() or (folder / "__init__.py").exists()
+
+
+def package_files() -> list[Path]:
+    return sorted(p for package in FLOORS for p in (ROOT / package).rglob("*.py"))
+
+
+def floor_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+@pytest.mark.parametrize("package", FLOORS)
+def test_imports_run_down_the_floors_only(package):
+    """Every import anywhere in a package (lazy ones inside functions and relative ones included) points to its own
+    package or a lower floor: common <- pipelines <- precompute | train <- cli, with no exemption."""
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for module in imported_modules(path):
+            other = floor_of(module)
+            assert other == package or FLOORS[other] < FLOORS[package], (
+                f"{path.relative_to(ROOT)} imports {module}: imports run common <- pipelines <- precompute | train "
+                "<- cli")
+
+
+def test_the_base_of_common_does_not_import_the_shard_contract():
+    for path in sorted((ROOT / "common").glob("*.py")):
+        bad = {m for m in imported_modules(path) if m.startswith("ft.common.shards")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: the contract stands on the base, not under it"
+
+
+def test_every_file_in_common_is_shared_by_two_floors_above_it():
+    """common/ holds only what both stages (and pipelines) share: each of its modules is imported by at least two of
+    pipelines, precompute and train, directly or through another module of common."""
+    users: dict[str, set[str]] = {}
+    for path in package_files():
+        for module in imported_modules(path):
+            users.setdefault(module, set()).add(module_name(path))
+    def floors_using(module: str, seen: set[str]) -> set[str]:
+        found = set()
+        for user in users.get(module, ()):
+            if floor_of(user) in ("pipelines", "precompute", "train"):
+                found.add(floor_of(user))
+            elif floor_of(user) == "common" and user not in seen:
+                found |= floors_using(user, seen | {user})
+        return found
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        module = module_name(path)
+        if module in ("ft.common", "ft.common.shards"):
             continue
-        bad = {m for m in imported_modules(path) if m.startswith(FORBIDDEN[package])}
-        assert not bad, f"{rel} imports {bad}: imports run common <- pipelines <- precompute, train"
+        floors = floors_using(module, {module})
+        if path.parent.name == "shards":  # a part of the contract: the contract as a whole is what the floors use
+            floors |= floors_using("ft.common.shards", {"ft.common.shards"})
+        assert len(floors) >= 2, f"{path.relative_to(ROOT)} is used by {floors or 'nothing'} only: move it there"
 
 
 def test_every_module_opens_with_a_docstring():
-    for package in FORBIDDEN:
-        for path in sorted((ROOT / package).glob("*.py")):
-            assert ast.get_docstring(ast.parse(path.read_text())), f"{package}/{path.name} has no module docstring"
+    for path in package_files():
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.relative_to(ROOT)} has no module docstring"
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
@@ -64,8 +124,8 @@ def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_p
     import shlex
     import subprocess
 
-    from ft.common.cli import _configs
-    from ft.common.finetrainers import translate
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
 
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     # run the script with ft, srun and the SLURM tools replaced by stubs that print the ft command line
@@ -85,5 +145,5 @@ def test_shipped_cluster_scripts_are_bash_and_their_ft_flags_parse(script, tmp_p
     assert done.returncode == 0, done.stderr
     (line,) = calls.read_text().splitlines()
     _, command, *argv = shlex.split(line)
-    (run,) = translate(command, argv, None, _configs(), "").runs  # every flag is one of ft's
+    (run,) = translate(command, argv, None, command_configs(), "").runs  # every flag is one of ft's
     assert "--model" in run

@@ -19,7 +19,7 @@ import pytest
 
 from ft.common.errors import UserError
 from ft.common.shards import ACTIVE_KEYS_NAME, Manifest
-from ft.common.video import open_media
+from ft.precompute.media import open_media
 from helpers import BUCKETS, FP32, fill, remount, run_cli
 
 PRECOMPUTE = [*FP32, *BUCKETS, "--batch-size", "2"]
@@ -31,7 +31,7 @@ def precompute(model: Path, data: Path, out: Path, *extra: str) -> list[object]:
 
 
 def ft_process(argv: list[object], **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ft.common.cli", *map(str, argv)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "ft.cli.main", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
 
 
@@ -133,7 +133,7 @@ def test_generate_refuses_an_out_suffix_it_cannot_write_before_sampling(tiny_cog
 
 
 def test_inspect_verify_names_a_missing_listed_shard(cog_shards, tmp_path):
-    from ft.common.inspect_shards import describe
+    from ft.cli.inspect_shards import describe
 
     shards = tmp_path / "shards"
     shutil.copytree(cog_shards, shards)
@@ -157,7 +157,7 @@ def test_non_finite_numbers_are_refused_up_front(value, tmp_path):
 def test_a_fault_no_command_handles_is_one_line_not_a_traceback(tmpfs):
     disk = tmpfs("ro")
     remount(disk, "ro")
-    result = subprocess.run([sys.executable, "-m", "ft.common.cli", "demo", "--workdir", str(disk / "demo")],
+    result = subprocess.run([sys.executable, "-m", "ft.cli.main", "demo", "--workdir", str(disk / "demo")],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

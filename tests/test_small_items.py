@@ -15,15 +15,15 @@ import sys
 import numpy as np
 import pytest
 
+from ft.cli.inspect_shards import describe
+from ft.cli.synthetic import shape_clip
 from ft.common.errors import UserError
-from ft.common.inspect_shards import describe
 from ft.common.shards import Manifest
-from ft.common.synthetic import shape_clip
-from ft.common.video import write_video
 from ft.pipelines.registry import SPECS
 from ft.precompute.dataset_config import read_dataset_config
 from ft.precompute.datasets import load_dataset
 from ft.train.reporting import wandb_project
+from ft.train.video_writer import write_video
 from helpers import run_cli
 
 
@@ -36,11 +36,11 @@ def test_wandb_project_comes_from_tracker_name_then_wandb_project(monkeypatch):
 
 
 def test_tracker_name_reaches_the_training_config(tmp_path):
-    from ft.common.cli import _configs
-    from ft.common.finetrainers import translate
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
 
     run = translate("train", ["--tracker_name", "my-project", "--shards", "s", "--output_dir", "o"], None,
-                    _configs()).runs[0]
+                    command_configs()).runs[0]
     assert run[run.index("--tracker-name") + 1] == "my-project"
 
 
@@ -58,7 +58,7 @@ def test_a_missing_tracker_package_is_refused_before_any_model_loads(tmp_path):
 
 
 def test_check_data_help_lists_every_family():
-    result = subprocess.run([sys.executable, "-m", "ft.common.cli", "check-data", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ft.cli.main", "check-data", "--help"], capture_output=True,
                             text=True, env={**os.environ, "COLUMNS": "200"})
     text = " ".join(result.stdout.split())
     for name in SPECS:

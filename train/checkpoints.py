@@ -79,7 +79,7 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
 
     import torch.distributed.checkpoint as dcp
 
-    from ft.common import dist
+    from ft.train import dist
 
     root = checkpoint_root(output_dir)
     final = root / f"checkpoint-{step:06d}"

@@ -11,7 +11,7 @@ Compiled in place, the modules keep their names, so checkpoints, the exported Lo
 not change. ft compiles after `fully_shard` and the offloading hooks; torchtitan compiles each block before
 `fully_shard` (torchtitan/models/llama3/parallelize.py). With `nn.Module.compile` the order does not matter: the
 compiled `_call_impl` reads the module's hooks when it runs, and FSDP2's hooks (dynamo-disabled) and offloading's
-(common/offload.py, `torch.compiler.disable`) run eagerly around the compiled block either way. Gradient
+(train/offload.py, `torch.compiler.disable`) run eagerly around the compiled block either way. Gradient
 checkpointing wraps each (compiled) block as before. The layers fp8 storage casts run eagerly (eager_casting).
 
 `CompileWatch` reads dynamo's own counters and clocks, so that the first step's compile time is logged apart from

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from ft.common.config import REQUIRED, check_choice, check_positive, flag_name, opt
 from ft.common.errors import UserError
-from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
-from ft.common.fp8 import check_args as check_fp8_args
 from ft.common.model_args import ModelArgs
-from ft.common.offload import check_args as check_offload_args
 from ft.pipelines.base import REGEX_CHARACTERS
+from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
+from ft.train.fp8 import check_args as check_fp8_args
+from ft.train.offload import check_args as check_offload_args
 
 from .compile import check_args as check_compile_args
 

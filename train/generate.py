@@ -30,9 +30,9 @@ from ft.common.faults import check_writable, describe, environment_fault, fix
 from ft.common.logs import log, quiet_libraries
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import pick_device
-from ft.common.video import write_video
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.registry import spec_for
+from ft.train.video_writer import write_video
 
 from .weights_io import LORA_WEIGHTS_NAME
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ft.common.dist import World
 from ft.common.errors import UserError
 from ft.pipelines.base import transformer_blocks
+from ft.train.dist import World
 
 UNSET = -1
 

@@ -3,7 +3,7 @@
 dtypes (the documented contract):
 - LoRA: the frozen base in `--transformer-dtype`; the adapters, their gradients and the optimizer state in fp32.
 - LoRA with `--layerwise-upcasting-modules transformer`: the frozen base's Linear/Conv weights stored in fp8 and
-  computed in `--transformer-dtype` (common/fp8.py); the adapters as above, in fp32.
+  computed in `--transformer-dtype` (train/fp8.py); the adapters as above, in fp32.
 - full finetune, `--master-dtype auto`: weights, gradients and optimizer state in `--transformer-dtype` (bf16 by
   default, as finetrainers trains).
 - full finetune, `--master-dtype fp32`: fp32 weights, gradients and optimizer state; the forward and backward run
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
-from ft.common.fp8 import apply_fp8_storage
 from ft.common.logs import log
 from ft.pipelines.base import ModelSpec
+from ft.train.fp8 import apply_fp8_storage
 
 from .config import DEFAULT_WARMUP, TrainConfig
 from .lora import add_lora, save_lora
@@ -42,7 +42,7 @@ def make_trainable(cfg: TrainConfig, spec: ModelSpec, transformer: Any) -> list[
     """Add LoRA (or unfreeze everything) and return the parameters the optimizer updates."""
     if cfg.training_type == "lora":
         params = add_lora(transformer, cfg.rank, cfg.lora_alpha, cfg.target_modules or spec.default_lora_targets)
-        if cfg.layerwise_upcasting_modules:  # after the adapter: it is made, and stays, in fp32 (common/fp8.py)
+        if cfg.layerwise_upcasting_modules:  # after the adapter: it is made, and stays, in fp32 (train/fp8.py)
             from ft.common.dtypes import parse_dtype
 
             apply_fp8_storage(transformer, cfg.layerwise_upcasting_storage_dtype,

@@ -10,7 +10,7 @@ state (TrainState) is checkpointed every `--checkpointing-steps` by all ranks to
 ends bitwise equal to a straight one in the same layout, and continues the same data and noise in another.
 
 Under several processes rank 0 alone writes logs, trackers, configs and the exported weights; every rank stops
-with the failing rank's message when one fails where the others would wait for it (common/dist.py).
+with the failing rank's message when one fails where the others would wait for it (train/dist.py).
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ft.common import dist
 from ft.common.config import to_jsonable
 from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
-from ft.common.shards import kill_point, require_complete
-from ft.common.video import parse_bucket
+from ft.common.shards import kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
+from ft.train import dist
 
 from .checkpoints import (
     list_checkpoints,
@@ -224,7 +223,7 @@ class Trainer:
 
         load_cfg = replace(cfg, transformer_dtype=load_dtype(cfg))
         # several processes: load on the CPU, then shard block by block onto the device (parallel.py); offloading:
-        # load on the CPU, then move all but the offloaded blocks' weights (common/offload.py); fp8 storage: cast on
+        # load on the CPU, then move all but the offloaded blocks' weights (train/offload.py); fp8 storage: cast on
         # the CPU, so that the device never holds the whole transformer in --transformer-dtype
         on_cpu = world.size > 1 or cfg.offload_blocks > 0 or bool(cfg.layerwise_upcasting_modules)
         transformer = self.spec.load_component("transformer", load_cfg, "cpu" if on_cpu else self.device)
@@ -238,7 +237,7 @@ class Trainer:
         self.mesh = build_mesh(self.layout, self.device)
         self.offloader = None
         if cfg.offload_blocks:  # one process (check_run)
-            from ft.common.offload import BlockOffloader
+            from ft.train.offload import BlockOffloader
 
             self.offloader = BlockOffloader(transformer, transformer_blocks(transformer, self.spec.block_lists),
                                             cfg.offload_blocks, self.device)

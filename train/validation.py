@@ -3,7 +3,7 @@
 The trainer makes one `Validation` right after opening its shards and calls `after_step(trainer, step, run_log)`
 after each optimizer step; `summary` joins the run's summary. Everything else is here:
 - before the first step (`__init__`, no model loaded): the validation file is read and every row checked, sizes
-  with the family's rules (common/prompts.py); each caption and the negative prompt must be in the
+  with the family's rules (common/shards/prompts.py); each caption and the negative prompt must be in the
   shard set's prompt table, else the error gives the `ft precompute` command that adds
   them (encoding only the text); the VAE that `--pretrained`/`--vae-id` names must be the one in the manifest
   (its fingerprint from files; a different VAE is refused with the reason); `--eval-shards` is opened and checked
@@ -49,11 +49,11 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 from ft.common.logs import log, note
-from ft.common.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
-from ft.common.shards import iter_shard, kill_point, require_complete
-from ft.common.video import parse_bucket, write_video
+from ft.common.shards import iter_shard, kill_point, parse_bucket, require_complete
+from ft.common.shards.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
 from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
+from ft.train.video_writer import write_video
 
 from .config import DEFAULT_VALIDATION_STEPS
 from .generate import SamplingSettings, match_vae_dtype, pipeline_defaults, sample_frames
@@ -100,7 +100,7 @@ def gather_to_rank0(items: list[Any]) -> list[Any] | None:
 
 
 def rank_and_world() -> tuple[int, int]:
-    from ft.common import dist
+    from ft.train import dist
 
     return dist.rank(), dist.size()
 
@@ -352,7 +352,7 @@ class Validation:
             with rng_untouched(trainer.device):
                 loss = self.held_out(trainer)
             self.summary["eval_loss"] = loss
-            from ft.common import dist
+            from ft.train import dist
 
             dist.run_on_rank_zero(lambda: run_log.write({"step": step, "eval_loss": loss}))  # a fault stops every rank
             if rank_and_world()[0] == 0:
@@ -422,7 +422,7 @@ class Validation:
             if not self.cfg.validation_keep_vae:
                 vae.to("cpu")
         gathered = gather_to_rank0(done)
-        from ft.common import dist
+        from ft.train import dist
 
         dist.run_on_rank_zero(lambda: gathered is not None and self.write(  # rank 0 writes; a fault stops every rank
             step, sorted(gathered, key=lambda item: item[0]), settings, pipe, run_log, time.perf_counter() - started))

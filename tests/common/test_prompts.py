@@ -1,4 +1,4 @@
-"""common/prompts.py, the validation file: finetrainers' formats and columns, a clear error for each bad file."""
+"""common/shards/prompts.py, the validation file: finetrainers' formats and columns, a clear error for each bad file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ft.common.errors import UserError
-from ft.common.prompts import ValidationPrompt, default_size, read_validation_file, resolve_sizes
+from ft.common.shards.prompts import ValidationPrompt, default_size, read_validation_file, resolve_sizes
 from ft.pipelines.registry import get_spec
 
 ROWS = [{"caption": "a red circle", "image_path": None, "video_path": None, "num_inference_steps": 2, "height": 32,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft.common.inspect_shards import describe
+from ft.cli.inspect_shards import describe
 from ft.common.shards import (
     Manifest,
     ShardCorruptError,

@@ -54,14 +54,14 @@ def test_prompt_encoding_matches_the_pipeline(spec, pipe):
 
 
 def test_shards_hold_the_posterior_the_prompt_and_the_frame_rate(spec, pipe, ltx_shards):
-    from ft.common.video import open_media, resize_center_crop
+    from ft.precompute.media import open_media, resize_center_crop
 
     manifest = Manifest.load(ltx_shards)
     assert manifest.model_family == "ltx_video"
     assert manifest.shapes == {"latent_channels": 8, "prompt_embeds": [128, 32], "prompt_attention_mask": [128]}
     assert manifest.encoding["max_sequence_length"] == 128
     assert manifest.encoding["family_choices"] == spec.encoding_choices({})
-    from ft.common.inspect_shards import describe
+    from ft.cli.inspect_shards import describe
 
     assert "latent_normalisation: stage 2" in describe(str(ltx_shards))  # `ft inspect` shows the family's choices
     vae_config = manifest.encoders["vae"]["config"]
@@ -285,7 +285,7 @@ def test_generation_uses_the_pipelines_defaults_and_frame_rate(spec, pipe):
 
 
 def test_effective_frame_rate_of_the_sampled_frames():
-    from ft.common.video import effective_fps
+    from ft.precompute.media import effective_fps
 
     assert effective_fps(30.0, list(range(9))) == 30.0
     assert effective_fps(30.0, list(range(0, 17, 2))) == 15.0
@@ -296,7 +296,7 @@ def test_effective_frame_rate_of_the_sampled_frames():
 def test_ft_models_lists_every_family_with_its_aliases():
     from typer.testing import CliRunner
 
-    from ft.common.cli import app
+    from ft.cli.main import app
     from ft.pipelines.registry import ALIASES, SPECS
 
     out = CliRunner().invoke(app, ["models"]).output

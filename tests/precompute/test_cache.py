@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ft.cli.synthetic import make_shapes_dataset
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.common.shards import Manifest, iter_shard
-from ft.common.synthetic import make_shapes_dataset
 from ft.pipelines.cogvideox import CogVideoXSpec
 from ft.pipelines.fingerprint import FilesUnavailable, locate
 from ft.pipelines.registry import get_spec
@@ -94,7 +94,7 @@ def test_unchanged_rerun_of_job_i_of_n_stops_after_a_stat_before_importing_torch
     assert calls == Counter() and again.complete and "nothing changed since job 0 of 2" in caplog.text
     assert "items are this job's" not in caplog.text  # not even the slice was taken: nothing was planned
     # as a new process: it stops before torch (or diffusers) is imported
-    code = ("import sys; from ft.common.cli import invoke; m = invoke(sys.argv[1:], standalone=False); "
+    code = ("import sys; from ft.cli.main import invoke; m = invoke(sys.argv[1:], standalone=False); "
             "print(m.complete, sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     args = ["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data, "--out", out,
             *BUCKETS, "--num-jobs", "2", "--job-index", "1"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ft.cli.synthetic import make_shapes_dataset, shape_clip
 from ft.common.errors import UserError
 from ft.common.shards import Manifest
-from ft.common.synthetic import make_shapes_dataset, shape_clip
-from ft.common.video import write_video
+from ft.train.video_writer import write_video
 from helpers import BUCKETS, FP32, run_cli
 
 LONG_CAPTION = "a red square moving left to right on a dark background " * 6  # far more than 16 tokens
@@ -119,7 +119,7 @@ def test_the_rest_is_encoded_and_notes_are_kept(policy_run, bad_data):
 
 
 def test_inspect_shows_the_summary_grouped_by_kind(policy_run):
-    from ft.common.inspect_shards import describe
+    from ft.cli.inspect_shards import describe
 
     _, out = policy_run
     text = describe(str(out))

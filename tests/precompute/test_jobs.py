@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.inspect_shards import describe
 from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, Manifest, iter_shard, open_shard_set
 from helpers import BUCKETS, FP32, finish, run_cli, start, stopped
 

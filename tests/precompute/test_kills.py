@@ -1,5 +1,5 @@
 """Kills are safe everywhere: `ft precompute` run as a real process and SIGKILLed at several points (through the
-FT_TEST_KILL_AT hook in common/shards.py, which makes the process kill itself exactly at a named point), then
+FT_TEST_KILL_AT hook in common/shards/, which makes the process kill itself exactly at a named point), then
 rerun, gives the sample set of an uninterrupted run, each sample once; until then the shard set says it is
 incomplete and `ft train` refuses it. A Ctrl-C says what was kept and how to go on."""
 
@@ -28,7 +28,7 @@ def precompute_argv(model: Path, data: Path, out: Path) -> list[str]:
 def run_process(argv: list[str], **env: str) -> subprocess.CompletedProcess:
     # SIGINT back to its default in the child: a test run started as a background job inherits it ignored, and
     # Python then never turns Ctrl-C into KeyboardInterrupt
-    return subprocess.run([sys.executable, "-m", "ft.common.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=300,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.common.inspect_shards import describe
+from ft.cli.inspect_shards import describe
 from ft.common.shards import JOBS_DIR, Manifest
 from helpers import BUCKETS, FP32, finish, run_cli, start, stopped
 

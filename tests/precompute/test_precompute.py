@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
+from ft.cli.synthetic import make_shapes_dataset
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard, open_shard_set
-from ft.common.synthetic import make_shapes_dataset
 from helpers import BUCKETS, FP32, run_cli
 
 
@@ -131,8 +131,8 @@ def test_uniform_frame_sampling_and_stride(tmp_path, tiny_cog, shapes_data):
 
 def test_latents_are_the_vae_posterior_of_the_decoded_frames(cog_shards, tiny_cog, shapes_data):
     from ft.common.model_args import ModelArgs
-    from ft.common.video import open_media, resize_center_crop
     from ft.pipelines.registry import get_spec
+    from ft.precompute.media import open_media, resize_center_crop
 
     spec = get_spec("cogvideox")
     vae = spec.load_component("vae", ModelArgs(model="cogvideox", pretrained=str(tiny_cog), vae_dtype="fp32"))

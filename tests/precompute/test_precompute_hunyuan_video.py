@@ -12,7 +12,7 @@ from helpers import BUCKETS, HUNYUAN_FP32, HUNYUAN_TEXT, run_cli
 
 @pytest.mark.parametrize("layout", ["sidecar", "csv", "jsonl", "parquet"])
 def test_precompute_accepts_each_dataset_layout(layout, tmp_path, tiny_hunyuan):
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / layout, num_clips=2, num_images=1, layout=layout, seed=9)
     manifest = run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32,
@@ -24,8 +24,8 @@ def test_the_shards_hold_what_the_pipelines_encoders_make(hunyuan_shards, tiny_h
     """Round trip: each sample's conditioning read back equals the encoders' output for its caption, its latents
     the VAE posterior of its frames; the manifest records the template, crop and layer."""
     from ft.common.model_args import ModelArgs
-    from ft.common.video import open_media, resize_center_crop
     from ft.pipelines.registry import get_spec
+    from ft.precompute.media import open_media, resize_center_crop
 
     spec = get_spec("hunyuan_video")
     args = ModelArgs(model="hunyuan_video", pretrained=str(tiny_hunyuan), vae_dtype="fp32",

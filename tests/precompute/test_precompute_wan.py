@@ -13,8 +13,8 @@ def test_the_shards_hold_what_the_pipelines_encoders_make(wan_shards, tiny_wan):
     VAE posterior of its frames; the manifest holds the VAE config's latents_mean/std and the family's choices."""
     from diffusers import WanPipeline
 
-    from ft.common.video import open_media, resize_center_crop
     from ft.pipelines.registry import get_spec
+    from ft.precompute.media import open_media, resize_center_crop
 
     pipe = WanPipeline.from_pretrained(tiny_wan)  # fp32, as the shards were encoded
     manifest = Manifest.load(wan_shards)

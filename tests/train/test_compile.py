@@ -64,7 +64,7 @@ def test_regional_compile_after_wrapping_trains_as_the_eager_run(tiny_cog, cog_s
             "0", "--lr", "1e-3", "--train-steps", "6", "--seed", "0", "--report-to", "none",
             "--gradient-checkpointing", *layout, "--compile-modules", "transformer", "--compile-backend", "aot_eager"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "ft.common.cli", *argv], capture_output=True, text=True, timeout=900,
+                             "-m", "ft.cli.main", *argv], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -78,10 +78,10 @@ def test_compiled_blocks_compose_with_fp8_storage_offloading_and_checkpointing(t
     are the eager ones. Without eager_casting, checkpointing's recompute meets the fp8 weight (CheckpointError)."""
     import torch
 
-    from ft.common.offload import BlockOffloader
     from ft.pipelines.registry import spec_for
     from ft.train.compile import apply_compile
     from ft.train.config import TrainConfig
+    from ft.train.offload import BlockOffloader
     from ft.train.trainable import make_trainable
 
     def build():

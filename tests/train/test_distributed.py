@@ -235,7 +235,7 @@ def test_two_tasks_of_a_plain_srun_train_as_ddp(tiny_cog, shards, reference, tmp
     out = tmp_path / "out"
     argv = train_args(tiny_cog, shards, out, *LORA, "--batch-size", 1)
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    tasks = [subprocess.Popen([sys.executable, "-m", "ft.common.cli", *argv], stderr=subprocess.PIPE, text=True,
+    tasks = [subprocess.Popen([sys.executable, "-m", "ft.cli.main", *argv], stderr=subprocess.PIPE, text=True,
                               env={**base, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r),
                                    "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(r),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
@@ -270,7 +270,7 @@ def test_a_rank_that_hangs_ends_the_others_at_the_timeout_with_a_message(tiny_co
     argv = train_args(tiny_cog, shards, tmp_path / "out", *LORA, "--batch-size", 1, "--train-steps", 20,
                       "--checkpointing-steps", 1, "--nccl-timeout", 5)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ft.common.cli", *argv]
+               "-m", "ft.cli.main", *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
     assert done.returncode != 0

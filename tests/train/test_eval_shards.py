@@ -14,7 +14,7 @@ from helpers import BUCKETS, FP32, run_cli
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory, tiny_cog):
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("held-out")
     data = make_shapes_dataset(root / "clips", num_clips=3, frames=9, sizes=((32, 32), (32, 64)), seed=11)

@@ -82,7 +82,7 @@ def test_a_run_killed_before_its_export_finishes_it_on_resume(tiny_cog, cog_shar
     out = tmp_path / "killed"
     argv = [str(a) for a in train_args(tiny_cog, cog_shards, out, *LORA)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": "exporting"}
-    done = subprocess.run([sys.executable, "-m", "ft.common.cli", *argv], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == -9  # SIGKILL after the last checkpoint, before the export
     assert (out / "checkpoints" / "checkpoint-000004").is_dir()

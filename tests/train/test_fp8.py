@@ -33,7 +33,7 @@ def lora_transformer(tiny_cog, *extra):
 
 
 def test_cast_layers_hold_one_byte_per_weight_and_the_adapters_fp32(tiny_cog):
-    from ft.common.fp8 import fp8_bytes
+    from ft.train.fp8 import fp8_bytes
 
     base = lora_transformer(tiny_cog)
     fp8 = lora_transformer(tiny_cog, ("layerwise_upcasting_modules", ["transformer"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ft.common.manifest import MANIFEST_NAME
+from ft.common.shards.manifest import MANIFEST_NAME
 from ft.pipelines.registry import get_spec
 from ft.train.generate import GenerateConfig, text_length
 

@@ -66,7 +66,7 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_hunyuan):
 
 
 def test_generate_writes_a_video_with_and_without_lora(trained, tiny_hunyuan, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, _ = trained
     common = ["generate", "--model", "hunyuan-video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32, "--prompt",
@@ -153,7 +153,7 @@ def test_the_guidance_scale_acts_and_other_families_refuse_it(trained, tiny_huny
 
 
 def test_a_negative_prompt_needs_true_cfg_and_acts_with_it(tiny_hunyuan, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     common = ["generate", "--model", "hunyuan_video", "--pretrained", tiny_hunyuan, *HUNYUAN_FP32,
               "--prompt", "a red circle", "--num-frames", "5", "--height", "32", "--width", "32",

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
+from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.inspect_shards import describe
 from ft.common.shards import Manifest, open_shard_set, shard_keys
 from helpers import FP32, run_cli
 

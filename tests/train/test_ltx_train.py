@@ -59,7 +59,7 @@ def test_load_lora_weights_changes_the_ltx_pipelines_output(trained, tiny_ltx):
 
 
 def test_generate_with_the_lora_at_the_pipelines_frame_rate(trained, tiny_ltx, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, _ = trained
     common = ["generate", "--model", "ltx", "--pretrained", tiny_ltx, *FP32, "--prompt", PROMPT,
@@ -128,7 +128,7 @@ def test_an_overridden_text_encoder_with_its_own_dtype(tiny_ltx, shapes_data, tm
 
 
 def test_demo_runs_on_the_tiny_ltx_video(tmp_path):
-    from ft.common.demo import run_demo
+    from ft.cli.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", steps=2, model="ltx-video")
     assert summary["steps"] == 2

@@ -158,8 +158,8 @@ def test_shift_knobs_that_would_do_nothing_are_refused_and_finetrainers_ones_lef
     """--flow-base-seq-len (and the other resolution knobs) without --flow-resolution-shifting, and --flow-shift
     beside it, trained as if never given; now refused. finetrainers parses them and never applies them, so its
     spellings are left out with a note instead (a carried-over script still runs)."""
+    from ft.cli.finetrainers import translate
     from ft.common.errors import UserError
-    from ft.common.finetrainers import translate
     from ft.train.config import TrainConfig
 
     base = {"model": "ltx_video", "pretrained": "x", "shards": ["s"], "output_dir": "o"}
@@ -171,16 +171,16 @@ def test_shift_knobs_that_would_do_nothing_are_refused_and_finetrainers_ones_lef
     assert TrainConfig(**base, flow_resolution_shifting=True, flow_base_seq_len=512).flow_base_seq_len == 512
     assert TrainConfig(**base, flow_shift=3.0).flow_shift == 3.0
 
-    from ft.common.cli import _configs
+    from ft.cli.main import command_configs
 
     model = ["--model_name", "ltx_video", "--pretrained_model_name_or_path", "x", "--output_dir", "o",
              "--precomputation_dir", "s"]
     plain = translate("train", [*model, "--flow_base_seq_len", "256", "--flow_max_shift", "1.15", "--flow_shift",
-                                "3"], None, _configs(), "cli")
+                                "3"], None, command_configs(), "cli")
     assert "--flow-base-seq-len" not in plain.runs[0] and "--flow-max-shift" not in plain.runs[0]
     assert plain.runs[0][plain.runs[0].index("--flow-shift") + 1] == "3"
     assert any("--flow_base_seq_len 256" in n for n in plain.notes)
     shifting = translate("train", [*model, "--flow_resolution_shifting", "--flow_base_seq_len", "256",
-                                   "--flow_shift", "3"], None, _configs(), "cli")
+                                   "--flow_shift", "3"], None, command_configs(), "cli")
     assert "--flow-shift" not in shifting.runs[0] and "--flow-base-seq-len" in shifting.runs[0]
     assert any("--flow_shift 3" in n for n in shifting.notes)

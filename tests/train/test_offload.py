@@ -72,7 +72,7 @@ def step(transformer):
 
 
 def test_the_hooks_swap_a_copy_in_for_each_pass_and_the_master_back(tiny_cog):
-    from ft.common.offload import IN_FLIGHT, BlockOffloader
+    from ft.train.offload import IN_FLIGHT, BlockOffloader
 
     reference = step(tiny_lora_transformer(tiny_cog))
     transformer = tiny_lora_transformer(tiny_cog)

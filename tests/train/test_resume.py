@@ -71,7 +71,7 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(tiny_cog, co
     killed = tmp_path / "killed"
     argv = [str(a) for a in train_args(tiny_cog, cog_shards, killed, *lora, "--checkpointing-steps", "2",
                                        "--train-steps", "400")]
-    process = subprocess.Popen([sys.executable, "-m", "ft.common.cli", *argv], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", "ft.cli.main", *argv], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         deadline = time.time() + 120

@@ -72,7 +72,7 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_cog):
 
 
 def test_generate_writes_a_video_with_and_without_lora(trained, tiny_cog, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, _ = trained
     common = ["generate", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--prompt", PROMPT,

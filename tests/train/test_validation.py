@@ -66,7 +66,7 @@ def val_shards(tmp_path_factory, tiny_cog, shapes_data, cog_shards, prompts):
 
 
 def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
-    from ft.common.prompts import PromptTable
+    from ft.common.shards.prompts import PromptTable
 
     out, manifest, loads = val_shards
     assert loads == []  # no clip was encoded again: only the text encoders ran
@@ -80,7 +80,7 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
     stored = table.read(prompts[1])
     assert stored.keys() == sample.tensors["cond"].keys()
     assert all(torch.equal(stored[k], sample.tensors["cond"][k]) for k in stored)
-    from ft.common.inspect_shards import describe
+    from ft.cli.inspect_shards import describe
 
     assert "prompt table   2 validation prompt(s) and the negative prompt, in prompts/" in describe(str(out))
     empty = load_file(out / manifest.empty_caption["file"])  # the older file caption dropout reads is the same
@@ -88,7 +88,7 @@ def test_precompute_adds_the_prompts_encoding_only_text(val_shards, prompts):
 
 
 def test_a_damaged_prompt_file_is_refused(val_shards, tmp_path):
-    from ft.common.prompts import PromptTable
+    from ft.common.shards.prompts import PromptTable
 
     out = tmp_path / "shards"
     shutil.copytree(val_shards[0], out)
@@ -153,7 +153,7 @@ def validated(tmp_path_factory, tiny_cog, val_shards, prompts):
 
 
 def test_videos_at_the_right_steps_with_their_frames_and_size(validated, prompts):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, summary, _ = validated
     folders = sorted(p.name for p in (out / "validation").iterdir())
@@ -197,7 +197,7 @@ def test_a_kill_during_validation_leaves_no_half_folder_and_the_resumed_run_make
     assert code == 0, err[-3000:]
     assert "step 2: its validation was cut short by the stop; making it again" in err
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002", "step-000003"]
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     for step in ("step-000002", "step-000003"):  # whole: the files of the run that was never stopped
         made, straight = out / "validation" / step, validated[0] / "validation" / step
@@ -240,7 +240,7 @@ def test_validation_leaves_the_training_weights_as_a_run_without_it(validated, t
 
 def test_generate_samples_through_the_same_code(validated, tiny_cog, val_shards, tmp_path):
     """`ft generate` with the LoRA and the validation row's settings makes the validation video of the last step."""
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, _, _ = validated
     run_cli(["generate", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--lora", out, "--prompt",

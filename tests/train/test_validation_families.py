@@ -44,7 +44,7 @@ def train(family, out, *extra):
 
 
 def test_a_tiny_run_validates_without_a_text_encoder(family, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     with BuiltClasses() as built:
         summary = train(family, tmp_path / "out", "--validation-dataset-file", family[4], "--validation-steps", "1")

@@ -64,7 +64,7 @@ def test_load_lora_weights_changes_the_pipelines_output(trained, tiny_wan):
 
 
 def test_generate_with_and_without_the_lora(trained, tiny_wan, tmp_path):
-    from ft.common.video import open_media
+    from ft.precompute.media import open_media
 
     out, _ = trained
     common = ["generate", "--model", "wan2.1", "--pretrained", tiny_wan, *FP32, "--prompt", PROMPT,
@@ -131,7 +131,7 @@ def test_wan_2_2_ti2v_trains_and_generates_with_per_token_timesteps(tiny_wan_ti2
 
 
 def test_demo_runs_on_the_tiny_wan(tmp_path):
-    from ft.common.demo import run_demo
+    from ft.cli.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", steps=2, model="wan")
     assert summary["steps"] == 2

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from .errors import UserError
-from .manifest import MANIFEST_NAME, ShardInfo, bucket_name
-from .tensor_codec import file_digest, new_hasher, tensors_from_bytes
+from ..errors import UserError
+from .buckets import bucket_name
+from .codec import file_digest, new_hasher, tensors_from_bytes
+from .manifest import MANIFEST_NAME, ShardInfo
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from ft.cli.estimate import EstimateConfig, activation_bytes, estimate
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, iter_shard
-from ft.pipelines.estimate import EstimateConfig, activation_bytes, estimate
 from ft.pipelines.registry import SPECS, get_spec
 from helpers import run_cli
 
@@ -58,7 +58,7 @@ def test_fp32_master_weights_and_8bit_moments(cog5b):
 
 
 def test_the_choices_are_ft_trains():
-    from ft.pipelines import estimate as est
+    from ft.cli import estimate as est
     from ft.train import compile as compiled
     from ft.train import config
 
@@ -170,7 +170,7 @@ def test_fp8_storage_counts_the_cast_layers_at_one_byte(cog5b):
 
 
 def test_offloaded_blocks_leave_the_gpu_but_the_ones_in_flight_and_the_fits_follow():
-    from ft.common.offload import IN_FLIGHT
+    from ft.train.offload import IN_FLIGHT
 
     kw = dict(model="hunyuan_video", pretrained="hunyuan-video", rank=128, buckets=["49x512x768"],
               layerwise_upcasting_modules=["transformer"])

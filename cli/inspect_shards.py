@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo
-from .rejects import summarize_inputs
-from .runtime import prefetch_map
-from .shard_reader import ShardCorruptError, iter_shard
+from ft.common.runtime import prefetch_map
+from ft.common.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from ft.common.shards.reader import ShardCorruptError, iter_shard
+from ft.precompute.rejects import summarize_inputs
 
 
 def _verify(folder: Path, shard: ShardInfo) -> str:

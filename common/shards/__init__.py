@@ -21,22 +21,26 @@ what `ft train` asks before it trains. Each shard has a compact index file besid
 keys, bucket, byte spans) that reruns and `ft train` read instead of the tar headers.
 
 The contract is split by concern; this module names it in one place:
-- tensor_codec.py: tensors <-> safetensors bytes, sample keys, file digests;
+- codec.py: tensors <-> safetensors bytes, sample keys, file digests;
+- buckets.py: the `FRAMESxHEIGHTxWIDTH` spelling (`parse_bucket`, `bucket_name`);
 - manifest.py: `Manifest`, `ShardInfo`, `require_complete`, `open_shard_set`;
-- jobstate.py: the partial manifests of precompute jobs and the merged view of them;
-- shard_reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
-- shard_writer.py: `ShardWriter` (and the `kill_point` test hook).
+- journal.py: the partial manifests of precompute jobs and the merged view of them;
+- reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
+- writer.py: `ShardWriter` (and the `kill_point` test hook);
+- prompts.py: the prompt table (validation prompts and the empty caption's conditioning).
 
 Safety: the reader refuses any member that is not `.json` or `.safetensors` (a `.pth`, `.pyd` or `.pickle`
 would be a pickle, which can run code when loaded), checks every safetensors header against the bytes it
 describes, and never extracts anything: reading a shard set writes nothing anywhere.
 
-Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` (shard_writer.py) stops `ft precompute` at a named point.
+Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` (writer.py) stops `ft precompute` at a named point.
 """
 
 from __future__ import annotations
 
-from .jobstate import (
+from .buckets import bucket_name, parse_bucket
+from .codec import file_digest, new_hasher, sample_key, tensors_from_bytes, tensors_to_bytes
+from .journal import (
     JOBS_DIR,
     JobState,
     append_journal,
@@ -56,12 +60,11 @@ from .manifest import (
     TENSOR_GROUPS,
     Manifest,
     ShardInfo,
-    bucket_name,
     open_shard_set,
     require_complete,
     write_atomic,
 )
-from .shard_reader import (
+from .reader import (
     ALLOWED_MEMBER_SUFFIXES,
     IndexRow,
     Sample,
@@ -77,14 +80,14 @@ from .shard_reader import (
     shard_rows,
     write_index_file,
 )
-from .shard_writer import ShardWriter, kill_point, shard_number
-from .tensor_codec import file_digest, new_hasher, sample_key, tensors_from_bytes, tensors_to_bytes
+from .writer import ShardWriter, kill_point, shard_number
 
 __all__ = [
     "_tar_members", "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "append_journal", "bucket_name",
     "describe_shard", "EMPTY_CAPTION_NAME", "file_digest", "finalize_command", "index_path", "IndexRow",
     "INPUT_FILES", "iter_shard", "job_stem", "JOBS_DIR", "JobState", "kill_point", "Manifest", "MANIFEST_NAME",
-    "merge_leftovers", "merged_view", "new_hasher", "open_shard_set", "read_index_file", "read_journal", "read_states",
+    "merge_leftovers", "merged_view", "new_hasher", "open_shard_set", "parse_bucket", "read_index_file",
+    "read_journal", "read_states",
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index",
     "shard_keys", "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter",
     "TENSOR_GROUPS", "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file",

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from ft.cli.synthetic import LAYOUTS, make_shapes_dataset
 from ft.common.errors import UserError
-from ft.common.synthetic import LAYOUTS, make_shapes_dataset
 from ft.precompute.datasets import DatasetItem, load_dataset, read_table
 
 NUM_CLIPS, NUM_IMAGES = 3, 1

@@ -23,10 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ft.common.config import _is_list, flag_name
+from ft.common.errors import UserError
 from ft.precompute.dataset_config import read_dataset_config
-
-from .config import _is_list, flag_name
-from .errors import UserError
 
 SAME, RENAMED, NOT_NEEDED, UNSUPPORTED, NOT_YET = "same", "other name", "not needed", "not supported", "not yet"
 P, T, CHECK = "precompute", "train", "check-data"
@@ -507,7 +506,7 @@ def _resolve(entry: Entry, command: str, fields: Fields, result: Translation, fi
         if not available:
             result.not_yet.append(entry.spelling)
             return []
-        # ft estimate's flags are ft train's, spelled alike (pipelines/estimate.py): a finetrainers spelling of one
+        # ft estimate's flags are ft train's, spelled alike (cli/estimate.py): a finetrainers spelling of one
         # means there what it means to ft train
         if command not in flag.stages and not (command == CHECK and P in flag.stages
                                                 and (flag.ft in own or key == "dataset_config")) and not (

@@ -12,7 +12,7 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   applying the same layerwise casting to the meta-device model) are 1 byte per weight, the skipped ones stay in
   `--transformer-dtype` (one layer at a time is cast up for its forward: not counted); with `--offload-blocks N`
   the frozen weights of the last N blocks (in their stored dtype, so fp8 halves them too) leave the GPU for pinned
-  CPU memory, and IN_FLIGHT of them (the one computing and the one arriving, common/offload.py) stay counted on
+  CPU memory, and IN_FLIGHT of them (the one computing and the one arriving, train/offload.py) stay counted on
   it; `--compile-modules` adds nothing counted (torch.compile keeps no second copy of the weights; its kernels'
   workspaces are transient);
 - which GPUs it fits: the peak (static + activations) against 24, 48 and 80 GiB cards, less FIT_HEADROOM of each
@@ -41,13 +41,20 @@ from typing import Any
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
-from ft.common.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
-from ft.common.fp8 import check_args as check_fp8_args
-from ft.common.offload import IN_FLIGHT, offloaded_indices
-
-from .base import ModelSpec, peft_targets, transformer_blocks
-from .memory import BF16, FIT_HEADROOM, GIB, GPU_SIZES_GIB, activation_bytes, hidden_and_mlp_ratio, video_tokens
-from .registry import SPECS, get_spec
+from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
+from ft.pipelines.memory import (
+    BF16,
+    FIT_HEADROOM,
+    GIB,
+    GPU_SIZES_GIB,
+    activation_bytes,
+    hidden_and_mlp_ratio,
+    video_tokens,
+)
+from ft.pipelines.registry import SPECS, get_spec
+from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
+from ft.train.fp8 import check_args as check_fp8_args
+from ft.train.offload import IN_FLIGHT, offloaded_indices
 
 GB = 1e9
 # the spellings of `ft train` (train/config.py; a test keeps them equal), so a command line carries over
@@ -97,7 +104,7 @@ class EstimateConfig:
             check_positive(getattr(self, name), name)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
                        self.layerwise_upcasting_skip_modules_pattern)
-        from ft.common.offload import check_args as check_offload_args
+        from ft.train.offload import check_args as check_offload_args
 
         check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
         if self.offload_blocks and self.dp_shards > 1:
@@ -195,7 +202,7 @@ class Estimate:
                       "weights in pinned CPU memory (besides the process's own)."]
         if cfg.compile_modules:
             lines += ["", "--compile-modules: torch.compile adds no weights or states; not counted."]
-        lines += ["", "Activations are an estimate (see `ft.pipelines.estimate`); a card fits when the peak is at "
+        lines += ["", "Activations are an estimate (see `ft.cli.estimate`); a card fits when the peak is at "
                   f"most {1 - FIT_HEADROOM:.0%} of it. bench/gpu.sh measures the peak."]
         return "\n".join(lines)
 
@@ -285,10 +292,10 @@ def _lora_params(transformer: Any, rank: int, targets: list[str]) -> int:
 
 def _fp8_params(transformer: Any, cfg: EstimateConfig) -> int:
     """Parameters `ft train` stores in fp8: diffusers' layerwise casting applied to the meta-device transformer
-    (LoRA already added) exactly as ft train applies it (common/fp8.py), then counted."""
+    (LoRA already added) exactly as ft train applies it (train/fp8.py), then counted."""
     import torch
 
-    from ft.common.fp8 import apply_fp8_storage
+    from ft.train.fp8 import apply_fp8_storage
 
     apply_fp8_storage(transformer, cfg.layerwise_upcasting_storage_dtype, torch.bfloat16,
                       cfg.layerwise_upcasting_skip_modules_pattern)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ft.common.cli import _configs
+from ft.cli.finetrainers import FLAGS, translate
+from ft.cli.main import command_configs
 from ft.common.errors import UserError
-from ft.common.finetrainers import FLAGS, translate
 from ft.precompute.dataset_config import read_dataset_config, strip_llm_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ MODEL = ["--model_name", "cogvideox", "--pretrained_model_name_or_path", "THUDM/
 
 
 def tr(command: str, *argv: str, config: dict | None = None):
-    return translate(command, list(argv), config, _configs(), "run.toml")
+    return translate(command, list(argv), config, command_configs(), "run.toml")
 
 
 def test_every_flag_of_finetrainers_args_py_is_in_the_table():
@@ -230,10 +230,10 @@ def test_docs_page_is_what_the_code_generates():
 def test_finetrainers_training_semantics_carry_over():
     """Micro-batch step counts, LTX's hard-coded first-frame conditioning, CogVideoX's uniform timesteps, one-word
     flags of other commands, and switches turned off in a config file (review findings)."""
-    from ft.common.cli import _configs
-    from ft.common.finetrainers import translate
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
 
-    configs = _configs()
+    configs = command_configs()
     base = ["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--precomputation_dir", "s"]
     run = translate("train", ["--model_name", "cogvideox", *base, "--train_steps", "3000",
                               "--gradient_accumulation_steps", "4", "--checkpointing_steps", "500",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ft.common.dist import World, export_srun_env, world_from_env
 from ft.common.errors import UserError
+from ft.train.dist import World, export_srun_env, world_from_env
 from ft.train.parallel import Layout, resolve_layout
 
 
@@ -124,7 +124,7 @@ def test_a_rank_without_a_gpu_says_so_itself(monkeypatch):
 
 
 def test_a_world_without_a_rank_or_a_rendezvous_is_one_clear_message(monkeypatch):
-    from ft.common.dist import init_process_group
+    from ft.train.dist import init_process_group
 
     with pytest.raises(UserError, match="WORLD_SIZE=2 but sets no RANK"):
         world_from_env({"WORLD_SIZE": "2"})
@@ -138,7 +138,7 @@ def test_a_world_without_a_rank_or_a_rendezvous_is_one_clear_message(monkeypatch
 def test_processes_that_never_meet_end_at_the_init_timeout_with_a_message(monkeypatch):
     import socket
 
-    from ft.common.dist import init_process_group
+    from ft.train.dist import init_process_group
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,19 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from ft.cli.synthetic import COLORS, shape_clip
 from ft.common.errors import UserError
-from ft.common.synthetic import COLORS, shape_clip
-from ft.common.video import (
+from ft.common.shards import parse_bucket
+from ft.precompute.media import (
     MediaError,
     choose_bucket,
     frame_indices,
     frames_needed,
     is_image,
     open_media,
-    parse_bucket,
     resize_center_crop,
-    write_video,
 )
+from ft.train.video_writer import write_video
 
 BACKENDS = ("auto", "decord", "pyav")
 
@@ -316,7 +316,7 @@ def test_log_aspect_is_what_choose_bucket_compares() -> None:
 def test_reproducible_writes_give_the_same_bytes_after_decoding(tmp_path):
     """Sample keys hash the media bytes: the generated datasets must not depend on what the process did before
     (x264's SIMD paths wrote other bytes once a video had been decoded)."""
-    from ft.common.synthetic import shape_clip
+    from ft.cli.synthetic import shape_clip
 
     clips = [shape_clip(shape, "red", "left to right", 17, 32, 64) for shape in ("circle", "square")]
     before = [write_video(tmp_path / f"a{i}.mp4", c, reproducible=True).read_bytes() for i, c in enumerate(clips)]

@@ -8,7 +8,7 @@ and the jobs that wrote it. Rejected and noted inputs are kept out of it, in `re
 stays small whatever the dataset's problems; `Manifest.rejected` / `.warnings` read those files when asked.
 
 `ft precompute` runs as one or more jobs; each writes a partial manifest of its own under `jobs/` (see
-jobstate.py), and the set is merged when the last job finishes. `Manifest.load` sees a set whose jobs are not
+journal.py), and the set is merged when the last job finishes. `Manifest.load` sees a set whose jobs are not
 merged yet and returns the merged view of what is there, marked `unmerged`: incomplete, naming what to run.
 `require_complete` is what `ft train` asks before it trains.
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import UserError
-from .tensor_codec import tensors_to_bytes
+from .. import __version__
+from ..errors import UserError
+from .codec import tensors_to_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -39,11 +39,6 @@ EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 INPUT_FILES = {"rejected": "rejected.jsonl", "warnings": "warnings.jsonl"}
 TENSOR_GROUPS = ("latents", "cond")
 _TRANSIENT = ("folder", "unmerged", "_inline")  # Manifest fields set on load, never saved
-
-
-def bucket_name(frames: int, height: int, width: int) -> str:
-    """`(49, 480, 720)` -> `'49x480x720'`, the spelling of `--buckets` and of the manifest's histograms."""
-    return f"{frames}x{height}x{width}"
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -118,7 +113,7 @@ class Manifest:
     active: dict[str, Any] = field(default_factory=dict)
     # The conditioning of the empty caption, for caption dropout: {"file": EMPTY_CAPTION_NAME, "sha256": ...}
     empty_caption: dict[str, Any] = field(default_factory=dict)
-    # The prompt table (validation prompts and the negative prompt), in its own files: see common/prompts.py
+    # The prompt table (validation prompts and the negative prompt), in its own files: see common/shards/prompts.py
     # ({"folder": "prompts", "negative": <text_key>}; empty when the set has none)
     prompts: dict[str, Any] = field(default_factory=dict)
     # Whether the run that last wrote this manifest finished, and the dataset's samples it had not encoded yet
@@ -246,8 +241,8 @@ class Manifest:
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
         """The shard set's manifest; when jobs under `jobs/` are not merged yet, the merged view of what is
-        there, with `unmerged` saying what to run (see jobstate.py)."""
-        from .jobstate import merged_view, read_states
+        there, with `unmerged` saying what to run (see journal.py)."""
+        from .journal import merged_view, read_states
 
         folder = Path(folder)
         if not folder.exists():
@@ -289,7 +284,7 @@ def require_complete(manifest: Manifest, folder: str | Path, allow_incomplete: b
     if not allow_incomplete:
         raise UserError(f"{folder} is {status}. Training on it would see only part of the dataset (some buckets "
                         "may be empty); or pass --allow-incomplete to train on what is there.")
-    from .logs import log
+    from ..logs import log
 
     usable = sum(manifest.training_histogram().values())
     log.warning(f"--allow-incomplete: {folder} is {status}; training on the {usable} samples encoded so far")

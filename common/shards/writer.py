@@ -24,9 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .manifest import TENSOR_GROUPS, ShardInfo, bucket_name
-from .shard_reader import IndexRow, write_index_file
-from .tensor_codec import new_hasher, tensors_to_bytes
+from .buckets import bucket_name
+from .codec import new_hasher, tensors_to_bytes
+from .manifest import TENSOR_GROUPS, ShardInfo
+from .reader import IndexRow, write_index_file
 
 if TYPE_CHECKING:
     import torch

@@ -61,7 +61,7 @@ def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: 
 def crush_smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """finetrainers/crush-smol's layout (videos/*.mp4, videos.txt, prompt.txt) with LLM-style captions, and the
     example's training.json pointing at it with the tiny model's bucket."""
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("crush")
     data = make_shapes_dataset(root / "crush-smol", num_clips=3, frames=17, sizes=((32, 48),), seed=3)
@@ -131,11 +131,12 @@ def test_the_wan_crush_smol_example_runs_through_both_stages(crush_smol, tiny_wa
 
 def test_the_scripts_other_settings_say_what_ft_lacks(crush_smol, tiny_cog, tmp_path):
     # its DDP_2 setting is ft train's own (torchrun starts the processes; tests/train/test_distributed.py runs it)
-    from ft.common.cli import _configs
-    from ft.common.finetrainers import translate
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
 
     argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3, parallel="DDP_2")
-    (run,) = translate("train", [str(a) for a in argv] + ["--shards", str(tmp_path / "shards")], None, _configs()).runs
+    (run,) = translate("train", [str(a) for a in argv] + ["--shards", str(tmp_path / "shards")], None,
+                       command_configs()).runs
     assert run[run.index("--dp-degree") + 1] == "2" and run[run.index("--dp-shards") + 1] == "1"
     argv = crush_smol_argv(tiny_cog, crush_smol / "training.json", tmp_path / "out", steps=3)
     with pytest.raises(UserError, match="--validation_prompts: finetrainers v0.0.x's inline validation"):
@@ -155,7 +156,7 @@ def test_a_two_dataset_config_precomputes_both_from_the_console_script(crush_smo
     argv = ["precompute", "--model_name", "cogvideox", "--pretrained_model_name_or_path", str(tiny_cog),
             "--transformer_dtype", "fp32", "--vae_dtype", "fp32", "--text_encoder_dtype", "fp32",
             "--dataset_config", str(tmp_path / "two.json"), "--out", str(tmp_path / "shards")]
-    result = subprocess.run([sys.executable, "-m", "ft.common.cli", *argv], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["0-crush-smol", "1-crush-smol"]

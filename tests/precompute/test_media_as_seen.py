@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ft.common.display_matrix import boxes, quarter_turns
-from ft.common.synthetic import shape_clip
-from ft.common.video import MediaError, open_media, write_video
+from ft.cli.synthetic import shape_clip
+from ft.precompute.display_matrix import boxes, quarter_turns
+from ft.precompute.media import MediaError, open_media
+from ft.train.video_writer import write_video
 
 DECODERS = ("decord", "pyav")
 

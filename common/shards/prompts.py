@@ -50,15 +50,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
-from .logs import log
-from .shards import sample_key, tensors_from_bytes
-from .tables import read_table
+from ..errors import UserError
+from ..logs import log
+from ..tables import read_table
+from .codec import sample_key, tensors_from_bytes
 
 if TYPE_CHECKING:
     import torch
 
-    from .shards import Manifest
+    from .manifest import Manifest
 
 FLAG = "--validation-dataset-file"
 SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow")

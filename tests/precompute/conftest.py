@@ -1,4 +1,4 @@
-"""Shared fixtures for the ft.common tests: small real mp4 clips, written once per session."""
+"""Shared fixtures for the media tests: small real mp4 clips, written once per session."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ft.common.synthetic import shape_clip
-from ft.common.video import write_video
+from ft.cli.synthetic import shape_clip
+from ft.train.video_writer import write_video
 
 
 @pytest.fixture(scope="session")

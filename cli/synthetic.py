@@ -10,12 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .video import write_video
+from ft.pipelines.tiny import COLORS, MOTIONS, SHAPES
+from ft.train.video_writer import write_video
 
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40),
-          "white": (240, 240, 240)}
-SHAPES = ("circle", "square")
-MOTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom": (0, 1), "bottom to top": (0, -1)}
 LAYOUTS = ("list", "sidecar", "csv", "jsonl", "json", "parquet")
 
 

@@ -14,13 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
-from .logs import log
+from ft.common.logs import log
 
 DEMO_PROMPT = "a red circle moving left to right on a dark background"
 
 
 def _run(argv: list[str]) -> object:
-    from .cli import invoke
+    from .commands import invoke
 
     log.info("$ ft " + " ".join(shlex.quote(a) for a in argv))
     return invoke(argv, standalone=False)

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import BUCKETS, FP32, run_cli
 
-FT = [sys.executable, "-m", "ft.common.cli"]
+FT = [sys.executable, "-m", "ft.cli.main"]
 COMMANDS = {
     "precompute": ["--dataset", "--buckets", "--frame-sampling", "--max-sequence-length", "--out"],
     "train": ["--shards", "--training-type", "--rank", "--lora-alpha", "--target-modules", "--train-steps",
@@ -51,7 +51,7 @@ def test_the_console_script_is_installed():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, ft.common.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    code = "import sys, ft.cli.main; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
@@ -99,7 +99,7 @@ def test_inspect_describes_and_verifies(cog_shards):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from ft.common.demo import run_demo
+    from ft.cli.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", steps=30)
     for name in ("model/model_index.json", "data/videos.txt", "shards/manifest.json",
@@ -109,7 +109,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def test_precompute_accepts_each_dataset_layout(tmp_path, tiny_cog):
-    from ft.common.synthetic import make_shapes_dataset
+    from ft.cli.synthetic import make_shapes_dataset
 
     for layout in ("sidecar", "csv", "jsonl", "parquet"):
         data = make_shapes_dataset(tmp_path / layout, num_clips=2, num_images=1, layout=layout, seed=9)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 from .liveness import alive, read_lock
 from .manifest import INPUT_FILES, MANIFEST_NAME, Manifest, ShardInfo, write_atomic
 

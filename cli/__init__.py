@@ -1,0 +1,3 @@
+"""The command line, the top floor (ft.cli): `ft` and its command table (main.py), the demo and the synthetic
+clips it makes, the finetrainers flag table and its translator, `ft inspect` and `ft estimate`. It imports the stages
+lazily, inside the commands; nothing below imports it."""

@@ -1,0 +1,86 @@
+"""The `ft` command line's entry point: `main()` (the console script), and the commands that run from no config
+dataclass (demo, inspect, models); the rest come from the table in commands.py.
+
+A `UserError` prints its message and exits 2 with no traceback, and so does an environment fault (a full disk, a
+read-only folder: common/faults.py) that no command turned into a message of its own. Heavy libraries (torch,
+diffusers) are imported only inside the commands, so `ft --help` is instant.
+
+The command line is the top floor (ft.cli): it reaches into precompute and train lazily, through the one command
+table `COMMANDS`, and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ft.common.errors import UserError
+from ft.common.faults import environment_fault, fault_message
+from ft.common.logs import log, setup_logging
+
+from .commands import COMMANDS, app, command_configs, invoke, register_table
+
+__all__ = ["COMMANDS", "app", "command_configs", "invoke", "main"]
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[str, typer.Option("--workdir", help="Where the demo writes its model, data, shards and "
+                                                           "outputs.")] = "demo-run",
+    steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 60,
+    model: Annotated[str, typer.Option("--model", help="Model family to demo (any of `ft models`).")] = "cogvideox",
+) -> None:
+    """Run the whole pipeline on a tiny random model and a generated dataset, on a CPU, in minutes."""
+    from .demo import run_demo
+
+    run_demo(workdir, steps=steps, model=model)
+
+
+@app.command("inspect")
+def inspect_shards(
+    shards: Annotated[str, typer.Argument(help="A shard folder written by `ft precompute`.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every shard and check its sha256.")] = False,
+) -> None:
+    """Print what a shard set holds: samples, buckets, bytes, rejects, the encoders' fingerprint."""
+    from .inspect_shards import describe
+
+    typer.echo(describe(shards, verify=verify))
+
+
+@app.command("models")
+def models() -> None:
+    """List the model families ft can train."""
+    from ft.pipelines.registry import ALIASES, SPECS
+
+    for name, cls in sorted(SPECS.items()):
+        aliases = sorted(a for a, target in ALIASES.items() if target == name)
+        typer.echo(f"{name:14s} {cls.display_name} ({', '.join(aliases)}): {cls.objective}; LoRA targets "
+                   f"{', '.join(cls.default_lora_targets)}; default buckets {', '.join(cls.default_buckets)}")
+
+
+register_table()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: `ft ...`."""
+    setup_logging()
+    try:
+        invoke(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        if not getattr(e, "quiet", False):  # under several processes, another rank prints it (train/dist.py)
+            log.error(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:  # the command has said what it kept and how to go on
+        sys.exit(130)
+    except BaseException as e:  # a full disk, a read-only folder: one line, not a traceback (DCP wraps its own)
+        fault = environment_fault(e)
+        if fault is None or isinstance(e, SystemExit):
+            raise
+        log.error(f"error: {fault_message(fault)}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
