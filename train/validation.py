@@ -361,7 +361,7 @@ class Validation:
     def after_resume(self, trainer: Any, step: int, run_log: RunLog) -> None:
         """A resumed run's first act: the validation of its checkpoint's step, when that was due and the kill cut
         it short (see `due_and_missing`). Every rank calls this."""
-        from ft.common import dist
+        from ft.train import dist
 
         if self.prompts and dist.same_on_every_rank(lambda: due_and_missing(self.cfg.output_dir, step, self.cfg)):
             log.info(f"step {step}: its validation was cut short by the stop; making it again")
