@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from ft.common.errors import UserError
-from ft.common.logs import log
+from ft.common.logs import first_rank, log
 
 from .finetrainers import apply_effects, translate
 from .flags import (
@@ -96,7 +96,7 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
         return finalize_command_line(args[at + 1 :])
     values = read_config_file(config_path) if config_path else None
     translation = translate(command, args[at + 1 :], values, configs, config_path or "")
-    for line in translation.info_lines():
+    for line in translation.info_lines() if first_rank() else []:  # the same notes on every rank: said once
         log.info(line)
     apply_effects(translation.effects)
     results = []

@@ -32,7 +32,6 @@ name (the spec's `checkpoints`) or a local diffusers folder, whose `<component>/
 from __future__ import annotations
 
 import json
-import math
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +43,15 @@ from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
 from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
+from ft.pipelines.memory import (
+    BF16,
+    FIT_HEADROOM,
+    GIB,
+    GPU_SIZES_GIB,
+    activation_bytes,
+    hidden_and_mlp_ratio,
+    video_tokens,
+)
 from ft.pipelines.registry import SPECS, get_spec
 from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.train.fp8 import check_args as check_fp8_args
@@ -55,12 +63,8 @@ TRAINING_TYPES = ("lora", "full-finetune")
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
 COMPILE_MODULES = ("transformer",)  # train/compile.py's MODULES
 MASTER_DTYPES = ("auto", "fp32")
-BF16 = 2
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-GPU_SIZES_GIB = (24, 48, 80)
-FIT_HEADROOM = 0.1  # of a card's memory, not usable by the tensors counted here
-GIB = 2 ** 30
 
 
 @dataclass(kw_only=True)
@@ -99,7 +103,8 @@ class EstimateConfig:
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
         for name in ("rank", "batch_size", "dp_shards", "num_samples"):
             check_positive(getattr(self, name), name)
-        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
+        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
+                       self.layerwise_upcasting_skip_modules_pattern)
         from ft.train.offload import check_args as check_offload_args
 
         check_offload_args(self.offload_blocks, self.training_type, gradient_checkpointing=True)
@@ -189,7 +194,7 @@ class Estimate:
         for b in self.buckets:
             for gib in GPU_SIZES_GIB:
                 n = self.offload_to_fit(b, gib) if gib not in self.fits(b, True) else None
-                if n is not None and n != cfg.offload_blocks:
+                if n is not None and n != cfg.offload_blocks and cfg.dp_shards == 1:  # ft train offloads alone
                     lines += ["", f"{b.bucket} fits {gib} GB cards with --offload-blocks {n} (and "
                               "--gradient-checkpointing)."]
                     break
@@ -338,25 +343,6 @@ def latent_grid(vae: Any, transformer_config: dict, bucket: tuple[int, int, int]
     return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
-def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
-    _, t, h, w = grid
-    p, p_t = transformer_config.get("patch_size") or 1, transformer_config.get("patch_size_t") or 1
-    if isinstance(p, (list, tuple)):  # (t, h, w) in one entry (Wan)
-        p_t, p_h, p_w = p
-    else:
-        p_h = p_w = p
-    return math.ceil(t / p_t) * (h // p_h) * (w // p_w)
-
-
-def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_ratio: float, checkpointing: bool
-                     ) -> float:
-    """The activations a transformer keeps for backward, in bf16 (see the module docstring for the model)."""
-    per_block = (16 + 4 * mlp_ratio) * tokens * batch * hidden
-    if checkpointing:
-        return layers * BF16 * tokens * batch * hidden + per_block
-    return layers * per_block
-
-
 def disk_per_sample(latent_shape: tuple[int, ...], cond: dict[str, tuple[tuple[int, ...], str]]) -> int:
     """Bytes one sample takes in a shard: the posterior (mean, logvar), the conditioning and the JSON, as written."""
     import torch
@@ -415,9 +401,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         trainable * 2 * moment / shards)
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
-    hidden = tconfig["num_attention_heads"] * tconfig["attention_head_dim"]
-    # the MLP's width: a config's mlp_ratio (HunyuanVideo), or its ffn_dim over the hidden size (Wan), else 4
-    mlp_ratio = float(tconfig.get("mlp_ratio") or tconfig.get("ffn_dim", 4 * hidden) / hidden)
+    hidden, mlp_ratio = hidden_and_mlp_ratio(tconfig)
     layers = len(blocks)
     cond = conditioning_shapes(spec, tconfig)
     text_tokens = spec.default_sequence_length(tconfig)

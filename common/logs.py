@@ -24,6 +24,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+def first_rank() -> bool:
+    """Whether this process is rank 0 (or runs alone): notes about the flags, which every rank meets alike, are
+    said by it alone (torchrun sets RANK before ft starts; `quiet_other_ranks` comes later, with the trainer)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def note(message: str) -> None:
+    """A warning about the flags, said once under several processes."""
+    if first_rank():
+        log.warning(message)
+
+
 def quiet_other_ranks(rank: int) -> None:
     """Under several processes, a rank other than 0 says only its errors, named as its own: every warning of a
     training run (a flag, a bucket, a resume) is met by all ranks alike, and rank 0 says it once."""

@@ -38,7 +38,7 @@ from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
 from ft.common.model_args import COMPONENTS, ModelArgs
 
-from .fingerprint import ComponentFiles, clean_config, file_fingerprint, locate
+from .fingerprint import ComponentFiles, clean_config, file_fingerprint, hub_hint, locate
 from .lora_keys import OriginalLayout
 from .real_configs import Checkpoint
 
@@ -277,7 +277,9 @@ class ModelSpec(ABC):
     # ------------------------------------------------------------------------------------------------ loading
 
     def check_args(self, args: ModelArgs) -> None:
-        """Refuse overrides of components this family does not have (a flag that would silently do nothing)."""
+        """Refuse overrides of components this family does not have (a flag that would silently do nothing), and
+        what `check_pretrained` refuses of --pretrained: every command (precompute and check-data too) refuses a
+        folder that a later stage would, before any work."""
         for component in COMPONENTS:
             if component in self.component_classes:
                 continue
@@ -290,6 +292,8 @@ class ModelSpec(ABC):
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
                             "conditioning; leave it at 0.")
+        if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
+            self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
     def component_class(self, component: str) -> type:
         return import_class(*self.component_classes[component])
@@ -319,7 +323,7 @@ class ModelSpec(ABC):
             config = dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
         except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
             raise UserError(f"could not read the {component} config from {source}"
-                            f"{'/' + subfolder if subfolder else ''}: {e}") from e
+                            f"{'/' + subfolder if subfolder else ''}: {e}{hub_hint(source)}") from e
         flag = f"--{component.replace('_', '-')}-id" if args.source_of(component) else "--pretrained"
         self.check_component_class(component, config, f"{source}{'/' + subfolder if subfolder else ''}", flag)
         return config
@@ -367,7 +371,8 @@ class ModelSpec(ABC):
                 module = cls.from_pretrained(source, revision=revision, **kwargs, **hub)
         except Exception as e:  # from_pretrained raises OSError/ValueError/hub errors for a bad source
             where = f"{source}/{subfolder}" if subfolder else source
-            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}") from e
+            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}"
+                            f"{hub_hint(source)}") from e
         if device is not None and hasattr(module, "to"):
             module = module.to(device)
         if hasattr(module, "eval"):
@@ -558,6 +563,22 @@ class ModelSpec(ABC):
                               ) -> str | None:
         """Why the pipeline cannot generate frames x height x width, or None. Training's rule by default."""
         return self.check_bucket(size, vae_config, transformer_config)
+
+    def compression(self, vae_config: dict) -> tuple[int, int]:
+        """(temporal, spatial) compression of the family's VAE, from its config."""
+        temporal = vae_config.get("temporal_compression_ratio") or vae_config.get("scale_factor_temporal") or 4
+        spatial = vae_config.get("spatial_compression_ratio") or vae_config.get("scale_factor_spatial") or \
+            2 ** (len(vae_config.get("block_out_channels") or (0, 0, 0, 0)) - 1)
+        return int(temporal), int(spatial)
+
+    def check_generation_memory(self, size: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                                memory: tuple[float, str]) -> str | None:
+        """Why generating frames x height x width does not fit `memory` (bytes, and what they are), or None:
+        pipelines/memory.py's estimate, the arithmetic of `ft estimate`."""
+        from .memory import check_generation_memory
+
+        return check_generation_memory(size, self.compression(vae_config), vae_config, transformer_config,
+                                       self.default_sequence_length(transformer_config), memory)
 
     def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
         """The family's diffusers pipeline around these modules with no tokenizer or text encoder: it samples from

@@ -110,6 +110,24 @@ class ComponentFiles:
     index: Path | None = None
 
 
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def hub_hint(source: str) -> str:
+    """What to do when a model source that is not a local path could not be read: it is a hub id, and either ft is
+    offline (HF_HUB_OFFLINE) and it is not in the cache, or the download failed. Empty for a local path."""
+    if Path(source).exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
+        return ""
+    fetch = (f"download it where there is a network (`huggingface-cli download {source} --local-dir DIR`) and pass "
+             "the folder DIR instead")
+    if offline():
+        return (f" {source} is a Hugging Face Hub id, HF_HUB_OFFLINE is set and it is not in the Hugging Face cache "
+                f"(HF_HOME, or --cache-dir): {fetch}, or unset HF_HUB_OFFLINE on a machine that can reach the Hub.")
+    return (f" {source} is a Hugging Face Hub id and reading it from the Hub failed: check the id and the network, "
+            f"or {fetch}.")
+
+
 def _hub_folder(repo: str, subfolder: str | None, revision: str | None, cache_dir: str | None,
                 patterns: list[str]) -> Path:
     """A hub component's folder in the local cache: from the cache first, then (when online) fetched."""
@@ -120,7 +138,7 @@ def _hub_folder(repo: str, subfolder: str | None, revision: str | None, cache_di
         root = snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow,
                                  local_files_only=True)
     except Exception as cached_error:  # not cached (LocalEntryNotFoundError, ...)
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        if offline():
             raise FilesUnavailable(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set "
                                    f"({cached_error})") from cached_error
         try:

@@ -136,8 +136,11 @@ class LTXVideoSpec(ModelSpec):
             return problem
         near = [max(PIPELINE_MULTIPLE, round(x / PIPELINE_MULTIPLE) * PIPELINE_MULTIPLE) for x in size[1:]]
         return (f"LTXPipeline generates only heights and widths divisible by {PIPELINE_MULTIPLE} (its check_inputs), "
-                f"not {size[1]}x{size[2]}, even where training takes that size; use --height {near[0]} --width "
-                f"{near[1]}")
+                f"not {size[1]}x{size[2]}, even where training takes that size; the nearest it takes: height "
+                f"{near[0]}, width {near[1]}")
+
+    def compression(self, vae_config: dict) -> tuple[int, int]:
+        return compression_ratios(vae_config)
 
     # ------------------------------------------------------------------------------------------------ stage 1
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 
 from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior
+from .fingerprint import hub_hint
 from .lora_keys import OriginalLayout, Rename
 from .real_configs import Checkpoint
 
@@ -114,7 +115,7 @@ def read_pipeline_settings(pretrained: str | None, revision: str | None = None, 
         config = DiffusionPipeline.load_config(pretrained, revision=revision, cache_dir=cache_dir)
     except Exception as e:  # OSError, EnvironmentError, hub errors
         raise UserError(f"--pretrained {pretrained}: could not read its model_index.json ({e}); pass a diffusers "
-                        "Wan folder or hub id.") from e
+                        f"Wan folder or hub id.{hub_hint(pretrained)}") from e
     if config.get("boundary_ratio") is not None or (config.get("transformer_2") or [None])[0]:
         raise UserError(f"--pretrained {pretrained} is a two-transformer Wan 2.2 (boundary_ratio "
                         f"{config.get('boundary_ratio')}, a transformer_2): ft trains one transformer; use Wan 2.1 or "

@@ -61,10 +61,12 @@ from ft.common.shards.manifest import input_summary
 from ft.common.shards.prompts import PromptWriter, check_validation_file
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
+from ft.pipelines.memory import largest_gpu
 from ft.pipelines.registry import spec_for
 from ft.precompute.media import MediaError, effective_fps, open_media, resize_to_bucket
 
 from .config import PrecomputeConfig
+from .consistency import caption_shaping, check_job_start
 from .dataset_config import apply_caption_options
 from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
@@ -258,7 +260,7 @@ class PrecomputeJob:
                                      self.transformer_config)
         self.seq_len = sequence_length(spec, cfg, self.transformer_config)
         self.validation = check_validation_file(cfg.validation_dataset_file, spec, self.vae_config,
-                                                self.transformer_config, self.buckets)
+                                                self.transformer_config, self.buckets, largest_gpu())
         log.info(f"dataset {cfg.dataset}: {len(self.items)} items; buckets "
                  f"{', '.join(cfg.buckets or spec.default_buckets)}")
 
@@ -274,7 +276,11 @@ class PrecomputeJob:
                                            cfg.resize_mode),
                          "frame_sampling": cfg.frame_sampling, "frame_stride": cfg.frame_stride,
                          "buckets": [list(b) for b in self.buckets], "vae_dtype": cfg.vae_dtype,
-                         "text_encoder_dtype": cfg.text_encoder_dtype}
+                         "text_encoder_dtype": cfg.text_encoder_dtype,
+                         "captions": caption_shaping(cfg.id_token, cfg.strip_llm_prefixes)}
+        check_job_start(out, self.slot.index, self.slot.num_jobs, {"encoders": self.fingerprints,
+                        "encoder_fingerprint": self.fingerprint, "encoding": self.encoding}, self.states)
+        kill_point("checked")
         self.base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
         if self.base:
             _check_reuse(out, self.base, self.fingerprints, self.encoding, spec.name)

@@ -29,7 +29,11 @@ from typing import Any
 from ft.common.errors import UserError
 from ft.common.launcher import array_task, world_from_env
 from ft.common.logs import log
-from ft.common.shards import JOBS_DIR, job_stem
+from ft.common.shards import JOBS_DIR, job_stem, kill_point
+from ft.common.shards.liveness import TORN_AFTER_S, describe_holder
+from ft.common.shards.liveness import alive as _alive
+from ft.common.shards.liveness import process_start as _process_start
+from ft.common.shards.liveness import read_lock as _read_lock
 
 from .datasets import DatasetItem
 
@@ -109,44 +113,6 @@ def job_device(device: str, env: dict[str, str] | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- locks
 
 
-def _process_start(pid: int) -> str:
-    """The kernel's start time of a process (clock ticks since boot), or "" where /proc cannot say."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether a lock's holder may still run: always True for another host (it cannot be checked from here)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = int(holder.get("pid", 0))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    recorded = holder.get("process_start", "")
-    return not recorded or recorded == _process_start(pid)
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    return (f"{holder.get('what', 'a writer')} (host {holder.get('host')}, pid {holder.get('pid')}, started "
-            f"{holder.get('started')})")
-
-
-def _read_lock(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # being written this instant, or torn by a kill just after its creation
-        return {} if time.time() - path.stat().st_mtime < 10 else {"host": socket.gethostname(), "pid": 0}
-    return data if isinstance(data, dict) else {"host": socket.gethostname(), "pid": 0}
-
-
 class Lock:
     """An exclusive lock file (see the module docstring). `extra` is recorded in it (num_jobs, index)."""
 
@@ -159,9 +125,10 @@ class Lock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(50):
+        for _ in range(int(TORN_AFTER_S * 10) + 50):  # a lock being filled in is waited for until judged torn
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                kill_point("lock-created")  # test hook: killed here, the writer leaves an empty lock file
             except FileExistsError:
                 holder = _read_lock(self.path)
                 if holder == {}:  # its writer is filling it in

@@ -33,12 +33,14 @@ from ft.common.shards import (
     iter_shard,
     kill_point,
     load_manifest,
+    merge_leftovers,
     merged_view,
     read_states,
     shard_rows,
     write_atomic,
 )
 
+from .consistency import check_jobs_agree
 from .job_slots import JobSlot, Lock, describe_holder, live_locks
 from .media_cache import merge_cache_files
 from .stamp import seal_stamps
@@ -138,7 +140,12 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
     try:
         states = read_states(out)
         if not states:
-            if own is None:
+            leftovers = merge_leftovers(out)
+            if leftovers:  # a merge killed after writing the manifest: finish removing what it merged
+                _remove_merged(out, leftovers, leftovers if Manifest.read(out).complete else [])
+                log.info(f"finished the merge of {out} that was stopped after writing its manifest "
+                         f"({len(leftovers)} job(s))")
+            elif own is None:
                 log.info(f"{out} has no jobs to merge: it is merged")
             return load_manifest(out)
         base = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
@@ -156,6 +163,7 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
                 return None
             raise UserError(f"{out} cannot be merged yet: {view.describe_completeness()}. Or pass "
                             "--allow-incomplete to merge what is there (the set is then marked incomplete).")
+        check_jobs_agree(out, states, view.unmerged["num_jobs"])
         return _write_merged(out, view, states)
     finally:
         lock.release()
@@ -195,15 +203,24 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
                         inputs=inputs, jobs=view.jobs, resume_command=resume)
     manifest.save(out)
     kill_point("merged")
-    for state in states:  # the state first: without it, the job's other files are leftovers of a merged job
-        (out / state.file(".json")).unlink(missing_ok=True)
-    for state in states:
-        remove_job_files(out, state.stem)
-    if manifest.complete:  # an unchanged rerun of any of these jobs can now stop after a stat of its inputs
-        seal_stamps(out, [s.stem for s in run])
+    _remove_merged(out, [s.stem for s in states], [s.stem for s in run] if manifest.complete else [])
     log.info(f"merged {len(run)} job(s) into {out / MANIFEST_NAME}: {manifest.num_samples} samples in "
              f"{len(manifest.shards)} shards" + ("" if manifest.complete else " (incomplete)"))
     return load_manifest(out)
+
+
+def _remove_merged(out: Path, stems: list[str], sealed: list[str]) -> None:
+    """The merged jobs' files, each state first (a state the manifest lists as merged is a leftover, never merged
+    again: jobstate.py `merged_attempts`), then their stamps sealed: an unchanged rerun of any of the `sealed`
+    jobs can now stop after a stat of its inputs. A merge killed in here is finished by the next one."""
+    for stem in stems:
+        (out / JOBS_DIR / f"{stem}.json").unlink(missing_ok=True)
+        kill_point("merge-state-removed")
+    for stem in stems:
+        remove_job_files(out, stem)
+        kill_point("merge-files-removed")
+    if sealed:
+        seal_stamps(out, sealed)
 
 
 def remove_job_files(out: Path, stem: str) -> None:

@@ -127,3 +127,30 @@ class BuiltClasses:
     def __exit__(self, *exc: object) -> None:
         for cls, init in self.originals.items():
             cls.__init__ = init
+
+
+def start(args: list[str], **env: str) -> object:
+    """`ft args` as a real process (no job variables of this shell's, SIGINT as by default); see `finish`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT",
+                                                              "SLURM_ARRAY_TASK_ID")}
+    return subprocess.Popen([sys.executable, "-m", "ft.cli.main", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**clean, "HF_HUB_OFFLINE": "1", **env},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def finish(proc: object) -> tuple[int, str]:
+    """Wait for a process from `start`: its exit status and stderr."""
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, as FT_TEST_KILL_SIGNAL=STOP does at a kill point)."""
+    from pathlib import Path
+
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"

@@ -107,7 +107,7 @@ def test_inspect_a_folder_of_shard_sets_and_an_incomplete_set(cog_shards, tmp_pa
 
 def test_ltx_generate_refuses_a_size_its_pipeline_cannot_make_before_loading(tiny_ltx, tmp_path):
     with pytest.raises(UserError, match=r"LTXPipeline generates only heights and widths divisible by 32 .*not 32x48.*"
-                                        r"use --height 32 --width 64"):
+                                        r"the nearest it takes: height 32, width 64"):
         run_cli(["generate", "--model", "ltx_video", "--pretrained", tiny_ltx, "--prompt", "x", "--num-frames", "9",
                  "--height", "32", "--width", "48", "--out", tmp_path / "v.mp4"])
 

@@ -23,6 +23,7 @@ from typing import Any
 from ft.common import __version__
 from ft.common.errors import UserError
 from ft.common.logs import log
+from ft.common.shards import kill_point
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "state.json"
@@ -86,8 +87,7 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
-        for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:  # killed half-way
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(output_dir)
 
     dist.run_on_rank_zero(prepare)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
@@ -117,10 +117,18 @@ def save_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, Any], 
     return final
 
 
+def remove_leftovers(output_dir: str | Path) -> None:
+    """Hidden checkpoints of a save or a delete killed half-way (`.checkpoint-N.tmp`, `.checkpoint-N.deleting`)."""
+    root = checkpoint_root(output_dir)
+    for leftover in [*root.glob(".checkpoint-*.tmp"), *root.glob(".checkpoint-*.deleting")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
     """On resuming from `step`, move checkpoints of later steps (written by the run that went on from it) into
-    `checkpoints/abandoned-NNNNNN/`, so `latest` and `--checkpointing-limit` mean the resumed run. Nothing is
-    deleted."""
+    `checkpoints/abandoned-NNNNNN/`, so `latest` and `--checkpointing-limit` mean the resumed run, and remove the
+    leftovers of a save or delete the kill cut short. No checkpoint is deleted."""
+    remove_leftovers(output_dir)
     later = [path for s, path in list_checkpoints(output_dir) if s > step]
     if not later:
         return []
@@ -140,6 +148,7 @@ def _delete(path: Path) -> None:
     """Rename first (atomic: the folder stops counting as a checkpoint), then remove."""
     doomed = path.with_name(f".{path.name}.deleting")
     os.replace(path, doomed)
+    kill_point("checkpoint-deleting")  # test hook: a kill here leaves the hidden folder a resumed run removes
     shutil.rmtree(doomed, ignore_errors=True)
 
 

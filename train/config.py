@@ -28,6 +28,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 OPTIMIZERS = ("adamw", "adam", "adamw-8bit")
 FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 REPORT_TO = ("tensorboard", "wandb", "none")
+DEFAULT_WARMUP = 100  # --lr-warmup-steps
+DEFAULT_VALIDATION_STEPS = 500  # --validation-steps
 MASTER_DTYPES = ("auto", "fp32")
 LORA = "LoRA"
 OPTIM = "Optimizer"
@@ -142,7 +144,7 @@ class TrainConfig(ModelArgs):
                          panel=OPTIM)
     lr: float = opt(1e-4, "Peak learning rate.", panel=OPTIM)
     lr_scheduler: str = opt("constant_with_warmup", f"LR schedule: {', '.join(LR_SCHEDULERS)}.", panel=OPTIM)
-    lr_warmup_steps: int = opt(100, "Linear warmup steps.", panel=OPTIM)
+    lr_warmup_steps: int = opt(DEFAULT_WARMUP, "Linear warmup steps.", panel=OPTIM)
     lr_num_cycles: int = opt(1, "Cycles for cosine_with_restarts.", panel=OPTIM)
     lr_power: float = opt(1.0, "Power of the polynomial schedule.", panel=OPTIM)
     beta1: float = opt(0.9, "Adam beta1.", panel=OPTIM)
@@ -194,9 +196,10 @@ class TrainConfig(ModelArgs):
                                                     "optional height, width, num_frames, num_inference_steps, "
                                                     "guidance_scale, seed, frame_rate). Stage 1 encodes them: `ft "
                                                     "precompute --validation-dataset-file FILE`.", panel=VALIDATE)
-    validation_steps: int = opt(500, "Generate the validation videos every N optimizer steps and at the last (0: at "
-                                     "the last only). They go to OUTPUT_DIR/validation/step-NNNNNN/ with a contact "
-                                     "sheet, and to the tracker.", panel=VALIDATE)
+    validation_steps: int = opt(DEFAULT_VALIDATION_STEPS,
+                                "Generate the validation videos every N optimizer steps and at the last (0: at "
+                                "the last only). They go to OUTPUT_DIR/validation/step-NNNNNN/ with a contact "
+                                "sheet, and to the tracker.", panel=VALIDATE)
     validation_keep_vae: bool = opt(False, "Keep the VAE on the GPU between validations (faster; it is moved to the "
                                            "CPU between them by default).", panel=VALIDATE)
     eval_shards: str | None = opt(None, "A shard set of held-out clips (precomputed with the same model): its loss at "
@@ -265,7 +268,8 @@ class TrainConfig(ModelArgs):
                 raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
         check_compile_args(self.compile_modules, self.compile_scopes, self.compile_backend)
         check_offload_args(self.offload_blocks, self.training_type, self.gradient_checkpointing)
-        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type)
+        check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
+                       self.layerwise_upcasting_skip_modules_pattern)
         if self.training_type == "full-finetune":
             for name, default in (("rank", 64), ("lora_alpha", 64.0)):
                 if getattr(self, name) != default:

@@ -23,7 +23,7 @@ from ft.common.errors import UserError
 from ft.common.logs import log
 
 from .lora_formats import LORA_FORMATS, LoraPlan
-from .weights_io import TRANSFORMER_DIR, save_transformer, write_aside
+from .weights_io import TRANSFORMER_DIR, save_transformer, weights_bytes, write_aside, write_guarded
 
 
 @dataclass(kw_only=True)
@@ -104,12 +104,14 @@ def run_export(cfg: ExportConfig) -> Path:
     if run.training_type == "lora":
         plan = LoraPlan.make(spec, spec.load_config("transformer", run), run.rank, run.lora_alpha, run.target_modules,
                              run.transformer_id or run.pretrained, cfg.lora_format)
-        result = plan.write(out, lora_from_peft_names(weights), step)
+        # each layout is one file of about the adapters' size (a fused module's LoRA is its parts' stacked)
+        needed = weights_bytes(weights) * len(plan.formats)
+        result = write_guarded(out, needed, lambda: plan.write(out, lora_from_peft_names(weights), step))
     else:
         if cfg.lora_format != "both":
             raise UserError(f"--lora-format: {path} is a full finetune's checkpoint; it exports a transformer.")
         config = spec.load_config("transformer", run)
-        result = write_aside(out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights,
-                                                                                run.transformer_dtype, tmp))
+        result = write_guarded(out, weights_bytes(weights, run.transformer_dtype), lambda: write_aside(
+            out / TRANSFORMER_DIR, lambda tmp: save_transformer(spec, config, weights, run.transformer_dtype, tmp)))
     log.info(f"exported {path} ({run.training_type}, step {step}) to {result}")
     return result

@@ -24,8 +24,26 @@ DEFAULT_SKIP_PATTERNS = ("patch_embed", "pos_embed", "x_embedder", "context_embe
 ADAPTER_PATTERN = "lora_"  # peft's adapter modules (lora_A, lora_B, lora_embedding_*, lora_magnitude_vector)
 
 
-def check_args(modules: list[str], storage_dtype: str, training_type: str) -> None:
-    """The `--layerwise-upcasting-*` values, checked before any weight loads."""
+def check_args(modules: list[str], storage_dtype: str, training_type: str,
+               skip_patterns: list[str] | tuple[str, ...] = DEFAULT_SKIP_PATTERNS) -> None:
+    """The `--layerwise-upcasting-*` values, checked before any weight loads: each skip pattern compiled, and the
+    knobs of fp8 storage refused without it (they would do nothing)."""
+    import re
+
+    for pattern in skip_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"--layerwise-upcasting-skip-modules-pattern {pattern!r} is not a valid regex ({e}); "
+                            "each pattern is a Python regex searched in module names.") from e
+    if not modules:
+        knobs = (("--layerwise-upcasting-storage-dtype", storage_dtype != STORAGE_DTYPES[0]),
+                 ("--layerwise-upcasting-skip-modules-pattern", tuple(skip_patterns) != DEFAULT_SKIP_PATTERNS))
+        changed = [flag for flag, differs in knobs if differs]
+        if changed:
+            raise UserError(f"{' and '.join(changed)} set fp8 storage up, which is off: it would do nothing. Add "
+                            "--layerwise-upcasting-modules transformer to store the frozen weights in fp8, or leave "
+                            f"{'them' if len(changed) > 1 else 'it'} out.")
     for m in modules:
         if m not in MODULES:
             raise UserError(f"--layerwise-upcasting-modules {m}: only the transformer is loaded by ft train; pass "

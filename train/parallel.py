@@ -74,8 +74,8 @@ def resolve_layout(dp_degree: int, dp_shards: int, world: World) -> Layout:
     if replicas * shards != n or replicas < 1 or shards < 1:
         given = " x ".join(f"{flag} {v}" for flag, v in (("--dp-degree", dp_degree), ("--dp-shards", dp_shards))
                            if v != UNSET)
-        how = ("started as one process: launch with `torchrun --nproc_per_node N ft train ...` (or srun) to use "
-               "several" if n == 1 else f"{world.launcher} started {n} processes")
+        how = ("started as one process: launch with `torchrun --nproc_per_node N --no-python ft train ...` (or "
+               "srun) to use several" if n == 1 else f"{world.launcher} started {n} processes")
         raise UserError(f"{given} asks for a world of {max(1, dp_degree) * max(1, dp_shards)} processes, but "
                         f"{how}. Replicas x shards must equal the number of processes.")
     return Layout(replicas, shards)

@@ -109,6 +109,36 @@ def wandb_project(config: dict[str, Any]) -> str:
     return config.get("tracker_name") or os.environ.get("WANDB_PROJECT") or "ft"
 
 
+WANDB_OFF_MODES = ("offline", "disabled", "dryrun")
+
+
+def check_wandb_login(env: dict[str, str] | None = None) -> None:
+    """`--report-to wandb` with nowhere to send the run: refused before any model loads (wandb itself raises its
+    UsageError at `wandb.init`, after the transformer has loaded). Enough: an API key (WANDB_API_KEY, or the
+    wandb server's entry in ~/.netrc, which `wandb login` writes), an identity token file, or WANDB_MODE
+    offline/disabled (the run is logged to files, `wandb sync` uploads them later)."""
+    import netrc
+    import os
+    from urllib.parse import urlsplit
+
+    env = dict(os.environ if env is None else env)
+    if env.get("WANDB_MODE", "").lower() in WANDB_OFF_MODES or env.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlsplit(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        entry = None
+    if entry and entry[2]:
+        return
+    raise UserError(f"--report-to wandb: no wandb login here (no WANDB_API_KEY, no {host} entry in {path}), so wandb "
+                    "would stop the run after the model has loaded. Run `wandb login` (or set WANDB_API_KEY), or set "
+                    "WANDB_MODE=offline to log to files and `wandb sync` them later; or use --report-to tensorboard.")
+
+
 class _Wandb:
     def __init__(self, folder: Path, config: dict[str, Any], resumed_step: int | None):
         try:

@@ -20,7 +20,7 @@ from ft.common.logs import log
 from ft.pipelines.base import ModelSpec
 from ft.train.fp8 import apply_fp8_storage
 
-from .config import TrainConfig
+from .config import DEFAULT_WARMUP, TrainConfig
 from .lora import add_lora, save_lora
 from .lora_formats import LoraPlan
 from .weights_io import TRANSFORMER_DIR, save_transformer, write_aside
@@ -73,9 +73,12 @@ def build_optimizer(cfg: TrainConfig, params: list[Any]) -> tuple[Any, Any]:
             raise UserError("--optimizer adamw-8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or "
                             "use --optimizer adamw.") from e
         optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-    if cfg.lr_warmup_steps >= cfg.train_steps:
+    if cfg.lr_warmup_steps >= cfg.train_steps and cfg.lr_warmup_steps != DEFAULT_WARMUP:
         log.warning(f"--lr-warmup-steps {cfg.lr_warmup_steps} is not shorter than --train-steps {cfg.train_steps}: "
                     "the learning rate never reaches --lr")
+    elif cfg.lr_warmup_steps >= cfg.train_steps:  # the default on a short run (a test, a demo): said, not warned
+        log.info(f"the learning rate warms up over the whole run (--lr-warmup-steps defaults to {DEFAULT_WARMUP}, "
+                 f"this run has {cfg.train_steps} steps); pass --lr-warmup-steps N to reach --lr sooner")
     schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                              num_training_steps=cfg.train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
     return optimizer, schedule

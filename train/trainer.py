@@ -32,6 +32,7 @@ from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
+from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
 from ft.train import dist
 
@@ -57,7 +58,7 @@ from .parallel import (
     set_gradient_sync,
     trainable_parameters,
 )
-from .reporting import LOG_NAME, PLOT_NAME, RunLog, plot_losses, stopped_by_fault
+from .reporting import LOG_NAME, PLOT_NAME, RunLog, check_wandb_login, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 from .validation import Validation
@@ -182,6 +183,8 @@ class Trainer:
     def check_run(self) -> None:
         """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
         cfg = self.cfg
+        if cfg.report_to == "wandb":
+            check_wandb_login()
         self.spec = spec_for(cfg)
         self.transformer_config = self.spec.load_config("transformer", cfg)
         self.options = TrainOptions.from_config(cfg)  # what the family's predict reads of the run
@@ -194,7 +197,8 @@ class Trainer:
         if cfg.offload_blocks and self.world.size > 1:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
-        self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config)  # checks its files
+        self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
+                                     device_memory(self.device))
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
@@ -430,6 +434,8 @@ class Trainer:
         watch = CompileWatch() if cfg.compile_modules else None
         times: list[tuple[float, dict[str, float]]] = []  # each step's seconds and what it compiled
         try:
+            if self.resume_from is not None:  # a validation the stop cut short is made first
+                self.validation.after_resume(self, start, run_log)
             for step in bar:
                 t0 = time.perf_counter()
                 metrics = self.optimizer_step(batches, step)
@@ -520,8 +526,9 @@ class Trainer:
         if self.cfg.training_type == "lora":
             summary["lora"] = str(result)
         if losses:
-            log.info(f"saved {result}; mean loss of the first {window} steps {summary['first_loss']:.4f}, of the "
-                     f"last {window} {summary['last_loss']:.4f}")
+            steps = f"{window} steps" if window > 1 else "step"
+            log.info(f"saved {result}; mean loss of the first {steps} {summary['first_loss']:.4f}, of the "
+                     f"last {steps} {summary['last_loss']:.4f}")
         else:  # resumed at the last step: only the export was left to do
             log.info(f"saved {result}")
         return summary

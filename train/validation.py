@@ -35,8 +35,10 @@ alone writes files and logs. With one process both are the identity.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterator
@@ -46,13 +48,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
-from ft.common.logs import log
-from ft.common.shards import iter_shard, parse_bucket, require_complete
+from ft.common.logs import log, note
+from ft.common.shards import iter_shard, kill_point, parse_bucket, require_complete
 from ft.common.shards.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
 from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
 from ft.train.video_writer import write_video
 
+from .config import DEFAULT_VALIDATION_STEPS
 from .generate import SamplingSettings, match_vae_dtype, pipeline_defaults, sample_frames
 from .loader import Batch, ShardSet, collate
 from .objectives import sample_generator
@@ -254,26 +257,75 @@ class HeldOutLoss:
         return sum(losses) / len(losses)
 
 
+# ---------------------------------------------------------------------------------------------- whole or absent
+# A step's videos and contact sheet are written into a hidden `validation/.step-NNNNNN.tmp/` and renamed to
+# `validation/step-NNNNNN/` once whole, so a kill during validation leaves no folder that looks done with half its
+# videos. The checkpoint of step N is saved before step N's validation (train/trainer.py), so a run killed during
+# that validation resumes after N and would never pass N again: `due_and_missing` has the resumed run validate
+# step N first (the checkpoint's weights, the prompts' fixed seeds: the videos an uninterrupted run made).
+
+
+def aside_folder(final: Path) -> Path:
+    """A fresh hidden folder beside `final` (`.step-NNNNNN.tmp`) to write a step's validation into."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, final: Path) -> Path:
+    """Rename the whole `tmp` to `final` (an older `final`, of a run that went on from an earlier checkpoint, is
+    replaced); returns `final`."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def due(step: int, validation_steps: int, train_steps: int) -> bool:
+    """Whether validation videos are made after optimizer step `step`."""
+    return step == train_steps or bool(validation_steps and step % validation_steps == 0)
+
+
+def due_and_missing(output_dir: str | Path, step: int, cfg: Any) -> bool:
+    """Whether step `step` (a resumed run's first) was due a validation that is not on disk: its run was killed
+    during it (the hidden folder that kill left is replaced when the step is written again)."""
+    if step <= 0 or not due(step, cfg.validation_steps, cfg.train_steps):
+        return False
+    return not (Path(output_dir) / VALIDATION_DIR / f"step-{step:06d}").is_dir()
+
+
 # ---------------------------------------------------------------------------------------------- the validation run
 
 
 class Validation:
     """The validation videos and the held-out loss of a run (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict):
+    def __init__(self, cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict,
+                 memory: tuple[float, str] | None = None):
         self.cfg, self.spec = cfg, spec
         self.summary: dict[str, Any] = {}
         self.prompts: list = []
         self.held_out = HeldOutLoss(cfg, spec, sets[0], transformer_config) if cfg.eval_shards else None
         self._pipe: Any = None
         if not cfg.validation_dataset_file:
+            if cfg.validation_steps != DEFAULT_VALIDATION_STEPS:
+                note(f"--validation-steps {cfg.validation_steps} does nothing without --validation-dataset-file (no "
+                     "prompts to generate): add the file (its prompts precomputed by `ft precompute "
+                     "--validation-dataset-file`), or leave the flag out.")
             return
         shard_set, path = sets[0], cfg.validation_dataset_file
         manifest = shard_set.manifest
         self.vae_stored = manifest.encoders.get("vae", {})
         buckets = manifest.encoding.get("buckets") or [parse_bucket(b) for b in manifest.training_histogram()]
         self.prompts = resolve_sizes(read_validation_file(path), path, spec, self.vae_stored.get("config", {}),
-                                     transformer_config, default_size(buckets))
+                                     transformer_config, default_size(buckets), memory)
         table = PromptTable(shard_set.folder, manifest)
         missing = table.missing([p.caption for p in self.prompts] + [""])
         if missing:
@@ -305,6 +357,15 @@ class Validation:
             dist.run_on_rank_zero(lambda: run_log.write({"step": step, "eval_loss": loss}))  # a fault stops every rank
             if rank_and_world()[0] == 0:
                 log.info(f"step {step}: held-out eval_loss {loss:.5f}")
+
+    def after_resume(self, trainer: Any, step: int, run_log: RunLog) -> None:
+        """A resumed run's first act: the validation of its checkpoint's step, when that was due and the kill cut
+        it short (see `due_and_missing`). Every rank calls this."""
+        from ft.train import dist
+
+        if self.prompts and dist.same_on_every_rank(lambda: due_and_missing(self.cfg.output_dir, step, self.cfg)):
+            log.info(f"step {step}: its validation was cut short by the stop; making it again")
+            self.validate(trainer, step, run_log)
 
     # ------------------------------------------------------------------------------------------------ videos
 
@@ -368,19 +429,25 @@ class Validation:
 
     def write(self, step: int, results: list[tuple[int, np.ndarray]], settings: list[SamplingSettings], pipe: Any,
               run_log: RunLog, seconds: float) -> None:
-        folder = Path(self.cfg.output_dir) / VALIDATION_DIR / f"step-{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        final = Path(self.cfg.output_dir) / VALIDATION_DIR / f"step-{step:06d}"
+        folder = aside_folder(final)  # renamed into place once whole: a kill never leaves half a step's videos
         videos, files = [], []
         for index, frames in results:
             prompt, values = self.prompts[index], settings[index].resolved(self.spec, pipe)
             path = write_video(folder / f"{index:02d}-{slug(prompt.caption)}.mp4", frames, values["fps"])
+            kill_point("validation-video")  # test hook: a kill between two videos
             videos.append((f"validation/{index:02d}", frames, values["fps"], path))
             files.append({"file": str(path.relative_to(self.cfg.output_dir)), "caption": prompt.caption,
                           "num_frames": int(frames.shape[0]), "height": int(frames.shape[1]),
                           "width": int(frames.shape[2]), "fps": values["fps"], "seed": settings[index].seed,
                           "num_inference_steps": values["num_inference_steps"],
                           "guidance_scale": values["guidance_scale"]})
-        sheet = contact_sheet([(self.prompts[i].caption, frames) for i, frames in results], folder / SHEET_NAME)
+        contact_sheet([(self.prompts[i].caption, frames) for i, frames in results], folder / SHEET_NAME)
+        folder = publish_folder(folder, final)
+        sheet = folder / SHEET_NAME
+        videos = [(tag, frames, fps, folder / path.name) for tag, frames, fps, path in videos]
+        for entry in files:
+            entry["file"] = str((folder / Path(entry["file"]).name).relative_to(self.cfg.output_dir))
         run_log.write({"step": step, "validation": {"folder": str(folder.relative_to(self.cfg.output_dir)),
                                                     "videos": files, "contact_sheet": str(
                                                         sheet.relative_to(self.cfg.output_dir)),

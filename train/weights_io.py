@@ -3,17 +3,25 @@ takes (built on the meta device from a config and full tensors: no base weights 
 hidden temporary file or folder next to the target) and renamed into place, so a kill never leaves half a
 transformer that loads. Used by the run's export (trainable.py, lora_formats.py), each LoRA checkpoint and `ft
 export` (export.py).
+
+`ft export` writes through `write_guarded`: the target folder is probed for a write and its free space compared
+with the bytes the weights take before anything is written, and a fault while writing (safetensors raises its own
+SafetensorError for a full disk, not an OSError) becomes one line naming the path, the bytes needed and free;
+nothing half-written is left (not even the folder it made) and the checkpoint is only read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ft.common.errors import UserError
+from ft.common.faults import FAULTS, bytes_text, check_writable, describe, environment_fault, fix, free_bytes
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_DIR = "transformer"
@@ -60,3 +68,55 @@ def save_transformer(spec: Any, config: dict[str, Any], state: dict[str, Any], d
     model.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()
                            if k in expected}, strict=True, assign=True)
     model.save_pretrained(folder)
+
+
+def weights_bytes(state: dict[str, Any], dtype_name: str | None = None) -> int:
+    """The bytes `state` takes on disk, its floating tensors in `dtype_name` (as saved) when given."""
+    from ft.common.dtypes import parse_dtype
+
+    dtype = parse_dtype(dtype_name) if dtype_name else None
+    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in state.values())
+
+
+def write_fault(exc: BaseException, path: Path) -> OSError | None:
+    """The environment fault in `exc`: an OSError, or a library's error that carries one only in its text
+    (safetensors: `I/O error: No space left on device (os error 28) at path ...`)."""
+    found = environment_fault(exc)
+    if found is not None:
+        return found
+    found_code = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(exc))
+    code = int(next(g for g in found_code.groups() if g)) if found_code else 0
+    return OSError(code, os.strerror(code), str(path)) if code in FAULTS else None
+
+
+def write_guarded(out: Path, needed: int, write: Callable[[], Path], flag: str = "--out") -> Path:
+    """Run `write()` (which writes into `out`, aside then renamed) after checking `out` takes a write and has
+    `needed` bytes free; a fault while writing is one UserError, and a folder made for it is removed again."""
+    out = Path(out)
+    check_writable(out, flag, "where the weights are written")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = free_bytes(existing)
+    if free is not None and free < needed:
+        raise UserError(f"{flag} {out}: the weights need {bytes_text(needed)} and {bytes_text(free)} is free there; "
+                        "free space or use a folder on a larger disk. Nothing was written; the checkpoint is "
+                        "untouched.")
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        return write()
+    except Exception as e:
+        fault = write_fault(e, out)
+        if fault is None:
+            raise
+        for folder in made:  # innermost first: only folders this write made, and only when empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        free = free_bytes(existing)
+        space = f"; the weights need {bytes_text(needed)}, {bytes_text(free or 0)} is free" \
+            if fault.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise UserError(f"{flag} {out}: {describe(fault)}{space}. {fix(fault).capitalize()}. Nothing half-written was "
+                        "left; the checkpoint is untouched.") from e

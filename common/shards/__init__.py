@@ -48,6 +48,7 @@ from .journal import (
     finalize_command,
     job_stem,
     load_manifest,
+    merge_leftovers,
     merged_view,
     open_shard_set,
     read_journal,
@@ -86,8 +87,8 @@ from .writer import ShardWriter, kill_point, shard_number
 __all__ = [
     "_tar_members", "ACTIVE_KEYS_NAME", "ALLOWED_MEMBER_SUFFIXES", "append_journal", "bucket_name", "describe_shard",
     "EMPTY_CAPTION_NAME", "file_digest", "finalize_command", "index_path", "IndexRow", "INPUT_FILES", "iter_shard",
-    "job_stem", "JOBS_DIR", "JobState", "kill_point", "load_manifest", "Manifest", "MANIFEST_NAME", "merged_view",
-    "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
+    "job_stem", "JOBS_DIR", "JobState", "kill_point", "load_manifest", "Manifest", "MANIFEST_NAME", "merge_leftovers",
+    "merged_view", "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
     "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "TENSOR_GROUPS",
     "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file"

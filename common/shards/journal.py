@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .liveness import alive, read_lock
 from .manifest import INPUT_FILES, MANIFEST_NAME, Manifest, ShardInfo, write_atomic
 
 JOBS_DIR = "jobs"
@@ -86,8 +87,8 @@ class JobState:
     def summary(self, journal: list[tuple[str, ShardInfo]]) -> dict[str, Any]:
         """What `ft inspect` shows of a job, and the merged manifest keeps."""
         mine = [s for attempt, s in journal if attempt == self.attempt]
-        return {"index": self.index, "num_jobs": self.num_jobs, "host": self.host, "pid": self.pid,
-                "started": self.started, "finished": self.finished, "complete": self.complete,
+        return {"index": self.index, "num_jobs": self.num_jobs, "attempt": self.attempt, "host": self.host,
+                "pid": self.pid, "started": self.started, "finished": self.finished, "complete": self.complete,
                 "written": sum(s.samples for s in mine), "shards": len(mine)}
 
 
@@ -121,7 +122,33 @@ def read_states(folder: str | Path) -> list[JobState]:
     if not jobs.is_dir():
         return []
     paths = sorted(p for p in jobs.iterdir() if _STATE_NAME.match(p.name))
-    return sorted((JobState.load(p) for p in paths), key=lambda s: (s.num_jobs, s.index))
+    states = sorted((JobState.load(p) for p in paths), key=lambda s: (s.num_jobs, s.index))
+    merged = merged_attempts(folder) if states else set()
+    return [s for s in states if s.attempt not in merged]
+
+
+def merged_attempts(folder: str | Path) -> set[str]:
+    """The job attempts the manifest says it merged: their states, still there, are leftovers of a merge killed
+    while it removed the job files (the manifest is written first), not jobs to merge again."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        jobs = json.loads(path.read_text()).get("jobs") or []
+    except (OSError, ValueError):
+        return set()
+    return {j["attempt"] for j in jobs if isinstance(j, dict) and j.get("attempt")}
+
+
+def merge_leftovers(folder: str | Path) -> list[str]:
+    """The stems of merged jobs whose files a killed merge left behind: a state the manifest lists as merged (see
+    `merged_attempts`), or job files with no state at all (the merge removes each state first). Called when no
+    job is left to merge."""
+    jobs = Path(folder) / JOBS_DIR
+    if not jobs.is_dir():
+        return []
+    merged = merged_attempts(folder)
+    states = {p.name[: -len(".json")]: JobState.load(p) for p in jobs.iterdir() if _STATE_NAME.match(p.name)}
+    stems = {p.name.split(".", 1)[0] for p in jobs.iterdir() if p.name.startswith("job-") and ".lock" not in p.name}
+    return sorted(stem for stem in stems if stem not in states or states[stem].attempt in merged)
 
 
 def _sum(histograms: list[dict[str, int]]) -> dict[str, int]:
@@ -139,10 +166,18 @@ def _status(folder: Path, run: list[JobState], num_jobs: int, stale: list[JobSta
                 f"`{finalize_command(folder)}` to merge it (it takes seconds)")
     parts = [f"INCOMPLETE: {missing} samples of the started jobs are not encoded yet" if missing else
              "INCOMPLETE: not every job has finished"]
-    if unfinished:
-        first = unfinished[0]
-        parts.append(f"job(s) {', '.join(str(s.index) for s in unfinished)} of {num_jobs} did not finish: rerun "
-                     f"each (job {first.index}: `{first.resume_command}`)")
+    running = [s for s in unfinished if _running(folder, s)]
+    stopped = [s for s in unfinished if s not in running]
+    finished = [s.index for s in run if s.complete]
+    if finished:
+        parts.append(f"job(s) {', '.join(map(str, finished))} of {num_jobs} finished")
+    if running:
+        parts.append(f"job(s) {', '.join(str(s.index) for s in running)} of {num_jobs} are still running (job "
+                     f"{running[0].index}: host {running[0].host}, pid {running[0].pid}): wait for them")
+    if stopped:
+        first = stopped[0]
+        parts.append(f"job(s) {', '.join(str(s.index) for s in stopped)} of {num_jobs} stopped before finishing: "
+                     f"rerun each (job {first.index}: `{first.resume_command}`)")
     if not_started:
         parts.append(f"job(s) {', '.join(map(str, not_started))} of {num_jobs} have not run: run them with "
                      f"--num-jobs {num_jobs} --job-index I")
@@ -150,6 +185,12 @@ def _status(folder: Path, run: list[JobState], num_jobs: int, stale: list[JobSta
         parts.append(f"{len(stale)} job(s) of an earlier run with --num-jobs {stale[0].num_jobs} are unmerged "
                      f"(merge what they wrote with `{finalize_command(folder)} --allow-incomplete`)")
     return "; ".join(parts) + "; the set is merged when the last job finishes"
+
+
+def _running(folder: Path, state: JobState) -> bool:
+    """Whether the job still runs: the lock of its slot names a live process (common/shards/liveness.py)."""
+    holder = read_lock(folder / JOBS_DIR / f"{state.stem}.lock")
+    return holder == {} or (holder is not None and alive(holder))
 
 
 def merged_view(folder: str | Path, base: Manifest | None, states: list[JobState]) -> Manifest:
@@ -161,7 +202,8 @@ def merged_view(folder: str | Path, base: Manifest | None, states: list[JobState
     header = dict(run[0].header)
     if base is not None:
         header = {"model_family": base.model_family, "encoders": base.encoders, "shapes": base.shapes,
-                  "encoder_fingerprint": base.encoder_fingerprint, "encoding": base.encoding,
+                  "encoder_fingerprint": base.encoder_fingerprint,
+                  "encoding": run[0].header.get("encoding") or base.encoding,  # the run's: its keys are active
                   "empty_caption": base.empty_caption if base.empty_caption and
                   (folder / base.empty_caption["file"]).is_file() else {}, "prompts": base.prompts}
     for s in states:

@@ -155,22 +155,41 @@ def default_size(buckets: list[list[int]] | list[tuple[int, int, int]]) -> tuple
 
 
 def resolve_sizes(prompts: list[ValidationPrompt], path: str | Path, spec: Any, vae_config: dict,
-                  transformer_config: dict, default: tuple[int, int, int]) -> list[ValidationPrompt]:
+                  transformer_config: dict, default: tuple[int, int, int],
+                  memory: tuple[float, str] | None = None) -> list[ValidationPrompt]:
     """Each prompt with its size filled in from `default`, checked with the family's rule (`spec` is a ModelSpec:
-    `check_generation_size`); and its true CFG refused where the pipeline has none."""
+    `check_generation_size`) and, given `memory` (bytes, and what they are), against the estimate of what
+    generating it holds (`check_generation_memory`); and its true CFG refused where the pipeline has none."""
     out = []
     for p in prompts:
         size = (p.num_frames or default[0], p.height or default[1], p.width or default[2])
         problem = spec.check_generation_size(size, vae_config, transformer_config)
+        if not problem and memory is not None:
+            problem = spec.check_generation_memory(size, vae_config, transformer_config, memory)
         if problem:
             raise UserError(f"{path} row {p.index + 1}: num_frames {size[0]}, height {size[1]}, width {size[2]}: "
-                            f"{problem}. Fix the row (or leave the size out to generate at {default[0]}x"
-                            f"{default[1]}x{default[2]}).")
+                            f"{problem}. {_size_fix(p, spec, vae_config, transformer_config, default, memory)}")
         if p.true_cfg_scale is not None and not spec.takes_true_cfg():
             raise UserError(f"{path} row {p.index + 1}: true_cfg_scale: {spec.display_name}'s pipeline has no true "
                             "CFG; its guidance_scale is classifier-free guidance already. Leave the column out.")
         out.append(replace(p, num_frames=size[0], height=size[1], width=size[2]))
     return out
+
+
+def _size_fix(p: ValidationPrompt, spec: Any, vae_config: dict, transformer_config: dict,
+              default: tuple[int, int, int], memory: tuple[float, str] | None) -> str:
+    """What to do about a row whose size cannot be generated: leave the size out only when the default size (the
+    set's first video bucket) can be; else give the row a size of its own."""
+    fix = "Set the row's num_frames, height and width columns to a size the pipeline can make"
+    given = p.num_frames or p.height or p.width
+    ok = spec.check_generation_size(default, vae_config, transformer_config) is None and (
+        memory is None or spec.check_generation_memory(default, vae_config, transformer_config, memory) is None)
+    if given and ok:
+        return f"{fix}, or leave them out to generate at {default[0]}x{default[1]}x{default[2]}."
+    if not given:
+        return (f"{fix}: without them the row takes the set's first video bucket, {default[0]}x{default[1]}x"
+                f"{default[2]}, which this pipeline cannot generate.")
+    return f"{fix} (the set's first video bucket, {default[0]}x{default[1]}x{default[2]}, cannot be generated either)."
 
 
 # ---------------------------------------------------------------------------------------------- prompt table
@@ -276,13 +295,14 @@ NEGATIVE_PROMPT = ""  # the negative prompt of classifier-free guidance, as the 
 
 
 def check_validation_file(path: str | None, spec: Any, vae_config: dict, transformer_config: dict,
-                          buckets: list[tuple[int, int, int]]) -> list[ValidationPrompt]:
+                          buckets: list[tuple[int, int, int]],
+                          memory: tuple[float, str] | None = None) -> list[ValidationPrompt]:
     """The validation file's prompts, checked as `ft train` will check them (no model is loaded; `spec` is the
-    run's ModelSpec)."""
+    run's ModelSpec; `memory`: the bound on what generating a row may hold, see `resolve_sizes`)."""
     if not path:
         return []
     prompts = read_validation_file(path)
-    resolve_sizes(prompts, path, spec, vae_config, transformer_config, default_size(buckets))
+    resolve_sizes(prompts, path, spec, vae_config, transformer_config, default_size(buckets), memory)
     return prompts
 
 

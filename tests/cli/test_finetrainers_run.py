@@ -7,7 +7,8 @@ training.json and validation.json, rewritten to a local folder in finetrainers' 
 videos.txt, prompt.txt) and to the tiny model's size. The script offers several parallel settings and uses DDP_2;
 this test takes its DDP_1 line, since data-parallel degrees above 1 are not in ft yet (that refusal is tested
 below). `--report_to wandb` needs wandb, which ft does not install; where it is missing the test reports to none
-instead.
+instead. With wandb installed (the dev extra) and no login here, the run logs offline (WANDB_MODE=offline, the fix
+`ft train` names when there is no key).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ REPORT_TO = "wandb" if importlib.util.find_spec("wandb") else "none"
 REGEX = "(transformer_blocks|single_transformer_blocks).*(to_q|to_k|to_v|to_out.0)"
 # examples/training/sft/wan/crush_smol_lora/train.sh: the same arrays but for the model and its LoRA targets
 WAN = {"model_name": "wan", "regex": "blocks.*(to_q|to_k|to_v|to_out.0)"}
+
+
+@pytest.fixture(autouse=True)
+def wandb_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
 
 
 def crush_smol_argv(model: Path, dataset_config: Path, output_dir: Path, steps: int,

@@ -111,3 +111,25 @@ def test_sizes_default_to_the_first_video_bucket_and_follow_the_familys_rules(tm
         resolve_sizes(cfg, "cfg.json", spec, COG_VAE, COG_TRANSFORMER, (9, 32, 32))
     hunyuan = get_spec("hunyuan_video")
     assert resolve_sizes(cfg, "cfg.json", hunyuan, {}, {}, (9, 32, 32))[0].true_cfg_scale == 4.0
+
+
+def test_an_ltx_row_it_cannot_generate_gets_advice_that_works(tmp_path):
+    spec = get_spec("ltx_video")
+    parts = spec.tiny_components(0)
+    vae, transformer = dict(parts["vae"].config), dict(parts["transformer"].config)
+    sized = read_validation_file(write(tmp_path / "sized.json", [{"caption": "x", "height": 32, "width": 48}]))
+    with pytest.raises(UserError) as error:  # the default size (32x64) can be generated: leaving it out works
+        resolve_sizes(sized, "sized.json", spec, vae, transformer, (9, 32, 64))
+    message = str(error.value)
+    assert "the nearest it takes: height 32, width 64" in message and "--height" not in message
+    assert "or leave them out to generate at 9x32x64" in message
+    assert resolve_sizes(read_validation_file(write(tmp_path / "plain.json", [{"caption": "x"}])), "plain.json", spec,
+                         vae, transformer, (9, 32, 64))[0].size == (9, 32, 64)
+    plain = read_validation_file(write(tmp_path / "plain.json", [{"caption": "x"}]))
+    with pytest.raises(UserError) as error:  # the default itself cannot: the row needs a size, not "leave it out"
+        resolve_sizes(plain, "plain.json", spec, vae, transformer, (9, 32, 48))
+    message = str(error.value)
+    assert "leave them out" not in message and "without them the row takes the set's first video bucket, 9x32x48" \
+        in message
+    fixed = read_validation_file(write(tmp_path / "fixed.json", [{"caption": "x", "height": 32, "width": 64}]))
+    assert resolve_sizes(fixed, "fixed.json", spec, vae, transformer, (9, 32, 48))[0].size == (9, 32, 64)

@@ -289,3 +289,25 @@ def test_estimate_refuses_a_bad_model_index_and_a_two_transformer_wan_2_2(tiny_w
     (tmp_path / "a14b" / "transformer" / "config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"transformer/config.json is not readable JSON"):
         run_cli(["estimate", "--model", "wan", "--pretrained", tmp_path / "a14b"])
+
+
+def test_precompute_and_check_data_refuse_a_two_transformer_wan_2_2_before_encoding(tiny_wan, shapes_data,
+                                                                                     tmp_path):
+    """A Wan 2.2 A14B folder was encoded in full before train, generate and estimate refused it."""
+    import json
+    import shutil
+
+    from helpers import FP32, run_cli
+
+    shutil.copytree(tiny_wan, tmp_path / "a14b")
+    index = json.loads((tmp_path / "a14b" / "model_index.json").read_text())
+    index.update(boundary_ratio=0.875, transformer_2=["diffusers", "WanTransformer3DModel"])
+    (tmp_path / "a14b" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"--pretrained .*a14b is a two-transformer Wan 2.2 .*use Wan 2.1"):
+        run_cli(["precompute", "--model", "wan", "--pretrained", tmp_path / "a14b", *FP32, "--dataset", shapes_data,
+                 "--out", tmp_path / "shards"])
+    assert not (tmp_path / "shards").exists()
+    with pytest.raises(UserError, match=r"--pretrained .*a14b is a two-transformer Wan 2.2"):
+        run_cli(["check-data", "--model", "wan", "--pretrained", tmp_path / "a14b", "--dataset", shapes_data,
+                 "--report", tmp_path / "check.json"])
+    assert not (tmp_path / "check.json").exists()

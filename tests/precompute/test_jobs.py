@@ -6,11 +6,8 @@ it; `ft inspect` shows the jobs."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +16,8 @@ import torch
 
 from ft.cli.inspect_shards import describe
 from ft.common.errors import UserError
-from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, iter_shard, load_manifest, open_shard_set
-from helpers import BUCKETS, FP32, run_cli
+from ft.common.shards import ACTIVE_KEYS_NAME, EMPTY_CAPTION_NAME, JOBS_DIR, iter_shard, load_manifest, open_shard_set  # noqa: E501
+from helpers import BUCKETS, FP32, finish, run_cli, start, stopped
 
 pytestmark = pytest.mark.slow
 FLAGS = [*FP32, *BUCKETS, "--shard-samples", "2"]
@@ -29,19 +26,6 @@ FLAGS = [*FP32, *BUCKETS, "--shard-samples", "2"]
 def argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["precompute", "--model", "cogvideox", "--pretrained", str(model), "--dataset", str(data),
             "--out", str(out), *FLAGS, *extra]
-
-
-def start(args: list[str], **env: str) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT",
-                                                              "SLURM_ARRAY_TASK_ID")}
-    return subprocess.Popen([sys.executable, "-m", "ft.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**clean, "HF_HUB_OFFLINE": "1", **env},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
 
 
 def tensors(out: Path) -> dict[str, dict[str, bytes]]:
@@ -99,7 +83,7 @@ def test_a_job_killed_and_rerun_gives_the_same(tiny_cog, shapes_data, tmp_path, 
     manifest = load_manifest(out)  # job 0 finished, job 1 did not: the set says so and what to run
     assert manifest.unmerged is not None and not manifest.complete
     status = manifest.describe_completeness()
-    assert "job(s) 1 of 2 did not finish" in status and "ft precompute --config" in status
+    assert "job(s) 1 of 2 stopped before finishing: rerun" in status and "ft precompute --config" in status
     with pytest.raises(UserError, match="INCOMPLETE.*job-0001-of-0002.config.json"):
         run_cli(["train", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--shards", out,
                  "--output-dir", tmp_path / "train", "--rank", "4", "--train-steps", "1"])
@@ -121,10 +105,6 @@ def test_train_refuses_an_unmerged_set_with_the_command_that_merges_it(tiny_cog,
     assert "NOT MERGED" in describe(str(out))
     run_cli(["precompute", "--finalize", "--out", out])
     assert_same_samples(out, one_job)
-
-
-def stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_cog, shapes_data, tmp_path,

@@ -105,3 +105,40 @@ def test_a_failed_export_leaves_nothing_that_loads(tmp_path):
     with pytest.raises(OSError):
         write_aside(target, half)
     assert list(tmp_path.iterdir()) == []  # no half folder, not even a hidden one
+
+
+def digests(folder):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_onto_a_full_disk_says_how_much_is_needed_and_leaves_nothing(lora_run, tmpfs):
+    from ft.train.export import read_checkpoint_tensors
+    from ft.train.weights_io import weights_bytes
+    from helpers import fill
+
+    checkpoint = lora_run / "checkpoints" / "checkpoint-000002"
+    before = digests(checkpoint)
+    needed = weights_bytes(read_checkpoint_tensors(checkpoint))
+    disk = tmpfs("small", "2m")
+    filler = fill(disk, leave=needed // 2)
+    with pytest.raises(UserError) as error:  # refused before writing: the free space is read first
+        run_cli(["export", "--checkpoint", checkpoint, "--out", disk / "lora"])
+    message = str(error.value)
+    assert message.startswith(f"--out {disk / 'lora'}: the weights need ") and " is free there" in message
+    assert "the checkpoint is untouched" in message
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no folder, no hidden temporary
+    filler.unlink()
+    result = run_cli(["export", "--checkpoint", checkpoint, "--out", disk / "lora"])  # space freed: it goes
+    assert same(load_file(result), load_file(checkpoint / "pytorch_lora_weights.safetensors"))
+    # bytes free but no inode left for the file the library writes (ENOSPC all the same, found only while writing):
+    # safetensors' own SafetensorError becomes the one line
+    inodes = tmpfs("few-inodes", "2m,nr_inodes=3")  # the root, the --out folder, the hidden one aside: no file
+    with pytest.raises(UserError) as error:
+        run_cli(["export", "--checkpoint", checkpoint, "--out", inodes / "lora"])
+    message = str(error.value)
+    assert message.startswith(f"--out {inodes / 'lora'}: ") and "no space left on the device" in message
+    assert "the weights need" in message and "Nothing half-written was left" in message
+    assert list(inodes.iterdir()) == []
+    assert digests(checkpoint) == before

@@ -108,6 +108,26 @@ def test_train_refuses_prompts_that_were_not_precomputed(tiny_cog, cog_shards, p
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+HUGE = {"caption": "a small bright square", "num_frames": 9, "height": 32768, "width": 32768}
+
+
+def test_a_row_too_big_to_generate_is_refused_in_precompute_and_at_train_start(tiny_cog, shapes_data, val_shards,
+                                                                              tmp_path):
+    huge = validation_file(tmp_path, [{"caption": "a red circle"}, HUGE], "huge.json")
+    # precompute: against the largest GPU ft estimate knows, before any encoder loads or any clip is probed
+    with pytest.raises(UserError, match=r"huge.json row 2: num_frames 9, height 32768, width 32768: generating it "
+                                        r"needs about [\d,.]+ GiB .*more than the 80 GiB of the largest GPU"):
+        run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+                 "--out", tmp_path / "shards", "--validation-dataset-file", huge])
+    assert not (tmp_path / "shards").exists()
+    # train start (the sizes come from the file given to train): against this machine's memory, before any weight
+    with pytest.raises(UserError, match=r"huge.json row 2: .*height 32768.*more than this machine's memory .*Set the "
+                                        r"row's num_frames, height and width columns .*or leave them out to generate "
+                                        r"at 9x32x32"):
+        train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", huge)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_size_or_another_vae_is_refused_before_the_first_step(tiny_cog, val_shards, tmp_path):
     bad = validation_file(tmp_path, [{"caption": "x", "num_frames": 10}], "bad.json")
     with pytest.raises(UserError, match=r"bad.json row 1: num_frames 10.*4k\+1"):
@@ -152,6 +172,36 @@ def test_videos_at_the_right_steps_with_their_frames_and_size(validated, prompts
     assert [f["caption"] for f in files] == [prompts[1], "a small bright square"]
     assert (files[1]["seed"], files[1]["num_inference_steps"], files[1]["guidance_scale"]) == (7, 2, 6)
     assert (out / files[0]["file"]).is_file() and summary["validation"].endswith("step-000003")
+
+
+@pytest.mark.slow
+def test_a_kill_during_validation_leaves_no_half_folder_and_the_resumed_run_makes_it(validated, tiny_cog,
+                                                                                     val_shards, prompts, tmp_path):
+    import signal
+
+    from helpers import finish, start
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--shards", val_shards[0],
+            "--output-dir", out, "--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--lr-warmup-steps", "0",
+            "--lr", "1e-3", "--seed", "1", "--train-steps", "3", "--validation-dataset-file", prompts[0],
+            "--validation-steps", "2", "--checkpointing-steps", "2", "--report-to", "none"]
+    code, err = finish(start(argv, FT_TEST_KILL_AT="validation-video:1"))  # step 2: one of its two videos written
+    assert code == -signal.SIGKILL, err[-3000:]
+    assert (out / "checkpoints" / "checkpoint-000002").is_dir()
+    assert not (out / "validation" / "step-000002").exists()  # no folder that looks done
+    assert len(list((out / "validation" / ".step-000002.tmp").glob("*.mp4"))) == 1
+    code, err = finish(start([*argv, "--resume-from-checkpoint", "latest"]))
+    assert code == 0, err[-3000:]
+    assert "step 2: its validation was cut short by the stop; making it again" in err
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002", "step-000003"]
+    from ft.precompute.media import open_media
+
+    for step in ("step-000002", "step-000003"):  # whole: the files of the run that was never stopped
+        made, straight = out / "validation" / step, validated[0] / "validation" / step
+        assert sorted(p.name for p in made.iterdir()) == sorted(p.name for p in straight.iterdir())
+        assert [open_media(v).num_frames for v in sorted(made.glob("*.mp4"))] == [9, 9]
+    assert not list((out / "validation").glob(".*"))
 
 
 def test_no_text_encoder_or_tokenizer_is_built_in_training(validated):
