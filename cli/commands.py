@@ -1,9 +1,9 @@
 """The `ft` command table and how a command line runs (typer): the app, `COMMANDS` (each command that runs from a
 config dataclass -> its config class and runner, resolved lazily), and `invoke`.
 
-Each command's flags come from its config dataclass (see ft.common.config), so `--help` is the dataclass's field
-docs. finetrainers' underscore spellings are accepted (finetrainers.py translates them), list flags take several
-values, `--config FILE` supplies values that flags override. The stages are imported only when a command runs or
+Each command's flags come from its config dataclass (cli/flags.py `make_command`; the fields in common/config.py),
+so `--help` is the dataclass's field docs. finetrainers' underscore spellings are accepted (finetrainers.py
+translates them), list flags take several values, `--config FILE` supplies values that flags override. The stages are imported only when a command runs or
 its config is asked for, so `ft --help` stays fast.
 """
 

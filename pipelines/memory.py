@@ -2,7 +2,7 @@
 (generating one video).
 
 - `video_tokens` and `activation_bytes`: the transformer's tokens for a latent grid, and the activations it keeps
-  (see pipelines/estimate.py's docstring for the model: (16 + 4 r) bytes per token per hidden unit in bf16 per
+  (see cli/estimate.py's docstring for the model: (16 + 4 r) bytes per token per hidden unit in bf16 per
   block, after Korthikanti et al. 2022);
 - `generation_bytes`: about what generating one frames x height x width video holds at its peak, with the same
   model: one transformer block's activations at once (inference keeps none for backward), for the conditional
@@ -10,7 +10,7 @@
   live at once, in bf16, with its first block's channels) and the decoded video in fp32. It is an estimate, not a
   measurement; it grows with the pixel count, which is what matters: a validation row of 32768x32768 needs
   terabytes, and is refused before training starts instead of crashing at its first validation
-  (common/prompts.py `resolve_sizes`, called by precompute and at train start).
+  (common/shards/prompts.py `resolve_sizes`, called by precompute and at train start).
 - `GPU_SIZES_GIB`, `FIT_HEADROOM`: the cards `ft estimate` fits a run against, and the share of each kept free.
 """
 
@@ -39,7 +39,7 @@ def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> i
 
 def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_ratio: float, checkpointing: bool
                      ) -> float:
-    """The activations a transformer keeps for backward, in bf16 (see pipelines/estimate.py's docstring)."""
+    """The activations a transformer keeps for backward, in bf16 (see cli/estimate.py's docstring)."""
     per_block = (16 + 4 * mlp_ratio) * tokens * batch * hidden
     if checkpointing:
         return layers * BF16 * tokens * batch * hidden + per_block

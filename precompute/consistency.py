@@ -27,6 +27,8 @@ from typing import Any
 from ft.common.errors import UserError
 from ft.common.shards import JOBS_DIR, JobState, job_stem, sample_key
 
+from .job_slots import job_config_path
+
 
 def caption_shaping(id_token: str | None, strip_llm_prefixes: bool) -> dict[str, Any]:
     """How captions were shaped before encoding: recorded with the encoding (it does not enter the keys, the
@@ -72,7 +74,7 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
 
 
 def _command(out: Path, other: JobState, index: int) -> str:
-    config = (out / JOBS_DIR / f"{other.stem}.config.json").resolve()
+    config = job_config_path(out, other.stem).resolve()
     return f"ft precompute --config {config} --job-index {index}"
 
 

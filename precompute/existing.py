@@ -2,7 +2,7 @@
 
 A job looks at the last merged manifest's shards, its own journal (shards it finished in an earlier attempt) and
 its own unlisted shards (renamed into place just before a kill: adopted unless their samples are already
-listed, so no sample is listed twice). Each shard is seen through its index file (shard_reader.py), or its tar
+listed, so no sample is listed twice). Each shard is seen through its index file (common/shards/reader.py), or its tar
 headers for a set written before indexes existed; a listed shard that is lost or unreadable is dropped (its
 samples are encoded again). Only a single run (one job, which no other writer can run beside) removes files it
 did not write: leftovers of every killed writer (`*.tar.tmp`), and listed shards whose samples all sit in other

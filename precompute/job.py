@@ -71,7 +71,7 @@ from .dataset_config import apply_caption_options
 from .datasets import dataset_root, load_dataset
 from .existing import half_index, scan_existing
 from .faults import disk_fault_message
-from .job_slots import JobSlot, item_identity, job_device, live_locks, lock_slot, resolve_slot
+from .job_slots import JobSlot, item_identity, job_config_path, job_device, live_locks, lock_slot, resolve_slot
 from .media_cache import MediaCache
 from .merge import finalize, remove_job_files
 from .planned_sample import PlannedSample, SampleKeys, sample_encoding
@@ -198,7 +198,7 @@ def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
         if values.get(name) and Path(values[name]).exists():
             values[name] = str(Path(values[name]).resolve())
     values["num_jobs"], values["job_index"] = slot.num_jobs, slot.index
-    path = out / JOBS_DIR / f"{slot.stem}.config.json"
+    path = job_config_path(out, slot.stem)
     write_atomic(path, json.dumps(values, indent=2) + "\n")
     return f"ft precompute --config {path.resolve()}"
 

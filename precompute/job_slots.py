@@ -110,6 +110,11 @@ def job_device(device: str, env: dict[str, str] | None = None) -> str:
     return f"cuda:{world.local_rank}" if torch.cuda.is_available() else device
 
 
+def job_config_path(out: Path, stem: str) -> Path:
+    """Where a job saves its resolved config (job.py) and the merge reads job 0's back: `jobs/<stem>.config.json`."""
+    return out / JOBS_DIR / f"{stem}.config.json"
+
+
 # ---------------------------------------------------------------------------------------------- locks
 
 

@@ -41,17 +41,12 @@ from ft.common.shards import (
 )
 
 from .consistency import check_jobs_agree
-from .job_slots import JobSlot, Lock, describe_holder, live_locks
+from .job_slots import JobSlot, Lock, describe_holder, job_config_path, live_locks
 from .media_cache import merge_cache_files
 from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
 MERGE_WAIT_S = 600  # how long a finishing job waits for another process's merge before leaving it
-
-
-def job_config_path(out: Path, stem: str) -> Path:
-    """Where a job saves its resolved config (encode.py) and the merge reads job 0's back: `jobs/<stem>.config.json`."""
-    return out / JOBS_DIR / f"{stem}.config.json"
 
 
 def _concat(out: Path, files: list[str], target: str) -> int:
@@ -211,8 +206,8 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
 
 def _remove_merged(out: Path, stems: list[str], sealed: list[str]) -> None:
     """The merged jobs' files, each state first (a state the manifest lists as merged is a leftover, never merged
-    again: jobstate.py `merged_attempts`), then their stamps sealed: an unchanged rerun of any of the `sealed`
-    jobs can now stop after a stat of its inputs. A merge killed in here is finished by the next one."""
+    again: common/shards/journal.py `merged_attempts`), then their stamps sealed: an unchanged rerun of any of the
+    `sealed` jobs can now stop after a stat of its inputs. A merge killed in here is finished by the next one."""
     for stem in stems:
         (out / JOBS_DIR / f"{stem}.json").unlink(missing_ok=True)
         kill_point("merge-state-removed")

@@ -28,6 +28,7 @@ The contract is split by concern; this module names it in one place:
   `open_shard_set`, the set as readers that must see unmerged jobs (`ft train`, `ft inspect`) ask for it;
 - reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
 - writer.py: `ShardWriter` (and the `kill_point` test hook);
+- liveness.py: whether the writer a lock file names still runs (precompute's locks, the jobs' status);
 - prompts.py: the prompt table (validation prompts and the empty caption's conditioning).
 
 Safety: the reader refuses any member that is not `.json` or `.safetensors` (a `.pth`, `.pyd` or `.pickle`

@@ -1,5 +1,5 @@
 """Whether the writer named in a lock file still runs: read by precompute's locks (precompute/job_slots.py) and by the
-jobs' status (jobstate.py), which tells a job that is running from one that was killed and one that never ran.
+jobs' status (journal.py), which tells a job that is running from one that was killed and one that never ran.
 
 A lock file is JSON naming its holder: host, pid, the kernel's start time of that process (so a reused pid is not
 taken for the holder) and when it started. A holder on another host cannot be checked from here: it counts as
