@@ -3,8 +3,8 @@ config dataclass -> its config class and runner, resolved lazily), and `invoke`.
 
 Each command's flags come from its config dataclass (cli/flags.py `make_command`; the fields in common/config.py),
 so `--help` is the dataclass's field docs. finetrainers' underscore spellings are accepted (finetrainers.py
-translates them), list flags take several values, `--config FILE` supplies values that flags override. The stages are imported only when a command runs or
-its config is asked for, so `ft --help` stays fast.
+translates them), list flags take several values, `--config FILE` supplies values that flags override. The stages
+are imported only when a command runs or its config is asked for, so `ft --help` stays fast.
 """
 
 from __future__ import annotations
