@@ -181,11 +181,19 @@ class LoraPlan:
         return out
 
     def write(self, out_dir: str | Path, peft_state: dict[str, Any], steps: int) -> Path:
-        """Write each layout's file into `out_dir` (each aside, then renamed); returns the first."""
+        """Write each layout's file into `out_dir` (each aside, then renamed); returns the first. A failure on one
+        removes those this call wrote before it, so no set is left half-written."""
         from safetensors.torch import save_file
 
-        written = [write_aside(Path(out_dir) / name, lambda tmp, s=state, m=meta: save_file(s, str(tmp), metadata=m))
-                   for name, (state, meta) in self.files(peft_state, steps).items()]
+        written: list[Path] = []
+        try:
+            for name, (state, meta) in self.files(peft_state, steps).items():
+                written.append(write_aside(Path(out_dir) / name,
+                                           lambda tmp, s=state, m=meta: save_file(s, str(tmp), metadata=m)))
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         return written[0]
 
 
