@@ -99,8 +99,11 @@ def test_refused_before_any_weight_loads(extra, match, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--dp-shards", "2"], ["--dp-degree", "2"]])
 def test_several_processes_are_refused_with_the_reason(layout, tiny_cog, cog_shards, tmp_path):
-    from test_distributed import torchrun, train_args
+    from test_distributed import torchrun
 
-    done = torchrun(2, train_args(tiny_cog, cog_shards, tmp_path / "out", *FP8, "--batch-size", 1, *layout))
+    from helpers import train_args
+
+    argv = train_args("cogvideox", tiny_cog, cog_shards, tmp_path / "out", *FP8, "--batch-size", 1, *layout)
+    done = torchrun(2, argv)
     assert done.returncode != 0
     assert "trains in one process only" in done.stderr, done.stderr[-3000:]
