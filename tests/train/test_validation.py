@@ -124,7 +124,7 @@ def test_a_row_too_big_to_generate_is_refused_in_precompute_and_at_train_start(t
     with pytest.raises(UserError, match=r"huge.json row 2: .*height 32768.*more than this machine's memory .*Set the "
                                         r"row's num_frames, height and width columns .*or leave them out to generate "
                                         r"at 9x32x32"):
-        train(tiny_cog, val_shards[0], tmp_path / "out", "--validation-dataset-file", huge)
+        train("cogvideox", tiny_cog, val_shards[0], tmp_path / "out", *RUN, "--validation-dataset-file", huge)
     assert not (tmp_path / "out").exists()
 
 
