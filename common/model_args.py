@@ -21,7 +21,14 @@ from .errors import UserError
 _P = "Model"  # the --help panel of these flags
 
 COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
-              "transformer")
+              "transformer", "image_encoder")
+# what a run trains (pipelines/image.py): what the checkpoint is, or one mode of a checkpoint that serves both
+MODES = ("auto", "t2v", "i2v")
+
+
+def is_processor(component: str) -> bool:
+    """Tokenizers and image processors: files read, no weights, no dtype."""
+    return component.startswith("tokenizer") or component.endswith("processor")
 
 
 @dataclass(kw_only=True)
@@ -30,6 +37,10 @@ class ModelArgs:
 
     model: str = opt(REQUIRED, "Model family: cogvideox, ltx_video, ... (`ft models` lists them all).", panel=_P)
     pretrained: str = opt(REQUIRED, "A diffusers folder or hub id of the base model.", panel=_P)
+    mode: str = opt("auto", "t2v (text-to-video) or i2v (image-to-video, conditioned on the clip's first frame, and "
+                            "last for first-last-frame models). auto: what --pretrained is (read from its files); "
+                            "text-to-video for a checkpoint that serves both (LTX-Video, Wan 2.2 TI2V-5B); `ft "
+                            "train` follows the shards.", panel=_P)
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --pretrained.", panel=_P)
     variant: str | None = opt(None, "Weights variant to load, e.g. fp16 (files named *.fp16.safetensors).", panel=_P)
     cache_dir: str | None = opt(None, "Where hub downloads are stored (default: the Hugging Face cache).", panel=_P)
@@ -42,6 +53,8 @@ class ModelArgs:
     text_encoder_3_id: str | None = opt(None, "Load the third text encoder from here.", panel=_P)
     transformer_id: str | None = opt(None, "Load the transformer from here (a finetune of the family).", panel=_P)
     vae_id: str | None = opt(None, "Load the VAE from here (precompute, generate).", panel=_P)
+    image_encoder_id: str | None = opt(None, "Load the image encoder from here (image-to-video checkpoints that have "
+                                             "one: precompute, generate).", panel=_P)
     text_encoder_dtype: str = opt("bf16", "dtype of the text encoder: bf16, fp16 or fp32 (precompute, generate).",
                                   panel=_P)
     text_encoder_2_dtype: str = opt("bf16", "dtype of the second text encoder.", panel=_P)
@@ -49,11 +62,14 @@ class ModelArgs:
     transformer_dtype: str = opt("bf16", "dtype of the transformer's weights and the training precision (train, "
                                          "generate).", panel=_P)
     vae_dtype: str = opt("bf16", "dtype of the VAE (precompute, generate).", panel=_P)
+    image_encoder_dtype: str = opt("bf16", "dtype of the image encoder (precompute, generate).", panel=_P)
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_dtype", "text_encoder_2_dtype", "text_encoder_3_dtype", "transformer_dtype",
-                     "vae_dtype"):
+                     "vae_dtype", "image_encoder_dtype"):
             check_choice(str(getattr(self, name)).lower(), DTYPE_NAMES, name)
+        check_choice(str(self.mode).lower(), MODES, "mode")
+        self.mode = str(self.mode).lower()
         if not self.pretrained:
             raise UserError("--pretrained is empty: pass a diffusers folder or a hub id.")
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
-from ft.common.model_args import COMPONENTS, ModelArgs
+from ft.common.model_args import COMPONENTS, ModelArgs, is_processor
 
 from .fingerprint import ComponentFiles, clean_config, file_fingerprint, hub_hint, locate
 from .lora_keys import OriginalLayout
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     import torch
 
     from ft.common.shards import Manifest
+
+    from .image import ImageConditioning
 
 
 def import_class(module: str, name: str) -> type:
@@ -196,6 +198,10 @@ class StepInputs:
     meta: list[dict[str, Any]]
     generators: list[torch.Generator]
     options: TrainOptions = field(default_factory=TrainOptions)
+    # an image-conditioned run: the samples' stored `image` group (`ModelSpec.encode_image`) and how the checkpoint
+    # takes it (pipelines/image.py); empty and None for text-to-video
+    image: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_conditioning: ImageConditioning | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,9 @@ class ModelSpec(ABC):
     # component name -> (module, class); tokenizers and text encoders are listed in the order the pipeline takes them
     component_classes: ClassVar[dict[str, tuple[str, str]]]
     text_components: ClassVar[tuple[str, ...]]
+    # image-to-video: the image encoder and its processor of the checkpoints that have one (stage 1 and generation
+    # only; pipelines/image.py), by component name
+    image_component_classes: ClassVar[dict[str, tuple[str, str]]] = {}
     scheduler_class: ClassVar[tuple[str, str]]
     # module names, or one regex matched against whole names (see `peft_targets`); by default the attention
     # projections of diffusers' attention blocks, which a family overrides where it trains other modules
@@ -281,13 +290,13 @@ class ModelSpec(ABC):
         what `check_pretrained` refuses of --pretrained: every command (precompute and check-data too) refuses a
         folder that a later stage would, before any work."""
         for component in COMPONENTS:
-            if component in self.component_classes:
+            if component in self.component_classes or component in self.image_component_classes:
                 continue
             flag = "--" + component.replace("_", "-")
             if args.source_of(component):
                 raise UserError(f"{flag}-id: {self.display_name} has no {component}; its components are "
                                 f"{', '.join(self.component_classes)}.")
-            if not component.startswith("tokenizer") and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
+            if not is_processor(component) and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
                 raise UserError(f"{flag}-dtype: {self.display_name} has no {component}.")
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
@@ -296,10 +305,10 @@ class ModelSpec(ABC):
             self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
     def component_class(self, component: str) -> type:
-        return import_class(*self.component_classes[component])
+        return import_class(*{**self.component_classes, **self.image_component_classes}[component])
 
     def _source(self, component: str, args: ModelArgs) -> tuple[str, str | None, str | None]:
-        override = args.source_of(component)
+        override = args.source_of(component) if component in COMPONENTS else None
         if override:
             return (*resolve_source(override, component), None)
         root = Path(args.pretrained)
@@ -357,7 +366,7 @@ class ModelSpec(ABC):
         kwargs: dict[str, Any] = {}
         hub: dict[str, Any] = {"cache_dir": args.cache_dir} if args.cache_dir else {}  # from_pretrained only
         dtype = None
-        if not component.startswith("tokenizer"):
+        if not is_processor(component):
             if args.variant:
                 hub["variant"] = args.variant
             dtype = parse_dtype(args.dtype_of(component), f"--{component.replace('_', '-')}-dtype")
@@ -391,11 +400,22 @@ class ModelSpec(ABC):
         """The tokenizers and text encoders, by component name."""
         return {name: self.load_component(name, args, device) for name in self.text_components}
 
-    def load_pipeline(self, args: ModelArgs, device: str | torch.device) -> Any:
-        """The diffusers pipeline with every component loaded through `load_component` (so overrides apply)."""
+    def load_image_encoders(self, args: ModelArgs, device: str | torch.device | None,
+                            conditioning: ImageConditioning | None) -> dict[str, Any]:
+        """The image encoder and its processor of an image-to-video checkpoint that has one, by component name ({}
+        for any other run)."""
+        if conditioning is None or not conditioning.image_encoder:
+            return {}
+        return {name: self.load_component(name, args, device) for name in self.image_component_classes}
+
+    def load_pipeline(self, args: ModelArgs, device: str | torch.device,
+                      conditioning: ImageConditioning | None = None) -> Any:
+        """The diffusers pipeline with every component loaded through `load_component` (so overrides apply): the
+        image-to-video pipeline, with its image encoder, for an image-conditioned run (`conditioning`)."""
         parts = {name: self.load_component(name, args, device) for name in self.component_classes}
+        parts |= self.load_image_encoders(args, device, conditioning)
         parts["scheduler"] = self.pipeline_scheduler(args)
-        return import_class(*self.pipeline_class)(**parts)
+        return import_class(*(conditioning.pipeline_class if conditioning else self.pipeline_class))(**parts)
 
     def pipeline_scheduler(self, args: ModelArgs) -> Any:
         """The scheduler the pipeline samples with: the class named in the model's scheduler config."""
@@ -409,7 +429,7 @@ class ModelSpec(ABC):
     def component_files(self, component: str, args: ModelArgs) -> ComponentFiles:
         """Where a component's files are on this machine (see fingerprint.py); FilesUnavailable if not readable."""
         source, subfolder, revision = self._source(component, args)
-        return locate(source, subfolder, revision, args.cache_dir, args.variant, component.startswith("tokenizer"))
+        return locate(source, subfolder, revision, args.cache_dir, args.variant, is_processor(component))
 
     def fingerprints_from_files(self, args: ModelArgs, components: tuple[str, ...] | None = None
                                 ) -> dict[str, Any]:
@@ -417,17 +437,18 @@ class ModelSpec(ABC):
         Raises FilesUnavailable when some component cannot be read that way."""
         out = {}
         for name in components or (*self.text_components, "vae"):
-            dtype = None if name.startswith("tokenizer") else dtype_name(parse_dtype(args.dtype_of(name)))
+            dtype = None if is_processor(name) else dtype_name(parse_dtype(args.dtype_of(name)))
             out[name] = file_fingerprint(self.component_class(name), self.component_files(name, args), dtype)
         return out
 
     def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
         """The fallback of `fingerprints_from_files`: fingerprints of loaded modules."""
-        out = {}
-        for name, module in {**encoders, "vae": vae}.items():
-            dtype = None if name.startswith("tokenizer") else parse_dtype(args.dtype_of(name))
-            out[name] = fingerprint(module, dtype)
-        return out
+        return self.module_fingerprints({**encoders, "vae": vae}, args)
+
+    def module_fingerprints(self, modules: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
+        """Fingerprints of loaded components, by name, each in its configured dtype."""
+        return {name: fingerprint(module, None if is_processor(name) else parse_dtype(args.dtype_of(name)))
+                for name, module in modules.items()}
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -482,6 +503,19 @@ class ModelSpec(ABC):
         hidden layer, latent normalisation, ...). They go into every sample key and the manifest's encoding
         parameters (precompute.planned_sample.sample_encoding), so changing one re-encodes instead of reusing."""
         return {}
+
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """How this checkpoint (its transformer config and model_index.json) is conditioned on an image, or None
+        for a text-to-video one (pipelines/image.py)."""
+        return None
+
+    def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
+                     conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """The `image` group of a batch, as the family's image-to-video pipeline computes it from its image: `frames`
+        [B, C, N, H, W] in [-1, 1] are the clip's conditioning frames at the bucket's size (`conditioning.frames`
+        in order), `num_frames` the bucket's frame count, `models` the VAE (`vae`) and the image encoder and
+        processor where the checkpoint has them."""
+        raise UserError(f"{self.display_name} has no image-to-video training in ft.")
 
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample): the
@@ -542,6 +576,13 @@ class ModelSpec(ABC):
         transformer (of `transformer_config`) takes. Sample i's posterior draw comes from `generators[i]` (see
         `randn_per_sample`)."""
 
+    def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
+                      generators: list[torch.Generator], conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """The stored `image` group (batched) -> what `predict` feeds the transformer with, as the family's
+        image-to-video pipeline makes it from its image (normalised latents, the mask; sample i's draws from
+        `generators[i]`, after the latent, noise and sigma draws). As stored by default."""
+        return image
+
     def latent_sequence_length(self, latents: torch.Tensor) -> int:
         """Tokens of one sample's latents before patching (frames x height x width), for resolution-dependent
         sigma shifting. `latents` is what `prepare_latents` returned."""
@@ -580,12 +621,15 @@ class ModelSpec(ABC):
         return check_generation_memory(size, self.compression(vae_config), vae_config, transformer_config,
                                        self.default_sequence_length(transformer_config), memory)
 
-    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
+    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any,
+                       conditioning: ImageConditioning | None = None) -> Any:
         """The family's diffusers pipeline around these modules with no tokenizer or text encoder: it samples from
         stored embeddings (`prompt_embeds`, `negative_*`), which is all `encode_prompt` needs when they are given.
-        Validation builds it around the live (training) transformer; `ft generate` around a loaded one."""
+        Validation builds it around the live (training) transformer; `ft generate` around a loaded one. An
+        image-conditioned run gets the image-to-video pipeline (with no image encoder: stored embeddings too)."""
         parts = dict.fromkeys(self.text_components)
-        return import_class(*self.pipeline_class)(transformer=transformer, vae=vae, scheduler=scheduler, **parts)
+        cls = conditioning.pipeline_class if conditioning else self.pipeline_class
+        return import_class(*cls)(transformer=transformer, vae=vae, scheduler=scheduler, **parts)
 
     def takes_true_cfg(self) -> bool:
         """Whether the pipeline has true classifier-free guidance (`true_cfg_scale`): its guidance scale is then an
@@ -603,6 +647,14 @@ class ModelSpec(ABC):
     @abstractmethod
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         """The family at toy size with random weights: pipeline components by name (scheduler included)."""
+
+    # other checkpoints of the family at toy size (`--model family:variant` in `ft demo`), name -> what it is
+    tiny_variants: ClassVar[dict[str, str]] = {}
+
+    def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
+        """(pipeline class, components) of the toy-size `variant` (one of `tiny_variants`)."""
+        choices = ", ".join(f"{self.name}:{v}" for v in self.tiny_variants) or "none"
+        raise UserError(f"{self.display_name} has no tiny variant {variant!r} (variants: {choices}).")
 
 
 def family_of_class(component: str, class_name: str) -> str | None:

@@ -28,6 +28,7 @@ class Checkpoint:
     display_name: str
     names: tuple[str, ...]
     configs: dict[str, dict[str, Any]]
+    image_to_video: bool = False  # an image-to-video checkpoint (its configs include the image encoder's, if any)
 
     def matches(self, pretrained: str) -> bool:
         """Whether `pretrained` names this checkpoint: one of its names or a name's last part, in any case."""

@@ -55,9 +55,13 @@ def spec_for(args: ModelArgs) -> ModelSpec:
 
 
 def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:
-    """Build the tiny `model` family with random weights and save it as a diffusers folder."""
-    spec = get_spec(model)
-    pipe = import_class(*spec.pipeline_class)(**spec.tiny_components(seed))
+    """Build the tiny `model` family with random weights and save it as a diffusers folder; `family:variant` (e.g.
+    `wan:i2v`) builds one of the family's `tiny_variants`."""
+    name, _, variant = model.partition(":")
+    spec = get_spec(name)
+    pipeline_class, parts = spec.tiny_variant(variant, seed) if variant else (spec.pipeline_class,
+                                                                              spec.tiny_components(seed))
+    pipe = import_class(*pipeline_class)(**parts)
     folder = Path(folder)
     pipe.save_pretrained(folder)
     return folder

@@ -40,6 +40,7 @@ from ft.common.errors import UserError
 
 from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior
 from .fingerprint import hub_hint
+from .image import ImageConditioning
 from .lora_keys import OriginalLayout, Rename
 from .real_configs import Checkpoint
 
@@ -137,6 +138,9 @@ class WanSpec(ModelSpec):
         "transformer": ("diffusers", "WanTransformer3DModel"),
     }
     text_components = ("tokenizer", "text_encoder")
+    # Wan 2.1 I2V / FLF2V: CLIP ViT-H/14's penultimate hidden states of the image (WanImageToVideoPipeline)
+    image_component_classes = {"image_encoder": ("transformers", "CLIPVisionModel"),
+                               "image_processor": ("transformers", "CLIPImageProcessor")}
     # finetrainers trains Wan with FlowMatchEulerDiscreteScheduler(); the pipeline samples with the UniPC scheduler
     # its scheduler config names (ModelSpec.pipeline_scheduler)
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
@@ -215,7 +219,68 @@ class WanSpec(ModelSpec):
                   for e, n in zip(embeds, lengths, strict=True)]
         return {"prompt_embeds": torch.stack(padded)}
 
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """Wan 2.1 I2V and FLF2V, Wan 2.2 I2V-A14B: a transformer taking the latents, a 4-channel mask and the VAE
+        encoding of the conditioning frames on its channels (in_channels = 2 x out_channels + 4); an `image_dim`
+        means CLIP embeddings too (Wan 2.1), a `pos_embed_seq_len` two images (first and last frame: FLF2V)."""
+        out_channels = int(transformer_config.get("out_channels") or 16)
+        if int(transformer_config.get("in_channels") or out_channels) != 2 * out_channels + 4:
+            return None
+        frames = ("first", "last") if transformer_config.get("pos_embed_seq_len") else ("first",)
+        return ImageConditioning("channel-concat", ("diffusers", "WanImageToVideoPipeline"), frames,
+                                 image_encoder=transformer_config.get("image_dim") is not None)
+
+    def latent_channels(self, transformer_config: dict) -> int:
+        return int(transformer_config.get("out_channels") or transformer_config.get("in_channels") or 0)
+
+    def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
+                     conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """`WanImageToVideoPipeline.prepare_latents` and `encode_image`: the first frame followed by zeros (the last
+        frame at the end for FLF2V) through the VAE, stored as its posterior (`condition_mean`/`_logvar`; the
+        pipeline takes the mean); where the transformer has `image_dim`, CLIP's penultimate hidden states of the
+        frames (`image_embeds` [frames, tokens, width]), from the frames as uint8 images, as the pipeline's PIL
+        input reaches its image processor."""
+        import torch
+
+        vae = models["vae"]
+        first, count = frames[:, :, :1], frames.shape[2]
+        zeros = first.new_zeros(first.shape[0], first.shape[1], num_frames - count, *first.shape[3:])
+        video = torch.cat([first, zeros] + ([frames[:, :, 1:]] if count > 1 else []), dim=2)
+        posterior = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
+        out = {"condition_mean": posterior.mean, "condition_logvar": posterior.logvar}
+        if conditioning.image_encoder:
+            processor, encoder = models["image_processor"], models["image_encoder"]
+            pixels = ((frames.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [B, C, N, H, W]
+            images = [img.permute(1, 2, 0).cpu().numpy() for sample in pixels for img in sample.unbind(1)]
+            inputs = processor(images=images, return_tensors="pt").to(encoder.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(encoder.dtype)
+            hidden = encoder(**inputs, output_hidden_states=True).hidden_states[-2]
+            out["image_embeds"] = hidden.reshape(frames.shape[0], count, *hidden.shape[1:])
+        return out
+
     # ------------------------------------------------------------------------------------------------ stage 2
+
+    def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
+                      generators: list[torch.Generator], conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """The pipeline's `condition` (its mask, then the VAE mean normalised as it normalises latents) and the
+        CLIP embeddings as it batches them (a sample's images consecutive: [B x images, tokens, width])."""
+        import torch
+
+        latent = image["condition_mean"].float()
+        batch, channels, latent_frames, height, width = latent.shape
+        mean = torch.tensor(vae_config["latents_mean"]).view(1, channels, 1, 1, 1).to(latent.device)
+        latent = (latent - mean) * (1.0 / torch.tensor(vae_config["latents_std"])).view(1, channels, 1, 1, 1).to(
+            latent.device)  # the pipeline's own arithmetic, so the condition is its bitwise
+        temporal = self.compression(vae_config)[0]
+        num_frames = (latent_frames - 1) * temporal + 1
+        mask = latent.new_ones(batch, 1, num_frames, height, width)
+        mask[:, :, 1:num_frames - 1 if "last" in conditioning.frames else num_frames] = 0
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(temporal, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch, -1, temporal, height, width).transpose(1, 2)
+        out = {"condition": torch.cat([mask, latent], dim=1)}
+        if "image_embeds" in image:
+            out["image_embeds"] = image["image_embeds"].flatten(0, 1)
+        return out
 
     def pipeline_settings(self) -> dict[str, Any]:
         """The transformer-call settings of the run's --pretrained (`with_pretrained`), read once."""
@@ -239,16 +304,24 @@ class WanSpec(ModelSpec):
                                  torch.tensor(vae_config["latents_std"]), 1.0)
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
-        """The flow (velocity) prediction, fed as WanPipeline's denoising loop feeds the transformer."""
+        """The flow (velocity) prediction, fed as WanPipeline's (WanImageToVideoPipeline's) denoising loop feeds the
+        transformer."""
+        import torch
+
         timestep = step.timesteps.long()
         if self.pipeline_settings()["expand_timesteps"]:
             # Wan 2.2 TI2V-5B: WanPipeline's (mask[0][0][:, ::2, ::2] * t).flatten(), its mask all ones for
             # text-to-video: the sample's timestep for every token, float32
             _, _, frames, height, width = step.noisy.shape
             timestep = timestep.float()[:, None].expand(-1, frames * -(-height // 2) * -(-width // 2))
-        output = transformer(hidden_states=step.noisy.to(dtype), timestep=timestep,
+        hidden, extra = step.noisy, {}
+        if step.image_conditioning is not None:  # WanImageToVideoPipeline: the condition on the channels
+            hidden = torch.cat([step.noisy, step.image["condition"].to(step.noisy.dtype)], dim=1)
+            if "image_embeds" in step.image:
+                extra["encoder_hidden_states_image"] = step.image["image_embeds"].to(dtype)
+        output = transformer(hidden_states=hidden.to(dtype), timestep=timestep,
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype), attention_kwargs=None,
-                             return_dict=False)[0]
+                             return_dict=False, **extra)[0]
         return output, None
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -259,18 +332,31 @@ class WanSpec(ModelSpec):
     def pipeline_call_kwargs(self, transformer_config: dict) -> dict[str, Any]:
         return {"max_sequence_length": self.default_text_tokens}
 
-    def load_pipeline(self, args: Any, device: Any) -> Any:
+    def load_pipeline(self, args: Any, device: Any, conditioning: ImageConditioning | None = None) -> Any:
         """As the base, with the model's `expand_timesteps` (the base builds the pipeline from components only)."""
-        pipe = super().load_pipeline(args, device)
+        pipe = super().load_pipeline(args, device, conditioning)
         pipe.register_to_config(**read_pipeline_settings(args.pretrained, args.revision, args.cache_dir))
         return pipe
 
-    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any) -> Any:
-        pipe = super().build_pipeline(transformer, vae, scheduler)
+    def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any,
+                       conditioning: ImageConditioning | None = None) -> Any:
+        pipe = super().build_pipeline(transformer, vae, scheduler, conditioning)
         pipe.register_to_config(**self.pipeline_settings())
         return pipe
 
     # ------------------------------------------------------------------------------------------------ tests
+
+    tiny_variants = {"i2v": "Wan 2.1 I2V", "flf2v": "Wan 2.1 FLF2V (first and last frame)",
+                     "ti2v": "Wan 2.2 TI2V-5B's layout (text-to-video)"}
+
+    def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
+        if variant == "i2v":
+            return ("diffusers", "WanImageToVideoPipeline"), tiny_i2v_components(seed)
+        if variant == "flf2v":
+            return ("diffusers", "WanImageToVideoPipeline"), tiny_i2v_components(seed, last_frame=True)
+        if variant == "ti2v":
+            return self.pipeline_class, tiny_ti2v_components(seed)
+        return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         import torch
@@ -311,3 +397,26 @@ def tiny_ti2v_components(seed: int = 0) -> dict[str, Any]:
         temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
         scale_factor_spatial=16, latents_mean=[-0.2, -0.1, 0.1, 0.2], latents_std=[0.5, 0.8, 1.2, 1.5])
     return {**parts, "expand_timesteps": True}
+
+
+def tiny_i2v_components(seed: int = 0, last_frame: bool = False) -> dict[str, Any]:
+    """Wan 2.1 I2V's layout at toy size (FLF2V's with `last_frame`): `WanSpec.tiny_components` with a transformer
+    taking the 4-channel mask and the condition latents on its channels (in_channels 2 x 4 + 4), CLIP image
+    embeddings (`image_dim`, `added_kv_proj_dim`; FLF2V: `pos_embed_seq_len` for two images), and a tiny CLIP vision
+    encoder with its processor; `WanImageToVideoPipeline(**parts)` builds it."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    parts = WanSpec().tiny_components(seed)
+    torch.manual_seed(seed + 2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    parts["transformer"] = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32, image_dim=16,
+        added_kv_proj_dim=24, pos_embed_seq_len=2 * tokens if last_frame else None)
+    parts["image_encoder"] = CLIPVisionModel(vision)
+    parts["image_processor"] = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
+    return parts

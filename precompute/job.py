@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from ft.common.shards.manifest import input_summary
 from ft.common.shards.prompts import PromptWriter, check_validation_file
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
+from ft.pipelines.image import ImageConditioning, read_model_index, resolve_conditioning
 from ft.pipelines.memory import largest_gpu
 from ft.pipelines.registry import spec_for
 from ft.precompute.media import MediaError, effective_fps, open_media, resize_to_bucket
@@ -107,11 +108,16 @@ class _Encoder:
     halves by text_key). The models load on their first use (`models`): a run that needs none loads none."""
 
     def __init__(self, spec: ModelSpec, models: _Models, writer: ShardWriter, seq_len: int, batch_size: int,
-                 shapes: dict[str, Any], texts: TextHalves):
+                 shapes: dict[str, Any], texts: TextHalves, image: ImageConditioning | None = None,
+                 read_frames: Callable[[PlannedSample, list[int]], Any] | None = None):
         self.spec, self.models, self.writer = spec, models, writer
         self.seq_len, self.batch_size, self.shapes, self.texts = seq_len, batch_size, dict(shapes), texts
+        # an image-to-video run: how the checkpoint is conditioned, and how a sample whose video latents are reused
+        # gets its conditioning frames (decoded alone)
+        self.image, self.read_frames = image, read_frames
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written: set[str] = set()
+        self.images_encoded = 0
 
     def add(self, sample: PlannedSample, frames: Any = None, latents: dict | None = None) -> None:
         self.pending[sample.bucket].append((sample, frames, latents))
@@ -140,10 +146,11 @@ class _Encoder:
                                                 self.seq_len)
                 new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
                 conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
+            images = self.encode_images(batch) if self.image is not None else [{}] * len(batch)
         if not self.shapes:
             self.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
                                     **{name: list(t.shape) for name, t in conds[0].items()}}
-        for (sample, _, _), lat, con in zip(batch, latents, conds, strict=True):
+        for (sample, _, _), lat, con, img in zip(batch, latents, conds, images, strict=True):
             meta = {
                 "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
                 "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
@@ -151,8 +158,33 @@ class _Encoder:
                 "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
                 "model_family": self.spec.name, "video_key": sample.video_key, "text_key": sample.text_key,
             }
-            self.writer.write(sample.key, {"latents": lat, "cond": con}, meta)
+            groups = {"latents": lat, "cond": con}
+            if img:
+                meta["image_key"], meta["image_frames"] = sample.image_key, self.condition_indices(sample)
+                groups["image"] = img
+            self.writer.write(sample.key, groups, meta)
             self.written.add(sample.key)
+
+    def condition_indices(self, sample: PlannedSample) -> list[int]:
+        assert self.image is not None
+        return sample.conditioning_frames(self.image.frames)
+
+    def encode_images(self, batch: list) -> list[dict[str, Any]]:
+        """The batch's image halves (`ModelSpec.encode_image`) from its conditioning frames: taken from the decoded
+        clip, or decoded alone where the clip's latents were reused."""
+        import torch
+
+        assert self.image is not None and self.read_frames is not None
+        pixels = []
+        for sample, frames, _ in batch:
+            wanted = [sample.indices.index(i) for i in self.condition_indices(sample)]
+            pixels.append(frames[wanted] if frames is not None else self.read_frames(sample,
+                                                                                     self.condition_indices(sample)))
+        stacked = torch.stack([p.permute(1, 0, 2, 3) for p in pixels])  # [B, C, N, H, W]
+        models = {"vae": self.models.vae(), **self.models.image_encoders(self.image)}
+        encoded = self.spec.encode_image(models, stacked, batch[0][0].bucket[0], self.image)
+        self.images_encoded += len(batch)
+        return [{k: v[j].detach().clone() for k, v in encoded.items()} for j in range(len(batch))]
 
     def flush_all(self) -> None:
         for bucket in list(self.pending):
@@ -167,6 +199,7 @@ class _Models:
         self.spec, self.cfg, self.device = spec, cfg, device
         self._vae: Any = None
         self._encoders: dict | None = None
+        self._image_encoders: dict | None = None
 
     def fingerprints(self) -> dict[str, Any]:
         try:
@@ -188,6 +221,22 @@ class _Models:
         if self._encoders is None:
             self._encoders = self.spec.load_text_encoders(self.cfg, self.device)
         return self._encoders
+
+    def image_encoders(self, image: ImageConditioning) -> dict:
+        """The image encoder and processor of an image-to-video checkpoint that has one."""
+        if self._image_encoders is None:
+            self._image_encoders = self.spec.load_image_encoders(self.cfg, self.device, image)
+        return self._image_encoders
+
+    def image_fingerprints(self, image: ImageConditioning | None) -> dict[str, Any]:
+        """The image encoder's and processor's fingerprints, from their files (loaded where they cannot be read)."""
+        if image is None or not image.image_encoder:
+            return {}
+        names = tuple(self.spec.image_component_classes)
+        try:
+            return self.spec.fingerprints_from_files(self.cfg, names)
+        except (FilesUnavailable, OSError, ValueError):
+            return self.spec.module_fingerprints(self.image_encoders(image), self.cfg)
 
 
 def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
@@ -259,6 +308,9 @@ class PrecomputeJob:
         self.buckets = check_buckets(spec, cfg.buckets or spec.default_buckets, self.vae_config,
                                      self.transformer_config)
         self.seq_len = sequence_length(spec, cfg, self.transformer_config)
+        self.image = resolve_conditioning(spec, cfg.mode, self.transformer_config,
+                                          read_model_index(cfg.pretrained, cfg.revision, cfg.cache_dir),
+                                          f"--pretrained {cfg.pretrained}")
         self.validation = check_validation_file(cfg.validation_dataset_file, spec, self.vae_config,
                                                 self.transformer_config, self.buckets, largest_gpu())
         log.info(f"dataset {cfg.dataset}: {len(self.items)} items; buckets "
@@ -278,6 +330,8 @@ class PrecomputeJob:
                          "buckets": [list(b) for b in self.buckets], "vae_dtype": cfg.vae_dtype,
                          "text_encoder_dtype": cfg.text_encoder_dtype,
                          "captions": caption_shaping(cfg.id_token, cfg.strip_llm_prefixes)}
+        if self.image is not None:  # image-to-video: enters the image half's key, not the video's or text's
+            self.encoding["image"] = self.image.manifest_entry(self.models.image_fingerprints(self.image))
         check_job_start(out, self.slot.index, self.slot.num_jobs, {"encoders": self.fingerprints,
                         "encoder_fingerprint": self.fingerprint, "encoding": self.encoding}, self.states)
         kill_point("checked")
@@ -385,7 +439,7 @@ class PrecomputeJob:
         self.writer = writer = ShardWriter(out, self.slot.prefix, None, cfg.shard_samples, cfg.shard_max_mb << 20,
                                            on_shard=self.record)
         self.encoder = _Encoder(self.spec, self.models, writer, self.seq_len, cfg.batch_size,
-                                self.state.header["shapes"], self.texts)
+                                self.state.header["shapes"], self.texts, self.image, self.read_frames)
         to_decode = self.to_decode()
         self.failed: set[str] = set()
         try:
@@ -431,7 +485,8 @@ class PrecomputeJob:
         captions = len({p.text_key for p in self.todo if p.text_key not in self.texts})
         log.info(f"{len(self.todo)} new samples on {self.device} ({len(self.planned) - len(self.todo)} already in "
                  f"{out}): {len(to_decode)} clips to encode ({len(self.reused)} video latents reused from {out}), "
-                 f"{captions} captions to encode")
+                 f"{captions} captions to encode" + (f", {len(self.todo)} image conditionings to encode"
+                                                      if self.image is not None else ""))
         return to_decode
 
     def decode(self, sample: PlannedSample) -> tuple[PlannedSample, Any]:
@@ -441,6 +496,12 @@ class PrecomputeJob:
             return sample, resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], self.cfg.resize_mode)
         except MediaError as e:
             return sample, e
+
+    def read_frames(self, sample: PlannedSample, indices: list[int]) -> Any:
+        """Frames of a sample's clip at `indices`, resized to its bucket: an image-to-video sample's conditioning
+        frames where its video latents are reused (the clip itself is not decoded)."""
+        frames = open_media(sample.item.path, self.cfg.decoder).read(indices)
+        return resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], self.cfg.resize_mode)
 
     def reject_clip(self, sample: PlannedSample, error: MediaError) -> None:
         """A clip that failed to decode: rejected, recorded at once, and `--on-error` applied."""

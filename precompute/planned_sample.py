@@ -51,6 +51,7 @@ class PlannedSample:
     key: str = ""
     video_key: str = ""  # the halves' keys (precompute/reuse.py), set with `key`
     text_key: str = ""
+    image_key: str = ""  # an image-to-video run's third half: the conditioning frames' encoding (pipelines/image.py)
     height: int = 0  # the source's size, for reports
     width: int = 0
     # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
@@ -64,7 +65,25 @@ class PlannedSample:
                  "max_sequence_length": encoding["max_sequence_length"]}
         if encoding.get("family_choices"):  # absent for CogVideoX, so its existing keys stay valid
             parts["family_choices"] = encoding["family_choices"]
+        if self.image_key:  # an image-to-video sample: its conditioning too (text-to-video keys are unchanged)
+            parts["image"] = self.image_key
         return parts
+
+    def conditioning_frames(self, frames: tuple[str, ...]) -> list[int]:
+        """The clip's frame indices that condition an image-to-video model: its first (and last) sampled frame."""
+        return [self.indices[0] if which == "first" else self.indices[-1] for which in frames]
+
+    def image_half_key(self, video_fingerprint: str, encoding: dict[str, Any]) -> str:
+        """The key of the image half: the conditioning frames (media digest, their indices, bucket and resize), the
+        clip's frame count (the VAE encodes the frames padded to it), the VAE and the image conditioning of the
+        manifest (kind, frames, the image encoder's fingerprint); "" for a text-to-video run."""
+        image = encoding.get("image")
+        if not image:
+            return ""
+        return sample_key({"half": "image", "media": self.media_digest,
+                           "frames": self.conditioning_frames(tuple(image["frames"])), "bucket": list(self.bucket),
+                           "resize": encoding["resize_mode"], "vae": video_fingerprint, "image": image,
+                           "family_choices": encoding.get("family_choices") or {}})
 
     def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
         """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text
@@ -154,8 +173,9 @@ class SampleKeys:
 
     def assign(self, p: PlannedSample) -> Rejected | None:
         """Key `p`; a Rejected (kind "duplicate") when its key was seen already, else None."""
-        p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
         p.video_key, p.text_key = p.half_keys(*self.halves, self.encoding)
+        p.image_key = p.image_half_key(self.halves[0], self.encoding)
+        p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
         if p.key in self.seen:
             return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key]}; "
                                               "trained once", "duplicate")

@@ -32,6 +32,13 @@ from ft.common.logs import log, quiet_libraries
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import pick_device
 from ft.pipelines.base import ModelSpec
+from ft.pipelines.image import (
+    ImageConditioning,
+    describe_conditioning,
+    i2v_examples,
+    read_model_index,
+    resolve_conditioning,
+)
 from ft.pipelines.registry import per_family, spec_for
 from ft.train.video_writer import write_video
 
@@ -73,6 +80,10 @@ class GenerateConfig(ModelArgs):
                                                 f"{TRAIN_CONFIG_NAME} beside --lora or --transformer-id), else the "
                                                 f"model's ({per_family(lambda s: s.default_text_tokens)}).",
                                           panel=GEN)
+    image: str | None = opt(None, "The image to start from (image-to-video checkpoints; with one that serves both, "
+                                  "such as LTX-Video or Wan 2.2 TI2V-5B, it makes the run image-to-video).",
+                            panel=GEN)
+    last_image: str | None = opt(None, "The image to end on (first-last-frame models: Wan2.1-FLF2V).", panel=GEN)
     seed: int = opt(0, "Seed of the initial noise.", panel=GEN)
     fps: float | None = opt(None, "Frames per second: the mp4's, and the frame rate the pipeline conditions on "
                                   "where it takes one (LTX-Video). Default: the model's "
@@ -146,8 +157,10 @@ def pipeline_embeddings(cond: dict[str, torch.Tensor], negative: dict[str, torch
 
 def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
                   negative: dict[str, torch.Tensor] | None, settings: SamplingSettings, dtype: torch.dtype,
-                  before_decode: Callable[[], None] | None = None) -> np.ndarray:
-    """Sample one video; returns uint8 frames [F, H, W, 3]. `negative` is needed when `settings.uses_negative`."""
+                  before_decode: Callable[[], None] | None = None, images: dict[str, Any] | None = None
+                  ) -> np.ndarray:
+    """Sample one video; returns uint8 frames [F, H, W, 3]. `negative` is needed when `settings.uses_negative`;
+    `images` are an image-to-video pipeline's image arguments (`image`, `last_image`, ...)."""
     import numpy as np
     import torch
 
@@ -166,7 +179,7 @@ def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     result = pipe(generator=generator, output_type="np", num_frames=settings.num_frames, height=settings.height,
                   width=settings.width, **values, **embeds, **spec.pipeline_call_kwargs(dict(pipe.transformer.config)),
-                  **extra)
+                  **extra, **(images or {}))
     frames = np.asarray(result.frames[0])
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
 
@@ -271,7 +284,58 @@ def check_lora_family(spec: ModelSpec, lora: Path, flag: str = "--lora") -> None
                         f"--model {family} and that family's --pretrained.")
 
 
-def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -> Any:
+def generation_conditioning(spec: ModelSpec, cfg: GenerateConfig) -> ImageConditioning | None:
+    """Whether `ft generate` runs the image-to-video pipeline: --mode and the checkpoint (pipelines/image.py), with
+    --image making a checkpoint that serves both image-to-video; the images are checked to be readable first."""
+    transformer_config = spec.load_config("transformer", cfg)
+    model_index = read_model_index(cfg.pretrained, cfg.revision, cfg.cache_dir)
+    where = f"--pretrained {cfg.pretrained}"
+    found = spec.image_conditioning(transformer_config, model_index)
+    mode = "i2v" if cfg.mode == "auto" and cfg.image and found is not None else cfg.mode
+    conditioning = resolve_conditioning(spec, mode, transformer_config, model_index, where)
+    if conditioning is None:
+        if cfg.image or cfg.last_image:
+            why = f"{where} is a text-to-video checkpoint" if found is None else "--mode t2v"
+            raise UserError(f"--image: {why}; pass an image-to-video checkpoint{i2v_examples(spec)} to start from an "
+                            "image, or drop --image.")
+        return None
+    if not cfg.image:
+        raise UserError(f"{where} is {describe_conditioning(conditioning)}: pass --image PATH (the first frame)"
+                        + (" and --last-image PATH (the last)" if "last" in conditioning.frames else "") + ".")
+    if "last" in conditioning.frames and not cfg.last_image:
+        raise UserError(f"{where} is a first-last-frame model: pass --last-image PATH too.")
+    if cfg.last_image and "last" not in conditioning.frames:
+        raise UserError(f"--last-image: {where} is conditioned on the first frame only; drop --last-image.")
+    for flag, path in (("--image", cfg.image), ("--last-image", cfg.last_image)):
+        if path:
+            read_image(path, flag)
+    return conditioning
+
+
+def read_image(path: str, flag: str) -> Any:
+    """An RGB PIL image, or a UserError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise UserError(f"{flag} {path}: no such file.") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{flag} {path}: not a readable image ({e}); pass a PNG or JPEG.") from e
+
+
+def pipeline_images(cfg: GenerateConfig, conditioning: ImageConditioning | None) -> dict[str, Any]:
+    if conditioning is None:
+        return {}
+    images = {"image": read_image(str(cfg.image), "--image")}
+    if cfg.last_image:
+        images["last_image"] = read_image(cfg.last_image, "--last-image")
+    return images
+
+
+def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str,
+                            conditioning: ImageConditioning | None = None) -> Any:
     """The pipeline with --lora loaded as adapter "ft". The LoRA is read (any layout) before any model loads,
     against the transformer's modules as its config makes them."""
     lora = find_lora_file(cfg.lora, "--lora") if cfg.lora else None
@@ -279,7 +343,7 @@ def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str) -
     if lora is not None:
         check_lora_family(spec, lora)
         layout, pairs = read_lora(spec, lora, config_modules(spec, spec.load_config("transformer", cfg)), "--lora")
-    pipe = spec.load_pipeline(cfg, device)
+    pipe = spec.load_pipeline(cfg, device, conditioning)
     if lora is not None:
         try:
             if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
@@ -329,7 +393,8 @@ def match_vae_dtype(spec: ModelSpec, vae: Any, dtype: torch.dtype) -> None:
         vae.to(dtype=dtype)
 
 
-def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int]) -> Any:
+def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[str, int],
+                    conditioning: ImageConditioning | None = None) -> Any:
     """Run the pipeline; returns uint8 frames [F, H, W, 3].
 
     The captions are encoded with the spec's `encode_prompts`, the very code precompute used, so the LoRA sees
@@ -354,7 +419,7 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
             encoders[name].to("cpu")
     first = {k: v[0] for k, v in prompt.items()}
     return sample_frames(spec, pipe, first, {k: v[0] for k, v in negative.items()} if negative else None, settings,
-                         dtype)
+                         dtype, images=pipeline_images(cfg, conditioning))
 
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
@@ -397,11 +462,12 @@ def run_generate(cfg: GenerateConfig) -> Path:
     out = check_out(cfg.out)  # before sampling: a read-only or full folder costs no generation
     from ft.pipelines.base import import_class
 
-    true_cfg_settings(cfg, import_class(*spec.pipeline_class))  # a refused flag costs no model load
-    quiet_libraries()
+    conditioning = generation_conditioning(spec, cfg)
+    true_cfg_settings(cfg, import_class(*(conditioning.pipeline_class if conditioning else spec.pipeline_class)))
+    quiet_libraries()  # a refused flag cost no model load
     device = pick_device(cfg.device)
-    pipe = load_pipeline_with_lora(spec, cfg, device)
-    frames = generate_frames(spec, cfg, pipe, size)
+    pipe = load_pipeline_with_lora(spec, cfg, device, conditioning)
+    frames = generate_frames(spec, cfg, pipe, size, conditioning)
     path = save_video(out, frames, sampling_settings(spec, cfg, size).resolved(spec, pipe)["fps"])
     log.info(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[1]}x{frames.shape[2]})")
     return path

@@ -54,11 +54,14 @@ class Batch:
     set_index: int = 0
     epoch: int = 0
     position: dict[str, Any] = field(default_factory=dict)
+    image: dict[str, Any] = field(default_factory=dict)  # the image-to-video conditioning, where the set has it
 
     def to(self, device: Any) -> Batch:
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.latents.items()},
-                     {k: v.to(device, non_blocking=True) for k, v in self.cond.items()}, self.meta, self.keys,
-                     self.set_index, self.epoch, self.position)
+        def moved(group: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device, non_blocking=True) for k, v in group.items()}
+
+        return Batch(moved(self.latents), moved(self.cond), self.meta, self.keys, self.set_index, self.epoch,
+                     self.position, moved(self.image))
 
 
 def collate(samples: list[Sample], **info: Any) -> Batch:
@@ -67,7 +70,7 @@ def collate(samples: list[Sample], **info: Any) -> Batch:
     groups = {g: {n: torch.stack([s.tensors[g][n] for s in samples]) for n in samples[0].tensors[g]}
               for g in samples[0].tensors}
     return Batch(groups.get("latents", {}), groups.get("cond", {}), [s.meta for s in samples],
-                 [s.key for s in samples], **info)
+                 [s.key for s in samples], image=groups.get("image", {}), **info)
 
 
 @dataclass(frozen=True)

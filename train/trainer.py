@@ -32,6 +32,7 @@ from ft.common.logs import log, quiet_libraries, quiet_other_ranks
 from ft.common.runtime import pick_device, seed_everything
 from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
+from ft.pipelines.image import ImageConditioning, check_image_shards, describe_conditioning, read_model_index
 from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
 from ft.train import dist
@@ -137,6 +138,20 @@ def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict,
     return sets
 
 
+def run_conditioning(cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict
+                     ) -> ImageConditioning | None:
+    """How the run conditions on an image (None: text-to-video), from --mode, the checkpoint and what every shard
+    set holds (pipelines/image.py), before any weight loads."""
+    model_index = read_model_index(cfg.pretrained, cfg.revision, cfg.cache_dir)
+    where = f"--pretrained {cfg.pretrained}" + (f" with --transformer-id {cfg.transformer_id}"
+                                                 if cfg.transformer_id else "")
+    found = [check_image_shards(spec, cfg.mode, s.manifest, transformer_config, model_index, where) for s in sets]
+    if len(set(found)) > 1:
+        kinds = ", ".join(f"{s.folder}: {describe_conditioning(c)}" for s, c in zip(sets, found, strict=True))
+        raise UserError(f"--shards mixes sets of different conditioning ({kinds}); train one kind per run.")
+    return found[0]
+
+
 def training_device(requested: str, world: dist.World) -> str:
     """--device for this process: under several processes each takes cuda:LOCAL_RANK (or the CPU). A rank past
     the node's GPU count is the only one to meet that error, so it prints it itself; the others are alike."""
@@ -197,6 +212,7 @@ class Trainer:
         if cfg.offload_blocks and self.world.size > 1:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
+        self.image_conditioning = run_conditioning(cfg, self.spec, self.sets, self.transformer_config)
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device))
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
@@ -318,7 +334,10 @@ class Trainer:
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
         sigmas = to_device(objective.sample_sigmas(generators, spec.latent_sequence_length(latents)), latents.device)
         noisy, timesteps = objective.noised(latents, noise, sigmas)
-        inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, self.options)
+        image = spec.prepare_image(batch.image, self.vae_config, self.transformer_config, generators,
+                                   self.image_conditioning) if self.image_conditioning is not None else {}
+        inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, self.options,
+                            image, self.image_conditioning)
         context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()
         with context:
             output, element_weights = spec.predict(self.transformer, inputs, self.model_dtype)

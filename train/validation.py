@@ -178,6 +178,11 @@ EVAL_DRAW = -2  # the "global batch" of the held-out draws (the training eval of
 EVAL_SIGMAS = (0.125, 0.375, 0.625, 0.875)
 
 
+def describe_held(manifest: Any) -> str:
+    image = manifest.encoding.get("image")
+    return f"image-to-video ({image.get('kind')}, {'+'.join(image.get('frames', []))})" if image else "text-to-video"
+
+
 def open_eval_set(cfg: TrainConfig, spec: ModelSpec, train_set: ShardSet, transformer_config: dict) -> ShardSet:
     """The --eval-shards set, checked against the model and the training shards."""
     held_out = ShardSet(cfg.eval_shards)
@@ -192,6 +197,9 @@ def open_eval_set(cfg: TrainConfig, spec: ModelSpec, train_set: ShardSet, transf
         raise UserError(f"--eval-shards {folder} was encoded with other encoders than {train_set.folder} "
                         f"(fingerprint {mine.encoder_fingerprint[:12]} against {theirs.encoder_fingerprint[:12]}): its "
                         "loss would not measure this model. Precompute it with the same --pretrained and dtypes.")
+    if (mine.encoding.get("image") or None) != (theirs.encoding.get("image") or None):
+        raise UserError(f"--eval-shards {folder} holds {describe_held(mine)} samples, the training shards "
+                        f"{describe_held(theirs)} ones; precompute it with the same --pretrained and --mode.")
     if mine.shapes != theirs.shapes:
         raise UserError(f"--eval-shards {folder} holds samples of shapes {mine.shapes}, the training shards "
                         f"{theirs.shapes}; precompute it with the same --max-sequence-length and model.")

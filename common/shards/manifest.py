@@ -38,7 +38,7 @@ MANIFEST_NAME = "manifest.json"
 ACTIVE_KEYS_NAME = "active_keys.txt"
 EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 INPUT_FILES = {"rejected": "rejected.jsonl", "warnings": "warnings.jsonl"}
-TENSOR_GROUPS = ("latents", "cond")
+TENSOR_GROUPS = ("latents", "cond", "image")  # image: image-to-video conditioning (pipelines/image.py)
 _TRANSIENT = ("folder", "unmerged", "_inline")  # Manifest fields set on load, never saved
 
 

@@ -11,6 +11,7 @@ from ft.common.model_args import ModelArgs
 from ft.common.shards import Manifest
 from ft.pipelines.base import StepInputs
 from ft.pipelines.registry import get_spec
+from helpers import Calls, assert_same_call
 
 PROMPTS = ["a red circle moving left to right on a dark background", "  a blue &amp; square\n"]
 
@@ -68,34 +69,6 @@ def test_latents_are_normalised_as_the_pipeline_denormalises_them(spec, pipe):
     a = spec.prepare_latents(stored, config, {}, [torch.Generator().manual_seed(i) for i in range(2)])
     b = spec.prepare_latents({k: v[1:] for k, v in stored.items()}, config, {}, [torch.Generator().manual_seed(1)])
     assert torch.equal(a[1:], b) and not torch.allclose(a, latents)
-
-
-class Calls:
-    """Every call of a module's forward, its keyword arguments as they arrived (a forward pre-hook)."""
-
-    def __init__(self, module):
-        self.calls: list[dict] = []
-        self.handle = module.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        assert not args  # WanPipeline and ft pass every argument by name
-        self.calls.append(dict(kwargs))
-
-    def __enter__(self):
-        return self.calls
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def assert_same_call(ours: dict, theirs: dict):
-    assert ours.keys() == theirs.keys()
-    for name, value in theirs.items():
-        if isinstance(value, torch.Tensor):
-            assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
-            assert torch.equal(ours[name], value), name
-        else:
-            assert ours[name] == value, name
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2-ti2v"])
