@@ -198,3 +198,10 @@ def test_generate_refuses_a_missing_or_bad_image(i2v_model, tiny_wan, tmp_path):
     with pytest.raises(UserError, match="--image: .* text-to-video checkpoint"):
         run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, "--prompt", PROMPT, "--image",
                  tmp_path / "bad.png", "--out", tmp_path / "v.mp4"])
+
+
+def test_validation_videos_of_an_i2v_run_are_refused_with_the_way_round(i2v_model, counted, tmp_path):
+    (tmp_path / "validation.csv").write_text("caption\na red circle\n")
+    with pytest.raises(UserError, match="image-to-video run are not made yet.*--eval-shards.*ft generate --image"):
+        train("wan", i2v_model, counted[0], tmp_path / "out", *RUN, "--train-steps", "1", "--validation-dataset-file",
+              tmp_path / "validation.csv")
