@@ -155,6 +155,9 @@ class Estimate:
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
 
+    def has(self, name: str) -> bool:
+        return any(c.name == name for c in self.components)
+
     @property
     def precompute_bytes(self) -> float:
         return sum(c.params for c in self.components if c.name != "transformer") * BF16
@@ -176,7 +179,8 @@ class Estimate:
             lines.append(f"| LoRA r{cfg.rank} | peft | {self.trainable_params / 1e6:.1f}M | "
                          f"{self.trainable_params * BF16 / GB:.2f} GB | train |")
         lines += ["", "| stage | holds | GB per GPU |", "|---|---|---|",
-                  f"| precompute | text encoders + VAE (bf16) | {self.precompute_bytes / GB:.2f} |"]
+                  f"| precompute | text encoders + VAE{' + image encoder' * self.has('image_encoder')} (bf16) | "
+                  f"{self.precompute_bytes / GB:.2f} |"]
         lines += [f"| train | {name} | {b / GB:.2f} |" for name, b in self.train_static.items()]
         lines += [f"| train | **static total** | **{self.train_static_bytes / GB:.2f}** |",
                   f"| all-in-one trainer | the same plus the encoders | "
@@ -265,9 +269,12 @@ def _read_config(spec: ModelSpec, folder: Path, component: str) -> dict[str, Any
                                                                                    "dtype", "transformers_version")}
 
 
-def model_components(spec: ModelSpec) -> dict[str, tuple[str, str]]:
-    """The components that have weights (the transformer, the VAE, the text encoders), by name."""
-    return {name: cls for name, cls in spec.component_classes.items() if not name.startswith("tokenizer")}
+def model_components(spec: ModelSpec, configs: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
+    """The components that have weights (the transformer, the VAE, the text encoders, and the image encoder of an
+    image-to-video checkpoint whose `configs` hold one), by name."""
+    found = {name: cls for name, cls in spec.component_classes.items() if not name.startswith("tokenizer")}
+    return found | {name: cls for name, cls in spec.image_component_classes.items()
+                    if configs is not None and name in configs}
 
 
 def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -277,6 +284,8 @@ def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str,
     folder = Path(pretrained)
     if folder.is_dir():
         configs = {c: _read_config(spec, folder, c) for c in model_components(spec)}
+        configs |= {c: _read_config(spec, folder, c) for c in spec.image_component_classes
+                    if (folder / c / "config.json").is_file()}  # an image-to-video checkpoint's image encoder
         spec.check_pretrained(str(folder))
         return str(folder), configs
     raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
@@ -365,7 +374,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     """Build the components on the meta device and compute every number of the report."""
     spec = get_spec(cfg.model)
     source, configs = _configs(spec, cfg.pretrained)
-    modules = {name: _build(*cls, configs[name]) for name, cls in model_components(spec).items()}
+    modules = {name: _build(*cls, configs[name]) for name, cls in model_components(spec, configs).items()}
     components = [Component(name, type(m).__name__, sum(p.numel() for p in m.parameters()))
                   for name, m in modules.items()]
     transformer = modules["transformer"]

@@ -59,12 +59,22 @@ ALIASES = ("wan2.1", "wan-2.1", "wan_2.1", "wan21", "wan-t2v", "wan2.2", "wan-2.
 UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
             "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128}
+# the image encoder of Wan 2.1 I2V and FLF2V (open-clip ViT-H/14 as transformers' CLIPVisionModel)
+CLIP_VIT_H_14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                 "image_size": 224, "patch_size": 14, "projection_dim": 1024, "hidden_act": "gelu"}
 CHECKPOINTS = (
     Checkpoint("Wan2.1-T2V-1.3B", ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.1-t2v-1.3b"),
      {"transformer": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}, "vae": {},
       "text_encoder": UMT5_XXL}),
     Checkpoint("Wan2.1-T2V-14B", ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan2.1-t2v-14b"),
      {"transformer": {}, "vae": {}, "text_encoder": UMT5_XXL}),
+    # image-to-video (WanImageToVideoPipeline): 36 input channels, CLIP ViT-H/14's image embeddings (image_dim),
+    # FLF2V's two images (pos_embed_seq_len, 2 x 257 tokens); the image encoder is counted in precompute
+    *(Checkpoint(name, (f"Wan-AI/{name}-Diffusers", name.lower()),
+                 {"transformer": {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120, **extra},
+                  "vae": {}, "text_encoder": UMT5_XXL, "image_encoder": CLIP_VIT_H_14}, image_to_video=True)
+      for name, extra in (("Wan2.1-I2V-14B-480P", {}), ("Wan2.1-I2V-14B-720P", {}),
+                          ("Wan2.1-FLF2V-14B-720P", {"pos_embed_seq_len": 514}))),
     # Wan-AI/Wan2.2-TI2V-5B-Diffusers: its transformer and VAE configs' structure (the VAE's 48 latents_mean/std
     # values come from the model's own config.json when it trains)
     Checkpoint("Wan2.2-TI2V-5B", ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "wan2.2-ti2v-5b"),

@@ -201,3 +201,16 @@ def test_offloading_refuses_what_ft_train_refuses():
         EstimateConfig(model="cogvideox", pretrained="x", offload_blocks=2, dp_shards=2)
     with pytest.raises(UserError, match="--offload-blocks 99: this transformer has 42 blocks"):
         estimate(EstimateConfig(model="cogvideox", pretrained="THUDM/CogVideoX-5b", offload_blocks=99))
+
+
+def test_an_i2v_checkpoint_counts_its_image_encoder_in_precompute():
+    """Wan 2.1 I2V-14B: CLIP ViT-H/14 (0.63B) held by precompute beside UMT5 and the VAE; the transformer's image
+    projections (16.4B in all, against the T2V 14B's 14.3B) by training."""
+    i2v = estimate(EstimateConfig(model="wan", pretrained="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                                  buckets=["49x480x832"], rank=32))
+    t2v = estimate(EstimateConfig(model="wan", pretrained="Wan-AI/Wan2.1-T2V-14B-Diffusers", buckets=["49x480x832"],
+                                  rank=32))
+    assert round(i2v.component("image_encoder").params / 1e9, 2) == 0.63
+    assert i2v.precompute_bytes - t2v.precompute_bytes == i2v.component("image_encoder").params * 2
+    assert i2v.component("transformer").params > t2v.component("transformer").params
+    assert "text encoders + VAE + image encoder" in i2v.report()
