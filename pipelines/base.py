@@ -631,6 +631,20 @@ class ModelSpec(ABC):
         cls = conditioning.pipeline_class if conditioning else self.pipeline_class
         return import_class(*cls)(transformer=transformer, vae=vae, scheduler=scheduler, **parts)
 
+    def image_pipeline_arguments(self, pipe: Any, stored: dict[str, torch.Tensor], conditioning: ImageConditioning
+                                 ) -> dict[str, Any]:
+        """An image-to-video pipeline's image arguments for a validation row stored in stage 1 (its `pixels`
+        [N, C, H, W] uint8 and its `encode_image` tensors): the images as the pipeline takes them (`image`, and
+        `last_image` for first-last-frame models). A family whose pipeline also runs an image encoder hands it the
+        stored embeddings instead (the validation pipeline has none)."""
+        from PIL import Image
+
+        images = [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in stored["pixels"]]
+        out = {"image": images[0]}
+        if "last" in conditioning.frames:
+            out["last_image"] = images[1]
+        return out
+
     def takes_true_cfg(self) -> bool:
         """Whether the pipeline has true classifier-free guidance (`true_cfg_scale`): its guidance scale is then an
         embedded one, and a negative prompt acts only through true CFG (HunyuanVideo)."""

@@ -292,6 +292,16 @@ class WanSpec(ModelSpec):
             out["image_embeds"] = image["image_embeds"].flatten(0, 1)
         return out
 
+    def image_pipeline_arguments(self, pipe: Any, stored: dict[str, torch.Tensor], conditioning: ImageConditioning
+                                 ) -> dict[str, Any]:
+        """As the base; the stored CLIP embeddings stand in for the pipeline's `encode_image` (it refuses
+        `image_embeds` beside `image`, and the VAE condition needs the image), so no image encoder is loaded."""
+        out = super().image_pipeline_arguments(pipe, stored, conditioning)
+        if "image_embeds" in stored and getattr(pipe, "image_encoder", None) is None:
+            embeds = stored["image_embeds"]
+            pipe.encode_image = lambda image, device=None: embeds.to(device or pipe._execution_device)
+        return out
+
     def pipeline_settings(self) -> dict[str, Any]:
         """The transformer-call settings of the run's --pretrained (`with_pretrained`), read once."""
         if "_pipeline_settings" not in self.__dict__:

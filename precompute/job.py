@@ -58,7 +58,7 @@ from ft.common.shards import (
     write_atomic,
 )
 from ft.common.shards.manifest import input_summary
-from ft.common.shards.prompts import PromptWriter, check_validation_file
+from ft.common.shards.prompts import PromptWriter, check_condition_rows, check_validation_file
 from ft.pipelines.base import ModelSpec
 from ft.pipelines.fingerprint import FilesUnavailable
 from ft.pipelines.image import ImageConditioning, read_model_index, resolve_conditioning
@@ -80,6 +80,7 @@ from .planning import JobPlan, check_buckets, sequence_length
 from .policy import Rejected, enforce_on_error
 from .reuse import HalfIndex, TextHalves, with_cached_video
 from .stamp import unchanged, write_stamp
+from .validation_images import write_image_rows
 
 
 def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], encoding: dict[str, Any],
@@ -313,6 +314,7 @@ class PrecomputeJob:
                                           f"--pretrained {cfg.pretrained}")
         self.validation = check_validation_file(cfg.validation_dataset_file, spec, self.vae_config,
                                                 self.transformer_config, self.buckets, largest_gpu())
+        check_condition_rows(self.validation, cfg.validation_dataset_file, self.image)
         log.info(f"dataset {cfg.dataset}: {len(self.items)} items; buckets "
                  f"{', '.join(cfg.buckets or spec.default_buckets)}")
 
@@ -416,6 +418,10 @@ class PrecomputeJob:
             p.text_key not in self.texts for p in self.todo) else None
         state.header["prompts"] = (prompts.write(spec, encoders, self.seq_len, cfg.batch_size)
                                    or state.header["prompts"])
+        if self.image is not None and self.validation and slot.index == 0:  # the rows' images, job 0 for the set
+            write_image_rows(out, str(cfg.validation_dataset_file), self.validation, spec,
+                             lambda: {"vae": self.models.vae(), **self.models.image_encoders(self.image)}, self.image,
+                             self.encoding, self.fingerprints["vae"], cfg.decoder, cfg.resize_mode)
         state.save(out)
         kill_point("started")
 

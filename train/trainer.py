@@ -213,13 +213,8 @@ class Trainer:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
         self.image_conditioning = run_conditioning(cfg, self.spec, self.sets, self.transformer_config)
-        if self.image_conditioning is not None and cfg.validation_dataset_file:
-            raise UserError("--validation-dataset-file: validation videos of an image-to-video run are not made yet "
-                            "(they need each prompt's image encoded in stage 1); drop the flag, follow the run with "
-                            "--eval-shards HELD_OUT (a fixed-noise loss), and sample a checkpoint's LoRA (each "
-                            "checkpoint holds one) with `ft generate --image`.")
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
-                                     device_memory(self.device))
+                                     device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (

@@ -50,9 +50,18 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 from ft.common.logs import log, note
 from ft.common.shards import iter_shard, kill_point, parse_bucket, require_complete
-from ft.common.shards.prompts import FLAG, PromptTable, default_size, read_validation_file, resolve_sizes
+from ft.common.shards.prompts import (
+    FLAG,
+    PromptTable,
+    check_condition_rows,
+    default_size,
+    image_row_key,
+    read_validation_file,
+    resolve_sizes,
+)
 from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample
 from ft.pipelines.fingerprint import FilesUnavailable
+from ft.pipelines.image import ImageConditioning
 from ft.train.video_writer import write_video
 
 from .config import DEFAULT_VALIDATION_STEPS
@@ -316,8 +325,8 @@ class Validation:
     """The validation videos and the held-out loss of a run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict,
-                 memory: tuple[float, str] | None = None):
-        self.cfg, self.spec = cfg, spec
+                 memory: tuple[float, str] | None = None, conditioning: ImageConditioning | None = None):
+        self.cfg, self.spec, self.conditioning = cfg, spec, conditioning
         self.summary: dict[str, Any] = {}
         self.prompts: list = []
         self.held_out = HeldOutLoss(cfg, spec, sets[0], transformer_config) if cfg.eval_shards else None
@@ -342,6 +351,10 @@ class Validation:
                             f"(first: {missing[0][:60]!r}); ft train loads no text encoder. Add them with `{command} "
                             f"{FLAG} {path}` (it encodes only the text), then train again.")
         self.cond = {p.caption: table.read(p.caption) for p in self.prompts}
+        check_condition_rows(self.prompts, path, conditioning)
+        self.images = {p.index: table.read_key(image_row_key(p, manifest.encoding, self.vae_stored),
+                                               f"the image(s) of {path} row {p.index + 1}")
+                       for p in self.prompts} if conditioning is not None else {}
         self.negative = table.negative()
         self.vae_checked = check_vae(spec, cfg, self.vae_stored, shard_set.folder)
         self.folder = shard_set.folder
@@ -390,7 +403,8 @@ class Validation:
             match_vae_dtype(self.spec, vae, trainer.model_dtype)
             if self.cfg.validation_keep_vae:
                 vae.to(trainer.device)
-            self._pipe = self.spec.build_pipeline(trainer.transformer, vae, self.spec.pipeline_scheduler(self.cfg))
+            self._pipe = self.spec.build_pipeline(trainer.transformer, vae, self.spec.pipeline_scheduler(self.cfg),
+                                                  self.conditioning)
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 
@@ -420,9 +434,11 @@ class Validation:
             with rng_untouched(trainer.device), torch.no_grad(), autocast:
                 for index, keep in assign_prompts(signatures, rank, world):
                     prompt = self.prompts[index]
+                    images = self.spec.image_pipeline_arguments(pipe, self.images[index], self.conditioning) if (
+                        self.conditioning is not None) else None
                     frames = sample_frames(self.spec, pipe, self.cond[prompt.caption], self.negative,
                                            settings[index], trainer.model_dtype,
-                                           before_decode=lambda: vae.to(trainer.device))
+                                           before_decode=lambda: vae.to(trainer.device), images=images)
                     if keep:
                         done.append((index, frames))
         finally:

@@ -13,7 +13,11 @@ Parquet or Arrow table with finetrainers' columns:
   conditioned on; default the family's);
 - optional `true_cfg_scale` (ft's addition): true classifier-free guidance with the stored negative (empty) prompt,
   for pipelines whose guidance scale is embedded (HunyuanVideo); 1 (off) by default;
-- `image_path` / `video_path` must be empty (null): they condition image-to-video, which ft does not train yet.
+- `image_path` / `video_path` (finetrainers' columns) and `last_image_path` (ft's, for first-last-frame models):
+  the conditioning of an image-to-video run: the image, or the video's first frame (and its last frame where
+  `last_image_path` is not given), relative to the file's folder, else to the current one. Required by an
+  image-to-video run, refused by a text-to-video one (`check_condition_rows`). Stage 1 stores each row's frames at
+  the row's size with the family's `encode_image` tensors (`image_row_key`), so validation loads no image encoder.
 Any other column is refused with the list of known ones, so a misspelt `num_frame` is not silently ignored. Both
 stages check every row (sizes with the family's rules: `resolve_sizes`) before any model loads.
 
@@ -64,7 +68,7 @@ FLAG = "--validation-dataset-file"
 SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow")
 INT_COLUMNS = ("height", "width", "num_frames", "num_inference_steps", "seed")
 FLOAT_COLUMNS = ("guidance_scale", "frame_rate", "true_cfg_scale")
-CONDITION_COLUMNS = ("image_path", "video_path")
+CONDITION_COLUMNS = ("image_path", "video_path", "last_image_path")
 COLUMNS = ("caption", *INT_COLUMNS, *FLOAT_COLUMNS, *CONDITION_COLUMNS)
 
 
@@ -82,6 +86,24 @@ class ValidationPrompt:
     seed: int | None = None
     frame_rate: float | None = None
     true_cfg_scale: float | None = None
+    # the conditioning of an image-to-video run, as found on disk (see the module docstring)
+    image_path: str | None = None
+    video_path: str | None = None
+    last_image_path: str | None = None
+
+    @property
+    def conditions(self) -> bool:
+        return bool(self.image_path or self.video_path or self.last_image_path)
+
+    def frame_sources(self, frames: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(file, which frame of it: "first" or "last") of each conditioning frame an image-to-video model takes."""
+        out = []
+        for which in frames:
+            if which == "first":
+                out.append((self.image_path, "first") if self.image_path else (self.video_path, "first"))
+            else:
+                out.append((self.last_image_path, "first") if self.last_image_path else (self.video_path, "last"))
+        return [(str(path), frame) for path, frame in out]
 
     @property
     def size(self) -> tuple[int, int, int]:
@@ -134,16 +156,55 @@ def read_validation_file(path: str | Path) -> list[ValidationPrompt]:
         if not isinstance(caption, str) or not caption.strip():
             raise UserError(f"{where}: the caption is {'empty' if _missing(caption) else repr(caption)}; every row "
                             "needs a prompt (text).")
+        values: dict[str, Any] = {}
         for column in CONDITION_COLUMNS:
             if not _missing(row.get(column)):
-                raise UserError(f"{where}: {column} {row[column]!r}: ft generates text-to-video only (image-to-video "
-                                f"is not in ft yet); leave {column} empty (null).")
-        values: dict[str, Any] = {}
+                values[column] = _condition_file(row[column], column, path, where)
         for column in (*INT_COLUMNS, *FLOAT_COLUMNS):
             if not _missing(row.get(column)):
                 values[column] = _number(row[column], column, where, whole=column in INT_COLUMNS)
         prompts.append(ValidationPrompt(caption.strip(), i, **values))
     return prompts
+
+
+def _condition_file(value: Any, column: str, path: Path, where: str) -> str:
+    """A condition column's file: relative to the validation file's folder, else to the current one."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {column} {value!r} is not a path.")
+    for candidate in (path.parent / value, Path(value)):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise UserError(f"{where}: {column} {value!r}: no such file (looked beside {path} and in the current folder); "
+                    "fix the path or leave the cell empty.")
+
+
+def check_condition_rows(prompts: list[ValidationPrompt], path: str | Path, conditioning: Any) -> None:
+    """Every row conditions an image-to-video run (`conditioning`, an ImageConditioning: an image or a video for
+    the first frame, and for a first-last-frame model a last image or a video), and none a text-to-video run."""
+    for p in prompts:
+        where = f"{path} row {p.index + 1}"
+        if conditioning is None and p.conditions:
+            raise UserError(f"{where}: image_path/video_path/last_image_path condition image-to-video, and this run "
+                            "is text-to-video (its --pretrained, or --mode t2v); leave them empty.")
+        if conditioning is None:
+            continue
+        if not (p.image_path or p.video_path):
+            raise UserError(f"{where}: an image-to-video run samples from an image: give the row an image_path (or "
+                            "a video_path, whose first frame is taken).")
+        if "last" in conditioning.frames and not (p.last_image_path or p.video_path):
+            raise UserError(f"{where}: a first-last-frame model also needs the last frame: give the row a "
+                            "last_image_path (or a video_path, whose last frame is taken).")
+
+
+def image_row_key(prompt: ValidationPrompt, encoding: dict[str, Any], vae: dict[str, Any]) -> str:
+    """The prompt table key of a row's image conditioning: its frames' files (their bytes' digests, and which
+    frame), the row's size, the VAE and the manifest's image conditioning (`encoding["image"]`)."""
+    from .codec import file_digest
+
+    frames = tuple(encoding["image"]["frames"])
+    return sample_key({"half": "validation-image", "sources": [[file_digest(f), which] for f, which in
+                                                               prompt.frame_sources(frames)],
+                       "size": list(prompt.size), "vae": sample_key(vae), "image": encoding["image"]})
 
 
 def default_size(buckets: list[list[int]] | list[tuple[int, int, int]]) -> tuple[int, int, int]:
@@ -267,12 +328,14 @@ class PromptTable:
 
     def read(self, caption: str) -> dict[str, torch.Tensor]:
         """A caption's conditioning, verified; a UserError says how to store it when it is not there."""
-        key = self.key(caption)
+        return self.read_key(self.key(caption), f"the prompt {caption[:60]!r}")
+
+    def read_key(self, key: str, what: str) -> dict[str, torch.Tensor]:
+        """The row `key` (a caption's, or an image row's: `image_row_key`), verified."""
         path = self.path(key)
         if not self.info or not path.is_file():
-            raise UserError(f"{self.folder} holds no conditioning for the prompt {caption[:60]!r}; add it with "
-                            f"`ft precompute ... --out {self.folder} --validation-dataset-file FILE` (it encodes "
-                            "only the text).")
+            raise UserError(f"{self.folder} holds no conditioning for {what}; add it with `ft precompute ... --out "
+                            f"{self.folder} --validation-dataset-file FILE` (it encodes only what is missing).")
         data = bytearray(path.read_bytes())
         try:
             meta = _metadata(data)
@@ -297,13 +360,13 @@ NEGATIVE_PROMPT = ""  # the negative prompt of classifier-free guidance, as the 
 def check_validation_file(path: str | None, spec: Any, vae_config: dict, transformer_config: dict,
                           buckets: list[tuple[int, int, int]],
                           memory: tuple[float, str] | None = None) -> list[ValidationPrompt]:
-    """The validation file's prompts, checked as `ft train` will check them (no model is loaded; `spec` is the
-    run's ModelSpec; `memory`: the bound on what generating a row may hold, see `resolve_sizes`)."""
+    """The validation file's prompts, checked as `ft train` will check them, their sizes resolved (no model is
+    loaded; `spec` is the run's ModelSpec; `memory`: the bound on what generating a row may hold, see
+    `resolve_sizes`)."""
     if not path:
         return []
     prompts = read_validation_file(path)
-    resolve_sizes(prompts, path, spec, vae_config, transformer_config, default_size(buckets), memory)
-    return prompts
+    return resolve_sizes(prompts, path, spec, vae_config, transformer_config, default_size(buckets), memory)
 
 
 class PromptWriter:

@@ -73,7 +73,8 @@ def test_an_arrow_dataset_file_is_read_by_precompute_readers(tmp_path):
     ([{"prompt": "x"}], "unknown column.*'prompt'"),
     ([{"num_frames": 9}], "has no 'caption' column"),
     ([{"caption": ""}], "the caption is empty"),
-    ([{"caption": "x", "image_path": "cat.png"}], "image_path 'cat.png'.*image-to-video is not in ft yet"),
+    ([{"caption": "x", "image_path": "cat.png"}], "image_path 'cat.png': no such file .*beside"),
+    ([{"caption": "x", "video_path": 3}], "video_path 3 is not a path"),
     ([{"caption": "x", "num_frames": 9.5}], "num_frames 9.5 is not a whole number"),
     ([{"caption": "x", "height": -32}], "height must be above 0"),
     ([{"caption": "x", "guidance_scale": "lots"}], "guidance_scale 'lots' is not a number"),
@@ -133,3 +134,21 @@ def test_an_ltx_row_it_cannot_generate_gets_advice_that_works(tmp_path):
         in message
     fixed = read_validation_file(write(tmp_path / "fixed.json", [{"caption": "x", "height": 32, "width": 64}]))
     assert resolve_sizes(fixed, "fixed.json", spec, vae, transformer, (9, 32, 48))[0].size == (9, 32, 64)
+
+
+def test_condition_columns_are_found_beside_the_file_and_checked_against_the_run(tmp_path):
+    from ft.common.shards.prompts import check_condition_rows
+    from ft.pipelines.image import ImageConditioning
+
+    (tmp_path / "first.png").write_bytes(b"png")
+    path = write(tmp_path / "validation.json", [{"caption": "x", "image_path": "first.png"}])
+    (prompt,) = read_validation_file(path)
+    assert prompt.image_path == str((tmp_path / "first.png").resolve())
+    i2v = ImageConditioning("channel-concat", ("diffusers", "WanImageToVideoPipeline"))
+    flf2v = ImageConditioning("channel-concat", ("diffusers", "WanImageToVideoPipeline"), ("first", "last"))
+    check_condition_rows([prompt], path, i2v)
+    with pytest.raises(UserError, match="row 1: .*this run is text-to-video"):
+        check_condition_rows([prompt], path, None)
+    with pytest.raises(UserError, match="row 1: a first-last-frame model also needs the last frame"):
+        check_condition_rows([prompt], path, flf2v)
+    assert prompt.frame_sources(("first",)) == [(prompt.image_path, "first")]

@@ -200,8 +200,40 @@ def test_generate_refuses_a_missing_or_bad_image(i2v_model, tiny_wan, tmp_path):
                  tmp_path / "bad.png", "--out", tmp_path / "v.mp4"])
 
 
-def test_validation_videos_of_an_i2v_run_are_refused_with_the_way_round(i2v_model, counted, tmp_path):
-    (tmp_path / "validation.csv").write_text("caption\na red circle\n")
-    with pytest.raises(UserError, match="image-to-video run are not made yet.*--eval-shards.*ft generate --image"):
-        train("wan", i2v_model, counted[0], tmp_path / "out", *RUN, "--train-steps", "1", "--validation-dataset-file",
-              tmp_path / "validation.csv")
+def test_validation_of_an_i2v_run_samples_each_rows_image_with_no_image_encoder(i2v_model, counted, shapes_data,
+                                                                                tmp_path):
+    """finetrainers' validation columns: image_path (beside the file) and video_path (its first frame); stage 1 stores
+    each row's frames and CLIP embeddings, so training loads no image encoder and writes the videos."""
+    import json
+
+    from PIL import Image
+
+    from helpers import BuiltClasses
+
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(tmp_path / "still.png")
+    clip = sorted(shapes_data.glob("**/*.mp4"))[0]
+    rows = [{"caption": PROMPT, "image_path": "still.png", "num_frames": 5, "height": 32, "width": 32,
+             "num_inference_steps": 2},
+            {"caption": "a blue square", "video_path": str(clip), "num_frames": 5, "height": 32, "width": 32,
+             "num_inference_steps": 2}]
+    (tmp_path / "validation.json").write_text(json.dumps(rows))
+    shards = counted[0]
+    run_cli(["precompute", "--model", "wan", "--pretrained", i2v_model, *FP32_I2V, "--dataset", shapes_data, "--out",
+             shards, *BUCKETS, "--batch-size", "2", "--validation-dataset-file", tmp_path / "validation.json"])
+    with BuiltClasses() as built:
+        train("wan", i2v_model, shards, tmp_path / "out", *RUN, "--train-steps", "2", "--validation-steps", "2",
+              "--validation-dataset-file", tmp_path / "validation.json")
+    assert not {"CLIPVisionModel", "UMT5EncoderModel"} & set(built)
+    videos = sorted((tmp_path / "out" / "validation" / "step-000002").glob("*.mp4"))
+    assert len(videos) == 2
+    (tmp_path / "other.png").write_bytes((tmp_path / "still.png").read_bytes()[:-1] + b"x")
+    rows[0]["image_path"] = "other.png"  # another image: not stored yet
+    (tmp_path / "validation.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError, match="holds no conditioning for the image.* row 1.*ft precompute"):
+        train("wan", i2v_model, shards, tmp_path / "out2", *RUN, "--train-steps", "1", "--validation-dataset-file",
+              tmp_path / "validation.json")
+    rows[0].pop("image_path")
+    (tmp_path / "validation.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError, match="row 1: an image-to-video run samples from an image"):
+        train("wan", i2v_model, shards, tmp_path / "out3", *RUN, "--train-steps", "1", "--validation-dataset-file",
+              tmp_path / "validation.json")
