@@ -325,11 +325,12 @@ def tiny_i2v_components(seed: int = 0, version_1_5: bool = False) -> dict[str, A
 
     parts = CogVideoXSpec().tiny_components(seed)
     torch.manual_seed(seed + 2)
-    layout = ({"patch_size_t": 2, "ofs_embed_dim": 4, "patch_bias": False} if version_1_5
-              else {"use_learned_positional_embeddings": True})
+    # 1.5: its "slice" rotary grid holds sizes up to the sample size (the real one's 300x300 latents): 64x64 here
+    layout = ({"patch_size_t": 2, "ofs_embed_dim": 4, "patch_bias": False, "sample_width": 8, "sample_height": 8}
+              if version_1_5 else {"use_learned_positional_embeddings": True, "sample_width": 4, "sample_height": 4})
     parts["transformer"] = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=4,
-        text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, patch_size=2, temporal_compression_ratio=4,
+        text_embed_dim=32, num_layers=2, patch_size=2, temporal_compression_ratio=4,
         max_text_seq_length=16, sample_frames=9, use_rotary_positional_embeddings=True, **layout)
     if version_1_5:
         parts["vae"] = AutoencoderKLCogVideoX(
