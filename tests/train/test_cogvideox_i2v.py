@@ -112,3 +112,19 @@ def test_image_noise_is_refused_where_there_is_no_image(tiny_cog, cog_shards, tm
         train("cogvideox", tiny_cog, cog_shards, tmp_path / "out", "--train-steps", "1", "--image-noise")
     with pytest.raises(UserError, match="--image-noise"):
         train("wan", tiny_cog, cog_shards, tmp_path / "wan", "--train-steps", "1", "--image-noise")
+
+
+def test_held_out_i2v_shards_give_an_eval_loss_with_their_images(i2v_model, i2v_shards, tmp_path):
+    """--eval-shards of an image-to-video set: the fixed-noise eval feeds the transformer its images too (a call
+    without them would not fit its input channels)."""
+    from ft.cli.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "clips", num_clips=3, frames=9, sizes=((32, 32), (32, 64)), seed=11)
+    held_out = tmp_path / "held-out"
+    run_cli(["precompute", "--model", "cogvideox", "--pretrained", i2v_model, *FP32, "--dataset", data, "--out",
+             held_out, *BUCKETS])
+    flags = ["--train-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--rank", "4", "--eval-shards", held_out,
+             "--eval-steps", "1", "--report-to", "none"]
+    train("cogvideox", i2v_model, i2v_shards, tmp_path / "out", *flags)
+    losses = [r["eval_loss"] for r in train_log(tmp_path / "out") if "eval_loss" in r]
+    assert len(losses) == 2 and np.isfinite(losses).all()
