@@ -34,8 +34,9 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
 
     from .synthetic import make_shapes_dataset
 
-    spec = get_spec(model)  # an unknown family fails here, before anything is written
-    model = spec.name
+    family, _, variant = model.partition(":")  # `family:variant`: one of the family's tiny_variants (cogvideox:i2v)
+    spec = get_spec(family)  # an unknown family fails here, before anything is written
+    model = f"{spec.name}:{variant}" if variant else spec.name
     started = time.time()
     wd = Path(workdir)
     model_dir, data, shards, out, sample = wd / "model", wd / "data", wd / "shards", wd / "out", wd / "sample.mp4"
@@ -45,16 +46,24 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     if not (data / "videos.txt").is_file():
         log.info(f"writing 12 clips and 2 stills of moving shapes to {data}")
         make_shapes_dataset(data, num_clips=12, frames=17, sizes=((32, 32), (32, 64)), num_images=2, seed=0)
-    base = ["--model", model, "--pretrained", str(model_dir)]
-    fp32 = [a for c in spec.component_classes if not c.startswith("tokenizer")
+    base = ["--model", spec.name, "--pretrained", str(model_dir)]
+    fp32 = [a for c in (*spec.component_classes, *spec.image_component_classes)
+            if not c.startswith("tokenizer") and not c.endswith("processor")
             for a in (f"--{c.replace('_', '-')}-dtype", "fp32")]
+    configs = {c: json.loads((model_dir / c / "config.json").read_text()) for c in ("transformer", "vae")}
+    # the buckets this model takes (CogVideoX-5b-I2V's layout takes only its sample size), and an image-to-video
+    # model's first frame for `ft generate`
+    buckets = [b for b in ("9x32x32", "9x32x64", "1x32x32")
+               if spec.check_bucket(tuple(map(int, b.split("x"))), configs["vae"], configs["transformer"]) is None]
+    image = [] if spec.image_conditioning(configs["transformer"], json.loads(
+        (model_dir / "model_index.json").read_text())) is None else ["--image", str(sorted(data.rglob("*.png"))[0])]
     _run(["precompute", *base, *fp32, "--dataset", str(data), "--out", str(shards),
-          "--buckets", "9x32x32", "9x32x64", "1x32x32", "--batch-size", "2"])
+          "--buckets", *buckets, "--batch-size", "2"])
     shutil.rmtree(out, ignore_errors=True)  # a rerun of the demo trains afresh (train refuses old checkpoints)
     summary = _run(["train", *base, *fp32, "--shards", str(shards), "--output-dir", str(out), "--training-type",
                     "lora", "--train-steps", str(steps), "--rank", "16", "--lora-alpha", "16", "--lr", "2e-3",
                     "--lr-warmup-steps", "5", "--batch-size", "2", "--eval-batches", "4", "--seed", "0"])
-    _run(["generate", *base, *fp32, "--lora", str(out), "--prompt", DEMO_PROMPT, "--out", str(sample),
+    _run(["generate", *base, *fp32, "--lora", str(out), "--prompt", DEMO_PROMPT, *image, "--out", str(sample),
           "--num-frames", "9", "--height", "32", "--width", "32", "--num-inference-steps", "10"])
 
     losses = [json.loads(line)["loss"] for line in (out / LOG_NAME).read_text().splitlines()]

@@ -177,6 +177,7 @@ class TrainOptions:
 
     first_frame_conditioning_p: float = 0.0  # --first-frame-conditioning-p (LTX-Video)
     guidance_scale: float = 1.0  # --guidance-scale, the embedded guidance trained with (HunyuanVideo)
+    image_noise: bool = False  # --image-noise: noise on the conditioning image's latents (`takes_image_noise`)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainOptions:
@@ -273,6 +274,8 @@ class ModelSpec(ABC):
     frame_rate_argument: ClassVar[str | None] = None
     # whether stage 2 can condition on a clean-ish first frame (`--first-frame-conditioning-p`)
     first_frame_conditioning: ClassVar[bool] = False
+    # whether `prepare_image` can noise the conditioning image's latents (`--image-noise`, image-to-video runs)
+    takes_image_noise: ClassVar[bool] = False
     # whether the pipeline casts its latents to the VAE's dtype before decoding (WanPipeline, HunyuanVideoPipeline,
     # LTXPipeline do): the VAE then decodes in its own --vae-dtype; one that does not (CogVideoXPipeline) gets its
     # VAE in the transformer's dtype (`match_vae_dtype`)
@@ -301,6 +304,9 @@ class ModelSpec(ABC):
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
                             "conditioning; leave it at 0.")
+        if getattr(args, "image_noise", False) and not self.takes_image_noise:
+            raise UserError(f"--image-noise: ft's {self.display_name} training has no noised conditioning image; "
+                            "drop --image-noise.")
         if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
             self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
@@ -577,10 +583,12 @@ class ModelSpec(ABC):
         `randn_per_sample`)."""
 
     def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
-                      generators: list[torch.Generator], conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
         """The stored `image` group (batched) -> what `predict` feeds the transformer with, as the family's
         image-to-video pipeline makes it from its image (normalised latents, the mask; sample i's draws from
-        `generators[i]`, after the latent, noise and sigma draws). As stored by default."""
+        `generators[i]`, after the latent, noise and sigma draws; `options` the run's, e.g. `--image-noise`). As
+        stored by default."""
         return image
 
     def latent_sequence_length(self, latents: torch.Tensor) -> int:

@@ -6,13 +6,24 @@ with `get_velocity`, the target is the clean latents, and each sample is weighte
 The transformer is fed exactly as `CogVideoXPipeline` feeds it: latents [B, F, C, H, W] scaled by the VAE's
 scaling factor, the T5 embeddings padded to `max_text_seq_length`, and 3D rotary embeddings when the config uses
 them (the 1.0 "crop" grid, or the 1.5 "slice" grid when the config has `patch_size_t`).
+
+Image-to-video (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V), as `CogVideoXImageToVideoPipeline` makes it: the checkpoint
+is told by its transformer config (in_channels = 2 x out_channels). Stage 1 encodes the clip's first frame alone, a
+1-frame video, through the VAE and stores its posterior (`image_mean`, `image_logvar`): the pipeline SAMPLES from it
+with its generator, so stage 2 draws from it with the sample's generator (`prepare_image`), scales the draw by the
+VAE's scaling_factor (divides by it where the VAE config says `invert_scale_latents`, as the 1.5 pipeline does),
+and `predict` pads it with zero latent frames to the video's latent length (with the pipeline's first-frame repeat
+for the temporal patch), concatenates it after the noised latents on the channels, and passes the `ofs` embedding
+(2.0) of a 1.5 transformer (`ofs_embed_dim`). `--image-noise` adds the noise diffusers' CogVideoX I2V LoRA example
+adds to the conditioning image, in latent space (the image was encoded in stage 1).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import CondTensor, ModelSpec, StepInputs, sample_posterior, t5_prompt_embeds
+from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, randn_per_sample, sample_posterior, t5_prompt_embeds
+from .image import ImageConditioning
 from .lora_keys import OriginalLayout, Rename
 from .real_configs import T5_XXL, Checkpoint
 
@@ -20,6 +31,18 @@ if TYPE_CHECKING:
     import torch
 
 TEMPORAL_COMPRESSION = 4
+I2V_PIPELINE = ("diffusers", "CogVideoXImageToVideoPipeline")
+# --image-noise: log sigma ~ N(-3, 0.5), diffusers' examples/cogvideo I2V LoRA script and finetrainers
+IMAGE_NOISE_LOG_MEAN, IMAGE_NOISE_LOG_STD = -3.0, 0.5
+# the `ofs` value CogVideoXImageToVideoPipeline gives a transformer with `ofs_embed_dim` (CogVideoX1.5-5B-I2V)
+OFS = 2.0
+# CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V: their published transformer configs (config.json), beside the T2V 5b's
+I2V_5B = {"num_attention_heads": 48, "num_layers": 42, "in_channels": 32, "out_channels": 16,
+          "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": True}
+I2V_15_5B = {"num_attention_heads": 48, "num_layers": 42, "in_channels": 32, "out_channels": 16,
+             "ofs_embed_dim": 512, "patch_bias": False, "patch_size_t": 2, "sample_frames": 81,
+             "sample_height": 300, "sample_width": 300, "use_rotary_positional_embeddings": True,
+             "use_learned_positional_embeddings": False}
 # ComfyUI has no CogVideoX model of its own; the node pack users run it with (kijai/ComfyUI-CogVideoXWrapper) loads
 # a LoRA through diffusers' CogVideoXPipeline.load_lora_weights, so its layout is diffusers' module names
 ORIGINAL_LAYOUT = OriginalLayout("CogVideoX's diffusers checkpoint (what ComfyUI-CogVideoXWrapper loads)",
@@ -38,6 +61,21 @@ def pad_latent_frames(latents: torch.Tensor, patch_size_t: int | None) -> torch.
     if not extra:
         return latents
     return torch.cat([latents, latents[:, -1:].expand(-1, extra, -1, -1, -1)], dim=1)
+
+
+def image_condition_frames(image_latents: torch.Tensor, latent_frames: int, patch_size_t: int | None
+                           ) -> torch.Tensor:
+    """`CogVideoXImageToVideoPipeline.prepare_latents`' `image_latents` for a video of `latent_frames` latent frames:
+    the image's latent frame [B, 1, C, H, W] followed by zero frames, then (1.5: `patch_size_t`) its first
+    `latent_frames % patch_size_t` frames repeated in front (none where the count is a multiple of the patch, as
+    the 1.5 pipeline makes it by padding its frame count, and as stage 2's padded latents are)."""
+    import torch
+
+    zeros = image_latents.new_zeros(image_latents.shape[0], latent_frames - 1, *image_latents.shape[2:])
+    condition = torch.cat([image_latents, zeros], dim=1)
+    if patch_size_t is not None:
+        condition = torch.cat([condition[:, : condition.size(1) % patch_size_t], condition], dim=1)
+    return condition
 
 
 class CogVideoXSpec(ModelSpec):
@@ -68,7 +106,15 @@ class CogVideoXSpec(ModelSpec):
                    {"transformer": {"num_attention_heads": 48, "num_layers": 42,
                                     "use_rotary_positional_embeddings": True},
                     "vae": {"scaling_factor": 0.7}, "text_encoder": T5_XXL}),
+        Checkpoint("CogVideoX-5b-I2V", ("THUDM/CogVideoX-5b-I2V", "zai-org/CogVideoX-5b-I2V", "cogvideox-5b-i2v"),
+                   {"transformer": I2V_5B, "vae": {"scaling_factor": 0.7}, "text_encoder": T5_XXL},
+                   image_to_video=True),
+        Checkpoint("CogVideoX1.5-5B-I2V", ("THUDM/CogVideoX1.5-5B-I2V", "zai-org/CogVideoX1.5-5B-I2V",
+                                           "cogvideox1.5-5b-i2v"),
+                   {"transformer": I2V_15_5B, "vae": {"scaling_factor": 0.7, "invert_scale_latents": True},
+                    "text_encoder": T5_XXL}, image_to_video=True),
     )
+    takes_image_noise = True  # --image-noise (prepare_image)
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -84,6 +130,13 @@ class CogVideoXSpec(ModelSpec):
         multiple = self._spatial_factor(vae_config) * transformer_config.get("patch_size", 2)
         if height % multiple or width % multiple:
             return f"height and width must be multiples of {multiple}, not {height}x{width}"
+        if transformer_config.get("use_learned_positional_embeddings"):
+            # CogVideoXPatchEmbed refuses any other size (CogVideoX-5b-I2V)
+            size = (transformer_config["sample_height"] * self._spatial_factor(vae_config),
+                    transformer_config["sample_width"] * self._spatial_factor(vae_config))
+            if (height, width) != size:
+                return (f"this transformer has learned positional embeddings (CogVideoX-5b-I2V) and takes only "
+                        f"{size[0]}x{size[1]}, not {height}x{width}")
         return None
 
     def default_sequence_length(self, transformer_config: dict) -> int:
@@ -102,7 +155,52 @@ class CogVideoXSpec(ModelSpec):
                        ) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": t5_prompt_embeds(encoders, prompts, max_sequence_length)[0]}
 
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V: a transformer taking the image's latents on its channels beside
+        the noised latents (in_channels = 2 x out_channels)."""
+        out_channels = int(transformer_config.get("out_channels") or 16)
+        if int(transformer_config.get("in_channels") or out_channels) != 2 * out_channels:
+            return None
+        return ImageConditioning("channel-concat", I2V_PIPELINE)
+
+    def latent_channels(self, transformer_config: dict) -> int:
+        return int(transformer_config.get("out_channels") or transformer_config.get("in_channels") or 0)
+
+    def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
+                     conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """`CogVideoXImageToVideoPipeline.prepare_latents`: each sample's first frame alone, a 1-frame video, through
+        the VAE (one image at a time, as the pipeline encodes them), stored as the posterior it samples from
+        (`image_mean`, `image_logvar` [C, 1, h, w])."""
+        import torch
+
+        vae = models["vae"]
+        posteriors = [vae.encode(frame[None].to(vae.device, vae.dtype)).latent_dist for frame in frames[:, :, :1]]
+        return {"image_mean": torch.cat([p.mean for p in posteriors]),
+                "image_logvar": torch.cat([p.logvar for p in posteriors])}
+
     # ------------------------------------------------------------------------------------------------ stage 2
+
+    def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
+        """The pipeline's image latents before their padding (`image_latents` [B, 1, C, h, w]): a draw from the
+        stored posterior with the sample's generator (the pipeline's `latent_dist.sample(generator)`), times the
+        VAE's scaling factor (divided by it where the VAE config has `invert_scale_latents`: CogVideoX 1.5, whose
+        team trained it so). With `--image-noise`, plus sigma x N(0, 1) with log sigma ~ N(-3, 0.5) per sample (the
+        noised image of diffusers' I2V LoRA example, added here to the latents since the image was encoded in stage
+        1), drawn after the posterior's."""
+        import torch
+
+        draw = sample_posterior({"mean": image["image_mean"], "logvar": image["image_logvar"]}, generators)
+        scale = vae_config.get("scaling_factor", 1.15258426)
+        draw = draw.permute(0, 2, 1, 3, 4)  # [B, C, 1, h, w] -> [B, 1, C, h, w]
+        latents = 1 / scale * draw if vae_config.get("invert_scale_latents") else scale * draw
+        if options is not None and options.image_noise:
+            log_sigma = torch.stack([torch.randn((), generator=g) for g in generators])
+            sigma = (log_sigma * IMAGE_NOISE_LOG_STD + IMAGE_NOISE_LOG_MEAN).exp().to(latents.device)
+            latents = latents + sigma.view(-1, 1, 1, 1, 1) * randn_per_sample(tuple(latents.shape[1:]), generators,
+                                                                              latents.device)
+        return {"image_latents": latents}
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
@@ -150,11 +248,19 @@ class CogVideoXSpec(ModelSpec):
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The transformer's v-prediction output for the noised latents, fed as CogVideoXPipeline feeds it."""
+        import torch
+
         _, frames, _, height, width = step.noisy.shape
         rotary = self.cached_rotary_embeddings(transformer.config, frames, height, width, step.noisy.device)
-        output = transformer(hidden_states=step.noisy.to(dtype),
-                             encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
-                             timestep=step.timesteps, image_rotary_emb=rotary, return_dict=False)[0]
+        hidden, extra = step.noisy.to(dtype), {}
+        if step.image_conditioning is not None:  # CogVideoXImageToVideoPipeline: the image latents on the channels
+            condition = image_condition_frames(step.image["image_latents"].to(dtype), frames,
+                                               transformer.config.patch_size_t)
+            hidden = torch.cat([hidden, condition], dim=2)
+            ofs = None if transformer.config.ofs_embed_dim is None else hidden.new_full((1,), fill_value=OFS)
+            extra = {"ofs": ofs, "attention_kwargs": None}
+        output = transformer(hidden_states=hidden, encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
+                             timestep=step.timesteps, image_rotary_emb=rotary, return_dict=False, **extra)[0]
         return output, None
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -174,6 +280,14 @@ class CogVideoXSpec(ModelSpec):
         return {"max_sequence_length": self.default_sequence_length(transformer_config)}
 
     # ------------------------------------------------------------------------------------------------ tests
+
+    tiny_variants = {"i2v": "CogVideoX-5b-I2V's layout (learned positional embeddings)",
+                     "i2v-1.5": "CogVideoX1.5-5B-I2V's layout (temporal patches, ofs, invert_scale_latents)"}
+
+    def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
+        if variant in ("i2v", "i2v-1.5"):
+            return I2V_PIPELINE, tiny_i2v_components(seed, version_1_5=variant == "i2v-1.5")
+        return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         import torch
@@ -199,3 +313,28 @@ class CogVideoXSpec(ModelSpec):
             timestep_spacing="trailing")
         return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
                 "scheduler": scheduler}
+
+
+def tiny_i2v_components(seed: int = 0, version_1_5: bool = False) -> dict[str, Any]:
+    """CogVideoX-5b-I2V's layout at toy size (`CogVideoXSpec.tiny_components` with a transformer taking the image
+    latents on its channels, in_channels 2 x 4, and learned positional embeddings, so only 32x32), or with
+    `version_1_5` CogVideoX1.5-5B-I2V's (temporal patches of 2, the `ofs` embedding, no patch bias, a VAE with
+    `invert_scale_latents`); `CogVideoXImageToVideoPipeline(**parts)` builds it."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+    parts = CogVideoXSpec().tiny_components(seed)
+    torch.manual_seed(seed + 2)
+    # 1.5: its "slice" rotary grid holds sizes up to the sample size (the real one's 300x300 latents): 64x64 here
+    layout = ({"patch_size_t": 2, "ofs_embed_dim": 4, "patch_bias": False, "sample_width": 8, "sample_height": 8}
+              if version_1_5 else {"use_learned_positional_embeddings": True, "sample_width": 4, "sample_height": 4})
+    parts["transformer"] = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=4,
+        text_embed_dim=32, num_layers=2, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=16, sample_frames=9, use_rotary_positional_embeddings=True, **layout)
+    if version_1_5:
+        parts["vae"] = AutoencoderKLCogVideoX(
+            down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            temporal_compression_ratio=4, scaling_factor=0.7, invert_scale_latents=True)
+    return parts

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, normalize_latents, sample_posterior
 from .fingerprint import hub_hint
 from .image import ImageConditioning
 from .lora_keys import OriginalLayout, Rename
@@ -271,7 +271,8 @@ class WanSpec(ModelSpec):
     # ------------------------------------------------------------------------------------------------ stage 2
 
     def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
-                      generators: list[torch.Generator], conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
         """The pipeline's `condition` (its mask, then the VAE mean normalised as it normalises latents) and the
         CLIP embeddings as it batches them (a sample's images consecutive: [B x images, tokens, width])."""
         import torch

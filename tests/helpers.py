@@ -180,8 +180,12 @@ def assert_same_call(ours: dict, theirs: dict) -> None:
 
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
+        mine = ours[name]
+        if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):  # rotary tables (cos, sin)
+            assert isinstance(mine, tuple) and len(mine) == len(value), name
+            mine, value = torch.stack(mine), torch.stack(value)
         if isinstance(value, torch.Tensor):
-            assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
-            assert torch.equal(ours[name], value), name
+            assert mine.dtype == value.dtype and mine.shape == value.shape, name
+            assert torch.equal(mine, value), name
         else:
-            assert ours[name] == value, name
+            assert mine == value, name

@@ -182,6 +182,12 @@ class TrainConfig(ModelArgs):
                                                  "noised only lightly (sigma <= 0.25) and left out of the loss, "
                                                  "training image-to-video conditioning (finetrainers uses 0.1).",
                                             panel=OBJECTIVE)
+    image_noise: bool = opt(False, "CogVideoX image-to-video: add noise to the conditioning image, as diffusers' "
+                                   "CogVideoX I2V LoRA example and finetrainers do (sigma = exp(N(-3, 0.5)) per "
+                                   "sample). The image was encoded in stage 1, so the noise is added to its scaled "
+                                   "VAE latents, not its pixels; drawn from the sample's own generator. Off by "
+                                   "default: the transformer is then fed exactly as the pipeline feeds it.",
+                            panel=OBJECTIVE)
     dp_degree: int = opt(-1, "Data-parallel replicas (DDP; HSDP with --dp-shards). Replicas x shards = the number "
                              "of processes torchrun or srun started; -1: what the world leaves (every process is a "
                              "replica when neither is given).", panel=PARALLEL)

@@ -78,7 +78,7 @@ EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
 RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "seed", "shuffle_buffer", "training_type",
                     "rank", "lora_alpha", "target_modules", "caption_dropout_p", "first_frame_conditioning_p",
-                    "optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "guidance_scale")
+                    "image_noise", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -213,6 +213,9 @@ class Trainer:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
         self.image_conditioning = run_conditioning(cfg, self.spec, self.sets, self.transformer_config)
+        if cfg.image_noise and self.image_conditioning is None:
+            raise UserError("--image-noise noises the conditioning image of an image-to-video run; this run is "
+                            "text-to-video: drop --image-noise.")
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
@@ -335,7 +338,7 @@ class Trainer:
         sigmas = to_device(objective.sample_sigmas(generators, spec.latent_sequence_length(latents)), latents.device)
         noisy, timesteps = objective.noised(latents, noise, sigmas)
         image = spec.prepare_image(batch.image, self.vae_config, self.transformer_config, generators,
-                                   self.image_conditioning) if self.image_conditioning is not None else {}
+                                   self.image_conditioning, self.options) if self.image_conditioning is not None else {}
         inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, cond, batch.meta, generators, self.options,
                             image, self.image_conditioning)
         context = torch.autocast(self.device.split(":")[0], dtype=self.dtype) if self.autocast else nullcontext()

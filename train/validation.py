@@ -249,11 +249,14 @@ class HeldOutLoss:
         latents = spec.prepare_latents(batch.latents, self.vae_config, self.transformer_config, generators)
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
         options = replace(TrainOptions.from_config(self.cfg), first_frame_conditioning_p=0.0)
+        image = spec.prepare_image(batch.image, self.vae_config, self.transformer_config, generators,
+                                   trainer.image_conditioning, options) if trainer.image_conditioning else {}
         total = torch.zeros(latents.shape[0], device=latents.device)
         for sigma in EVAL_SIGMAS:
             sigmas = torch.full((latents.shape[0],), sigma, device=latents.device)
             noisy, timesteps = objective.noised(latents, noise, sigmas)
-            inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, batch.cond, batch.meta, generators, options)
+            inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, batch.cond, batch.meta, generators, options,
+                                image, trainer.image_conditioning)
             context = (torch.autocast(trainer.device.split(":")[0], dtype=trainer.dtype) if trainer.autocast
                        else nullcontext())
             with context:

@@ -8,7 +8,8 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("model,pipeline", [("ltx-video", "LTXPipeline"), ("wan", "WanPipeline")])
+@pytest.mark.parametrize("model,pipeline", [("ltx-video", "LTXPipeline"), ("wan", "WanPipeline"),
+                                            ("cogvideox:i2v", "CogVideoXImageToVideoPipeline")])
 def test_demo_runs_on_the_familys_tiny_model(model, pipeline, tmp_path):
     from ft.cli.demo import run_demo
 
