@@ -344,7 +344,7 @@ class WanSpec(ModelSpec):
             _, _, frames, height, width = step.noisy.shape
             timestep = timestep.float()[:, None].expand(-1, frames * -(-height // 2) * -(-width // 2))
         hidden, extra = step.noisy, {}
-        if step.image_conditioning is not None:  # WanImageToVideoPipeline: the condition on the channels
+        if conditioning is not None and conditioning.kind == "channel-concat":  # WanImageToVideoPipeline (2.1)
             hidden = torch.cat([step.noisy, step.image["condition"].to(step.noisy.dtype)], dim=1)
             if "image_embeds" in step.image:
                 extra["encoder_hidden_states_image"] = step.image["image_embeds"].to(dtype)
