@@ -110,3 +110,19 @@ def test_a_resumed_i2v_run_ends_bitwise_equal_to_a_straight_run(family, i2v_shar
     a, b = (load_file(run / "pytorch_lora_weights.safetensors") for run in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in train_log(resumed)] == [r["loss"] for r in log]
+
+
+def test_the_held_out_loss_of_an_i2v_run_conditions_on_the_image(i2v_shards, tmp_path):
+    """--eval-shards of an image-to-video run is scored as it trains: every sample conditioned on its image (the
+    same set scored by a text-to-video run of the same weights, --mode t2v, gives another loss)."""
+    model, shards = i2v_shards("ltx_video")
+    held_out = tmp_path / "held-out"
+    shutil.copytree(shards, held_out)
+    losses = {}
+    for mode in ("i2v", "t2v"):
+        out = tmp_path / mode
+        train("ltx_video", model, shards, out, *RUN, "--train-steps", "1", "--lr", "1e-12", "--seed", "0",
+              "--eval-shards", held_out, "--eval-steps", "1", "--mode", mode)
+        losses[mode] = [r["eval_loss"] for r in train_log(out) if "eval_loss" in r]
+    assert len(losses["i2v"]) == 1 and np.isfinite(losses["i2v"][0])
+    assert losses["i2v"] != losses["t2v"]
