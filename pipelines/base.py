@@ -175,7 +175,8 @@ class TrainOptions:
     """The run's settings that a family's `predict` reads, each one `ft train` flag (a family that does not take
     one refuses a value other than the default: `ModelSpec.check_args`, and the trainer for the guidance scale)."""
 
-    first_frame_conditioning_p: float = 0.0  # --first-frame-conditioning-p (LTX-Video)
+    # --first-frame-conditioning-p (LTX-Video); None: the mode's default (0 text-to-video, 1 image-to-video)
+    first_frame_conditioning_p: float | None = None
     guidance_scale: float = 1.0  # --guidance-scale, the embedded guidance trained with (HunyuanVideo)
     image_noise: bool = False  # --image-noise: noise on the conditioning image's latents (`takes_image_noise`)
 

@@ -24,6 +24,21 @@ What is fed (stage 2), as `LTXPipeline.__call__` feeds its transformer:
   its elements leave the loss, numerator and denominator (the mean is over the frames that are targets), as
   Lightricks' LTX-Video-Trainer masks it. finetrainers feeds every token the sample's timestep and keeps the
   frame in its loss: the condition is then trained as a target at a timestep it is not noised to.
+
+Image-to-video (`--mode i2v`; every LTX-Video checkpoint serves both modes, `ImageConditioning(kind="first-frame",
+text_to_video=True)`, sampled by `LTXImageToVideoPipeline`), as that pipeline's `prepare_latents` and loop make it:
+- stage 1 stores the clip's first frame encoded ALONE through the VAE (a 1-frame video, as the pipeline encodes its
+  image), as its posterior (`condition_mean`, one-channel `condition_logvar`): the pipeline DRAWS from it
+  (`retrieve_latents` with its generator), and so does stage 2, from the sample's generator after the latent, noise
+  and sigma draws, then normalises the draw as the pipeline does (`_normalize_latents` with its default
+  scaling_factor 1);
+- stage 2 replaces the noised first latent frame by that condition (the pipeline keeps frame 0 at its clean
+  `init_latents` through the loop and steps only frames 1:), feeds per-token timesteps t * (1 - conditioning_mask)
+  and leaves the first frame out of the loss (numerator and denominator);
+- `--first-frame-conditioning-p` means, in i2v mode, the probability that a sample is image-conditioned (default 1;
+  the coin is the sample's generator's next draw after the condition's); an unconditioned sample trains as
+  text-to-video. In t2v mode it keeps the meaning above (default 0).
+A still (one latent frame) has nothing after its condition: it trains as text-to-video in either mode.
 """
 
 from __future__ import annotations
@@ -33,8 +48,9 @@ from typing import TYPE_CHECKING, Any
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-from .base import CondTensor, ModelSpec, StepInputs, normalize_latents, sample_posterior, t5_prompt_embeds
+from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, normalize_latents, sample_posterior, t5_prompt_embeds
 from .fingerprint import read_stored_tensor
+from .image import ImageConditioning
 from .lora_keys import OriginalLayout, Rename
 from .real_configs import T5_XXL, Checkpoint
 
@@ -45,6 +61,24 @@ if TYPE_CHECKING:
 
 DEFAULT_FRAME_RATE = 25.0  # LTXPipeline.__call__'s frame_rate; what a still (no frame spacing) trains at
 MIN_FIRST_FRAME_SIGMA = 0.25  # finetrainers' cap on the conditioned first frame's noise level
+
+
+IMAGE_TO_VIDEO_PIPELINE = ("diffusers", "LTXImageToVideoPipeline")
+
+
+def replace_first_frame(noisy: torch.Tensor, first: torch.Tensor, chosen: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`noisy` [B, C, F, H, W] with its first frame replaced by `first` [B, C, 1, H, W] where `chosen` [B] (bool),
+    and the conditioning mask [B, 1, F, H, W] (1 on those samples' first frames)."""
+    import torch
+
+    select = chosen.to(noisy.device).view(-1, 1, 1, 1, 1)
+    out = noisy.clone()
+    out[:, :, :1] = torch.where(select, first, noisy[:, :, :1])
+    b, _, frames, height, width = noisy.shape
+    mask = torch.zeros(b, 1, frames, height, width, device=noisy.device)
+    mask[:, :, :1] = select.to(mask.dtype)
+    return out, mask
 
 
 def compression_ratios(vae_config: dict) -> tuple[int, int]:
@@ -104,8 +138,9 @@ class LTXVideoSpec(ModelSpec):
     default_text_tokens = 128  # LTXPipeline's max_sequence_length
     conditioning = (CondTensor("prompt_embeds", "caption_channels"), CondTensor("prompt_attention_mask", None,
                                                                                  dtype="bool"))
+    # Lightricks/LTX-Video: one checkpoint for text- and image-to-video (LTXPipeline, LTXImageToVideoPipeline)
     checkpoints = (Checkpoint("LTX-Video 0.9", ("Lightricks/LTX-Video", "a-r-r-o-w/LTX-Video-diffusers", "ltx-video"),
-                              {"transformer": {}, "vae": {}, "text_encoder": T5_XXL}),)
+                              {"transformer": {}, "vae": {}, "text_encoder": T5_XXL}, image_to_video=True),)
     default_fps = DEFAULT_FRAME_RATE
     frame_rate_argument = "frame_rate"
     first_frame_conditioning = True
@@ -178,6 +213,18 @@ class LTXVideoSpec(ModelSpec):
         embeds, mask = t5_prompt_embeds(encoders, prompts, max_sequence_length)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """Every LTX-Video checkpoint also samples from an image (`LTXImageToVideoPipeline`: the first latent frame
+        replaced by the image's)."""
+        return ImageConditioning("first-frame", IMAGE_TO_VIDEO_PIPELINE, text_to_video=True)
+
+    def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
+                     conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """`LTXImageToVideoPipeline.prepare_latents`: the first frame alone through the VAE (a 1-frame video); its
+        posterior is stored (the pipeline draws from it), the log-variance once, as `encode_video` stores it."""
+        latents = self.encode_video(models["vae"], frames[:, :, :1])
+        return {"condition_mean": latents["mean"], "condition_logvar": latents["logvar"]}
+
     # ------------------------------------------------------------------------------------------------ stage 2
 
     def latent_channels(self, transformer_config: dict) -> int:
@@ -198,6 +245,20 @@ class LTXVideoSpec(ModelSpec):
         sample = sample_posterior(latents, generators)  # the one-channel log-variance broadcasts over channels
         return normalize_latents(sample, torch.tensor(vae_config["latents_mean"]),
                                  torch.tensor(vae_config["latents_std"]), vae_config.get("scaling_factor", 1.0))
+
+    def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
+        """The pipeline's `init_latents` (a draw from the stored posterior, normalised by `_normalize_latents` with
+        its default scaling_factor 1) and each sample's coin for `--first-frame-conditioning-p` (`coin`, [B]), both
+        from the sample's generator, in that order."""
+        import torch
+
+        draw = sample_posterior({"mean": image["condition_mean"], "logvar": image["condition_logvar"]}, generators)
+        condition = normalize_latents(draw, torch.tensor(vae_config["latents_mean"]),
+                                      torch.tensor(vae_config["latents_std"]), 1.0)
+        coin = torch.cat([torch.rand(1, generator=g) for g in generators]).to(condition.device)
+        return {"condition": condition, "coin": coin}
 
     @staticmethod
     def frame_rates(meta: list[dict[str, Any]]) -> list[float]:
@@ -230,7 +291,9 @@ class LTXVideoSpec(ModelSpec):
         conditioned), LTXImageToVideoPipeline's `conditioning_mask` before packing."""
         import torch
 
-        p = step.options.first_frame_conditioning_p
+        if step.image_conditioning is not None:
+            return self.condition_on_image(step)
+        p = step.options.first_frame_conditioning_p or 0.0
         if p <= 0 or step.noisy.shape[2] < 2:  # a still's only frame is the sample: nothing to condition on
             return step.noisy, None
         coin, u = torch.stack([torch.rand(2, generator=g) for g in step.generators]).T  # after the shared draws
@@ -240,13 +303,17 @@ class LTXVideoSpec(ModelSpec):
         sigma_ff = torch.minimum(u.to(step.sigmas) * step.sigmas, torch.full_like(step.sigmas, MIN_FIRST_FRAME_SIGMA))
         s = sigma_ff.view(-1, 1, 1, 1, 1).to(step.noisy.dtype)
         first = (1 - s) * step.latents[:, :, :1] + s * step.noise[:, :, :1]
-        select = chosen.view(-1, 1, 1, 1, 1)
-        noisy = step.noisy.clone()
-        noisy[:, :, :1] = torch.where(select, first, step.noisy[:, :, :1])
-        b, _, frames, height, width = noisy.shape
-        mask = torch.zeros(b, 1, frames, height, width, device=noisy.device)
-        mask[:, :, :1] = select.to(mask.dtype)
-        return noisy, mask
+        return replace_first_frame(step.noisy, first, chosen)
+
+    @staticmethod
+    def condition_on_image(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image-to-video: the noised latents with the first frame replaced by the image's condition for the samples
+        whose coin falls under --first-frame-conditioning-p (default 1 in i2v mode), and the conditioning mask."""
+        p = step.options.first_frame_conditioning_p
+        chosen = step.image["coin"] < (1.0 if p is None else p)
+        if step.noisy.shape[2] < 2 or not bool(chosen.any()):
+            return step.noisy, None
+        return replace_first_frame(step.noisy, step.image["condition"].to(step.noisy.dtype), chosen)
 
     @staticmethod
     def token_timesteps(timesteps: torch.Tensor, mask: torch.Tensor, p: int, p_t: int) -> torch.Tensor:
@@ -271,7 +338,7 @@ class LTXVideoSpec(ModelSpec):
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
                              timestep=timestep, encoder_attention_mask=step.cond["prompt_attention_mask"],
                              num_frames=frames, height=height, width=width, rope_interpolation_scale=scale,
-                             return_dict=False)[0]
+                             attention_kwargs=None, return_dict=False)[0]
         return unpack_latents(output, frames, height, width, p, p_t), None if mask is None else 1 - mask
 
     # ------------------------------------------------------------------------------------------------ generation

@@ -24,7 +24,14 @@ scheduler config: 3.0 for 480p, 5.0 for 720p).
 Wan 2.2 TI2V-5B (text-to-video) is the same classes with a 48-channel VAE that patches 2x2 itself (16x spatial
 compression) and one pipeline setting, `expand_timesteps` in model_index.json: the pipeline then gives every token
 its own timestep (all equal for text-to-video, as float32), and so does `predict`. The setting is read from
-`--pretrained`, and the pipelines ft builds (generation, validation) get it too. Wan 2.2's two-transformer A14B
+`--pretrained`, and the pipelines ft builds (generation, validation) get it too. TI2V-5B also samples from an image
+(`--mode i2v`, `ft generate --image`: `ImageConditioning(kind="first-frame", text_to_video=True)`), as
+WanImageToVideoPipeline does with `expand_timesteps`: stage 1 stores the first frame encoded ALONE through the VAE
+(its posterior; the pipeline takes the mean), stage 2 normalises it with the pipeline's own arithmetic
+((x - mean) * (1 / std)), feeds (1 - first_frame_mask) * condition + first_frame_mask * noisy (the first latent frame
+replaced), the per-token timesteps (first_frame_mask[0][0][:, ::2, ::2] * t).flatten() (0 on the first frame), and
+leaves the first latent frame out of the loss (the pipeline never denoises it). A still (one latent frame) has
+nothing after its condition and trains as text-to-video. Wan 2.2's two-transformer A14B
 (`boundary_ratio`, `transformer_2`) is refused.
 
 Everything Wan-specific lives here: the spec, the real-size configs of Wan2.1-T2V-1.3B and 14B and Wan2.2-TI2V-5B
@@ -82,7 +89,7 @@ CHECKPOINTS = (
                       "out_channels": 48},
       "vae": {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "patch_size": 2,
               "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16},
-      "text_encoder": UMT5_XXL}),
+      "text_encoder": UMT5_XXL}, image_to_video=True),  # text- and image-to-video
 )
 
 
@@ -104,6 +111,18 @@ ORIGINAL_LAYOUT = OriginalLayout(
              Rename(r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
              Rename("proj_out", "head.head"), Rename("patch_embedding", "patch_embedding")),
     kohya=True)
+
+
+def pipeline_normalised(mean: torch.Tensor, vae_config: dict) -> torch.Tensor:
+    """A stored VAE mean [B, C, F, H, W] normalised as WanImageToVideoPipeline.prepare_latents normalises its
+    condition, with its own arithmetic ((x - latents_mean) * (1 / latents_std), float32), so it is bitwise its."""
+    import torch
+
+    latent = mean.float()
+    channels = latent.shape[1]
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(1, channels, 1, 1, 1).to(latent.device)
+    inverse_std = (1.0 / torch.tensor(vae_config["latents_std"]).view(1, channels, 1, 1, 1)).to(latent.device)
+    return (latent - latents_mean) * inverse_std
 
 
 def prompt_clean(prompts: list[str]) -> list[str]:
@@ -232,9 +251,12 @@ class WanSpec(ModelSpec):
     def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
         """Wan 2.1 I2V and FLF2V, Wan 2.2 I2V-A14B: a transformer taking the latents, a 4-channel mask and the VAE
         encoding of the conditioning frames on its channels (in_channels = 2 x out_channels + 4); an `image_dim`
-        means CLIP embeddings too (Wan 2.1), a `pos_embed_seq_len` two images (first and last frame: FLF2V)."""
+        means CLIP embeddings too (Wan 2.1), a `pos_embed_seq_len` two images (first and last frame: FLF2V). Wan 2.2
+        TI2V-5B (`expand_timesteps` in model_index.json) replaces the first latent frame instead ("first-frame")."""
         out_channels = int(transformer_config.get("out_channels") or 16)
         if int(transformer_config.get("in_channels") or out_channels) != 2 * out_channels + 4:
+            if model_index.get("expand_timesteps"):  # Wan 2.2 TI2V-5B: text- and image-to-video
+                return ImageConditioning("first-frame", ("diffusers", "WanImageToVideoPipeline"), text_to_video=True)
             return None
         frames = ("first", "last") if transformer_config.get("pos_embed_seq_len") else ("first",)
         return ImageConditioning("channel-concat", ("diffusers", "WanImageToVideoPipeline"), frames,
@@ -246,13 +268,16 @@ class WanSpec(ModelSpec):
     def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
                      conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
         """`WanImageToVideoPipeline.prepare_latents` and `encode_image`: the first frame followed by zeros (the last
-        frame at the end for FLF2V) through the VAE, stored as its posterior (`condition_mean`/`_logvar`; the
-        pipeline takes the mean); where the transformer has `image_dim`, CLIP's penultimate hidden states of the
-        frames (`image_embeds` [frames, tokens, width]), from the frames as uint8 images, as the pipeline's PIL
-        input reaches its image processor."""
+        frame at the end for FLF2V; TI2V-5B: the first frame alone) through the VAE, stored as its posterior
+        (`condition_mean`/`_logvar`; the pipeline takes the mean); where the transformer has `image_dim`, CLIP's
+        penultimate hidden states of the frames (`image_embeds` [frames, tokens, width]), from the frames as uint8
+        images, as the pipeline's PIL input reaches its image processor."""
         import torch
 
         vae = models["vae"]
+        if conditioning.kind == "first-frame":  # TI2V-5B (expand_timesteps): the image alone through the VAE
+            posterior = vae.encode(frames[:, :, :1].to(vae.device, vae.dtype)).latent_dist
+            return {"condition_mean": posterior.mean, "condition_logvar": posterior.logvar}
         first, count = frames[:, :, :1], frames.shape[2]
         zeros = first.new_zeros(first.shape[0], first.shape[1], num_frames - count, *first.shape[3:])
         video = torch.cat([first, zeros] + ([frames[:, :, 1:]] if count > 1 else []), dim=2)
@@ -273,15 +298,15 @@ class WanSpec(ModelSpec):
     def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                       generators: list[torch.Generator], conditioning: ImageConditioning,
                       options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
-        """The pipeline's `condition` (its mask, then the VAE mean normalised as it normalises latents) and the
-        CLIP embeddings as it batches them (a sample's images consecutive: [B x images, tokens, width])."""
+        """The pipeline's `condition` (its mask, then the VAE mean normalised as it normalises latents; TI2V-5B:
+        the normalised mean alone, [B, C, 1, H, W]) and the CLIP embeddings as it batches them (a sample's images
+        consecutive: [B x images, tokens, width])."""
         import torch
 
-        latent = image["condition_mean"].float()
+        latent = pipeline_normalised(image["condition_mean"], vae_config)
+        if conditioning.kind == "first-frame":
+            return {"condition": latent}
         batch, channels, latent_frames, height, width = latent.shape
-        mean = torch.tensor(vae_config["latents_mean"]).view(1, channels, 1, 1, 1).to(latent.device)
-        latent = (latent - mean) * (1.0 / torch.tensor(vae_config["latents_std"])).view(1, channels, 1, 1, 1).to(
-            latent.device)  # the pipeline's own arithmetic, so the condition is its bitwise
         temporal = self.compression(vae_config)[0]
         num_frames = (latent_frames - 1) * temporal + 1
         mask = latent.new_ones(batch, 1, num_frames, height, width)
@@ -324,11 +349,15 @@ class WanSpec(ModelSpec):
         return normalize_latents(sample_posterior(latents, generators), torch.tensor(vae_config["latents_mean"]),
                                  torch.tensor(vae_config["latents_std"]), 1.0)
 
-    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
+    def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flow (velocity) prediction, fed as WanPipeline's (WanImageToVideoPipeline's) denoising loop feeds the
-        transformer."""
+        transformer. TI2V-5B from an image: the first latent frame is the condition, and out of the loss."""
         import torch
 
+        conditioning = step.image_conditioning
+        if conditioning is not None and conditioning.kind == "first-frame" and step.noisy.shape[2] > 1:
+            return self.predict_first_frame(transformer, step, dtype)
         timestep = step.timesteps.long()
         if self.pipeline_settings()["expand_timesteps"]:
             # Wan 2.2 TI2V-5B: WanPipeline's (mask[0][0][:, ::2, ::2] * t).flatten(), its mask all ones for
@@ -336,7 +365,7 @@ class WanSpec(ModelSpec):
             _, _, frames, height, width = step.noisy.shape
             timestep = timestep.float()[:, None].expand(-1, frames * -(-height // 2) * -(-width // 2))
         hidden, extra = step.noisy, {}
-        if step.image_conditioning is not None:  # WanImageToVideoPipeline: the condition on the channels
+        if conditioning is not None and conditioning.kind == "channel-concat":  # WanImageToVideoPipeline (2.1)
             hidden = torch.cat([step.noisy, step.image["condition"].to(step.noisy.dtype)], dim=1)
             if "image_embeds" in step.image:
                 extra["encoder_hidden_states_image"] = step.image["image_embeds"].to(dtype)
@@ -344,6 +373,23 @@ class WanSpec(ModelSpec):
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype), attention_kwargs=None,
                              return_dict=False, **extra)[0]
         return output, None
+
+    def predict_first_frame(self, transformer: Any, step: StepInputs, dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """WanImageToVideoPipeline's loop with `expand_timesteps`: latent_model_input = (1 - first_frame_mask) *
+        condition + first_frame_mask * latents (in float32, then the transformer's dtype), timestep =
+        (first_frame_mask[0][0][:, ::2, ::2] * t).flatten() per sample; the mask is the loss weights."""
+        noisy = step.noisy.float()
+        _, _, frames, height, width = noisy.shape
+        first_frame_mask = noisy.new_ones(1, 1, frames, height, width)
+        first_frame_mask[:, :, 0] = 0
+        condition = step.image["condition"].to(noisy)
+        hidden = ((1 - first_frame_mask) * condition + first_frame_mask * noisy).to(dtype)
+        timestep = first_frame_mask[0][0][:, ::2, ::2].flatten()[None] * step.timesteps.long()[:, None]
+        output = transformer(hidden_states=hidden, timestep=timestep,
+                             encoder_hidden_states=step.cond["prompt_embeds"].to(dtype),
+                             encoder_hidden_states_image=None, attention_kwargs=None, return_dict=False)[0]
+        return output, first_frame_mask
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -368,7 +414,7 @@ class WanSpec(ModelSpec):
     # ------------------------------------------------------------------------------------------------ tests
 
     tiny_variants = {"i2v": "Wan 2.1 I2V", "flf2v": "Wan 2.1 FLF2V (first and last frame)",
-                     "ti2v": "Wan 2.2 TI2V-5B's layout (text-to-video)"}
+                     "ti2v": "Wan 2.2 TI2V-5B's layout (text- and image-to-video)"}
 
     def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
         if variant == "i2v":

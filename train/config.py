@@ -178,10 +178,12 @@ class TrainConfig(ModelArgs):
                                      "trained with (1.0 as finetrainers and musubi-tuner train; generation uses the "
                                      "pipeline's 6.0).", panel=OBJECTIVE)
     # --- family-specific stage-2 options (a family that does not take one refuses it: ModelSpec.check_args) ---
-    first_frame_conditioning_p: float = opt(0.0, "LTX-Video: probability that a sample's first latent frame is "
-                                                 "noised only lightly (sigma <= 0.25) and left out of the loss, "
-                                                 "training image-to-video conditioning (finetrainers uses 0.1).",
-                                            panel=OBJECTIVE)
+    first_frame_conditioning_p: float | None = opt(None, "LTX-Video: text-to-video runs: the probability that a "
+                                                         "sample's first latent frame is noised only lightly (sigma "
+                                                         "<= 0.25) and left out of the loss (default 0; finetrainers "
+                                                         "uses 0.1). Image-to-video runs (--mode i2v shards): the "
+                                                         "probability that a sample is conditioned on its image "
+                                                         "(default 1).", panel=OBJECTIVE)
     image_noise: bool = opt(False, "CogVideoX image-to-video: add noise to the conditioning image, as diffusers' "
                                    "CogVideoX I2V LoRA example and finetrainers do (sigma = exp(N(-3, 0.5)) per "
                                    "sample). The image was encoded in stage 1, so the noise is added to its scaled "
@@ -241,7 +243,7 @@ class TrainConfig(ModelArgs):
             check_positive(self.checkpointing_limit, "checkpointing_limit")
         check_positive(self.guidance_scale, "guidance_scale")
         check_positive(self.eval_steps, "eval_steps")
-        if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
+        if self.first_frame_conditioning_p is not None and not 0.0 <= self.first_frame_conditioning_p <= 1.0:
             raise UserError(f"--first-frame-conditioning-p must be between 0 and 1, got "
                             f"{self.first_frame_conditioning_p}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:

@@ -20,7 +20,8 @@ after each optimizer step; `summary` joins the run's summary. Everything else is
   schedule), with its latent draw and noise from a generator keyed on `EVAL_SEED` and its key alone, not on
   `--seed`, the step or the rank: the same weights give the same value twice, after a resume, and in another run
   of the same model and objective, so two runs' curves compare. The loss is the objective's own (prediction,
-  target and weights, as in training), with no caption dropout and no first-frame conditioning. (`--eval-batches`
+  target and weights, as in training), with no caption dropout and no first-frame conditioning (an image-to-video
+  run's samples are all conditioned on their image, as its pipeline samples). (`--eval-batches`
   is another thing: a fixed-noise loss over batches of the TRAINING set, before and after training, trainer.py.)
 Training's RNG is untouched: sampling and the held-out loss draw from their own generators, and the torch,
 CUDA, Python and NumPy RNG states are put back afterwards, so a run with validation ends with the weights of the
@@ -248,15 +249,18 @@ class HeldOutLoss:
         generators = [sample_generator(EVAL_SEED, EVAL_DRAW, key) for key in batch.keys]
         latents = spec.prepare_latents(batch.latents, self.vae_config, self.transformer_config, generators)
         noise = randn_per_sample(tuple(latents.shape[1:]), generators, latents.device)
-        options = replace(TrainOptions.from_config(self.cfg), first_frame_conditioning_p=0.0)
+        # --first-frame-conditioning-p at its mode's default: no first-frame conditioning in a text-to-video run,
+        # every sample conditioned on its image in an image-to-video one
+        options = replace(TrainOptions.from_config(self.cfg), first_frame_conditioning_p=None)
+        conditioning = trainer.image_conditioning
         image = spec.prepare_image(batch.image, self.vae_config, self.transformer_config, generators,
-                                   trainer.image_conditioning, options) if trainer.image_conditioning else {}
+                                   conditioning, options) if conditioning is not None else {}
         total = torch.zeros(latents.shape[0], device=latents.device)
         for sigma in EVAL_SIGMAS:
             sigmas = torch.full((latents.shape[0],), sigma, device=latents.device)
             noisy, timesteps = objective.noised(latents, noise, sigmas)
             inputs = StepInputs(latents, noise, noisy, sigmas, timesteps, batch.cond, batch.meta, generators, options,
-                                image, trainer.image_conditioning)
+                                image, conditioning)
             context = (torch.autocast(trainer.device.split(":")[0], dtype=trainer.dtype) if trainer.autocast
                        else nullcontext())
             with context:
