@@ -75,9 +75,10 @@ OFFLOAD_SEVERAL_PROCESSES = (
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
-RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "seed", "shuffle_buffer", "training_type",
-                    "rank", "lora_alpha", "target_modules", "caption_dropout_p", "first_frame_conditioning_p",
-                    "optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "guidance_scale")
+RESUME_SENSITIVE = ("model", "pretrained", "expert", "transformer_id", "shards", "seed", "shuffle_buffer",
+                    "training_type", "rank", "lora_alpha", "target_modules", "caption_dropout_p",
+                    "first_frame_conditioning_p", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps",
+                    "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -232,7 +233,8 @@ class Trainer:
         transformer = self.spec.load_component("transformer", load_cfg, "cpu" if on_cpu else self.device)
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
-        self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name)
+        self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name,
+                                         self.spec.timestep_filter())
         make_trainable(cfg, self.spec, transformer, self.lora_plan)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
