@@ -154,3 +154,35 @@ def stopped(pid: int) -> bool:
     from pathlib import Path
 
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+# ---------------------------------------------------------------------------------------------- pipeline-call capture
+class Calls:
+    """Every call of a module's forward, its keyword arguments as they arrived (a forward pre-hook)."""
+
+    def __init__(self, module):
+        self.calls: list[dict] = []
+        self.handle = module.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        assert not args  # the pipelines and ft pass every argument by name
+        self.calls.append(dict(kwargs))
+
+    def __enter__(self):
+        return self.calls
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def assert_same_call(ours: dict, theirs: dict) -> None:
+    """The same keyword arguments, tensors bitwise (dtype and shape too)."""
+    import torch
+
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
+            assert torch.equal(ours[name], value), name
+        else:
+            assert ours[name] == value, name
