@@ -268,6 +268,10 @@ class Trainer:
         check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.world.size)
         self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
         before = extra.get("config", {})
+        if before.get("expert") != self.cfg.expert and "expert" in before:  # its LoRA is the other transformer's
+            raise UserError(f"--resume-from-checkpoint: {path} trained --expert {before['expert']}, this run "
+                            f"--expert {self.cfg.expert}; resume it with --expert {before['expert']}, or train the "
+                            "other expert in another --output-dir.")
         changed = [k for k in RESUME_SENSITIVE if k in before and before[k] != self.config_json.get(k)]
         if changed:
             log.warning(f"resuming with other settings than the run that wrote {path} ({', '.join(changed)}): "

@@ -194,3 +194,8 @@ def test_a_resumed_expert_run_ends_bitwise_equal_to_a_straight_one(runs, tiny_wa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in train_log(resumed)] == [r["loss"] for r in log]
     assert json.loads((straight / "train_config.json").read_text())["expert"] == "low"
+    from ft.common.errors import UserError
+
+    with pytest.raises(UserError, match=r"trained --expert low, this run --expert high; resume it with --expert low"):
+        train("wan", tiny_wan_a14b, runs.shards, resumed, *steps, "--expert", "high", "--resume-from-checkpoint",
+              "latest")
