@@ -152,9 +152,8 @@ class WanExperts:
                             f"({split.describe('high')}) or --expert low ({split.describe('low')}). One shard set "
                             "serves both runs.")
         self.expert, self.split, self._expert_args = expert, split, args
-        if expert is not None and trains:
-            log.info(f"Wan 2.2 expert {expert}: {split.describe(expert)} (boundary_ratio "  # type: ignore[union-attr]
-                     f"{split.boundary_ratio:g})")  # type: ignore[union-attr]
+        if expert is not None and split is not None and trains:
+            log.info(f"Wan 2.2 expert {expert}: {split.describe(expert)} (boundary_ratio {split.boundary_ratio:g})")
         return self
 
     # ------------------------------------------------------------------------------------------------ loading
