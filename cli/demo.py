@@ -4,6 +4,12 @@ It builds a toy model of the family with random weights and a tokenizer made her
 writes real mp4 clips of moving shapes (and two stills) with captions, then runs `ft precompute`, `ft train` and
 `ft generate` by parsing the very command lines it prints, so it exercises the same code a user's run does.
 The runs use fp32 because bf16 convolutions are slow on CPUs; on a GPU the default bf16 applies.
+
+`--model family:variant` runs one of a family's tiny variants (`ft demo --model cogvideox:i2v`: image-to-video
+models train on each clip's first frame and generate from a still). `--model wan:a14b` (or `wan2.2-a14b`) demos
+Wan 2.2 A14B's two experts (pipelines/wan_experts.py): a tiny two-transformer Wan, one
+precompute, then `ft train --expert high` and `--expert low` one after the other on the same shards, and
+`ft generate --lora out/high --lora-2 out/low`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 from ft.common.logs import log
 
 DEMO_PROMPT = "a red circle moving left to right on a dark background"
+TWO_EXPERT_DEMOS = {"wan2.2-a14b": "wan:a14b", "wan2.2-t2v-a14b": "wan:a14b"}  # other names of the tiny variant
 
 
 def _run(argv: list[str]) -> object:
@@ -28,13 +35,14 @@ def _run(argv: list[str]) -> object:
 
 def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "cogvideox") -> dict:
     """Build a tiny random `model` (any family `ft models` lists), then precompute, train and generate."""
+    from ft.pipelines.image import resolve_conditioning
     from ft.pipelines.registry import get_spec, save_tiny_model
     from ft.train.reporting import LOG_NAME
     from ft.train.weights_io import LORA_WEIGHTS_NAME
 
     from .synthetic import make_shapes_dataset
 
-    family, _, variant = model.partition(":")  # `family:variant`: one of the family's tiny_variants (cogvideox:i2v)
+    family, _, variant = TWO_EXPERT_DEMOS.get(model.lower(), model).partition(":")  # `family:variant`
     spec = get_spec(family)  # an unknown family fails here, before anything is written
     model = f"{spec.name}:{variant}" if variant else spec.name
     started = time.time()
@@ -50,21 +58,35 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     fp32 = [a for c in (*spec.component_classes, *spec.image_component_classes)
             if not c.startswith("tokenizer") and not c.endswith("processor")
             for a in (f"--{c.replace('_', '-')}-dtype", "fp32")]
+    index = json.loads((model_dir / "model_index.json").read_text())
+    experts = bool(index.get("boundary_ratio"))  # Wan 2.2 A14B: each expert its own run
     configs = {c: json.loads((model_dir / c / "config.json").read_text()) for c in ("transformer", "vae")}
     # the buckets this model takes (CogVideoX-5b-I2V's layout takes only its sample size), and an image-to-video
     # model's first frame for `ft generate`
     buckets = [b for b in ("9x32x32", "9x32x64", "1x32x32")
                if spec.check_bucket(tuple(map(int, b.split("x"))), configs["vae"], configs["transformer"]) is None]
-    image = [] if spec.image_conditioning(configs["transformer"], json.loads(
-        (model_dir / "model_index.json").read_text())) is None else ["--image", str(sorted(data.rglob("*.png"))[0])]
+    image = [] if resolve_conditioning(spec, "auto", configs["transformer"], index, str(model_dir)) is None else [
+        "--image", str(sorted(data.rglob("*.png"))[0])]
     _run(["precompute", *base, *fp32, "--dataset", str(data), "--out", str(shards),
           "--buckets", *buckets, "--batch-size", "2"])
     shutil.rmtree(out, ignore_errors=True)  # a rerun of the demo trains afresh (train refuses old checkpoints)
-    summary = _run(["train", *base, *fp32, "--shards", str(shards), "--output-dir", str(out), "--training-type",
-                    "lora", "--train-steps", str(steps), "--rank", "16", "--lora-alpha", "16", "--lr", "2e-3",
-                    "--lr-warmup-steps", "5", "--batch-size", "2", "--eval-batches", "4", "--seed", "0"])
-    _run(["generate", *base, *fp32, "--lora", str(out), "--prompt", DEMO_PROMPT, *image, "--out", str(sample),
+    runs = {expert: out / expert for expert in ("high", "low")} if experts else {"": out}
+    summaries = {}
+    for expert, run_out in runs.items():  # a two-expert model: each expert its own run on the same shards
+        summaries[expert] = _run(["train", *base, *fp32, "--shards", str(shards), "--output-dir", str(run_out),
+                                  *(["--expert", expert] if expert else []), "--training-type", "lora",
+                                  "--train-steps", str(steps), "--rank", "16", "--lora-alpha", "16", "--lr", "2e-3",
+                                  "--lr-warmup-steps", "5", "--batch-size", "2", "--eval-batches", "4", "--seed",
+                                  "0"])
+    loras = ["--lora", str(runs["high"]), "--lora-2", str(runs["low"])] if experts else ["--lora", str(out)]
+    _run(["generate", *base, *fp32, *loras, "--prompt", DEMO_PROMPT, *image, "--out", str(sample),
           "--num-frames", "9", "--height", "32", "--width", "32", "--num-inference-steps", "10"])
+    if experts:
+        for expert, summary in summaries.items():
+            print(f"  expert {expert}: fixed-noise loss {summary['eval_loss_before']:.4f} before, "
+                  f"{summary['eval_loss_after']:.4f} after ({runs[expert]})")
+    out = list(runs.values())[-1]
+    summary = {**summaries[list(runs)[-1]], **({"experts": summaries} if experts else {})}
 
     losses = [json.loads(line)["loss"] for line in (out / LOG_NAME).read_text().splitlines()]
     window = max(1, len(losses) // 6)

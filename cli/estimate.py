@@ -287,6 +287,11 @@ def _configs(spec: ModelSpec, pretrained: str) -> tuple[str, dict[str, dict[str,
         configs |= {c: _read_config(spec, folder, c) for c in spec.image_component_classes
                     if (folder / c / "config.json").is_file()}  # an image-to-video checkpoint's image encoder
         spec.check_pretrained(str(folder))
+        if spec.has_experts:  # a two-expert Wan 2.2: its transformer/ stands for either expert (the same config)
+            from ft.pipelines.wan_experts import read_split
+
+            if read_split(str(folder)) is not None:
+                return f"{folder} (one expert: each of its two transformers trains as its own run)", configs
         return str(folder), configs
     raise UserError(f"--pretrained {pretrained}: not a local folder nor a checkpoint ft knows the configs of "
                     f"({', '.join(c.names[0] for c in spec.checkpoints)}). Download its configs (no weights needed) "

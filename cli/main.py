@@ -30,7 +30,8 @@ def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where the demo writes its model, data, shards and "
                                                            "outputs.")] = "demo-run",
     steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 60,
-    model: Annotated[str, typer.Option("--model", help="Model family to demo (any of `ft models`).")] = "cogvideox",
+    model: Annotated[str, typer.Option("--model", help="Model family to demo (any of `ft models`), or wan2.2-a14b "
+                                                       "(two experts, trained one after the other).")] = "cogvideox",
 ) -> None:
     """Run the whole pipeline on a tiny random model and a generated dataset, on a CPU, in minutes."""
     from .demo import run_demo

@@ -30,6 +30,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -286,6 +287,9 @@ class ModelSpec(ABC):
     # whether it samples timesteps uniformly whatever --flow_weighting_scheme says
     finetrainers_first_frame_conditioning_p: ClassVar[float] = 0.0
     finetrainers_uniform_timesteps: ClassVar[bool] = False
+    # whether the family's pipeline hands parts of the schedule to different transformers (Wan 2.2 A14B's
+    # experts), each trained as its own run (`ft train --expert`)
+    has_experts: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -302,6 +306,9 @@ class ModelSpec(ABC):
                                 f"{', '.join(self.component_classes)}.")
             if not is_processor(component) and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
                 raise UserError(f"{flag}-dtype: {self.display_name} has no {component}.")
+        if getattr(args, "expert", None) and not self.has_experts:
+            raise UserError(f"--expert: {self.display_name} has one transformer, which trains on the whole schedule; "
+                            "drop --expert (only Wan 2.2 A14B has two experts).")
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
                             "conditioning; leave it at 0.")
@@ -591,6 +598,12 @@ class ModelSpec(ABC):
         `generators[i]`, after the latent, noise and sigma draws; `options` the run's, e.g. `--image-noise`). As
         stored by default."""
         return image
+
+    def timestep_filter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Which of the objective's timesteps this run trains (a bool per sample), or None: all of them. A family
+        whose pipeline hands parts of the schedule to different transformers trains one part per run (Wan 2.2
+        A14B: wan_experts.py); the objective draws each sample's sigma until its timestep passes."""
+        return None
 
     def latent_sequence_length(self, latents: torch.Tensor) -> int:
         """Tokens of one sample's latents before patching (frames x height x width), for resolution-dependent

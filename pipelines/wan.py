@@ -31,8 +31,8 @@ WanImageToVideoPipeline does with `expand_timesteps`: stage 1 stores the first f
 ((x - mean) * (1 / std)), feeds (1 - first_frame_mask) * condition + first_frame_mask * noisy (the first latent frame
 replaced), the per-token timesteps (first_frame_mask[0][0][:, ::2, ::2] * t).flatten() (0 on the first frame), and
 leaves the first latent frame out of the loss (the pipeline never denoises it). A still (one latent frame) has
-nothing after its condition and trains as text-to-video. Wan 2.2's two-transformer A14B
-(`boundary_ratio`, `transformer_2`) is refused.
+nothing after its condition and trains as text-to-video. Wan 2.2's two-expert A14B (`boundary_ratio`,
+`transformer_2`) trains one expert per run: wan_experts.py (`WanExperts`, a mixin of the spec).
 
 Everything Wan-specific lives here: the spec, the real-size configs of Wan2.1-T2V-1.3B and 14B and Wan2.2-TI2V-5B
 (`WanSpec.checkpoints`, for `ft estimate`), the aliases, the default bucket, the block list and
@@ -50,6 +50,7 @@ from .fingerprint import hub_hint
 from .image import ImageConditioning
 from .lora_keys import OriginalLayout, Rename
 from .real_configs import Checkpoint
+from .wan_experts import WanExperts, a14b_checkpoints
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +91,7 @@ CHECKPOINTS = (
       "vae": {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "patch_size": 2,
               "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16},
       "text_encoder": UMT5_XXL}, image_to_video=True),  # text- and image-to-video
+    *a14b_checkpoints(UMT5_XXL),
 )
 
 
@@ -135,8 +137,8 @@ def prompt_clean(prompts: list[str]) -> list[str]:
 def read_pipeline_settings(pretrained: str | None, revision: str | None = None, cache_dir: str | None = None
                            ) -> dict[str, Any]:
     """The settings of `pretrained`'s model_index.json that change the transformer call: `expand_timesteps` (Wan 2.2
-    TI2V-5B). No `pretrained` (a spec built bare, as in unit tests): Wan 2.1's. A two-transformer Wan 2.2 (A14B)
-    is refused: ft trains one transformer."""
+    TI2V-5B). No `pretrained` (a spec built bare, as in unit tests): Wan 2.1's. A two-expert Wan 2.2's
+    `boundary_ratio` is wan_experts.py's."""
     if not pretrained:
         return {"expand_timesteps": False}
     from diffusers import DiffusionPipeline
@@ -146,14 +148,10 @@ def read_pipeline_settings(pretrained: str | None, revision: str | None = None, 
     except Exception as e:  # OSError, EnvironmentError, hub errors
         raise UserError(f"--pretrained {pretrained}: could not read its model_index.json ({e}); pass a diffusers "
                         f"Wan folder or hub id.{hub_hint(pretrained)}") from e
-    if config.get("boundary_ratio") is not None or (config.get("transformer_2") or [None])[0]:
-        raise UserError(f"--pretrained {pretrained} is a two-transformer Wan 2.2 (boundary_ratio "
-                        f"{config.get('boundary_ratio')}, a transformer_2): ft trains one transformer; use Wan 2.1 or "
-                        "Wan 2.2 TI2V-5B.")
     return {"expand_timesteps": bool(config.get("expand_timesteps", False))}
 
 
-class WanSpec(ModelSpec):
+class WanSpec(WanExperts, ModelSpec):
     name = "wan"
     display_name = "Wan"
     aliases = ALIASES
@@ -189,7 +187,7 @@ class WanSpec(ModelSpec):
         self.with_pretrained(args.pretrained, args.revision, args.cache_dir)
 
     def check_pretrained(self, pretrained: str, revision: str | None = None, cache_dir: str | None = None) -> None:
-        read_pipeline_settings(pretrained, revision, cache_dir)  # refuses a two-transformer Wan 2.2
+        read_pipeline_settings(pretrained, revision, cache_dir)  # an unreadable model_index.json, before any work
 
     def with_pretrained(self, pretrained: str | None, revision: str | None = None, cache_dir: str | None = None
                         ) -> WanSpec:
@@ -335,7 +333,7 @@ class WanSpec(ModelSpec):
         return self._pipeline_settings
 
     def check_shard_extras(self, manifest: Manifest, transformer_config: dict) -> None:
-        self.pipeline_settings()  # a two-transformer Wan 2.2 is refused before any weight loads
+        self.pipeline_settings()  # an unreadable model_index.json is refused before any weight loads
         vae = manifest.encoders.get("vae", {}).get("config", {})
         if "latents_mean" not in vae or "latents_std" not in vae:
             raise UserError("the manifest lacks the VAE config's latents_mean/latents_std: these shards were not "

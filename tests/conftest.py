@@ -102,3 +102,15 @@ def tmpfs(tmp_path: Path):
     yield make
     for path in reversed(mounted):
         unmount(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wan 2.2 A14B's layout at toy size: two experts (transformer, transformer_2) and boundary_ratio 0.875."""
+    from diffusers import WanPipeline
+
+    from ft.pipelines.wan_experts import tiny_a14b_components
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-wan2.2-a14b"
+    WanPipeline(**tiny_a14b_components(0)).save_pretrained(folder)
+    return folder

@@ -156,6 +156,7 @@ def stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
+# ---------------------------------------------------------------------------------------------- pipeline-call capture
 class Calls:
     """Every call of a module's forward, its keyword arguments as they arrived (a forward pre-hook)."""
 

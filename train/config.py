@@ -14,6 +14,7 @@ from ft.common.config import REQUIRED, check_choice, check_positive, flag_name, 
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.pipelines.base import REGEX_CHARACTERS
+from ft.pipelines.wan_experts import parse_expert
 from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.train.fp8 import check_args as check_fp8_args
 from ft.train.offload import check_args as check_offload_args
@@ -67,6 +68,10 @@ class TrainConfig(ModelArgs):
     output_dir: str = opt(REQUIRED, "Where the result (LoRA: pytorch_lora_weights.safetensors; full finetune: "
                                     "transformer/), checkpoints/, train_log.jsonl and the resolved config go.",
                           panel=RUN)
+    expert: str | None = opt(None, "Wan 2.2 A14B: the expert this run trains, high (transformer/, the high-noise "
+                                   "timesteps) or low (transformer_2/, the low-noise ones), each its own run on one "
+                                   "shard set; high_noise / low_noise (musubi-tuner) mean the same. Required for a "
+                                   "two-expert model, refused for others.", panel=RUN)
     training_type: str = opt("lora", "What to train: lora (adapters on a frozen transformer) or full-finetune "
                                      "(every transformer weight).", panel=RUN)
     train_steps: int = opt(1000, "Optimizer steps to take (in all, counting steps before a resume).", panel=RUN)
@@ -223,6 +228,7 @@ class TrainConfig(ModelArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.expert = parse_expert(self.expert)  # ft's name; `both` refused with the two-job recipe
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
         check_choice(self.lr_scheduler, LR_SCHEDULERS, "lr_scheduler")
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")

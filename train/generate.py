@@ -61,7 +61,11 @@ class GenerateConfig(ModelArgs):
     lora: str | None = opt(None, "A LoRA: a .safetensors file, or a folder holding one (the --output-dir of `ft "
                                  "train`, a checkpoint). Diffusers', ComfyUI's original-layout (ft's lora_comfyui, "
                                  "diffusion-pipe, ai-toolkit) and kohya's (musubi-tuner) layouts are read.", panel=GEN)
-    lora_scale: float = opt(1.0, "How strongly the LoRA applies.", panel=GEN)
+    lora_2: str | None = opt(None, "Wan 2.2 A14B: the low-noise expert's LoRA (an `ft train --expert low` run), "
+                                   "loaded into transformer_2 as diffusers' load_lora_weights(..., "
+                                   "load_into_transformer_2=True) does; --lora is then the high-noise expert's. "
+                                   "Either may be left out (that expert samples with its base weights).", panel=GEN)
+    lora_scale: float = opt(1.0, "How strongly the LoRA applies (both LoRAs with --lora-2).", panel=GEN)
     negative_prompt: str | None = opt(None, "What the video should not show.", panel=GEN)
     num_frames: int | None = opt(None, "Frames to generate. Default: the model's ("
                                        f"{per_family(lambda s: s().generation_defaults({}, {})['num_frames'])}).",
@@ -213,7 +217,7 @@ def trained_text_length(cfg: GenerateConfig) -> int | None:
 
     from .loader import parse_shard_arg
 
-    starts = [Path(p) for p in (cfg.lora, cfg.transformer_id) if p]
+    starts = [Path(p) for p in (cfg.lora, cfg.lora_2, cfg.transformer_id) if p]
     for start in starts:
         path = train_config_beside(start)
         if path is not None:
@@ -334,26 +338,73 @@ def pipeline_images(cfg: GenerateConfig, conditioning: ImageConditioning | None)
     return images
 
 
+def check_lora_expert(lora: Path, flag: str, expected: str | None) -> None:
+    """Refuse a LoRA whose train_config.json names another Wan 2.2 expert than the one `flag` loads into (a low-noise
+    LoRA given as --lora would load into the high-noise expert, silently)."""
+    import json
+
+    path = train_config_beside(lora)
+    try:
+        trained = json.loads(path.read_text()).get("expert") if path is not None else None
+    except (OSError, ValueError, AttributeError):
+        return
+    if trained == expected or (trained is None and expected == "high"):
+        return
+    if trained is None:
+        raise UserError(f"{flag} {lora}: trained on a one-transformer model ({path}), not as a Wan 2.2 expert; pass "
+                        "an `ft train --expert low` run as --lora-2.")
+    right = "--lora" if trained == "high" else "--lora-2"
+    raise UserError(f"{flag} {lora}: trained as the {trained}-noise expert ({path}); pass it as {right}.")
+
+
+def read_lora_file(spec: ModelSpec, cfg: GenerateConfig, value: str, flag: str, expert: str | None
+                   ) -> tuple[Path, str, dict]:
+    """A LoRA's file, layout and weights, read (any layout) and checked against the family, the Wan 2.2 expert it
+    is given for (None: a one-transformer model) and the transformer's modules as its config makes them."""
+    lora = find_lora_file(value, flag)
+    check_lora_family(spec, lora, flag)
+    if expert is not None:
+        check_lora_expert(lora, flag, expert)
+    layout, pairs = read_lora(spec, lora, config_modules(spec, spec.load_config("transformer", cfg)), flag)
+    return lora, layout, pairs
+
+
+def load_lora(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, read: tuple[Path, str, dict], flag: str,
+              adapter: str, into_transformer_2: bool) -> None:
+    """One read LoRA into the pipeline's transformer or (--lora-2) transformer_2, through the pipeline's own
+    `load_lora_weights`."""
+    lora, layout, pairs = read
+    extra = {"load_into_transformer_2": True} if into_transformer_2 else {}
+    try:
+        if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter, **extra)
+        else:
+            pipe.load_lora_weights(diffusers_state(pairs), adapter_name=adapter, **extra)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise UserError(f"{flag} {lora}: these LoRA weights do not fit this {spec.display_name} transformer "
+                        f"({type(e).__name__}: {e}); pass a LoRA trained on --pretrained {cfg.pretrained}.") from e
+
+
 def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str,
                             conditioning: ImageConditioning | None = None) -> Any:
-    """The pipeline with --lora loaded as adapter "ft". The LoRA is read (any layout) before any model loads,
-    against the transformer's modules as its config makes them."""
-    lora = find_lora_file(cfg.lora, "--lora") if cfg.lora else None
-    layout, pairs = "", {}
-    if lora is not None:
-        check_lora_family(spec, lora)
-        layout, pairs = read_lora(spec, lora, config_modules(spec, spec.load_config("transformer", cfg)), "--lora")
+    """The pipeline with --lora loaded as adapter "ft" (and, for a two-expert Wan 2.2, --lora-2 into transformer_2
+    as "ft_2"). The LoRAs are read (any layout) before any model loads."""
+    two_experts = getattr(spec, "split", None) is not None  # a two-expert Wan 2.2 (wan_experts.py)
+    if cfg.lora_2 and not two_experts:
+        raise UserError(f"--lora-2: --pretrained {cfg.pretrained} has one transformer (not a two-expert Wan 2.2 "
+                        "A14B); pass its LoRA as --lora.")
+    high = read_lora_file(spec, cfg, cfg.lora, "--lora", "high" if two_experts else None) if cfg.lora else None
+    low = read_lora_file(spec, cfg, cfg.lora_2, "--lora-2", "low") if cfg.lora_2 else None
     pipe = spec.load_pipeline(cfg, device, conditioning)
-    if lora is not None:
-        try:
-            if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
-                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ft")
-            else:
-                pipe.load_lora_weights(diffusers_state(pairs), adapter_name="ft")
-        except (ValueError, KeyError, RuntimeError, OSError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
-            raise UserError(f"--lora {cfg.lora}: these LoRA weights do not fit this {spec.display_name} transformer "
-                            f"({type(e).__name__}: {e}); pass a LoRA trained on --pretrained {cfg.pretrained}.") from e
-        pipe.set_adapters(["ft"], [cfg.lora_scale])
+    loaded = []
+    if high is not None:
+        load_lora(spec, cfg, pipe, high, "--lora", "ft", into_transformer_2=False)
+        loaded.append((pipe.transformer, "ft"))
+    if low is not None:
+        load_lora(spec, cfg, pipe, low, "--lora-2", "ft_2", into_transformer_2=True)
+        loaded.append((pipe.transformer_2, "ft_2"))
+    for model, adapter in loaded:  # each transformer its own adapter (the pipeline's set_adapters wants both in each)
+        model.set_adapters([adapter], [cfg.lora_scale])
     return pipe
 
 

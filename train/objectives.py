@@ -17,6 +17,11 @@ what the transformer's output is compared with, and how each sample's loss is we
   1 / (1 - alphas_cumprod[t]) (diffusers' examples/cogvideo and finetrainers). The sigma density and shift apply
   to its timesteps too; uniform by default, as finetrainers samples them.
 A family names its objective (`ModelSpec.objective`); `build_objective` makes it from the run's config.
+
+A run that trains one part of the schedule (a Wan 2.2 A14B expert: `ModelSpec.timestep_filter`) draws each sample's
+sigma by rejection: its own generator draws from the run's density until the timestep the sigma makes passes the
+filter (at most MAX_DRAWS times). The expert then trains on the run's density conditioned on its range, and the
+draws stay a function of the sample's generator alone (exact resume, any batch split).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 MIN_SIGMA = 1e-3  # the flow schedulers' smallest sigma; keeps sigma_sqrt's s^-2 finite
+MAX_DRAWS = 10_000  # draws of one sample's sigma before a timestep filter's range counts as out of the density's reach
 
 
 def sample_generator(seed: int, batch: int, key: str) -> torch.Generator:
@@ -150,11 +157,34 @@ class Objective(ABC):
 
     min_sigma: float = MIN_SIGMA
 
-    def __init__(self, scheduler: Any, sampler: SigmaSampler):
-        self.scheduler, self.sampler = scheduler, sampler
+    def __init__(self, scheduler: Any, sampler: SigmaSampler,
+                 accept: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.scheduler, self.sampler, self.accept = scheduler, sampler, accept
 
     def sample_sigmas(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
-        return self.sampler.sample(generators, seq_len, self.min_sigma)
+        """Each sample's sigma from its own generator; with a timestep filter (`accept`), drawn again until its
+        timestep passes (see the module docstring)."""
+        if self.accept is None:
+            return self.sampler.sample(generators, seq_len, self.min_sigma)
+        import torch
+
+        return torch.cat([self._accepted(g, seq_len) for g in generators])
+
+    def _accepted(self, generator: torch.Generator, seq_len: int) -> torch.Tensor:
+        for _ in range(MAX_DRAWS):
+            sigma = self.sampler.sample([generator], seq_len, self.min_sigma)
+            if bool(self.accept(self.timesteps_of(sigma))[0]):  # type: ignore[misc]
+                return sigma
+        from ft.common.errors import UserError
+
+        raise UserError(f"no sigma in {MAX_DRAWS} draws fell in the part of the schedule this run trains (--expert): "
+                        f"the sigma density (--flow-weighting-scheme {self.sampler.scheme}, --flow-shift "
+                        f"{self.sampler.shift}, --flow-logit-mean {self.sampler.logit_mean}) puts almost none of its "
+                        "mass there; use --flow-weighting-scheme none, or move the density towards that range.")
+
+    @abstractmethod
+    def timesteps_of(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The timesteps as the transformer takes them for these sigmas (what `noised` returns with them)."""
 
     @abstractmethod
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
@@ -192,9 +222,12 @@ def _expand(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class FlowMatching(Objective):
+    def timesteps_of(self, sigmas):
+        return sigmas * 1000.0
+
     def noised(self, latents, noise, sigmas):
         s = _expand(sigmas, latents)
-        return (1 - s) * latents + s * noise, (sigmas * 1000.0).to(latents.device)
+        return (1 - s) * latents + s * noise, self.timesteps_of(sigmas).to(latents.device)
 
     def target(self, latents, noise):
         return noise - latents
@@ -209,12 +242,12 @@ class FlowMatching(Objective):
 class DDPMVPrediction(Objective):
     min_sigma = 0.0  # uniform sigmas give every timestep 0..999 equally often, as torch.randint did
 
-    def _timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+    def timesteps_of(self, sigmas):
         n = self.scheduler.config.num_train_timesteps
         return (sigmas * n).long().clamp(0, n - 1)
 
     def noised(self, latents, noise, sigmas):
-        timesteps = self._timesteps(sigmas).to(latents.device)
+        timesteps = self.timesteps_of(sigmas).to(latents.device)
         return self.scheduler.add_noise(latents, noise, timesteps), timesteps
 
     def target(self, latents, noise):
@@ -231,6 +264,8 @@ class DDPMVPrediction(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"flow_matching": FlowMatching, "ddpm_v_prediction": DDPMVPrediction}
 
 
-def build_objective(name: str, scheduler: Any, cfg: Any, family: str = "this model") -> Objective:
-    """The objective a family names, with the run's sigma knobs (defaults from the scheduler's config)."""
-    return OBJECTIVES[name](scheduler, SigmaSampler.from_config(cfg, scheduler.config, family))
+def build_objective(name: str, scheduler: Any, cfg: Any, family: str = "this model",
+                    accept: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Objective:
+    """The objective a family names, with the run's sigma knobs (defaults from the scheduler's config) and the
+    family's timestep filter (`ModelSpec.timestep_filter`; None: the whole schedule)."""
+    return OBJECTIVES[name](scheduler, SigmaSampler.from_config(cfg, scheduler.config, family), accept)

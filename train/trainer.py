@@ -76,9 +76,10 @@ OFFLOAD_SEVERAL_PROCESSES = (
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # settings that change what a resumed run computes: a difference from the checkpoint's run is reported
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
-RESUME_SENSITIVE = ("model", "pretrained", "transformer_id", "shards", "seed", "shuffle_buffer", "training_type",
-                    "rank", "lora_alpha", "target_modules", "caption_dropout_p", "first_frame_conditioning_p",
-                    "image_noise", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps", "guidance_scale")
+RESUME_SENSITIVE = ("model", "pretrained", "expert", "transformer_id", "shards", "seed", "shuffle_buffer",
+                    "training_type", "rank", "lora_alpha", "target_modules", "caption_dropout_p",
+                    "first_frame_conditioning_p", "image_noise", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps",
+                    "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -251,7 +252,8 @@ class Trainer:
         transformer = self.spec.load_component("transformer", load_cfg, "cpu" if on_cpu else self.device)
         self.model_dtype = parse_dtype(load_dtype(cfg))
         scheduler = self.spec.load_scheduler(cfg)
-        self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name)
+        self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name,
+                                         self.spec.timestep_filter())
         make_trainable(cfg, self.spec, transformer, self.lora_plan)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -285,6 +287,10 @@ class Trainer:
         check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.world.size)
         self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
         before = extra.get("config", {})
+        if before.get("expert") != self.cfg.expert and "expert" in before:  # its LoRA is the other transformer's
+            raise UserError(f"--resume-from-checkpoint: {path} trained --expert {before['expert']}, this run "
+                            f"--expert {self.cfg.expert}; resume it with --expert {before['expert']}, or train the "
+                            "other expert in another --output-dir.")
         changed = [k for k in RESUME_SENSITIVE if k in before and before[k] != self.config_json.get(k)]
         if changed:
             log.warning(f"resuming with other settings than the run that wrote {path} ({', '.join(changed)}): "

@@ -94,9 +94,11 @@ def test_ltx_and_hunyuan_use_their_built_in_configs(model, pretrained, transform
 @pytest.mark.parametrize("pretrained,transformer,vae,grid", [
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 1419, 127, (16, 13, 60, 104)),
     ("wan2.1-t2v-14b", 14288, 127, (16, 13, 60, 104)),
-    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 5000, 705, (48, 13, 30, 52))])
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 5000, 705, (48, 13, 30, 52)),
+    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 14288, 127, (16, 13, 60, 104))])
 def test_wan_sizes_from_its_specs_configs(pretrained, transformer, vae, grid):
-    """Wan 2.1's two sizes and Wan 2.2 TI2V-5B; the UMT5-XXL encoder counts its vocabulary once (5.68B: the
+    """Wan 2.1's two sizes, Wan 2.2 TI2V-5B and Wan 2.2 A14B (one 14B expert held: each trains as its own run);
+    the UMT5-XXL encoder counts its vocabulary once (5.68B: the
     embedding is tied); the latent grid, patches and text length are the ones precompute and train use."""
     result = estimate(EstimateConfig(model="wan", pretrained=pretrained))
     params = {c.name: round(c.params / 1e6) for c in result.components}
@@ -104,6 +106,13 @@ def test_wan_sizes_from_its_specs_configs(pretrained, transformer, vae, grid):
     (bucket,) = result.buckets
     assert bucket.bucket == "49x480x832" and bucket.latent_shape == grid
     assert (bucket.video_tokens, bucket.text_tokens) == (13 * grid[2] // 2 * grid[3] // 2, 512)
+    assert ("one expert" in result.source) == ("A14B" in pretrained)
+
+
+def test_a_local_two_expert_wan_is_estimated_as_one_expert(tiny_wan_a14b):
+    result = run_cli(["estimate", "--model", "wan", "--pretrained", tiny_wan_a14b, "--buckets", "9x32x32"])
+    assert "one expert" in result.source and [c.name for c in result.components] == ["text_encoder", "vae",
+                                                                                     "transformer"]
 
 
 def test_every_family_lists_its_checkpoints_by_names_its_alias_spelling_reaches():
