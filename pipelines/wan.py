@@ -412,7 +412,8 @@ class WanSpec(WanExperts, ModelSpec):
     # ------------------------------------------------------------------------------------------------ tests
 
     tiny_variants = {"i2v": "Wan 2.1 I2V", "flf2v": "Wan 2.1 FLF2V (first and last frame)",
-                     "ti2v": "Wan 2.2 TI2V-5B's layout (text- and image-to-video)"}
+                     "ti2v": "Wan 2.2 TI2V-5B's layout (text- and image-to-video)",
+                     "a14b": "Wan 2.2 T2V-A14B's two experts (`--expert high|low`)"}
 
     def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
         if variant == "i2v":
@@ -421,6 +422,10 @@ class WanSpec(WanExperts, ModelSpec):
             return ("diffusers", "WanImageToVideoPipeline"), tiny_i2v_components(seed, last_frame=True)
         if variant == "ti2v":
             return self.pipeline_class, tiny_ti2v_components(seed)
+        if variant == "a14b":
+            from .wan_experts import tiny_a14b_components
+
+            return self.pipeline_class, tiny_a14b_components(seed)
         return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
