@@ -365,8 +365,9 @@ class WanSpec(WanExperts, ModelSpec):
         hidden, extra = step.noisy, {}
         if conditioning is not None and conditioning.kind == "channel-concat":  # WanImageToVideoPipeline (2.1)
             hidden = torch.cat([step.noisy, step.image["condition"].to(step.noisy.dtype)], dim=1)
-            if "image_embeds" in step.image:
-                extra["encoder_hidden_states_image"] = step.image["image_embeds"].to(dtype)
+            # WanImageToVideoPipeline passes it always: CLIP's embeddings, or None (I2V-A14B has no image encoder)
+            embeds = step.image.get("image_embeds")
+            extra["encoder_hidden_states_image"] = None if embeds is None else embeds.to(dtype)
         output = transformer(hidden_states=hidden.to(dtype), timestep=timestep,
                              encoder_hidden_states=step.cond["prompt_embeds"].to(dtype), attention_kwargs=None,
                              return_dict=False, **extra)[0]
@@ -413,7 +414,8 @@ class WanSpec(WanExperts, ModelSpec):
 
     tiny_variants = {"i2v": "Wan 2.1 I2V", "flf2v": "Wan 2.1 FLF2V (first and last frame)",
                      "ti2v": "Wan 2.2 TI2V-5B's layout (text- and image-to-video)",
-                     "a14b": "Wan 2.2 T2V-A14B's two experts (`--expert high|low`)"}
+                     "a14b": "Wan 2.2 T2V-A14B's two experts (`--expert high|low`)",
+                     "a14b-i2v": "Wan 2.2 I2V-A14B's two experts, image-to-video"}
 
     def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
         if variant == "i2v":
@@ -426,6 +428,10 @@ class WanSpec(WanExperts, ModelSpec):
             from .wan_experts import tiny_a14b_components
 
             return self.pipeline_class, tiny_a14b_components(seed)
+        if variant == "a14b-i2v":
+            from .wan_experts import tiny_a14b_i2v_components
+
+            return ("diffusers", "WanImageToVideoPipeline"), tiny_a14b_i2v_components(seed)
         return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:

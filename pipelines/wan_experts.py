@@ -227,7 +227,11 @@ class WanExperts:
 def a14b_checkpoints(umt5: dict[str, Any]) -> tuple[Checkpoint, ...]:
     return (Checkpoint("Wan2.2-T2V-A14B (one expert: each of its two 14B transformers trains as its own run)",
                        ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "wan2.2-t2v-a14b"),
-                       {"transformer": {}, "vae": {}, "text_encoder": umt5}),)
+                       {"transformer": {}, "vae": {}, "text_encoder": umt5}),
+            # image-to-video: 36 input channels (latents, mask, the first frame's VAE encoding), no image encoder
+            Checkpoint("Wan2.2-I2V-A14B (one expert: each of its two 14B transformers trains as its own run)",
+                       ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "wan2.2-i2v-a14b"),
+                       {"transformer": {"in_channels": 36}, "vae": {}, "text_encoder": umt5}, image_to_video=True))
 
 
 def tiny_a14b_components(seed: int = 0, boundary_ratio: float = 0.875) -> dict[str, Any]:
@@ -242,3 +246,18 @@ def tiny_a14b_components(seed: int = 0, boundary_ratio: float = 0.875) -> dict[s
     torch.manual_seed(seed + 2)
     parts["transformer_2"] = WanTransformer3DModel.from_config(parts["transformer"].config)
     return {**parts, "boundary_ratio": boundary_ratio}
+
+
+def tiny_a14b_i2v_components(seed: int = 0) -> dict[str, Any]:
+    """Wan 2.2 I2V-A14B's layout at toy size: two experts taking the mask and the first frame's VAE encoding on
+    their channels (in_channels 2 x 4 + 4), no image encoder, the image-to-video boundary 0.9;
+    `WanImageToVideoPipeline(**parts)` builds it."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    parts = tiny_a14b_components(seed, boundary_ratio=0.9)
+    config = {**parts["transformer"].config, "in_channels": 12}
+    torch.manual_seed(seed + 3)
+    parts["transformer"] = WanTransformer3DModel.from_config(config)
+    parts["transformer_2"] = WanTransformer3DModel.from_config(config)
+    return {**parts, "image_encoder": None, "image_processor": None}

@@ -131,3 +131,38 @@ def test_an_i2v_model_refuses_what_does_not_fit(i2v_models, tiny_wan):
                                                    image_encoder_id="x"))
     with pytest.raises(UserError, match="mode"):
         ModelArgs(model="wan", pretrained=str(tiny_wan), mode="video")
+
+
+def test_each_wan_2_2_i2v_a14b_experts_call_is_the_pipelines(tmp_path):
+    """Wan 2.2 I2V-A14B (36 channels, no CLIP, boundary 0.9): a real 6-step WanImageToVideoPipeline run calls the
+    high-noise expert and then the low-noise one; each call, redone through ft's stage 1 and predict on the expert the
+    pipeline called, is the pipeline's, bitwise."""
+    folder = save_tiny_model("wan:a14b-i2v", tmp_path / "model")
+    spec = get_spec("wan").with_pretrained(str(folder))
+    conditioning = conditioning_of(spec, folder)
+    assert conditioning.kind == "channel-concat" and not conditioning.image_encoder
+    pipe = spec.load_pipeline(fp32_args(folder), "cpu", conditioning)
+    images, _ = frame_images(2, 1)
+    with torch.no_grad():
+        encoders = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}
+        cond = spec.encode_prompts(encoders, [PROMPT], 512)["prompt_embeds"]
+        uncond = spec.encode_prompts(encoders, [""], 512)["prompt_embeds"]
+        with Calls(pipe.transformer) as high, Calls(pipe.transformer_2) as low:
+            pipe(image=images[0], prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=9, height=32,
+                 width=32, num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                 output_type="latent")
+        pixels = pipe.video_processor.preprocess(images[0], height=32, width=32)[:, :, None]
+        stored = spec.encode_image({"vae": pipe.vae}, pixels, 9, conditioning)
+    assert high and low and set(stored) == {"condition_mean", "condition_logvar"}
+    image = spec.prepare_image(stored, dict(pipe.vae.config), {}, [torch.Generator()], conditioning)
+    for transformer, calls in ((pipe.transformer, high), (pipe.transformer_2, low)):
+        for i, call in enumerate(calls):
+            noisy = call["hidden_states"][:, :4]
+            step = StepInputs(noisy, torch.zeros_like(noisy), noisy, call["timestep"] / 1000, call["timestep"],
+                              {"prompt_embeds": cond if i % 2 == 0 else uncond}, [{}], [torch.Generator()],
+                              image=image, image_conditioning=conditioning)
+            with torch.no_grad(), Calls(transformer) as ours:
+                output, _ = spec.predict(transformer, step, torch.float32)
+                expected = transformer(**call)[0]
+            assert_same_call(ours[0], call)
+            assert torch.equal(output, expected)

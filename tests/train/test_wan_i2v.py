@@ -237,3 +237,27 @@ def test_validation_of_an_i2v_run_samples_each_rows_image_with_no_image_encoder(
     with pytest.raises(UserError, match="row 1: an image-to-video run samples from an image"):
         train("wan", i2v_model, shards, tmp_path / "out3", *RUN, "--train-steps", "1", "--validation-dataset-file",
               tmp_path / "validation.json")
+
+
+def test_wan_2_2_i2v_a14b_trains_each_expert_on_one_image_shard_set(shapes_data, tmp_path):
+    """Wan 2.2 I2V-A14B: one precompute (the first frame's VAE encoding, no image encoder) serves both experts; each
+    `--expert` run trains its transformer on the image conditioning, and `ft generate --image --lora --lora-2`
+    samples with both LoRAs."""
+    model = save_tiny_model("wan:a14b-i2v", tmp_path / "model")
+    manifest = run_cli(["precompute", "--model", "wan", "--pretrained", model, *FP32, "--dataset", shapes_data,
+                        "--out", tmp_path / "shards", *BUCKETS, "--batch-size", "2"])
+    image = manifest.encoding["image"]
+    assert (image["kind"], image["image_encoder"], image["pipeline_class"][1]) == ("channel-concat", False,
+                                                                                   "WanImageToVideoPipeline")
+    for expert in ("high", "low"):
+        summary = train("wan", model, tmp_path / "shards", tmp_path / expert, *RUN, "--train-steps", "2",
+                        "--expert", expert)
+        assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    video = run_cli(["generate", "--model", "wan", "--pretrained", model, *FP32, "--lora", tmp_path / "high",
+                     "--lora-2", tmp_path / "low", "--image", tmp_path / "first.png", "--prompt", PROMPT,
+                     "--num-frames", "5", "--height", "32", "--width", "32", "--num-inference-steps", "2", "--out",
+                     tmp_path / "v.mp4"])
+    assert video.is_file()
