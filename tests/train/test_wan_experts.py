@@ -75,8 +75,8 @@ def runs(tmp_path_factory, tiny_wan_a14b, shapes_data) -> Runs:
         result.timesteps.setdefault(phase[0], []).extend(step.timesteps.long().tolist())
         return real["predict"](self, transformer, step, dtype)
 
-    def build_pipeline(self, transformer, vae, scheduler):
-        pipe = real["build_pipeline"](self, transformer, vae, scheduler)
+    def build_pipeline(self, transformer, vae, scheduler, conditioning=None):
+        pipe = real["build_pipeline"](self, transformer, vae, scheduler, conditioning)
         trained = next(n for n in ("transformer", "transformer_2") if getattr(pipe, n) is transformer)
         result.validation[phase[0]] = (pipe.config.boundary_ratio, trained)
         return pipe
