@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ft.common.errors import UserError
+
 from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
 from .image import ImageConditioning, read_model_index
 from .lora_keys import Fused, OriginalLayout, Rename
@@ -169,8 +171,12 @@ class HunyuanVideoSpec(ModelSpec):
     def for_checkpoint(self, args: ModelArgs) -> ModelSpec:
         """HunyuanVideoI2VSpec (pipelines/hunyuan_video_i2v.py) for an image-to-video checkpoint: its text encoder
         is a Llava, its transformer takes the image."""
-        found = self.image_conditioning(self.load_config("transformer", args),
-                                        read_model_index(args.pretrained, args.revision, args.cache_dir))
+        found = self.image_conditioning(self.load_config("transformer", args), {})
+        pipeline = read_model_index(args.pretrained, args.revision, args.cache_dir).get("_class_name")
+        if pipeline in ("HunyuanVideoPipeline", I2V_PIPELINE[1]) and (found is None) != (pipeline != I2V_PIPELINE[1]):
+            raise UserError(f"--pretrained {args.pretrained} is a {pipeline} but its transformer is "
+                            f"{'text' if found is None else 'image'}-to-video (a --transformer-id of the other "
+                            "kind?): the text encoders differ (Llama, Llava); pass a transformer of the same kind.")
         if found is None:
             return self
         from .hunyuan_video_i2v import HunyuanVideoI2VSpec

@@ -46,6 +46,8 @@ def test_which_checkpoints_are_image_conditioned_and_their_spec(tiny_hunyuan, i2
         found = conditioning_of(spec, i2v_models[variant])
         assert (found.kind, found.frames, found.caption, found.text_to_video) == (kind, ("first",), True, False)
         assert found.pipeline_class[1] == "HunyuanVideoImageToVideoPipeline"
+    with pytest.raises(UserError, match="is a HunyuanVideoPipeline but its transformer is image-to-video"):
+        spec_for(fp32_args(tiny_hunyuan, transformer_id=str(i2v_models["i2v"])))
     with pytest.raises(UserError, match="--mode i2v: .* text-to-video"):
         conditioning_of(t2v, tiny_hunyuan, "i2v")
     with pytest.raises(UserError, match="--mode t2v: .* image-to-video checkpoint"):
