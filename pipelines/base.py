@@ -318,6 +318,11 @@ class ModelSpec(ABC):
         if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
             self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
+    def for_checkpoint(self, args: ModelArgs) -> ModelSpec:
+        """The spec of this family that fits `--pretrained` (after `check_args`): itself, or the spec of a checkpoint
+        whose components are other classes (HunyuanVideo-I2V's Llava text encoder)."""
+        return self
+
     def component_class(self, component: str) -> type:
         return import_class(*{**self.component_classes, **self.image_component_classes}[component])
 
@@ -524,12 +529,24 @@ class ModelSpec(ABC):
         return None
 
     def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
-                     conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+                     conditioning: ImageConditioning, captions: list[str] | None = None,
+                     max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
         """The `image` group of a batch, as the family's image-to-video pipeline computes it from its image: `frames`
         [B, C, N, H, W] in [-1, 1] are the clip's conditioning frames at the bucket's size (`conditioning.frames`
         in order), `num_frames` the bucket's frame count, `models` the VAE (`vae`) and the image encoder and
-        processor where the checkpoint has them."""
+        processor where the checkpoint has them. Where the conditioning reads the caption too
+        (`conditioning.caption`), `models` holds the text components as well, and `captions` and the text length
+        are given."""
         raise UserError(f"{self.display_name} has no image-to-video training in ft.")
+
+    def image_prompt_embeds(self, encoders: dict[str, Any], images: list[Any], prompts: list[str],
+                            max_sequence_length: int, conditioning: ImageConditioning, negative: bool = False
+                            ) -> dict[str, torch.Tensor]:
+        """The prompt embeddings of a checkpoint whose text encoder reads the image with the prompt
+        (`conditioning.caption`: HunyuanVideo-I2V), from `images` (PIL or uint8 [H, W, 3]) as the pipeline's
+        `encode_prompt` makes them (`negative`: as it makes the negative prompt's); `ft generate` adds them to
+        `encode_prompts`' output. {} by default."""
+        return {}
 
     def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """frames [B, C, F, H, W] in [-1, 1] -> named latent tensors with the batch first (stored per sample): the

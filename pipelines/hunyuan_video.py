@@ -22,15 +22,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ft.common.errors import UserError
+
 from .base import CondTensor, ModelSpec, StepInputs, sample_posterior
+from .image import ImageConditioning, read_model_index
 from .lora_keys import Fused, OriginalLayout, Rename
 from .real_configs import Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
+    from ft.common.model_args import ModelArgs
+
 HIDDEN_STATES_INDEX = -3  # the pipeline's num_hidden_layers_to_skip=2
 CLIP_MAX_LENGTH = 77
+# HunyuanVideo-I2V (pipelines/hunyuan_video_i2v.py): the transformer config's image_condition_type, and how ft
+# names the way the image enters the transformer (ImageConditioning.kind)
+IMAGE_CONDITION_KINDS = {"token_replace": "first-frame", "latent_concat": "channel-concat"}
+I2V_PIPELINE = ("diffusers", "HunyuanVideoImageToVideoPipeline")
 # the text half of llava-llama-3-8b and CLIP ViT-L/14's text tower: HunyuanVideo's two text encoders
 LLAVA_LLAMA3_8B_TEXT = {"vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336,
                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -87,6 +96,30 @@ def default_prompt_template() -> dict[str, Any]:
     return dict(DEFAULT_PROMPT_TEMPLATE)
 
 
+def clip_pooled_embeds(encoders: dict[str, Any], prompts: list[str]) -> torch.Tensor:
+    """`_get_clip_prompt_embeds` of both pipelines: CLIP's pooled output of the caption alone (77 tokens)."""
+    clip_tokenizer, clip = encoders["tokenizer_2"], encoders["text_encoder_2"]
+    clip_ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                              return_tensors="pt").input_ids
+    return clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+
+
+def call_transformer(transformer: Any, hidden: torch.Tensor, step: StepInputs, text: dict[str, torch.Tensor],
+                     dtype: torch.dtype, guidance: bool = True) -> torch.Tensor:
+    """The transformer call of both pipelines' denoising loops on `hidden`: the timestep 1000 * sigma as a float,
+    the Llama embeddings and mask and CLIP's pooled embeddings of `text`, and the embedded guidance
+    (`--guidance-scale` * 1000) where the transformer takes it (`guidance`)."""
+    import torch
+
+    scale = step.options.guidance_scale
+    embedded = torch.full((hidden.shape[0],), scale, dtype=dtype, device=hidden.device) * 1000.0 if guidance else None
+    return transformer(hidden_states=hidden.to(dtype), timestep=step.timesteps.float(),
+                       encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                       encoder_attention_mask=text["prompt_attention_mask"].to(dtype),
+                       pooled_projections=text["pooled_prompt_embeds"].to(dtype), guidance=embedded,
+                       attention_kwargs=None, return_dict=False)[0]
+
+
 class HunyuanVideoSpec(ModelSpec):
     name = "hunyuan_video"
     display_name = "HunyuanVideo"
@@ -123,6 +156,35 @@ class HunyuanVideoSpec(ModelSpec):
     default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)
     embedded_guidance = True  # the transformer takes the guidance scale as an input (--guidance-scale)
 
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """HunyuanVideo-I2V: a transformer config with `image_condition_type` ("token_replace": the first latent
+        frame replaced by the image's, HunyuanVideo-I2V; "latent_concat": the image's latents and a mask on the
+        channels, HunyuanVideo-I2V-33ch), sampled by HunyuanVideoImageToVideoPipeline, whose Llava text encoder reads
+        the image (its vision tower) with the prompt."""
+        kind = transformer_config.get("image_condition_type")
+        if kind is None:
+            return None
+        return ImageConditioning(IMAGE_CONDITION_KINDS[kind], I2V_PIPELINE, image_encoder=True, caption=True)
+
+    def for_checkpoint(self, args: ModelArgs) -> ModelSpec:
+        """HunyuanVideoI2VSpec (pipelines/hunyuan_video_i2v.py) for an image-to-video checkpoint: its text encoder
+        is a Llava, its transformer takes the image."""
+        found = self.image_conditioning(self.load_config("transformer", args), {})
+        pipeline = read_model_index(args.pretrained, args.revision, args.cache_dir).get("_class_name")
+        if pipeline in ("HunyuanVideoPipeline", I2V_PIPELINE[1]) and (found is None) != (pipeline != I2V_PIPELINE[1]):
+            raise UserError(f"--pretrained {args.pretrained} is a {pipeline} but its transformer is "
+                            f"{'text' if found is None else 'image'}-to-video (a --transformer-id of the other "
+                            "kind?): the text encoders differ (Llama, Llava); pass a transformer of the same kind.")
+        if found is None:
+            return self
+        from .hunyuan_video_i2v import HunyuanVideoI2VSpec
+
+        spec = HunyuanVideoI2VSpec()
+        spec.check_args(args)
+        return spec
+
     # ------------------------------------------------------------------------------------------------ facts
 
     def check_bucket(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict) -> str | None:
@@ -157,12 +219,8 @@ class HunyuanVideoSpec(ModelSpec):
         mask = tokens.attention_mask.to(llama.device)
         hidden = llama(input_ids=tokens.input_ids.to(llama.device), attention_mask=mask,
                        output_hidden_states=True).hidden_states[HIDDEN_STATES_INDEX]
-        clip_tokenizer, clip = encoders["tokenizer_2"], encoders["text_encoder_2"]
-        clip_ids = clip_tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
-                                  return_tensors="pt").input_ids
-        pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
         return {"prompt_embeds": hidden[:, crop:], "prompt_attention_mask": mask[:, crop:].bool(),
-                "pooled_prompt_embeds": pooled}
+                "pooled_prompt_embeds": clip_pooled_embeds(encoders, prompts)}
 
     # ------------------------------------------------------------------------------------------------ stage 2
 
@@ -172,18 +230,7 @@ class HunyuanVideoSpec(ModelSpec):
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The flow (velocity) prediction, fed as HunyuanVideoPipeline's denoising loop feeds the transformer."""
-        import torch
-
-        scale = step.options.guidance_scale
-        batch = step.noisy.shape[0]
-        guidance = torch.full((batch,), scale, dtype=dtype, device=step.noisy.device) * 1000.0
-        cond = step.cond
-        output = transformer(hidden_states=step.noisy.to(dtype), timestep=step.timesteps.float(),
-                             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                             encoder_attention_mask=cond["prompt_attention_mask"].to(dtype),
-                             pooled_projections=cond["pooled_prompt_embeds"].to(dtype), guidance=guidance,
-                             return_dict=False)[0]
-        return output, None
+        return call_transformer(transformer, step.noisy, step, step.cond, dtype), None
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -191,6 +238,15 @@ class HunyuanVideoSpec(ModelSpec):
         return {"num_frames": 129, "height": 720, "width": 1280}  # HunyuanVideoPipeline.__call__'s defaults
 
     # ------------------------------------------------------------------------------------------------ tests
+
+    tiny_variants = {"i2v": "HunyuanVideo-I2V (token_replace)", "i2v-33ch": "HunyuanVideo-I2V-33ch (latent_concat)"}
+
+    def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
+        if variant in self.tiny_variants:
+            from .hunyuan_video_i2v import tiny_i2v_components
+
+            return I2V_PIPELINE, tiny_i2v_components(seed, "token_replace" if variant == "i2v" else "latent_concat")
+        return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         import torch

@@ -43,13 +43,17 @@ class ImageConditioning:
     latent frame replaced by the image's, with per-token timesteps: Wan 2.2 TI2V-5B, LTX-Video). `frames` are the
     clip's frames that condition it ("first", and "last" for first-last-frame models); `image_encoder` whether the
     pipeline also encodes the image with an image encoder; `pipeline_class` the diffusers pipeline that samples it;
-    `text_to_video` whether the same checkpoint also samples without an image."""
+    `text_to_video` whether the same checkpoint also samples without an image; `caption` whether the image's
+    conditioning depends on the caption too (HunyuanVideo-I2V's Llava encodes the prompt together with the image):
+    `encode_image` then receives the captions, the image half's key holds the text half's, and `ft generate` gets
+    the prompt's embeddings from `ModelSpec.image_prompt_embeds`."""
 
     kind: str
     pipeline_class: tuple[str, str]
     frames: tuple[str, ...] = ("first",)
     image_encoder: bool = False
     text_to_video: bool = False
+    caption: bool = False
 
     def manifest_entry(self, encoders: dict[str, Any]) -> dict[str, Any]:
         """What the shard set's manifest says of its image conditioning (`encoding.image`); `encoders` are the image

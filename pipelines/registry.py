@@ -48,10 +48,11 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def spec_for(args: ModelArgs) -> ModelSpec:
-    """The spec for `args.model`, after checking the component flags make sense for that family."""
+    """The spec for `args.model` and its `--pretrained`, after checking the component flags make sense for that
+    family."""
     spec = get_spec(args.model)
     spec.check_args(args)
-    return spec
+    return spec.for_checkpoint(args)
 
 
 def save_tiny_model(model: str, folder: str | Path, seed: int = 0) -> Path:

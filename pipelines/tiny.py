@@ -82,18 +82,23 @@ def _trained_bpe(lines: list[str], vocab_size: int, special_tokens: list[str], *
 LLAMA_HEADER_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
-def llama_tokenizer(extra_text: list[str] = ()) -> Any:
+def llama_tokenizer(extra_text: list[str] = (), extra_special: tuple[str, ...] = (), bos: bool = False,
+                    words: tuple[str, ...] = (), vocab_size: int = 300) -> Any:
     """A LlamaTokenizer (BPE over sentencepiece-style pieces) that pads on the right, as HunyuanVideo's does, and
     knows the Llama-3 header tokens of HunyuanVideo's prompt template. `extra_text` (the template) joins the
     training text, so the template becomes about 170 tokens: more than the pipeline's crop of 95 (so the crop
-    never eats the caption) and few enough that the caption fits in the 95 + 256 tokens the pipeline reads."""
+    never eats the caption) and few enough that the caption fits in the 95 + 256 tokens the pipeline reads.
+    `extra_special` tokens (HunyuanVideo-I2V's `<image>`), a BOS first (`bos`, as Llama-3's), `words` kept whole
+    and the vocabulary's size place a template's tokens where the real tokenizer puts them."""
     from transformers import LlamaTokenizer
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", *LLAMA_HEADER_TOKENS]
-    vocab, merges = _trained_bpe(corpus() + list(extra_text), 300, specials)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *LLAMA_HEADER_TOKENS, *extra_special]
+    vocab, merges = _trained_bpe(corpus() + list(extra_text), vocab_size, specials)
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                               pad_token="<pad>", padding_side="right")
-    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_HEADER_TOKENS})
+                               pad_token="<pad>", padding_side="right", **({"add_bos_token": True} if bos else {}))
+    tokenizer.add_special_tokens({"additional_special_tokens": [*LLAMA_HEADER_TOKENS, *extra_special]})
+    if words:
+        tokenizer.add_tokens(list(words))
     return tokenizer
 
 

@@ -183,7 +183,11 @@ class _Encoder:
                                                                                      self.condition_indices(sample)))
         stacked = torch.stack([p.permute(1, 0, 2, 3) for p in pixels])  # [B, C, N, H, W]
         models = {"vae": self.models.vae(), **self.models.image_encoders(self.image)}
-        encoded = self.spec.encode_image(models, stacked, batch[0][0].bucket[0], self.image)
+        text: dict[str, Any] = {}
+        if self.image.caption:  # the conditioning reads the caption too (HunyuanVideo-I2V's Llava)
+            models |= self.models.text_encoders()
+            text = {"captions": [s.item.caption for s, _, _ in batch], "max_sequence_length": self.seq_len}
+        encoded = self.spec.encode_image(models, stacked, batch[0][0].bucket[0], self.image, **text)
         self.images_encoded += len(batch)
         return [{k: v[j].detach().clone() for k, v in encoded.items()} for j in range(len(batch))]
 

@@ -76,14 +76,17 @@ class PlannedSample:
     def image_half_key(self, video_fingerprint: str, encoding: dict[str, Any]) -> str:
         """The key of the image half: the conditioning frames (media digest, their indices, bucket and resize), the
         clip's frame count (the VAE encodes the frames padded to it), the VAE and the image conditioning of the
-        manifest (kind, frames, the image encoder's fingerprint); "" for a text-to-video run."""
+        manifest (kind, frames, the image encoder's fingerprint), and the text half's key where the conditioning
+        reads the caption too; "" for a text-to-video run."""
         image = encoding.get("image")
         if not image:
             return ""
         return sample_key({"half": "image", "media": self.media_digest,
                            "frames": self.conditioning_frames(tuple(image["frames"])), "bucket": list(self.bucket),
                            "resize": encoding["resize_mode"], "vae": video_fingerprint, "image": image,
-                           "family_choices": encoding.get("family_choices") or {}})
+                           "family_choices": encoding.get("family_choices") or {},
+                           # a conditioning that reads the caption too (HunyuanVideo-I2V): the text half's key
+                           **({"text": self.text_key} if image.get("caption") else {})})
 
     def half_keys(self, video_fingerprint: str, text_fingerprint: str, encoding: dict[str, Any]) -> tuple[str, str]:
         """The keys of the video half (what the VAE saw, and the VAE) and the text half (the caption, the text

@@ -461,16 +461,23 @@ def generate_frames(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, size: dict[
     seq_len = text_length(spec, cfg, transformer_config)
     true_cfg_settings(cfg, pipe)
     settings = sampling_settings(spec, cfg, size)
+    images = pipeline_images(cfg, conditioning)
     with torch.no_grad():
         prompt = spec.encode_prompts(encoders, [cfg.prompt], seq_len)
         negative = spec.encode_prompts(encoders, [cfg.negative_prompt or ""], seq_len) if settings.uses_negative(
             spec, pipe) else None
+        if conditioning is not None and conditioning.caption:  # the text encoder reads the image with the prompt
+            readers = {**encoders, **{name: getattr(pipe, name) for name in spec.image_component_classes}}
+            prompt |= spec.image_prompt_embeds(readers, [images["image"]], [cfg.prompt], seq_len, conditioning)
+            if negative is not None:
+                negative |= spec.image_prompt_embeds(readers, [images["image"]], [cfg.negative_prompt or ""],
+                                                     seq_len, conditioning, negative=True)
     for name in spec.text_components:
         if hasattr(encoders[name], "to"):
             encoders[name].to("cpu")
     first = {k: v[0] for k, v in prompt.items()}
     return sample_frames(spec, pipe, first, {k: v[0] for k, v in negative.items()} if negative else None, settings,
-                         dtype, images=pipeline_images(cfg, conditioning))
+                         dtype, images=images)
 
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
