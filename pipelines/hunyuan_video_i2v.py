@@ -192,7 +192,8 @@ class HunyuanVideoI2VSpec(HunyuanVideoSpec):
     # ------------------------------------------------------------------------------------------------ stage 2
 
     def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
-                      generators: list[torch.Generator], conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: Any = None) -> dict[str, torch.Tensor]:
         """The image latents as the pipeline scales them (float32, times scaling_factor), and the embeddings."""
         return {**image, "image_latents": image["image_latents"].float() * vae_config.get("scaling_factor", 0.476986)}
 

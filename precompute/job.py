@@ -423,9 +423,14 @@ class PrecomputeJob:
         state.header["prompts"] = (prompts.write(spec, encoders, self.seq_len, cfg.batch_size)
                                    or state.header["prompts"])
         if self.image is not None and self.validation and slot.index == 0:  # the rows' images, job 0 for the set
-            write_image_rows(out, str(cfg.validation_dataset_file), self.validation, spec,
-                             lambda: {"vae": self.models.vae(), **self.models.image_encoders(self.image)}, self.image,
-                             self.encoding, self.fingerprints["vae"], cfg.decoder, cfg.resize_mode)
+            image = self.image
+
+            def row_models() -> dict[str, Any]:
+                text = self.models.text_encoders() if image.caption else {}
+                return {"vae": self.models.vae(), **text, **self.models.image_encoders(image)}
+
+            write_image_rows(out, str(cfg.validation_dataset_file), self.validation, spec, row_models, image,
+                             self.encoding, self.fingerprints["vae"], cfg.decoder, cfg.resize_mode, self.seq_len)
         state.save(out)
         kill_point("started")
 

@@ -46,19 +46,32 @@ def row_pixels(prompt: ValidationPrompt, conditioning: ImageConditioning, decode
 
 def write_image_rows(out: Path, path: str, prompts: list[ValidationPrompt], spec: ModelSpec,
                      models: Callable[[], dict[str, Any]], conditioning: ImageConditioning, encoding: dict[str, Any],
-                     vae: dict[str, Any], decoder: str, resize_mode: str) -> int:
-    """Encode and store the image rows `out` lacks; `models` loads the VAE and image encoder when first called.
-    Returns how many rows were written."""
+                     vae: dict[str, Any], decoder: str, resize_mode: str, seq_len: int) -> int:
+    """Encode and store the image rows `out` lacks; `models` loads the VAE and the image (and, where the text
+    encoder reads the image with the prompt, text) encoders when first called. Returns how many rows were
+    written."""
     import torch
 
     todo = [(p, image_row_key(p, encoding, vae)) for p in prompts]
     todo = [(p, key) for p, key in todo if not (out / PROMPTS_FOLDER / f"{key}.safetensors").is_file()]
     for prompt, key in todo:
         pixels = row_pixels(prompt, conditioning, decoder, resize_mode, f"{path} row {prompt.index + 1}")
+        frames = pixels.permute(1, 0, 2, 3)[None]
+        uint8 = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        tensors = {"pixels": uint8}
         with torch.no_grad():
-            encoded = spec.encode_image(models(), pixels.permute(1, 0, 2, 3)[None], prompt.size[0], conditioning)
-        tensors = {"pixels": ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8),
-                   **{name: value[0] for name, value in encoded.items()}}
+            if conditioning.caption:  # HunyuanVideo-I2V: the prompt's (and negative's) embeddings read the image
+                encoded = spec.encode_image(models(), frames, prompt.size[0], conditioning, [prompt.caption], seq_len)
+                from PIL import Image
+
+                image = Image.fromarray(uint8[0].permute(1, 2, 0).numpy())  # as the pipeline takes its image
+                for side, text in (("prompt", prompt.caption), ("negative", "")):
+                    embeds = spec.image_prompt_embeds(models(), [image], [text], seq_len, conditioning,
+                                                      negative=side == "negative")
+                    tensors |= {f"{side}.{name}": value[0] for name, value in embeds.items()}
+            else:
+                encoded = spec.encode_image(models(), frames, prompt.size[0], conditioning)
+        tensors |= {name: value[0] for name, value in encoded.items()}
         write_prompt_file(out, key, prompt_bytes(tensors, f"image row of {prompt.caption[:60]}", key))
     if todo:
         log.info(f"stored the image conditioning of {len(todo)} validation row(s) in {out / PROMPTS_FOLDER}")

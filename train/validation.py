@@ -188,6 +188,11 @@ EVAL_DRAW = -2  # the "global batch" of the held-out draws (the training eval of
 EVAL_SIGMAS = (0.125, 0.375, 0.625, 0.875)
 
 
+def row_part(row: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The tensors of a validation image row stored under `prefix` (precompute/validation_images.py), unprefixed."""
+    return {name[len(prefix):]: value for name, value in row.items() if name.startswith(prefix)}
+
+
 def describe_held(manifest: Any) -> str:
     image = manifest.encoding.get("image")
     return f"image-to-video ({image.get('kind')}, {'+'.join(image.get('frames', []))})" if image else "text-to-video"
@@ -441,10 +446,14 @@ class Validation:
             with rng_untouched(trainer.device), torch.no_grad(), autocast:
                 for index, keep in assign_prompts(signatures, rank, world):
                     prompt = self.prompts[index]
-                    images = self.spec.image_pipeline_arguments(pipe, self.images[index], self.conditioning) if (
-                        self.conditioning is not None) else None
-                    frames = sample_frames(self.spec, pipe, self.cond[prompt.caption], self.negative,
-                                           settings[index], trainer.model_dtype,
+                    images, cond, negative = None, self.cond[prompt.caption], self.negative
+                    if self.conditioning is not None:
+                        row = self.images[index]
+                        images = self.spec.image_pipeline_arguments(pipe, row, self.conditioning)
+                        # a text encoder that reads the image with the prompt (HunyuanVideo-I2V): the row's own
+                        cond = {**cond, **row_part(row, "prompt.")}
+                        negative = {**negative, **row_part(row, "negative.")}
+                    frames = sample_frames(self.spec, pipe, cond, negative, settings[index], trainer.model_dtype,
                                            before_decode=lambda: vae.to(trainer.device), images=images)
                     if keep:
                         done.append((index, frames))

@@ -131,3 +131,27 @@ def test_a_resumed_i2v_run_is_bitwise_the_straight_run(i2v_model, shards, tmp_pa
     a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_reads_the_rows_image_and_prompt_embeddings_from_stage_one(i2v_model, shards, shapes_data,
+                                                                               tmp_path):
+    """The Llava reads each validation row's image with its prompt (and a black image with the negative prompt, for
+    true CFG): stage 1 stores both in the row, so training builds no Llava and still writes the videos."""
+    import json
+
+    from PIL import Image
+
+    from helpers import BuiltClasses
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "first.png")
+    rows = [{"caption": PROMPT, "image_path": "first.png", "num_frames": 9, "height": 32, "width": 32,
+             "num_inference_steps": 2, "true_cfg_scale": 2.0}]
+    (tmp_path / "validation.json").write_text(json.dumps(rows))
+    run_cli(["precompute", "--model", "hunyuan_video", "--pretrained", i2v_model, *HUNYUAN_FP32, *HUNYUAN_TEXT,
+             "--dataset", shapes_data, "--out", shards, *BUCKETS, "--batch-size", "2", "--validation-dataset-file",
+             tmp_path / "validation.json"])
+    with BuiltClasses() as built:
+        train("hunyuan_video", i2v_model, shards, tmp_path / "out", *RUN, "--train-steps", "1",
+              "--validation-dataset-file", tmp_path / "validation.json")
+    assert not {"LlavaForConditionalGeneration", "CLIPTextModel", "CLIPVisionModel"} & set(built)
+    assert len(list((tmp_path / "out" / "validation" / "step-000001").glob("*.mp4"))) == 1
