@@ -41,6 +41,7 @@ from typing import Any
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
+from ft.common.model_args import ModelArgs
 from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
 from ft.pipelines.memory import (
@@ -378,6 +379,8 @@ def disk_per_sample(latent_shape: tuple[int, ...], cond: dict[str, tuple[tuple[i
 def estimate(cfg: EstimateConfig) -> Estimate:
     """Build the components on the meta device and compute every number of the report."""
     spec = get_spec(cfg.model)
+    if Path(cfg.pretrained).is_dir():  # a local folder: the checkpoint's own spec (HunyuanVideo-I2V's)
+        spec = spec.for_checkpoint(ModelArgs(model=cfg.model, pretrained=cfg.pretrained))
     source, configs = _configs(spec, cfg.pretrained)
     modules = {name: _build(*cls, configs[name]) for name, cls in model_components(spec, configs).items()}
     components = [Component(name, type(m).__name__, sum(p.numel() for p in m.parameters()))

@@ -92,6 +92,7 @@ def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
         if cfg.pretrained else None
     if model_args is not None:
         spec.check_args(model_args)
+        spec = spec.for_checkpoint(model_args)  # the checkpoint's own spec (HunyuanVideo-I2V's)
     vae_config = spec.load_config("vae", model_args) if model_args else {}
     transformer_config = spec.load_config("transformer", model_args) if model_args else {}
     bucket_texts = cfg.buckets or spec.default_buckets

@@ -9,7 +9,9 @@ import pytest
 
 
 @pytest.mark.parametrize("model,pipeline", [("ltx-video", "LTXPipeline"), ("wan", "WanPipeline"),
-                                            ("cogvideox:i2v", "CogVideoXImageToVideoPipeline")])
+                                            ("cogvideox:i2v", "CogVideoXImageToVideoPipeline"),
+                                            ("wan:i2v", "WanImageToVideoPipeline"),
+                                            ("hunyuan_video:i2v", "HunyuanVideoImageToVideoPipeline")])
 def test_demo_runs_on_the_familys_tiny_model(model, pipeline, tmp_path):
     from ft.cli.demo import run_demo
 
