@@ -20,42 +20,56 @@ from ft.common.logs import log
 from ft.common.model_args import ModelArgs
 from ft.common.runtime import prefetch_map
 from ft.common.shards import bucket_name
+from ft.pipelines.image import ImageConditioning, describe_conditioning, read_model_index, resolve_conditioning
 from ft.pipelines.registry import get_spec
 from ft.precompute.media import MediaError, open_media, upscale_factor
 
 from .config import CheckDataConfig
 from .dataset_config import apply_caption_options
 from .datasets import load_dataset
-from .planned_sample import PlannedSample, assign_keys, sample_encoding
+from .planned_sample import PlannedSample, assign_keys, black_frame_note, sample_encoding
 from .planning import DataCheck, check_buckets, check_dataset, sequence_length
 from .policy import Rejected, enforce_on_error
 
 TABLE_ROWS = 40  # items listed on the terminal; the JSON report has them all
 
 
-def decode_planned(planned: list[PlannedSample], decoder: str, workers: int
-                   ) -> tuple[list[PlannedSample], list[Rejected]]:
-    """Decode the frames each planned item would use: files whose frames fail mid-file are rejected."""
-    def decode(p: PlannedSample) -> Rejected | None:
+def decode_planned(planned: list[PlannedSample], decoder: str, workers: int, images: bool = False
+                   ) -> tuple[list[PlannedSample], list[Rejected], list[Rejected]]:
+    """Decode the frames each planned item would use: files whose frames fail mid-file are rejected; for an
+    image-to-video run (`images`), a black conditioning frame is a warning. Returns (ok, rejected, warnings)."""
+    def decode(p: PlannedSample) -> Rejected | tuple[str, str] | None:
         try:
-            open_media(p.item.path, decoder).read(p.indices)
+            frames = open_media(p.item.path, decoder).read(p.indices)
+            if images:
+                first = open_media(p.item.image, decoder).read([0])[0] if p.item.image else frames[0]
+                return black_frame_note(p.item, first)
         except MediaError as e:
             return Rejected(str(p.item.path), str(e), e.kind)
         return None
 
-    ok, bad = [], []
+    ok, bad, notes = [], [], []
     for p, problem in zip(planned, prefetch_map(decode, planned, workers), strict=True):
-        (bad if problem else ok).append(problem or p)
-    return ok, bad
+        if isinstance(problem, Rejected):
+            bad.append(problem)
+            continue
+        ok.append(p)
+        if problem:
+            notes.append(Rejected(str(p.item.path), problem[1], problem[0]))
+    return ok, bad, notes
 
 
-def _item_rows(check: DataCheck) -> list[dict[str, Any]]:
+def _item_rows(check: DataCheck, conditioning: ImageConditioning | None = None) -> list[dict[str, Any]]:
     rows = []
     for p in check.planned:
         rows.append({"path": str(p.item.path), "status": "ok", "frames": p.source_frames, "fps": round(p.fps, 3),
                      "height": p.height, "width": p.width, "bucket": bucket_name(*p.bucket),
                      "upscale": round(upscale_factor(p.height, p.width, p.bucket), 3),
                      "caption_tokens": check.tokens.get(p.item.caption)})
+        if conditioning is not None:  # where its conditioning image comes from
+            first = str(p.item.image) if p.item.image else f"frame {p.indices[0]}"
+            rows[-1]["condition"] = " + ".join(first if which == "first" else f"frame {p.indices[-1]}"
+                                               for which in conditioning.frames)
     for r in check.rejected:
         rows.append({"path": r.path, "status": r.kind, "reason": r.reason})
     return rows
@@ -68,8 +82,9 @@ def format_table(rows: list[dict[str, Any]], limit: int = TABLE_ROWS) -> str:
     for r in rows[:limit]:
         if r["status"] == "ok":
             tokens = "-" if r["caption_tokens"] is None else str(r["caption_tokens"])
+            condition = f"  (conditioned on {r['condition']})" if r.get("condition") else ""
             lines.append(f"{'ok':16s} {r['frames']:6d} {r['fps']:6.2f} {r['width']:>5d}x{r['height']:<5d} "
-                         f"{r['bucket']:>12s} {r['upscale']:7.2f} {tokens:>6s}  {r['path']}")
+                         f"{r['bucket']:>12s} {r['upscale']:7.2f} {tokens:>6s}  {r['path']}{condition}")
         else:
             lines.append(f"{r['status']:16s} {'':6s} {'':6s} {'':11s} {'':12s} {'':7s} {'':6s}  {r['path']}: "
                          f"{r['reason']}")
@@ -100,14 +115,23 @@ def run_check_data(cfg: CheckDataConfig) -> dict[str, Any]:
     seq_len = sequence_length(spec, cfg, transformer_config)
     if model_args is None:
         log.info("no --pretrained: the family's default sizes apply and caption tokens are not counted")
-    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, model_args)
-    check.planned, failed = decode_planned(check.planned, cfg.decoder, cfg.decode_workers)
+        if cfg.mode != "auto":
+            raise UserError(f"--mode {cfg.mode}: which checkpoint? Pass --pretrained (its configs say how it is "
+                            "conditioned).")
+    conditioning = resolve_conditioning(spec, cfg.mode, transformer_config, read_model_index(
+        cfg.pretrained, cfg.revision), f"--pretrained {cfg.pretrained}") if model_args else None
+    check = check_dataset(items, cfg, spec, buckets, vae_config, transformer_config, seq_len, model_args,
+                          images=conditioning is not None)
+    check.planned, failed, notes = decode_planned(check.planned, cfg.decoder, cfg.decode_workers,
+                                                  conditioning is not None)
     check.rejected += failed
+    check.warnings += notes
     # encoders unknown here: keys without their fingerprint still find the same media, frames and caption twice
     check.planned, duplicates = assign_keys(check.planned, "", sample_encoding(seq_len, {}))
     check.warnings += duplicates
-    rows = _item_rows(check)
-    report = {"dataset": str(cfg.dataset), "model": spec.name, "buckets": bucket_texts,
+    rows = _item_rows(check, conditioning)
+    report = {"dataset": str(cfg.dataset), "model": spec.name, "mode": describe_conditioning(conditioning),
+              "buckets": bucket_texts,
               "max_sequence_length": seq_len, "max_upscale": cfg.max_upscale, "items": len(items),
               "usable": len(check.planned),
               "bucket_histogram": dict(sorted(Counter(bucket_name(*p.bucket) for p in check.planned).items())),

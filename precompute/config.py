@@ -117,4 +117,7 @@ class CheckDataConfig(DataArgs):
                                        "tokens and its configs check the buckets (no weights are loaded). Without "
                                        "it, the family's defaults apply and tokens are not counted.", panel=DATA)
     revision: str | None = opt(None, "Hub revision of --pretrained.", panel=DATA)
+    mode: str = opt("auto", "t2v or i2v: which run to check for (image-to-video: each item's conditioning image too, "
+                            "the clip's first frame or its image column's file). auto: what --pretrained is.",
+                    panel=DATA)
     report: str | None = opt(None, "Write the full report as JSON here.", panel=OUTPUT)

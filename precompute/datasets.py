@@ -31,6 +31,9 @@ from ft.precompute.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
                 "image_path", "video_file")
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "prompts", "description", "title")
+# a table's column naming each clip's conditioning image for image-to-video (beside its media column; finetrainers'
+# and diffusers' examples call it image or image_path); without one, the clip's first frame conditions
+CONDITION_IMAGE_COLUMNS = ("image", "image_path", "conditioning_image", "first_frame")
 # finetrainers' list-layout file names (finetrainers/data/dataset.py)
 CAPTION_LIST_NAMES = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
 MEDIA_LIST_NAMES = ("video.txt", "videos.txt", "image.txt", "images.txt")
@@ -51,6 +54,9 @@ class DatasetItem:
     problem_kind: str = ""
     # extracted by ft from a tar inside the dataset (WebDataset layout): inside the dataset whatever its temp path
     extracted: bool = field(default=False, compare=False)
+    # the image that conditions an image-to-video model in place of the clip's first frame (a table's image column:
+    # CONDITION_IMAGE_COLUMNS), or None
+    image: Path | None = None
 
 
 def load_dataset(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None
@@ -219,11 +225,14 @@ def _from_table(path: Path, video_column: str | None, caption_column: str | None
     columns = list(rows[0].keys())
     path_col = pick_column(columns, video_column, PATH_COLUMNS, "media path", path)
     caption_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", path)
+    image_col = next((c for c in columns if c.lower() in CONDITION_IMAGE_COLUMNS and c != path_col), None)
     items = []
     for i, row in enumerate(rows):
         media, caption = row.get(path_col), row.get(caption_col)
+        image = row.get(image_col) if image_col else None
         item = DatasetItem(path.parent / str(media), "" if caption is None else str(caption).strip(),
-                           f"{path.name} row {i + 1}")
+                           f"{path.name} row {i + 1}",
+                           image=path.parent / image if isinstance(image, str) and image.strip() else None)
         if media is None or not str(media).strip():
             item = _with_problem(item, f"{path.name} row {i + 1} has an empty {path_col!r} cell", "empty-cell", path)
         elif not isinstance(media, str) or not isinstance(caption, (str, type(None))):

@@ -75,7 +75,7 @@ from .faults import disk_fault_message
 from .job_slots import JobSlot, item_identity, job_config_path, job_device, live_locks, lock_slot, resolve_slot
 from .media_cache import MediaCache
 from .merge import finalize, remove_job_files
-from .planned_sample import PlannedSample, SampleKeys, sample_encoding
+from .planned_sample import PlannedSample, SampleKeys, black_frame_note, sample_encoding
 from .planning import JobPlan, check_buckets, sequence_length
 from .policy import Rejected, enforce_on_error
 from .reuse import HalfIndex, TextHalves, with_cached_video
@@ -119,6 +119,7 @@ class _Encoder:
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written: set[str] = set()
         self.images_encoded = 0
+        self.notes: list[Rejected] = []  # warnings found while encoding (a black conditioning frame)
 
     def add(self, sample: PlannedSample, frames: Any = None, latents: dict | None = None) -> None:
         self.pending[sample.bucket].append((sample, frames, latents))
@@ -162,6 +163,8 @@ class _Encoder:
             groups = {"latents": lat, "cond": con}
             if img:
                 meta["image_key"], meta["image_frames"] = sample.image_key, self.condition_indices(sample)
+                if sample.image_digest:
+                    meta["conditioning_image"] = str(sample.item.image)
                 groups["image"] = img
             self.writer.write(sample.key, groups, meta)
             self.written.add(sample.key)
@@ -179,8 +182,13 @@ class _Encoder:
         pixels = []
         for sample, frames, _ in batch:
             wanted = [sample.indices.index(i) for i in self.condition_indices(sample)]
-            pixels.append(frames[wanted] if frames is not None else self.read_frames(sample,
-                                                                                     self.condition_indices(sample)))
+            own = frames[wanted] if frames is not None else self.read_frames(sample, self.condition_indices(sample))
+            if sample.image_digest:  # a named conditioning image in place of the first frame
+                own = torch.cat([self.read_frames(sample, []), own[1:]])
+            note = black_frame_note(sample.item, ((own[0] + 1) * 127.5).round().permute(1, 2, 0))
+            if note:
+                self.notes.append(Rejected(str(sample.item.path), note[1], note[0]))
+            pixels.append(own)
         stacked = torch.stack([p.permute(1, 0, 2, 3) for p in pixels])  # [B, C, N, H, W]
         models = {"vae": self.models.vae(), **self.models.image_encoders(self.image)}
         text: dict[str, Any] = {}
@@ -365,7 +373,8 @@ class PrecomputeJob:
         self.found = scan_existing(out, slot, self.base, journal)
 
         self.planning = JobPlan(self.items, cfg, self.spec, self.buckets, (self.vae_config, self.transformer_config),
-                                self.seq_len, self.cache, SampleKeys(self.fingerprint, self.encoding, self.halves))
+                                self.seq_len, self.cache, SampleKeys(self.fingerprint, self.encoding, self.halves),
+                                images=self.image is not None)
         self.streamed = not self.found.shards and cfg.on_error != "fail"  # nothing to reuse: plan while encoding
         if self.streamed:
             self.planned: list[PlannedSample] = self.planning.check.planned  # filled as the items are planned
@@ -514,7 +523,11 @@ class PrecomputeJob:
 
     def read_frames(self, sample: PlannedSample, indices: list[int]) -> Any:
         """Frames of a sample's clip at `indices`, resized to its bucket: an image-to-video sample's conditioning
-        frames where its video latents are reused (the clip itself is not decoded)."""
+        frames where its video latents are reused (the clip itself is not decoded); no indices: its named
+        conditioning image."""
+        if not indices:
+            frames = open_media(sample.item.image, self.cfg.decoder).read([0])
+            return resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], self.cfg.resize_mode)
         frames = open_media(sample.item.path, self.cfg.decoder).read(indices)
         return resize_to_bucket(frames, sample.bucket[1], sample.bucket[2], self.cfg.resize_mode)
 
@@ -552,6 +565,9 @@ class PrecomputeJob:
         print the summary; returns the set's manifest."""
         cfg, slot, out, state = self.cfg, self.slot, self.out, self.state
         written = self.encoder.written
+        if self.encoder.notes:  # found while encoding: recorded beside the planning's
+            self.warnings += self.encoder.notes
+            _write_records(out, state.file(".warnings.jsonl"), self.warnings)
         active = [p for p in self.planned if p.key not in self.failed and (p.key in self.done or p.key in written)]
         self.set_view(active)
         state.header["shapes"] = state.header["shapes"] or self.encoder.shapes

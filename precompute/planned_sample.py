@@ -54,6 +54,7 @@ class PlannedSample:
     image_key: str = ""  # an image-to-video run's third half: the conditioning frames' encoding (pipelines/image.py)
     height: int = 0  # the source's size, for reports
     width: int = 0
+    image_digest: str = ""  # the named conditioning image's bytes (`item.image`), when an I2V run uses it
     # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
     notes: list[tuple[str, str]] = field(default_factory=list)
 
@@ -81,8 +82,11 @@ class PlannedSample:
         image = encoding.get("image")
         if not image:
             return ""
+        frames: list[Any] = self.conditioning_frames(tuple(image["frames"]))
+        if self.image_digest:  # a named image in place of the first frame
+            frames[0] = {"image": self.image_digest}
         return sample_key({"half": "image", "media": self.media_digest,
-                           "frames": self.conditioning_frames(tuple(image["frames"])), "bucket": list(self.bucket),
+                           "frames": frames, "bucket": list(self.bucket),
                            "resize": encoding["resize_mode"], "vae": video_fingerprint, "image": image,
                            "family_choices": encoding.get("family_choices") or {},
                            # a conditioning that reads the caption too (HunyuanVideo-I2V): the text half's key
@@ -136,9 +140,41 @@ def media_facts(path: Path, decoder: str, cache: MediaCache | None = None) -> Me
     return facts
 
 
+BLACK = 16  # a conditioning frame whose brightest pixel is below this (of 255) is black
+
+
+def black_frame_note(item: DatasetItem, frame: Any) -> tuple[str, str] | None:
+    """A warning for an image-to-video sample whose conditioning frame (uint8 [H, W, 3]) is black: a fade-in
+    trains the model to start every video from black. None for any other frame."""
+    if int(frame.max()) >= BLACK:
+        return None
+    what = f"its conditioning image {item.image}" if item.image else "its first frame"
+    return ("black-first-frame", f"{what} is black (brightest pixel {int(frame.max())} of 255): an image-to-video "
+                                 "model learns to start from black; trim the fade-in or name another image")
+
+
+def plan_image(item: DatasetItem, bucket: tuple[int, int, int], decoder: str, cache: MediaCache | None
+               ) -> tuple[str, list[tuple[str, str]]] | Rejected:
+    """An item's named conditioning image (`item.image`), probed: (its digest, notes), or why it cannot be used. Its
+    aspect against the bucket's is a note: it is centre-cropped to the bucket as the clip's frames are."""
+    try:
+        facts = media_facts(item.image, decoder, cache)
+    except MediaError as e:
+        return Rejected(str(item.path), f"its conditioning image {item.image}: {e}; fix the file or the row's image "
+                                        "column", "conditioning-image")
+    notes = []
+    aspect, wanted = facts.width / max(1, facts.height), bucket[2] / bucket[1]
+    if abs(aspect / wanted - 1) > 0.02:
+        notes.append(("conditioning-image-aspect", f"its conditioning image {item.image} is {facts.width}x"
+                      f"{facts.height}, another aspect than its {bucket[2]}x{bucket[1]} bucket: centre-cropped to "
+                      "it, as the clip's frames are; crop it to the clip's framing to keep what matters"))
+    return facts.digest, notes
+
+
 def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: str, stride: int,
-              decoder: str, check: BucketCheck, max_upscale: float = 2.0, cache: MediaCache | None = None
-              ) -> PlannedSample | Rejected:
+              decoder: str, check: BucketCheck, max_upscale: float = 2.0, cache: MediaCache | None = None,
+              images: bool = False) -> PlannedSample | Rejected:
+    """`images`: an image-to-video run, whose named conditioning images (`item.image`) are probed too."""
     try:
         media = media_facts(item.path, decoder, cache)
     except MediaError as e:
@@ -161,8 +197,15 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
         notes.append(("variable-frame-rate", f"variable frame rate (frames {lo * 1000:.0f} to {hi * 1000:.0f} ms "
                       f"apart; container average {media.fps:.2f} fps): the sampled frames' rate, {fps:.2f} fps, "
                       "is measured from their timestamps; re-encode at a constant rate to train on even spacing"))
+    image_digest = ""
+    if images and item.image is not None:
+        found = plan_image(item, bucket, decoder, cache)
+        if isinstance(found, Rejected):
+            return found
+        image_digest, image_notes = found
+        notes += image_notes
     return PlannedSample(item, bucket, indices, fps, media.num_frames, media.digest,
-                         height=media.height, width=media.width, notes=notes)
+                         height=media.height, width=media.width, notes=notes, image_digest=image_digest)
 
 
 class SampleKeys:

@@ -95,7 +95,7 @@ def screen(items: list[DatasetItem], cfg: DataArgs) -> tuple[list[DatasetItem], 
 
 
 def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
-            vae_config: dict, transformer_config: dict, cache: MediaCache | None = None
+            vae_config: dict, transformer_config: dict, cache: MediaCache | None = None, images: bool = False
             ) -> Iterator[PlannedSample | Rejected]:
     """Each screened item's plan (planned_sample.plan_item) or its rejection, in the items' order, as soon as it is
     made: `--decode-workers` threads plan ahead of the consumer, so the encode loop can take the first items while
@@ -105,18 +105,18 @@ def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: l
 
     workers = cfg.decode_workers
     return prefetch_map(lambda it: plan_item(it, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder, check,
-                                             cfg.max_upscale, cache),
+                                             cfg.max_upscale, cache, images),
                         items, workers, ahead=max(4, workers * 4))
 
 
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
                   vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
-                  cache: MediaCache | None = None) -> DataCheck:
+                  cache: MediaCache | None = None, images: bool = False) -> DataCheck:
     """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
-    where it is."""
+    where it is; `images`: an image-to-video run's conditioning images are checked too."""
     usable, rejected, warnings = screen(items, cfg)
     result = DataCheck(items, [], rejected, warnings)
-    for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache):
+    for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache, images):
         (result.rejected if isinstance(planned, Rejected) else result.planned).append(planned)
     return finish_check(result, spec, seq_len, model_args)
 
@@ -143,8 +143,9 @@ class JobPlan:
 
     def __init__(self, items: list[DatasetItem], cfg: PrecomputeConfig, spec: ModelSpec,
                  buckets: list[tuple[int, int, int]], configs: tuple[dict, dict], seq_len: int, cache: MediaCache,
-                 keys: SampleKeys):
+                 keys: SampleKeys, images: bool = False):
         self.items, self.cfg, self.spec, self.buckets, self.seq_len = items, cfg, spec, buckets, seq_len
+        self.images = images  # an image-to-video run: conditioning images are planned too
         self.vae_config, self.transformer_config = configs
         self.cache, self.keys = cache, keys
         self.check = DataCheck(items, [])
@@ -160,7 +161,7 @@ class JobPlan:
         """Plan every item now, print the summary (before any encoder is loaded), apply `--on-error`, and key
         the samples; returns them without duplicates (those become warnings)."""
         self.check = check_dataset(self.items, self.cfg, self.spec, self.buckets, self.vae_config,
-                                   self.transformer_config, self.seq_len, self.cfg, self.cache)
+                                   self.transformer_config, self.seq_len, self.cfg, self.cache, self.images)
         self._report()  # the same checks and summary as `ft check-data`
         enforce_on_error(self.cfg.on_error, self.check.rejected, self.cfg.dataset)
         planned = []
@@ -184,7 +185,7 @@ class JobPlan:
             self.check.rejected.append(r)
             rejected(r)
         for result in planner(usable, self.cfg, self.spec, self.buckets, self.vae_config, self.transformer_config,
-                              self.cache):
+                              self.cache, self.images):
             if isinstance(result, Rejected):
                 self.check.rejected.append(result)
                 rejected(result)
