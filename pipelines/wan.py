@@ -209,6 +209,9 @@ class WanSpec(WanExperts, ModelSpec):
         temporal, spatial = self.compression(vae_config)
         if (frames - 1) % temporal:
             return f"Wan takes {temporal}k+1 frames (1, {temporal + 1}, ..., 49, ..., 81), not {frames}"
+        if frames == 1 and transformer_config.get("pos_embed_seq_len"):  # FLF2V: the VAE input is first, zeros, last
+            return ("a first-last-frame model (FLF2V) conditions on the clip's first and last frames, so it takes "
+                    "no 1-frame sample")
         p_t, p_h, p_w = transformer_config.get("patch_size", (1, 2, 2))
         if ((frames - 1) // temporal + 1) % p_t:
             return f"this transformer (temporal patch {p_t}) needs a latent frame count divisible by {p_t}"

@@ -166,3 +166,14 @@ def test_each_wan_2_2_i2v_a14b_experts_call_is_the_pipelines(tmp_path):
                 expected = transformer(**call)[0]
             assert_same_call(ours[0], call)
             assert torch.equal(output, expected)
+
+
+def test_flf2v_refuses_one_frame_buckets():
+    """A first-last-frame model needs two frames to condition on: a 1-frame bucket is refused when the buckets are
+    checked (before, stage 1 failed inside encode_image, the VAE input padded to -1 zero frames)."""
+    spec = get_spec("wan")
+    i2v, flf2v = ({"in_channels": 36, "out_channels": 16, "image_dim": 1280, **extra}
+                  for extra in ({}, {"pos_embed_seq_len": 514}))
+    assert "first and last" in spec.check_bucket((1, 32, 32), {}, flf2v)
+    assert spec.check_bucket((5, 32, 32), {}, flf2v) is None
+    assert spec.check_bucket((1, 32, 32), {}, i2v) is None  # Wan 2.1 I2V samples one frame from its image
