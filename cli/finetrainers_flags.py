@@ -100,6 +100,16 @@ def _reshape(v: list[str]) -> list[tuple[str, list[str]]]:
     return [("resize_mode", [modes[v[0]]])]
 
 
+STAGE_ONE_MODULES = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "vae")
+
+
+def _compile_modules(v: list[str]) -> list[tuple[str, list[str]]]:
+    """finetrainers compiles its encoders too (its Wan I2V script: text_encoder image_encoder transformer vae); they
+    run in ft's precompute, uncompiled, so only the transformer is compiled here."""
+    kept = [m for m in v if m not in STAGE_ONE_MODULES]
+    return [("compile_modules", kept)] if kept else []
+
+
 def _effect(env: str) -> Callable[[list[str]], list[tuple[str, list[str]]]]:
     """A setting of the process rather than of a command: kept in the environment (see `apply_effects`)."""
     return lambda v: [(f"@{env}", v or ["1"])]
@@ -239,7 +249,8 @@ def _flags() -> list[Flag]:
              convert=_effect("FT_LIBRARY_VERBOSITY")),
         # torch config
         Flag("compile_modules", s, (T,), "compile_modules", nargs="+", why="transformer: torch.compile of the "
-             "transformer, the only module ft train loads."),
+             "transformer, the only module ft train loads (text_encoder, image_encoder and vae run in ft "
+             "precompute, uncompiled: dropped).", convert=_compile_modules),
         Flag("compile_scopes", s, (T,), "compile_scopes", nargs="+", why="regional (default: each block of the "
              "family's block lists) or full (the whole transformer)."),
         Flag("allow_tf32", s, (P, T), nargs=0, why="TF32 matmuls and convolutions on GPUs that have them.",

@@ -166,3 +166,34 @@ def test_a_two_dataset_config_precomputes_both_from_the_console_script(crush_smo
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["0-crush-smol", "1-crush-smol"]
+
+
+def test_the_wan_i2v_example_runs_through_both_stages(crush_smol, tmp_path, monkeypatch):
+    """finetrainers' sft/wan_i2v/3dgs_dissolve script on a tiny Wan 2.1 I2V checkpoint: its arrays (rank 16, its lr
+    and shuffle buffer), a training.json of its layout, and its validation.json's rows, which give each prompt a
+    `video_path` whose first frame conditions it. Its `--compile_modules text_encoder image_encoder transformer vae`
+    becomes ft's transformer alone (the encoders run in precompute), checked on the translation: compiling on this
+    CPU would take minutes, so the run leaves the flag out."""
+    from ft.cli.finetrainers import translate
+    from ft.cli.main import command_configs
+    from ft.pipelines.registry import save_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    model = save_tiny_model("wan:i2v", tmp_path / "wan-i2v")
+    clip = sorted((crush_smol / "crush-smol" / "videos").glob("*.mp4"))[0]
+    rows = [{"caption": "3DGS_DISSOLVE a red circle", "video_path": str(clip), "num_inference_steps": 2,
+             "num_frames": 9, "height": 32, "width": 32}]
+    (tmp_path / "validation.json").write_text(json.dumps({"data": rows}))
+    argv = crush_smol_argv(model, crush_smol / "training.json", tmp_path / "out", steps=2,
+                           validation_file=tmp_path / "validation.json", **WAN)
+    argv[argv.index("--rank") + 1] = argv[argv.index("--lora_alpha") + 1] = "16"
+    argv[argv.index("--lr") + 1] = "1e-4"
+    manifest = run_cli(["precompute", *argv, "--out", tmp_path / "shards"])
+    assert manifest.encoding["image"]["kind"] == "channel-concat" and manifest.encoding["image"]["image_encoder"]
+    assert run_cli(["train", *argv, "--shards", tmp_path / "shards"])["steps"] == 2
+    assert len(list((tmp_path / "out" / "validation" / "step-000002").glob("*.mp4"))) == 1
+    compile_flags = ["--compile_modules", "text_encoder", "image_encoder", "transformer", "vae", "--compile_scopes",
+                     "regional"]
+    (run,) = translate("train", [*argv, *compile_flags, "--shards", str(tmp_path / "shards")], None,
+                       command_configs()).runs
+    assert [run[i + 1] for i, a in enumerate(run) if a == "--compile-modules"] == ["transformer"]
