@@ -289,7 +289,14 @@ class PrecomputeJob:
         self.plan()
         self.open_state()
         self.encode()
-        return self.finish()
+        try:
+            return self.finish()
+        except OSError as e:  # the disk filled after the last shard (the job's state, the merge): all shards are whole
+            fault = environment_fault(e)
+            if fault is None:
+                raise
+            raise UserError(disk_fault_message(fault, self.out, self.writer.completed, None,
+                                               len(self.todo) - len(self.failed), self.state.resume_command)) from e
 
     def read_items(self) -> None:
         """This job's items, their captions as the caption options make them; refuses an `--out` that holds
@@ -479,6 +486,7 @@ class PrecomputeJob:
                         self.encoder.add(sample, frames)
                     bar.update(1)
                 self.encoder.flush_all()
+                writer.finish_shard()  # closing the last shard writes its end: a full disk here is reported below
         except KeyboardInterrupt:
             writer.finish_shard()
             kept = sum(shard.samples for shard in writer.completed)

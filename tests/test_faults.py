@@ -188,3 +188,33 @@ def test_output_dir_turning_read_only_mid_training_stops_cleanly_and_resumes(tin
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (out / "train_log.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # step 3's line of the stopped run was dropped and written again
+
+
+def test_disk_full_after_the_last_i2v_shard_is_one_message_and_a_rerun_finishes(wan_shards, shapes_data, tmp_path,
+                                                                               tmpfs):
+    """An image-to-video precompute into a text-to-video set on a disk that fills while the last shard is closed or
+    the job's state is written (after every sample was encoded) ends in the one message with what was kept, not a
+    raw OSError; freeing space and running again finishes the set. The free space is swept across that moment."""
+    from ft.pipelines.registry import save_tiny_model
+
+    model = save_tiny_model("wan:i2v", tmp_path / "i2v", seed=0)
+    argv = ["precompute", "--model", "wan", "--pretrained", model, "--dataset", shapes_data, *PRECOMPUTE]
+    roomy = run_cli([*argv, "--out", shutil.copytree(wan_shards, tmp_path / "roomy")])
+    image_bytes = sum(s.bytes for s in roomy.shards) - sum(s.bytes for s in load_manifest(wan_shards).shards)
+    disk = tmpfs("small", "8m")
+    outcomes = []
+    for leave in range(image_bytes, image_bytes + 96_000, 12_000):
+        out = shutil.copytree(wan_shards, disk / f"shards-{leave}")
+        filler = fill(disk, leave=leave)
+        try:
+            outcomes.append(run_cli([*argv, "--out", out]).complete)
+        except UserError as e:
+            assert str(e).startswith(f"--out {out}: ") and "no space left on the device" in str(e)
+            outcomes.append(str(e).split("\n")[1].split(" whole shard")[0])
+            filler.unlink()
+            assert run_cli([*argv, "--out", out]).complete  # space freed: the same command finishes the set
+        else:
+            filler.unlink()
+        shutil.rmtree(out)
+    assert any(o not in (True, "Kept: 0 new samples in 0") for o in outcomes), outcomes  # a fault after a whole shard
+    assert True in outcomes, outcomes

@@ -300,8 +300,9 @@ def generation_conditioning(spec: ModelSpec, cfg: GenerateConfig) -> ImageCondit
     if conditioning is None:
         if cfg.image or cfg.last_image:
             why = f"{where} is a text-to-video checkpoint" if found is None else "--mode t2v"
-            raise UserError(f"--image: {why}; pass an image-to-video checkpoint{i2v_examples(spec)} to start from an "
-                            "image, or drop --image.")
+            flag = "--image" if cfg.image else "--last-image"
+            raise UserError(f"{flag}: {why}; pass an image-to-video checkpoint{i2v_examples(spec)} to start from an "
+                            f"image, or drop {flag}.")
         return None
     if not cfg.image:
         raise UserError(f"{where} is {describe_conditioning(conditioning)}: pass --image PATH (the first frame)"

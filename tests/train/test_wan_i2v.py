@@ -198,6 +198,9 @@ def test_generate_refuses_a_missing_or_bad_image(i2v_model, tiny_wan, tmp_path):
     with pytest.raises(UserError, match="--image: .* text-to-video checkpoint"):
         run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, "--prompt", PROMPT, "--image",
                  tmp_path / "bad.png", "--out", tmp_path / "v.mp4"])
+    with pytest.raises(UserError, match="^--last-image: .* text-to-video checkpoint.*drop --last-image"):
+        run_cli(["generate", "--model", "wan", "--pretrained", tiny_wan, "--prompt", PROMPT, "--last-image",
+                 tmp_path / "bad.png", "--out", tmp_path / "v.mp4"])
 
 
 def test_validation_of_an_i2v_run_samples_each_rows_image_with_no_image_encoder(i2v_model, counted, shapes_data,
