@@ -45,7 +45,7 @@ def test_which_checkpoints_serve_both_modes(tiny_wan, tiny_wan_ti2v, tiny_ltx):
         assert (found.kind, found.frames, found.image_encoder, found.text_to_video) == ("first-frame", ("first",),
                                                                                         False, True)
         assert found.pipeline_class == ("diffusers", pipeline)
-    with pytest.raises(UserError, match=r"--mode i2v: .* text-to-video Wan checkpoint; .*I2V-14B-480P.*TI2V-5B\)"):
+    with pytest.raises(UserError, match=r"--mode i2v: .* text-to-video Wan checkpoint; .*I2V-14B-480P.*TI2V-5B"):
         conditioning_of(wan, tiny_wan, "i2v")  # Wan 2.1 T2V: no image conditioning
     assert [c.display_name for c in ltx.checkpoints if c.image_to_video] == ["LTX-Video 0.9"]
 

@@ -21,7 +21,7 @@ PROMPT = "a red circle moving left to right on a dark background"
 RUN = ["--rank", "8", "--lora-alpha", "16", "--batch-size", "2", "--lr", "3e-3", "--lr-warmup-steps", "0",
        "--report-to", "none"]
 # family -> (its tiny model's fixture, the pipeline class, steps of the LoRA run, generation size flags)
-FAMILIES = {"wan": ("tiny_wan_ti2v", "WanImageToVideoPipeline", 20, ["--num-frames", "5", "--height", "32",
+FAMILIES = {"wan": ("tiny_wan_ti2v", "WanImageToVideoPipeline", 40, ["--num-frames", "5", "--height", "32",
                                                                        "--width", "32"]),
             "ltx_video": ("tiny_ltx", "LTXImageToVideoPipeline", 20, ["--num-frames", "9", "--height", "32",
                                                                         "--width", "32"])}
@@ -67,7 +67,7 @@ def test_an_i2v_lora_lowers_the_loss_changes_the_i2v_pipeline_and_generates(fami
     model, shards = i2v_shards(family)
     _, pipeline_class, steps, size = FAMILIES[family]
     out = tmp_path / "out"
-    summary = train(family, model, shards, out, *RUN, "--train-steps", steps, "--eval-batches", "2", "--seed", "0")
+    summary = train(family, model, shards, out, *RUN, "--train-steps", steps, "--eval-batches", "4", "--seed", "0")
     assert summary["steps"] == steps
     assert summary["eval_loss_after"] < 0.95 * summary["eval_loss_before"], summary  # as test_lora_families.py
     # the LoRA in the family's image-to-video pipeline: loaded (diffusers' layout), it changes the output
