@@ -522,6 +522,13 @@ def run_generate(cfg: GenerateConfig) -> Path:
     from ft.pipelines.base import import_class
 
     conditioning = generation_conditioning(spec, cfg)
+    for flag, path in (("--image", cfg.image), ("--last-image", cfg.last_image)):
+        if conditioning is not None and path:
+            width, height = read_image(path, flag).size
+            if abs((width / height) / (size["width"] / size["height"]) - 1) > 0.02:
+                log.warning(f"{flag} {path} is {width}x{height}: the pipeline stretches it to {size['width']}x"
+                            f"{size['height']} (training centre-cropped its frames to the bucket); crop it to that "
+                            "aspect, or pass --width/--height of its own")
     true_cfg_settings(cfg, import_class(*(conditioning.pipeline_class if conditioning else spec.pipeline_class)))
     quiet_libraries()  # a refused flag cost no model load
     device = pick_device(cfg.device)

@@ -264,3 +264,14 @@ def test_wan_2_2_i2v_a14b_trains_each_expert_on_one_image_shard_set(shapes_data,
                      "--num-frames", "5", "--height", "32", "--width", "32", "--num-inference-steps", "2", "--out",
                      tmp_path / "v.mp4"])
     assert video.is_file()
+
+
+def test_generate_says_when_the_image_is_stretched_to_another_aspect(lora_run, i2v_model, tmp_path, caplog):
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 64, 3), 128, np.uint8)).save(tmp_path / "wide.png")
+    with caplog.at_level("WARNING", logger="ft"):
+        run_cli(["generate", "--model", "wan", "--pretrained", i2v_model, *FP32_I2V, "--prompt", PROMPT, "--image",
+                 tmp_path / "wide.png", "--num-frames", "5", "--height", "32", "--width", "32",
+                 "--num-inference-steps", "1", "--out", tmp_path / "v.mp4"])
+    assert "wide.png is 64x32: the pipeline stretches it to 32x32" in caplog.text
