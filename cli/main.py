@@ -59,6 +59,13 @@ def models() -> None:
         aliases = sorted(a for a, target in ALIASES.items() if target == name)
         typer.echo(f"{name:14s} {cls.display_name} ({', '.join(aliases)}): {cls.objective}; LoRA targets "
                    f"{', '.join(cls.default_lora_targets)}; default buckets {', '.join(cls.default_buckets)}")
+        known = [c.display_name.split(" (")[0] + (" (image-to-video)" if c.image_to_video else "")
+                 for c in cls.checkpoints]
+        if known:
+            typer.echo(f"{'':14s} known checkpoints (ft estimate offline): {', '.join(known)}")
+        if cls.tiny_variants:
+            typer.echo(f"{'':14s} ft demo --model {name}:VARIANT, VARIANT one of: "
+                       + "; ".join(f"{v} ({what})" for v, what in cls.tiny_variants.items()))
 
 
 register_table()
