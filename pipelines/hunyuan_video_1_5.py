@@ -200,6 +200,14 @@ class HunyuanVideo15Spec(ModelSpec):
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask.bool(), "prompt_embeds_2": embeds_2,
                 "prompt_embeds_mask_2": mask_2.bool()}
 
+    def encode_video(self, vae: Any, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base's posterior, one clip at a time: AutoencoderKLHunyuanVideo15's mid-block attention builds its
+        causal mask for a batch of one (diffusers 0.42.1 fails on two), so encode as its slicing does."""
+        import torch
+
+        parts = [super(HunyuanVideo15Spec, self).encode_video(vae, clip) for clip in frames.split(1)]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
     # ------------------------------------------------------------------------------------------------ stage 2
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
