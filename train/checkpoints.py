@@ -166,7 +166,8 @@ def drop_unsaved_optimizer_state(tensors: dict[str, Any], saved: Any) -> None:
     no optimizer state in the run that wrote it, while this run's fresh state dict has one for every weight. The
     resumed run then has none for it either, as the straight run."""
     state = tensors.get("optimizer", {}).get("state", {})
-    held = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in saved if key.startswith("optimizer.state.")}
+    prefix = "optimizer.state."
+    held = {key.removeprefix(prefix).rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
     for name in [n for n in state if n not in held]:  # a saved key is the weight's name, then its field (exp_avg)
         del state[name]
 
