@@ -195,7 +195,9 @@ def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
     assert negative is not None or not use_negative, "the negative prompt's embeddings are needed"
     embeds = pipeline_embeddings(cond, negative if use_negative else None, pipe._execution_device, dtype)
     extra: dict[str, Any] = {}
-    if before_decode is not None:
+    if before_decode is not None and "callback_on_step_end" not in pipeline_defaults(pipe):
+        before_decode()  # a pipeline without step callbacks (HunyuanVideo15Pipeline): the VAE moves before sampling
+    elif before_decode is not None:
         def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
             if i + 1 >= pipeline.num_timesteps:
                 before_decode()
