@@ -142,3 +142,15 @@ def test_the_published_checkpoints_estimate_offline(spec):
         transformer = HunyuanVideo15Transformer3DModel(**checkpoint.configs["transformer"])
     params = sum(p.numel() for p in transformer.parameters())
     assert 8.2e9 < params < 8.4e9, params
+
+
+def test_ft_estimate_prints_the_published_checkpoint_offline(capsys):
+    from helpers import run_cli
+
+    result = run_cli(["estimate", "--model", "hunyuan_video_1_5", "--pretrained",
+                      "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", "--buckets", "61x480x848"])
+    assert [c.name for c in result.components] == ["text_encoder", "text_encoder_2", "vae", "transformer"]
+    assert 8.3e9 < result.component("transformer").params < 8.4e9
+    (bucket,) = result.buckets
+    assert bucket.cond_shapes["prompt_embeds"] == (1000, 3584) and bucket.cond_shapes["prompt_embeds_2"] == (256, 1472)
+    assert "HunyuanVideo15Transformer3DModel" in capsys.readouterr().out
