@@ -28,6 +28,10 @@ def test_lora_training_lowers_the_fixed_noise_loss(lora_run):
     layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights}
     assert layers == {"to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
     assert all(k.startswith("transformer.transformer_blocks.") for k in weights)  # not the token refiner's
+    # the original (tencent) layout: q, k and v apart in double_blocks, as diffusers' conversion script reads them
+    original = {k.split(".lora")[0] for k in load_file(out / "lora_comfyui.safetensors")}
+    assert original == {f"diffusion_model.double_blocks.0.{stream}_attn_{part}" for stream in ("img", "txt")
+                        for part in ("q", "k", "v", "proj")}
 
 
 def test_the_lora_loads_into_the_pipeline_and_changes_its_output(lora_run, tiny_hv15):
