@@ -211,18 +211,19 @@ class StepInputs:
 class CondTensor:
     """One conditioning tensor a sample stores (`encode_prompts`' output, the shards' `cond` group): its shape is
     [text length, width] per token, [text length] for a mask (`width` None), or [width] for a pooled embedding
-    (`per_token` False); `width` names the transformer config entry it must equal. `check_shards` and `ft
-    estimate` read the layout from here."""
+    (`per_token` False), with `length` tokens in place of the text length where it is set; `width` names the
+    transformer config entry it must equal. `check_shards` and `ft estimate` read the layout from here."""
 
     name: str
     width: str | None
     encoder: str = "text encoder"
     per_token: bool = True
     dtype: str = "bfloat16"
+    length: int | None = None  # a token count of its own (HunyuanVideo 1.5's glyph encoder: 256), not the text length
 
     def shape(self, transformer_config: dict, text_length: int) -> tuple[int, ...]:
         width = () if self.width is None else (int(transformer_config[self.width]),)
-        return ((text_length,) if self.per_token else ()) + width
+        return ((self.length or text_length,) if self.per_token else ()) + width
 
 
 def t5_prompt_embeds(encoders: dict[str, Any], prompts: list[str], max_sequence_length: int

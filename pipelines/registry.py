@@ -16,6 +16,7 @@ from ft.common.model_args import ModelArgs
 from .base import ModelSpec, import_class
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
+from .hunyuan_video_1_5 import HunyuanVideo15Spec
 from .ltx_video import LTXVideoSpec
 from .wan import WanSpec
 
@@ -24,6 +25,7 @@ SPECS: dict[str, type[ModelSpec]] = {
     LTXVideoSpec.name: LTXVideoSpec,
     HunyuanVideoSpec.name: HunyuanVideoSpec,
     WanSpec.name: WanSpec,
+    HunyuanVideo15Spec.name: HunyuanVideo15Spec,
 }
 ALIASES = {alias: name for name, spec in SPECS.items() for alias in spec.aliases}
 

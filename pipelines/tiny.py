@@ -111,3 +111,24 @@ def clip_tokenizer() -> Any:
     vocab, merges = _trained_bpe(lines, 600, ["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
                                  byte_level=True)
     return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+# Qwen2.5-VL's chat template for text messages (its image and video parts left out): what
+# HunyuanVideo15Pipeline's `apply_chat_template` renders, a system turn, a user turn and the assistant's header
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_tokenizer(extra_text: list[str] = (), vocab_size: int = 400) -> Any:
+    """A Qwen2Tokenizer (byte-level BPE, as Qwen2.5's) with the chat tokens and template HunyuanVideo 1.5's
+    pipeline renders, padding on the right. `extra_text` (the pipeline's system message) joins the training text;
+    with few merges the system turn stays longer than the pipeline's crop of 108 tokens, as the real one is."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab, merges = _trained_bpe(corpus() + list(extra_text), vocab_size, specials, byte_level=True)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, padding_side="right",
+                               chat_template=QWEN_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer

@@ -31,7 +31,8 @@ HUNYUAN_TEXT = ["--max-sequence-length", "32"]
 # each family's shared test shard set (conftest's family_shards): the fixture-name stem, the dtype flags (every
 # command takes them) and the flags precompute takes besides
 FAMILIES = {"cogvideox": ("cog", FP32, []), "ltx_video": ("ltx", FP32, []),
-            "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT), "wan": ("wan", FP32, [])}
+            "hunyuan_video": ("hunyuan", HUNYUAN_FP32, HUNYUAN_TEXT), "wan": ("wan", FP32, []),
+            "hunyuan_video_1_5": ("hv15", HUNYUAN_FP32, [])}
 
 # each family's LoRA run that lowers the loss (tests/train's `lora_run(family)`): rank 8, alpha 16, lr 3e-3, seed 0;
 # the steps and fixed-noise eval batches its tiny model needs, and the family's own flags (LTX-Video trains with
@@ -39,7 +40,7 @@ FAMILIES = {"cogvideox": ("cog", FP32, []), "ltx_video": ("ltx", FP32, []),
 LORA_RUN = ["--rank", "8", "--lora-alpha", "16", "--batch-size", "2", "--lr", "3e-3", "--lr-warmup-steps", "0",
             "--seed", "0"]
 LORA_RUNS = {"cogvideox": (50, 4, []), "ltx_video": (20, 2, ["--first-frame-conditioning-p", "0.5"]),
-             "hunyuan_video": (30, 4, []), "wan": (30, 4, [])}
+             "hunyuan_video": (30, 4, []), "wan": (30, 4, []), "hunyuan_video_1_5": (30, 4, [])}
 
 
 def train_args(family: str, model: object, shards: object, out: object, *flags: object) -> list[str]:

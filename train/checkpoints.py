@@ -160,6 +160,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def drop_unsaved_optimizer_state(tensors: dict[str, Any], saved: Any) -> None:
+    """Leave out of `tensors` the optimizer state of weights the checkpoint holds none for: a trainable weight that
+    never got a gradient (HunyuanVideo 1.5's last block's text-stream output, whose result the model discards) has
+    no optimizer state in the run that wrote it, while this run's fresh state dict has one for every weight. The
+    resumed run then has none for it either, as the straight run."""
+    state = tensors.get("optimizer", {}).get("state", {})
+    prefix = "optimizer.state."
+    held = {key.removeprefix(prefix).rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
+    for name in [n for n in state if n not in held]:  # a saved key is the weight's name, then its field (exp_avg)
+        del state[name]
+
+
 STATE_KEYS = ("step", "data_position", "lr_schedule", "rng")
 FIT_HINT = "Resume with the same --training-type, --rank, --target-modules and model as the run that wrote it."
 
@@ -190,6 +202,7 @@ def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
     if extra:
         raise UserError(f"{path} holds trained weights this run would drop ({len(extra)}, e.g. {extra[0]}). "
                         + FIT_HINT)
+    drop_unsaved_optimizer_state(tensors, metadata.state_dict_metadata)
     dcp_logger = logging.getLogger("torch.distributed")
     level, dcp_logger.level = dcp_logger.level, logging.CRITICAL  # its own traceback printing: ours says it
     try:

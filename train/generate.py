@@ -125,11 +125,14 @@ class SamplingSettings:
     seed: int = 0
 
     def resolved(self, spec: ModelSpec, pipeline: Any) -> dict[str, Any]:
-        """The pipeline's argument values this call uses (plus `fps`, the mp4's rate)."""
+        """The pipeline's argument values this call uses (plus `fps`, the mp4's rate). A pipeline whose guidance
+        lives in its `guider` (`guided_by_guider`) has the guider's scale as its default."""
         defaults = pipeline_defaults(pipeline)
+        default_guidance = (getattr(getattr(pipeline, "guider", None), "guidance_scale", None)
+                            if guided_by_guider(pipeline) else defaults["guidance_scale"])
         values: dict[str, Any] = {
             "num_inference_steps": self.num_inference_steps or defaults["num_inference_steps"],
-            "guidance_scale": defaults["guidance_scale"] if self.guidance_scale is None else self.guidance_scale,
+            "guidance_scale": default_guidance if self.guidance_scale is None else self.guidance_scale,
             "fps": self.frame_rate or spec.default_fps}
         if "true_cfg_scale" in defaults:
             values["true_cfg_scale"] = 1.0 if self.true_cfg_scale is None else self.true_cfg_scale
@@ -144,7 +147,25 @@ class SamplingSettings:
     def forwards_per_step(self, spec: ModelSpec, pipeline: Any) -> int:
         """Transformer calls per denoising step: 2 under true CFG (a separate negative pass), else 1 (classifier-
         free guidance batches the two). Ranks sampling in lockstep (FSDP) must agree on it."""
-        return 2 if self.resolved(spec, pipeline).get("true_cfg_scale", 1.0) > 1 else 1
+        values = self.resolved(spec, pipeline)
+        if guided_by_guider(pipeline):  # ClassifierFreeGuidance runs the transformer once per condition
+            return 2 if (values["guidance_scale"] or 1.0) > 1 else 1
+        return 2 if values.get("true_cfg_scale", 1.0) > 1 else 1
+
+
+def guided_by_guider(pipeline: Any) -> bool:
+    """Whether the pipeline's classifier-free guidance is its `guider` component (HunyuanVideo15Pipeline): its
+    __call__ takes no guidance scale; `--guidance-scale` replaces the guider's (`set_guidance`)."""
+    return "guidance_scale" not in pipeline_defaults(pipeline)
+
+
+def set_guidance(pipe: Any, values: dict[str, Any]) -> None:
+    """Move the guidance scale of `values` into the pipeline's guider, for a pipeline guided by one."""
+    if not guided_by_guider(pipe):
+        return
+    scale = values.pop("guidance_scale")
+    if scale is not None and scale != pipe.guider.guidance_scale:
+        pipe.register_modules(guider=pipe.guider.new(guidance_scale=scale))
 
 
 def pipeline_embeddings(cond: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
@@ -169,11 +190,14 @@ def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
     import torch
 
     values = {k: v for k, v in settings.resolved(spec, pipe).items() if k != "fps"}
+    set_guidance(pipe, values)
     use_negative = settings.uses_negative(spec, pipe)
     assert negative is not None or not use_negative, "the negative prompt's embeddings are needed"
     embeds = pipeline_embeddings(cond, negative if use_negative else None, pipe._execution_device, dtype)
     extra: dict[str, Any] = {}
-    if before_decode is not None:
+    if before_decode is not None and "callback_on_step_end" not in pipeline_defaults(pipe):
+        before_decode()  # a pipeline without step callbacks (HunyuanVideo15Pipeline): the VAE moves before sampling
+    elif before_decode is not None:
         def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
             if i + 1 >= pipeline.num_timesteps:
                 before_decode()
@@ -373,14 +397,18 @@ def read_lora_file(spec: ModelSpec, cfg: GenerateConfig, value: str, flag: str, 
 def load_lora(spec: ModelSpec, cfg: GenerateConfig, pipe: Any, read: tuple[Path, str, dict], flag: str,
               adapter: str, into_transformer_2: bool) -> None:
     """One read LoRA into the pipeline's transformer or (--lora-2) transformer_2, through the pipeline's own
-    `load_lora_weights`."""
+    `load_lora_weights`; a pipeline without one (HunyuanVideo15Pipeline in diffusers 0.42) through its
+    transformer's `load_lora_adapter`, diffusers' loader of the model itself."""
     lora, layout, pairs = read
-    extra = {"load_into_transformer_2": True} if into_transformer_2 else {}
+    if hasattr(pipe, "load_lora_weights"):
+        loader, extra = pipe.load_lora_weights, {"load_into_transformer_2": True} if into_transformer_2 else {}
+    else:
+        loader, extra = pipe.transformer.load_lora_adapter, {"prefix": "transformer"}
     try:
         if layout == "diffusers":  # diffusers reads its own layout (and its adapter config) itself
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter, **extra)
+            loader(str(lora.parent), weight_name=lora.name, adapter_name=adapter, **extra)
         else:
-            pipe.load_lora_weights(diffusers_state(pairs), adapter_name=adapter, **extra)
+            loader(diffusers_state(pairs), adapter_name=adapter, **extra)
     except (ValueError, KeyError, RuntimeError, OSError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
         raise UserError(f"{flag} {lora}: these LoRA weights do not fit this {spec.display_name} transformer "
                         f"({type(e).__name__}: {e}); pass a LoRA trained on --pretrained {cfg.pretrained}.") from e

@@ -11,7 +11,8 @@ import pytest
 @pytest.mark.parametrize("model,pipeline", [("ltx-video", "LTXPipeline"), ("wan", "WanPipeline"),
                                             ("cogvideox:i2v", "CogVideoXImageToVideoPipeline"),
                                             ("wan:i2v", "WanImageToVideoPipeline"),
-                                            ("hunyuan_video:i2v", "HunyuanVideoImageToVideoPipeline")])
+                                            ("hunyuan_video:i2v", "HunyuanVideoImageToVideoPipeline"),
+                                            ("hv15", "HunyuanVideo15Pipeline")])
 def test_demo_runs_on_the_familys_tiny_model(model, pipeline, tmp_path):
     from ft.cli.demo import run_demo
 

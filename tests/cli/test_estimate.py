@@ -146,7 +146,7 @@ def test_activation_model():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"model": "cogvideox", "pretrained": "someone/finetune"}, "not a local folder nor a checkpoint ft knows"),
-    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, hunyuan_video, ltx_video"),
+    ({"model": "sora", "pretrained": "x"}, "use one of: cogvideox, hunyuan_video, hunyuan_video_1_5, ltx_video"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["50x480x720"]}, "4k+1 frames"),
     ({"model": "cogvideox", "pretrained": "cogvideox-2b", "buckets": ["49x480"]}, "FRAMESxHEIGHTxWIDTH"),
 ])

@@ -1,5 +1,6 @@
-"""Validation in a tiny run of LTX-Video, HunyuanVideo and Wan: prompts precomputed, videos at the right steps with
-the row's frames and size, no text encoder or tokenizer built in training, and the weights of a run without it."""
+"""Validation in a tiny run of LTX-Video, HunyuanVideo, Wan and HunyuanVideo 1.5: prompts precomputed, videos at the
+right steps with the row's frames and size, no text encoder or tokenizer built in training, and the weights of a run
+without it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from helpers import FAMILIES, BuiltClasses, run_cli, train, train_log
 
 # each family's validation row settings: true CFG exercises the stored negative prompt, HunyuanVideo's second
 # transformer pass per step; Wan: classifier-free guidance with the stored empty prompt's embeddings, through
-# WanPipeline's UniPC scheduler
-EXTRA = {"ltx_video": {"frame_rate": 12}, "hunyuan_video": {"true_cfg_scale": 3.0}, "wan": {"guidance_scale": 5.0}}
-FPS = {"ltx_video": 12, "hunyuan_video": 24.0, "wan": 16.0}
+# WanPipeline's UniPC scheduler; HunyuanVideo 1.5: the row's scale in the pipeline's guider, the stored empty prompt
+EXTRA = {"ltx_video": {"frame_rate": 12}, "hunyuan_video": {"true_cfg_scale": 3.0}, "wan": {"guidance_scale": 5.0},
+         "hunyuan_video_1_5": {"guidance_scale": 3.0}}
+FPS = {"ltx_video": 12, "hunyuan_video": 24.0, "wan": 16.0, "hunyuan_video_1_5": 24.0}
 
 
 @pytest.fixture(params=sorted(EXTRA))
