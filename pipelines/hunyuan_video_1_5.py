@@ -246,7 +246,10 @@ class HunyuanVideo15Spec(ModelSpec):
     # ------------------------------------------------------------------------------------------------ generation
 
     def generation_defaults(self, transformer_config: dict, vae_config: dict) -> dict[str, Any]:
-        """HunyuanVideo15Pipeline.__call__'s: 121 frames, 16:9 at the transformer's target_size (480x848 at 480p)."""
+        """HunyuanVideo15Pipeline.__call__'s: 121 frames, 16:9 at the transformer's target_size (480x848 at 480p).
+        Without configs (a help text), the frame count alone: nothing is imported."""
+        if not transformer_config and not vae_config:
+            return {"num_frames": 121, "height": 480, "width": 848}
         from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
         processor = HunyuanVideo15ImageProcessor(vae_scale_factor=self.compression(vae_config)[1])

@@ -300,7 +300,8 @@ def test_ft_models_lists_every_family_with_its_aliases():
     from ft.pipelines.registry import ALIASES, SPECS
 
     out = CliRunner().invoke(app, ["models"]).output
-    lines = out.splitlines()
+    lines = [line for line in out.splitlines() if not line.startswith(" ")]  # indented: a family's checkpoints
     assert [line.split()[0] for line in lines] == sorted(SPECS)
+    assert "Wan2.1-I2V-14B-480P (image-to-video)" in out and "ft demo --model wan:VARIANT" in out
     for alias, name in ALIASES.items():
         assert alias in next(line for line in lines if line.startswith(name))
