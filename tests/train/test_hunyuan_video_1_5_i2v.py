@@ -128,3 +128,31 @@ def test_a_resumed_i2v_run_is_bitwise_the_straight_run(i2v_model, shards, tmp_pa
     a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_samples_the_rows_image_with_its_stored_siglip_embeddings(i2v_model, shards, shapes_data,
+                                                                              tmp_path):
+    """A validation row's image: stage 1 stores its pixels and SigLIP's embeddings, so training builds no image
+    encoder and still samples through HunyuanVideo15ImageToVideoPipeline."""
+    import json
+
+    from PIL import Image
+
+    from helpers import BuiltClasses
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "first.png")
+    rows = [{"caption": PROMPT, "image_path": "first.png", "num_frames": 9, "height": 32, "width": 32,
+             "num_inference_steps": 2}]
+    (tmp_path / "validation.json").write_text(json.dumps(rows))
+    run_cli(["precompute", "--model", FAMILY, "--pretrained", i2v_model, *FP32, "--dataset", shapes_data, "--out",
+             shards, "--buckets", "9x32x32", "9x32x64", "1x32x32", "--batch-size", "2", "--validation-dataset-file",
+             tmp_path / "validation.json"])
+    with BuiltClasses() as built:
+        train(FAMILY, i2v_model, shards, tmp_path / "out", *RUN, "--train-steps", "1",
+              "--validation-dataset-file", tmp_path / "validation.json")
+    assert not {"SiglipVisionModel", "Qwen2_5_VLTextModel", "T5EncoderModel"} & set(built)
+    (video,) = (tmp_path / "out" / "validation" / "step-000001").glob("*.mp4")
+    from ft.precompute.media import open_media
+
+    media = open_media(video)
+    assert (media.num_frames, media.height, media.width) == (9, 32, 32)
