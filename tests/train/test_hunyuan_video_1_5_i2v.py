@@ -73,7 +73,8 @@ def test_a_lora_run_lowers_the_fixed_noise_loss_and_changes_the_i2v_pipelines_vi
     from PIL import Image
 
     out, summary = lora_run
-    assert summary["eval_loss_after"] < 0.97 * summary["eval_loss_before"], summary
+    # measured: 5.828 -> 4.815 (0.826 of it) after 30 steps; the margin leaves room for another CPU's kernels
+    assert summary["eval_loss_after"] < 0.9 * summary["eval_loss_before"], summary
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     before, after = pipeline_video(i2v_model, None, image), pipeline_video(i2v_model, out, image)
     assert before.shape == (9, 32, 32, 3)
