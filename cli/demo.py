@@ -54,12 +54,12 @@ def run_demo(workdir: str | Path = "demo-run", steps: int = 60, model: str = "co
     if not (data / "videos.txt").is_file():
         log.info(f"writing 12 clips and 2 stills of moving shapes to {data}")
         make_shapes_dataset(data, num_clips=12, frames=17, sizes=((32, 32), (32, 64)), num_images=2, seed=0)
-    from ft.common.model_args import ModelArgs
+    from ft.common.model_args import ModelArgs, is_processor
 
     spec = spec.for_checkpoint(ModelArgs(model=spec.name, pretrained=str(model_dir)))  # HunyuanVideo-I2V's own
     base = ["--model", spec.name, "--pretrained", str(model_dir)]
     fp32 = [a for c in (*spec.component_classes, *spec.image_component_classes)
-            if not c.startswith("tokenizer") and not c.endswith("processor")
+            if not is_processor(c)
             for a in (f"--{c.replace('_', '-')}-dtype", "fp32")]
     index = json.loads((model_dir / "model_index.json").read_text())
     experts = bool(index.get("boundary_ratio"))  # Wan 2.2 A14B: each expert its own run

@@ -27,8 +27,8 @@ MODES = ("auto", "t2v", "i2v")
 
 
 def is_processor(component: str) -> bool:
-    """Tokenizers and image processors: files read, no weights, no dtype."""
-    return component.startswith("tokenizer") or component.endswith("processor")
+    """Tokenizers and image processors (a pipeline's `feature_extractor`): files read, no weights, no dtype."""
+    return component.startswith("tokenizer") or component.endswith(("processor", "feature_extractor"))
 
 
 @dataclass(kw_only=True)

@@ -671,6 +671,12 @@ class ModelSpec(ABC):
         cls = conditioning.pipeline_class if conditioning else self.pipeline_class
         return import_class(*cls)(transformer=transformer, vae=vae, scheduler=scheduler, **parts)
 
+    def image_generation_size(self, image_size: tuple[int, int], transformer_config: dict, vae_config: dict
+                              ) -> tuple[int, int] | None:
+        """(height, width) of the video an image-to-video pipeline that sizes it from its image makes of an image of
+        `image_size` (width, height), or None: the pipeline takes --height/--width (all but HunyuanVideo 1.5's)."""
+        return None
+
     def image_pipeline_arguments(self, pipe: Any, stored: dict[str, torch.Tensor], conditioning: ImageConditioning
                                  ) -> dict[str, Any]:
         """An image-to-video pipeline's image arguments for a validation row stored in stage 1 (its `pixels`

@@ -27,6 +27,20 @@ What is fed (stage 2), as `HunyuanVideo15Pipeline.__call__`'s denoising loop fee
 Generation samples through the pipeline with stored embeddings; its classifier-free guidance lives in the `guider`
 component (ClassifierFreeGuidance, 6.0 in the published checkpoints), whose scale `--guidance-scale` replaces.
 
+Image-to-video (HunyuanVideo15ImageToVideoPipeline: the `_i2v` checkpoints, transformer `task_type` "i2v", and
+SigLIP as `image_encoder` with its `feature_extractor`), `ImageConditioning("channel-concat", image_encoder=True)`:
+- stored (stage 1), as the pipeline computes them from its image (the clip's first frame at the bucket's size):
+  `image_latents`, the first frame ALONE through the VAE (`_get_image_latents`: the posterior's mode, the mean),
+  one clip at a time as `encode_video`; `image_embeds`, SigLIP's last hidden state of the frame as a uint8 image
+  through the feature extractor (`_get_image_embeds`);
+- fed (stage 2), as its denoising loop feeds the transformer: the condition channels are the image latents times
+  the VAE's scaling_factor on the first latent frame and zeros after it, then a mask of ones on the first latent
+  frame (`prepare_cond_latents_and_mask`); `image_embeds` SigLIP's tokens in place of the zeros; `timestep_r` None
+  (a `use_meanflow` transformer, the step-distilled checkpoints, is refused: ft trains no mean flow);
+- generation: the pipeline sizes its video from the image (`calculate_default_height_width` of its aspect at the
+  transformer's `target_size`) and takes no height or width (`image_generation_size`); validation hands it the
+  stored SigLIP embeddings in place of an image encoder (`image_pipeline_arguments`).
+
 diffusers 0.42.1 has no LoRA loader for HunyuanVideo15Pipeline (no `load_lora_weights`): the LoRA ft writes loads
 through the transformer's own `load_lora_adapter(folder, prefix="transformer")` (diffusers' PeftAdapterMixin), which
 `ft generate --lora` uses for a pipeline without a loader.
@@ -39,7 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import CondTensor, ModelSpec, StepInputs, import_class, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, import_class, sample_posterior
+from .image import ImageConditioning
 from .lora_keys import Fused, OriginalLayout, Rename
 from .real_configs import Checkpoint
 
@@ -47,10 +62,10 @@ if TYPE_CHECKING:
     import torch
 
     from ft.common.model_args import ModelArgs
-
-    from .image import ImageConditioning
+    from ft.common.shards import Manifest
 
 PIPELINE = ("diffusers", "HunyuanVideo15Pipeline")
+I2V_PIPELINE = ("diffusers", "HunyuanVideo15ImageToVideoPipeline")
 VISION_TOKENS = 729  # HunyuanVideo15Pipeline.vision_num_semantic_tokens: the zero image tokens of text-to-video
 GLYPH_TOKENS = 256  # HunyuanVideo15Pipeline.tokenizer_2_max_length: byT5's text length
 DEFAULT_GUIDANCE_SCALE = 6.0  # the published (non-distilled) checkpoints' guider/config.json
@@ -64,13 +79,18 @@ BYT5_SMALL = {"vocab_size": 384, "d_model": 1472, "d_kv": 64, "d_ff": 3584, "num
               "feed_forward_proj": "gated-gelu"}
 # diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py: TRANSFORMER_CONFIGS are the class defaults but for
 # task_type ("t2v") and target_size (640 at 480p, 960 at 720p); the VAE is AutoencoderKLHunyuanVideo15()'s defaults
+# the image-to-video checkpoints' image encoder: google/siglip-so400m-patch14-384's vision tower (729 tokens of 1152,
+# the transformer's image_embed_dim), as the pipeline's SiglipVisionModel
+SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                 "image_size": 384, "patch_size": 14}
 CHECKPOINTS = tuple(
-    Checkpoint(f"HunyuanVideo-1.5 {res} T2V", (f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{res}_t2v",
-                                               f"hunyuanvideo-community/HunyuanVideo-1.5-{res}_t2v",
-                                               f"HunyuanVideo-1.5-{res}_t2v"),
-               {"transformer": {"task_type": "t2v", "target_size": size}, "vae": {}, "text_encoder": QWEN25_VL_7B_TEXT,
-                "text_encoder_2": BYT5_SMALL})
-    for res, size in (("480p", 640), ("720p", 960)))
+    Checkpoint(f"HunyuanVideo-1.5 {res} {task.upper()}",
+               (f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{res}_{task}",
+                f"hunyuanvideo-community/HunyuanVideo-1.5-{res}_{task}", f"HunyuanVideo-1.5-{res}_{task}"),
+               {"transformer": {"task_type": task, "target_size": size}, "vae": {}, "text_encoder": QWEN25_VL_7B_TEXT,
+                "text_encoder_2": BYT5_SMALL, **({"image_encoder": SIGLIP_SO400M} if task == "i2v" else {})},
+               image_to_video=task == "i2v")
+    for task in ("t2v", "i2v") for res, size in (("480p", 640), ("720p", 960)))
 
 # tencent's module names (diffusers' convert_hyvideo15_transformer_to_diffusers, read backwards): the double-stream
 # blocks keep q, k and v apart; the token refiner's q, k and v are one fused projection there
@@ -141,6 +161,9 @@ class HunyuanVideo15Spec(ModelSpec):
         "transformer": ("diffusers", "HunyuanVideo15Transformer3DModel"),
     }
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    # image-to-video: SigLIP's vision tower and its processor, under the pipeline's component names
+    image_component_classes = {"image_encoder": ("transformers", "SiglipVisionModel"),
+                               "feature_extractor": ("transformers", "SiglipImageProcessor")}
     scheduler_class = ("diffusers", "FlowMatchEulerDiscreteScheduler")
     # the attention projections of the double-stream blocks, image and text streams; not the token refiner's (its
     # blocks have to_q/to_k/to_v/to_out.0 too)
@@ -208,23 +231,77 @@ class HunyuanVideo15Spec(ModelSpec):
         parts = [super(HunyuanVideo15Spec, self).encode_video(vae, clip) for clip in frames.split(1)]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
+    def image_conditioning(self, transformer_config: dict, model_index: dict) -> ImageConditioning | None:
+        """The `_i2v` checkpoints: model_index.json names HunyuanVideo15ImageToVideoPipeline, or (a folder without
+        one) the transformer's `task_type` is "i2v". They take the image's VAE latents and mask on the channels and
+        SigLIP's embeddings; they do not sample without an image."""
+        pipeline = model_index.get("_class_name")
+        if pipeline in (PIPELINE[1], I2V_PIPELINE[1]):
+            image_to_video = pipeline == I2V_PIPELINE[1]
+        else:
+            image_to_video = transformer_config.get("task_type") == "i2v"
+        return ImageConditioning("channel-concat", I2V_PIPELINE, image_encoder=True) if image_to_video else None
+
+    def encode_image(self, models: dict[str, Any], frames: torch.Tensor, num_frames: int,
+                     conditioning: ImageConditioning, captions: list[str] | None = None,
+                     max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """`HunyuanVideo15ImageToVideoPipeline._get_image_latents` and `_get_image_embeds` on the first frame: its VAE
+        posterior's mode (the mean, before the pipeline's scaling; one clip at a time, as `encode_video`) and SigLIP's
+        last hidden state of it as a uint8 image, as the pipeline's PIL image reaches its feature extractor."""
+        import torch
+        from PIL import Image
+
+        vae, encoder = models["vae"], models["image_encoder"]
+        first = frames[:, :, :1]
+        means = [vae.encode(clip.to(vae.device, vae.dtype)).latent_dist.mode() for clip in first.split(1)]
+        pixels = ((first[:, :, 0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [B, C, H, W]
+        images = [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+        inputs = models["feature_extractor"].preprocess(images=images, do_resize=True, return_tensors="pt",
+                                                        do_convert_rgb=True)
+        inputs = inputs.to(device=encoder.device, dtype=next(encoder.parameters()).dtype)
+        return {"image_latents": torch.cat(means), "image_embeds": encoder(**inputs).last_hidden_state}
+
     # ------------------------------------------------------------------------------------------------ stage 2
+
+    def prepare_image(self, image: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
+                      generators: list[torch.Generator], conditioning: ImageConditioning,
+                      options: TrainOptions | None = None) -> dict[str, torch.Tensor]:
+        """The image latents times the VAE's scaling_factor, as `_get_image_latents` scales them (in the stored
+        dtype, the VAE's); SigLIP's embeddings as stored. `condition_channels` puts the latents on the first latent
+        frame."""
+        return {"image_latents": image["image_latents"] * vae_config.get("scaling_factor", 1.03682),
+                "image_embeds": image["image_embeds"]}
+
+    def check_shard_extras(self, manifest: Manifest, transformer_config: dict) -> None:
+        if manifest.encoding.get("image") and transformer_config.get("use_meanflow"):
+            raise UserError("this transformer has use_meanflow (a step-distilled HunyuanVideo 1.5 checkpoint, fed the "
+                            "next step's timestep as timestep_r): ft trains flow matching, not mean flow; pass the "
+                            "non-distilled _i2v checkpoint as --pretrained.")
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,
                         generators: list[torch.Generator]) -> torch.Tensor:
         return sample_posterior(latents, generators) * vae_config.get("scaling_factor", 1.03682)
 
     def condition_channels(self, step: StepInputs, dtype: torch.dtype) -> torch.Tensor:
-        """What the pipeline concatenates after the latents: text-to-video's zero condition latents and mask."""
+        """What the pipeline concatenates after the latents (`prepare_cond_latents_and_mask`): the condition latents
+        and the mask, zeros for text-to-video; from an image, its scaled latents on the first latent frame (zeros
+        after it) and a mask of ones there."""
         import torch
 
         batch, channels, frames, height, width = step.noisy.shape
-        return torch.zeros(batch, channels + 1, frames, height, width, dtype=dtype, device=step.noisy.device)
+        out = torch.zeros(batch, channels + 1, frames, height, width, dtype=dtype, device=step.noisy.device)
+        if step.image_conditioning is not None:
+            out[:, :channels, :1] = step.image["image_latents"].to(out.device, dtype)
+            out[:, channels, 0] = 1.0
+        return out
 
     def image_embeds(self, step: StepInputs, transformer_config: dict, dtype: torch.dtype) -> torch.Tensor:
-        """The image encoder's tokens the transformer takes: zeros for text-to-video (the pipeline's)."""
+        """The image encoder's tokens the transformer takes: SigLIP's from an image, zeros for text-to-video (the
+        pipeline's)."""
         import torch
 
+        if step.image_conditioning is not None:
+            return step.image["image_embeds"].to(step.noisy.device, dtype)
         return torch.zeros(step.noisy.shape[0], VISION_TOKENS, int(transformer_config["image_embed_dim"]),
                            dtype=dtype, device=step.noisy.device)
 
@@ -234,7 +311,9 @@ class HunyuanVideo15Spec(ModelSpec):
 
         hidden = torch.cat([step.noisy.to(dtype), self.condition_channels(step, dtype)], dim=1)
         cond = step.cond
-        output = transformer(
+        # the image-to-video pipeline passes timestep_r (None but for a mean-flow transformer, which training refuses)
+        extra = {} if step.image_conditioning is None else {"timestep_r": None}
+        output = transformer(**extra,
             hidden_states=hidden, image_embeds=self.image_embeds(step, dict(transformer.config), dtype),
             timestep=step.timesteps.to(hidden.device, dtype), attention_kwargs=None, return_dict=False,
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
@@ -256,6 +335,29 @@ class HunyuanVideo15Spec(ModelSpec):
         height, width = processor.calculate_default_height_width(9, 16, transformer_config.get("target_size", 640))
         return {"num_frames": 121, "height": int(height), "width": int(width)}
 
+    def image_generation_size(self, image_size: tuple[int, int], transformer_config: dict, vae_config: dict
+                              ) -> tuple[int, int] | None:
+        """HunyuanVideo15ImageToVideoPipeline takes no height or width: it crops the image to the size of its
+        aspect at the transformer's target_size (`calculate_default_height_width`), and that is the video's."""
+        from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+        processor = HunyuanVideo15ImageProcessor(vae_scale_factor=self.compression(vae_config)[1])
+        width, height = image_size
+        height, width = processor.calculate_default_height_width(height, width,
+                                                                 transformer_config.get("target_size", 640))
+        return int(height), int(width)
+
+    def image_pipeline_arguments(self, pipe: Any, stored: dict[str, torch.Tensor], conditioning: ImageConditioning
+                                 ) -> dict[str, Any]:
+        """As the base (the row's image); the stored SigLIP embeddings stand in for the pipeline's `encode_image`
+        (the validation pipeline has no image encoder), repeated to its batch and cast as it casts them."""
+        out = super().image_pipeline_arguments(pipe, stored, conditioning)
+        if getattr(pipe, "image_encoder", None) is None:
+            embeds = stored["image_embeds"]
+            pipe.encode_image = lambda image, batch_size, device, dtype: embeds[None].repeat(batch_size, 1, 1).to(
+                device=device, dtype=dtype)
+        return out
+
     def guider(self) -> Any:
         return load_guider(*getattr(self, "_pretrained", (None,)))
 
@@ -263,20 +365,29 @@ class HunyuanVideo15Spec(ModelSpec):
                       conditioning: ImageConditioning | None = None) -> Any:
         """As the base, with the checkpoint's guider (a pipeline component that is not a model)."""
         parts = {name: self.load_component(name, args, device) for name in self.component_classes}
+        parts |= self.load_image_encoders(args, device, conditioning)
         parts["scheduler"] = self.pipeline_scheduler(args)
         parts["guider"] = load_guider(args.pretrained, args.revision, args.cache_dir)
         return import_class(*(conditioning.pipeline_class if conditioning else self.pipeline_class))(**parts)
 
     def build_pipeline(self, transformer: Any, vae: Any, scheduler: Any,
                        conditioning: ImageConditioning | None = None) -> Any:
+        """As the base, with the guider; image-to-video with no image encoder (`image_pipeline_arguments`)."""
         parts = dict.fromkeys(self.text_components)
         cls = conditioning.pipeline_class if conditioning else self.pipeline_class
         if conditioning is not None:
-            raise UserError("HunyuanVideo 1.5 image-to-video is not trained by ft yet; use --mode t2v.")
+            parts |= dict.fromkeys(self.image_component_classes)
         return import_class(*cls)(transformer=transformer, vae=vae, scheduler=scheduler, guider=self.guider(),
                                   **parts)
 
     # ------------------------------------------------------------------------------------------------ tests
+
+    tiny_variants = {"i2v": "HunyuanVideo 1.5 I2V (SigLIP image embeddings, the image's latents on the channels)"}
+
+    def tiny_variant(self, variant: str, seed: int = 0) -> tuple[tuple[str, str], dict[str, Any]]:
+        if variant == "i2v":
+            return I2V_PIPELINE, tiny_i2v_components(seed)
+        return super().tiny_variant(variant, seed)
 
     def tiny_components(self, seed: int = 0) -> dict[str, Any]:
         import torch
@@ -314,3 +425,23 @@ class HunyuanVideo15Spec(ModelSpec):
         return {"tokenizer": tokenizer, "text_encoder": text_encoder, "tokenizer_2": tokenizer_2,
                 "text_encoder_2": text_encoder_2, "vae": vae, "transformer": transformer, "scheduler": scheduler,
                 "guider": guider}
+
+
+def tiny_i2v_components(seed: int = 0) -> dict[str, Any]:
+    """HunyuanVideo 1.5 I2V at toy size: `tiny_components` with the transformer's task_type "i2v" and a tiny SigLIP
+    vision tower (its width the transformer's image_embed_dim) with its processor; HunyuanVideo15ImageToVideoPipeline
+    builds it."""
+    import torch
+    from diffusers import HunyuanVideo15Transformer3DModel
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    parts = HunyuanVideo15Spec().tiny_components(seed)
+    torch.manual_seed(seed + 1)
+    config = {**parts["transformer"].config}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    parts["transformer"] = HunyuanVideo15Transformer3DModel(**{**config, "task_type": "i2v"})
+    parts["image_encoder"] = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=config["image_embed_dim"], intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8))
+    parts["feature_extractor"] = SiglipImageProcessor(size={"height": 32, "width": 32})
+    return parts

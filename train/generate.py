@@ -205,9 +205,10 @@ def sample_frames(spec: ModelSpec, pipe: Any, cond: dict[str, torch.Tensor],
 
         extra["callback_on_step_end"] = on_step_end
     generator = torch.Generator("cpu").manual_seed(settings.seed)
-    result = pipe(generator=generator, output_type="np", num_frames=settings.num_frames, height=settings.height,
-                  width=settings.width, **values, **embeds, **spec.pipeline_call_kwargs(dict(pipe.transformer.config)),
-                  **extra, **(images or {}))
+    # a pipeline that sizes its video from its image takes no height or width (`ModelSpec.image_generation_size`)
+    size = {"height": settings.height, "width": settings.width} if "height" in pipeline_defaults(pipe) else {}
+    result = pipe(generator=generator, output_type="np", num_frames=settings.num_frames, **size, **values, **embeds,
+                  **spec.pipeline_call_kwargs(dict(pipe.transformer.config)), **extra, **(images or {}))
     frames = np.asarray(result.frames[0])
     return (frames.clip(0, 1) * 255).round().astype(np.uint8)
 
@@ -543,6 +544,21 @@ def save_video(out: Path, frames: Any, fps: float) -> Path:
                         f"instead ({fix(fault)}, then move it).") from e
 
 
+def image_sized(spec: ModelSpec, cfg: GenerateConfig) -> dict[str, int]:
+    """The height and width of a pipeline that sizes its video from --image (`ModelSpec.image_generation_size`:
+    HunyuanVideo 1.5 I2V), or {} for one that takes --height/--width; --height/--width of another size refused."""
+    found = spec.image_generation_size(read_image(str(cfg.image), "--image").size, spec.load_config("transformer", cfg),
+                                       spec.load_config("vae", cfg))
+    if found is None:
+        return {}
+    height, width = found
+    if (cfg.height and cfg.height != height) or (cfg.width and cfg.width != width):
+        raise UserError(f"--height {cfg.height} --width {cfg.width}: this image-to-video pipeline makes the video at "
+                        f"the size it picks for --image {cfg.image}'s aspect, {width}x{height}; drop --height/--width "
+                        "(or pass those), or crop the image to another aspect.")
+    return {"height": height, "width": width}
+
+
 def run_generate(cfg: GenerateConfig) -> Path:
     spec = spec_for(cfg)
     size = resolve_size(spec, cfg)
@@ -550,8 +566,10 @@ def run_generate(cfg: GenerateConfig) -> Path:
     from ft.pipelines.base import import_class
 
     conditioning = generation_conditioning(spec, cfg)
+    sized = image_sized(spec, cfg) if conditioning is not None else {}
+    size |= sized
     for flag, path in (("--image", cfg.image), ("--last-image", cfg.last_image)):
-        if conditioning is not None and path:
+        if conditioning is not None and path and not sized:
             width, height = read_image(path, flag).size
             if abs((width / height) / (size["width"] / size["height"]) - 1) > 0.02:
                 log.warning(f"{flag} {path} is {width}x{height}: the pipeline stretches it to {size['width']}x"

@@ -12,7 +12,8 @@ import pytest
                                             ("cogvideox:i2v", "CogVideoXImageToVideoPipeline"),
                                             ("wan:i2v", "WanImageToVideoPipeline"),
                                             ("hunyuan_video:i2v", "HunyuanVideoImageToVideoPipeline"),
-                                            ("hv15", "HunyuanVideo15Pipeline")])
+                                            ("hv15", "HunyuanVideo15Pipeline"),
+                                            ("hunyuan_video_1_5:i2v", "HunyuanVideo15ImageToVideoPipeline")])
 def test_demo_runs_on_the_familys_tiny_model(model, pipeline, tmp_path):
     from ft.cli.demo import run_demo
 
