@@ -174,6 +174,8 @@ def _condition_file(value: Any, column: str, path: Path, where: str) -> str:
     for candidate in (path.parent / value, Path(value)):
         if candidate.is_file():
             return str(candidate.resolve())
+        if candidate.is_dir():
+            raise UserError(f"{where}: {column} {value!r} is a folder ({candidate}); give the file itself.")
     raise UserError(f"{where}: {column} {value!r}: no such file (looked beside {path} and in the current folder); "
                     "fix the path or leave the cell empty.")
 

@@ -152,3 +152,7 @@ def test_condition_columns_are_found_beside_the_file_and_checked_against_the_run
     with pytest.raises(UserError, match="row 1: a first-last-frame model also needs the last frame"):
         check_condition_rows([prompt], path, flf2v)
     assert prompt.frame_sources(("first",)) == [(prompt.image_path, "first")]
+    (tmp_path / "stills").mkdir()
+    path = write(tmp_path / "validation.json", [{"caption": "x", "image_path": "stills"}])
+    with pytest.raises(UserError, match="row 1: image_path 'stills' is a folder .*give the file itself"):
+        read_validation_file(path)
