@@ -381,6 +381,8 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     spec = get_spec(cfg.model)
     if Path(cfg.pretrained).is_dir():  # a local folder: the checkpoint's own spec (HunyuanVideo-I2V's)
         spec = spec.for_checkpoint(ModelArgs(model=cfg.model, pretrained=cfg.pretrained))
+    else:
+        spec = spec.for_checkpoint_name(cfg.pretrained)
     source, configs = _configs(spec, cfg.pretrained)
     modules = {name: _build(*cls, configs[name]) for name, cls in model_components(spec, configs).items()}
     components = [Component(name, type(m).__name__, sum(p.numel() for p in m.parameters()))

@@ -319,6 +319,11 @@ class ModelSpec(ABC):
         if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
             self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 
+    def for_checkpoint_name(self, pretrained: str) -> ModelSpec:
+        """The spec of this family whose built-in checkpoints (`checkpoints`) include `pretrained`, for `ft
+        estimate` offline: itself by default (HunyuanVideo's: HunyuanVideo-I2V's spec for its checkpoints)."""
+        return self
+
     def for_checkpoint(self, args: ModelArgs) -> ModelSpec:
         """The spec of this family that fits `--pretrained` (after `check_args`): itself, or the spec of a checkpoint
         whose components are other classes (HunyuanVideo-I2V's Llava text encoder)."""

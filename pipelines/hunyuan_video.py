@@ -168,6 +168,11 @@ class HunyuanVideoSpec(ModelSpec):
             return None
         return ImageConditioning(IMAGE_CONDITION_KINDS[kind], I2V_PIPELINE, image_encoder=True, caption=True)
 
+    def for_checkpoint_name(self, pretrained: str) -> ModelSpec:
+        from .hunyuan_video_i2v import HunyuanVideoI2VSpec
+
+        return HunyuanVideoI2VSpec() if HunyuanVideoI2VSpec.find_checkpoint(pretrained) is not None else self
+
     def for_checkpoint(self, args: ModelArgs) -> ModelSpec:
         """HunyuanVideoI2VSpec (pipelines/hunyuan_video_i2v.py) for an image-to-video checkpoint: its text encoder
         is a Llava, its transformer takes the image."""

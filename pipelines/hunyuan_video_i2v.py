@@ -35,15 +35,34 @@ from ft.common.errors import UserError
 
 from .base import CondTensor, ModelSpec, StepInputs
 from .hunyuan_video import (
+    CLIP_L_TEXT,
     CLIP_MAX_LENGTH,
     HIDDEN_STATES_INDEX,
     I2V_PIPELINE,
     IMAGE_CONDITION_KINDS,
+    LLAVA_LLAMA3_8B_TEXT,
     HunyuanVideoSpec,
     call_transformer,
     clip_pooled_embeds,
 )
 from .image import ImageConditioning
+from .real_configs import Checkpoint
+
+# llava-llama-3-8b (xtuner's, the published HunyuanVideo-I2V text encoder): the Llama-3 8B text model and CLIP
+# ViT-L/14-336's vision tower with its projector, as transformers' LlavaConfig takes them
+LLAVA_LLAMA3_8B = {"text_config": {"model_type": "llama", **LLAVA_LLAMA3_8B_TEXT},
+                   "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                                     "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+                                     "patch_size": 14, "projection_dim": 768},
+                   "projector_hidden_act": "gelu", "vision_feature_layer": -2}
+# the published transformers (hunyuanvideo-community/HunyuanVideo-I2V and -33ch): HunyuanVideo's, with the image
+# condition type (and the 33-channel input of latent_concat: latents, image latents, mask)
+CHECKPOINTS = tuple(
+    Checkpoint(name, (f"hunyuanvideo-community/{name}", name.lower()),
+               {"transformer": {"image_condition_type": kind, **extra}, "vae": {}, "text_encoder": LLAVA_LLAMA3_8B,
+                "text_encoder_2": CLIP_L_TEXT}, image_to_video=True)
+    for name, kind, extra in (("HunyuanVideo-I2V", "token_replace", {}),
+                              ("HunyuanVideo-I2V-33ch", "latent_concat", {"in_channels": 33})))
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +132,7 @@ def frames_as_images(frames: torch.Tensor) -> list[Any]:
 class HunyuanVideoI2VSpec(HunyuanVideoSpec):
     display_name = "HunyuanVideo-I2V"
     pipeline_class = I2V_PIPELINE
+    checkpoints = CHECKPOINTS
     component_classes = {**HunyuanVideoSpec.component_classes,
                          "text_encoder": ("transformers", "LlavaForConditionalGeneration")}
     # the Llava's image processor (its vision tower is inside the text encoder)

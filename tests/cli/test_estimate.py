@@ -223,3 +223,15 @@ def test_an_i2v_checkpoint_counts_its_image_encoder_in_precompute():
     assert i2v.precompute_bytes - t2v.precompute_bytes == i2v.component("image_encoder").params * 2
     assert i2v.component("transformer").params > t2v.component("transformer").params
     assert "text encoders + VAE + image encoder" in i2v.report()
+
+
+def test_hunyuan_video_i2v_checkpoints_estimate_offline_with_the_llava():
+    """HunyuanVideo-I2V's published checkpoints are known offline: their text encoder is the Llava (the Llama-3 8B
+    text model, CLIP ViT-L/14-336's vision tower and the projector), held by precompute."""
+    for name in ("hunyuanvideo-community/HunyuanVideo-I2V", "HunyuanVideo-I2V-33ch"):
+        i2v = estimate(EstimateConfig(model="hunyuan_video", pretrained=name, buckets=["49x480x768"], rank=64))
+        assert i2v.component("text_encoder").cls == "LlavaForConditionalGeneration"
+    t2v = estimate(EstimateConfig(model="hunyuan_video", pretrained="hunyuanvideo-community/HunyuanVideo",
+                                  buckets=["49x480x768"], rank=64))
+    assert t2v.component("text_encoder").cls == "LlamaModel"
+    assert i2v.precompute_bytes > t2v.precompute_bytes  # the vision tower, projector and LM head
