@@ -41,7 +41,7 @@ from typing import Any
 from ft.common.config import REQUIRED, check_choice, check_positive, opt
 from ft.common.dtypes import DTYPE_NAMES
 from ft.common.errors import UserError
-from ft.common.model_args import ModelArgs
+from ft.common.model_args import ModelArgs, is_processor
 from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
 from ft.pipelines.memory import (
@@ -273,7 +273,7 @@ def _read_config(spec: ModelSpec, folder: Path, component: str) -> dict[str, Any
 def model_components(spec: ModelSpec, configs: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
     """The components that have weights (the transformer, the VAE, the text encoders, and the image encoder of an
     image-to-video checkpoint whose `configs` hold one), by name."""
-    found = {name: cls for name, cls in spec.component_classes.items() if not name.startswith("tokenizer")}
+    found = {name: cls for name, cls in spec.component_classes.items() if not is_processor(name)}
     return found | {name: cls for name, cls in spec.image_component_classes.items()
                     if configs is not None and name in configs}
 
