@@ -102,14 +102,61 @@ def llama_tokenizer(extra_text: list[str] = (), extra_special: tuple[str, ...] =
     return tokenizer
 
 
+def _clip_bpe(lines: list[str], vocab_size: int, specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's kind of BPE (byte-level pieces, word-final ones ending in "</w>") trained on `lines` in plain Python,
+    so that every process builds the same one. The `tokenizers` trainer, given an end-of-word suffix, breaks ties
+    between equally frequent pairs in a hash order that changes from process to process: the vocabulary's ids, its
+    size and so the tiny CLIP's weights (and every weight drawn after them) changed from run to run. Here the alphabet
+    is sorted and a tie goes to the smallest pair."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in lines:
+        for piece, _ in split.pre_tokenize_str(line.lower()):
+            piece = piece.lstrip("\u0120")  # the byte-level space: CLIP splits on spaces and keeps none
+            if piece:
+                words[(*piece[:-1], piece[-1] + "</w>")] += 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*specials, *alphabet, *(c + "</w>" for c in alphabet)])}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab[best[0] + best[1]] = len(vocab)
+        words = Counter({_merged(word, best): count for word, count in words.items()})
+    return vocab, merges
+
+
+def _merged(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """`word`'s pieces with each adjacent occurrence of `pair` joined into one."""
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 def clip_tokenizer() -> Any:
-    """A CLIPTokenizer from a byte-level BPE whose word-final pieces end in "</w>", as CLIP's do.
-    <|startoftext|>=0, <|endoftext|>=1 (also the padding, as in CLIP)."""
+    """A CLIPTokenizer from a byte-level BPE whose word-final pieces end in "</w>", as CLIP's do, the same in every
+    process. <|startoftext|>=0, <|endoftext|>=1 (also the padding, as in CLIP)."""
     from transformers import CLIPTokenizer
 
     lines = corpus() + ["a, b. c! d? (e) 'f' \"g\" 0 1 2 3 4 5 6 7 8 9 - : ;"]
-    vocab, merges = _trained_bpe(lines, 600, ["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
-                                 byte_level=True)
+    vocab, merges = _clip_bpe(lines, 800, ["<|startoftext|>", "<|endoftext|>"])
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
