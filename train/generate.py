@@ -374,7 +374,11 @@ def check_lora_expert(lora: Path, flag: str, expected: str | None) -> None:
         trained = json.loads(path.read_text()).get("expert") if path is not None else None
     except (OSError, ValueError, AttributeError):
         return
-    if trained == expected or (trained is None and expected == "high"):
+    if trained == expected:
+        return
+    if trained is None and expected == "high":  # a Wan 2.1 or Wan 2.2 one-transformer LoRA: it fits the high expert
+        log.warning(f"{flag} {lora}: trained on a one-transformer model ({path}), not as a Wan 2.2 expert; it loads "
+                    "into the high-noise expert alone (the low-noise one takes --lora-2).")
         return
     if trained is None:
         raise UserError(f"{flag} {lora}: trained on a one-transformer model ({path}), not as a Wan 2.2 expert; pass "
@@ -425,6 +429,10 @@ def load_pipeline_with_lora(spec: ModelSpec, cfg: GenerateConfig, device: str,
                         "A14B); pass its LoRA as --lora.")
     high = read_lora_file(spec, cfg, cfg.lora, "--lora", "high" if two_experts else None) if cfg.lora else None
     low = read_lora_file(spec, cfg, cfg.lora_2, "--lora-2", "low") if cfg.lora_2 else None
+    if two_experts and (high is None) != (low is None):
+        missing = "high-noise expert (--lora)" if high is None else "low-noise expert (--lora-2)"
+        log.warning(f"--pretrained {cfg.pretrained} has two experts and one LoRA was given: the {missing} samples "
+                    "without a LoRA.")
     pipe = spec.load_pipeline(cfg, device, conditioning)
     loaded = []
     if high is not None:

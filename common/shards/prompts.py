@@ -133,6 +133,9 @@ def _number(value: Any, column: str, where: str, whole: bool) -> int | float:
 def read_validation_file(path: str | Path) -> list[ValidationPrompt]:
     """Every row of the validation file, checked; a UserError names the file, the row and what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{FLAG} {path} is a folder; give the validation file itself (.csv, .json, .jsonl, .parquet "
+                        "or .arrow).")
     if not path.is_file():
         raise UserError(f"{FLAG} {path}: no such file.")
     if path.suffix.lower() not in SUFFIXES:

@@ -93,6 +93,8 @@ def test_unreadable_and_missing_files(tmp_path):
         read_validation_file(tmp_path / "bad.json")
     with pytest.raises(UserError, match="no such file"):
         read_validation_file(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="is a folder; give the validation file itself"):
+        read_validation_file(tmp_path)
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     with pytest.raises(UserError, match="is .csv, .json, .jsonl, .parquet or .arrow"):
         read_validation_file(tmp_path / "prompts.txt")

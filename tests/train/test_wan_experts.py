@@ -162,7 +162,7 @@ def test_each_experts_lora_lowers_its_loss_and_loads_as_diffusers_loads_it(runs,
     assert np.abs(ours.astype(np.float32) / 255 - theirs).max() <= 1 / 255 + 1e-6
 
 
-def test_generate_refuses_an_experts_lora_given_for_the_other(runs, tiny_wan_a14b, tiny_wan, tmp_path):
+def test_generate_refuses_an_experts_lora_given_for_the_other(runs, tiny_wan_a14b, tiny_wan, tmp_path, caplog):
     from ft.common.errors import UserError
 
     common = ["generate", "--model", "wan", *FP32, "--prompt", PROMPT, "--num-frames", "5", "--height", "32",
@@ -174,6 +174,7 @@ def test_generate_refuses_an_experts_lora_given_for_the_other(runs, tiny_wan_a14
     with pytest.raises(UserError, match=r"--lora-2: --pretrained .* has one transformer"):
         run_cli([*common, "--pretrained", tiny_wan, "--lora-2", runs.outs["low"]])
     assert run_cli([*common, "--pretrained", tiny_wan_a14b, "--lora-2", runs.outs["low"]]).is_file()
+    assert "the high-noise expert (--lora) samples without a LoRA" in caplog.text
 
 
 def test_a_resumed_expert_run_ends_bitwise_equal_to_a_straight_one(runs, tiny_wan_a14b, tmp_path):
