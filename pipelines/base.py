@@ -180,6 +180,7 @@ class TrainOptions:
     first_frame_conditioning_p: float | None = None
     guidance_scale: float = 1.0  # --guidance-scale, the embedded guidance trained with (HunyuanVideo)
     image_noise: bool = False  # --image-noise: noise on the conditioning image's latents (`takes_image_noise`)
+    noised_image_dropout: float = 0.0  # --noised-image-dropout: P(image latents zeroed) (`takes_image_noise`)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainOptions:
@@ -277,7 +278,8 @@ class ModelSpec(ABC):
     frame_rate_argument: ClassVar[str | None] = None
     # whether stage 2 can condition on a clean-ish first frame (`--first-frame-conditioning-p`)
     first_frame_conditioning: ClassVar[bool] = False
-    # whether `prepare_image` can noise the conditioning image's latents (`--image-noise`, image-to-video runs)
+    # whether `prepare_image` can noise or drop the conditioning image's latents (`--image-noise`,
+    # `--noised-image-dropout`, image-to-video runs)
     takes_image_noise: ClassVar[bool] = False
     # whether the pipeline casts its latents to the VAE's dtype before decoding (WanPipeline, HunyuanVideoPipeline,
     # LTXPipeline do): the VAE then decodes in its own --vae-dtype; one that does not (CogVideoXPipeline) gets its
@@ -313,9 +315,11 @@ class ModelSpec(ABC):
         if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
             raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
                             "conditioning; leave it at 0.")
-        if getattr(args, "image_noise", False) and not self.takes_image_noise:
-            raise UserError(f"--image-noise: ft's {self.display_name} training has no noised conditioning image; "
-                            "drop --image-noise.")
+        for flag in ("image_noise", "noised_image_dropout"):
+            if getattr(args, flag, False) and not self.takes_image_noise:
+                name = "--" + flag.replace("_", "-")
+                raise UserError(f"{name}: ft's {self.display_name} training has no noised conditioning image; "
+                                f"drop {name}.")
         if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
             self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
 

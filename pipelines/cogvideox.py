@@ -188,7 +188,9 @@ class CogVideoXSpec(ModelSpec):
         VAE's scaling factor (divided by it where the VAE config has `invert_scale_latents`: CogVideoX 1.5, whose
         team trained it so). With `--image-noise`, plus sigma x N(0, 1) with log sigma ~ N(-3, 0.5) per sample (the
         noised image of diffusers' I2V LoRA example, added here to the latents since the image was encoded in stage
-        1), drawn after the posterior's."""
+        1), drawn after the posterior's. With `--noised-image-dropout p`, a coin from the same generator (drawn
+        last) zeroes the sample's image latents with probability p, as finetrainers' legacy I2V scripts do to the
+        padded latents (zeros padded with zeros are the same)."""
         import torch
 
         draw = sample_posterior({"mean": image["image_mean"], "logvar": image["image_logvar"]}, generators)
@@ -200,6 +202,10 @@ class CogVideoXSpec(ModelSpec):
             sigma = (log_sigma * IMAGE_NOISE_LOG_STD + IMAGE_NOISE_LOG_MEAN).exp().to(latents.device)
             latents = latents + sigma.view(-1, 1, 1, 1, 1) * randn_per_sample(tuple(latents.shape[1:]), generators,
                                                                               latents.device)
+        if options is not None and options.noised_image_dropout:
+            keep = torch.tensor([float(torch.rand((), generator=g) >= options.noised_image_dropout)
+                                 for g in generators], dtype=latents.dtype, device=latents.device)
+            latents = latents * keep.view(-1, 1, 1, 1, 1)
         return {"image_latents": latents}
 
     def prepare_latents(self, latents: dict[str, torch.Tensor], vae_config: dict, transformer_config: dict,

@@ -195,6 +195,11 @@ class TrainConfig(ModelArgs):
                                    "VAE latents, not its pixels; drawn from the sample's own generator. Off by "
                                    "default: the transformer is then fed exactly as the pipeline feeds it.",
                             panel=OBJECTIVE)
+    noised_image_dropout: float = opt(0.0, "CogVideoX image-to-video: the probability that a sample's conditioning "
+                                           "image latents are zeroed (finetrainers' legacy I2V scripts' "
+                                           "--noised_image_dropout, 0.05 there), a coin from the sample's own "
+                                           "generator. 0 by default: the transformer is fed as the pipeline feeds "
+                                           "it.", panel=OBJECTIVE)
     dp_degree: int = opt(-1, "Data-parallel replicas (DDP; HSDP with --dp-shards). Replicas x shards = the number "
                              "of processes torchrun or srun started; -1: what the world leaves (every process is a "
                              "replica when neither is given).", panel=PARALLEL)
@@ -252,6 +257,8 @@ class TrainConfig(ModelArgs):
         if self.first_frame_conditioning_p is not None and not 0.0 <= self.first_frame_conditioning_p <= 1.0:
             raise UserError(f"--first-frame-conditioning-p must be between 0 and 1, got "
                             f"{self.first_frame_conditioning_p}.")
+        if not 0.0 <= self.noised_image_dropout <= 1.0:
+            raise UserError(f"--noised-image-dropout must be between 0 and 1, got {self.noised_image_dropout}.")
         if not 0.0 <= self.caption_dropout_p <= 1.0:
             raise UserError(f"--caption-dropout-p must be between 0 and 1, got {self.caption_dropout_p}.")
         knobs = [name for name in ("flow_base_seq_len", "flow_max_seq_len", "flow_base_shift", "flow_max_shift")

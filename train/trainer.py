@@ -78,8 +78,8 @@ EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
 # (the samples per optimizer step are checked apart: another split of them continues the same data)
 RESUME_SENSITIVE = ("model", "pretrained", "expert", "transformer_id", "shards", "seed", "shuffle_buffer",
                     "training_type", "rank", "lora_alpha", "target_modules", "caption_dropout_p",
-                    "first_frame_conditioning_p", "image_noise", "optimizer", "lr", "lr_scheduler", "lr_warmup_steps",
-                    "guidance_scale")
+                    "first_frame_conditioning_p", "image_noise", "noised_image_dropout", "optimizer", "lr",
+                    "lr_scheduler", "lr_warmup_steps", "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -217,6 +217,9 @@ class Trainer:
         if cfg.image_noise and self.image_conditioning is None:
             raise UserError("--image-noise noises the conditioning image of an image-to-video run; this run is "
                             "text-to-video: drop --image-noise.")
+        if cfg.noised_image_dropout and self.image_conditioning is None:
+            raise UserError("--noised-image-dropout drops the conditioning image of an image-to-video run; this run "
+                            "is text-to-video: drop --noised-image-dropout.")
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})

@@ -141,3 +141,27 @@ def test_image_noise_is_a_log_normal_sigma_drawn_after_the_posterior(i2v_models)
         expected = plain[i] + sigma * torch.randn((1, 4, 4, 4), generator=g)
         torch.testing.assert_close(noised[i], expected, rtol=0, atol=1e-6)
         assert 0.001 < float(sigma) < 1.0
+
+
+def test_noised_image_dropout_zeroes_a_samples_image_latents_on_its_own_coin(i2v_models):
+    """--noised-image-dropout p: a coin from the sample's generator, drawn after its posterior (and noise) draws,
+    zeroes that sample's image latents when it falls under p; the other samples keep the pipeline's latents."""
+    spec = get_spec("cogvideox")
+    args = fp32_args(i2v_models["i2v-1.5"])
+    vae, transformer = spec.load_config("vae", args), spec.load_config("transformer", args)
+    conditioning = spec.image_conditioning(transformer, {})
+    stored = {"image_mean": torch.randn(6, 4, 1, 4, 4), "image_logvar": torch.randn(6, 4, 1, 4, 4)}
+    seeds = range(6)
+
+    def prepare(p: float):
+        return spec.prepare_image(stored, vae, transformer, [torch.Generator().manual_seed(s) for s in seeds],
+                                  conditioning, TrainOptions(noised_image_dropout=p))["image_latents"]
+
+    plain, dropped = prepare(0.0), prepare(0.5)
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        torch.randn((4, 1, 4, 4), generator=g)  # the posterior's draw
+        zeroed = float(torch.rand((), generator=g)) < 0.5
+        assert torch.equal(dropped[i], torch.zeros_like(plain[i]) if zeroed else plain[i])
+    assert 0 < sum(bool((dropped[i] == 0).all()) for i in range(6)) < 6  # seeds 0-5 give both outcomes
+    assert torch.count_nonzero(prepare(1.0)) == 0

@@ -87,8 +87,9 @@ def test_generate_starts_from_an_image(i2v_lora, i2v_model, shapes_data, tmp_pat
 
 
 def test_a_resumed_run_with_image_noise_ends_bitwise_equal_to_a_straight_run(i2v_model, i2v_shards, tmp_path):
-    steps = ["--train-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--rank", "4", "--lora-alpha", "8",
-             "--seed", "9", "--checkpointing-steps", "2", "--report-to", "none", "--image-noise"]
+    base = ["--train-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--rank", "4", "--lora-alpha", "8",
+            "--seed", "9", "--checkpointing-steps", "2", "--report-to", "none"]
+    steps = [*base, "--image-noise", "--noised-image-dropout", "0.5"]
     straight = tmp_path / "straight"
     train("cogvideox", i2v_model, i2v_shards, straight, *steps)
     log = train_log(straight)
@@ -101,9 +102,9 @@ def test_a_resumed_run_with_image_noise_ends_bitwise_equal_to_a_straight_run(i2v
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in train_log(resumed)] == [r["loss"] for r in log]
-    # the noise is a draw of its own: the same run without it trains on other conditioning
+    # the noise and the dropout coin are draws of their own: the same run without them trains on other conditioning
     plain = tmp_path / "plain"
-    train("cogvideox", i2v_model, i2v_shards, plain, *[s for s in steps if s != "--image-noise"])
+    train("cogvideox", i2v_model, i2v_shards, plain, *base)
     assert [r["loss"] for r in train_log(plain)] != [r["loss"] for r in log]
 
 
@@ -112,6 +113,14 @@ def test_image_noise_is_refused_where_there_is_no_image(tiny_cog, cog_shards, tm
         train("cogvideox", tiny_cog, cog_shards, tmp_path / "out", "--train-steps", "1", "--image-noise")
     with pytest.raises(UserError, match="--image-noise"):
         train("wan", tiny_cog, cog_shards, tmp_path / "wan", "--train-steps", "1", "--image-noise")
+    with pytest.raises(UserError, match="--noised-image-dropout drops the conditioning image .* text-to-video"):
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "out", "--train-steps", "1", "--noised-image-dropout",
+              "0.1")
+    with pytest.raises(UserError, match="--noised-image-dropout: ft's Wan"):
+        train("wan", tiny_cog, cog_shards, tmp_path / "wan", "--train-steps", "1", "--noised-image-dropout", "0.1")
+    with pytest.raises(UserError, match="between 0 and 1"):
+        train("cogvideox", tiny_cog, cog_shards, tmp_path / "out", "--train-steps", "1", "--noised-image-dropout",
+              "1.5")
 
 
 def test_held_out_i2v_shards_give_an_eval_loss_with_their_images(i2v_model, i2v_shards, tmp_path):
