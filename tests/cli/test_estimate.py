@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from ft.cli.estimate import EstimateConfig, activation_bytes, estimate
+from ft.cli.estimate import EstimateConfig, estimate
 from ft.common.errors import UserError
 from ft.common.shards import iter_shard, load_manifest
+from ft.pipelines.memory import activation_bytes
 from ft.pipelines.registry import SPECS, get_spec
 from helpers import run_cli
 
