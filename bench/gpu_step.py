@@ -10,8 +10,8 @@ Rows (ROWS): LoRA in bf16; LoRA with fp8 storage of the frozen base (--layerwise
 LoRA with fp8 storage and the fewest --offload-blocks that `ft estimate` says fit a 24 GB card; a full finetune
 (bf16 weights, gradients and AdamW moments); LoRA in bf16 with --activation-offload (the checkpointed blocks'
 inputs in pinned CPU memory: the long-sequence row, against lora-bf16 at the same bucket). A row listed in
---compile-rows is measured again with
---compile-modules transformer (regional): its first step (compile included) and its steady s/step.
+--compile-rows is measured again with --compile-modules transformer (regional): its first step (compile included)
+and its steady s/step.
 
 What runs is `ft train` itself (batch 1, gradient checkpointing), in this process so that the CUDA peak can be
 read after each row. Its inputs are made here, once per model, without a download:
