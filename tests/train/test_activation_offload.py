@@ -114,6 +114,20 @@ def test_a_run_with_activation_offload_trains_exactly_as_without(tiny_cog, cog_s
     assert "--activation-offload:" in caplog.text and "kept in cpu memory" in caplog.text
 
 
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "ltx_video"])
+def test_every_family_trains_exactly_as_without(tiny_model, family_shards, tmp_path, family):
+    """Wan (its rotary tables a tuple, which checkpointing keeps as it is: only tensors are packed), HunyuanVideo
+    (two block lists, dual- and single-stream) and LTX-Video: the same losses with the offload as without."""
+    from helpers import train, train_log
+
+    flags = ["--rank", "4", "--lora-alpha", "4", "--batch-size", "2", "--lr-warmup-steps", "0", "--lr", "3e-3",
+             "--train-steps", "2", "--seed", "0", "--report-to", "none", "--gradient-checkpointing"]
+    model, shards = tiny_model(family), family_shards(family)
+    train(family, model, shards, tmp_path / "plain", *flags)
+    train(family, model, shards, tmp_path / "offload", *flags, "--activation-offload")
+    assert [r["loss"] for r in train_log(tmp_path / "offload")] == [r["loss"] for r in train_log(tmp_path / "plain")]
+
+
 @pytest.mark.parametrize("extra", [
     ["--offload-blocks", "1"],
     ["--transformer-dtype", "bf16", "--layerwise-upcasting-modules", "transformer"],
