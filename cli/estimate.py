@@ -57,11 +57,13 @@ from ft.pipelines.memory import (
     GIB,
     GPU_SIZES_GIB,
     MAX_CP_DEGREE,
+    PINNED_EXACT,
     ActivationModel,
     cp_degrees,
     cp_problem,
     default_cp_mode,
     hidden_and_mlp_ratio,
+    pinned_allocation,
     video_tokens,
 )
 from ft.pipelines.registry import SPECS, get_spec
@@ -264,9 +266,12 @@ class Estimate:
                           "attention's own buffers (counted in the activations); weights and optimizer state are "
                           "whole on each."]
             if cfg.activation_offload:
+                rounded = model.layers * pinned_allocation(b.activations_cpu / model.layers)
                 lines += ["", f"--activation-offload, {b.bucket}: {b.activations_cpu / GB:.2f} GB of the blocks' "
                           "inputs in pinned CPU memory per GPU and micro-batch (besides the process's own); the GPU "
-                          "keeps one block's recompute and its input copied back."]
+                          "keeps one block's recompute and its input copied back. torch's pinned allocator rounds "
+                          f"each block's up to a power of two by default ({rounded / GB:.2f} GB); "
+                          f"{PINNED_EXACT} allocates them exact."]
         rows = [(b, [self.layouts_to_fit(b, gib) for gib in GPU_SIZES_GIB]) for b in self.buckets]
         if any(cell for _, cells in rows for cell in cells):
             lines += ["", "What makes a bucket fit a card (one sample's sequence; one process per GPU):", "",

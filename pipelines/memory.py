@@ -43,6 +43,9 @@ FIT_HEADROOM = 0.1  # of a card's memory, not usable by the tensors counted here
 CFG_BATCH = 2  # classifier-free guidance runs the conditional and unconditional prompt as one batch
 CP_MODES = ("ring", "ulysses")
 MAX_CP_DEGREE = 16  # the largest context-parallel degree `ft estimate` proposes (two nodes of 8 GPUs)
+# torch's CachingHostAllocator (ATen/core/CachingHostAllocator.h) rounds a pinned allocation up to a power of two
+# unless it is above this threshold (default: none is): set, the offloaded block inputs are allocated exact
+PINNED_EXACT = "PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:64"
 
 
 def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
@@ -63,6 +66,11 @@ def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_rati
     if checkpointing:
         return layers * BF16 * tokens * batch * hidden + per_block
     return layers * per_block
+
+
+def pinned_allocation(nbytes: float) -> int:
+    """What torch's pinned host allocator takes for `nbytes` by default: the next power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1.0, nbytes))))
 
 
 def default_cp_mode(heads: int, degree: int) -> str:

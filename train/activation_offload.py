@@ -17,8 +17,11 @@ for it (what `ft estimate --activation-offload` counts).
 On a GPU the copies go to pinned memory without a stream sync (save_on_cpu's non-blocking copy into a pinned
 buffer) and come back non-blocking on the compute stream; there is no prefetch, so each block's backward waits
 for its input's copy: by arithmetic, not measured (no GPU was at hand), 0.77 GB over PCIe at ~25 GB/s is ~30 ms,
-against about a second of recompute and backward for a Wan 14B block at 75k tokens (~5e14 flops). On a CPU there
-is nothing to pin and save_on_cpu keeps the tensor as it is: training is unchanged, bitwise.
+against about a second of recompute and backward for a Wan 14B block at 75k tokens (~5e14 flops). torch's pinned
+allocator rounds each allocation up to a power of two by default (a 0.77 GB input takes 1 GiB): with
+`PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:64` it allocates large ones exact (`ft estimate` gives both
+numbers; not yet tried on a GPU). On a CPU there is nothing to pin and save_on_cpu keeps the tensor as it is:
+training is unchanged, bitwise.
 
 Why refuse it without `--gradient-checkpointing` rather than turn checkpointing on: musubi-tuner takes its flag
 as an argument of `enable_gradient_checkpointing`, which it calls only under `--gradient_checkpointing`, so a
