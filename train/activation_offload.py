@@ -83,6 +83,12 @@ class ActivationOffload:
         self.unpacked += 1
         return self._unpack(packed)
 
+    def summary(self) -> str:
+        """What the last micro-batch packed, for the run's log."""
+        return (f"--activation-offload: {self.packed_bytes / 1e9:.3f} GB of the checkpointed blocks' inputs "
+                f"({self.packed} tensors) kept in {', '.join(sorted(self.devices))} memory per micro-batch, copied "
+                "back for the backward")
+
     def checkpoint(self, module: Any, *args: Any) -> Any:
         """A block's call, checkpointed as diffusers' default does, its saved inputs packed to the CPU."""
         import torch.utils.checkpoint

@@ -474,10 +474,7 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 compiled = watch.take() if watch else {}
                 if step == start + 1 and self.activation_offload is not None:
-                    offload = self.activation_offload
-                    log.info(f"--activation-offload: {offload.packed_bytes / 1e9:.3f} GB of the checkpointed blocks' "
-                             f"inputs ({offload.packed} tensors) kept in {', '.join(sorted(offload.devices))} memory "
-                             "per micro-batch, copied back for the backward")
+                    log.info(self.activation_offload.summary())
                 times.append((seconds, compiled))
                 losses.append(metrics["loss"])
                 lr = self.state.lr_schedule.get_last_lr()[0]
