@@ -140,6 +140,9 @@ class EstimateConfig:
                             "leave out --dp-shards.")
         if self.cp_mode is not None:
             check_choice(self.cp_mode, CP_MODES, "cp_mode")
+            if self.cp_degree == 1:
+                raise UserError(f"--cp-mode {self.cp_mode}: nothing is split at --cp-degree 1; add --cp-degree N (the "
+                                "GPUs each sequence is split over), or leave --cp-mode out.")
         if self.cp_degree > 1:  # several processes: what ft train keeps to one process is refused as it refuses it
             for flag, used in (("--offload-blocks", self.offload_blocks), ("--layerwise-upcasting-modules",
                                                                            self.layerwise_upcasting_modules)):

@@ -327,6 +327,7 @@ def test_a_bucket_that_does_not_fit_is_told_the_least_that_makes_it_fit(wan14b_l
                                                        "under ring: 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16."),
     ({**WAN14B, "cp_degree": 11}, "its 75600 video tokens do not split into 11 equal parts"),
     ({**WAN14B, "cp_mode": "zigzag"}, "--cp-mode 'zigzag' is not one of"),
+    ({**WAN14B, "cp_mode": "ring"}, "--cp-mode ring: nothing is split at --cp-degree 1; add --cp-degree N"),
     ({**WAN14B, "cp_degree": 0}, "--cp-degree must be > 0"),
     ({**WAN14B, "cp_degree": 2, "offload_blocks": 4}, "--offload-blocks with --cp-degree 2: ft train does that in one"),
     ({**WAN14B, "cp_degree": 2, "layerwise_upcasting_modules": ["transformer"]}, "--layerwise-upcasting-modules with"),
