@@ -11,6 +11,8 @@
 #   LTX-Video 49x512x768: LoRA bf16, LoRA fp8, full finetune (bf16); LoRA bf16 again compiled
 #   HunyuanVideo 49x512x768: LoRA bf16, LoRA fp8, LoRA fp8 + the fewest --offload-blocks that `ft estimate` says
 #   fit a 24 GB card
+#   Wan 2.1 1.3B 81x720x1280 (75,600 tokens, the long-sequence row): LoRA bf16 with checkpointing, and with
+#   --activation-offload (the context-parallel rows, cp 2 on two GPUs, come with --cp-degree)
 # Each row prints as soon as it is measured: peak allocated/reserved, s/step, the first step (and its compile
 # time), the share of time waiting for data, ft estimate's peak and finetrainers' published number (LoRA with fp8
 # storage: LTX-Video 5 GB, CogVideoX-5b 18 GB, HunyuanVideo 32 GB; CogVideoX-5b bf16 20.7 GB); the tables are
@@ -31,10 +33,11 @@ RUNS=(
   "ltx-video|Lightricks/LTX-Video|49x512x768|gpu-ltx-video|lora-bf16 lora-fp8 full-bf16|lora-bf16"
   "hunyuan_video|hunyuanvideo-community/HunyuanVideo|49x512x768|gpu-hunyuan-video|lora-bf16 lora-fp8 lora-fp8-offload24|"
   "wan|Wan-AI/Wan2.1-T2V-1.3B-Diffusers|49x480x832|gpu-wan-1.3b|lora-bf16 lora-fp8|"
+  "wan|Wan-AI/Wan2.1-T2V-1.3B-Diffusers|81x720x1280|gpu-wan-1.3b-long|lora-bf16 lora-bf16-aoff|"
 )
 
 if [[ "${1:-}" == "--check" ]]; then  # no GPU: every row on the tiny model, and the real-size shards without a model
-  "$PY" bench/gpu_step.py --tiny --device cpu --rows lora-bf16 lora-fp8 lora-fp8-offload24 full-bf16
+  "$PY" bench/gpu_step.py --tiny --device cpu --rows lora-bf16 lora-fp8 lora-fp8-offload24 full-bf16 lora-bf16-aoff
   for run in "${RUNS[@]}"; do
     IFS='|' read -r model pretrained bucket _ rows _ <<<"$run"
     # shellcheck disable=SC2086

@@ -4,12 +4,14 @@ same rows on a CPU.
 
     python bench/gpu_step.py --model cogvideox --pretrained THUDM/CogVideoX-5b --bucket 49x480x720 --rank 128 \
         --rows lora-bf16 lora-fp8 --compile-rows lora-bf16
-    python bench/gpu_step.py --tiny --rows lora-bf16 lora-fp8 lora-fp8-offload24 full-bf16   # CPU check
+    python bench/gpu_step.py --tiny --rows lora-bf16 lora-fp8 lora-fp8-offload24 full-bf16 lora-bf16-aoff  # CPU
 
 Rows (ROWS): LoRA in bf16; LoRA with fp8 storage of the frozen base (--layerwise-upcasting-modules transformer);
 LoRA with fp8 storage and the fewest --offload-blocks that `ft estimate` says fit a 24 GB card; a full finetune
-(bf16 weights, gradients and AdamW moments). A row listed in --compile-rows is measured again with
---compile-modules transformer (regional): its first step (compile included) and its steady s/step.
+(bf16 weights, gradients and AdamW moments); LoRA in bf16 with --activation-offload (the checkpointed blocks'
+inputs in pinned CPU memory: the long-sequence row, against lora-bf16 at the same bucket). A row listed in
+--compile-rows is measured again with --compile-modules transformer (regional): its first step (compile included)
+and its steady s/step.
 
 What runs is `ft train` itself (batch 1, gradient checkpointing), in this process so that the CUDA peak can be
 read after each row. Its inputs are made here, once per model, without a download:
@@ -49,6 +51,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "lora-fp8": {"training": "lora", "fp8": True, "offload_fit_gib": None},
     "lora-fp8-offload24": {"training": "lora", "fp8": True, "offload_fit_gib": 24},
     "full-bf16": {"training": "full-finetune", "fp8": False, "offload_fit_gib": None},
+    "lora-bf16-aoff": {"training": "lora", "fp8": False, "offload_fit_gib": None, "activation_offload": True},
 }
 # finetrainers' published peaks (GB), precomputed latents and embeddings, gradient checkpointing: the LoRA
 # minimums with fp8 storage (its README, LoRA rank 128 at 49x512x768; CogVideoX-5b at 49x480x720), and its
@@ -144,6 +147,9 @@ def row_flags(args: argparse.Namespace, row: str, est_kwargs: dict[str, Any]) ->
     if spec["fp8"]:
         flags += ["--layerwise-upcasting-modules", "transformer"]
         kwargs["layerwise_upcasting_modules"] = ["transformer"]
+    if spec.get("activation_offload"):
+        flags += ["--activation-offload"]
+        kwargs["activation_offload"] = True
     est = estimate(EstimateConfig(**kwargs)) if kwargs.get("pretrained") else None
     if spec["offload_fit_gib"]:
         n = est.offload_to_fit(est.buckets[0], spec["offload_fit_gib"]) if est is not None else 1

@@ -15,6 +15,12 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   CPU memory, and IN_FLIGHT of them (the one computing and the one arriving, train/offload.py) stay counted on
   it; `--compile-modules` adds nothing counted (torch.compile keeps no second copy of the weights; its kernels'
   workspaces are transient);
+- `--cp-degree N` (`--cp-mode ring|ulysses`): each GPU holds its 1/N of the video tokens in every block, the
+  text whole, the weights and optimizer state whole (divided only by `--dp-shards`), and the context-parallel
+  attention's own buffers; `--activation-offload` moves every checkpointed block's input to pinned CPU memory
+  (pipelines/memory.py `ActivationModel` says how each is counted). For a bucket that does not fit a card, the
+  report names the least that makes it fit: `--activation-offload` on one GPU, the smallest cp degree, and the
+  smallest with the offload;
 - which GPUs it fits: the peak (static + activations) against 24, 48 and 80 GiB cards, less FIT_HEADROOM of each
   for the CUDA context, the allocator's fragmentation and kernel workspaces (an assumption, not a measurement);
 - activations are an estimate, not a measurement: per transformer block, with a fused attention kernel (no
@@ -46,11 +52,18 @@ from ft.common.shards import bucket_name, parse_bucket
 from ft.pipelines.base import ModelSpec, peft_targets, transformer_blocks
 from ft.pipelines.memory import (
     BF16,
+    CP_MODES,
     FIT_HEADROOM,
     GIB,
     GPU_SIZES_GIB,
-    activation_bytes,
+    MAX_CP_DEGREE,
+    PINNED_EXACT,
+    ActivationModel,
+    cp_degrees,
+    cp_problem,
+    default_cp_mode,
     hidden_and_mlp_ratio,
+    pinned_allocation,
     video_tokens,
 )
 from ft.pipelines.registry import SPECS, get_spec
@@ -96,13 +109,20 @@ class EstimateConfig:
     offload_blocks: int = opt(0, "Transformer blocks whose frozen weights stay in CPU memory, as `ft train "
                                  "--offload-blocks` (LoRA, gradient checkpointing).")
     compile_modules: list[str] = opt([], "transformer: as `ft train --compile-modules` (adds nothing counted).")
+    cp_degree: int = opt(1, "Context-parallel GPUs each sample's sequence is split over, as `ft train --cp-degree`: "
+                            "each holds 1/N of the video tokens' activations; the text, the weights and the "
+                            "optimizer state stay whole on each.")
+    cp_mode: str | None = opt(None, "ring or ulysses, as `ft train --cp-mode`. Default: ulysses where the degree "
+                                    "divides the head count, else ring.")
+    activation_offload: bool = opt(False, "Every checkpointed block's input in pinned CPU memory, as `ft train "
+                                          "--activation-offload` (with --gradient-checkpointing).")
 
     def __post_init__(self) -> None:
         check_choice(self.training_type, TRAINING_TYPES, "training_type")
         check_choice(self.transformer_dtype.lower(), DTYPE_NAMES, "transformer_dtype")
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
         check_choice(self.optimizer, OPTIMIZERS, "optimizer")
-        for name in ("rank", "batch_size", "dp_shards", "num_samples"):
+        for name in ("rank", "batch_size", "dp_shards", "num_samples", "cp_degree"):
             check_positive(getattr(self, name), name)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
                        self.layerwise_upcasting_skip_modules_pattern)
@@ -118,6 +138,21 @@ class EstimateConfig:
         if self.layerwise_upcasting_modules and self.dp_shards > 1:
             raise UserError("--layerwise-upcasting-modules: ft train stores the base in fp8 in one process only; "
                             "leave out --dp-shards.")
+        if self.cp_mode is not None:
+            check_choice(self.cp_mode, CP_MODES, "cp_mode")
+            if self.cp_degree == 1:
+                raise UserError(f"--cp-mode {self.cp_mode}: nothing is split at --cp-degree 1; add --cp-degree N (the "
+                                "GPUs each sequence is split over), or leave --cp-mode out.")
+        if self.cp_degree > 1:  # several processes: what ft train keeps to one process is refused as it refuses it
+            for flag, used in (("--offload-blocks", self.offload_blocks), ("--layerwise-upcasting-modules",
+                                                                           self.layerwise_upcasting_modules)):
+                if used:
+                    raise UserError(f"{flag} with --cp-degree {self.cp_degree}: ft train does that in one process "
+                                    "only, and context parallelism runs one process per GPU; leave one out.")
+
+    def mode(self, heads: int) -> str:
+        """The context-parallel mode: --cp-mode, or the default for this head count."""
+        return self.cp_mode or default_cp_mode(heads, self.cp_degree)
 
 
 @dataclass
@@ -134,9 +169,11 @@ class BucketEstimate:
     cond_shapes: dict[str, tuple[int, ...]]
     video_tokens: int
     text_tokens: int
-    activations_checkpointed: float  # bytes
+    activations_checkpointed: float  # bytes on each GPU, as configured (cp degree, activation offload)
     activations_full: float
     disk_per_sample: int
+    activations_cpu: float = 0.0  # pinned CPU memory, with --activation-offload
+    cp_attention: float = 0.0  # the context-parallel attention's own buffers (within the activations)
 
 
 @dataclass
@@ -152,6 +189,7 @@ class Estimate:
     buckets: list[BucketEstimate]
     offloaded_bytes: float = 0.0  # in CPU memory, with --offload-blocks
     block_bytes: list[float] | None = None  # frozen bytes of each block as stored (LoRA: what offloading can move)
+    activations: ActivationModel | None = None  # the transformer's shape, for the layouts the report proposes
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
@@ -170,8 +208,11 @@ class Estimate:
     def report(self) -> str:
         cfg = self.config
         what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
+        mode = cfg.mode(self.activations.heads) if self.activations else None
         lines = [f"{self.family} from {self.source}: {what}, batch {cfg.batch_size} per GPU"
-                 + (f", FSDP over {cfg.dp_shards} shards" if cfg.dp_shards > 1 else ""), "",
+                 + (f", FSDP over {cfg.dp_shards} shards" if cfg.dp_shards > 1 else "")
+                 + (f", each sequence split over {cfg.cp_degree} GPUs ({mode})" if cfg.cp_degree > 1 else "")
+                 + (", activation offload" if cfg.activation_offload else ""), "",
                  "| component | class | parameters | bf16 weights | held by |", "|---|---|---|---|---|"]
         for c in self.components:
             stage = "train" if c.name == "transformer" else "precompute"
@@ -191,18 +232,20 @@ class Estimate:
                   "|---|---|---|---|---|---|---|"]
         for b in self.buckets:
             on, off = self.peak(b, True), self.peak(b, False)
-            off_text = "n/a (offloading needs checkpointing)" if cfg.offload_blocks else f"{off / GB:.2f} GB"
-            fits = f"{_sizes(self.fits(b, True))} / {'-' if cfg.offload_blocks else _sizes(self.fits(b, False))}"
+            needs = cfg.offload_blocks or cfg.activation_offload  # both need checkpointing
+            off_text = "n/a (offloading needs checkpointing)" if needs else f"{off / GB:.2f} GB"
+            fits = f"{_sizes(self.fits(b, True))} / {'-' if needs else _sizes(self.fits(b, False))}"
             lines.append(f"| {b.bucket} | {b.video_tokens} + {b.text_tokens} | {b.activations_checkpointed / GB:.2f} / "
                          f"{b.activations_full / GB:.2f} GB | {on / GB:.2f} / {off_text} | {fits} | "
                          f"{b.disk_per_sample / 1e6:.2f} MB | {b.disk_per_sample * cfg.num_samples / GB:.2f} GB |")
         for b in self.buckets:
             for gib in GPU_SIZES_GIB:
                 n = self.offload_to_fit(b, gib) if gib not in self.fits(b, True) else None
-                if n is not None and n != cfg.offload_blocks and cfg.dp_shards == 1:  # ft train offloads alone
+                if n is not None and n != cfg.offload_blocks and cfg.dp_shards == cfg.cp_degree == 1:  # one process
                     lines += ["", f"{b.bucket} fits {gib} GB cards with --offload-blocks {n} (and "
                               "--gradient-checkpointing)."]
                     break
+        lines += self.sequence_lines()
         if self.offloaded_bytes:
             lines += ["", f"--offload-blocks {cfg.offload_blocks}: {self.offloaded_bytes / GB:.2f} GB of frozen "
                       "weights in pinned CPU memory (besides the process's own)."]
@@ -212,17 +255,87 @@ class Estimate:
                   f"most {1 - FIT_HEADROOM:.0%} of it. bench/gpu.sh measures the peak."]
         return "\n".join(lines)
 
+    def sequence_lines(self) -> list[str]:
+        """What context parallelism and activation offload hold, and for the buckets that do not fit a card, the
+        least of them that makes each fit."""
+        cfg, model, lines = self.config, self.activations, []
+        if model is None:
+            return lines
+        for b in self.buckets:
+            if cfg.cp_degree > 1:
+                lines += ["", f"--cp-degree {cfg.cp_degree} ({cfg.mode(model.heads)}), {b.bucket}: each GPU holds "
+                          f"{b.video_tokens // cfg.cp_degree} of the {b.video_tokens} video tokens and the "
+                          f"{b.text_tokens} text tokens in every block, plus {b.cp_attention / GB:.2f} GB of the "
+                          "attention's own buffers (counted in the activations); weights and optimizer state are "
+                          "whole on each."]
+            if cfg.activation_offload:
+                rounded = model.layers * pinned_allocation(b.activations_cpu / model.layers)
+                lines += ["", f"--activation-offload, {b.bucket}: {b.activations_cpu / GB:.2f} GB of the blocks' "
+                          "inputs in pinned CPU memory per GPU and micro-batch (besides the process's own); the GPU "
+                          "keeps one block's recompute and its input copied back. torch's pinned allocator rounds "
+                          f"each block's up to a power of two by default ({rounded / GB:.2f} GB); "
+                          f"{PINNED_EXACT} allocates them exact."]
+        rows = [(b, [self.layouts_to_fit(b, gib) for gib in GPU_SIZES_GIB]) for b in self.buckets]
+        if any(cell for _, cells in rows for cell in cells):
+            lines += ["", "What makes a bucket fit a card (one sample's sequence; one process per GPU):", "",
+                      f"| bucket | {' | '.join(f'{gib} GB' for gib in GPU_SIZES_GIB)} |",
+                      f"|---|{'---|' * len(GPU_SIZES_GIB)}"]
+            lines += [f"| {b.bucket} | {' | '.join(cell or 'fits' for cell in cells)} |" for b, cells in rows]
+        return lines
+
+    def smallest_cp_degree(self, bucket: BucketEstimate, gib: int, offload: bool) -> tuple[int, str] | None:
+        """The smallest cp degree (from this run's, up to MAX_CP_DEGREE) and its mode with which `bucket` fits a
+        `gib` GiB card, with or without activation offload; None when none does."""
+        cfg, model = self.config, self.activations
+        assert model is not None
+        for n in range(cfg.cp_degree, MAX_CP_DEGREE + 1):
+            mode = cfg.cp_mode or default_cp_mode(model.heads, n)
+            if cp_problem(n, mode, model.heads, bucket.video_tokens) is None:
+                on_gpu, _ = model.bytes(bucket.video_tokens, bucket.text_tokens, True, n, mode, offload)
+                if self.train_static_bytes + on_gpu <= (1 - FIT_HEADROOM) * gib * GIB:
+                    return n, mode
+        return None
+
+    def layouts_to_fit(self, bucket: BucketEstimate, gib: int) -> str:
+        """'' when `bucket` fits a `gib` GiB card as configured (checkpointing on); else the least that makes it
+        fit: the smallest cp degree with this run's offload setting, and the smallest with activation offload
+        when that takes fewer GPUs; or why nothing up to MAX_CP_DEGREE does."""
+        cfg = self.config
+        if gib in self.fits(bucket, True):
+            return ""
+        found = []
+        plain = self.smallest_cp_degree(bucket, gib, cfg.activation_offload)
+        with_offload = None if cfg.activation_offload else self.smallest_cp_degree(bucket, gib, True)
+        if with_offload and (plain is None or with_offload[0] < plain[0]):
+            n, mode = with_offload
+            found.append("--activation-offload" + (f" --cp-degree {n} ({mode})" if n > 1 else ""))
+        if plain:
+            n, mode = plain
+            found.append(f"--cp-degree {n} ({mode})" + (" --activation-offload" if cfg.activation_offload else ""))
+        if found:
+            return ", or ".join(found)
+        if cfg.dp_shards == cfg.cp_degree == 1 and self.activations is not None:  # one GPU: the weights of n
+            offloaded, _ = self.activations.bytes(bucket.video_tokens, bucket.text_tokens, True, offload=True)
+            n = self.offload_to_fit(bucket, gib, offloaded)  # blocks and the activations in CPU memory
+            if n:
+                return ("" if cfg.activation_offload else "--activation-offload ") + f"--offload-blocks {n}"
+        if self.train_static_bytes > (1 - FIT_HEADROOM) * gib * GIB:
+            return (f"no cp degree: the weights and optimizer state alone are {self.train_static_bytes / GB:.1f} GB "
+                    "per GPU (see --offload-blocks, fp8 storage, --dp-shards)")
+        return f"no cp degree up to {MAX_CP_DEGREE}, with or without --activation-offload"
+
     def peak(self, bucket: BucketEstimate, checkpointing: bool) -> float:
         """Static bytes plus the bucket's activations."""
         return self.train_static_bytes + (bucket.activations_checkpointed if checkpointing else bucket.activations_full)
 
-    def offload_to_fit(self, bucket: BucketEstimate, gib: int) -> int | None:
-        """The fewest --offload-blocks with which `bucket` fits a `gib` GiB card (checkpointing on); None when
-        even every block offloaded does not."""
+    def offload_to_fit(self, bucket: BucketEstimate, gib: int, activations: float | None = None) -> int | None:
+        """The fewest --offload-blocks with which `bucket` fits a `gib` GiB card (checkpointing on; with these
+        `activations` on the GPU, or the run's); None when even every block offloaded does not."""
         if not self.block_bytes:
             return None
         moved = sum(v for k, v in self.train_static.items() if "offloaded blocks" in k)  # this run's own offload
-        base = self.peak(bucket, True) - moved
+        base = self.train_static_bytes - moved + (
+            bucket.activations_checkpointed if activations is None else activations)
         for n in range(len(self.block_bytes) + 1):
             tail = self.block_bytes[len(self.block_bytes) - n:] if n else []
             if base - sum(tail) + sum(sorted(tail, reverse=True)[:IN_FLIGHT]) <= (1 - FIT_HEADROOM) * gib * GIB:
@@ -328,11 +441,12 @@ def _sizes(gibs: list[int]) -> str:
     return ", ".join(f"{g} GB" for g in gibs) if gibs else f"none of {'/'.join(map(str, GPU_SIZES_GIB))} GB"
 
 
-def _block_bytes(spec: ModelSpec, transformer: Any) -> list[float]:
+def _block_bytes(spec: ModelSpec, transformer: Any, weight_bytes: int) -> list[float]:
     """Each block's frozen parameters in bytes, as stored (after LoRA and fp8 storage were applied): what
-    --offload-blocks moves."""
-    return [float(sum(p.numel() * p.element_size() for p in b.parameters() if not p.requires_grad))
-            for b in transformer_blocks(transformer, spec.block_lists)]
+    --offload-blocks moves. The meta-device model is built in fp32: a weight fp8 storage did not cast is counted
+    at `weight_bytes` (--transformer-dtype's), as ft train holds it."""
+    return [float(sum(p.numel() * (1 if p.element_size() == 1 else weight_bytes) for p in b.parameters()
+                      if not p.requires_grad)) for b in transformer_blocks(transformer, spec.block_lists)]
 
 
 def _offloaded(block_bytes: list[float], n: int) -> tuple[float, float]:
@@ -404,7 +518,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         if cast:
             static[f"transformer weights ({cfg.layerwise_upcasting_storage_dtype}, frozen)"] = cast
         static["LoRA weights (fp32)"] = trainable * ELEMENT_BYTES[master] / shards
-        block_bytes = _block_bytes(spec, transformer)
+        block_bytes = _block_bytes(spec, transformer, base)
         if cfg.offload_blocks:
             offloaded, in_flight = _offloaded(block_bytes, cfg.offload_blocks)
             static[f"frozen weights of {cfg.offload_blocks} offloaded blocks, in CPU memory"] = -offloaded
@@ -421,22 +535,29 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     if gathered:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden, mlp_ratio = hidden_and_mlp_ratio(tconfig)
-    layers = len(blocks)
+    heads = int(tconfig.get("num_attention_heads", 1))
+    model = ActivationModel(len(blocks), hidden, mlp_ratio, heads, cfg.batch_size)
+    mode = cfg.mode(heads)
     cond = conditioning_shapes(spec, tconfig)
     text_tokens = spec.default_sequence_length(tconfig)
     out = []
     for name in cfg.buckets or spec.default_buckets:
         grid = latent_grid(modules["vae"], tconfig, parse_bucket(name))
         tokens = video_tokens(tconfig, grid)
-        total = tokens + text_tokens
-        out.append(BucketEstimate(
-            name, grid, {k: shape for k, (shape, _) in cond.items()}, tokens, text_tokens,
-            activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=True),
-            activation_bytes(layers, hidden, total, cfg.batch_size, mlp_ratio, checkpointing=False),
-            disk_per_sample(grid, cond)))
+        problem = cp_problem(cfg.cp_degree, mode, heads, tokens)
+        if problem:
+            ring = "" if mode == "ring" else (f"; under ring: {', '.join(map(str, cp_degrees('ring', heads, tokens)))}")
+            raise UserError(f"--cp-degree {cfg.cp_degree} --cp-mode {mode}: bucket {name} cannot be split, "
+                            f"{problem}. Degrees up to {MAX_CP_DEGREE} that split it under {mode}: "
+                            f"{', '.join(map(str, cp_degrees(mode, heads, tokens))) or 'none'}{ring}.")
+        on_gpu, on_cpu = model.bytes(tokens, text_tokens, True, cfg.cp_degree, mode, cfg.activation_offload)
+        full, _ = model.bytes(tokens, text_tokens, False, cfg.cp_degree, mode)
+        out.append(BucketEstimate(name, grid, {k: shape for k, (shape, _) in cond.items()}, tokens, text_tokens,
+                                  on_gpu, full, disk_per_sample(grid, cond), on_cpu,
+                                  model.attention_buffers(tokens + text_tokens, cfg.cp_degree, mode)))
     offloaded_bytes = -sum(v for k, v in static.items() if "offloaded blocks, in CPU" in k)
     return Estimate(spec.display_name, source, cfg, components, trainable, static, out, offloaded_bytes,
-                    block_bytes if cfg.training_type == "lora" else None)
+                    block_bytes if cfg.training_type == "lora" else None, model)
 
 
 def run_estimate(cfg: EstimateConfig) -> Estimate:

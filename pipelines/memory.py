@@ -12,18 +12,40 @@
   terabytes, and is refused before training starts instead of crashing at its first validation
   (common/shards/prompts.py `resolve_sizes`, called by precompute and at train start).
 - `GPU_SIZES_GIB`, `FIT_HEADROOM`: the cards `ft estimate` fits a run against, and the share of each kept free.
+- `ActivationModel`: what one GPU and the CPU hold of a training step's activations under context parallelism
+  (`--cp-degree N`, `--cp-mode`) and `--activation-offload`:
+  - context parallelism splits the video tokens N ways in every block (each rank's part of the sequence); the
+    text tokens stay whole on every rank (Wan's plan replicates them for its cross-attention; a joint text+video
+    sequence is counted the same way, which overcounts a plan that splits the text too by at most the text's
+    share); the weights, gradients and optimizer state are replicated over the cp ranks (`--dp-shards` divides
+    them). The attention adds its own buffers, held while one block's attention runs (counted at the backward's
+    peak, on top of the block being recomputed), as diffusers 0.42.1's attention_dispatch.py allocates them:
+    ring (TemplatedRingAttention) all-gathers every peer's K and V at once (2 x tokens x hidden in bf16, the
+    whole sequence: this does not shrink with N) plus its local K/V concatenation, and in the backward fp32
+    accumulators for the local q, k and v gradients and the fp32 K/V gradient block sent and received;
+    Ulysses (TemplatedUlyssesAttention) all-to-alls q, k and v (a sent and a received copy of each, the local
+    size) and the output (two more);
+  - activation offload (with checkpointing) moves every block's input to pinned CPU memory; the GPU keeps one
+    block's recompute and that block's input copied back for it (train/activation_offload.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 BF16 = 2
+FP32 = 4
 GIB = 2 ** 30
 GPU_SIZES_GIB = (24, 48, 80)
 FIT_HEADROOM = 0.1  # of a card's memory, not usable by the tensors counted here
 CFG_BATCH = 2  # classifier-free guidance runs the conditional and unconditional prompt as one batch
+CP_MODES = ("ring", "ulysses")
+MAX_CP_DEGREE = 16  # the largest context-parallel degree `ft estimate` proposes (two nodes of 8 GPUs)
+# torch's CachingHostAllocator (ATen/core/CachingHostAllocator.h) rounds a pinned allocation up to a power of two
+# unless it is above this threshold (default: none is): set, the offloaded block inputs are allocated exact
+PINNED_EXACT = "PYTORCH_CUDA_ALLOC_CONF=pinned_max_round_threshold_mb:64"
 
 
 def video_tokens(transformer_config: dict, grid: tuple[int, int, int, int]) -> int:
@@ -44,6 +66,67 @@ def activation_bytes(layers: int, hidden: int, tokens: int, batch: int, mlp_rati
     if checkpointing:
         return layers * BF16 * tokens * batch * hidden + per_block
     return layers * per_block
+
+
+def pinned_allocation(nbytes: float) -> int:
+    """What torch's pinned host allocator takes for `nbytes` by default: the next power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(1.0, nbytes))))
+
+
+def default_cp_mode(heads: int, degree: int) -> str:
+    """Ulysses where the degree divides the head count (each rank attends with heads/N heads over the whole
+    sequence: buffers of the local size, one all-to-all each way), else ring (any head count)."""
+    return "ulysses" if heads % degree == 0 else "ring"
+
+
+def cp_problem(degree: int, mode: str, heads: int, video_tokens: int) -> str | None:
+    """Why `degree` ranks cannot split a sequence of `video_tokens` under `mode` with `heads` heads (None: they
+    can): diffusers splits the sequence into equal parts, and Ulysses gives each rank heads/N heads."""
+    if degree == 1:
+        return None
+    if video_tokens % degree:
+        return f"its {video_tokens} video tokens do not split into {degree} equal parts"
+    if mode == "ulysses" and heads % degree:
+        return f"its {heads} attention heads do not split {degree} ways under Ulysses"
+    return None
+
+
+def cp_degrees(mode: str, heads: int, video_tokens: int, most: int = MAX_CP_DEGREE) -> list[int]:
+    """The context-parallel degrees from 2 to `most` that split this sequence under `mode`."""
+    return [n for n in range(2, most + 1) if cp_problem(n, mode, heads, video_tokens) is None]
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """A transformer's shape as the activation arithmetic needs it (see the module docstring)."""
+
+    layers: int
+    hidden: int
+    mlp_ratio: float
+    heads: int
+    batch: int
+
+    def attention_buffers(self, tokens: int, degree: int, mode: str) -> float:
+        """Bytes of the context-parallel attention's own buffers on one rank, for a sequence of `tokens`."""
+        if degree == 1:
+            return 0.0
+        whole, local = tokens * self.batch * self.hidden, tokens / degree * self.batch * self.hidden
+        if mode == "ring":  # every peer's K and V gathered, the local K/V concatenated, fp32 gradient buffers
+            return 2 * whole * BF16 + 2 * local * BF16 + (3 + 2 * 2) * local * FP32
+        return (2 * 3 + 2) * local * BF16  # Ulysses: q, k, v sent and received; the output's two
+
+    def bytes(self, video_tokens: int, text_tokens: int, checkpointing: bool, degree: int = 1, mode: str = "ring",
+              offload: bool = False) -> tuple[float, float]:
+        """(bytes on each GPU, bytes in pinned CPU memory) of one micro-batch's activations."""
+        local = video_tokens // degree + text_tokens
+        attention = self.attention_buffers(video_tokens + text_tokens, degree, mode)
+        if not offload:
+            return activation_bytes(self.layers, self.hidden, local, self.batch, self.mlp_ratio,
+                                    checkpointing) + attention, 0.0
+        assert checkpointing, "--activation-offload needs checkpointing (train/activation_offload.py)"
+        block_input = BF16 * local * self.batch * self.hidden
+        recompute = activation_bytes(1, self.hidden, local, self.batch, self.mlp_ratio, checkpointing=False)
+        return recompute + block_input + attention, self.layers * block_input
 
 
 def hidden_and_mlp_ratio(transformer_config: dict) -> tuple[int, float]:

@@ -27,11 +27,12 @@ def test_loader_bench_prints_its_table():
 
 def test_gpu_step_runs_every_row_of_the_tiny_model_on_the_cpu():
     out = bench(str(BENCH / "gpu_step.py"), "--tiny", "--device", "cpu", "--rows", "lora-bf16", "lora-fp8",
-                "lora-fp8-offload24", "full-bf16")
+                "lora-fp8-offload24", "full-bf16", "lora-bf16-aoff")
     assert "waiting for data" in out and "| lora-bf16 | - |" in out
     assert "| lora-fp8 | --layerwise-upcasting-modules transformer |" in out
     assert "| lora-fp8-offload24 | --layerwise-upcasting-modules transformer --offload-blocks 1 |" in out
     assert "| full-bf16 | --training-type full-finetune |" in out
+    assert "| lora-bf16-aoff | --activation-offload |" in out
 
 
 def test_gpu_step_dry_run_resolves_the_offload_that_fits_24_gb_at_real_size():

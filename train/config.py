@@ -15,6 +15,7 @@ from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 from ft.pipelines.base import REGEX_CHARACTERS
 from ft.pipelines.wan_experts import parse_expert
+from ft.train.activation_offload import check_args as check_activation_offload_args
 from ft.train.fp8 import DEFAULT_SKIP_PATTERNS as FP8_SKIP
 from ft.train.fp8 import check_args as check_fp8_args
 from ft.train.offload import check_args as check_offload_args
@@ -129,6 +130,12 @@ class TrainConfig(ModelArgs):
                                  "backward (musubi-tuner's blocks to swap): for GPUs too small for the model. LoRA, "
                                  "one process, with --gradient-checkpointing; `ft estimate --offload-blocks N` says "
                                  "what fits.", panel=SPEED)
+    activation_offload: bool = opt(False, "With --gradient-checkpointing: keep what each checkpointed transformer "
+                                          "block saves for its backward (its input) in pinned CPU memory, copied "
+                                          "back when the backward reaches the block (musubi-tuner's "
+                                          "--gradient_checkpointing_cpu_offload): for long videos on one GPU. LoRA "
+                                          "or full finetune, one process or many; `ft estimate "
+                                          "--activation-offload` says what it saves.", panel=SPEED)
     rank: int = opt(64, "LoRA rank.", panel=LORA)
     lora_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha / rank.", panel=LORA)
     target_modules: list[str] = opt([], "Module names to put LoRA on, or one regex matched against whole names. "
@@ -289,6 +296,7 @@ class TrainConfig(ModelArgs):
                 raise UserError(f"--target-modules {self.target_modules[0]!r} is not a valid regex ({e}).") from e
         check_compile_args(self.compile_modules, self.compile_scopes, self.compile_backend)
         check_offload_args(self.offload_blocks, self.training_type, self.gradient_checkpointing)
+        check_activation_offload_args(self.activation_offload, self.gradient_checkpointing)
         check_fp8_args(self.layerwise_upcasting_modules, self.layerwise_upcasting_storage_dtype, self.training_type,
                        self.layerwise_upcasting_skip_modules_pattern)
         if self.training_type == "full-finetune":

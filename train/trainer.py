@@ -37,6 +37,7 @@ from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
 from ft.train import dist
 
+from .activation_offload import enable as enable_checkpointing
 from .checkpoints import (
     list_checkpoints,
     load_checkpoint,
@@ -258,8 +259,9 @@ class Trainer:
         self.objective = build_objective(self.spec.objective, scheduler, cfg, self.spec.display_name,
                                          self.spec.timestep_filter())
         make_trainable(cfg, self.spec, transformer, self.lora_plan)
-        if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self.activation_offload = None
+        if cfg.gradient_checkpointing:  # with --activation-offload, each block's saved input goes to the CPU
+            self.activation_offload = enable_checkpointing(transformer, self.device, cfg.activation_offload)
         transformer.train()
         self.mesh = build_mesh(self.layout, self.device)
         self.offloader = None
@@ -381,6 +383,8 @@ class Trainer:
         total = None
         for m, batch in enumerate(micro):
             batch = batch.to(self.device)
+            if self.activation_offload is not None:  # its counts are of one micro-batch
+                self.activation_offload.reset()
             set_gradient_sync(self.transformer, self.layout, m == len(micro) - 1)  # sync on the last only
             loss = self.sample_losses(batch, batch.position["batches"]).mean()
             (loss / len(micro)).backward()
@@ -472,6 +476,8 @@ class Trainer:
                 metrics = self.optimizer_step(batches, step)
                 seconds = time.perf_counter() - t0
                 compiled = watch.take() if watch else {}
+                if step == start + 1 and self.activation_offload is not None:
+                    log.info(self.activation_offload.summary())
                 times.append((seconds, compiled))
                 losses.append(metrics["loss"])
                 lr = self.state.lr_schedule.get_last_lr()[0]

@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from ft.cli.estimate import EstimateConfig, activation_bytes, estimate
+from ft.cli.estimate import EstimateConfig, estimate
 from ft.common.errors import UserError
 from ft.common.shards import iter_shard, load_manifest
+from ft.pipelines.memory import activation_bytes
 from ft.pipelines.registry import SPECS, get_spec
 from helpers import run_cli
 
@@ -235,3 +236,109 @@ def test_hunyuan_video_i2v_checkpoints_estimate_offline_with_the_llava():
                                   buckets=["49x480x768"], rank=64))
     assert t2v.component("text_encoder").cls == "LlamaModel"
     assert i2v.precompute_bytes > t2v.precompute_bytes  # the vision tower, projector and LM head
+
+
+# ------------------------------------------------------------------ long sequences: context parallelism, offload
+WAN14B = dict(model="wan", pretrained="Wan-AI/Wan2.1-T2V-14B-Diffusers", buckets=["81x720x1280"])
+HUNYUAN = dict(model="hunyuan_video", pretrained="hunyuan-video", buckets=["129x720x1280"])
+
+
+@pytest.fixture(scope="module")
+def wan14b_long():
+    return estimate(EstimateConfig(**WAN14B))
+
+
+def test_context_parallel_splits_the_video_tokens_and_adds_the_attentions_buffers(wan14b_long):
+    """Wan 14B at 81x720x1280: 21 x 45 x 80 = 75600 video tokens and 512 text tokens, 40 blocks of 5120 (40 heads,
+    MLP 13824). cp 2 holds half the video tokens and all the text in every block; Ulysses (40 heads divide 2, the
+    default) adds its all-to-all copies of q, k, v and the output at the local size; ring gathers every peer's K/V,
+    the whole sequence, whatever the degree. The weights are whole on each GPU."""
+    (one,) = wan14b_long.buckets
+    assert (one.video_tokens, one.text_tokens) == (75600, 512) and one.cp_attention == 0
+    layers, hidden, ratio = 40, 5120, 13824 / 5120
+    local = 75600 // 2 + 512
+    ulysses = estimate(EstimateConfig(**WAN14B, cp_degree=2))
+    (two,) = ulysses.buckets
+    assert two.cp_attention == 8 * (76112 / 2) * hidden * 2
+    assert two.activations_checkpointed == activation_bytes(layers, hidden, local, 1, ratio, True) + two.cp_attention
+    assert two.activations_full == activation_bytes(layers, hidden, local, 1, ratio, False) + two.cp_attention
+    assert ulysses.train_static == wan14b_long.train_static
+    assert "each sequence split over 2 GPUs (ulysses)" in ulysses.report()
+    assert "each GPU holds 37800 of the 75600 video tokens and the 512 text tokens" in ulysses.report()
+    ring2, ring4 = (estimate(EstimateConfig(**WAN14B, cp_degree=n, cp_mode="ring")).buckets[0] for n in (2, 4))
+    gathered = 2 * 76112 * hidden * 2  # K and V of the whole sequence, bf16
+    assert ring2.cp_attention > gathered + 2 * (76112 / 2) * hidden * 2 and ring4.cp_attention > gathered
+    assert ring4.activations_checkpointed < ring2.activations_checkpointed < one.activations_checkpointed
+
+
+def test_activation_offload_keeps_one_block_and_its_input_on_the_gpu():
+    """HunyuanVideo at 129x720x1280 (33 x 45 x 80 = 118800 video tokens + 256 text, 60 blocks of 3072): the GPU
+    keeps one block's recompute and that block's input; every block's input (2 bytes per token per hidden unit)
+    waits in pinned CPU memory."""
+    plain = estimate(EstimateConfig(**HUNYUAN))
+    offload = estimate(EstimateConfig(**HUNYUAN, activation_offload=True))
+    (p,), (o,) = plain.buckets, offload.buckets
+    tokens, hidden = 118800 + 256, 3072
+    block_input = 2 * tokens * hidden
+    assert o.activations_cpu == 60 * block_input and p.activations_cpu == 0
+    assert o.activations_checkpointed == activation_bytes(1, hidden, tokens, 1, 4.0, False) + block_input
+    assert p.activations_checkpointed - o.activations_checkpointed == pytest.approx(59 * block_input)
+    report = offload.report()
+    assert "offloading needs checkpointing" in report and f"{o.activations_cpu / 1e9:.2f} GB of the blocks' inputs" in (
+        report)
+    # torch's pinned allocator takes 1 GiB for each 0.73 GB input unless told to allocate large blocks exact
+    assert f"a power of two by default ({60 * 2 ** 30 / 1e9:.2f} GB); PYTORCH_CUDA_ALLOC_CONF=" in report
+
+
+def test_a_bucket_that_does_not_fit_is_told_the_least_that_makes_it_fit(wan14b_long):
+    """The proposals are the estimate's own: each proposed layout fits that card when estimated, and one cp degree
+    less does not. Wan 14B 81x720x1280 fits an 80 GB card as it is; on 48 GB, activation offload on one GPU or
+    cp 4; on 24 GB no cp degree helps (the replicated bf16 weights are 28.6 GB), one GPU does with the activations
+    and most blocks' weights in CPU memory; HunyuanVideo 129x720x1280 fits no card as it is."""
+
+    def fits(gib, **kwargs):
+        result = estimate(EstimateConfig(**WAN14B, **kwargs))
+        return gib in result.fits(result.buckets[0])
+
+    (b,) = wan14b_long.buckets
+    assert wan14b_long.layouts_to_fit(b, 80) == ""
+    assert wan14b_long.layouts_to_fit(b, 48) == "--activation-offload, or --cp-degree 4 (ulysses)"
+    assert fits(48, activation_offload=True) and fits(48, cp_degree=4) and not fits(48, cp_degree=2)
+    assert wan14b_long.layouts_to_fit(b, 24) == "--activation-offload --offload-blocks 31"
+    assert fits(24, activation_offload=True, offload_blocks=31) and not fits(24, activation_offload=True,
+                                                                              offload_blocks=30)
+    assert not fits(24, cp_degree=16, activation_offload=True)
+    assert "| 81x720x1280 | --activation-offload --offload-blocks 31 |" in wan14b_long.report()
+    full = estimate(EstimateConfig(**WAN14B, training_type="full-finetune"))  # 8 bytes a weight, on every cp rank
+    assert full.layouts_to_fit(full.buckets[0], 80).startswith("no cp degree: the weights and optimizer state alone")
+    hunyuan = estimate(EstimateConfig(**HUNYUAN))
+    (h,) = hunyuan.buckets
+    assert hunyuan.fits(h) == []
+    assert hunyuan.layouts_to_fit(h, 80) == "--activation-offload, or --cp-degree 2 (ulysses)"
+    n = hunyuan.offload_to_fit(h, 24, hunyuan.activations.bytes(h.video_tokens, h.text_tokens, True, offload=True)[0])
+    assert hunyuan.layouts_to_fit(h, 24) == f"--activation-offload --offload-blocks {n}"
+    both = estimate(EstimateConfig(**HUNYUAN, activation_offload=True, offload_blocks=n))
+    assert 24 in both.fits(both.buckets[0])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({**WAN14B, "cp_degree": 3, "cp_mode": "ulysses"}, "its 40 attention heads do not split 3 ways under Ulysses. "
+                                                       "Degrees up to 16 that split it under ulysses: 2, 4, 5, 8, 10; "
+                                                       "under ring: 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16."),
+    ({**WAN14B, "cp_degree": 11}, "its 75600 video tokens do not split into 11 equal parts"),
+    ({**WAN14B, "cp_mode": "zigzag"}, "--cp-mode 'zigzag' is not one of"),
+    ({**WAN14B, "cp_mode": "ring"}, "--cp-mode ring: nothing is split at --cp-degree 1; add --cp-degree N"),
+    ({**WAN14B, "cp_degree": 0}, "--cp-degree must be > 0"),
+    ({**WAN14B, "cp_degree": 2, "offload_blocks": 4}, "--offload-blocks with --cp-degree 2: ft train does that in one"),
+    ({**WAN14B, "cp_degree": 2, "layerwise_upcasting_modules": ["transformer"]}, "--layerwise-upcasting-modules with"),
+])
+def test_layouts_that_cannot_split_are_refused_with_the_numbers_that_work(kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        estimate(EstimateConfig(**kwargs))
+
+
+def test_the_flags_on_the_command_line():
+    result = run_cli(["estimate", "--model", "wan", "--pretrained", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--buckets",
+                      "81x480x832", "--cp-degree", "2", "--cp-mode", "ring", "--activation-offload"])
+    assert result.config.cp_degree == 2 and result.config.activation_offload
+    assert "split over 2 GPUs (ring), activation offload" in result.report()
