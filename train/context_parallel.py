@@ -49,10 +49,40 @@ def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths:
     for bucket, tokens in sequence_lengths.items():
         if tokens % cp_degree:
             fits = [n for n in range(2, 9) if tokens % n == 0 and (mode == "ring" or num_heads % n == 0)]
-            raise UserError(f"--cp-degree {cp_degree}: bucket {bucket} is {tokens} tokens per sample, which do not "
+            raise UserError(f"--cp-degree {cp_degree}: bucket {bucket} is {tokens} per sample, which do not "
                             f"split into {cp_degree} equal parts; use --cp-degree "
                             f"{' or '.join(map(str, fits)) or '1'} (of 2-8), or precompute buckets whose token count "
                             f"divides by {cp_degree}.")
+
+
+def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: list[Any]) -> str:
+    """The cp mode of the run (--cp-mode, or the default for the family's head count), after refusing what cannot
+    split: a family without a plan, heads that Ulysses cannot divide, a bucket whose sequences do not divide."""
+    heads = int(transformer_config.get("num_attention_heads") or 1)
+    mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree)
+    if cfg.cp_degree == 1:
+        return mode
+    if spec.context_parallel is None:
+        from ft.pipelines.registry import SPECS
+
+        have = ", ".join(s.display_name for s in SPECS.values() if s.context_parallel is not None)
+        raise UserError(f"--cp-degree {cfg.cp_degree}: ft has no context-parallel plan for {spec.display_name} yet "
+                        f"(families with one: {have}); train it with --cp-degree 1 and data parallelism "
+                        "(--dp-shards shards the weights).")
+    if cfg.layerwise_upcasting_modules or cfg.offload_blocks:
+        flag = "--layerwise-upcasting-modules" if cfg.layerwise_upcasting_modules else "--offload-blocks"
+        raise UserError(f"{flag} fits one GPU; --cp-degree {cfg.cp_degree} runs several processes: leave {flag} "
+                        "out and let --cp-degree split the activations (and --dp-shards the weights).")
+    lengths = {}
+    for s in sets:
+        vae_config = s.manifest.encoders.get("vae", {}).get("config", {})
+        for bucket in s.manifest.training_histogram():
+            from ft.common.shards import parse_bucket
+
+            for what, tokens in spec.cp_sequences(parse_bucket(bucket), vae_config, transformer_config).items():
+                lengths[f"{bucket} ({what})"] = tokens
+    check_cp_layout(cfg.cp_degree, mode, heads, lengths, spec.display_name)
+    return mode
 
 
 def attention_backend(mode: str, device: str) -> str:

@@ -88,8 +88,13 @@ def destroy(together: bool = True) -> None:
     """Leave the process group: after a run, every rank together (a rank tearing down while another still talks
     aborts it); after a failure, at once (another rank may never come)."""
     if initialized():
+        import gc
+
         import torch.distributed as dist
 
+        # collectives' results still unreferenced in cycles (context parallelism's functional all-gathers) wait
+        # for their work when freed: freed now, while the process group lives (after it, gloo aborts the process)
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()

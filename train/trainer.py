@@ -46,6 +46,7 @@ from .checkpoints import (
 )
 from .compile import CompileWatch, apply_compile, compile_summary
 from .config import TRAIN_CONFIG_NAME, TrainConfig
+from .context_parallel import check_context_parallel, enable_context_parallel
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .lora import plan_lora, save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
@@ -53,6 +54,7 @@ from .parallel import (
     Layout,
     build_mesh,
     clip_grad_norm,
+    cp_mesh,
     export_state,
     parallelize,
     resolve_layout,
@@ -176,13 +178,14 @@ class Trainer:
         self.cfg = cfg
         self.world = dist.world_from_env()
         self.layout: Layout = dist.same_on_every_rank(
-            lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world))
+            lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world, cfg.cp_degree))
         if not self.world.main:
             quiet_other_ranks(self.world.rank)
         self.device = training_device(cfg.device, self.world)
         if self.world.size > 1:
             dist.init_process_group(self.world, self.device, cfg.init_timeout)
-        self.samples_per_step = cfg.batch_size * self.world.size * cfg.gradient_accumulation_steps
+        # a context-parallel group reads one stream: the data-parallel ranks divide the samples
+        self.samples_per_step = cfg.batch_size * self.layout.dp_world * cfg.gradient_accumulation_steps
         self.pending: BaseException | None = None  # a rank-0 write that failed, for the next agree()
         self.mesh = None
         error = None
@@ -213,6 +216,7 @@ class Trainer:
         if cfg.offload_blocks and self.world.size > 1:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
+        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets)
         self.image_conditioning = run_conditioning(cfg, self.spec, self.sets, self.transformer_config)
         if cfg.image_noise and self.image_conditioning is None:
             raise UserError("--image-noise noises the conditioning image of an image-to-video run; this run is "
@@ -258,7 +262,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
-        self.mesh = build_mesh(self.layout, self.device)
+        self.mesh = build_mesh(self.layout, self.device, self.cp_mode)
+        if self.layout.cp > 1:  # the hooks before any wrapping: FSDP2 and DDP run them inside their own
+            enable_context_parallel(transformer, cp_mesh(self.mesh), self.cp_mode, self.device,
+                                    self.spec.cp_plan(transformer))
         self.offloader = None
         if cfg.offload_blocks:  # one process (check_run)
             from ft.train.offload import BlockOffloader
@@ -277,14 +284,15 @@ class Trainer:
         self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
         self.state = TrainState(self.transformer, optimizer, lr_schedule)
-        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, rank=world.rank, world=world.size,
+        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, rank=self.layout.dp_rank(world.rank),
+                                 world=self.layout.dp_world,
                                  shuffle_buffer=cfg.shuffle_buffer, accumulation=cfg.gradient_accumulation_steps)
         self.empty_captions = [s.empty_caption() if cfg.caption_dropout_p > 0 else None for s in self.sets]
 
     def resume(self, path: Path) -> None:
         state = self.state.state_dict()
         extra = load_checkpoint(path, state["tensors"])
-        check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.world.size)
+        check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.layout.dp_world)
         self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
         before = extra.get("config", {})
         if before.get("expert") != self.cfg.expert and "expert" in before:  # its LoRA is the other transformer's
@@ -318,8 +326,8 @@ class Trainer:
         if later:
             log.warning(f"{len(later)} checkpoint(s) after step {self.state.step} belong to the run that went on "
                         f"from it; moved to {later[0].parent} so that `latest` and --checkpointing-limit mean this run")
-        saved_layout = Layout(extra.get("parallel", {}).get("dp_degree", 1), extra.get("parallel", {}).get(
-            "dp_shards", 1))
+        parallel = extra.get("parallel", {})
+        saved_layout = Layout(parallel.get("dp_degree", 1), parallel.get("dp_shards", 1), parallel.get("cp_degree", 1))
         moved = "" if saved_layout == self.layout else f" (saved under {saved_layout.name}, now {self.layout.name})"
         log.info(f"resumed from {path} at step {self.state.step}{moved}")
 
@@ -380,16 +388,19 @@ class Trainer:
             batch = batch.to(self.device)
             set_gradient_sync(self.transformer, self.layout, m == len(micro) - 1)  # sync on the last only
             loss = self.sample_losses(batch, batch.position["batches"]).mean()
-            (loss / len(micro)).backward()
+            # a cp rank's backward carries its share of the sample's gradient, and the reduction averages over the
+            # cp ranks too (parallel.py): scaled by the degree, the average of the shares is their sum
+            (loss * self.layout.cp / len(micro)).backward()
             part = loss.detach() / len(micro)
             total = part if total is None else total + part
         self.state.data_position, epoch = micro[-1].position, micro[-1].epoch
         grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
         *rank_losses, norm_value = self.gather(total.float(), grad_norm.float().to(total.device))
+        rank_losses = rank_losses[::self.layout.cp]  # a cp group's ranks hold the same loss: counted once
         loss_value = sum(rank_losses) / len(rank_losses)
         if not math.isfinite(loss_value):
             bad = next(r for r, v in enumerate(rank_losses) if not math.isfinite(v))
-            where = f" on rank {bad}" if len(rank_losses) > 1 else ""
+            where = f" on rank {bad * self.layout.cp}" if len(rank_losses) > 1 else ""
             raise dist.raised_everywhere(UserError(
                 f"step {step}: the loss is {rank_losses[bad]}{where}; training diverged. Lower --lr, or train with "
                 "--transformer-dtype fp32 to find the cause."))
