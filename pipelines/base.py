@@ -294,6 +294,10 @@ class ModelSpec(ABC):
     # context parallelism (`ft train --cp-degree`): what the split cuts and where, in words (the help and errors
     # show it); None: the family has no plan yet and --cp-degree above 1 is refused. `cp_plan` gives the plan.
     context_parallel: ClassVar[str | None] = None
+    # the attentions the plan works with, and why a mode is missing (a text mask that ring attention would apply to
+    # the wrong key chunks)
+    cp_modes: ClassVar[tuple[str, ...]] = ("ring", "ulysses")
+    cp_modes_why: ClassVar[str] = ""
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -639,11 +643,11 @@ class ModelSpec(ABC):
         assert plan is not None, f"{type(transformer).__name__} has no _cp_plan: {self.name} must give one"
         return plan
 
-    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict
-                     ) -> dict[str, int]:
+    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                     text_length: int) -> dict[str, int]:
         """The sequences a context-parallel split cuts for one sample of `bucket`, by name, with their token counts
-        (each must divide by --cp-degree): the video tokens after patching; a family whose plan splits more (a
-        joint text+video sequence) adds those."""
+        (each must divide by --cp-degree): the video tokens after patching; a family whose plan splits the text
+        (`text_length` tokens, as the shards store it) adds it."""
         temporal, spatial = self.compression(vae_config)
         frames, height, width = bucket
         patch = transformer_config.get("patch_size") or 1

@@ -306,10 +306,10 @@ class CogVideoXSpec(ModelSpec):
                 "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
                 "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
-    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict
-                     ) -> dict[str, int]:
-        return {**super().cp_sequences(bucket, vae_config, transformer_config),
-                "text tokens": int(transformer_config.get("max_text_seq_length") or 226)}
+    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                     text_length: int) -> dict[str, int]:
+        return {**super().cp_sequences(bucket, vae_config, transformer_config, text_length),
+                "text tokens": text_length}
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The transformer's v-prediction output for the noised latents, fed as CogVideoXPipeline feeds it."""

@@ -30,22 +30,26 @@ RING_CPU_BACKEND = "_native_math"  # ft registers its ring-capable CPU op under 
 ULYSSES_BACKEND = "native"
 
 
-def default_cp_mode(num_heads: int, cp_degree: int) -> str:
+def default_cp_mode(num_heads: int, cp_degree: int, modes: tuple[str, ...] = CP_MODES) -> str:
     """Ulysses where the heads divide by the degree (one all-to-all per attention instead of N-1 exchanges of keys
-    and values), ring otherwise."""
-    return "ulysses" if num_heads % cp_degree == 0 else "ring"
+    and values) or the family has no other, ring otherwise."""
+    return "ulysses" if num_heads % cp_degree == 0 or "ring" not in modes else "ring"
 
 
 def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths: dict[str, int],
-                    family: str) -> None:
+                    family: str, modes: tuple[str, ...] = CP_MODES, modes_why: str = "") -> None:
     """Refuse, before any weight loads, a split that cannot work; the message names the degrees that would."""
     if cp_degree == 1:
         return
+    if mode not in modes:
+        raise UserError(f"--cp-mode {mode}: {family} splits only with {' or '.join(modes)} attention: {modes_why}. "
+                        f"Use --cp-mode {modes[0]}.")
     if mode == "ulysses" and num_heads % cp_degree:
         fits = [n for n in range(2, num_heads + 1) if num_heads % n == 0]
+        ring = ", or --cp-mode ring (any head count)" if "ring" in modes else ""
         raise UserError(f"--cp-mode ulysses --cp-degree {cp_degree}: Ulysses attention gives each rank "
                         f"heads / {cp_degree} of {family}'s {num_heads} attention heads, which do not divide; use "
-                        f"--cp-degree {' or '.join(map(str, fits)) or '1'}, or --cp-mode ring (any head count).")
+                        f"--cp-degree {' or '.join(map(str, fits)) or '1'}{ring}.")
     for bucket, tokens in sequence_lengths.items():
         if tokens % cp_degree:
             fits = [n for n in range(2, 9) if tokens % n == 0 and (mode == "ring" or num_heads % n == 0)]
@@ -59,7 +63,7 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
     """The cp mode of the run (--cp-mode, or the default for the family's head count), after refusing what cannot
     split: a family without a plan, heads that Ulysses cannot divide, a bucket whose sequences do not divide."""
     heads = int(transformer_config.get("num_attention_heads") or 1)
-    mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree)
+    mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree, spec.cp_modes)
     if cfg.cp_degree == 1:
         return mode
     if spec.context_parallel is None:
@@ -79,9 +83,11 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
         for bucket in s.manifest.training_histogram():
             from ft.common.shards import parse_bucket
 
-            for what, tokens in spec.cp_sequences(parse_bucket(bucket), vae_config, transformer_config).items():
+            text_length = int((s.manifest.shapes.get("prompt_embeds") or [0])[0])
+            for what, tokens in spec.cp_sequences(parse_bucket(bucket), vae_config, transformer_config,
+                                                  text_length).items():
                 lengths[f"{bucket} ({what})"] = tokens
-    check_cp_layout(cfg.cp_degree, mode, heads, lengths, spec.display_name)
+    check_cp_layout(cfg.cp_degree, mode, heads, lengths, spec.display_name, spec.cp_modes, spec.cp_modes_why)
     return mode
 
 
