@@ -59,9 +59,11 @@ def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths:
                             f"divides by {cp_degree}.")
 
 
-def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: list[Any]) -> str:
+def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: list[Any],
+                           validation_sizes: list[tuple[int, int, int]] = ()) -> str:
     """The cp mode of the run (--cp-mode, or the default for the family's head count), after refusing what cannot
-    split: a family without a plan, heads that Ulysses cannot divide, a bucket whose sequences do not divide."""
+    split: a family without a plan, heads that Ulysses cannot divide, a bucket (or a validation video, which the cp
+    group generates together) whose sequences do not divide."""
     heads = int(transformer_config.get("num_attention_heads") or 1)
     mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree, spec.cp_modes)
     if cfg.cp_degree == 1:
@@ -77,16 +79,17 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
         flag = "--layerwise-upcasting-modules" if cfg.layerwise_upcasting_modules else "--offload-blocks"
         raise UserError(f"{flag} fits one GPU; --cp-degree {cfg.cp_degree} runs several processes: leave {flag} "
                         "out and let --cp-degree split the activations (and --dp-shards the weights).")
+    from ft.common.shards import bucket_name, parse_bucket
+
     lengths = {}
     for s in sets:
         vae_config = s.manifest.encoders.get("vae", {}).get("config", {})
-        for bucket in s.manifest.training_histogram():
-            from ft.common.shards import parse_bucket
-
-            text_length = int((s.manifest.shapes.get("prompt_embeds") or [0])[0])
-            for what, tokens in spec.cp_sequences(parse_bucket(bucket), vae_config, transformer_config,
-                                                  text_length).items():
-                lengths[f"{bucket} ({what})"] = tokens
+        text_length = int((s.manifest.shapes.get("prompt_embeds") or [0])[0])
+        sizes = [(bucket, parse_bucket(bucket)) for bucket in s.manifest.training_histogram()]
+        sizes += [(f"{bucket_name(*size)} of --validation-dataset-file", size) for size in validation_sizes]
+        for name, size in sizes:
+            for what, tokens in spec.cp_sequences(size, vae_config, transformer_config, text_length).items():
+                lengths[f"{name} ({what})"] = tokens
     check_cp_layout(cfg.cp_degree, mode, heads, lengths, spec.display_name, spec.cp_modes, spec.cp_modes_why)
     return mode
 

@@ -216,7 +216,6 @@ class Trainer:
         if cfg.offload_blocks and self.world.size > 1:
             raise UserError(OFFLOAD_SEVERAL_PROCESSES)
         self.sets = open_shard_sets(cfg, self.spec, self.transformer_config, self.samples_per_step)
-        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets)
         self.image_conditioning = run_conditioning(cfg, self.spec, self.sets, self.transformer_config)
         if cfg.image_noise and self.image_conditioning is None:
             raise UserError("--image-noise noises the conditioning image of an image-to-video run; this run is "
@@ -224,6 +223,8 @@ class Trainer:
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
+        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets,
+                                              [prompt.size for prompt in self.validation.prompts])
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
