@@ -32,7 +32,8 @@ from helpers import run_cli, torchrun, train, train_args, train_log
 STEPS = ["--train-steps", "4", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps",
          "2", "--report-to", "none", "--rank", "4", "--lora-alpha", "8"]
 FAMILIES = {"wan": ("tiny_wan", "wan_shards", []), "cogvideox": ("tiny_cog", "cog_shards", []),
-            "ltx_video": ("tiny_ltx", "ltx_shards", ["--first-frame-conditioning-p", "0.5"])}
+            "ltx_video": ("tiny_ltx", "ltx_shards", ["--first-frame-conditioning-p", "0.5"]),
+            "hunyuan_video": ("tiny_hunyuan", "hunyuan_shards", [])}
 
 
 def losses(out):
@@ -100,6 +101,14 @@ def test_ltx_video_cp2_follows_the_one_process_curve_with_first_frame_conditioni
     for 4 heads over 2 ranks is Ulysses."""
     out = runs("ltx_video", 2, "--cp-degree", "2")
     assert_same_run(out, runs("ltx_video", 1))
+
+
+@pytest.mark.slow
+def test_hunyuan_video_cp2_counts_the_text_once(runs):
+    """Every rank holds the whole (padded) text; the joint attention masks the other ranks' copies (ft's
+    processor), so the curve is the 1-process one."""
+    out = runs("hunyuan_video", 2, "--cp-degree", "2")
+    assert_same_run(out, runs("hunyuan_video", 1))
 
 
 @pytest.mark.slow
@@ -192,6 +201,20 @@ def test_the_text_of_cogvideox_joint_sequence_must_split_too(tmp_path, tiny_cog,
     with pytest.raises(UserError, match=r"--cp-degree 3: bucket 49x480x720 \(text tokens\) is 226 per sample, "
                                         r"which do not split into 3 equal parts; use --cp-degree 2 "):
         check_cp_layout(3, "ring", 48, {f"49x480x720 ({k})": v for k, v in sequences.items()}, "CogVideoX")
+
+
+def test_ring_attention_is_refused_where_the_joint_attention_has_a_mask():
+    from ft.pipelines.hunyuan_video import HunyuanVideoSpec
+    from ft.train.context_parallel import check_cp_layout, default_cp_mode
+
+    spec = HunyuanVideoSpec()
+    assert default_cp_mode(24, 5, spec.cp_modes) == "ulysses"  # then refused for the heads, naming the degrees
+    with pytest.raises(UserError, match="--cp-mode ring: HunyuanVideo splits only with ulysses attention: its joint "
+                                        "attention carries a mask"):
+        check_cp_layout(2, "ring", 24, {}, spec.display_name, spec.cp_modes, spec.cp_modes_why)
+    with pytest.raises(UserError, match="24 attention heads, which do not divide; use --cp-degree 2 or 3 or 4 or 6 "
+                                        "or 8 or 12 or 24.$"):
+        check_cp_layout(5, "ulysses", 24, {}, spec.display_name, spec.cp_modes, spec.cp_modes_why)
 
 
 def test_a_family_without_a_plan_is_refused(tmp_path, tiny_wan, wan_shards):
