@@ -267,6 +267,9 @@ class Trainer:
         if self.layout.cp > 1:  # the hooks before any wrapping: FSDP2 and DDP run them inside their own
             enable_context_parallel(transformer, cp_mesh(self.mesh), self.cp_mode, self.device,
                                     self.spec.cp_plan(transformer))
+            log.info(f"context parallel over {self.layout.cp} processes: {self.cp_mode} attention "
+                     f"({'--cp-mode' if cfg.cp_mode else 'the default'} for "
+                     f"{self.transformer_config.get('num_attention_heads')} heads)")
         self.offloader = None
         if cfg.offload_blocks:  # one process (check_run)
             from ft.train.offload import BlockOffloader
