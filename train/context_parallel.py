@@ -152,9 +152,10 @@ def _cpu_backward_op(ctx: Any, grad_out: Any, *args: Any, query: Any = None, key
     backward passes each chunk in turn)."""
     import torch
 
-    saved = ctx.saved_tensors
-    query, key, value, out, lse = (s if given is None else given for s, given in
-                                   zip(saved, (query, key, value, out, lse), strict=True))
+    given = (query, key, value, out, lse)
+    if any(x is None for x in given):  # Ulysses: this chunk is the forward's; the ring hands every tensor in
+        # (ctx.saved_tensors is read once per backward: gradient checkpointing refuses a second unpacking)
+        query, key, value, out, lse = (s if x is None else x for s, x in zip(ctx.saved_tensors, given, strict=True))
     g, q, k, v, o = (x.transpose(1, 2).contiguous() for x in (grad_out, query, key, value, out))
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         g.to(q.dtype), q, k, v, o.to(q.dtype), lse.transpose(1, 2).contiguous().float(), ctx.dropout_p,

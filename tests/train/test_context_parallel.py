@@ -30,7 +30,9 @@ from ft.common.errors import UserError
 from helpers import run_cli, torchrun, train, train_args, train_log
 
 STEPS = ["--train-steps", "4", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps",
-         "2", "--report-to", "none", "--rank", "4", "--lora-alpha", "8"]
+         "2", "--report-to", "none"]
+LORA = ["--rank", "4", "--lora-alpha", "8"]
+FULL = ["--training-type", "full-finetune"]
 FAMILIES = {"wan": ("tiny_wan", "wan_shards", []), "cogvideox": ("tiny_cog", "cog_shards", []),
             "ltx_video": ("tiny_ltx", "ltx_shards", ["--first-frame-conditioning-p", "0.5"]),
             "hunyuan_video": ("tiny_hunyuan", "hunyuan_shards", [])}
@@ -68,6 +70,7 @@ def runs(request, tmp_path_factory):
         if key not in cache:
             model_fixture, shards_fixture, extra = FAMILIES[family]
             model, shards = request.getfixturevalue(model_fixture), request.getfixturevalue(shards_fixture)
+            extra = [*extra, *([] if "--training-type" in flags else LORA)]
             out = tmp_path_factory.mktemp(f"cp-{family}") / "out"
             if nproc == 1:
                 train(family, model, shards, out, *STEPS, *extra, *flags)
@@ -93,6 +96,22 @@ def test_cp2_follows_the_one_process_curve(runs, family, mode):
     state = json.loads((out / "checkpoints" / "checkpoint-000004" / "state.json").read_text())
     assert state["parallel"] == {"world_size": 2, "dp_degree": 1, "dp_shards": 1, "cp_degree": 2}
     assert state["samples_per_step"] == 1  # a cp group reads one stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_cp2_with_gradient_checkpointing_recomputes_through_the_split(runs, mode):
+    """The blocks' recomputation in backward runs the split's hooks and the attention's collectives again, in the
+    same order on every rank."""
+    out = runs("wan", 2, "--cp-degree", "2", "--cp-mode", mode, "--gradient-checkpointing")
+    assert_same_run(out, runs("wan", 1))
+
+
+@pytest.mark.slow
+def test_a_full_finetune_under_cp2_follows_the_one_process_curve(runs):
+    out, base = runs("wan", 2, "--cp-degree", "2", *FULL), runs("wan", 1, *FULL)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in train_log(out)] == pytest.approx([r[key] for r in train_log(base)], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -129,7 +148,8 @@ def test_a_cp2_checkpoint_resumes_at_cp1_and_at_dp2_and_continues_the_curve(runs
     for name, nproc, layout in (("cp1", 1, ["--batch-size", "2"]), ("dp2", 2, [])):
         out = tmp_path / name
         shutil.copytree(saved / "checkpoints" / "checkpoint-000002", out / "checkpoints" / "checkpoint-000002")
-        argv = train_args("wan", tiny_wan, wan_shards, out, *STEPS, *layout, "--resume-from-checkpoint", "latest")
+        argv = train_args("wan", tiny_wan, wan_shards, out, *STEPS, *LORA, *layout, "--resume-from-checkpoint",
+                          "latest")
         if nproc == 1:
             run_cli(argv)
         else:
