@@ -223,7 +223,8 @@ class Trainer:
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
-        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets,
+        held_out = [self.validation.held_out.set] if self.validation.held_out else []  # --eval-shards
+        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets + held_out,
                                               [prompt.size for prompt in self.validation.prompts])
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
