@@ -110,6 +110,10 @@ def enable_context_parallel(transformer: Any, cp_mesh: Any, mode: str, device: s
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
+    import warnings
+
+    # diffusers 0.42's gathers call a torch function torch has renamed: one warning per rank per gather otherwise
+    warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
     degree = cp_mesh.size()
     plan = plan if plan is not None else transformer._cp_plan
     assert plan is not None, f"{type(transformer).__name__} has no context-parallel plan"

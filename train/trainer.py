@@ -56,6 +56,7 @@ from .parallel import (
     clip_grad_norm,
     cp_mesh,
     export_state,
+    gradient_mesh,
     parallelize,
     resolve_layout,
     set_gradient_sync,
@@ -197,7 +198,11 @@ class Trainer:
         dist.agree(error)
         if self.resume_from is not None:
             dist.same_on_every_rank(lambda: self.resume(self.resume_from))
-        dist.set_timeout(cfg.nccl_timeout, self.mesh if self.world.size > 1 else None)
+        meshes = [self.mesh] if self.world.size > 1 else []
+        if self.layout.cp > 1:  # the gradients' flattened dims, and the cp group diffusers flattened for the split
+            config = self.transformer._parallel_config.context_parallel_config
+            meshes += [gradient_mesh(self.layout, self.mesh), config._flattened_mesh]
+        dist.set_timeout(cfg.nccl_timeout, *meshes)
 
     def check_run(self) -> None:
         """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
