@@ -106,11 +106,11 @@ def attention_backend(mode: str, device: str) -> str:
 def enable_context_parallel(transformer: Any, cp_mesh: Any, mode: str, device: str,
                             plan: dict[str, Any] | None) -> None:
     """Split `transformer`'s sequence over `cp_mesh` (dims "ring", "ulysses") with `plan` (None: its `_cp_plan`)."""
+    import warnings
+
     import torch.distributed as dist
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
-
-    import warnings
 
     # diffusers 0.42's gathers call a torch function torch has renamed: one warning per rank per gather otherwise
     warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
