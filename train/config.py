@@ -254,6 +254,9 @@ class TrainConfig(ModelArgs):
         check_positive(self.cp_degree, "cp_degree")
         if self.cp_mode is not None:
             check_choice(self.cp_mode, CP_MODES, "cp_mode")
+            if self.cp_degree == 1:
+                raise UserError(f"--cp-mode {self.cp_mode} applies with --cp-degree above 1 (each sample's sequence "
+                                "split over that many processes); add --cp-degree, or leave --cp-mode out.")
         for name in ("init_timeout", "nccl_timeout"):
             check_positive(getattr(self, name), name)
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",

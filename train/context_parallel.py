@@ -95,6 +95,7 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
 
 
 def attention_backend(mode: str, device: str) -> str:
+    """The diffusers attention backend `mode` runs on `device` (module docstring)."""
     if mode == "ulysses":
         return ULYSSES_BACKEND
     if device.startswith("cuda"):
@@ -103,11 +104,12 @@ def attention_backend(mode: str, device: str) -> str:
     return RING_CPU_BACKEND
 
 
-def enable_context_parallel(transformer: Any, cp_mesh: Any, mode: str, device: str,
-                            plan: dict[str, Any] | None) -> None:
-    """Split `transformer`'s sequence over `cp_mesh` (dims "ring", "ulysses") with `plan` (None: its `_cp_plan`)."""
+def enable_context_parallel(transformer: Any, cp_mesh: Any, mode: str, device: str, plan: dict[str, Any]) -> None:
+    """Split `transformer`'s sequence over `cp_mesh` (dims "ring", "ulysses") as `plan` (ModelSpec.cp_plan) says,
+    with `mode` attention."""
     import warnings
 
+    import torch
     import torch.distributed as dist
     from diffusers.hooks.context_parallel import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
@@ -115,14 +117,10 @@ def enable_context_parallel(transformer: Any, cp_mesh: Any, mode: str, device: s
     # diffusers 0.42's gathers call a torch function torch has renamed: one warning per rank per gather otherwise
     warnings.filterwarnings("ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning)
     degree = cp_mesh.size()
-    plan = plan if plan is not None else transformer._cp_plan
-    assert plan is not None, f"{type(transformer).__name__} has no context-parallel plan"
     transformer.set_attention_backend(attention_backend(mode, device))
     cp = ContextParallelConfig(ring_degree=degree if mode == "ring" else 1,
                                ulysses_degree=degree if mode == "ulysses" else 1, mesh=cp_mesh)
     config = ParallelConfig(context_parallel_config=cp)
-    import torch
-
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device(device), mesh=cp_mesh)
     transformer._parallel_config = config
     for module in transformer.modules():

@@ -267,8 +267,9 @@ def test_a_world_that_cp_does_not_divide_is_refused_before_anything_loads(tmp_pa
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--cp-mode", "stripes"], "--cp-mode 'stripes' is not one of: ring, ulysses"),
+    (["--cp-mode", "stripes", "--cp-degree", "2"], "--cp-mode 'stripes' is not one of: ring, ulysses"),
     (["--cp-degree", "0"], "--cp-degree"),
+    (["--cp-mode", "ring"], "--cp-mode ring applies with --cp-degree above 1"),
 ])
 def test_bad_cp_flags_are_refused(tmp_path, tiny_wan, wan_shards, flags, message):
     with pytest.raises(UserError, match=message):
