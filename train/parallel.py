@@ -79,9 +79,11 @@ def resolve_layout(dp_degree: int, dp_shards: int, world: World, cp_degree: int 
     """The degrees from the flags and the world size; a clear error (the same on every rank) when they do not
     multiply to it."""
     if world.size % cp_degree:
-        raise UserError(f"--cp-degree {cp_degree} does not divide the {world.size} processes "
-                        f"{world.launcher if world.size > 1 else 'ft'} started; start a multiple of {cp_degree} "
-                        "(data-parallel degrees x --cp-degree).")
+        started = (f"{world.launcher} started {world.size} processes" if world.size > 1 else
+                   "ft was started as one process: launch it with `torchrun --nproc_per_node N --no-python ft train "
+                   "...` (or srun)")
+        raise UserError(f"--cp-degree {cp_degree} splits each sample over {cp_degree} processes, but {started}; "
+                        f"start a multiple of {cp_degree} (data-parallel degrees x --cp-degree).")
     n = world.size // cp_degree
     for name, value in (("--dp-degree", dp_degree), ("--dp-shards", dp_shards)):
         if value != UNSET and value < 1:

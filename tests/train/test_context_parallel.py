@@ -254,7 +254,8 @@ def test_a_family_without_a_plan_is_refused(tmp_path, tiny_wan, wan_shards):
 
 
 def test_a_world_that_cp_does_not_divide_is_refused_before_anything_loads(tmp_path, tiny_wan, wan_shards):
-    with pytest.raises(UserError, match="--cp-degree 2 does not divide the 1 processes"):
+    with pytest.raises(UserError, match="--cp-degree 2 splits each sample over 2 processes, but ft was started as "
+                                        "one process: launch it with `torchrun"):
         train("wan", tiny_wan, wan_shards, tmp_path / "out", "--cp-degree", "2")
     from ft.common.launcher import World
     from ft.train.parallel import resolve_layout
