@@ -211,8 +211,9 @@ def cp_table(config: str, results: dict[tuple[str, str], list[dict]], args: argp
     cores = os.cpu_count() or 1
     lines += ["", f"This machine has {cores} cores: the 2 ranks of a cp group split them, so s/step sets the "
               "split's communication and its smaller matmuls against one process with every core; on GPUs each "
-              "rank has its own (and on a machine shared with other jobs, as this one may be, s/step is noisy). The activations do not depend on the machine: each rank saves about half of the "
-              "video tokens' activations; the text (CogVideoX's joint sequence) is split too. Ulysses saves the "
+              "rank has its own (and on a machine shared with other jobs, as this one may be, s/step is "
+              "noisy). The activations do not depend on the machine: each rank saves about half of the video "
+              "tokens' activations; the text (CogVideoX's joint sequence) is split too. Ulysses saves the "
               "whole sequence's queries, keys and values of heads / 2 heads per attention, ring its own part and "
               "the all-gathered keys and values."]
     return "\n".join(lines)
