@@ -8,7 +8,8 @@ processors run ring or Ulysses attention over the context-parallel ranks (attent
   over the whole sequence for heads/N heads; the heads must divide by N. diffusers' `native` backend (SDPA).
 - ring: each rank keeps its queries and attends to every rank's keys and values in turn, merging the partial
   results by their log-sum-exp; any head count. It needs an attention op that returns the log-sum-exp: on a GPU
-  diffusers' `_native_cudnn`; on a CPU ft's own (below, torch's CPU flash-attention kernel and its backward),
+  diffusers' `_native_cudnn` (bf16/fp16 only; its backward cannot run under gradient checkpointing: both refused
+  before loading, `check_gpu_ring`; not run here, where no GPU is); on a CPU ft's own (below, torch's CPU flash-attention kernel and its backward),
   registered for the `_native_math` backend, which diffusers does not run under context parallelism itself.
 
 The mesh is the training mesh's ("ring", "ulysses") sub-mesh (parallel.py): one of the two has size N, the other
@@ -60,10 +61,10 @@ def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths:
 
 
 def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: list[Any],
-                           validation_sizes: list[tuple[int, int, int]] = ()) -> str:
+                           validation_sizes: list[tuple[int, int, int]] = (), device: str = "cpu") -> str:
     """The cp mode of the run (--cp-mode, or the default for the family's head count), after refusing what cannot
     split: a family without a plan, heads that Ulysses cannot divide, a bucket (or a validation video, which the cp
-    group generates together) whose sequences do not divide."""
+    group generates together) whose sequences do not divide, and what ring attention's GPU op cannot do."""
     heads = int(transformer_config.get("num_attention_heads") or 1)
     mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree, spec.cp_modes)
     if cfg.cp_degree == 1:
@@ -91,7 +92,24 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
             for what, tokens in spec.cp_sequences(size, vae_config, transformer_config, text_length).items():
                 lengths[f"{name} ({what})"] = tokens
     check_cp_layout(cfg.cp_degree, mode, heads, lengths, spec.display_name, spec.cp_modes, spec.cp_modes_why)
+    if mode == "ring" and device.startswith("cuda"):
+        check_gpu_ring(cfg)
     return mode
+
+
+def check_gpu_ring(cfg: Any) -> None:
+    """Ring attention on a GPU runs diffusers' cuDNN op (RING_GPU_BACKEND): half precision only, and its backward
+    reads the saved tensors once per ring step, which gradient checkpointing's recomputation refuses."""
+    fix = "use --cp-mode ulysses (a --cp-degree that divides the heads)"
+    if cfg.gradient_checkpointing:
+        raise UserError(f"--cp-mode ring with --gradient-checkpointing on a GPU: diffusers' ring backward (cuDNN "
+                        f"attention) unpacks the saved tensors at every ring step, which checkpointing allows once; "
+                        f"{fix}, or train without --gradient-checkpointing.")
+    from ft.common.dtypes import parse_dtype
+
+    if str(parse_dtype(cfg.transformer_dtype, "--transformer-dtype")) == "torch.float32":
+        raise UserError(f"--cp-mode ring on a GPU attends with cuDNN, in bf16 or fp16 only, and --transformer-dtype "
+                        f"fp32 computes in fp32; {fix}, or train in bf16.")
 
 
 def attention_backend(mode: str, device: str) -> str:

@@ -230,7 +230,7 @@ class Trainer:
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
         held_out = [self.validation.held_out.set] if self.validation.held_out else []  # --eval-shards
         self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets + held_out,
-                                              [prompt.size for prompt in self.validation.prompts])
+                                              [prompt.size for prompt in self.validation.prompts], self.device)
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None

@@ -241,6 +241,23 @@ def test_ring_attention_is_refused_where_the_joint_attention_has_a_mask():
         check_cp_layout(5, "ulysses", 24, {}, spec.display_name, spec.cp_modes, spec.cp_modes_why)
 
 
+def test_what_ring_attention_cannot_do_on_a_gpu_is_refused(tmp_path, tiny_wan):
+    """Ring attention on a GPU runs diffusers' cuDNN op: half precision, and no gradient checkpointing (checked on
+    the config alone: this machine has no GPU)."""
+    from ft.train.config import TrainConfig
+    from ft.train.context_parallel import check_gpu_ring
+
+    def config(**flags):
+        return TrainConfig(model="wan", pretrained=str(tiny_wan), shards=["s"], output_dir=str(tmp_path), cp_degree=2,
+                           cp_mode="ring", **flags)
+
+    check_gpu_ring(config(transformer_dtype="bf16"))
+    with pytest.raises(UserError, match="--cp-mode ring with --gradient-checkpointing on a GPU"):
+        check_gpu_ring(config(transformer_dtype="bf16", gradient_checkpointing=True))
+    with pytest.raises(UserError, match="in bf16 or fp16 only, and --transformer-dtype fp32"):
+        check_gpu_ring(config(transformer_dtype="fp32"))
+
+
 def test_a_family_without_a_plan_is_refused(tmp_path, tiny_wan, wan_shards):
     from ft.pipelines.registry import SPECS
     from ft.train.config import TrainConfig
