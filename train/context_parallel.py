@@ -9,8 +9,9 @@ processors run ring or Ulysses attention over the context-parallel ranks (attent
 - ring: each rank keeps its queries and attends to every rank's keys and values in turn, merging the partial
   results by their log-sum-exp; any head count. It needs an attention op that returns the log-sum-exp: on a GPU
   diffusers' `_native_cudnn` (bf16/fp16 only; its backward cannot run under gradient checkpointing: both refused
-  before loading, `check_gpu_ring`; not run here, where no GPU is); on a CPU ft's own (below, torch's CPU flash-attention kernel and its backward),
-  registered for the `_native_math` backend, which diffusers does not run under context parallelism itself.
+  before loading, `check_gpu_ring`; not run here, where no GPU is); on a CPU ft's own (below, torch's CPU
+  flash-attention kernel and its backward), registered for the `_native_math` backend, which diffusers does not run
+  under context parallelism itself.
 
 The mesh is the training mesh's ("ring", "ulysses") sub-mesh (parallel.py): one of the two has size N, the other
 1, as diffusers' ContextParallelConfig wants both names. ft sets the config up itself instead of calling
