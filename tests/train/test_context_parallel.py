@@ -2,7 +2,7 @@
 
 Under torchrun with gloo on the CPU (slow): cp 2 with Ulysses and with ring attention, and cp 2 x FSDP2 2 (4
 processes), each against the 1-process run at the same samples per optimizer step, for Wan (diffusers' plan) and
-CogVideoX (ft's plan: the joint text+video sequence); cp 2 for LTX-Video and HunyuanVideo (ft's plans), with
+CogVideoX (ft's plan: the joint text+video sequence); cp 2 for LTX-Video and HunyuanVideo (ft's plans), Wan I2V, with
 gradient checkpointing, and for a full finetune; a cp 2 checkpoint resumed at cp 1 and at dp 2, a cp 1 one at cp 2;
 the exported LoRA equal to the 1-process one, loaded by diffusers. Fast: the layouts refused before any weight
 loads, with the numbers that would work.
@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ft.common.errors import UserError
-from helpers import run_cli, torchrun, train, train_args, train_log
+from helpers import BUCKETS, FP32, run_cli, torchrun, train, train_args, train_log
 
 STEPS = ["--train-steps", "4", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed", "9", "--checkpointing-steps",
          "2", "--report-to", "none"]
@@ -129,6 +129,22 @@ def test_hunyuan_video_cp2_counts_the_text_once(runs):
     processor), so the curve is the 1-process one."""
     out = runs("hunyuan_video", 2, "--cp-degree", "2")
     assert_same_run(out, runs("hunyuan_video", 1))
+
+
+@pytest.mark.slow
+def test_wan_i2v_cp2_follows_the_one_process_curve(tmp_path, shapes_data):
+    """Wan 2.1 I2V: the image latents on the channels are split with the video tokens; the CLIP image embeddings
+    join the text of the cross-attention, whole on every rank."""
+    from ft.pipelines.registry import save_tiny_model
+
+    model = save_tiny_model("wan:i2v", tmp_path / "model")
+    run_cli(["precompute", "--model", "wan", "--pretrained", model, *FP32, "--image-encoder-dtype", "fp32",
+             "--dataset", shapes_data, "--out", tmp_path / "shards", *BUCKETS, "--batch-size", "2"])
+    train("wan", model, tmp_path / "shards", tmp_path / "one", *STEPS, *LORA)
+    done = torchrun(2, train_args("wan", model, tmp_path / "shards", tmp_path / "cp2", *STEPS, *LORA, "--cp-degree",
+                                  "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path / "cp2", tmp_path / "one")
 
 
 @pytest.mark.slow
