@@ -55,9 +55,9 @@ def _switch_off(why: str) -> Check:
 
 
 def _degree(what: str) -> Check:
-    return _only("1", why=f"ft does not split the model across GPUs ({what}); it parallelises data: use "
-                          "--dp_degree (replicas) and --dp_shards (FSDP shards), whose product is the number of "
-                          "processes.")
+    return _only("1", why=f"ft does not split the model's layers across GPUs ({what}); it parallelises data and "
+                          "sequences: use --dp_degree (replicas), --dp_shards (FSDP shards) and --cp_degree (each "
+                          "sample's sequence split), whose product is the number of processes.")
 
 
 def _model_name(v: list[str]) -> list[tuple[str, list[str]]]:
@@ -129,8 +129,11 @@ def _flags() -> list[Flag]:
         Flag("dp_degree", s, (T,), "dp_degree", why="data-parallel replicas (DDP; HSDP with --dp_shards)."),
         Flag("dp_shards", s, (T,), "dp_shards", why="FSDP2 shards, block by block; -1 is what the world leaves, as "
              "there."),
-        Flag("cp_degree", n, why="1 only: ft does not split sequences across GPUs.",
-             check=_degree("context parallelism")),
+        Flag("cp_degree", s, (T,), "cp_degree", why="context parallelism: each sample's sequence split over this "
+             "many processes, the world being dp_degree x dp_shards x cp_degree, as there. finetrainers attends "
+             "with torch's ring attention; ft takes Ulysses where the heads divide by the degree (the same "
+             "attention within float rounding, one all-to-all instead of a ring of exchanges) and ring otherwise; "
+             "add --cp-mode ring for finetrainers' algorithm."),
         Flag("tp_degree", n, why="1 only: ft does not split layers across GPUs.",
              check=_degree("tensor parallelism")),
         # model

@@ -293,6 +293,13 @@ class ModelSpec(ABC):
     # whether the family's pipeline hands parts of the schedule to different transformers (Wan 2.2 A14B's
     # experts), each trained as its own run (`ft train --expert`)
     has_experts: ClassVar[bool] = False
+    # context parallelism (`ft train --cp-degree`): what the split cuts and where, in words (the help and errors
+    # show it); None: the family has no plan yet and --cp-degree above 1 is refused. `cp_plan` gives the plan.
+    context_parallel: ClassVar[str | None] = None
+    # the attentions the plan works with, and why a mode is missing (a text mask that ring attention would apply to
+    # the wrong key chunks)
+    cp_modes: ClassVar[tuple[str, ...]] = ("ring", "ulysses")
+    cp_modes_why: ClassVar[str] = ""
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -631,6 +638,30 @@ class ModelSpec(ABC):
         whose pipeline hands parts of the schedule to different transformers trains one part per run (Wan 2.2
         A14B: wan_experts.py); the objective draws each sample's sigma until its timestep passes."""
         return None
+
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        """The context-parallel plan for `transformer` (diffusers' ContextParallelModelPlan): by default the one its
+        diffusers class ships (`_cp_plan`); a family whose class has none overrides this, and may install the
+        attention processors its plan needs."""
+        plan = type(transformer)._cp_plan
+        assert plan is not None, f"{type(transformer).__name__} has no _cp_plan: {self.name} must give one"
+        return plan
+
+    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                     text_length: int) -> dict[str, int]:
+        """The sequences a context-parallel split cuts for one sample of `bucket`, by name, with their token counts
+        (each must divide by --cp-degree): the video tokens after patching; a family whose plan splits the text
+        (`text_length` tokens, as the shards store it) adds it."""
+        temporal, spatial = self.compression(vae_config)
+        frames, height, width = bucket
+        patch = transformer_config.get("patch_size") or 1
+        if isinstance(patch, (list, tuple)):
+            pt, ph, pw = (int(x) for x in patch)
+        else:
+            pt, ph, pw = int(transformer_config.get("patch_size_t") or 1), int(patch), int(patch)
+        latent_frames = (frames - 1) // temporal + 1
+        tokens = -(-latent_frames // pt) * (height // spatial // ph) * (width // spatial // pw)
+        return {"video tokens": tokens}
 
     def latent_sequence_length(self, latents: torch.Tensor) -> int:
         """Tokens of one sample's latents before patching (frames x height x width), for resolution-dependent

@@ -78,6 +78,46 @@ def image_condition_frames(image_latents: torch.Tensor, latent_frames: int, patc
     return condition
 
 
+class ContextParallelAttention:
+    """CogVideoXAttnProcessor2_0 with its attention through diffusers' dispatcher, so that it runs ring or Ulysses
+    attention under context parallelism (`ft train --cp-degree`); the same arithmetic otherwise. Each rank holds its
+    share of the text tokens and of the video tokens and concatenates them as the original does: the ranks' joint
+    sequences together are the whole joint sequence in another order, which attention (no mask, no causal order)
+    does not see; the rotary tables are split with the video tokens, so each token keeps its own rotation."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> tuple[Any, Any]:
+        import torch
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        assert attention_mask is None, "CogVideoX's transformer passes no attention mask"
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size = hidden_states.shape[0]
+        query, key, value = (proj(hidden_states) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+        hidden_states = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
 class CogVideoXSpec(ModelSpec):
     name = "cogvideox"
     display_name = "CogVideoX"
@@ -251,6 +291,31 @@ class CogVideoXSpec(ModelSpec):
             cache[key] = self.rotary_embeddings(transformer_config, latent_frames, latent_height, latent_width,
                                                 device)
         return cache[key]
+
+    context_parallel = ("ft's plan: the text tokens (after the patch embedding) and the video tokens are both split "
+                        "before the first block, and the rotary tables with the video tokens; each block's timestep "
+                        "modulation is per token, so it needs no split; every rank attends over the whole joint "
+                        "text+video sequence (ring or Ulysses, through ft's CogVideoX attention processor); the "
+                        "video tokens are gathered after proj_out. The text length (226) and the video tokens must "
+                        "both divide by --cp-degree.")
+
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        """The plan (class docstring of ContextParallelAttention) and the processor it needs, installed in every
+        block's attention."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        for block in transformer.transformer_blocks:
+            block.attn1.set_processor(ContextParallelAttention())
+        rotary = ContextParallelInput(split_dim=0, expected_dims=2)
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3)
+        return {"": {"image_rotary_emb": (rotary, rotary)},
+                "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+                "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+    def cp_sequences(self, bucket: tuple[int, int, int], vae_config: dict, transformer_config: dict,
+                     text_length: int) -> dict[str, int]:
+        return {**super().cp_sequences(bucket, vae_config, transformer_config, text_length),
+                "text tokens": text_length}
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype) -> tuple[torch.Tensor, None]:
         """The transformer's v-prediction output for the noised latents, fed as CogVideoXPipeline feeds it."""

@@ -120,6 +120,41 @@ def call_transformer(transformer: Any, hidden: torch.Tensor, step: StepInputs, t
                        attention_kwargs=None, return_dict=False)[0]
 
 
+def context_parallel_processor() -> Any:
+    """A HunyuanVideoAttnProcessor2_0 whose attention mask fits the context-parallel split (made on first use: it
+    subclasses diffusers' class, imported lazily). Each rank holds its part of the video tokens and the whole text,
+    so its joint sequence is [its video tokens, the text]; the ranks' sequences together would hold the text once
+    per rank. The mask each rank hands the attention keeps its video tokens, and the text's own mask on the cp
+    group's first rank only (False on the others): the keys every rank attends over are then every video token
+    and the text once, as in one process. Ulysses gathers the ranks' masks with their keys; the other ranks' text
+    stream gets no gradient (its keys are masked everywhere) and the first rank's gets all of it, so the gradients
+    summed over the group are one process's."""
+    global _ContextParallelProcessor
+    if _ContextParallelProcessor is None:
+        import torch
+        import torch.distributed as dist
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        class ContextParallelProcessor(HunyuanVideoAttnProcessor2_0):
+            def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                         attention_mask: Any = None, image_rotary_emb: Any = None) -> Any:
+                if self._parallel_config is not None and attention_mask is not None:
+                    text = encoder_hidden_states.shape[1]
+                    group = self._parallel_config.context_parallel_config._flattened_mesh.get_group()
+                    text_mask = attention_mask[..., -text:]
+                    if dist.get_rank(group) > 0:
+                        text_mask = torch.zeros_like(text_mask)
+                    video = attention_mask.new_ones(*attention_mask.shape[:-1], hidden_states.shape[1])
+                    attention_mask = torch.cat([video, text_mask], dim=-1)
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        _ContextParallelProcessor = ContextParallelProcessor
+    return _ContextParallelProcessor()
+
+
+_ContextParallelProcessor: Any = None
+
+
 class HunyuanVideoSpec(ModelSpec):
     name = "hunyuan_video"
     display_name = "HunyuanVideo"
@@ -155,6 +190,29 @@ class HunyuanVideoSpec(ModelSpec):
     block_lists = ("transformer_blocks", "single_transformer_blocks")  # dual-stream, then single-stream
     default_fps = 24.0  # HunyuanVideo's sampler writes 24 fps (129 frames: about 5 s)
     embedded_guidance = True  # the transformer takes the guidance scale as an input (--guidance-scale)
+    context_parallel = ("ft's plan: the video tokens are split before the first dual-stream block (the rotary "
+                        "tables as the rope module makes them); the text (after the token refiner, which every rank "
+                        "runs whole) stays whole on every rank, and the joint attention of the dual- and single-"
+                        "stream blocks counts it once: the first rank of the group attends with the text's own mask, "
+                        "the others mask their copy out (context_parallel_processor); the timestep, guidance and "
+                        "pooled-text modulation is per sample, the same on every rank; the video tokens are gathered "
+                        "after proj_out.")
+    cp_modes = ("ulysses",)
+    cp_modes_why = ("its joint attention carries a mask (the text's padding, and the other ranks' copies of the "
+                    "text), which Ulysses gathers with the keys but ring attention would apply to the wrong key "
+                    "chunks")
+
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        """The plan (`context_parallel`), with context_parallel_processor in every dual- and single-stream block."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        for name in self.block_lists:
+            for block in getattr(transformer, name):
+                block.attn.set_processor(context_parallel_processor())
+        rotary = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {"rope": {0: rotary, 1: rotary},
+                "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+                "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 

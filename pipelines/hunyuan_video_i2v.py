@@ -131,6 +131,9 @@ def frames_as_images(frames: torch.Tensor) -> list[Any]:
 
 class HunyuanVideoI2VSpec(HunyuanVideoSpec):
     display_name = "HunyuanVideo-I2V"
+    # the token-replace blocks treat the first frame's tokens (the first of the sequence) apart: a split sequence
+    # would hand them to one rank only; no plan yet
+    context_parallel = None
     pipeline_class = I2V_PIPELINE
     checkpoints = CHECKPOINTS
     component_classes = {**HunyuanVideoSpec.component_classes,

@@ -118,6 +118,39 @@ ORIGINAL_LAYOUT = OriginalLayout(
     read_prefixes=("diffusion_model.", ""))
 
 
+class ContextParallelAttention:
+    """LTXVideoAttnProcessor whose cross-attention runs without context parallelism: each rank's video queries
+    attend to the whole text, which every rank holds (ft's plan does not split it), as Wan's processor does.
+    diffusers' own plan splits the text too, but its Ulysses backward assumes keys as long as the queries (it
+    fails on the cross-attention), and ring attention would apply a rank's part of the text mask to every rank's
+    text keys. Self-attention (no mask) runs ring or Ulysses attention. The same arithmetic as the original."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+        parallel = self._parallel_config if encoder_hidden_states is None else None
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False, backend=self._attention_backend,
+                                              parallel_config=parallel)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
 class LTXVideoSpec(ModelSpec):
     name = "ltx_video"
     display_name = "LTX-Video"
@@ -145,6 +178,12 @@ class LTXVideoSpec(ModelSpec):
     frame_rate_argument = "frame_rate"
     first_frame_conditioning = True
     finetrainers_first_frame_conditioning_p = 0.1  # hard-coded in finetrainers' LTX-Video trainer
+
+    context_parallel = ("ft's plan (diffusers' LTXVideoTransformer3DModel._cp_plan without the text split): the "
+                        "packed video tokens (and first-frame conditioning's per-token timesteps) are split at the "
+                        "transformer's input, the rotary tables as the rope module makes them; self-attention runs "
+                        "ring or Ulysses attention, cross-attention attends to the whole text, which every rank "
+                        "holds; the video tokens are gathered after proj_out.")
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -321,6 +360,18 @@ class LTXVideoSpec(ModelSpec):
         mask packed as the latents are (so the conditioned frame's tokens get 0)."""
         packed = pack_latents(mask, p, p_t).squeeze(-1)
         return timesteps.to(packed).unsqueeze(-1) * (1 - packed)
+
+    def cp_plan(self, transformer: Any) -> dict[str, Any]:
+        """The plan (`context_parallel`) and the processor it needs (ContextParallelAttention) in every attention."""
+        from diffusers.models._modeling_parallel import ContextParallelInput
+
+        for block in transformer.transformer_blocks:
+            for attention in (block.attn1, block.attn2):
+                attention.set_processor(ContextParallelAttention())
+        plan = type(transformer)._cp_plan
+        return {"": {"hidden_states": plan[""]["hidden_states"],
+                     "timestep": ContextParallelInput(split_dim=1, expected_dims=2)},
+                "rope": plan["rope"], "proj_out": plan["proj_out"]}
 
     def predict(self, transformer: Any, step: StepInputs, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

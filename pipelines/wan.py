@@ -177,6 +177,10 @@ class WanSpec(WanExperts, ModelSpec):
     default_buckets = ["49x480x832"]  # finetrainers' Wan example; the pipeline generates 81x480x832
     default_text_tokens = 512  # WanPipeline.__call__'s max_sequence_length
     block_lists = ("blocks",)
+    context_parallel = ("diffusers' plan (WanTransformer3DModel._cp_plan): the video tokens are split before the "
+                        "first block, with the rotary tables (and Wan 2.2 TI2V's per-token timesteps); the text "
+                        "(and image) tokens of the cross-attention stay whole on every rank; the video tokens are "
+                        "gathered after proj_out.")
     default_fps = 16.0  # Wan's videos (the pipeline's example writes 16 fps)
     # the stored UMT5 embeddings, zero-padded to the text length (the pipeline feeds no text mask)
     conditioning = (CondTensor("prompt_embeds", "text_dim", encoder="text encoder (UMT5)"),)

@@ -104,3 +104,9 @@ def test_dist_bench_measures_each_rank():
     out = bench(str(BENCH / "dist.py"), "--config", "tiny", "--layouts", "fsdp2", "--training", "lora", "--steps", "1",
                 "--warmup", "0", "--no-save")
     assert "| LoRA r16 | FSDP2 x2 | 2 | 1 |" in out and "optimizer state" in out
+
+
+@pytest.mark.slow
+def test_dist_bench_sets_context_parallel_against_one_process():
+    out = bench(str(BENCH / "dist.py"), "--cp", "--config", "tiny", "--steps", "1", "--warmup", "0", "--no-save")
+    assert "| 9x32x32 | 12 + 16 | cp 2 Ulysses | 2 | 1 |" in out and "| cp 2 ring |" in out and "activations" in out

@@ -21,6 +21,7 @@ from ft.train.fp8 import check_args as check_fp8_args
 from ft.train.offload import check_args as check_offload_args
 
 from .compile import check_args as check_compile_args
+from .context_parallel import CP_MODES
 from .lora_formats import LORA_FORMATS
 
 # the resolved config a run saves in its --output-dir; `ft generate` reads it back beside a --lora
@@ -212,6 +213,19 @@ class TrainConfig(ModelArgs):
                              "replica when neither is given).", panel=PARALLEL)
     dp_shards: int = opt(-1, "FSDP2 shards: the transformer's weights, gradients and optimizer state are split "
                              "over this many processes, block by block; -1: what the world leaves.", panel=PARALLEL)
+    cp_degree: int = opt(1, "Context parallelism: split each sample's token sequence over this many processes "
+                            "(finetrainers' --cp_degree), for videos whose activations one GPU cannot hold. The "
+                            "processes of one context-parallel group read the same batch; the world is --dp-degree x "
+                            "--dp-shards x --cp-degree (FSDP2 shards over --dp-shards x --cp-degree).",
+                         panel=PARALLEL)
+    cp_mode: str | None = opt(None, "How attention crosses the split: ulysses (an all-to-all swaps the sequence split "
+                                    "for a head split; the attention heads must divide by --cp-degree) or ring (keys "
+                                    "and values passed around the group; any head count). Default: ulysses where the "
+                                    "transformer's head count divides by --cp-degree, else ring: Ulysses for Wan "
+                                    "14B (40 heads), CogVideoX-5b (48), LTX-Video (32) and HunyuanVideo (24) at 2, 4 "
+                                    "and 8, for Wan 1.3B (12) at 2 and 4, for CogVideoX-2b (30) at 2; HunyuanVideo "
+                                    "takes Ulysses only (its joint attention has a mask). The run's log names the "
+                                    "mode it took.", panel=PARALLEL)
     init_timeout: float = opt(1800.0, "Seconds the processes may wait for each other while starting (joining, "
                                       "loading and sharding the weights, resuming).", panel=PARALLEL)
     nccl_timeout: float = opt(600.0, "Seconds one collective may wait during training (nccl on GPUs, gloo on "
@@ -249,6 +263,12 @@ class TrainConfig(ModelArgs):
         check_tracker_installed(self.report_to)  # before any model loads
         check_choice(self.master_dtype, MASTER_DTYPES, "master_dtype")
         check_choice(self.lora_format, LORA_FORMATS, "lora_format")
+        check_positive(self.cp_degree, "cp_degree")
+        if self.cp_mode is not None:
+            check_choice(self.cp_mode, CP_MODES, "cp_mode")
+            if self.cp_degree == 1:
+                raise UserError(f"--cp-mode {self.cp_mode} applies with --cp-degree above 1 (each sample's sequence "
+                                "split over that many processes); add --cp-degree, or leave --cp-mode out.")
         for name in ("init_timeout", "nccl_timeout"):
             check_positive(getattr(self, name), name)
         for name in ("train_steps", "batch_size", "gradient_accumulation_steps", "rank", "lr", "shuffle_buffer",

@@ -57,16 +57,17 @@ def init_process_group(world: World, device: str, timeout_s: float) -> None:
                         "the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or raise --init-timeout.") from None
 
 
-def set_timeout(timeout_s: float, mesh: Any = None) -> None:
+def set_timeout(timeout_s: float, *meshes: Any) -> None:
     """The timeout of every collective from here on (the training loop's, `--nccl-timeout`): of the default group
-    and of each group of `mesh` (FSDP2 and HSDP talk on those), after a barrier (torchtitan's set_pg_timeouts)."""
+    and of each group of `meshes` (FSDP2, HSDP and context parallelism talk on those), after a barrier
+    (torchtitan's set_pg_timeouts)."""
     if not initialized():
         return
     import torch.distributed as torch_dist
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     torch_dist.barrier()
-    groups = [None] + ([mesh.get_group(name) for name in mesh.mesh_dim_names] if mesh is not None else [])
+    groups = [None] + [mesh.get_group(name) for mesh in meshes if mesh is not None for name in mesh.mesh_dim_names]
     for group in groups:
         _set_pg_timeout(timedelta(seconds=timeout_s), group)
 
@@ -88,8 +89,13 @@ def destroy(together: bool = True) -> None:
     """Leave the process group: after a run, every rank together (a rank tearing down while another still talks
     aborts it); after a failure, at once (another rank may never come)."""
     if initialized():
+        import gc
+
         import torch.distributed as dist
 
+        # collectives' results still unreferenced in cycles (context parallelism's functional all-gathers) wait
+        # for their work when freed: freed now, while the process group lives (after it, gloo aborts the process)
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()

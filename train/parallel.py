@@ -10,6 +10,13 @@ all from torch.distributed (as torchtitan composes them):
   then on the root; parameters, gradients and optimizer state are sharded, a block is gathered for its forward
   and backward;
 - HSDP (R, S > 1): the same on a 2-D mesh ("replicate", "shard"): sharded within a group, replicated across.
+- context parallelism (`--cp-degree C`, context_parallel.py): each sample's sequence split over C processes. The
+  mesh is then 4-D ("replicate", "shard", "ring", "ulysses"), one of the last two of size C; the processes of one
+  cp group hold one sample's parts, so their gradients must be summed. As torchtitan does, the cp ranks join the
+  data-parallel dimension that reduces gradients: FSDP2 shards over "shard" x cp flattened ("shard_cp": the
+  weights are split C times further, and one reduce-scatter sums the cp parts and averages the replicas), DDP
+  replicates over "replicate" x cp flattened ("replicate_cp"). Both average over their group, so the trainer
+  scales the loss it backpropagates by C (`Layout.cp`): the mean over a cp group of its parts is then their sum.
 The weights are loaded on the CPU and sharded block by block onto the device, so no rank holds the whole
 transformer on its device. Gradients are reduced in fp32 (MixedPrecisionPolicy.reduce_dtype); with
 `--master-dtype fp32` the all-gathered weights are cast to `--transformer-dtype` for compute (the inputs are not:
@@ -33,33 +40,51 @@ UNSET = -1
 
 @dataclass(frozen=True)
 class Layout:
-    """Replicas x shards = the world."""
+    """Replicas x shards x context-parallel degree = the world."""
 
     replicas: int = 1
     shards: int = 1
+    cp: int = 1
 
     @property
     def world(self) -> int:
+        return self.replicas * self.shards * self.cp
+
+    @property
+    def dp_world(self) -> int:
+        """The processes that read distinct samples (a cp group reads one stream)."""
         return self.replicas * self.shards
+
+    def dp_rank(self, rank: int) -> int:
+        """Which part of each batch `rank` reads: the cp dimension is the mesh's last, so a cp group is
+        `cp` consecutive ranks."""
+        return rank // self.cp
 
     @property
     def name(self) -> str:
-        if self.world == 1:
-            return "one process"
+        cp = f" x context parallel over {self.cp}" if self.cp > 1 else ""
+        if self.dp_world == 1:
+            return "one process" if self.cp == 1 else f"context parallel over {self.cp} processes"
         if self.shards == 1:
-            return f"DDP over {self.replicas} replicas"
+            return f"DDP over {self.replicas} replicas{cp}"
         if self.replicas == 1:
-            return f"FSDP2 over {self.shards} shards"
-        return f"HSDP: {self.replicas} replicas x {self.shards} shards"
+            return f"FSDP2 over {self.shards} shards{cp}"
+        return f"HSDP: {self.replicas} replicas x {self.shards} shards{cp}"
 
     def as_dict(self) -> dict[str, int]:
-        return {"world_size": self.world, "dp_degree": self.replicas, "dp_shards": self.shards}
+        return {"world_size": self.world, "dp_degree": self.replicas, "dp_shards": self.shards, "cp_degree": self.cp}
 
 
-def resolve_layout(dp_degree: int, dp_shards: int, world: World) -> Layout:
+def resolve_layout(dp_degree: int, dp_shards: int, world: World, cp_degree: int = 1) -> Layout:
     """The degrees from the flags and the world size; a clear error (the same on every rank) when they do not
     multiply to it."""
-    n = world.size
+    if world.size % cp_degree:
+        started = (f"{world.launcher} started {world.size} processes" if world.size > 1 else
+                   "ft was started as one process: launch it with `torchrun --nproc_per_node N --no-python ft train "
+                   "...` (or srun)")
+        raise UserError(f"--cp-degree {cp_degree} splits each sample over {cp_degree} processes, but {started}; "
+                        f"start a multiple of {cp_degree} (data-parallel degrees x --cp-degree).")
+    n = world.size // cp_degree
     for name, value in (("--dp-degree", dp_degree), ("--dp-shards", dp_shards)):
         if value != UNSET and value < 1:
             raise UserError(f"{name} must be a positive number of processes (or -1: what the world leaves), got "
@@ -72,27 +97,52 @@ def resolve_layout(dp_degree: int, dp_shards: int, world: World) -> Layout:
     elif shards == UNSET:
         shards = n // replicas if n % replicas == 0 else 0
     if replicas * shards != n or replicas < 1 or shards < 1:
-        given = " x ".join(f"{flag} {v}" for flag, v in (("--dp-degree", dp_degree), ("--dp-shards", dp_shards))
-                           if v != UNSET)
+        flags = (("--dp-degree", dp_degree), ("--dp-shards", dp_shards), ("--cp-degree", cp_degree))
+        given = " x ".join(f"{flag} {v}" for flag, v in flags if v != UNSET and (flag != "--cp-degree" or v > 1))
         how = ("started as one process: launch with `torchrun --nproc_per_node N --no-python ft train ...` (or "
-               "srun) to use several" if n == 1 else f"{world.launcher} started {n} processes")
-        raise UserError(f"{given} asks for a world of {max(1, dp_degree) * max(1, dp_shards)} processes, but "
-                        f"{how}. Replicas x shards must equal the number of processes.")
-    return Layout(replicas, shards)
+               "srun) to use several" if world.size == 1 else f"{world.launcher} started {world.size} processes")
+        raise UserError(f"{given} asks for a world of {max(1, dp_degree) * max(1, dp_shards) * cp_degree} "
+                        f"processes, but {how}. Replicas x shards x --cp-degree must equal the number of processes.")
+    return Layout(replicas, shards, cp_degree)
 
 
-def build_mesh(layout: Layout, device: str) -> Any:
-    """The device mesh ("replicate", "shard") of a world of several processes; None for one process."""
+def build_mesh(layout: Layout, device: str, cp_mode: str = "ring") -> Any:
+    """The device mesh of a world of several processes: ("replicate", "shard"), or with context parallelism
+    ("replicate", "shard", "ring", "ulysses") and the flattened dimensions that reduce gradients (module
+    docstring); None for one process."""
     if layout.world == 1:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = device.split(":")[0]
+    if layout.cp > 1:
+        ring, ulysses = (layout.cp, 1) if cp_mode == "ring" else (1, layout.cp)
+        mesh = init_device_mesh(kind, (layout.replicas, layout.shards, ring, ulysses),
+                                mesh_dim_names=("replicate", "shard", "ring", "ulysses"))
+        mesh["shard", "ring", "ulysses"]._flatten("shard_cp")
+        mesh["replicate", "ring", "ulysses"]._flatten("replicate_cp")
+        return mesh
     if layout.shards == 1:
         return init_device_mesh(kind, (layout.replicas,), mesh_dim_names=("replicate",))
     if layout.replicas == 1:
         return init_device_mesh(kind, (layout.shards,), mesh_dim_names=("shard",))
     return init_device_mesh(kind, (layout.replicas, layout.shards), mesh_dim_names=("replicate", "shard"))
+
+
+def cp_mesh(mesh: Any) -> Any:
+    """The ("ring", "ulysses") sub-mesh a cp group attends over (diffusers' ContextParallelConfig wants both)."""
+    return mesh["ring", "ulysses"]
+
+
+def gradient_mesh(layout: Layout, mesh: Any) -> Any:
+    """The mesh DDP or FSDP2 reduces gradients over: the data-parallel dims, each with the cp ranks folded in."""
+    if layout.cp == 1:
+        return mesh
+    if layout.shards == 1:
+        return mesh["replicate_cp"]
+    if layout.replicas == 1:
+        return mesh["shard_cp"]
+    return mesh["replicate", "shard_cp"]
 
 
 def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_lists: tuple[str, ...],
@@ -102,6 +152,7 @@ def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_
 
     if layout.world == 1:
         return transformer.to(device)
+    mesh = gradient_mesh(layout, mesh)
     if layout.shards == 1:
         from torch.distributed._composable.replicate import replicate
 

@@ -47,6 +47,7 @@ from .checkpoints import (
 )
 from .compile import CompileWatch, apply_compile, compile_summary
 from .config import TRAIN_CONFIG_NAME, TrainConfig
+from .context_parallel import check_context_parallel, enable_context_parallel
 from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
 from .lora import plan_lora, save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
@@ -54,7 +55,9 @@ from .parallel import (
     Layout,
     build_mesh,
     clip_grad_norm,
+    cp_mesh,
     export_state,
+    gradient_mesh,
     parallelize,
     resolve_layout,
     set_gradient_sync,
@@ -177,13 +180,14 @@ class Trainer:
         self.cfg = cfg
         self.world = dist.world_from_env()
         self.layout: Layout = dist.same_on_every_rank(
-            lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world))
+            lambda: resolve_layout(cfg.dp_degree, cfg.dp_shards, self.world, cfg.cp_degree))
         if not self.world.main:
             quiet_other_ranks(self.world.rank)
         self.device = training_device(cfg.device, self.world)
         if self.world.size > 1:
             dist.init_process_group(self.world, self.device, cfg.init_timeout)
-        self.samples_per_step = cfg.batch_size * self.world.size * cfg.gradient_accumulation_steps
+        # a context-parallel group reads one stream: the data-parallel ranks divide the samples
+        self.samples_per_step = cfg.batch_size * self.layout.dp_world * cfg.gradient_accumulation_steps
         self.pending: BaseException | None = None  # a rank-0 write that failed, for the next agree()
         self.mesh = None
         error = None
@@ -195,7 +199,11 @@ class Trainer:
         dist.agree(error)
         if self.resume_from is not None:
             dist.same_on_every_rank(lambda: self.resume(self.resume_from))
-        dist.set_timeout(cfg.nccl_timeout, self.mesh if self.world.size > 1 else None)
+        meshes = [self.mesh] if self.world.size > 1 else []
+        if self.layout.cp > 1:  # the gradients' flattened dims, and the cp group diffusers flattened for the split
+            config = self.transformer._parallel_config.context_parallel_config
+            meshes += [gradient_mesh(self.layout, self.mesh), config._flattened_mesh]
+        dist.set_timeout(cfg.nccl_timeout, *meshes)
 
     def check_run(self) -> None:
         """What every rank checks alike before any weight loads: the model, the shard sets, the output folder."""
@@ -224,6 +232,9 @@ class Trainer:
         self.validation = Validation(cfg, self.spec, self.sets, self.transformer_config,  # checks its files
                                      device_memory(self.device), self.image_conditioning)
         self.vae_config = self.sets[0].manifest.encoders.get("vae", {}).get("config", {})
+        held_out = [self.validation.held_out.set] if self.validation.held_out else []  # --eval-shards
+        self.cp_mode = check_context_parallel(cfg, self.spec, self.transformer_config, self.sets + held_out,
+                                              [prompt.size for prompt in self.validation.prompts], self.device)
         self.out = prepare_output_dir(cfg)
         self.resume_from = resolve_checkpoint(self.out, cfg.resume_from_checkpoint) if (
             cfg.resume_from_checkpoint) else None
@@ -263,7 +274,13 @@ class Trainer:
         if cfg.gradient_checkpointing:  # with --activation-offload, each block's saved input goes to the CPU
             self.activation_offload = enable_checkpointing(transformer, self.device, cfg.activation_offload)
         transformer.train()
-        self.mesh = build_mesh(self.layout, self.device)
+        self.mesh = build_mesh(self.layout, self.device, self.cp_mode)
+        if self.layout.cp > 1:  # the hooks before any wrapping: FSDP2 and DDP run them inside their own
+            enable_context_parallel(transformer, cp_mesh(self.mesh), self.cp_mode, self.device,
+                                    self.spec.cp_plan(transformer))
+            log.info(f"context parallel over {self.layout.cp} processes: {self.cp_mode} attention "
+                     f"({'--cp-mode' if cfg.cp_mode else 'the default'} for "
+                     f"{self.transformer_config.get('num_attention_heads')} heads)")
         self.offloader = None
         if cfg.offload_blocks:  # one process (check_run)
             from ft.train.offload import BlockOffloader
@@ -282,14 +299,15 @@ class Trainer:
         self.params = trainable_parameters(self.transformer)
         optimizer, lr_schedule = build_optimizer(cfg, self.params)
         self.state = TrainState(self.transformer, optimizer, lr_schedule)
-        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, rank=world.rank, world=world.size,
+        self.stream = DataStream(self.sets, cfg.seed, cfg.batch_size, rank=self.layout.dp_rank(world.rank),
+                                 world=self.layout.dp_world,
                                  shuffle_buffer=cfg.shuffle_buffer, accumulation=cfg.gradient_accumulation_steps)
         self.empty_captions = [s.empty_caption() if cfg.caption_dropout_p > 0 else None for s in self.sets]
 
     def resume(self, path: Path) -> None:
         state = self.state.state_dict()
         extra = load_checkpoint(path, state["tensors"])
-        check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.world.size)
+        check_samples_per_step(path, extra, self.samples_per_step, self.cfg, self.layout.dp_world)
         self.state.load_state_dict({"tensors": state["tensors"], "extra": extra})
         before = extra.get("config", {})
         if before.get("expert") != self.cfg.expert and "expert" in before:  # its LoRA is the other transformer's
@@ -323,8 +341,8 @@ class Trainer:
         if later:
             log.warning(f"{len(later)} checkpoint(s) after step {self.state.step} belong to the run that went on "
                         f"from it; moved to {later[0].parent} so that `latest` and --checkpointing-limit mean this run")
-        saved_layout = Layout(extra.get("parallel", {}).get("dp_degree", 1), extra.get("parallel", {}).get(
-            "dp_shards", 1))
+        parallel = extra.get("parallel", {})
+        saved_layout = Layout(parallel.get("dp_degree", 1), parallel.get("dp_shards", 1), parallel.get("cp_degree", 1))
         moved = "" if saved_layout == self.layout else f" (saved under {saved_layout.name}, now {self.layout.name})"
         log.info(f"resumed from {path} at step {self.state.step}{moved}")
 
@@ -387,16 +405,19 @@ class Trainer:
                 self.activation_offload.reset()
             set_gradient_sync(self.transformer, self.layout, m == len(micro) - 1)  # sync on the last only
             loss = self.sample_losses(batch, batch.position["batches"]).mean()
-            (loss / len(micro)).backward()
+            # a cp rank's backward carries its share of the sample's gradient, and the reduction averages over the
+            # cp ranks too (parallel.py): scaled by the degree, the average of the shares is their sum
+            (loss * self.layout.cp / len(micro)).backward()
             part = loss.detach() / len(micro)
             total = part if total is None else total + part
         self.state.data_position, epoch = micro[-1].position, micro[-1].epoch
         grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
         *rank_losses, norm_value = self.gather(total.float(), grad_norm.float().to(total.device))
+        rank_losses = rank_losses[::self.layout.cp]  # a cp group's ranks hold the same loss: counted once
         loss_value = sum(rank_losses) / len(rank_losses)
         if not math.isfinite(loss_value):
             bad = next(r for r, v in enumerate(rank_losses) if not math.isfinite(v))
-            where = f" on rank {bad}" if len(rank_losses) > 1 else ""
+            where = f" on rank {bad * self.layout.cp}" if len(rank_losses) > 1 else ""
             raise dist.raised_everywhere(UserError(
                 f"step {step}: the loss is {rank_losses[bad]}{where}; training diverged. Lower --lr, or train with "
                 "--transformer-dtype fp32 to find the cause."))

@@ -433,6 +433,9 @@ class Validation:
         pipe = self.pipeline(trainer)
         vae = pipe.vae
         rank, world = rank_and_world()
+        # a context-parallel group generates one prompt together (its ranks' forwards are one forward)
+        cp = trainer.layout.cp
+        rank, world, group_leader = rank // cp, world // cp, rank % cp == 0
         defaults = pipeline_defaults(pipe)
         settings = [self.settings(p) for p in self.prompts]
         signatures = [(s.num_inference_steps or defaults["num_inference_steps"], s.forwards_per_step(self.spec, pipe))
@@ -461,7 +464,7 @@ class Validation:
             trainer.transformer.train(was_training)
             if not self.cfg.validation_keep_vae:
                 vae.to("cpu")
-        gathered = gather_to_rank0(done)
+        gathered = gather_to_rank0(done if group_leader else [])
         from ft.train import dist
 
         dist.run_on_rank_zero(lambda: gathered is not None and self.write(  # rank 0 writes; a fault stops every rank

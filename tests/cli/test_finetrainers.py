@@ -85,7 +85,6 @@ def test_flags_with_nothing_to_do_are_accepted_when_they_ask_for_nothing():
 @pytest.mark.parametrize(("flag", "message"), [
     (["--pp_degree", "2"], "does not split the model"),
     (["--tp_degree", "4"], "does not split the model"),
-    (["--cp_degree", "2"], "--dp_degree \\(replicas\\) and --dp_shards"),
     (["--validation_prompts", "a cat"], "write the prompts as a --validation_dataset_file"),
     (["--push_to_hub"], "huggingface-cli upload"),
     (["--optimizer", "adam-bnb-8bit"], "no 8-bit Adam"),
@@ -96,6 +95,14 @@ def test_flags_asking_for_what_ft_lacks_are_refused_with_the_reason(flag, messag
     for command in ("precompute", "train"):  # refused in both stages: no hour of encoding before the refusal
         with pytest.raises(UserError, match=message):
             tr(command, *MODEL, "--dataset", "d", "--out", "o", "--shards", "s", *flag)
+
+
+def test_cp_degree_becomes_ft_trains_context_parallel_degree():
+    (run,) = tr("train", *MODEL, "--shards", "s", "--parallel_backend", "ptd", "--dp_shards", "2", "--cp_degree",
+                "2").runs
+    assert run[run.index("--cp-degree") + 1] == "2" and run[run.index("--dp-shards") + 1] == "2"
+    pre = tr("precompute", *MODEL, "--dataset", "d", "--out", "o", "--cp_degree", "2")  # a training setting
+    assert "--cp-degree" not in pre.runs[0] and "--cp_degree" in "\n".join(pre.info_lines())
 
 
 def test_validation_flags_reach_both_stages():

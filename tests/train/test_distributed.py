@@ -111,7 +111,8 @@ def test_two_processes_follow_the_one_process_curve(tiny_cog, reference, launche
     assert done.stderr.count(f"saved {result};") == 1
     state = json.loads((out / "checkpoints" / "checkpoint-000006" / "state.json").read_text())
     shards_degree = 2 if layout else 1
-    assert state["parallel"] == {"world_size": 2, "dp_degree": 2 // shards_degree, "dp_shards": shards_degree}
+    assert state["parallel"] == {"world_size": 2, "dp_degree": 2 // shards_degree, "dp_shards": shards_degree,
+                                 "cp_degree": 1}
     assert state["samples_per_step"] == 2
 
 
