@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +150,9 @@ class EstimateConfig:
                     raise UserError(f"{flag} with --cp-degree {self.cp_degree}: ft train does that in one process "
                                     "only, and context parallelism runs one process per GPU; leave one out.")
 
-    def mode(self, heads: int) -> str:
-        """The context-parallel mode: --cp-mode, or the default for this head count."""
-        return self.cp_mode or default_cp_mode(heads, self.cp_degree)
+    def mode(self, heads: int, modes: tuple[str, ...] = CP_MODES) -> str:
+        """The context-parallel mode: --cp-mode, or ft train's default for this head count and the family's plan."""
+        return self.cp_mode or default_cp_mode(heads, self.cp_degree, modes)
 
 
 @dataclass
@@ -174,6 +174,7 @@ class BucketEstimate:
     disk_per_sample: int
     activations_cpu: float = 0.0  # pinned CPU memory, with --activation-offload
     cp_attention: float = 0.0  # the context-parallel attention's own buffers (within the activations)
+    cp_sequences: dict[str, int] = field(default_factory=dict)  # what a cp split cuts (ModelSpec.cp_sequences)
 
 
 @dataclass
@@ -289,8 +290,8 @@ class Estimate:
         cfg, model = self.config, self.activations
         assert model is not None
         for n in range(cfg.cp_degree, MAX_CP_DEGREE + 1):
-            mode = cfg.cp_mode or default_cp_mode(model.heads, n)
-            if cp_problem(n, mode, model.heads, bucket.video_tokens) is None:
+            mode = cfg.cp_mode or default_cp_mode(model.heads, n, model.cp_modes)
+            if mode in model.cp_modes and cp_problem(n, mode, model.heads, bucket.cp_sequences) is None:
                 on_gpu, _ = model.bytes(bucket.video_tokens, bucket.text_tokens, True, n, mode, offload)
                 if self.train_static_bytes + on_gpu <= (1 - FIT_HEADROOM) * gib * GIB:
                     return n, mode
@@ -536,25 +537,32 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         static["two blocks gathered by FSDP (bf16)"] = gathered
     hidden, mlp_ratio = hidden_and_mlp_ratio(tconfig)
     heads = int(tconfig.get("num_attention_heads", 1))
-    model = ActivationModel(len(blocks), hidden, mlp_ratio, heads, cfg.batch_size)
-    mode = cfg.mode(heads)
+    model = ActivationModel(len(blocks), hidden, mlp_ratio, heads, cfg.batch_size, spec.cp_modes)
+    mode = cfg.mode(heads, spec.cp_modes)
+    if cfg.cp_degree > 1:  # what ft train refuses of the family before it loads a weight
+        from ft.train.context_parallel import check_cp_family
+
+        check_cp_family(spec, cfg.cp_degree, mode)
     cond = conditioning_shapes(spec, tconfig)
     text_tokens = spec.default_sequence_length(tconfig)
+    vae_config = dict(modules["vae"].config)
     out = []
     for name in cfg.buckets or spec.default_buckets:
         grid = latent_grid(modules["vae"], tconfig, parse_bucket(name))
         tokens = video_tokens(tconfig, grid)
-        problem = cp_problem(cfg.cp_degree, mode, heads, tokens)
+        sequences = spec.cp_sequences(parse_bucket(name), vae_config, tconfig, text_tokens)
+        problem = cp_problem(cfg.cp_degree, mode, heads, sequences)
         if problem:
-            ring = "" if mode == "ring" else (f"; under ring: {', '.join(map(str, cp_degrees('ring', heads, tokens)))}")
+            ring = ("" if mode == "ring" or "ring" not in spec.cp_modes
+                    else f"; under ring: {', '.join(map(str, cp_degrees('ring', heads, sequences)))}")
             raise UserError(f"--cp-degree {cfg.cp_degree} --cp-mode {mode}: bucket {name} cannot be split, "
                             f"{problem}. Degrees up to {MAX_CP_DEGREE} that split it under {mode}: "
-                            f"{', '.join(map(str, cp_degrees(mode, heads, tokens))) or 'none'}{ring}.")
+                            f"{', '.join(map(str, cp_degrees(mode, heads, sequences))) or 'none'}{ring}.")
         on_gpu, on_cpu = model.bytes(tokens, text_tokens, True, cfg.cp_degree, mode, cfg.activation_offload)
         full, _ = model.bytes(tokens, text_tokens, False, cfg.cp_degree, mode)
         out.append(BucketEstimate(name, grid, {k: shape for k, (shape, _) in cond.items()}, tokens, text_tokens,
                                   on_gpu, full, disk_per_sample(grid, cond), on_cpu,
-                                  model.attention_buffers(tokens + text_tokens, cfg.cp_degree, mode)))
+                                  model.attention_buffers(tokens + text_tokens, cfg.cp_degree, mode), sequences))
     offloaded_bytes = -sum(v for k, v in static.items() if "offloaded blocks, in CPU" in k)
     return Estimate(spec.display_name, source, cfg, components, trainable, static, out, offloaded_bytes,
                     block_bytes if cfg.training_type == "lora" else None, model)

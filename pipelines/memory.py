@@ -73,27 +73,31 @@ def pinned_allocation(nbytes: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, nbytes))))
 
 
-def default_cp_mode(heads: int, degree: int) -> str:
-    """Ulysses where the degree divides the head count (each rank attends with heads/N heads over the whole
-    sequence: buffers of the local size, one all-to-all each way), else ring (any head count)."""
-    return "ulysses" if heads % degree == 0 else "ring"
+def default_cp_mode(heads: int, degree: int, modes: tuple[str, ...] = CP_MODES) -> str:
+    """The context-parallel mode `ft train` and `ft estimate` take without --cp-mode: Ulysses where the degree
+    divides the head count (each rank attends with heads/N heads over the whole sequence: buffers of the local
+    size, one all-to-all each way) or the family's plan takes no other (`ModelSpec.cp_modes`), else ring (any
+    head count)."""
+    return "ulysses" if heads % degree == 0 or "ring" not in modes else "ring"
 
 
-def cp_problem(degree: int, mode: str, heads: int, video_tokens: int) -> str | None:
-    """Why `degree` ranks cannot split a sequence of `video_tokens` under `mode` with `heads` heads (None: they
-    can): diffusers splits the sequence into equal parts, and Ulysses gives each rank heads/N heads."""
+def cp_problem(degree: int, mode: str, heads: int, sequences: dict[str, int]) -> str | None:
+    """Why `degree` ranks cannot split one sample's `sequences` (name -> tokens, `ModelSpec.cp_sequences`) under
+    `mode` with `heads` heads (None: they can): diffusers splits each sequence into equal parts, and Ulysses gives
+    each rank heads/N heads."""
     if degree == 1:
         return None
-    if video_tokens % degree:
-        return f"its {video_tokens} video tokens do not split into {degree} equal parts"
+    for what, tokens in sequences.items():
+        if tokens % degree:
+            return f"its {tokens} {what} do not split into {degree} equal parts"
     if mode == "ulysses" and heads % degree:
         return f"its {heads} attention heads do not split {degree} ways under Ulysses"
     return None
 
 
-def cp_degrees(mode: str, heads: int, video_tokens: int, most: int = MAX_CP_DEGREE) -> list[int]:
-    """The context-parallel degrees from 2 to `most` that split this sequence under `mode`."""
-    return [n for n in range(2, most + 1) if cp_problem(n, mode, heads, video_tokens) is None]
+def cp_degrees(mode: str, heads: int, sequences: dict[str, int], most: int = MAX_CP_DEGREE) -> list[int]:
+    """The context-parallel degrees from 2 to `most` that split these sequences under `mode`."""
+    return [n for n in range(2, most + 1) if cp_problem(n, mode, heads, sequences) is None]
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class ActivationModel:
     mlp_ratio: float
     heads: int
     batch: int
+    cp_modes: tuple[str, ...] = CP_MODES  # the attention modes the family's context-parallel plan takes
 
     def attention_buffers(self, tokens: int, degree: int, mode: str) -> float:
         """Bytes of the context-parallel attention's own buffers on one rank, for a sequence of `tokens`."""

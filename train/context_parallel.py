@@ -25,17 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 from ft.common.errors import UserError
+from ft.pipelines.memory import CP_MODES, cp_degrees, default_cp_mode
 
-CP_MODES = ("ring", "ulysses")
 RING_GPU_BACKEND = "_native_cudnn"
 RING_CPU_BACKEND = "_native_math"  # ft registers its ring-capable CPU op under this name
 ULYSSES_BACKEND = "native"
-
-
-def default_cp_mode(num_heads: int, cp_degree: int, modes: tuple[str, ...] = CP_MODES) -> str:
-    """Ulysses where the heads divide by the degree (one all-to-all per attention instead of N-1 exchanges of keys
-    and values) or the family has no other, ring otherwise."""
-    return "ulysses" if num_heads % cp_degree == 0 or "ring" not in modes else "ring"
 
 
 def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths: dict[str, int],
@@ -54,11 +48,26 @@ def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths:
                         f"--cp-degree {' or '.join(map(str, fits)) or '1'}{ring}.")
     for bucket, tokens in sequence_lengths.items():
         if tokens % cp_degree:
-            fits = [n for n in range(2, 9) if tokens % n == 0 and (mode == "ring" or num_heads % n == 0)]
+            fits = cp_degrees(mode, num_heads, {bucket: tokens}, most=8)
             raise UserError(f"--cp-degree {cp_degree}: bucket {bucket} is {tokens} per sample, which do not "
                             f"split into {cp_degree} equal parts; use --cp-degree "
                             f"{' or '.join(map(str, fits)) or '1'} (of 2-8), or precompute buckets whose token count "
                             f"divides by {cp_degree}.")
+
+
+def check_cp_family(spec: Any, cp_degree: int, mode: str) -> None:
+    """Refuse a family that has no context-parallel plan, or whose plan does not take `mode` (`ft train` and `ft
+    estimate` alike)."""
+    if spec.context_parallel is None:
+        from ft.pipelines.registry import SPECS
+
+        have = ", ".join(s.display_name for s in SPECS.values() if s.context_parallel is not None)
+        raise UserError(f"--cp-degree {cp_degree}: ft has no context-parallel plan for {spec.display_name} yet "
+                        f"(families with one: {have}); train it with --cp-degree 1 and data parallelism "
+                        "(--dp-shards shards the weights).")
+    if mode not in spec.cp_modes:
+        raise UserError(f"--cp-mode {mode}: {spec.display_name} splits only with {' or '.join(spec.cp_modes)} "
+                        f"attention: {spec.cp_modes_why}. Use --cp-mode {spec.cp_modes[0]}.")
 
 
 def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: list[Any],
@@ -70,13 +79,7 @@ def check_context_parallel(cfg: Any, spec: Any, transformer_config: dict, sets: 
     mode = cfg.cp_mode or default_cp_mode(heads, cfg.cp_degree, spec.cp_modes)
     if cfg.cp_degree == 1:
         return mode
-    if spec.context_parallel is None:
-        from ft.pipelines.registry import SPECS
-
-        have = ", ".join(s.display_name for s in SPECS.values() if s.context_parallel is not None)
-        raise UserError(f"--cp-degree {cfg.cp_degree}: ft has no context-parallel plan for {spec.display_name} yet "
-                        f"(families with one: {have}); train it with --cp-degree 1 and data parallelism "
-                        "(--dp-shards shards the weights).")
+    check_cp_family(spec, cfg.cp_degree, mode)
     if cfg.layerwise_upcasting_modules or cfg.offload_blocks:
         flag = "--layerwise-upcasting-modules" if cfg.layerwise_upcasting_modules else "--offload-blocks"
         raise UserError(f"{flag} fits one GPU; --cp-degree {cfg.cp_degree} runs several processes: leave {flag} "

@@ -331,6 +331,14 @@ def test_a_bucket_that_does_not_fit_is_told_the_least_that_makes_it_fit(wan14b_l
     ({**WAN14B, "cp_degree": 0}, "--cp-degree must be > 0"),
     ({**WAN14B, "cp_degree": 2, "offload_blocks": 4}, "--offload-blocks with --cp-degree 2: ft train does that in one"),
     ({**WAN14B, "cp_degree": 2, "layerwise_upcasting_modules": ["transformer"]}, "--layerwise-upcasting-modules with"),
+    # what ft train refuses of a family, estimate refuses alike (train/context_parallel.py's check_cp_family)
+    ({"model": "hunyuan_video", "pretrained": "hunyuanvideo-community/HunyuanVideo", "cp_degree": 2,
+      "cp_mode": "ring"}, "--cp-mode ring: HunyuanVideo splits only with ulysses attention"),
+    ({"model": "hunyuan_video_1_5", "pretrained": "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v",
+      "cp_degree": 2}, "ft has no context-parallel plan for HunyuanVideo 1.5 yet"),
+    # CogVideoX's plan splits its 226 text tokens too: 4 divides this bucket's video tokens, not them
+    ({"model": "cogvideox", "pretrained": "THUDM/CogVideoX-5b", "buckets": ["49x512x768"], "cp_degree": 4},
+     "its 226 text tokens do not split into 4 equal parts"),
 ])
 def test_layouts_that_cannot_split_are_refused_with_the_numbers_that_work(kwargs, message):
     with pytest.raises(UserError, match=re.escape(message)):
