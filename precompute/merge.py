@@ -4,9 +4,10 @@
 The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/shards/journal.py `merged_view`) and
 writes, each atomically: `active_keys.txt` (every job's keys, each once), `rejected.jsonl` and `warnings.jsonl`
 (the jobs' files one after another, summarised in the manifest), the empty caption's conditioning (job 0's),
-`precompute_config.json` (job 0's, as a single run), the media cache, and last `manifest.json`, listing every
-shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed half-way is
-merged again by the next one (shards are taken by name, so nothing is listed twice).
+`precompute_config.json` (job 0's, as a single run), the media cache, the set's index (`set_index.bin`, which
+`ft train` maps instead of reading every shard's `.idx`: common/shards/set_index.py), and last `manifest.json`,
+listing every shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed
+half-way is merged again by the next one (shards are taken by name, so nothing is listed twice).
 
 Every job runs the check when it finishes: once its own state says complete, it merges if every job of its run
 has finished. Two jobs finishing at once: the merge lock lets one merge while the other waits, then looks again
@@ -38,6 +39,7 @@ from ft.common.shards import (
     read_states,
     shard_rows,
     write_atomic,
+    write_set_index,
 )
 
 from .consistency import check_jobs_agree
@@ -196,6 +198,8 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
                         empty_caption=view.empty_caption, prompts=view.prompts, complete=view.complete,
                         missing=view.missing,
                         inputs=inputs, jobs=view.jobs, resume_command=resume)
+    write_set_index(out, manifest)  # before the manifest: a reader of the new manifest finds its index in place
+    kill_point("set-index-written")
     manifest.save(out)
     kill_point("merged")
     _remove_merged(out, [s.stem for s in states], [s.stem for s in run] if manifest.complete else [])

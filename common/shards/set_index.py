@@ -196,24 +196,29 @@ def _shard_rows(folder: Path, manifest: Manifest) -> Iterable[tuple[int, list[In
 
 def _read_active(folder: Path, files: list[str], hexes: bool) -> tuple[list[str], np.ndarray | None]:
     """The training view's distinct keys: as sorted 16-byte digests (they sort as their hex does) when `hexes`
-    and every key is hex, else as sorted strings."""
-    keys: set[str] = set()
-    chunks = []
+    and every key is hex (one array of 16 bytes a key, filled in place), else as sorted strings."""
+    size = sum((folder / name).stat().st_size for name in files)
+    digests = np.empty(size // 33 + 1, "S16") if hexes else None
+    filled = 0
     for name in files:
         with open(folder / name, "rb") as f:
-            while block := f.read(1 << 24):
-                block += f.readline()
-                words = block.split()
-                if hexes and all(_HEX32.match(w) for w in words):
-                    chunks.append(_hex_to_bytes(np.array(words, dtype="S32")).view("S16").ravel())
-                else:
-                    hexes = False
-                    keys.update(w.decode() for w in words)
-    if not hexes:
-        for c in chunks:
-            keys.update(x.decode() for x in bytes_to_hex(c.view(np.uint8).reshape(-1, 16)).view("S32").ravel())
+            while digests is not None and (block := f.read(1 << 24)):
+                words = (block + f.readline()).split()
+                if len(words) > len(digests) - filled or not all(_HEX32.match(w) for w in words):
+                    digests = None  # keys that are not ft's digests: read as text below
+                    break
+                digests[filled: filled + len(words)] = _hex_to_bytes(np.array(words, "S32")).view("S16").ravel()
+                filled += len(words)
+    if digests is None:
+        keys: set[str] = set()
+        for name in files:
+            keys.update((folder / name).read_text().split())
         return sorted(keys), None
-    digests = np.unique(np.concatenate(chunks)) if chunks else np.empty(0, "S16")
+    digests = digests[:filled]
+    digests.sort()
+    repeated = digests[1:] == digests[:-1]
+    if repeated.any():  # the same key in two jobs' files (an unmerged view)
+        digests = digests[np.concatenate([[True], ~repeated])]
     return [], digests
 
 
