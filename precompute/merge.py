@@ -45,6 +45,7 @@ from ft.common.shards import (
 from .consistency import check_jobs_agree
 from .job_slots import JobSlot, Lock, describe_holder, job_config_path, live_locks
 from .media_cache import merge_cache_files
+from .spill import write_unique
 from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
@@ -69,22 +70,12 @@ def _concat(out: Path, files: list[str], target: str) -> int:
 
 
 def _merge_active(out: Path, files: list[str]) -> tuple[int, set[str]]:
-    """`active_keys.txt` from the jobs' key files, each key once; returns the number of keys, and the keys that
-    more than one job holds (a job drops its own duplicates: these are one media under two names that two jobs
-    own, each of which encoded it)."""
-    seen: set[str] = set()
-    repeated: set[str] = set()
-    tmp = out / (ACTIVE_KEYS_NAME + ".tmp")
-    with open(tmp, "w") as dst:
-        for name in files:
-            for key in (out / name).read_text().split():
-                if key in seen:
-                    repeated.add(key)
-                else:
-                    seen.add(key)
-                    dst.write(key + "\n")
-    os.replace(tmp, out / ACTIVE_KEYS_NAME)
-    return len(seen), repeated
+    """`active_keys.txt` from the jobs' key files, each key once (in flat memory: spill.py); returns the number of
+    keys, and the keys that more than one job holds (a job drops its own duplicates: these are one media under two
+    names that two jobs own, each of which encoded it)."""
+    count, repeated = write_unique([out / name for name in files], out / ACTIVE_KEYS_NAME,
+                                   lambda line: line.strip() or None, keep_last=False)
+    return count, set(repeated)
 
 
 def _duplicate_notes(out: Path, shards: list[ShardInfo], keys: set[str]) -> list[dict[str, str]]:

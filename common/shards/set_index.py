@@ -236,44 +236,39 @@ def _fingerprint(manifest: Manifest, active: list[str], digests: np.ndarray | No
     return h.hexdigest()[:16]
 
 
-def _active_column(keys: np.ndarray, encoding: str, active: list[str], digests: np.ndarray | None) -> np.ndarray:
-    """1 where a row's key is in the training view."""
-    out = np.zeros(len(keys), np.uint8)
+def _active_column(keys: np.ndarray, active: list[str], digests: np.ndarray | None) -> np.ndarray:
+    """1 where a row's key (rows of the key column, hex digests or NUL-padded text) is in the training view."""
     if digests is None:
         wanted = set(active)
-        width = keys.shape[1]
-        for start in range(0, len(keys), 1 << 16):
-            part = keys[start: start + (1 << 16)]
-            if encoding == "hex":
-                text = [bytes(r).decode() for r in bytes_to_hex(part)]
-            else:
-                text = [bytes(r).rstrip(b"\0").decode() for r in part.reshape(-1, width)]
-            out[start: start + len(part)] = [t in wanted for t in text]
-        return out
+        return np.array([bytes(r).rstrip(b"\0").decode() in wanted for r in keys], np.uint8)
     if not len(digests):
-        return out
-    for start in range(0, len(keys), 1 << 20):
-        part = np.ascontiguousarray(keys[start: start + (1 << 20)]).view("S16").ravel()
-        at = np.searchsorted(digests, part).clip(0, len(digests) - 1)
-        out[start: start + len(part)] = digests[at] == part
-    return out
+        return np.zeros(len(keys), np.uint8)
+    part = np.ascontiguousarray(keys).view("S16").ravel()
+    at = np.searchsorted(digests, part).clip(0, len(digests) - 1)
+    return (digests[at] == part).astype(np.uint8)
 
 
-def _duplicates(keys: np.ndarray) -> list[list[int]]:
-    """Groups of rows sharing a key (rare: one media under two names that two jobs encoded), by their first
-    8 bytes and then exactly."""
-    width = keys.shape[1]
-    prefix = np.zeros((len(keys), 8), np.uint8)
-    prefix[:, : min(8, width)] = keys[:, :8]
-    head = prefix.view(">u8").ravel()
-    ordered = np.sort(head)
+def _duplicates(cols: _Columns, n: int) -> list[list[int]]:
+    """Groups of rows sharing a key (rare: one media under two names that two jobs encoded): the first 8 bytes of
+    every key, sorted (8 bytes a row), give the repeated prefixes; a second pass finds their rows and compares
+    whole keys."""
+    def heads(keys: np.ndarray) -> np.ndarray:
+        prefix = np.zeros((len(keys), 8), np.uint8)
+        prefix[:, : min(8, keys.shape[1])] = keys[:, :8]
+        return prefix.view(">u8").ravel().astype(np.uint64)
+
+    ordered = np.empty(n, np.uint64)
+    for start, keys in cols.chunks("key"):
+        ordered[start: start + len(keys)] = heads(keys)
+    ordered.sort()
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
     if not len(repeated):
         return []
-    candidates = np.flatnonzero(np.isin(head, repeated))
     groups: dict[bytes, list[int]] = {}
-    for row in candidates.tolist():
-        groups.setdefault(bytes(keys[row]), []).append(row)
+    for start, keys in cols.chunks("key"):
+        for row in np.flatnonzero(np.isin(heads(keys), repeated)).tolist():
+            groups.setdefault(bytes(keys[row]), []).append(start + row)
     return sorted(g for g in groups.values() if len(g) > 1)
 
 
@@ -291,6 +286,53 @@ def build_set_index(folder: Path, manifest: Manifest, target: Path) -> None:
         _build(folder, manifest, target, "ascii", widths)
 
 
+class _Columns:
+    """The columns of a new index file, written with `pwrite` a batch of rows at a time (never mapped while written:
+    dirty mapped pages would count in the building process's memory) and read back in chunks."""
+
+    def __init__(self, fd: int, layout: dict[str, dict[str, Any]], n: int):
+        self.fd, self.layout, self.n = fd, layout, n
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
+        self.at = self.rows = 0
+
+    def _dtype(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        spec = self.layout[name]
+        return np.dtype(spec["dtype"]), tuple(spec.get("shape", ()))
+
+    def _row_bytes(self, name: str) -> int:
+        dtype, shape = self._dtype(name)
+        return dtype.itemsize * int(np.prod(shape or (1,)))
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            self.pending[name].append(value)
+        self.rows += len(next(iter(values.values())))
+        if self.rows - self.at >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, parts in self.pending.items():
+            if parts:
+                dtype, _ = self._dtype(name)
+                data = np.concatenate(parts).astype(dtype, copy=False)
+                os.pwrite(self.fd, data.tobytes(), self.layout[name]["offset"] + self.at * self._row_bytes(name))
+            parts.clear()
+        self.at = self.rows
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        dtype, _ = self._dtype(name)
+        os.pwrite(self.fd, values.astype(dtype, copy=False).tobytes(),
+                  self.layout[name]["offset"] + start * self._row_bytes(name))
+
+    def chunks(self, name: str, size: int = 1 << 20) -> Iterable[tuple[int, np.ndarray]]:
+        dtype, shape = self._dtype(name)
+        for start in range(0, self.n, size):
+            count = min(size, self.n - start)
+            raw = os.pread(self.fd, count * self._row_bytes(name),
+                           self.layout[name]["offset"] + start * self._row_bytes(name))
+            yield start, np.frombuffer(raw, dtype).reshape(count, *shape)
+
+
 def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
     n = manifest.num_samples
     buckets = sorted({b for s in manifest.shards for b in s.buckets})
@@ -303,52 +345,41 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
         layout[name] = {"dtype": dtype, "offset": offset, **({"shape": list(shape)} if shape else {}),
                         **({"encoding": encoding} if name in KEY_COLUMNS else {})}
         offset += -(-n * np.dtype(dtype).itemsize * int(np.prod(shape or (1,))) // 64) * 64
-    with open(target, "wb") as f:
-        f.truncate(max(offset, DATA_START))
-    mapped = np.memmap(target, np.uint8, "r+") if offset > DATA_START else np.zeros(DATA_START, np.uint8)
-
-    def column(mapped: np.ndarray, name: str) -> np.ndarray:
-        spec = layout[name]
-        shape = (n, *spec.get("shape", ()))
-        size = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
-        return mapped[spec["offset"]: spec["offset"] + size].view(spec["dtype"]).reshape(shape)
-
-    cols = {name: column(mapped, name) for name in layout}
     bucket_id = {b: i for i, b in enumerate(buckets)}
     starts = [0]
-    for _, rows in _shard_rows(folder, manifest):
-        a, b = starts[-1], starts[-1] + len(rows)
-        if rows:
-            for c in KEY_COLUMNS:
-                cols[c][a:b] = _encode([getattr(r, c) for r in rows], encoding, widths[c])
+    with open(target, "w+b") as f:
+        f.truncate(offset)
+        cols = _Columns(f.fileno(), layout, n)
+        for _, rows in _shard_rows(folder, manifest):
+            starts.append(starts[-1] + len(rows))
+            if not rows:
+                continue
             for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
                 if r.bucket not in bucket_id:
                     raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
                                             "histogram of its shard; rerun `ft precompute` with the same --out.")
-            cols["bucket"][a:b] = [bucket_id[r.bucket] for r in rows]
-            cols["begin"][a:b] = [r.begin for r in rows]
-            cols["end"][a:b] = [r.end for r in rows]
-        starts.append(b)
-    files = active_files(manifest)
-    active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
-    if files:
-        cols["active"][:] = _active_column(cols["key"], encoding, active, digests)
-    else:
-        cols["active"][:] = 1
-    header = {"format": FORMAT, "version": VERSION, "samples": n, "shards": [s.name for s in manifest.shards],
-              "shard_start": starts, "buckets": buckets, "source": source_id(manifest, folder),
-              "fingerprint": _fingerprint(manifest, active, digests),
-              "active_keys": (len(digests) if digests is not None else len(active)) if files else None,
-              "duplicates": _duplicates(cols["key"]), "columns": layout}
-    if isinstance(mapped, np.memmap):
-        mapped.flush()
-    del cols, mapped
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    with open(target, "r+b") as f:
-        end = f.seek(0, os.SEEK_END)
+            cols.add({**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
+                      "bucket": np.array([bucket_id[r.bucket] for r in rows]),
+                      "begin": np.array([r.begin for r in rows], np.int64),
+                      "end": np.array([r.end for r in rows], np.int64)})
+        cols.flush()
+        files = active_files(manifest)
+        active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
+        for start, keys in cols.chunks("key"):
+            cols.write("active", start, _active_column(keys, active, digests) if files
+                       else np.ones(len(keys), np.uint8))
+        header = {"format": FORMAT, "version": VERSION, "samples": n, "shards": [s.name for s in manifest.shards],
+                  "shard_start": starts, "buckets": buckets, "source": source_id(manifest, folder),
+                  "fingerprint": _fingerprint(manifest, active, digests),
+                  "active_keys": (len(digests) if digests is not None else len(active)) if files else None,
+                  "columns": layout}
+        del digests
+        header["duplicates"] = _duplicates(cols, n)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        f.seek(offset)
         f.write(blob)
         f.seek(0)
-        f.write(MAGIC + np.array([end, len(blob)], "<u8").tobytes())
+        f.write(MAGIC + np.array([offset, len(blob)], "<u8").tobytes())
         f.flush()
         os.fsync(f.fileno())
 
