@@ -8,6 +8,8 @@ copying it with numpy, writing each sample's key at the places shard 0 has its o
 checksums, and checks once that the copy is byte for byte what `ShardWriter` writes for those keys (the shard and
 its `.idx`). Each shard is hashed (sha256, xxh3-128), renamed into place after its `.idx`, and appended to its job's
 journal, as `ShardWriter` and `ft precompute` do; a job's last, partial shard is written by `ShardWriter` itself.
+Each job also leaves what a real one leaves for the merge: its keys, one warning per sample, and its media cache
+file (one entry per input file, about 265 bytes, as planning writes them).
 
     from synthetic_set import write_jobs
     write_jobs(folder, samples=1_000_000, num_jobs=4)   # then precompute.merge.finalize(folder)
@@ -122,6 +124,15 @@ def write_job(folder: Path, index: int, num_jobs: int, first: int, count: int, c
             keys_file.write("".join(k + "\n" for k in keys))
             warnings_file.write("".join(json.dumps({"path": f"videos/clip_{i:08d}.mp4", **WARNING}) + "\n"
                                         for i in range(start, start + len(keys))))
+    cache = folder / "cache"
+    cache.mkdir(exist_ok=True)
+    with open(cache / f"media-{state.stem}.jsonl", "w") as media:  # what planning caches of each input file
+        for start in range(first, first + count, 1 << 16):
+            media.write("".join(json.dumps(
+                {"path": f"/data/videos/clip_{i:08d}.mp4", "stat": [4_000_000 + i, 1_700_000_000_000_000_000 + i, i],
+                 "probe_version": 2, "decoder": "decord", "frames": 49, "fps": 24.0, "height": 480, "width": 720,
+                 "sha256": hashlib.sha256(i.to_bytes(8, "little")).hexdigest(), "timestamps": None, "notes": []},
+                separators=(",", ":")) + "\n" for i in range(start, min(start + (1 << 16), first + count))))
     os.replace(folder / state.file(".active.txt.tmp"), folder / state.file(".active.txt"))
     os.replace(folder / state.file(".warnings.jsonl.tmp"), folder / state.file(".warnings.jsonl"))
     state.active = {"file": state.file(".active.txt"), "samples": count, "buckets": {"x".join(map(str, BUCKET)): count}}
