@@ -154,8 +154,8 @@ class SetStream:
     def mine(self, step_batches: np.ndarray) -> np.ndarray:
         """This rank's samples of each optimizer step (rows of `step_batches`), micro-batch after micro-batch."""
         b, w = self.batch_size, self.world
-        return np.concatenate([step_batches[:, (m * w + self.rank) * b:(m * w + self.rank + 1) * b]
-                               for m in range(self.accumulation)], axis=1)
+        parts = [step_batches[:, (m * w + self.rank) * b:(m * w + self.rank + 1) * b] for m in range(self.accumulation)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def batches(self, epoch: int = 0, taken: int = 0) -> Iterator[list[Batch]]:
         """Per optimizer step, this rank's micro-batches (each position is the stream's after the step)."""
@@ -185,17 +185,19 @@ class SetStream:
     def _read(self, shards: list[str], mine: np.ndarray, plan: np.ndarray) -> Iterator[list[Sample]]:
         index = self.set.index
         needed = np.zeros(index.samples, bool)
-        needed[mine.ravel()] = True
-        by_anyone = np.zeros(index.samples, bool)
-        by_anyone[plan.ravel()] = True
+        used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
+        for start in range(0, len(plan), 1 << 16):
+            part = plan[start: start + (1 << 16)]
+            needed[mine[start: start + (1 << 16)].ravel()] = True
+            used[np.searchsorted(index.shard_start, part.ravel(), "right") - 1] = True
         loaded: dict[int, Sample] = {}
         emitted = 0
         next_rows = mine[0].tolist()
         infos = {s.name: s for s in self.set.manifest.shards}
         for name in shards:
-            rows = index.rows(index.shard_id[name])
-            verify = (name not in self.set.verified and self.verifies(name)
-                      and bool(by_anyone[rows.start:rows.stop].any()))
+            shard = index.shard_id[name]
+            rows = index.rows(shard)
+            verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
             want = np.flatnonzero(needed[rows.start:rows.stop]) + rows.start
             if not verify and not len(want):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it

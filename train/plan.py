@@ -28,7 +28,7 @@ import numpy as np
 
 from ft.common.shards.set_index import SetIndex
 
-CHUNK = 1 << 18  # samples per step of the buffer loop: bounds the transient Python lists
+CHUNK = 1 << 16  # samples per step of the buffer loop and of the chunked passes: bounds their transients
 
 
 def mix_seed(*parts: object) -> int:
@@ -121,28 +121,47 @@ def shuffle_buffer_order(arrivals: np.ndarray, rng: random.Random, size: int) ->
     return out
 
 
-def step_batches(order: np.ndarray, bucket: np.ndarray, global_batch: int) -> np.ndarray:
-    """Step 4: the step batches, (n, global_batch) rows, in the order they fill."""
-    buckets = bucket[order]
-    rows, ends = [], []
-    for b in np.unique(buckets).tolist():
-        at = np.flatnonzero(buckets == b)
-        full = len(at) // global_batch * global_batch
-        if full:
-            at = at[:full].reshape(-1, global_batch)
-            rows.append(at)
-            ends.append(at[:, -1])
-    if not rows:
-        return np.zeros((0, global_batch), order.dtype)
-    at = np.concatenate(rows)
-    return order[at[np.argsort(np.concatenate(ends), kind="stable")]]
+def step_batches(handed: list[np.ndarray], bucket: np.ndarray, global_batch: int) -> np.ndarray:
+    """Step 4: the step batches, (n, global_batch) rows, in the order they fill. A bucket's batches fill in its own
+    order, so the plan is each bucket's rows cut into batches, dealt out to the places where that bucket completes
+    a batch. Two chunked passes over `order`; held at once: a byte a sample (where batches complete), each bucket's
+    rows and the plan (4 bytes a sample each). The order is handed over in a list, taken out of it and freed
+    before the plan is made."""
+    order = handed.pop()
+    chunks = [(start, order[start: start + CHUNK]) for start in range(0, len(order), CHUNK)]
+    sizes = np.zeros(int(np.iinfo(bucket.dtype).max) + 1, np.int64)
+    for _, part in chunks:
+        sizes += np.bincount(bucket[part], minlength=len(sizes))
+    full = sizes // global_batch * global_batch
+    sentinel = len(sizes) - 1  # bucket ids stop short of it (set_index.py picks the dtype with room)
+    completes = np.full(len(order), sentinel, bucket.dtype)  # the bucket whose batch fills at each place
+    seen = np.zeros(len(sizes), np.int64)
+    rows: dict[int, list[np.ndarray]] = {}
+    for start, part in chunks:
+        ids = bucket[part]
+        for b in np.unique(ids).tolist():
+            at = np.flatnonzero(ids == b)
+            count = seen[b] + np.arange(1, len(at) + 1)  # each sample's place in its bucket, from 1
+            seen[b] += len(at)
+            kept = count <= full[b]
+            if kept.any():
+                rows.setdefault(b, []).append(part[at[kept]])
+                completes[start + at[kept & (count % global_batch == 0)]] = b
+    dtype = order.dtype
+    del chunks, order
+    sequence = completes[completes != sentinel]
+    del completes
+    plan = np.empty((len(sequence), global_batch), dtype)
+    for b, parts in rows.items():
+        plan[sequence == b] = np.concatenate(parts).reshape(-1, global_batch)
+        parts.clear()
+    return plan
 
 
 def plan_epoch(index: SetIndex, seed: int, epoch: int, global_batch: int, shuffle_buffer: int) -> EpochPlan:
     """The shard order and the step batches of one pass: a pure function of its arguments."""
     names = sorted(index.shards)
     random.Random(mix_seed(seed, epoch, "shards")).shuffle(names)
-    arrivals = usable_rows(index, [index.shard_id[n] for n in names])
-    order = shuffle_buffer_order(arrivals, random.Random(mix_seed(seed, epoch, "buffer")), shuffle_buffer)
-    del arrivals
+    rng = random.Random(mix_seed(seed, epoch, "buffer"))
+    order = [shuffle_buffer_order(usable_rows(index, [index.shard_id[n] for n in names]), rng, shuffle_buffer)]
     return EpochPlan(names, step_batches(order, index.bucket, global_batch))

@@ -202,7 +202,7 @@ def _read_active(folder: Path, files: list[str], hexes: bool) -> tuple[list[str]
     filled = 0
     for name in files:
         with open(folder / name, "rb") as f:
-            while digests is not None and (block := f.read(1 << 24)):
+            while digests is not None and (block := f.read(1 << 20)):
                 words = (block + f.readline()).split()
                 if len(words) > len(digests) - filled or not all(_HEX32.match(w) for w in words):
                     digests = None  # keys that are not ft's digests: read as text below
@@ -336,7 +336,7 @@ class _Columns:
 def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
     n = manifest.num_samples
     buckets = sorted({b for s in manifest.shards for b in s.buckets})
-    bucket_type = np.uint8 if len(buckets) < 256 else np.uint16
+    bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
     layout: dict[str, dict[str, Any]] = {}
     offset = DATA_START
     specs = [*((c, "u1", (widths[c],)) for c in KEY_COLUMNS), ("bucket", np.dtype(bucket_type).str, ()),
