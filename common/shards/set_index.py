@@ -37,7 +37,9 @@ import json
 import mmap
 import os
 import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .liveness import alive, process_start, read_lock
 from .manifest import MANIFEST_NAME, Manifest
 from .reader import IndexRow, ShardCorruptError, shard_rows
 
@@ -396,24 +399,56 @@ def write_set_index(folder: Path, manifest: Manifest) -> Path:
     return target
 
 
+def _matching(path: Path, wanted: str) -> SetIndex | None:
+    try:
+        index = SetIndex(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    return index if index.header.get("source") == wanted else None
+
+
+def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
+    """Build and save the index, one process at a time: the ranks of a node starting on an older set wait for the
+    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over)."""
+    lock = folder / (INDEX_NAME + ".lock")
+    me = {"what": "an index build", "host": socket.gethostname(), "pid": os.getpid(),
+          "process_start": process_start(os.getpid())}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(lock)
+            if holder is None or holder == {} or alive(holder):
+                time.sleep(0.2)
+            else:
+                lock.unlink(missing_ok=True)  # its builder is gone
+            found = _matching(folder / INDEX_NAME, wanted)
+            if found is not None:
+                return found
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            found = _matching(folder / INDEX_NAME, wanted)  # built while this process waited for the lock
+            return found if found is not None else SetIndex(write_set_index(folder, manifest))
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def open_set_index(folder: str | Path, manifest: Manifest) -> SetIndex:
     """The set's index, mapped: `set_index.bin` when it describes `manifest` (its shards and training view),
     else built now and saved beside the manifest (or, for a set this process cannot write, built in a temporary
     file and mapped, with a warning)."""
     folder = Path(folder)
-    path = folder / INDEX_NAME
     wanted = source_id(manifest, folder)
-    try:
-        index = SetIndex(path)
-        if index.header.get("source") == wanted:
-            return index
-    except (OSError, ValueError, KeyError):
-        pass
+    found = _matching(folder / INDEX_NAME, wanted)
+    if found is not None:
+        return found
     from ..logs import log
 
     if os.access(folder, os.W_OK):
-        log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {path.name}")
-        return SetIndex(write_set_index(folder, manifest))
+        log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
+        return _build_once(folder, manifest, wanted)
     log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this process; "
                 "`ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
     fd, name = tempfile.mkstemp(prefix="ft-set-index-")

@@ -90,3 +90,17 @@ def test_a_damaged_index_is_rebuilt(tmp_path):
     (folder / INDEX_NAME).write_bytes(b"FTSETIX1" + b"\0" * 100)
     assert ShardSet(folder).index.samples == 12
     shutil.rmtree(folder)
+
+
+def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    folder = write_set(tmp_path / "locked")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / (INDEX_NAME + ".lock")).write_text(json.dumps({"host": socket.gethostname(),
+                                                             "pid": int(gone.stdout)}))
+    assert ShardSet(folder).index.samples == 12
+    assert not (folder / (INDEX_NAME + ".lock")).exists() and (folder / INDEX_NAME).is_file()
