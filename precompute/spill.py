@@ -2,8 +2,8 @@
 each once) and the media cache (`cache/media.jsonl`, the newest entry of each path).
 
 A dict of every entry held 1.7 GB at a million media files. Here the lines are first spilled, in their order, into
-partition files chosen by a hash of each line's identity (a key, a path), each partition about `PART_BYTES`; then
-each partition alone is de-duplicated in memory. Memory is one partition's lines, whatever the total; a total
+partition files chosen by a hash of each line's identity (a key, a path), each partition about `PART_BYTES` of
+text; then each partition alone is de-duplicated in memory. Memory is one partition's lines, whatever the total; a total
 under `PART_BYTES` is one partition and is never spilled. Output order is partition by partition (the readers of
 both files load them into a set or a dict: the order is not part of either file's meaning).
 """
@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-PART_BYTES = 32 << 20
+PART_BYTES = 8 << 20  # about 250k keys (or 30k media entries) held as Python strings at once
 
 
 def _lines(paths: list[Path]) -> Iterator[str]:

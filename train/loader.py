@@ -145,7 +145,7 @@ class SetStream:
 
     def plan(self, epoch: int) -> EpochPlan:
         plan = plan_epoch(self.set.index, self.seed, epoch, self.samples_per_step, self.shuffle_buffer)
-        if not len(plan.batches):
+        if not plan.count:
             raise UserError(f"{self.set.folder}: no bucket has {self.samples_per_step} samples for one optimizer "
                             f"step (--batch-size {self.batch_size} x {self.world} processes x "
                             f"--gradient-accumulation-steps {self.accumulation}); lower one of them.")
@@ -161,12 +161,11 @@ class SetStream:
         """Per optimizer step, this rank's micro-batches (each position is the stream's after the step)."""
         while True:
             plan = self.plan(epoch)
-            total = len(plan.batches)
+            total = plan.count
             if taken >= total:
                 epoch, taken = epoch + 1, 0
                 continue
-            rest = plan.batches[taken:]
-            for i, samples in enumerate(self._read(plan.shards, self.mine(rest), rest)):
+            for i, samples in enumerate(self._read(plan, taken)):
                 done = taken + i + 1
                 position = {"epoch": epoch + 1, "taken": 0} if done == total else {"epoch": epoch, "taken": done}
                 b = self.batch_size
@@ -182,19 +181,21 @@ class SetStream:
             self._verifier = {name: i % self.world for i, name in enumerate(names)}
         return self._verifier[shard] == self.rank
 
-    def _read(self, shards: list[str], mine: np.ndarray, plan: np.ndarray) -> Iterator[list[Sample]]:
+    def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
+        """This rank's samples of each step after the first `taken`: a first pass over the plan's batches marks the
+        rows this rank needs and the shards anyone needs; the second reads them in the shards' order."""
         index = self.set.index
         needed = np.zeros(index.samples, bool)
         used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
-        for start in range(0, len(plan), 1 << 16):
-            part = plan[start: start + (1 << 16)]
-            needed[mine[start: start + (1 << 16)].ravel()] = True
-            used[np.searchsorted(index.shard_start, part.ravel(), "right") - 1] = True
+        for chunk in plan.chunks(taken):
+            needed[self.mine(chunk).ravel()] = True
+            used[np.searchsorted(index.shard_start, chunk.ravel(), "right") - 1] = True
+        steps = (rows for chunk in plan.chunks(taken) for rows in self.mine(chunk).tolist())
+        next_rows = next(steps, None)
         loaded: dict[int, Sample] = {}
         emitted = 0
-        next_rows = mine[0].tolist()
         infos = {s.name: s for s in self.set.manifest.shards}
-        for name in shards:
+        for name in plan.shards:
             shard = index.shard_id[name]
             rows = index.rows(shard)
             verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
@@ -205,16 +206,15 @@ class SetStream:
             for sample in iter_shard(self.set.folder / name, verify=infos[name] if verify else None,
                                      wanted=lambda key, row_of=row_of: key in row_of and row_of[key] not in loaded):
                 loaded[row_of[sample.key]] = sample
-                while emitted < len(mine) and all(r in loaded for r in next_rows):
+                while next_rows is not None and all(r in loaded for r in next_rows):
                     yield [loaded.pop(r) for r in next_rows]
                     emitted += 1
-                    next_rows = mine[emitted].tolist() if emitted < len(mine) else []
-            needed[want] = False
+                    next_rows = next(steps, None)
             if verify:
                 self.set.verified.add(name)
-        if emitted < len(mine):
-            raise UserError(f"{self.set.folder}: {len(mine) - emitted} planned batches could not be read; the "
-                            "shards changed during training. Rerun `ft precompute` and train again.")
+        if emitted < plan.count - taken:
+            raise UserError(f"{self.set.folder}: {plan.count - taken - emitted} planned batches could not be read; "
+                            "the shards changed during training. Rerun `ft precompute` and train again.")
 
 
 class DataStream:

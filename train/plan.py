@@ -11,10 +11,12 @@ The order is defined by that planner, kept as the reference in tests/train/test_
 4. samples of one bucket collected, in that order, into step batches of `global_batch`; a batch is emitted when
    it fills; a bucket's remainder is dropped.
 
-Here step 1 stays Python (a shuffle of names), step 2 is a numpy gather per shard, step 4 a sort, and step 3,
+Here step 1 stays Python (a shuffle of names), step 2 is a numpy gather per shard, streamed in chunks, step 3,
 the one sequential part, draws its random numbers with numpy from the same Mersenne Twister state
 (`randrange(n)` is `getrandbits(n.bit_length())` redrawn until below n, and `getrandbits(k)` for k <= 32 is the
-top k bits of one 32-bit output), so only the buffer's pops run as a Python loop over integers, a chunk at a time.
+top k bits of one 32-bit output), so only the buffer's pops run as a Python loop over integers, a chunk at a time,
+and step 4 is made from step 3's order a chunk at a time whenever the batches are walked (`EpochPlan.chunks`).
+What a pass holds is that order: 4 bytes a sample (int32 index rows), plus chunk-sized transients.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from ft.common.shards.set_index import SetIndex
 
-CHUNK = 1 << 16  # samples per step of the buffer loop and of the chunked passes: bounds their transients
+CHUNK = 1 << 14  # samples per step of the buffer loop and of the chunked passes: bounds their transients
 
 
 def mix_seed(*parts: object) -> int:
@@ -38,11 +40,24 @@ def mix_seed(*parts: object) -> int:
 
 @dataclass
 class EpochPlan:
-    """One pass: the shards in reading order (names) and the step batches as an (n, global_batch) array of
-    index rows."""
+    """One pass: the shards in reading order (names), the order samples leave the shuffle buffer (index rows, 4
+    bytes a sample: all the plan holds), and the step batches made from it a chunk at a time (`chunks`)."""
 
     shards: list[str]
-    batches: np.ndarray
+    order: np.ndarray
+    bucket: np.ndarray
+    global_batch: int
+    count: int  # step batches in the pass
+
+    def chunks(self, skip: int = 0) -> Iterator[np.ndarray]:
+        """The step batches after the first `skip`, as (k, global_batch) arrays of index rows."""
+        return step_batches(self.order, self.bucket, self.global_batch, skip)
+
+    @property
+    def batches(self) -> np.ndarray:
+        """Every step batch at once, (count, global_batch): for tests and small sets."""
+        parts = list(self.chunks())
+        return np.concatenate(parts) if parts else np.zeros((0, self.global_batch), self.order.dtype)
 
 
 def _numpy_twister(rng: random.Random) -> np.random.MT19937:
@@ -77,43 +92,67 @@ def _randrange_draws(rng: random.Random, n: int, count: int) -> Iterator[np.ndar
     _set_python_state(rng, twister)
 
 
-def usable_rows(index: SetIndex, shards: list[int]) -> np.ndarray:
-    """Step 2: the rows of the pass in arrival order (active; each key once, at its first place in the pass)."""
-    skipped = np.zeros(0, np.int64)
-    if index.duplicates:
-        position = np.empty(len(index.shards), np.int64)
-        position[shards] = np.arange(len(shards))
-        drop = []
-        for group in index.duplicates:
-            rows = np.asarray(group, np.int64)
-            shard_of = np.searchsorted(index.shard_start, rows, "right") - 1
-            first = rows[np.lexsort((rows, position[shard_of]))[0]]
-            drop.extend(r for r in group if r != first)
-        skipped = np.asarray(sorted(drop), np.int64)
-    active = index.active
-    parts = []
+def _skipped(index: SetIndex, shards: list[int]) -> np.ndarray:
+    """The rows of keys met earlier in this pass (a sample on disk twice): all but the first copy in pass order."""
+    if not index.duplicates:
+        return np.zeros(0, np.int64)
+    position = np.empty(len(index.shards), np.int64)
+    position[shards] = np.arange(len(shards))
+    drop = []
+    for group in index.duplicates:
+        rows = np.asarray(group, np.int64)
+        shard_of = np.searchsorted(index.shard_start, rows, "right") - 1
+        first = rows[np.lexsort((rows, position[shard_of]))[0]]
+        drop.extend(r for r in group if r != first)
+    return np.asarray(sorted(drop), np.int64)
+
+
+def usable_rows(index: SetIndex, shards: list[int]) -> Iterator[np.ndarray]:
+    """Step 2: the rows of the pass in arrival order (active; each key once, at its first place in the pass), a
+    chunk of shards at a time."""
+    skipped = _skipped(index, shards)
+    active, parts, held = index.active, [], 0
+    dtype = np.int32 if index.samples < (1 << 31) else np.int64
     for s in shards:
         a, b = int(index.shard_start[s]), int(index.shard_start[s + 1])
-        rows = np.flatnonzero(active[a:b]) + a
+        rows = (np.flatnonzero(active[a:b]) + a).astype(dtype)
         if len(skipped):
             rows = rows[~np.isin(rows, skipped)]
-        parts.append(rows.astype(np.int32 if index.samples < (1 << 31) else np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        parts.append(rows)
+        held += len(rows)
+        if held >= CHUNK:
+            yield np.concatenate(parts)
+            parts, held = [], 0
+    if parts:
+        yield np.concatenate(parts)
 
 
-def shuffle_buffer_order(arrivals: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
-    """Step 3: the order samples leave a shuffle buffer of `size` fed with `arrivals`."""
+def usable_count(index: SetIndex, shards: list[int]) -> int:
+    return int(np.count_nonzero(index.active)) - int(np.count_nonzero(index.active[_skipped(index, shards)]))
+
+
+def shuffle_buffer_order(arrivals: Iterator[np.ndarray], count: int, rng: random.Random, size: int) -> np.ndarray:
+    """Step 3: the order samples leave a shuffle buffer of `size` fed with `count` `arrivals` (chunks)."""
     size = max(size, 1)
-    m = len(arrivals)
-    pops = max(0, m - size + 1)
-    out = np.empty(m, arrivals.dtype)
-    buffer = arrivals[: min(m, size - 1)].tolist()
+    pops = max(0, count - size + 1)
+    out = np.empty(count, np.int32 if count < (1 << 31) else np.int64)
+    buffer: list[int] = []
+    carry: list[int] = []  # arrivals read ahead of the pops
+
+    def take(k: int) -> list[int]:
+        nonlocal carry
+        while len(carry) < k:
+            carry += next(arrivals).tolist()
+        got, carry = carry[:k], carry[k:]
+        return got
+
+    buffer = take(min(count, size - 1))
     pop, append = buffer.pop, buffer.append
     done = 0
     for draws in _randrange_draws(rng, size, pops):
         for start in range(0, len(draws), CHUNK):
             js = draws[start: start + CHUNK].tolist()
-            came = arrivals[size - 1 + done: size - 1 + done + len(js)].tolist()
+            came = take(len(js))
             out[done: done + len(js)] = [pop(j) for a, j in zip(came, js, strict=True) if not append(a)]
             done += len(js)
     rng.shuffle(buffer)
@@ -121,47 +160,56 @@ def shuffle_buffer_order(arrivals: np.ndarray, rng: random.Random, size: int) ->
     return out
 
 
-def step_batches(handed: list[np.ndarray], bucket: np.ndarray, global_batch: int) -> np.ndarray:
-    """Step 4: the step batches, (n, global_batch) rows, in the order they fill. A bucket's batches fill in its own
-    order, so the plan is each bucket's rows cut into batches, dealt out to the places where that bucket completes
-    a batch. Two chunked passes over `order`; held at once: a byte a sample (where batches complete), each bucket's
-    rows and the plan (4 bytes a sample each). The order is handed over in a list, taken out of it and freed
-    before the plan is made."""
-    order = handed.pop()
-    chunks = [(start, order[start: start + CHUNK]) for start in range(0, len(order), CHUNK)]
+def step_batches(order: np.ndarray, bucket: np.ndarray, global_batch: int, skip: int = 0) -> Iterator[np.ndarray]:
+    """Step 4: the step batches, as (k, global_batch) arrays of rows in the order they fill, a chunk of `order` at a
+    time, after the first `skip` batches (whose rows are not made). A bucket's rows are collected in its own
+    order; a batch is out when its last sample arrives; what a bucket cannot fill is dropped."""
     sizes = np.zeros(int(np.iinfo(bucket.dtype).max) + 1, np.int64)
-    for _, part in chunks:
-        sizes += np.bincount(bucket[part], minlength=len(sizes))
+    for start in range(0, len(order), CHUNK):
+        sizes += np.bincount(bucket[order[start: start + CHUNK]], minlength=len(sizes))
     full = sizes // global_batch * global_batch
-    sentinel = len(sizes) - 1  # bucket ids stop short of it (set_index.py picks the dtype with room)
-    completes = np.full(len(order), sentinel, bucket.dtype)  # the bucket whose batch fills at each place
     seen = np.zeros(len(sizes), np.int64)
-    rows: dict[int, list[np.ndarray]] = {}
-    for start, part in chunks:
+    pending: dict[int, np.ndarray] = {}
+    made = 0
+    for start in range(0, len(order), CHUNK):
+        part = order[start: start + CHUNK]
         ids = bucket[part]
+        ends, rows = [], []
         for b in np.unique(ids).tolist():
             at = np.flatnonzero(ids == b)
             count = seen[b] + np.arange(1, len(at) + 1)  # each sample's place in its bucket, from 1
             seen[b] += len(at)
             kept = count <= full[b]
-            if kept.any():
-                rows.setdefault(b, []).append(part[at[kept]])
-                completes[start + at[kept & (count % global_batch == 0)]] = b
-    dtype = order.dtype
-    del chunks, order
-    sequence = completes[completes != sentinel]
-    del completes
-    plan = np.empty((len(sequence), global_batch), dtype)
-    for b, parts in rows.items():
-        plan[sequence == b] = np.concatenate(parts).reshape(-1, global_batch)
-        parts.clear()
-    return plan
+            if not kept.any():
+                continue
+            filled = at[kept & (count % global_batch == 0)]
+            values = np.concatenate([pending.pop(b, part[:0]), part[at[kept]]])
+            cut = len(filled) * global_batch
+            if len(values) > cut:
+                pending[b] = values[cut:]
+            if len(filled):
+                ends.append(filled)
+                rows.append(values[:cut].reshape(-1, global_batch))
+        if not ends:
+            continue
+        batches = np.concatenate(rows)[np.argsort(np.concatenate(ends), kind="stable")]
+        if made + len(batches) > skip:
+            yield batches[max(0, skip - made):]
+        made += len(batches)
+
+
+def batch_count(order: np.ndarray, bucket: np.ndarray, global_batch: int) -> int:
+    sizes = np.zeros(int(np.iinfo(bucket.dtype).max) + 1, np.int64)
+    for start in range(0, len(order), CHUNK):
+        sizes += np.bincount(bucket[order[start: start + CHUNK]], minlength=len(sizes))
+    return int((sizes // global_batch).sum())
 
 
 def plan_epoch(index: SetIndex, seed: int, epoch: int, global_batch: int, shuffle_buffer: int) -> EpochPlan:
     """The shard order and the step batches of one pass: a pure function of its arguments."""
     names = sorted(index.shards)
     random.Random(mix_seed(seed, epoch, "shards")).shuffle(names)
+    shards = [index.shard_id[n] for n in names]
     rng = random.Random(mix_seed(seed, epoch, "buffer"))
-    order = [shuffle_buffer_order(usable_rows(index, [index.shard_id[n] for n in names]), rng, shuffle_buffer)]
-    return EpochPlan(names, step_batches(order, index.bucket, global_batch))
+    order = shuffle_buffer_order(usable_rows(index, shards), usable_count(index, shards), rng, shuffle_buffer)
+    return EpochPlan(names, order, index.bucket, global_batch, batch_count(order, index.bucket, global_batch))
