@@ -1,18 +1,23 @@
-"""How `ft precompute` and `ft train`'s start-up grow with the size of a shard set: no quadratic work, no memory
-that grows per sample beyond what is kept for the keys.
+"""How `ft precompute`'s merge and `ft train`'s start-up grow with the size of a shard set, up to ten million
+samples: start-up in seconds and memory flat whatever the size, on every rank.
 
-    python bench/precompute_scale.py [--samples 1000,10000,100000] [--clips 500,5000] [--no-save]
+    python bench/precompute_scale.py [--samples 1000,100000,1000000,10000000] [--jobs 4] [--clips 500,5000]
+                                     [--work DIR] [--no-save]
 
-Synthetic sets (`--samples`): samples with tiny tensors written by ft's own `ShardWriter` as one precompute job
-does it: each finished shard appended to the job's journal, its state saved at the start and the end, one
-warning record per sample (the worst case the issue measured: every caption longer than the text length), then
-the real merge (`precompute/merge.py`). Reported: manifest.json's bytes, the time of every manifest write of
-the run (journal appends, state saves, the rejects/warnings file, the merge), and `ft train`'s data start-up in
-a new process (open the set, index it, plan the first epoch, read the first batch) with its wall time and peak
-RSS. Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips (N samples: the generated shapes
+Synthetic sets (`--samples`): samples with tiny tensors, written as `--jobs` precompute jobs leave them
+(bench/synthetic_set.py: ft's `ShardWriter` for each job's first shard, byte-identical copies with other keys for
+the rest, checked against `ShardWriter` once per job; each shard journalled; one warning record per sample, the
+worst case the issue measured), then merged by `ft precompute --finalize` in a new process (its wall time and peak
+RSS; it writes the set's index). Then `ft train`'s data start-up in a new process, after its imports (open the
+set, map its index, plan the first epoch, read the first batch): wall and CPU seconds, what it added to its peak
+RSS, and what it added at the first batch, private (anonymous) and file-backed (the index's mapped pages, shared
+through the page cache); the same for 2 processes at once (rank 0 and 1 of 2); and the first start of the same
+set as an older ft left it (no `set_index.bin`: the index is built from the `.idx` files once and saved). Each set
+is deleted once measured; a size the disk cannot hold (about 3.6 KB a sample) is reported as not run.
+Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips (N samples: the generated shapes
 repeat, so each caption is numbered) with the test suite's tiny CogVideoX, then the same command again on the
 unchanged data as a new process (its wall time and peak RSS), against `ft --help` plus a stat of every file.
-The last rows give the growth ratio between the sizes.
+The growth rows give the ratio between successive sizes.
 """
 
 from __future__ import annotations
@@ -20,27 +25,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ft.common.shards import MANIFEST_NAME
+from ft.common.shards import INDEX_NAME, MANIFEST_NAME
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 FT = [sys.executable, "-m", "ft.cli.main"]
 
 TRAIN_STARTUP = """
-import resource, sys, time
-start = time.perf_counter()
+import json, sys, time
+import torch, xxhash  # what ft train has imported before it opens its data
 from ft.train.loader import DataStream, ShardSet
+torch.stack([torch.zeros(1), torch.zeros(1)])
+
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[name] = int(value.split()[0]) / 1024
+    return out
+
+
+before = status()
+wall, cpu = time.perf_counter(), time.process_time()
 s = ShardSet(sys.argv[1])
-stream = DataStream([s], seed=0, batch_size=1)
+s.index
+index_s = time.perf_counter() - wall
+stream = DataStream([s], seed=0, batch_size=1, rank=int(sys.argv[2]), world=int(sys.argv[3]))
 batch = next(stream.batches())
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+after = status()
+print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "index": index_s,
+                  "peak": after["VmHWM"] - before["VmRSS"], "anon": after["RssAnon"] - before["RssAnon"],
+                  "file": after["RssFile"] - before["RssFile"]}))
 """
+
+
+def train_startup(folder: Path, world: int = 1) -> dict[str, float]:
+    """`ft train`'s data start-up in `world` new processes at once (rank r of world each): the slowest wall and
+    CPU seconds, and the most any of them added to its RSS (peak; private and file-backed at the first batch)."""
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_STARTUP, str(folder), str(rank), str(world)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for rank in range(world)]
+    found = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"the training start-up failed:\n{err[-3000:]}")
+        found.append(json.loads(out.strip().splitlines()[-1]))
+    return {k: max(f[k] for f in found) for k in found[0]}
 
 
 # runs a command as its only child, so the child's peak RSS is what RUSAGE_CHILDREN reports
@@ -64,45 +104,22 @@ def run_child(argv: list[str]) -> tuple[float, float, str]:
     return wall, rss, proc.stdout
 
 
-def synthetic_set(folder: Path, n: int) -> float:
-    """Write n tiny samples as one precompute job writes them and merge; returns the seconds of manifest writes."""
-    import torch
+def synthetic_set(folder: Path, n: int, jobs: int) -> dict[str, float]:
+    """Write n tiny samples as `jobs` precompute jobs leave them (bench/synthetic_set.py), then merge them in a new
+    process (which also writes the set's index): the seconds of each and the merge's peak RSS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthetic_set import write_jobs
 
-    from ft.common.shards import JOBS_DIR, JobState, ShardWriter, append_journal, write_atomic
-    from ft.common.shards.manifest import input_summary
-    from ft.precompute.merge import finalize
+    start = time.perf_counter()
+    write_jobs(folder, n, jobs)
+    written = time.perf_counter() - start
+    merge, rss, _ = run_child([*FT, "precompute", "--finalize", "--out", str(folder)])
+    return {"write": written, "merge": merge, "merge_rss": rss}
 
-    (folder / JOBS_DIR).mkdir(parents=True)
-    state = JobState(0, 1, "bench", "host", os.getpid(), "now",
-                     header={"model_family": "cogvideox", "encoders": {}, "encoder_fingerprint": "f", "encoding": {},
-                             "shapes": {"latent_channels": 4}, "empty_caption": {}})
-    spent = 0.0
 
-    def timed(fn, *args) -> None:
-        nonlocal spent
-        t = time.perf_counter()
-        fn(*args)
-        spent += time.perf_counter() - t
-
-    keys = [f"{i:032x}" for i in range(n)]
-    warnings = [{"path": f"videos/clip_{i:07d}.mp4", "reason": "caption of 300 tokens is cut to "
-                 "--max-sequence-length 226", "kind": "caption-truncated"} for i in range(n)]
-    timed(write_atomic, folder / state.file(".active.txt"), "".join(k + "\n" for k in keys))
-    timed(write_atomic, folder / state.file(".warnings.jsonl"), "".join(json.dumps(w) + "\n" for w in warnings))
-    state.active = {"file": state.file(".active.txt"), "samples": n, "buckets": {"9x32x32": n}}
-    state.inputs = {"warnings": input_summary([state.file(".warnings.jsonl")], warnings)}
-    timed(state.save, folder)
-    writer = ShardWriter(folder, on_shard=lambda info: timed(append_journal, folder, state, info))
-    latents = {"mean": torch.zeros(4, 1, 2, 2, dtype=torch.bfloat16), "logvar": torch.zeros(4, 1, 2, 2)}
-    cond = {"prompt_embeds": torch.zeros(4, 8, dtype=torch.bfloat16)}
-    for key in keys:
-        writer.write(key, {"latents": latents, "cond": cond}, {"bucket": [9, 32, 32], "video_key": key,
-                                                               "text_key": key, "caption": "c"})
-    writer.finish_shard()
-    state.complete = True
-    timed(state.save, folder)
-    timed(finalize, folder)
-    return spent
+def free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 def clips_rows(n: int, work: Path) -> dict[str, float]:
@@ -135,29 +152,47 @@ def ratio(a: float, b: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", default="1000,10000,100000")
+    parser.add_argument("--samples", default="1000,100000,1000000")
+    parser.add_argument("--jobs", type=int, default=4, help="precompute jobs the synthetic sets are written as")
     parser.add_argument("--clips", default="500,5000")
+    parser.add_argument("--work", default=None, help="folder for the sets (default: a temporary one in /tmp)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     sizes = [int(x) for x in args.samples.split(",") if x]
     clips = [int(x) for x in args.clips.split(",") if x]
-    rows = ["| synthetic samples | manifest.json | all manifest writes | train data start-up | its peak RSS |",
-            "|---|---|---|---|---|"]
+    rows = [f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", "",
+            f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index) | its peak RSS | manifest.json | "
+            "train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first batch | "
+            "2 processes: wall / CPU | + peak RSS (each) | old set's first start (builds the index) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     found = []
-    with tempfile.TemporaryDirectory(prefix="ft-bench-scale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ft-bench-scale-", dir=args.work) as tmp:
         for n in sizes:
             folder = Path(tmp) / f"set-{n}"
-            writes = synthetic_set(folder, n)
-            _, _, out = run_child([sys.executable, "-c", TRAIN_STARTUP, str(folder)])
-            startup, rss = (float(x) for x in out.split())
-            found.append((n, (folder / MANIFEST_NAME).stat().st_size, writes, startup, rss))
-            rows.append(f"| {n:,} | {found[-1][1] / 1e3:.1f} KB | {writes:.2f} s | {startup:.2f} s | {rss:.0f} MB |")
-        if len(found) > 1:
-            (a, *ra), (b, *rb) = found[0], found[-1]
-            rows.append(f"| growth {b // a}x samples | {ratio(rb[0], ra[0])} | {ratio(rb[1], ra[1])} | "
-                        f"{ratio(rb[2], ra[2])} | {ratio(rb[3], ra[3])} |")
-        rows += ["", "| tiny clips | first run | rerun, unchanged (new process) | its peak RSS | `ft --help` + stat "
-                 "of every file | rerun / that | manifest.json |", "|---|---|---|---|---|---|---|"]
+            need = n * 3600 * 1.2 + (1 << 30)
+            if free_bytes(Path(tmp)) < need:
+                rows.append(f"| {n:,} | not run: {free_bytes(Path(tmp)) / 1e9:.0f} GB free, about "
+                            f"{need / 1e9:.0f} GB needed | | | | | | | | | |")
+                continue
+            made = synthetic_set(folder, n, args.jobs)
+            one, two = train_startup(folder), train_startup(folder, world=2)
+            (folder / INDEX_NAME).unlink()
+            old = train_startup(folder)
+            found.append((n, one, made))
+            rows.append(f"| {n:,} | {made['write']:.1f} s | {made['merge']:.1f} s | {made['merge_rss']:.0f} MB | "
+                        f"{(folder / MANIFEST_NAME).stat().st_size / 1e3:.1f} KB | {one['wall']:.2f} / "
+                        f"{one['cpu']:.2f} s | {one['peak']:.0f} MB | {one['anon']:.0f} / {one['file']:.0f} MB | "
+                        f"{two['wall']:.2f} / {two['cpu']:.2f} s | {two['peak']:.0f} MB | {old['wall']:.1f} s, "
+                        f"+{old['peak']:.0f} MB |")
+            shutil.rmtree(folder)
+        for (a, ra, ma), (b, rb, mb) in zip(found, found[1:], strict=False):
+            rows.append(f"| growth {a:,} -> {b:,} ({b // a}x) | | {ratio(mb['merge'], ma['merge'])} | "
+                        f"{ratio(mb['merge_rss'], ma['merge_rss'])} | | {ratio(rb['wall'], ra['wall'])} | "
+                        f"{ratio(rb['peak'], ra['peak'])} | | | | |")
+        rows.append(f"load average after: {os.getloadavg()[0]:.2f}")
+        if clips:
+            rows += ["", "| tiny clips | first run | rerun, unchanged (new process) | its peak RSS | `ft --help` + "
+                     "stat of every file | rerun / that | manifest.json |", "|---|---|---|---|---|---|---|"]
         got = []
         for n in clips:
             r = clips_rows(n, Path(tmp))

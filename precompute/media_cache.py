@@ -108,14 +108,31 @@ class MediaCache:
                      "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in self.used.values()))
 
 
+def _path_of(line: str) -> str | None:
+    """An entry's path, parsing no more of the line than that when it is written as `put` writes it."""
+    try:
+        if line.startswith('{"path":'):
+            path, _ = _DECODER.raw_decode(line, 8)
+        else:
+            entry = json.loads(line)
+            path = entry.get("path") if isinstance(entry, dict) else None
+    except ValueError:
+        return None
+    return path if isinstance(path, str) else None
+
+
+_DECODER = json.JSONDecoder()
+
+
 def merge_cache_files(out: Path) -> None:
-    """Fold the jobs' cache files into `cache/media.jsonl` (the newest entry of each path wins)."""
+    """Fold the jobs' cache files into `cache/media.jsonl` (the newest entry of each path wins), in flat memory:
+    the lines are kept as they are and de-duplicated a partition at a time (spill.py)."""
+    from .spill import write_unique
+
     folder = out / CACHE_DIR
     parts = sorted(folder.glob("media-*.jsonl")) if folder.is_dir() else []
     if not parts:
         return
-    merged = MediaCache(out, "")
-    write_atomic(folder / CACHE_NAME,
-                 "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in merged.entries.values()))
+    write_unique([folder / CACHE_NAME, *parts], folder / CACHE_NAME, _path_of, keep_last=True)
     for part in parts:
         part.unlink(missing_ok=True)

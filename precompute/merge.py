@@ -4,9 +4,10 @@
 The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/shards/journal.py `merged_view`) and
 writes, each atomically: `active_keys.txt` (every job's keys, each once), `rejected.jsonl` and `warnings.jsonl`
 (the jobs' files one after another, summarised in the manifest), the empty caption's conditioning (job 0's),
-`precompute_config.json` (job 0's, as a single run), the media cache, and last `manifest.json`, listing every
-shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed half-way is
-merged again by the next one (shards are taken by name, so nothing is listed twice).
+`precompute_config.json` (job 0's, as a single run), the media cache, the set's index (`set_index.bin`, which
+`ft train` maps instead of reading every shard's `.idx`: common/shards/set_index.py), and last `manifest.json`,
+listing every shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed
+half-way is merged again by the next one (shards are taken by name, so nothing is listed twice).
 
 Every job runs the check when it finishes: once its own state says complete, it merges if every job of its run
 has finished. Two jobs finishing at once: the merge lock lets one merge while the other waits, then looks again
@@ -38,11 +39,13 @@ from ft.common.shards import (
     read_states,
     shard_rows,
     write_atomic,
+    write_set_index,
 )
 
 from .consistency import check_jobs_agree
 from .job_slots import JobSlot, Lock, describe_holder, job_config_path, live_locks
 from .media_cache import merge_cache_files
+from .spill import write_unique
 from .stamp import seal_stamps
 
 CONFIG_NAME = "precompute_config.json"
@@ -67,22 +70,12 @@ def _concat(out: Path, files: list[str], target: str) -> int:
 
 
 def _merge_active(out: Path, files: list[str]) -> tuple[int, set[str]]:
-    """`active_keys.txt` from the jobs' key files, each key once; returns the number of keys, and the keys that
-    more than one job holds (a job drops its own duplicates: these are one media under two names that two jobs
-    own, each of which encoded it)."""
-    seen: set[str] = set()
-    repeated: set[str] = set()
-    tmp = out / (ACTIVE_KEYS_NAME + ".tmp")
-    with open(tmp, "w") as dst:
-        for name in files:
-            for key in (out / name).read_text().split():
-                if key in seen:
-                    repeated.add(key)
-                else:
-                    seen.add(key)
-                    dst.write(key + "\n")
-    os.replace(tmp, out / ACTIVE_KEYS_NAME)
-    return len(seen), repeated
+    """`active_keys.txt` from the jobs' key files, each key once (in flat memory: spill.py); returns the number of
+    keys, and the keys that more than one job holds (a job drops its own duplicates: these are one media under two
+    names that two jobs own, each of which encoded it)."""
+    count, repeated = write_unique([out / name for name in files], out / ACTIVE_KEYS_NAME,
+                                   lambda line: line.strip() or None, keep_last=False)
+    return count, set(repeated)
 
 
 def _duplicate_notes(out: Path, shards: list[ShardInfo], keys: set[str]) -> list[dict[str, str]]:
@@ -196,6 +189,8 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
                         empty_caption=view.empty_caption, prompts=view.prompts, complete=view.complete,
                         missing=view.missing,
                         inputs=inputs, jobs=view.jobs, resume_command=resume)
+    write_set_index(out, manifest)  # before the manifest: a reader of the new manifest finds its index in place
+    kill_point("set-index-written")
     manifest.save(out)
     kill_point("merged")
     _remove_merged(out, [s.stem for s in states], [s.stem for s in run] if manifest.complete else [])

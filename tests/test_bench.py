@@ -90,7 +90,8 @@ def test_precompute_bench_prints_its_table():
 
 def test_precompute_scale_bench_prints_its_table():
     out = bench(str(BENCH / "precompute_scale.py"), "--samples", "40,80", "--clips", "", "--no-save")
-    assert "| synthetic samples | manifest.json | all manifest writes |" in out and "| growth 2x samples |" in out
+    assert "| synthetic samples (4 jobs) | write | merge (+ set index) |" in out and "| growth 40 -> 80 (2x) |" in out
+    assert "2 processes: wall / CPU" in out and "old set's first start" in out
 
 
 @pytest.mark.slow

@@ -1,19 +1,19 @@
 """Streams shard samples into optimizer steps: an order that is a pure function of (seed, epoch, shard set,
 samples per optimizer step), a position that can be saved, and a split into micro-batches and ranks.
 
-Planning. Each pass ("epoch") over a shard set is planned from the shards' tar headers and JSON members only
-(`shard_index`, read once per process): the shards in an order seeded by (seed, epoch), samples through a
-shuffle buffer seeded likewise, samples of one bucket collected into *step* batches of `batch_size x world x
-accumulation` samples; a bucket's remainder at the end of the pass is dropped (a batch never holds a sample twice,
-and a key that appears twice on disk is used once per pass). A step batch is cut into micro-batches of
-`batch_size x world`, and rank r takes slice r of each: 2 processes x batch 1 and 1 process x batch 2 (or
-accumulation 2) train on the same samples at the same step.
+Planning. Each pass ("epoch") over a shard set is planned with numpy from the set's index (`set_index.bin`,
+memory-mapped and shared by the processes of a node; plan.py): the shards in an order seeded by (seed, epoch),
+samples through a shuffle buffer seeded likewise, samples of one bucket collected into *step* batches of
+`batch_size x world x accumulation` samples; a bucket's remainder at the end of the pass is dropped (a batch never
+holds a sample twice, and a key that appears twice on disk is used once per pass). A step batch is cut into
+micro-batches of `batch_size x world`, and rank r takes slice r of each: 2 processes x batch 1 and 1 process x
+batch 2 (or accumulation 2) train on the same samples at the same step.
 
 Reading. The shards are then read in the plan's order, decoding only the samples this rank needs from the
 current position on (the others' bytes are seeked over, and a shard with nothing needed is not opened), and each
 batch is emitted once all its samples are in; memory stays what the shuffle buffer holds. A shard is verified
 against its manifest digest the first time this process reads samples from it (its other members' bytes are
-then read and hashed, not decoded). Resuming at a position costs headers and JSON, never tensors.
+then read and hashed, not decoded). Resuming at a position costs the pass's plan, never tensors, headers or JSON.
 
 Several shard sets are mixed per optimizer step: step n comes from set i with probability weight_i / sum, drawn
 from (seed, n). The position (`Batch.position`, saved in checkpoints) is the step count and each set's (epoch,
@@ -27,19 +27,21 @@ import math
 import queue
 import random
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, parse_bucket, shard_rows, tensors_from_bytes
+from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, parse_bucket, tensors_from_bytes
+from ft.common.shards.set_index import SetIndex, open_set_index
 
+from .plan import EpochPlan, mix_seed, plan_epoch
 
-def mix_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts: independent streams for (seed, epoch, purpose)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+__all__ = ["Batch", "DataStream", "EpochPlan", "SetStream", "ShardSet", "background", "check_compatible", "collate",
+           "eval_batches", "mix_seed", "parse_shard_arg", "plan_epoch"]
 
 
 @dataclass
@@ -73,50 +75,37 @@ def collate(samples: list[Sample], **info: Any) -> Batch:
                  [s.key for s in samples], image=groups.get("image", {}), **info)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A sample as the planner sees it: where it is and which bucket it belongs to."""
-
-    shard: str
-    key: str
-    bucket: tuple[int, ...]
-
-
 class ShardSet:
-    """One shard folder with its manifest, the keys training uses (the dataset's active view) and a lazily read
-    index of (shard, key, bucket)."""
+    """One shard folder with its manifest and its whole-set index (common/shards/set_index.py), mapped on first
+    use: the rows training plans from (bucket, training view, byte spans, keys), shared with every process of the
+    node through the page cache."""
 
     def __init__(self, folder: str | Path, weight: float = 1.0):
         self.folder, self.weight = Path(folder), weight
         self.manifest, _ = open_shard_set(self.folder)
-        self.active = self.manifest.active_keys(self.folder)
-        self._index: dict[str, list[Entry]] | None = None
+        self._index: SetIndex | None = None
         self.verified: set[str] = set()
 
-    def index(self) -> dict[str, list[Entry]]:
-        """Shard name -> its usable samples in file order (read once): from each shard's index file, or from its
-        tar headers and JSON for a set written before index files (or whose index does not match the shard)."""
+    @property
+    def index(self) -> SetIndex:
+        """The set's index: `set_index.bin` when it matches the manifest, else built once (and saved)."""
         if self._index is None:
-            self._index = {}
-            buckets: dict[str, tuple[int, ...]] = {}  # one tuple per bucket name, shared by its entries
-            for shard in self.manifest.shards:
-                rows = shard_rows(self.folder / shard.name, shard)
-                for row in rows:
-                    if row.bucket not in buckets:
-                        buckets[row.bucket] = parse_bucket(row.bucket)
-                entries = [Entry(shard.name, row.key, buckets[row.bucket]) for row in rows
-                           if self.active is None or row.key in self.active]
-                self._index[shard.name] = entries
+            self._index = open_set_index(self.folder, self.manifest)
         return self._index
 
     def fingerprint(self) -> str:
-        """What the data order depends on: the shards (names and digests) and the keys trained on."""
-        h = hashlib.sha256()
-        for shard in sorted(self.manifest.shards, key=lambda s: s.name):
-            h.update(f"{shard.name}:{shard.sha256}\n".encode())
-        for key in sorted(self.active or ()):
-            h.update(key.encode())
-        return h.hexdigest()[:16]
+        """What the data order depends on: the shards (names and digests) and the keys trained on (read from the
+        index, which computed it when it was written)."""
+        return self.index.fingerprint
+
+    def trained_samples(self) -> int:
+        """The samples training uses: the training view's keys, or every sample when the set has no view."""
+        count = self.index.active_keys
+        return self.manifest.num_samples if count is None else count
+
+    def active_keys(self) -> set[str] | None:
+        """The training view's keys as strings (for a small set, such as a held-out one), or None for all."""
+        return self.manifest.active_keys(self.folder)
 
     def empty_caption(self) -> dict[str, Any] | None:
         """The conditioning of the empty caption stored by `ft precompute`, or None for an older shard set."""
@@ -136,36 +125,6 @@ class ShardSet:
                             "rewrite it.") from e
 
 
-def plan_epoch(index: dict[str, list[Entry]], seed: int, epoch: int, global_batch: int, shuffle_buffer: int
-               ) -> tuple[list[str], list[list[Entry]]]:
-    """The shard order and the global batches of one pass: a pure function of its arguments."""
-    shards = sorted(index)
-    random.Random(mix_seed(seed, epoch, "shards")).shuffle(shards)
-    rng = random.Random(mix_seed(seed, epoch, "buffer"))
-    seen: set[str] = set()
-    buffer: list[Entry] = []
-    pending: dict[tuple, list[Entry]] = defaultdict(list)
-    batches: list[list[Entry]] = []
-
-    def take(entry: Entry) -> None:
-        pending[entry.bucket].append(entry)
-        if len(pending[entry.bucket]) == global_batch:
-            batches.append(pending.pop(entry.bucket))
-
-    for shard in shards:
-        for entry in index[shard]:
-            if entry.key in seen:  # the same sample in two shards: used once per pass
-                continue
-            seen.add(entry.key)
-            buffer.append(entry)
-            if len(buffer) >= shuffle_buffer:
-                take(buffer.pop(rng.randrange(len(buffer))))
-    rng.shuffle(buffer)
-    for entry in buffer:
-        take(entry)
-    return shards, batches
-
-
 class SetStream:
     """Endless optimizer steps of one shard set for one rank, from a position (epoch, steps already taken).
 
@@ -178,36 +137,37 @@ class SetStream:
         self.set, self.set_index, self.seed = shard_set, set_index, seed
         self.batch_size, self.rank, self.world, self.shuffle_buffer = batch_size, rank, world, shuffle_buffer
         self.accumulation = accumulation
+        self._verifier: dict[str, int] | None = None
 
     @property
     def samples_per_step(self) -> int:
         return self.batch_size * self.world * self.accumulation
 
-    def plan(self, epoch: int) -> tuple[list[str], list[list[Entry]]]:
-        shards, batches = plan_epoch(self.set.index(), self.seed, epoch, self.samples_per_step, self.shuffle_buffer)
-        if not batches:
+    def plan(self, epoch: int) -> EpochPlan:
+        plan = plan_epoch(self.set.index, self.seed, epoch, self.samples_per_step, self.shuffle_buffer)
+        if not plan.count:
             raise UserError(f"{self.set.folder}: no bucket has {self.samples_per_step} samples for one optimizer "
                             f"step (--batch-size {self.batch_size} x {self.world} processes x "
                             f"--gradient-accumulation-steps {self.accumulation}); lower one of them.")
-        return shards, batches
+        return plan
 
-    def mine(self, step_batch: list[Entry]) -> list[list[Entry]]:
-        """This rank's micro-batches of one optimizer step's samples."""
+    def mine(self, step_batches: np.ndarray) -> np.ndarray:
+        """This rank's samples of each optimizer step (rows of `step_batches`), micro-batch after micro-batch."""
         b, w = self.batch_size, self.world
-        return [step_batch[(m * w + self.rank) * b:(m * w + self.rank + 1) * b] for m in range(self.accumulation)]
+        parts = [step_batches[:, (m * w + self.rank) * b:(m * w + self.rank + 1) * b] for m in range(self.accumulation)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def batches(self, epoch: int = 0, taken: int = 0) -> Iterator[list[Batch]]:
         """Per optimizer step, this rank's micro-batches (each position is the stream's after the step)."""
         while True:
-            shards, plan = self.plan(epoch)
-            if taken >= len(plan):
+            plan = self.plan(epoch)
+            total = plan.count
+            if taken >= total:
                 epoch, taken = epoch + 1, 0
                 continue
-            mine = [[e for micro in self.mine(b) for e in micro] for b in plan[taken:]]
-            for i, samples in enumerate(self._read(shards, mine, plan[taken:])):
+            for i, samples in enumerate(self._read(plan, taken)):
                 done = taken + i + 1
-                position = {"epoch": epoch + 1, "taken": 0} if done == len(plan) else {"epoch": epoch,
-                                                                                       "taken": done}
+                position = {"epoch": epoch + 1, "taken": 0} if done == total else {"epoch": epoch, "taken": done}
                 b = self.batch_size
                 yield [collate(samples[m * b:(m + 1) * b], set_index=self.set_index, epoch=epoch, position=position)
                        for m in range(self.accumulation)]
@@ -216,34 +176,45 @@ class SetStream:
     def verifies(self, shard: str) -> bool:
         """Whether this rank hashes `shard` on its first pass: each shard is verified by one rank (in one process,
         by it), whose failure stops every rank; the others read it without hashing."""
-        names = sorted(s.name for s in self.set.manifest.shards)
-        return names.index(shard) % self.world == self.rank
+        if self._verifier is None:
+            names = sorted(s.name for s in self.set.manifest.shards)
+            self._verifier = {name: i % self.world for i, name in enumerate(names)}
+        return self._verifier[shard] == self.rank
 
-    def _read(self, shards: list[str], mine: list[list[Entry]], plan: list[list[Entry]]) -> Iterator[list[Sample]]:
-        needed = {e.key for part in mine for e in part}
-        by_anyone = {e.key for part in plan for e in part}
-        loaded: dict[str, Sample] = {}
+    def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
+        """This rank's samples of each step after the first `taken`: a first pass over the plan's batches marks the
+        rows this rank needs and the shards anyone needs; the second reads them in the shards' order."""
+        index = self.set.index
+        needed = np.zeros(index.samples, bool)
+        used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
+        for chunk in plan.chunks(taken):
+            needed[self.mine(chunk).ravel()] = True
+            used[np.searchsorted(index.shard_start, chunk.ravel(), "right") - 1] = True
+        steps = (rows for chunk in plan.chunks(taken) for rows in self.mine(chunk).tolist())
+        next_rows = next(steps, None)
+        loaded: dict[int, Sample] = {}
         emitted = 0
         infos = {s.name: s for s in self.set.manifest.shards}
-        for name in shards:
-            info = infos[name]
-            entries = self.set.index()[name]
-            verify = name not in self.set.verified and self.verifies(name) and any(e.key in by_anyone
-                                                                                 for e in entries)
-            if not verify and not any(e.key in needed for e in entries):
+        for name in plan.shards:
+            shard = index.shard_id[name]
+            rows = index.rows(shard)
+            verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
+            want = np.flatnonzero(needed[rows.start:rows.stop]) + rows.start
+            if not verify and not len(want):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
-            for sample in iter_shard(self.set.folder / name, verify=info if verify else None,
-                                     wanted=lambda key: key in needed and key not in loaded):
-                loaded[sample.key] = sample
-                while emitted < len(mine) and all(e.key in loaded for e in mine[emitted]):
-                    needed.difference_update(e.key for e in mine[emitted])
-                    yield [loaded.pop(e.key) for e in mine[emitted]]
+            row_of = dict(zip(index.keys(want), want.tolist(), strict=True))
+            for sample in iter_shard(self.set.folder / name, verify=infos[name] if verify else None,
+                                     wanted=lambda key, row_of=row_of: key in row_of and row_of[key] not in loaded):
+                loaded[row_of[sample.key]] = sample
+                while next_rows is not None and all(r in loaded for r in next_rows):
+                    yield [loaded.pop(r) for r in next_rows]
                     emitted += 1
+                    next_rows = next(steps, None)
             if verify:
                 self.set.verified.add(name)
-        if emitted < len(mine):
-            raise UserError(f"{self.set.folder}: {len(mine) - emitted} planned batches could not be read; the "
-                            "shards changed during training. Rerun `ft precompute` and train again.")
+        if emitted < plan.count - taken:
+            raise UserError(f"{self.set.folder}: {plan.count - taken - emitted} planned batches could not be read; "
+                            "the shards changed during training. Rerun `ft precompute` and train again.")
 
 
 class DataStream:
@@ -298,22 +269,28 @@ class DataStream:
 def eval_batches(shard_set: ShardSet, batch_size: int, count: int) -> list[Batch]:
     """Fixed batches for the fixed-noise loss, chosen by sample key (the smallest keys of each bucket, buckets in
     turn), so they do not depend on the training order and are the same in a resumed run."""
-    by_bucket: dict[tuple, list[Entry]] = defaultdict(list)
-    for entries in shard_set.index().values():
-        for e in entries:
-            by_bucket[e.bucket].append(e)
-    queues = {b: sorted(es, key=lambda e: e.key) for b, es in sorted(by_bucket.items())}
-    chosen: list[list[Entry]] = []
-    while len(chosen) < count and any(len(q) >= batch_size for q in queues.values()):
-        for q in queues.values():
+    index = shard_set.index
+    rows = np.flatnonzero(index.active)
+    buckets = index.bucket[rows]
+    queues: list[list[int]] = []
+    for b in sorted(np.unique(buckets).tolist(), key=lambda b: parse_bucket(index.buckets[b])):
+        mine = rows[buckets == b]
+        first = mine[np.argsort(index.sortable_keys(mine), kind="stable")][: batch_size * count]
+        queues.append(first.tolist())
+    chosen: list[list[int]] = []
+    while len(chosen) < count and any(len(q) >= batch_size for q in queues):
+        for q in queues:
             if len(q) >= batch_size and len(chosen) < count:
                 chosen.append([q.pop(0) for _ in range(batch_size)])
-    wanted = {e.key for b in chosen for e in b}
+    flat = [r for b in chosen for r in b]
+    key_of = dict(zip(flat, index.keys(flat), strict=True))
+    wanted = set(key_of.values())
     samples: dict[str, Sample] = {}
-    for shard in {e.shard for b in chosen for e in b}:
-        for sample in iter_shard(shard_set.folder / shard, wanted=wanted.__contains__):
+    shard_of = np.searchsorted(index.shard_start, flat, "right") - 1
+    for shard in sorted(set(shard_of.tolist())):
+        for sample in iter_shard(shard_set.folder / index.shards[shard], wanted=wanted.__contains__):
             samples[sample.key] = sample
-    return [collate([samples[e.key] for e in b]) for b in chosen]
+    return [collate([samples[key_of[r]] for r in b]) for b in chosen]
 
 
 def check_compatible(sets: list[ShardSet]) -> Manifest:

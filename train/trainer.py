@@ -464,7 +464,7 @@ class Trainer:
         cfg, main = self.cfg, self.world.main
         # this rank's share under FSDP (a DTensor's numel is the whole tensor's)
         n_trainable = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.params)
-        samples = sum(len(s.active) if s.active is not None else s.manifest.num_samples for s in self.sets)
+        samples = sum(s.trained_samples() for s in self.sets)
         what = f"LoRA rank {cfg.rank}" if cfg.training_type == "lora" else "full finetune"
         share = "" if self.layout.shards == 1 else " on each rank, its shard"
         log.info(f"training {self.spec.display_name} {what} ({n_trainable / 1e6:.2f}M trainable parameters{share}) "

@@ -234,9 +234,10 @@ class HeldOutLoss:
         """Every active sample of the set, verified, in batches of --batch-size of one bucket, ordered by key."""
         if self._batches is None:
             by_bucket: dict[tuple, list] = defaultdict(list)
+            active = self.set.active_keys()
             for info in self.set.manifest.shards:
                 for sample in iter_shard(self.set.folder / info.name, verify=info, wanted=(
-                        None if self.set.active is None else self.set.active.__contains__)):
+                        None if active is None else active.__contains__)):
                     by_bucket[tuple(sample.meta["bucket"])].append(sample)
             size = self.cfg.batch_size
             self._batches = [collate(samples[i : i + size])

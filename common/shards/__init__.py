@@ -18,7 +18,9 @@ Shards are written to `<name>.tar.tmp` and renamed when complete, so a killed jo
 `.tar` that looks whole; the manifest lists only completed shards, and says whether the run that wrote it
 finished (`complete`, and `missing`: the dataset's samples not encoded yet, per bucket). `require_complete` is
 what `ft train` asks before it trains. Each shard has a compact index file beside it (`<shard>.idx`: keys, half
-keys, bucket, byte spans) that reruns and `ft train` read instead of the tar headers.
+keys, bucket, byte spans) that reruns read instead of the tar headers, and the set has one index of every sample
+(`set_index.bin`, fixed-width columns that `ft train` memory-maps and plans from with numpy; written by the merge,
+or built once from the `.idx` files for an older set).
 
 The contract is split by concern; this module names it in one place:
 - codec.py: tensors <-> safetensors bytes, sample keys, file digests;
@@ -27,6 +29,7 @@ The contract is split by concern; this module names it in one place:
 - journal.py: the partial manifests of precompute jobs and the merged view of them: `load_manifest` and
   `open_shard_set`, the set as readers that must see unmerged jobs (`ft train`, `ft inspect`) ask for it;
 - reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
+- set_index.py: the whole-set index (`open_set_index`, `write_set_index`, `SetIndex`), its format documented there;
 - writer.py: `ShardWriter` (and the `kill_point` test hook);
 - liveness.py: whether the writer a lock file names still runs (precompute's locks, the jobs' status);
 - prompts.py: the prompt table (validation prompts and the empty caption's conditioning).
@@ -83,6 +86,7 @@ from .reader import (
     shard_rows,
     write_index_file,
 )
+from .set_index import INDEX_NAME, SetIndex, open_set_index, write_set_index
 from .writer import ShardWriter, kill_point, shard_number
 
 __all__ = [
@@ -92,5 +96,6 @@ __all__ = [
     "merged_view", "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
     "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "TENSOR_GROUPS",
-    "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file"
+    "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file", "INDEX_NAME", "SetIndex",
+    "open_set_index", "write_set_index"
 ]

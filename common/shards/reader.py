@@ -7,9 +7,11 @@ name leaving the shard. It never extracts anything.
 
 The index file `<shard>.idx` beside each shard (written by `ShardWriter`) is JSON lines: a header naming the shard,
 its size and digests, then one `[key, video_key, text_key, bucket, begin, end]` row per sample (the byte span of
-its members in the tar). `shard_rows` reads it when its header matches the shard's manifest entry and size, and
-otherwise (a shard set written before indexes existed, or a damaged index) falls back to the tar headers and JSON
-members (`shard_index`). A plain WebDataset reader ignores the index and reads the tars alone.
+its members in the tar), with a seventh item, `image_key`, for an image-to-video sample (its image half's key).
+`shard_rows` reads it when its header matches the shard's manifest entry and size, and otherwise (a shard set
+written before indexes existed, or a damaged index) falls back to the tar headers and JSON members
+(`shard_index`). Training reads one index of the whole set instead (set_index.py), built from these. A plain
+WebDataset reader ignores the index and reads the tars alone.
 """
 
 from __future__ import annotations
@@ -214,7 +216,8 @@ def shard_index(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 class IndexRow(NamedTuple):
-    """One sample as the shard index records it; `begin`/`end` are -1 when read from tar headers instead."""
+    """One sample as the shard index records it; `begin`/`end` are -1 when read from tar headers instead;
+    `image_key` is an image-to-video sample's third half key (a text-to-video sample's row leaves it out)."""
 
     key: str
     video_key: str
@@ -222,6 +225,7 @@ class IndexRow(NamedTuple):
     bucket: str
     begin: int
     end: int
+    image_key: str = ""
 
 
 def index_path(shard_path: str | Path) -> Path:
@@ -260,8 +264,8 @@ def read_index_file(shard_path: str | Path, info: ShardInfo | None = None) -> li
 
 def rows_from_headers(shard_path: str | Path) -> list[IndexRow]:
     """What an index file would say, read from the tar headers and JSON members (no byte spans)."""
-    return [IndexRow(key, meta.get("video_key", ""), meta.get("text_key", ""), bucket_name(*meta["bucket"]), -1, -1)
-            for key, meta in shard_index(shard_path)]
+    return [IndexRow(key, meta.get("video_key", ""), meta.get("text_key", ""), bucket_name(*meta["bucket"]), -1, -1,
+                     meta.get("image_key", "")) for key, meta in shard_index(shard_path)]
 
 
 def shard_rows(shard_path: str | Path, info: ShardInfo | None = None) -> list[IndexRow]:
@@ -274,6 +278,7 @@ def write_index_file(shard_path: str | Path, info: ShardInfo, rows: list[IndexRo
     """Write a shard's index atomically (a kill never leaves a torn one that looks whole)."""
     path = index_path(shard_path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in [index_header(info), *rows]))
+    lines = [index_header(info), *(row if row.image_key else row[:6] for row in rows)]
+    tmp.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
     os.replace(tmp, path)
     return path

@@ -126,7 +126,7 @@ class ShardWriter:
         self._writing = False
         bucket = bucket_name(*meta["bucket"])
         self._rows.append(IndexRow(key, meta.get("video_key", ""), meta.get("text_key", ""), bucket, begin,
-                                   self._hasher.size))
+                                   self._hasher.size, meta.get("image_key", "")))
         self._samples += 1
         self._buckets[bucket] += 1
         if self._samples >= self.max_samples or self._hasher.size >= self.max_bytes:

@@ -26,6 +26,7 @@ from ft.common.shards import (
     tensors_from_bytes,
     tensors_to_bytes,
 )
+from ft.common.shards.set_index import INDEX_NAME
 
 
 class Payload:
@@ -136,5 +137,6 @@ def test_reading_never_writes_outside_the_shard_set(tmp_path, name):
     with pytest.raises(ShardCorruptError, match="leaving the shard"):
         list(iter_shard(path))
     read_every_way(path)
-    assert every_file(tmp_path) - before <= {str(tmp_path / "shards" / "manifest.json")}
+    # the manifest, and the set's index that training saves beside it (common/shards/set_index.py)
+    assert every_file(tmp_path) - before <= {str(tmp_path / "shards" / n) for n in ("manifest.json", INDEX_NAME)}
     assert not os.path.exists("/tmp/ft-absolute-escape.json")

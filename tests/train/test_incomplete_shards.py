@@ -90,6 +90,6 @@ def test_a_pass_never_repeats_a_sample_whatever_the_manifest_lists(tmp_path, cog
     shutil.copy(out / twin.name, out / "shard-000099.tar")  # a copy of a shard, listed beside it
     manifest.shards.append(type(twin)(**{**twin.__dict__, "name": "shard-000099.tar"}))
     manifest.save(out)
-    _, batches = plan_epoch(ShardSet(out).index(), seed=0, epoch=0, global_batch=1, shuffle_buffer=4)
-    keys = [e.key for batch in batches for e in batch]
+    index = ShardSet(out).index
+    keys = index.keys(plan_epoch(index, seed=0, epoch=0, global_batch=1, shuffle_buffer=4).batches.ravel())
     assert len(keys) == len(set(keys)) == 10

@@ -1,0 +1,457 @@
+"""One index for a whole shard set (`set_index.bin` beside `manifest.json`), memory-mapped by every process.
+
+`ft train` plans an epoch from it with numpy and reads it through `mmap`: nothing is parsed per sample, no
+per-sample Python object is made, and the ranks of a node share its pages through the page cache (no process holds
+a private copy). Precompute's merge writes it with the manifest (precompute/merge.py); a set written before it
+existed (or whose index no longer matches the manifest) has it built once from the shards' `<shard>.idx` files
+(or their tar headers) and saved beside the manifest, atomically; a read-only set builds it in a temporary file,
+maps it and warns. A plain WebDataset reader ignores it, as it ignores the `.idx` files.
+
+The format (little-endian):
+
+    bytes 0-7     b"FTSETIX1"
+    bytes 8-15    uint64: offset of the JSON header      bytes 16-23  uint64: its length
+    from 4096     the columns, each a C-contiguous array starting on a 64-byte boundary
+    at the end    the JSON header
+
+The header: `format` ("ft-set-index"), `version`, `samples` (N, the rows), `shards` (names, in the manifest's
+order: the shard id), `shard_start` (N+1 boundaries: the rows of shard s are `shard_start[s]:shard_start[s+1]`,
+in file order), `buckets` (names: the bucket id), `source` (what it was built from: `source_id`), `fingerprint`
+(the set fingerprint the training position records: sha256 over the sorted shards' `name:sha256` lines and the
+sorted active keys, 16 hex), `active_keys` (how many distinct keys the training view names, or null when the set
+has no view), `duplicates` (groups of rows sharing a key, as lists of row numbers: a sample on disk twice), and
+`columns` (name -> {dtype, offset, encoding}). The columns, one row per sample:
+
+    key, video_key, text_key, image_key   fixed-width bytes: `hex` (the digest the 2w hex characters spell, as
+                                          ft's keys are) or `ascii` (the text, NUL-padded); a half key the sample
+                                          lacks is all zero (a hex half key of all zeros reads as none)
+    bucket                                uint8/uint16 bucket id
+    begin, end                            uint64 byte span of the sample's members in its tar (-1 when unknown)
+    active                                uint8: 1 when the key is in the training view (every row when none)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .liveness import alive, process_start, read_lock
+from .manifest import MANIFEST_NAME, Manifest
+from .reader import IndexRow, ShardCorruptError, shard_rows
+
+INDEX_NAME = "set_index.bin"
+MAGIC = b"FTSETIX1"
+FORMAT, VERSION = "ft-set-index", 1
+DATA_START = 4096
+KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
+_HEX32 = re.compile(rb"^[0-9a-f]{32}$")
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def active_files(manifest: Manifest) -> list[str]:
+    """The files naming the training view's keys (none: every sample is trained on)."""
+    if not manifest.active:
+        return []
+    return list(manifest.active.get("keys_files") or [manifest.active["keys_file"]])
+
+
+def source_id(manifest: Manifest, folder: Path) -> str:
+    """What an index describes: the manifest's shards (names, digests, counts, in order) and the training view's
+    key files (name, size, mtime): a stat of each, no read."""
+    h = hashlib.sha256()
+    for s in manifest.shards:
+        h.update(f"{s.name}:{s.sha256}:{s.samples}\n".encode())
+    for name in active_files(manifest):
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            raise UserError(f"{folder / name} is missing; rerun `ft precompute` with the same --out to rewrite "
+                            "it.") from None
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _hex_to_bytes(keys: np.ndarray) -> np.ndarray:
+    """(n,) S32 lowercase hex -> (n, 16) uint8 digests (all zero for an empty key)."""
+    chars = keys.view(np.uint8).reshape(len(keys), 32)
+    nib = np.where(chars >= ord("a"), chars - (ord("a") - 10), chars - ord("0")).astype(np.uint8)
+    nib[chars == 0] = 0
+    return (nib[:, 0::2] << 4) | nib[:, 1::2]
+
+
+def bytes_to_hex(digests: np.ndarray) -> np.ndarray:
+    """(n, w) uint8 digests -> (n, 2w) uint8 lowercase hex characters."""
+    out = np.empty((len(digests), digests.shape[1] * 2), np.uint8)
+    out[:, 0::2] = _HEX_DIGITS[digests >> 4]
+    out[:, 1::2] = _HEX_DIGITS[digests & 15]
+    return out
+
+
+class _NotHex(Exception):
+    """A key that is not 32 lowercase hex characters: the set is indexed with `ascii` keys instead."""
+
+
+def _encode(values: list[str], encoding: str, width: int) -> np.ndarray:
+    """Keys -> (n, width) uint8 rows in the column's encoding."""
+    if encoding == "hex":
+        raw = np.array([v.encode() for v in values], dtype="S32")
+        if not all(_HEX32.match(v) or not v for v in raw.tolist()):
+            raise _NotHex
+        return _hex_to_bytes(raw)
+    raw = np.array([v.encode() for v in values], dtype=f"S{width}")
+    return raw.view(np.uint8).reshape(len(values), width)
+
+
+class SetIndex:
+    """A whole-set index mapped read-only; columns are numpy views of the file's pages."""
+
+    def __init__(self, path: Path, unlink: bool = False):
+        self.path = path
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if unlink:  # a temporary index (read-only set): the mapping keeps its pages
+            path.unlink()
+        if self._map[:8] != MAGIC:
+            raise ValueError("not a set index")
+        offset, length = np.frombuffer(self._map, "<u8", 2, 8).tolist()
+        self.header: dict[str, Any] = json.loads(self._map[offset: offset + length])
+        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
+            raise ValueError("another format or version")
+        self.samples: int = self.header["samples"]
+        self.shards: list[str] = self.header["shards"]
+        self.shard_id = {name: i for i, name in enumerate(self.shards)}
+        self.shard_start = np.asarray(self.header["shard_start"], np.int64)
+        self.buckets: list[str] = self.header["buckets"]
+        self.fingerprint: str = self.header["fingerprint"]
+        self.duplicates: list[list[int]] = self.header["duplicates"]
+        self.columns = {name: self._column(name) for name in self.header["columns"]}
+
+    def _column(self, name: str) -> np.ndarray:
+        spec = self.header["columns"][name]
+        dtype = np.dtype(spec["dtype"])
+        shape = (self.samples, *spec.get("shape", ()))
+        return np.frombuffer(self._map, dtype, int(np.prod(shape)), spec["offset"]).reshape(shape)
+
+    @property
+    def bucket(self) -> np.ndarray:
+        return self.columns["bucket"]
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.columns["active"]
+
+    @property
+    def active_keys(self) -> int | None:
+        return self.header["active_keys"]
+
+    def rows(self, shard: int) -> range:
+        return range(int(self.shard_start[shard]), int(self.shard_start[shard + 1]))
+
+    def keys(self, rows: Iterable[int] | np.ndarray, column: str = "key") -> list[str]:
+        """The keys of `rows` as strings."""
+        data = self.columns[column][np.asarray(rows, np.int64)]
+        if self.header["columns"][column]["encoding"] == "hex":
+            text = bytes_to_hex(data).view(f"S{2 * data.shape[1]}").ravel().tolist()
+            if column == "key":  # never empty: all zero is a digest like any other
+                return [t.decode() for t in text]
+            zero = ~data.any(axis=1)  # a half key the sample does not have
+            return ["" if z else t.decode() for t, z in zip(text, zero.tolist(), strict=True)]
+        return [bytes(r).rstrip(b"\0").decode() for r in data]
+
+    def sortable_keys(self, rows: np.ndarray) -> np.ndarray:
+        """Keys of `rows` as fixed-width bytes that sort as the key strings do."""
+        data = np.ascontiguousarray(self.columns["key"][rows])
+        return data.view(f"S{data.shape[1]}").ravel()
+
+    def index_rows(self, shard: int) -> list[IndexRow]:
+        """A shard's rows as the `.idx` reader gives them."""
+        rows = self.rows(shard)
+        cols = [self.keys(rows, c) for c in KEY_COLUMNS]
+        begin, end = (self.columns[c][rows.start: rows.stop].astype(np.int64).tolist() for c in ("begin", "end"))
+        buckets = [self.buckets[b] for b in self.bucket[rows.start: rows.stop].tolist()]
+        return [IndexRow(k, v, t, b, s, e, i)
+                for k, v, t, i, b, s, e in zip(*cols, buckets, begin, end, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+def _shard_rows(folder: Path, manifest: Manifest) -> Iterable[tuple[int, list[IndexRow]]]:
+    for i, info in enumerate(manifest.shards):
+        rows = shard_rows(folder / info.name, info)
+        if len(rows) != info.samples:
+            raise ShardCorruptError(f"{folder / info.name}: {len(rows)} samples on disk, {info.samples} in the "
+                                    "manifest; the shard is damaged. Delete it and rerun `ft precompute` with the "
+                                    "same --out to rebuild it.")
+        yield i, rows
+
+
+def _read_active(folder: Path, files: list[str], hexes: bool) -> tuple[list[str], np.ndarray | None]:
+    """The training view's distinct keys: as sorted 16-byte digests (they sort as their hex does) when `hexes`
+    and every key is hex (one array of 16 bytes a key, filled in place), else as sorted strings."""
+    size = sum((folder / name).stat().st_size for name in files)
+    digests = np.empty(size // 33 + 1, "S16") if hexes else None
+    filled = 0
+    for name in files:
+        with open(folder / name, "rb") as f:
+            while digests is not None and (block := f.read(1 << 20)):
+                words = (block + f.readline()).split()
+                if len(words) > len(digests) - filled or not all(_HEX32.match(w) for w in words):
+                    digests = None  # keys that are not ft's digests: read as text below
+                    break
+                digests[filled: filled + len(words)] = _hex_to_bytes(np.array(words, "S32")).view("S16").ravel()
+                filled += len(words)
+    if digests is None:
+        keys: set[str] = set()
+        for name in files:
+            keys.update((folder / name).read_text().split())
+        return sorted(keys), None
+    digests = digests[:filled]
+    digests.sort()
+    repeated = digests[1:] == digests[:-1]
+    if repeated.any():  # the same key in two jobs' files (an unmerged view)
+        digests = digests[np.concatenate([[True], ~repeated])]
+    return [], digests
+
+
+def _fingerprint(manifest: Manifest, active: list[str], digests: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    for shard in sorted(manifest.shards, key=lambda s: s.name):
+        h.update(f"{shard.name}:{shard.sha256}\n".encode())
+    if digests is not None:
+        for start in range(0, len(digests), 1 << 20):
+            part = digests[start: start + (1 << 20)].view(np.uint8).reshape(-1, 16)
+            h.update(bytes_to_hex(part).tobytes())
+    else:
+        for key in active:
+            h.update(key.encode())
+    return h.hexdigest()[:16]
+
+
+def _active_column(keys: np.ndarray, active: list[str], digests: np.ndarray | None) -> np.ndarray:
+    """1 where a row's key (rows of the key column, hex digests or NUL-padded text) is in the training view."""
+    if digests is None:
+        wanted = set(active)
+        return np.array([bytes(r).rstrip(b"\0").decode() in wanted for r in keys], np.uint8)
+    if not len(digests):
+        return np.zeros(len(keys), np.uint8)
+    part = np.ascontiguousarray(keys).view("S16").ravel()
+    at = np.searchsorted(digests, part).clip(0, len(digests) - 1)
+    return (digests[at] == part).astype(np.uint8)
+
+
+def _duplicates(cols: _Columns, n: int) -> list[list[int]]:
+    """Groups of rows sharing a key (rare: one media under two names that two jobs encoded): the first 8 bytes of
+    every key, sorted (8 bytes a row), give the repeated prefixes; a second pass finds their rows and compares
+    whole keys."""
+    def heads(keys: np.ndarray) -> np.ndarray:
+        prefix = np.zeros((len(keys), 8), np.uint8)
+        prefix[:, : min(8, keys.shape[1])] = keys[:, :8]
+        return prefix.view(">u8").ravel().astype(np.uint64)
+
+    ordered = np.empty(n, np.uint64)
+    for start, keys in cols.chunks("key"):
+        ordered[start: start + len(keys)] = heads(keys)
+    ordered.sort()
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    if not len(repeated):
+        return []
+    groups: dict[bytes, list[int]] = {}
+    for start, keys in cols.chunks("key"):
+        for row in np.flatnonzero(np.isin(heads(keys), repeated)).tolist():
+            groups.setdefault(bytes(keys[row]), []).append(start + row)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
+def build_set_index(folder: Path, manifest: Manifest, target: Path) -> None:
+    """Write the index of `manifest`'s shards to `target` (a new file): a pass over the shards' `.idx` files
+    (or tar headers), each shard's rows written straight into the mapped columns."""
+    try:
+        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS})
+    except _NotHex:  # keys that are not ft's digests (sets written by hand, tests): their text, NUL-padded
+        widths = dict.fromkeys(KEY_COLUMNS, 1)
+        for _, rows in _shard_rows(folder, manifest):
+            for row in rows:
+                for c in KEY_COLUMNS:
+                    widths[c] = max(widths[c], len(getattr(row, c).encode()))
+        _build(folder, manifest, target, "ascii", widths)
+
+
+class _Columns:
+    """The columns of a new index file, written with `pwrite` a batch of rows at a time (never mapped while written:
+    dirty mapped pages would count in the building process's memory) and read back in chunks."""
+
+    def __init__(self, fd: int, layout: dict[str, dict[str, Any]], n: int):
+        self.fd, self.layout, self.n = fd, layout, n
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
+        self.at = self.rows = 0
+
+    def _dtype(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        spec = self.layout[name]
+        return np.dtype(spec["dtype"]), tuple(spec.get("shape", ()))
+
+    def _row_bytes(self, name: str) -> int:
+        dtype, shape = self._dtype(name)
+        return dtype.itemsize * int(np.prod(shape or (1,)))
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            self.pending[name].append(value)
+        self.rows += len(next(iter(values.values())))
+        if self.rows - self.at >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, parts in self.pending.items():
+            if parts:
+                dtype, _ = self._dtype(name)
+                data = np.concatenate(parts).astype(dtype, copy=False)
+                os.pwrite(self.fd, data.tobytes(), self.layout[name]["offset"] + self.at * self._row_bytes(name))
+            parts.clear()
+        self.at = self.rows
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        dtype, _ = self._dtype(name)
+        os.pwrite(self.fd, values.astype(dtype, copy=False).tobytes(),
+                  self.layout[name]["offset"] + start * self._row_bytes(name))
+
+    def chunks(self, name: str, size: int = 1 << 20) -> Iterable[tuple[int, np.ndarray]]:
+        dtype, shape = self._dtype(name)
+        for start in range(0, self.n, size):
+            count = min(size, self.n - start)
+            raw = os.pread(self.fd, count * self._row_bytes(name),
+                           self.layout[name]["offset"] + start * self._row_bytes(name))
+            yield start, np.frombuffer(raw, dtype).reshape(count, *shape)
+
+
+def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
+    n = manifest.num_samples
+    buckets = sorted({b for s in manifest.shards for b in s.buckets})
+    bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
+    layout: dict[str, dict[str, Any]] = {}
+    offset = DATA_START
+    specs = [*((c, "u1", (widths[c],)) for c in KEY_COLUMNS), ("bucket", np.dtype(bucket_type).str, ()),
+             ("begin", "<i8", ()), ("end", "<i8", ()), ("active", "u1", ())]
+    for name, dtype, shape in specs:
+        layout[name] = {"dtype": dtype, "offset": offset, **({"shape": list(shape)} if shape else {}),
+                        **({"encoding": encoding} if name in KEY_COLUMNS else {})}
+        offset += -(-n * np.dtype(dtype).itemsize * int(np.prod(shape or (1,))) // 64) * 64
+    bucket_id = {b: i for i, b in enumerate(buckets)}
+    starts = [0]
+    with open(target, "w+b") as f:
+        f.truncate(offset)
+        cols = _Columns(f.fileno(), layout, n)
+        for _, rows in _shard_rows(folder, manifest):
+            starts.append(starts[-1] + len(rows))
+            if not rows:
+                continue
+            for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
+                if r.bucket not in bucket_id:
+                    raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
+                                            "histogram of its shard; rerun `ft precompute` with the same --out.")
+            cols.add({**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
+                      "bucket": np.array([bucket_id[r.bucket] for r in rows]),
+                      "begin": np.array([r.begin for r in rows], np.int64),
+                      "end": np.array([r.end for r in rows], np.int64)})
+        cols.flush()
+        files = active_files(manifest)
+        active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
+        for start, keys in cols.chunks("key"):
+            cols.write("active", start, _active_column(keys, active, digests) if files
+                       else np.ones(len(keys), np.uint8))
+        header = {"format": FORMAT, "version": VERSION, "samples": n, "shards": [s.name for s in manifest.shards],
+                  "shard_start": starts, "buckets": buckets, "source": source_id(manifest, folder),
+                  "fingerprint": _fingerprint(manifest, active, digests),
+                  "active_keys": (len(digests) if digests is not None else len(active)) if files else None,
+                  "columns": layout}
+        del digests
+        header["duplicates"] = _duplicates(cols, n)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        f.seek(offset)
+        f.write(blob)
+        f.seek(0)
+        f.write(MAGIC + np.array([offset, len(blob)], "<u8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_set_index(folder: Path, manifest: Manifest) -> Path:
+    """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`)."""
+    target = folder / INDEX_NAME
+    tmp = folder / f".{INDEX_NAME}.{os.getpid()}.tmp"
+    try:
+        build_set_index(folder, manifest, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _matching(path: Path, wanted: str) -> SetIndex | None:
+    try:
+        index = SetIndex(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    return index if index.header.get("source") == wanted else None
+
+
+def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
+    """Build and save the index, one process at a time: the ranks of a node starting on an older set wait for the
+    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over)."""
+    lock = folder / (INDEX_NAME + ".lock")
+    me = {"what": "an index build", "host": socket.gethostname(), "pid": os.getpid(),
+          "process_start": process_start(os.getpid())}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(lock)
+            if holder is None or holder == {} or alive(holder):
+                time.sleep(0.2)
+            else:
+                lock.unlink(missing_ok=True)  # its builder is gone
+            found = _matching(folder / INDEX_NAME, wanted)
+            if found is not None:
+                return found
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            found = _matching(folder / INDEX_NAME, wanted)  # built while this process waited for the lock
+            return found if found is not None else SetIndex(write_set_index(folder, manifest))
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def open_set_index(folder: str | Path, manifest: Manifest) -> SetIndex:
+    """The set's index, mapped: `set_index.bin` when it describes `manifest` (its shards and training view),
+    else built now and saved beside the manifest (or, for a set this process cannot write, built in a temporary
+    file and mapped, with a warning)."""
+    folder = Path(folder)
+    wanted = source_id(manifest, folder)
+    found = _matching(folder / INDEX_NAME, wanted)
+    if found is not None:
+        return found
+    from ..logs import log
+
+    if os.access(folder, os.W_OK):
+        log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
+        return _build_once(folder, manifest, wanted)
+    log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this process; "
+                "`ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
+    fd, name = tempfile.mkstemp(prefix="ft-set-index-")
+    os.close(fd)
+    build_set_index(folder, manifest, Path(name))
+    return SetIndex(Path(name), unlink=True)

@@ -1,0 +1,106 @@
+"""The whole-set index (common/shards/set_index.py): written by precompute's merge, built once and saved for an
+older set, rebuilt when the manifest or the training view changes, built in a temporary file for a read-only set,
+and holding image-to-video rows' image half keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+
+from ft.common.shards import Manifest, ShardWriter, load_manifest, set_index, shard_rows
+from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index, source_id
+from ft.train.loader import ShardSet
+
+
+def write_set(folder, n=12, image=False):
+    writer = ShardWriter(folder, max_samples=5)
+    for i in range(n):
+        key = f"{i + 1:032x}"
+        meta = {"bucket": [1, 8, 8 * (1 + i % 2)], "video_key": f"{i + 100:032x}", "text_key": f"{i + 200:032x}"}
+        if image:
+            meta["image_key"] = f"{i + 300:032x}"
+        writer.write(key, {"latents": {"mean": torch.zeros(1)}}, meta)
+    writer.finish_shard()
+    Manifest("cogvideox", {}, "", {}, {}, shards=writer.completed).save(folder)
+    return folder
+
+
+def test_a_precompute_run_leaves_the_index_that_training_maps(family_shards):
+    out = family_shards("cogvideox")
+    manifest = load_manifest(out)
+    index = SetIndex(out / INDEX_NAME)
+    assert index.header["source"] == source_id(manifest, out)
+    assert ShardSet(out).index.header == index.header  # used as it is, not rebuilt
+    assert index.active_keys == len(manifest.active_keys(out))
+    rows = [r for i, info in enumerate(manifest.shards) for r in index.index_rows(i)]
+    assert rows == [r for info in manifest.shards for r in shard_rows(out / info.name, info)]
+
+
+def test_an_older_set_is_indexed_once_and_again_when_it_changes(tmp_path):
+    folder = write_set(tmp_path / "old")
+    assert not (folder / INDEX_NAME).exists()
+    first = ShardSet(folder).index
+    assert (folder / INDEX_NAME).is_file() and first.samples == 12
+    written = (folder / INDEX_NAME).stat().st_mtime_ns
+    assert ShardSet(folder).index.header == first.header
+    assert (folder / INDEX_NAME).stat().st_mtime_ns == written  # read, not rebuilt
+    manifest = load_manifest(folder)
+    keys = [r.key for s in manifest.shards for r in shard_rows(folder / s.name, s)]
+    (folder / "active_keys.txt").write_text("".join(k + "\n" for k in keys[:7]))
+    manifest.active = {"keys_file": "active_keys.txt", "samples": 7, "buckets": {}}
+    manifest.save(folder)
+    index = ShardSet(folder).index
+    assert index.active_keys == 7 and index.active.tolist() == [1] * 7 + [0] * 5
+    assert index.fingerprint != first.fingerprint
+
+
+def test_a_read_only_set_builds_its_index_in_a_temporary_file(tmp_path, caplog, monkeypatch):
+    folder = write_set(tmp_path / "ro")
+    os.chmod(folder, 0o555)
+    try:
+        if os.access(folder, os.W_OK):  # root writes anywhere: the folder is then read-only as far as ft can tell
+            real = os.access
+            monkeypatch.setattr(set_index.os, "access", lambda p, mode: mode != os.W_OK and real(p, mode))
+        with caplog.at_level(logging.WARNING):
+            index = open_set_index(folder, load_manifest(folder))
+        assert index.samples == 12 and not (folder / INDEX_NAME).exists() and not index.path.exists()
+        assert "read-only" in caplog.text
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def test_image_to_video_rows_keep_their_image_half_key(tmp_path):
+    folder = write_set(tmp_path / "i2v", image=True)
+    info = load_manifest(folder).shards[0]
+    rows = shard_rows(folder / info.name, info)
+    assert rows[0].image_key == f"{300:032x}"
+    index = ShardSet(folder).index
+    assert index.keys(range(12), "image_key") == [f"{i + 300:032x}" for i in range(12)]
+    plain = write_set(tmp_path / "t2v")
+    assert ShardSet(plain).index.keys(range(3), "image_key") == ["", "", ""]
+    assert len((plain / "shard-000000.idx").read_text().splitlines()[1].split(",")) == 6  # rows as before
+
+
+def test_a_damaged_index_is_rebuilt(tmp_path):
+    folder = write_set(tmp_path / "bad")
+    assert ShardSet(folder).index.samples == 12
+    (folder / INDEX_NAME).write_bytes(b"FTSETIX1" + b"\0" * 100)
+    assert ShardSet(folder).index.samples == 12
+    shutil.rmtree(folder)
+
+
+def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    folder = write_set(tmp_path / "locked")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / (INDEX_NAME + ".lock")).write_text(json.dumps({"host": socket.gethostname(),
+                                                             "pid": int(gone.stdout)}))
+    assert ShardSet(folder).index.samples == 12
+    assert not (folder / (INDEX_NAME + ".lock")).exists() and (folder / INDEX_NAME).is_file()

@@ -1,0 +1,51 @@
+"""The merge's flat-memory de-duplication (precompute/spill.py) keeps what a dict of every line kept, whether the
+lines fit one partition or are spilled into many."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from ft.precompute import spill
+from ft.precompute.media_cache import CACHE_DIR, CACHE_NAME, merge_cache_files
+
+
+@pytest.mark.parametrize("part_bytes", [1 << 20, 64])
+def test_keys_each_once_and_the_repeated_ones_named(tmp_path, monkeypatch, part_bytes):
+    monkeypatch.setattr(spill, "PART_BYTES", part_bytes)
+    rng = random.Random(0)
+    files = []
+    for j in range(3):
+        keys = [f"{rng.randrange(400):032x}" for _ in range(150)]
+        keys = list(dict.fromkeys(keys))  # a job drops its own duplicates
+        path = tmp_path / f"job{j}.txt"
+        path.write_text("".join(k + "\n" for k in keys))
+        files.append(path)
+    count, repeated = spill.write_unique(files, tmp_path / "active.txt", lambda line: line.strip() or None,
+                                         keep_last=False)
+    every = [k for f in files for k in f.read_text().split()]
+    written = (tmp_path / "active.txt").read_text().split()
+    assert sorted(written) == sorted(set(every)) and count == len(written)
+    assert set(repeated) == {k for k in every if every.count(k) > 1}
+    assert not list(tmp_path.glob(".spill-*"))
+
+
+@pytest.mark.parametrize("part_bytes", [1 << 20, 200])
+def test_the_media_cache_keeps_the_newest_entry_of_each_path(tmp_path, monkeypatch, part_bytes):
+    monkeypatch.setattr(spill, "PART_BYTES", part_bytes)
+    folder = tmp_path / CACHE_DIR
+    folder.mkdir()
+    want = {}
+    for name, version in ((CACHE_NAME, 0), ("media-job-0000-of-0002.jsonl", 1), ("media-job-0001-of-0002.jsonl", 2)):
+        lines = []
+        for i in range(version, 40, 2 if version else 1):
+            entry = {"path": f"/videos/{i}.mp4", "stat": [i, version, 0], "frames": 9}
+            lines.append(json.dumps(entry, separators=(",", ":")))
+            want[entry["path"]] = entry
+        (folder / name).write_text("\n".join(lines + ["{torn"]) + "\n")
+    merge_cache_files(tmp_path)
+    got = [json.loads(line) for line in (folder / CACHE_NAME).read_text().splitlines()]
+    assert {e["path"]: e for e in got} == want and len(got) == len(want)
+    assert sorted(p.name for p in folder.iterdir()) == [CACHE_NAME]
