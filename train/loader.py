@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from ft.common.errors import UserError
-from ft.common.shards import Manifest, Sample, iter_shard, open_shard_set, parse_bucket, tensors_from_bytes
+from ft.common.shards import (
+    Manifest,
+    Sample,
+    iter_shard,
+    open_shard_set,
+    parse_bucket,
+    stack_tensors,
+    tensors_from_bytes,
+)
 from ft.common.shards.set_index import SetIndex, open_set_index
 
 from .plan import EpochPlan, mix_seed, plan_epoch
@@ -67,9 +75,9 @@ class Batch:
 
 
 def collate(samples: list[Sample], **info: Any) -> Batch:
-    import torch
-
-    groups = {g: {n: torch.stack([s.tensors[g][n] for s in samples]) for n in samples[0].tensors[g]}
+    """One batch of equal-shape samples. It runs in the reader thread (`background`), so it stacks without torch's
+    intra-op threads (`stack_tensors` says why that matters)."""
+    groups = {g: {n: stack_tensors([s.tensors[g][n] for s in samples]) for n in samples[0].tensors[g]}
               for g in samples[0].tensors}
     return Batch(groups.get("latents", {}), groups.get("cond", {}), [s.meta for s in samples],
                  [s.key for s in samples], image=groups.get("image", {}), **info)

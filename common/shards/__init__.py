@@ -44,7 +44,7 @@ Test hook: `FT_TEST_KILL_AT=<point>[:<n>]` (writer.py) stops `ft precompute` at 
 from __future__ import annotations
 
 from .buckets import bucket_name, parse_bucket
-from .codec import file_digest, new_hasher, sample_key, tensors_from_bytes, tensors_to_bytes
+from .codec import file_digest, new_hasher, sample_key, stack_tensors, tensors_from_bytes, tensors_to_bytes
 from .journal import (
     JOBS_DIR,
     JobState,
@@ -95,7 +95,7 @@ __all__ = [
     "job_stem", "JOBS_DIR", "JobState", "kill_point", "load_manifest", "Manifest", "MANIFEST_NAME", "merge_leftovers",
     "merged_view", "new_hasher", "open_shard_set", "parse_bucket", "read_index_file", "read_journal", "read_states",
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
-    "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "TENSOR_GROUPS",
+    "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "stack_tensors", "TENSOR_GROUPS",
     "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file", "INDEX_NAME", "SetIndex",
     "open_set_index", "write_set_index"
 ]

@@ -91,3 +91,20 @@ def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.T
         out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize,
                                      offset=base + begin).view(shape)
     return out
+
+
+def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack` of equal-shape, equal-dtype CPU tensors, bitwise the same, made as one byte copy per tensor by
+    numpy: it never starts torch's intra-op (OpenMP) threads, so a loader thread may call it.
+
+    Why it matters: a thread that runs one parallel torch op gets an OpenMP thread team of its own. With the
+    training thread's team that is more OpenMP threads than cores, and GNU OpenMP (the CPU wheels' runtime) then
+    stops busy-waiting in every team: each of the step's thousands of parallel regions wakes its sleeping worker
+    through the kernel. On a 2-core CPU that left a third of a core idle in every step of the medium CogVideoX
+    (636 ms against finetrainers' 536 ms with the same kernels and CPU time; bench/results/peer_medium.md)."""
+    import numpy as np
+    import torch
+
+    first = tensors[0]
+    rows = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors]  # contiguous views of the bytes (no copy)
+    return torch.from_numpy(np.stack(rows)).view(first.dtype).reshape(len(tensors), *first.shape)
