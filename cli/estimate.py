@@ -16,7 +16,9 @@ memory, no download), so the parameter counts are exact for the architecture. Fr
   it; `--compile-modules` adds nothing counted (torch.compile keeps no second copy of the weights; its kernels'
   workspaces are transient);
 - `--cp-degree N` (`--cp-mode ring|ulysses`): each GPU holds its 1/N of the video tokens in every block, the
-  text whole, the weights and optimizer state whole (divided only by `--dp-shards`), and the context-parallel
+  text whole, the weights and optimizer state whole with `--dp-shards 1` (the cp ranks are DDP replicas) and
+  divided by `--dp-shards` x N otherwise (FSDP2 shards over the shard and cp ranks together, train/parallel.py),
+  and the context-parallel
   attention's own buffers; `--activation-offload` moves every checkpointed block's input to pinned CPU memory
   (pipelines/memory.py `ActivationModel` says how each is counted). For a bucket that does not fit a card, the
   report names the least that makes it fit: `--activation-offload` on one GPU, the smallest cp degree, and the
@@ -98,7 +100,7 @@ class EstimateConfig:
     rank: int = opt(64, "LoRA rank.")
     batch_size: int = opt(1, "Samples per micro-batch on each GPU.")
     dp_shards: int = opt(1, "FSDP shards: the transformer's weights, gradients and optimizer state are split this "
-                            "many ways.")
+                            "many ways (times --cp-degree, whose ranks FSDP2 shards over too).")
     num_samples: int = opt(1000, "Dataset size for the disk estimate.")
     layerwise_upcasting_modules: list[str] = opt([], "transformer: fp8 storage of the frozen base, as `ft train "
                                                      "--layerwise-upcasting-modules` (its cast layers at 1 byte per "
@@ -110,8 +112,10 @@ class EstimateConfig:
                                  "--offload-blocks` (LoRA, gradient checkpointing).")
     compile_modules: list[str] = opt([], "transformer: as `ft train --compile-modules` (adds nothing counted).")
     cp_degree: int = opt(1, "Context-parallel GPUs each sample's sequence is split over, as `ft train --cp-degree`: "
-                            "each holds 1/N of the video tokens' activations; the text, the weights and the "
-                            "optimizer state stay whole on each.")
+                            "each holds 1/N of the video tokens' activations; the text stays whole on each. The "
+                            "weights, gradients and optimizer state stay whole with --dp-shards 1 (the cp ranks "
+                            "are DDP replicas), and with --dp-shards S > 1 are sharded S x N ways (FSDP2 over the "
+                            "shard and cp ranks together).")
     cp_mode: str | None = opt(None, "ring or ulysses, as `ft train --cp-mode`. Default: ulysses where the degree "
                                     "divides the head count, else ring.")
     activation_offload: bool = opt(False, "Every checkpointed block's input in pinned CPU memory, as `ft train "
@@ -267,8 +271,11 @@ class Estimate:
                 lines += ["", f"--cp-degree {cfg.cp_degree} ({cfg.mode(model.heads)}), {b.bucket}: each GPU holds "
                           f"{b.video_tokens // cfg.cp_degree} of the {b.video_tokens} video tokens and the "
                           f"{b.text_tokens} text tokens in every block, plus {b.cp_attention / GB:.2f} GB of the "
-                          "attention's own buffers (counted in the activations); weights and optimizer state are "
-                          "whole on each."]
+                          "attention's own buffers (counted in the activations); "
+                          + (f"weights, gradients and optimizer state are sharded over the {cfg.dp_shards} x "
+                             f"{cfg.cp_degree} ranks of --dp-shards x --cp-degree." if cfg.dp_shards > 1 else
+                             "weights, gradients and optimizer state are whole on each (with --dp-shards 1 the cp "
+                             "ranks are DDP replicas; --dp-shards N shards them over N x the cp degree).")]
             if cfg.activation_offload:
                 rounded = model.layers * pinned_allocation(b.activations_cpu / model.layers)
                 lines += ["", f"--activation-offload, {b.bucket}: {b.activations_cpu / GB:.2f} GB of the blocks' "
@@ -507,7 +514,9 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     params = next(c.params for c in components if c.name == "transformer")
     blocks = transformer_blocks(transformer, spec.block_lists)
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    shards = cfg.dp_shards
+    # FSDP2 shards over "shard" x cp flattened (train/parallel.py): the cp ranks split the weights further; with
+    # --dp-shards 1 the cp ranks join DDP's replicas, and each holds the weights whole
+    shards = cfg.dp_shards * cfg.cp_degree if cfg.dp_shards > 1 else 1
     gathered = 2 * block * BF16 if shards > 1 else 0
     weights = DTYPE_NAMES[cfg.transformer_dtype.lower()]
     base = ELEMENT_BYTES[weights]

@@ -17,9 +17,10 @@
   - context parallelism splits the video tokens N ways in every block (each rank's part of the sequence); the
     text tokens stay whole on every rank (Wan's plan replicates them for its cross-attention; a joint text+video
     sequence is counted the same way, which overcounts a plan that splits the text too by at most the text's
-    share); the weights, gradients and optimizer state are replicated over the cp ranks (`--dp-shards` divides
-    them). The attention adds its own buffers, held while one block's attention runs (counted at the backward's
-    peak, on top of the block being recomputed), as diffusers 0.42.1's attention_dispatch.py allocates them:
+    share); the weights, gradients and optimizer state are replicated over the cp ranks with `--dp-shards 1`
+    (DDP), and sharded over them with `--dp-shards S > 1` (FSDP2 over S x N ranks, train/parallel.py). The
+    attention adds its own buffers, held while one block's attention runs (counted at the backward's peak, on
+    top of the block being recomputed), as diffusers 0.42.1's attention_dispatch.py allocates them:
     ring (TemplatedRingAttention) all-gathers every peer's K and V at once (2 x tokens x hidden in bf16, the
     whole sequence: this does not shrink with N) plus its local K/V concatenation, and in the backward fp32
     accumulators for the local q, k and v gradients and the fp32 K/V gradient block sent and received;

@@ -23,6 +23,15 @@ allocator rounds each allocation up to a power of two by default (a 0.77 GB inpu
 numbers; not yet tried on a GPU). On a CPU there is nothing to pin and save_on_cpu keeps the tensor as it is:
 training is unchanged, bitwise.
 
+A tensor that several blocks take (the timestep embedding, the rotary tables, and with per-token timesteps, as
+Wan 2.2 TI2V's (B, S, 6, D) `timestep_proj`, a tensor 6x a block's hidden states) is packed once per micro-batch:
+each block's checkpoint saves it again, and without sharing its CPU copy such a tensor would take 6x the pinned
+memory of a block input in every one of the L blocks. A saved tensor is the one already packed when it has the
+same storage, offset, shape, stride, dtype and `_version` (unchanged since) and that packed tensor is still alive
+(a weak reference to it: its storage cannot have been freed and reused); the cache is emptied at each micro-batch
+(`reset`, which the trainer calls before each forward), and holds the CPU copies only weakly, so they go when the
+backward frees the graph.
+
 Why refuse it without `--gradient-checkpointing` rather than turn checkpointing on: musubi-tuner takes its flag
 as an argument of `enable_gradient_checkpointing`, which it calls only under `--gradient_checkpointing`, so a
 musubi command line that offloads always has both, and one without the second offloads nothing there. Turning
@@ -38,6 +47,7 @@ block runs under the checkpoint's hooks, as without offload).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from ft.common.errors import UserError
@@ -55,7 +65,8 @@ def check_args(activation_offload: bool, gradient_checkpointing: bool) -> None:
 class ActivationOffload:
     """torch's save_on_cpu around each checkpointed block call (pinned memory on a GPU). `checkpoint` is the
     function diffusers' `enable_gradient_checkpointing` takes. It counts what it packs and unpacks (`packed_bytes`,
-    `packed`, `unpacked`, the devices the packed copies live on), for the run's log, the tests and bench/."""
+    `packed`, `shared` (saves that reused a copy packed already), `unpacked`, the devices the packed copies live on),
+    for the run's log, the tests and bench/."""
 
     def __init__(self, device: str):
         import torch
@@ -67,13 +78,28 @@ class ActivationOffload:
         self.reset()
 
     def reset(self) -> None:
-        """Start counting afresh (the trainer reads the counts of one micro-batch)."""
-        self.packed = self.unpacked = 0
+        """Start counting afresh, and forget what was packed (the trainer calls it before each micro-batch)."""
+        self.packed = self.unpacked = self.shared = 0
         self.packed_bytes = 0
         self.devices: set[str] = set()
+        self._copies: dict[tuple, tuple[weakref.ref, str, weakref.ref]] = {}
+
+    @staticmethod
+    def _identity(tensor: Any) -> tuple:
+        """What makes two saved tensors the same data: storage, offset, shape, stride, dtype, device, version."""
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+                tensor.dtype, tensor.device, tensor._version)
 
     def pack(self, tensor: Any) -> Any:
+        key = self._identity(tensor)
+        found = self._copies.get(key)
+        if found is not None:
+            original, device, copy = found[0](), found[1], found[2]()
+            if original is not None and copy is not None:  # packed already in this micro-batch: share its copy
+                self.shared += 1
+                return device, copy
         device, copy = packed = self._pack(tensor)
+        self._copies[key] = (weakref.ref(tensor), device, weakref.ref(copy))
         self.packed += 1
         self.packed_bytes += copy.numel() * copy.element_size()
         self.devices.add(f"{copy.device.type}{' (pinned)' if copy.is_pinned() else ''}")

@@ -222,10 +222,11 @@ class TrainConfig(ModelArgs):
                                     "for a head split; the attention heads must divide by --cp-degree) or ring (keys "
                                     "and values passed around the group; any head count). Default: ulysses where the "
                                     "transformer's head count divides by --cp-degree, else ring: Ulysses for Wan "
-                                    "14B (40 heads), CogVideoX-5b (48), LTX-Video (32) and HunyuanVideo (24) at 2, 4 "
-                                    "and 8, for Wan 1.3B (12) at 2 and 4, for CogVideoX-2b (30) at 2; HunyuanVideo "
-                                    "takes Ulysses only (its joint attention has a mask). The run's log names the "
-                                    "mode it took.", panel=PARALLEL)
+                                    "14B (40 heads), LTX-Video (32) and HunyuanVideo (24) at 2, 4 and 8, for Wan "
+                                    "1.3B (12) at 2 and 4; CogVideoX (5b: 48 heads, 2b: 30) splits only at 2 (its "
+                                    "226 text tokens are split too, and 4 or 8 does not divide them), with Ulysses; "
+                                    "HunyuanVideo takes Ulysses only (its joint attention has a mask). The run's log "
+                                    "names the mode it took.", panel=PARALLEL)
     init_timeout: float = opt(1800.0, "Seconds the processes may wait for each other while starting (joining, "
                                       "loading and sharding the weights, resuming).", panel=PARALLEL)
     nccl_timeout: float = opt(600.0, "Seconds one collective may wait during training (nccl on GPUs, gloo on "

@@ -49,10 +49,13 @@ def check_cp_layout(cp_degree: int, mode: str, num_heads: int, sequence_lengths:
     for bucket, tokens in sequence_lengths.items():
         if tokens % cp_degree:
             fits = cp_degrees(mode, num_heads, {bucket: tokens}, most=8)
+            degrees = (f"use --cp-degree {' or '.join(map(str, fits))}" if fits
+                       else f"no --cp-degree from 2 to 8 splits it under {mode}")
+            fix = (f"or change that row's num_frames, height or width (--validation-dataset-file) so its token count "
+                   f"divides by {cp_degree}" if "of --validation-dataset-file" in bucket
+                   else f"or precompute buckets whose token count divides by {cp_degree}")
             raise UserError(f"--cp-degree {cp_degree}: bucket {bucket} is {tokens} per sample, which do not "
-                            f"split into {cp_degree} equal parts; use --cp-degree "
-                            f"{' or '.join(map(str, fits)) or '1'} (of 2-8), or precompute buckets whose token count "
-                            f"divides by {cp_degree}.")
+                            f"split into {cp_degree} equal parts; {degrees}, {fix}.")
 
 
 def check_cp_family(spec: Any, cp_degree: int, mode: str) -> None:

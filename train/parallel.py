@@ -106,12 +106,13 @@ def resolve_layout(dp_degree: int, dp_shards: int, world: World, cp_degree: int 
     return Layout(replicas, shards, cp_degree)
 
 
-def build_mesh(layout: Layout, device: str, cp_mode: str = "ring") -> Any:
+def build_mesh(layout: Layout, device: str, cp_mode: str = "ring") -> tuple[Any, Any]:
     """The device mesh of a world of several processes: ("replicate", "shard"), or with context parallelism
-    ("replicate", "shard", "ring", "ulysses") and the flattened dimensions that reduce gradients (module
-    docstring); None for one process."""
+    ("replicate", "shard", "ring", "ulysses"); and the mesh DDP or FSDP2 reduces gradients over: the data-parallel
+    dims, each with the cp ranks folded in (module docstring). (None, None) for one process. The flattened meshes
+    are kept as `_flatten` returns them: torch deprecates slicing a flattened dim from the root mesh."""
     if layout.world == 1:
-        return None
+        return None, None
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = device.split(":")[0]
@@ -119,14 +120,20 @@ def build_mesh(layout: Layout, device: str, cp_mode: str = "ring") -> Any:
         ring, ulysses = (layout.cp, 1) if cp_mode == "ring" else (1, layout.cp)
         mesh = init_device_mesh(kind, (layout.replicas, layout.shards, ring, ulysses),
                                 mesh_dim_names=("replicate", "shard", "ring", "ulysses"))
-        mesh["shard", "ring", "ulysses"]._flatten("shard_cp")
-        mesh["replicate", "ring", "ulysses"]._flatten("replicate_cp")
-        return mesh
+        shard_cp = mesh["shard", "ring", "ulysses"]._flatten("shard_cp")
+        replicate_cp = mesh["replicate", "ring", "ulysses"]._flatten("replicate_cp")
+        if layout.shards == 1:
+            return mesh, replicate_cp
+        if layout.replicas == 1:
+            return mesh, shard_cp
+        return mesh, mesh["replicate", "shard_cp"]  # HSDP: a 2-D mesh torch slices only from the root
     if layout.shards == 1:
-        return init_device_mesh(kind, (layout.replicas,), mesh_dim_names=("replicate",))
-    if layout.replicas == 1:
-        return init_device_mesh(kind, (layout.shards,), mesh_dim_names=("shard",))
-    return init_device_mesh(kind, (layout.replicas, layout.shards), mesh_dim_names=("replicate", "shard"))
+        mesh = init_device_mesh(kind, (layout.replicas,), mesh_dim_names=("replicate",))
+    elif layout.replicas == 1:
+        mesh = init_device_mesh(kind, (layout.shards,), mesh_dim_names=("shard",))
+    else:
+        mesh = init_device_mesh(kind, (layout.replicas, layout.shards), mesh_dim_names=("replicate", "shard"))
+    return mesh, mesh
 
 
 def cp_mesh(mesh: Any) -> Any:
@@ -134,25 +141,14 @@ def cp_mesh(mesh: Any) -> Any:
     return mesh["ring", "ulysses"]
 
 
-def gradient_mesh(layout: Layout, mesh: Any) -> Any:
-    """The mesh DDP or FSDP2 reduces gradients over: the data-parallel dims, each with the cp ranks folded in."""
-    if layout.cp == 1:
-        return mesh
-    if layout.shards == 1:
-        return mesh["replicate_cp"]
-    if layout.replicas == 1:
-        return mesh["shard_cp"]
-    return mesh["replicate", "shard_cp"]
-
-
 def parallelize(transformer: Any, layout: Layout, mesh: Any, device: str, block_lists: tuple[str, ...],
                 compute_dtype: Any = None) -> Any:
-    """Wrap `transformer` (on the CPU, LoRA already added) for `layout` and put it on `device`."""
+    """Wrap `transformer` (on the CPU, LoRA already added) for `layout` and put it on `device`; `mesh` is the one
+    gradients are reduced over (build_mesh's second)."""
     import torch
 
     if layout.world == 1:
         return transformer.to(device)
-    mesh = gradient_mesh(layout, mesh)
     if layout.shards == 1:
         from torch.distributed._composable.replicate import replicate
 

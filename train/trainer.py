@@ -57,7 +57,6 @@ from .parallel import (
     clip_grad_norm,
     cp_mesh,
     export_state,
-    gradient_mesh,
     parallelize,
     resolve_layout,
     set_gradient_sync,
@@ -189,7 +188,7 @@ class Trainer:
         # a context-parallel group reads one stream: the data-parallel ranks divide the samples
         self.samples_per_step = cfg.batch_size * self.layout.dp_world * cfg.gradient_accumulation_steps
         self.pending: BaseException | None = None  # a rank-0 write that failed, for the next agree()
-        self.mesh = None
+        self.mesh = self.gradient_mesh = None
         error = None
         try:  # a rank failing here makes the others stop too (agree), instead of waiting in a collective
             dist.same_on_every_rank(self.check_run)
@@ -202,7 +201,7 @@ class Trainer:
         meshes = [self.mesh] if self.world.size > 1 else []
         if self.layout.cp > 1:  # the gradients' flattened dims, and the cp group diffusers flattened for the split
             config = self.transformer._parallel_config.context_parallel_config
-            meshes += [gradient_mesh(self.layout, self.mesh), config._flattened_mesh]
+            meshes += [self.gradient_mesh, config._flattened_mesh]
         dist.set_timeout(cfg.nccl_timeout, *meshes)
 
     def check_run(self) -> None:
@@ -274,7 +273,7 @@ class Trainer:
         if cfg.gradient_checkpointing:  # with --activation-offload, each block's saved input goes to the CPU
             self.activation_offload = enable_checkpointing(transformer, self.device, cfg.activation_offload)
         transformer.train()
-        self.mesh = build_mesh(self.layout, self.device, self.cp_mode)
+        self.mesh, self.gradient_mesh = build_mesh(self.layout, self.device, self.cp_mode)
         if self.layout.cp > 1:  # the hooks before any wrapping: FSDP2 and DDP run them inside their own
             enable_context_parallel(transformer, cp_mesh(self.mesh), self.cp_mode, self.device,
                                     self.spec.cp_plan(transformer))
@@ -291,8 +290,8 @@ class Trainer:
                      "frozen weights stay in CPU memory")
             self.transformer = transformer
         else:
-            self.transformer = parallelize(transformer, self.layout, self.mesh, self.device, self.spec.block_lists,
-                                           compute_dtype=self.dtype if self.autocast else None)
+            self.transformer = parallelize(transformer, self.layout, self.gradient_mesh, self.device,
+                                           self.spec.block_lists, compute_dtype=self.dtype if self.autocast else None)
         if cfg.compile_modules:  # after fully_shard and the offloading hooks, which run eagerly around each block
             apply_compile(self.transformer, transformer_blocks(self.transformer, self.spec.block_lists),
                           cfg.compile_scopes[0], cfg.compile_backend)

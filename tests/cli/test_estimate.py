@@ -50,6 +50,19 @@ def test_full_finetune_sharded(cog5b):
     assert full.buckets[0].activations_full == cog5b.buckets[0].activations_full  # sharding splits state, not tokens
 
 
+def test_context_parallel_ranks_shard_the_weights_with_fsdp_and_hold_them_whole_with_ddp():
+    """As train/parallel.py lays them out: FSDP2 shards over --dp-shards x --cp-degree ranks, so dp 2 x cp 2 holds
+    what --dp-shards 4 does; with --dp-shards 1 the cp ranks are DDP replicas, each with the weights whole."""
+    full = dict(model="cogvideox", pretrained="cogvideox-5b", training_type="full-finetune", buckets=["49x480x720"])
+    four = estimate(EstimateConfig(**full, dp_shards=4))
+    two_by_two = estimate(EstimateConfig(**full, dp_shards=2, cp_degree=2))
+    assert two_by_two.train_static == four.train_static
+    assert "sharded over the 2 x 2 ranks of --dp-shards x --cp-degree" in two_by_two.report()
+    one_by_two = estimate(EstimateConfig(**full, cp_degree=2))
+    assert one_by_two.train_static == estimate(EstimateConfig(**full)).train_static
+    assert "whole on each (with --dp-shards 1 the cp ranks are DDP replicas" in one_by_two.report()
+
+
 def test_fp32_master_weights_and_8bit_moments(cog5b):
     full = estimate(EstimateConfig(model="cogvideox", pretrained="cogvideox-5b", training_type="full-finetune",
                                    master_dtype="fp32", optimizer="adamw-8bit"))

@@ -77,12 +77,50 @@ def test_same_loss_and_gradients_and_every_block_input_goes_through_the_hooks(ti
     assert offloaded_grads.keys() == grads.keys() and len(grads) > 0
     assert all(torch.equal(offloaded_grads[k], grads[k]) for k in grads)
     # the forward packed exactly each block's tensor inputs (hidden states, text states, timestep embedding),
-    # nothing the blocks compute (the checkpoint's own hooks take that), and the backward unpacked every one
-    expected = [t for block_inputs in inputs[:len(blocks)] for t in block_inputs]
-    assert offload.packed == len(expected) > 0
-    assert offload.packed_bytes == sum(t.numel() * t.element_size() for t in expected)
-    assert offload.unpacked == offload.packed
+    # nothing the blocks compute (the checkpoint's own hooks take that), a tensor several blocks take (the timestep
+    # embedding, the rotary tables) once, and the backward unpacked every save
+    saved = [t for block_inputs in inputs[:len(blocks)] for t in block_inputs]
+    distinct = list({(t.data_ptr(), t.shape, t.stride()): t for t in saved}.values())
+    assert offload.packed == len(distinct) > 0 and offload.shared == len(saved) - len(distinct) > 0
+    assert offload.packed_bytes == sum(t.numel() * t.element_size() for t in distinct)
+    assert offload.unpacked == len(saved)
     assert offload.devices == {"cpu"}  # where the packed copies waited for the backward
+
+
+def test_a_per_token_timestep_embedding_is_packed_once_not_once_per_block(tiny_wan_ti2v):
+    """Wan 2.2 TI2V's per-token timestep gives each block a (B, S, 6, D) modulation tensor, 6x its hidden states:
+    every block's checkpoint saves the same one, and it is packed once per micro-batch: the bytes packed exceed those
+    of a per-sample timestep by that one tensor alone; loss and gradients are those without the offload."""
+    from diffusers import WanTransformer3DModel
+
+    from ft.train.activation_offload import enable
+
+    def packed_and_step(per_token: bool, offload: bool = True):
+        transformer = WanTransformer3DModel.from_pretrained(tiny_wan_ti2v, subfolder="transformer")
+        found = enable(transformer, "cpu", offload=offload)
+        torch.manual_seed(0)
+        x, e = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, transformer.config.text_dim)
+        timestep = torch.full((1, tokens), 500) if per_token else torch.tensor([500])
+        out = transformer(hidden_states=x, encoder_hidden_states=e, timestep=timestep, return_dict=False)[0]
+        loss = out.square().mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in transformer.parameters() if p.grad is not None]
+        return found, loss.detach(), grads
+
+    def transformer_width(folder):
+        config = WanTransformer3DModel.load_config(folder, subfolder="transformer")
+        return config["num_attention_heads"] * config["attention_head_dim"]
+
+    tokens = 3 * 4 * 4  # frames x (8 / 2) x (8 / 2) patches
+    per_sample, _, _ = packed_and_step(per_token=False)
+    per_token, loss, grads = packed_and_step(per_token=True)
+    _, plain_loss, plain_grads = packed_and_step(per_token=True, offload=False)
+    blocks = per_token.packed + per_token.shared
+    assert per_token.shared > 0 and per_token.unpacked == blocks
+    # the per-token modulation (1, S, 6, D) in place of the per-sample one (1, 6, D), once, not once per block
+    hidden = transformer_width(tiny_wan_ti2v)
+    assert per_token.packed_bytes - per_sample.packed_bytes == (tokens - 1) * 6 * hidden * 4
+    assert torch.equal(loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
@@ -103,7 +141,7 @@ def test_on_a_gpu_the_saved_inputs_wait_for_the_backward_in_pinned_cpu_memory(ti
 
     plain, _ = held_after_forward(False)
     offloaded, offload = held_after_forward(True)
-    assert offload.devices == {"cpu (pinned)"} and offload.unpacked == offload.packed
+    assert offload.devices == {"cpu (pinned)"} and offload.unpacked == offload.packed + offload.shared
     assert offloaded < plain  # the blocks' inputs left the GPU for pinned CPU memory
 
 

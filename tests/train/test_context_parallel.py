@@ -223,6 +223,20 @@ def test_a_bucket_whose_tokens_do_not_split_is_refused_with_the_degrees_that_wou
         check(tmp_path, tiny_wan, wan_shards, cp_degree=3)
 
 
+def test_a_sequence_no_degree_splits_and_a_validation_video_that_does_not_split_say_what_to_change():
+    from ft.train.context_parallel import check_cp_layout
+
+    # 9 x 11 x 13 = 1287 tokens: odd, and neither 3 nor 5 nor 7 divides it alongside the 2 heads Ulysses needs
+    with pytest.raises(UserError, match=r"--cp-degree 2: bucket 9x352x416 \(video tokens\) is 1287 per sample, "
+                                        r"which do not split into 2 equal parts; no --cp-degree from 2 to 8 splits "
+                                        r"it under ulysses, or precompute buckets whose token count divides by 2\.$"):
+        check_cp_layout(2, "ulysses", 2, {"9x352x416 (video tokens)": 1287}, "Wan")
+    with pytest.raises(UserError, match=r"bucket 5x48x48 of --validation-dataset-file \(video tokens\) is 27 per "
+                                        r"sample, .*; use --cp-degree 3, or change that row's num_frames, height or "
+                                        r"width \(--validation-dataset-file\) so its token count divides by 2\.$"):
+        check_cp_layout(2, "ring", 2, {"5x48x48 of --validation-dataset-file (video tokens)": 27}, "Wan")
+
+
 def test_ulysses_with_heads_that_do_not_divide_is_refused(tmp_path, tiny_wan, wan_shards):
     with pytest.raises(UserError, match=r"--cp-mode ulysses --cp-degree 4: .* Wan's 2 attention heads, which do not "
                                         r"divide; use --cp-degree 2, or --cp-mode ring"):
@@ -239,7 +253,7 @@ def test_the_text_of_cogvideox_joint_sequence_must_split_too(tmp_path, tiny_cog,
     sequences = CogVideoXSpec().cp_sequences((49, 480, 720), vae, {"patch_size": 2}, 226)
     assert sequences == {"video tokens": 13 * 30 * 45, "text tokens": 226}
     with pytest.raises(UserError, match=r"--cp-degree 3: bucket 49x480x720 \(text tokens\) is 226 per sample, "
-                                        r"which do not split into 3 equal parts; use --cp-degree 2 "):
+                                        r"which do not split into 3 equal parts; use --cp-degree 2, or precompute"):
         check_cp_layout(3, "ring", 48, {f"49x480x720 ({k})": v for k, v in sequences.items()}, "CogVideoX")
 
 
