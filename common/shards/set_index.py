@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .liveness import alive, process_start, read_lock
+from .liveness import TORN_AFTER_S, alive, describe_holder, process_start, read_lock
 from .manifest import MANIFEST_NAME, Manifest
 from .reader import IndexRow, ShardCorruptError, shard_rows
 
@@ -55,6 +55,7 @@ INDEX_NAME = "set_index.bin"
 MAGIC = b"FTSETIX1"
 FORMAT, VERSION = "ft-set-index", 1
 DATA_START = 4096
+BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build (its lock)
 KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
 _HEX32 = re.compile(rb"^[0-9a-f]{32}$")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -407,21 +408,36 @@ def _matching(path: Path, wanted: str) -> SetIndex | None:
     return index if index.header.get("source") == wanted else None
 
 
-def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
+def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = BUILD_WAIT_S) -> SetIndex:
     """Build and save the index, one process at a time: the ranks of a node starting on an older set wait for the
-    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over)."""
+    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over, and so is a lock
+    naming no process once older than `TORN_AFTER_S`). A holder on another host cannot be checked from here: after
+    `wait_s` of waiting this process gives up with a UserError naming the lock."""
+    from ..logs import log
+
     lock = folder / (INDEX_NAME + ".lock")
     me = {"what": "an index build", "host": socket.gethostname(), "pid": os.getpid(),
           "process_start": process_start(os.getpid())}
+    deadline = time.monotonic() + wait_s
+    told = False
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = read_lock(lock)
-            if holder is None or holder == {} or alive(holder):
-                time.sleep(0.2)
-            else:
+            if holder is not None and not holder.get("pid") and not holder.get("torn") and _age(lock) > TORN_AFTER_S:
+                holder = {"torn": True}  # `{}` or a holder naming no process, left long ago: no one builds
+            if holder is not None and not alive(holder):
                 lock.unlink(missing_ok=True)  # its builder is gone
+            elif holder is not None:
+                who = describe_holder(holder) if holder else "a process still writing the lock"
+                if not told:
+                    log.info(f"waiting for {lock}: {who} builds {INDEX_NAME}")
+                    told = True
+                if time.monotonic() > deadline:
+                    raise UserError(f"{folder}: waited {wait_s:.0f} s for {who} to build {INDEX_NAME} (its lock "
+                                    f"{lock}); delete {lock} if no `ft` is building the index; run again.") from None
+                time.sleep(0.2)
             found = _matching(folder / INDEX_NAME, wanted)
             if found is not None:
                 return found
@@ -435,7 +451,14 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
             lock.unlink(missing_ok=True)
 
 
-def open_set_index(folder: str | Path, manifest: Manifest) -> SetIndex:
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def open_set_index(folder: str | Path, manifest: Manifest, wait_s: float = BUILD_WAIT_S) -> SetIndex:
     """The set's index, mapped: `set_index.bin` when it describes `manifest` (its shards and training view),
     else built now and saved beside the manifest (or, for a set this process cannot write, built in a temporary
     file and mapped, with a warning)."""
@@ -448,7 +471,7 @@ def open_set_index(folder: str | Path, manifest: Manifest) -> SetIndex:
 
     if os.access(folder, os.W_OK):
         log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
-        return _build_once(folder, manifest, wanted)
+        return _build_once(folder, manifest, wanted, wait_s)
     log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this process; "
                 "`ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
     fd, name = tempfile.mkstemp(prefix="ft-set-index-")

@@ -4,12 +4,16 @@ and holding image-to-video rows' image half keys."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 
+import pytest
 import torch
 
+from ft.common.errors import UserError
 from ft.common.shards import Manifest, ShardWriter, load_manifest, set_index, shard_rows
 from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index, source_id
 from ft.train.loader import ShardSet
@@ -93,7 +97,6 @@ def test_a_damaged_index_is_rebuilt(tmp_path):
 
 
 def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
-    import json
     import socket
     import subprocess
     import sys
@@ -104,3 +107,27 @@ def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
                                                              "pid": int(gone.stdout)}))
     assert ShardSet(folder).index.samples == 12
     assert not (folder / (INDEX_NAME + ".lock")).exists() and (folder / INDEX_NAME).is_file()
+
+
+def test_an_empty_build_lock_left_long_ago_is_taken_over(tmp_path):
+    folder = write_set(tmp_path / "torn")
+    lock = folder / (INDEX_NAME + ".lock")
+    for text in ("", "{}"):  # killed between creating the lock and filling it in; a lock naming no process
+        lock.write_text(text)
+        old = time.time() - 60
+        os.utime(lock, (old, old))
+        (folder / INDEX_NAME).unlink(missing_ok=True)
+        assert ShardSet(folder).index.samples == 12
+        assert not lock.exists() and (folder / INDEX_NAME).is_file()
+
+
+def test_a_build_lock_held_on_another_host_is_waited_for_a_bounded_time(tmp_path, caplog):
+    folder = write_set(tmp_path / "elsewhere")
+    lock = folder / (INDEX_NAME + ".lock")
+    lock.write_text(json.dumps({"what": "an index build", "host": "another-host.invalid", "pid": 1}))
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="delete .*lock if no `ft` is building"):
+        open_set_index(folder, load_manifest(folder), wait_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert caplog.text.count("waiting for") == 1 and "another-host.invalid" in caplog.text
+    assert lock.exists() and not (folder / INDEX_NAME).exists()  # someone else's lock is left alone
