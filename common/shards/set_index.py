@@ -69,18 +69,23 @@ def active_files(manifest: Manifest) -> list[str]:
 
 
 def source_id(manifest: Manifest, folder: Path) -> str:
-    """What an index describes: the manifest's shards (names, digests, counts, in order) and the training view's
-    key files (name, size, mtime): a stat of each, no read."""
+    """What an index describes: the manifest's shards (names, digests, counts, in order) and the content of the
+    training view's key files (a sha256 of each, read a megabyte at a time: about 0.3 s for 10M keys' 330 MB, and
+    the pages stay cached for the index build). Their size and mtime would not do: a rewrite of the same size
+    that keeps the old mtime (`cp -p`, `rsync -a`) would train on the old view."""
     h = hashlib.sha256()
     for s in manifest.shards:
         h.update(f"{s.name}:{s.sha256}:{s.samples}\n".encode())
     for name in active_files(manifest):
+        content = hashlib.sha256()
         try:
-            st = (folder / name).stat()
+            with open(folder / name, "rb") as f:
+                while block := f.read(1 << 20):
+                    content.update(block)
         except OSError:
-            raise UserError(f"{folder / name} is missing; rerun `ft precompute` with the same --out to rewrite "
-                            "it.") from None
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            raise UserError(f"{folder / name} is missing or unreadable; rerun `ft precompute` with the same --out "
+                            "to rewrite it.") from None
+        h.update(f"{name}:{content.hexdigest()}\n".encode())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, ShardWriter, load_manifest, set_index, shard_rows
 from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index, source_id
-from ft.train.loader import ShardSet
+from ft.train.loader import SetStream, ShardSet
 
 
 def write_set(folder, n=12, image=False):
@@ -131,3 +131,28 @@ def test_a_build_lock_held_on_another_host_is_waited_for_a_bounded_time(tmp_path
     assert 0.5 <= time.monotonic() - started < 5
     assert caplog.text.count("waiting for") == 1 and "another-host.invalid" in caplog.text
     assert lock.exists() and not (folder / INDEX_NAME).exists()  # someone else's lock is left alone
+
+
+def test_a_view_rewritten_with_the_same_size_and_mtime_is_followed(tmp_path):
+    folder = write_set(tmp_path / "view")
+    manifest = load_manifest(folder)
+    keys = [r.key for s in manifest.shards for r in shard_rows(folder / s.name, s)]
+    view = folder / "active_keys.txt"
+    view.write_text("".join(k + "\n" for k in keys[:6]))
+    manifest.active = {"keys_file": "active_keys.txt", "samples": 6, "buckets": {}}
+    manifest.save(folder)
+    first = ShardSet(folder).index
+    assert first.active.tolist() == [1] * 6 + [0] * 6
+    before = view.stat()
+    view.write_text("".join(k + "\n" for k in keys[6:]))  # `cp -p` / `rsync -a` of another view: same size, old mtime
+    os.utime(view, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (view.stat().st_size, view.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    index = ShardSet(folder).index
+    assert index.active.tolist() == [0] * 6 + [1] * 6 and index.fingerprint != first.fingerprint
+    stream = SetStream(ShardSet(folder), 0, seed=1, batch_size=1)
+    trained = []
+    for steps in stream.batches(0):
+        trained += [k for b in steps for k in b.keys]
+        if len(trained) >= 6:
+            break
+    assert sorted(trained) == keys[6:]
