@@ -32,6 +32,7 @@ has no view), `duplicates` (groups of rows sharing a key, as lists of row number
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -465,21 +466,55 @@ def _age(path: Path) -> float:
 
 def open_set_index(folder: str | Path, manifest: Manifest, wait_s: float = BUILD_WAIT_S) -> SetIndex:
     """The set's index, mapped: `set_index.bin` when it describes `manifest` (its shards and training view),
-    else built now and saved beside the manifest (or, for a set this process cannot write, built in a temporary
-    file and mapped, with a warning)."""
+    else built now and saved beside the manifest (or, for a set this process cannot write, or whose disk is full,
+    built in a temporary file and mapped, with a warning)."""
     folder = Path(folder)
+    for path in (folder / INDEX_NAME, folder / (INDEX_NAME + ".lock")):
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is a directory (or another non-file), where ft keeps the set's index; remove "
+                            "it, and ft builds the index again.")
     wanted = source_id(manifest, folder)
     found = _matching(folder / INDEX_NAME, wanted)
     if found is not None:
         return found
     from ..logs import log
 
-    if os.access(folder, os.W_OK):
-        log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
+    if not os.access(folder, os.W_OK):
+        log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this "
+                    "process; `ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
+        return _temporary_index(folder, manifest)
+    log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
+    try:
         return _build_once(folder, manifest, wanted, wait_s)
-    log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this process; "
-                "`ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
+    except OSError as e:
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        log.warning(f"{folder}: its index cannot be saved there ({e.strerror}: {e.filename or folder}); it is built "
+                    f"in a temporary file for this process. Free about {_index_mb(manifest)} MB there (or fix its "
+                    "permissions) to save it for every run.")
+    return _temporary_index(folder, manifest)
+
+
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _index_mb(manifest: Manifest) -> int:
+    """About how large the index of `manifest` is, in MB (hex keys: 83 bytes a sample, and the header)."""
+    header = sum(len(s.name) + 24 for s in manifest.shards)
+    return -(-(DATA_START + 1024 + 83 * manifest.num_samples + header) // (1 << 20))
+
+
+def _temporary_index(folder: Path, manifest: Manifest) -> SetIndex:
+    """The index built in a temporary file, mapped and unlinked (the mapping keeps its pages)."""
     fd, name = tempfile.mkstemp(prefix="ft-set-index-")
     os.close(fd)
-    build_set_index(folder, manifest, Path(name))
+    try:
+        build_set_index(folder, manifest, Path(name))
+    except OSError as e:
+        Path(name).unlink(missing_ok=True)
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        raise UserError(f"{name}: cannot build the index of {folder} there either ({e.strerror}); it needs about "
+                        f"{_index_mb(manifest)} MB. Free that much in {folder} or in {Path(name).parent} (or point "
+                        "TMPDIR at a folder with room), and run again.") from None
     return SetIndex(Path(name), unlink=True)

@@ -4,10 +4,13 @@ and holding image-to-video rows' image half keys."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import subprocess
+import tempfile
 import time
 
 import pytest
@@ -98,7 +101,6 @@ def test_a_damaged_index_is_rebuilt(tmp_path):
 
 def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     import socket
-    import subprocess
     import sys
 
     folder = write_set(tmp_path / "locked")
@@ -156,3 +158,56 @@ def test_a_view_rewritten_with_the_same_size_and_mtime_is_followed(tmp_path):
         if len(trained) >= 6:
             break
     assert sorted(trained) == keys[6:]
+
+
+def test_an_index_path_taken_by_a_directory_is_named(tmp_path):
+    folder = write_set(tmp_path / "dir")
+    (folder / INDEX_NAME).mkdir()
+    with pytest.raises(UserError, match=f"{folder / INDEX_NAME} is a directory.*remove it"):
+        open_set_index(folder, load_manifest(folder))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 2 MB tmpfs (root only): a disk that fills up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk, leave_pages=0):
+    """Fill `disk` to the last page, then free `leave_pages` of them."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    size = (disk / "filler").stat().st_size
+    os.truncate(disk / "filler", size - size % 4096 - 4096 * leave_pages)
+
+
+def test_a_full_disk_builds_the_index_in_a_temporary_file(tiny_disk, caplog):
+    folder = write_set(tiny_disk / "set")
+    for leave_pages in (0, 1):  # no room for the build lock; room for the lock but not the index
+        fill(tiny_disk, leave_pages)
+        with caplog.at_level(logging.WARNING):
+            index = ShardSet(folder).index
+        assert index.samples == 12 and index.keys([0]) == [f"{1:032x}"] and not index.path.exists()
+        assert "cannot be saved there" in caplog.text and "temporary file" in caplog.text
+        assert sorted(p.name for p in folder.iterdir() if "set_index" in p.name) == []  # no lock, no partial index
+        caplog.clear()
+        (tiny_disk / "filler").unlink()
+
+
+def test_a_full_disk_and_a_full_temporary_folder_are_named(tiny_disk, monkeypatch):
+    folder = write_set(tiny_disk / "set")
+    fill(tiny_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tiny_disk))  # TMPDIR on the same full disk
+    with pytest.raises(UserError, match=f"{tiny_disk}/ft-set-index-.*cannot build the index of {folder}.*about 1 MB"):
+        open_set_index(folder, load_manifest(folder))
+    assert not list(tiny_disk.glob("ft-set-index-*"))
