@@ -134,7 +134,8 @@ class SetIndex:
             raise ValueError("not a set index")
         offset, length = np.frombuffer(self._map, "<u8", 2, 8).tolist()
         self.header: dict[str, Any] = json.loads(self._map[offset: offset + length])
-        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
+        if not isinstance(self.header, dict) or (self.header.get("format"), self.header.get("version")) != (FORMAT,
+                                                                                                          VERSION):
             raise ValueError("another format or version")
         self.samples: int = self.header["samples"]
         self.shards: list[str] = self.header["shards"]
@@ -407,11 +408,26 @@ def write_set_index(folder: Path, manifest: Manifest) -> Path:
 
 
 def _matching(path: Path, wanted: str) -> SetIndex | None:
+    """The index at `path` when it describes `wanted` and is sound; None (build it again) when it is missing, of
+    another source, or damaged in any way: a torn, truncated or hand-edited file fails in ways no list of
+    exception types covers (a header of the wrong shape, columns past the file's end, bucket ids out of range)."""
     try:
         index = SetIndex(path)
-    except (OSError, ValueError, KeyError):
+        if index.header.get("source") != wanted:
+            return None
+        _check(index)
+    except Exception:
         return None
-    return index if index.header.get("source") == wanted else None
+    return index
+
+
+def _check(index: SetIndex) -> None:
+    """Raise ValueError unless the shards' row ranges cover the rows and every bucket id names a bucket."""
+    start = index.shard_start
+    if len(start) != len(index.shards) + 1 or start[0] != 0 or start[-1] != index.samples or (np.diff(start) < 0).any():
+        raise ValueError("shard row ranges that do not cover the rows")
+    if index.samples and int(index.bucket.max()) >= len(index.buckets):
+        raise ValueError("a bucket id past the buckets")
 
 
 def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = BUILD_WAIT_S) -> SetIndex:

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,38 @@ def test_a_full_disk_and_a_full_temporary_folder_are_named(tiny_disk, monkeypatc
     with pytest.raises(UserError, match=f"{tiny_disk}/ft-set-index-.*cannot build the index of {folder}.*about 1 MB"):
         open_set_index(folder, load_manifest(folder))
     assert not list(tiny_disk.glob("ft-set-index-*"))
+
+
+def test_an_index_with_a_malformed_header_or_bucket_ids_past_its_buckets_is_rebuilt(tmp_path):
+    folder = write_set(tmp_path / "malformed")
+    good = ShardSet(folder).index
+    header, buckets, spec = good.header, good.bucket.tolist(), good.header["columns"]["bucket"]
+    path = folder / INDEX_NAME
+    for bad in (b"[1]", b'{"format": "ft-set-index", "version": 1, "samples": "many"}', b"null"):
+        path.unlink()  # a new file: the one mapped above keeps its pages
+        path.write_bytes(b"FTSETIX1" + np.array([4096, len(bad)], "<u8").tobytes() + b"\0" * 4072 + bad)
+        assert ShardSet(folder).index.header == header
+    with open(path, "r+b") as f:  # a bucket id past the two buckets, under a header that matches the set
+        f.seek(spec["offset"] + 3)
+        f.write(bytes([7]))
+    assert SetIndex(path).bucket[3] == 7
+    index = ShardSet(folder).index
+    assert index.bucket.tolist() == buckets and int(index.bucket.max()) < len(index.buckets)
+
+
+def test_a_shard_changed_during_training_names_the_index(tmp_path):
+    folder = write_set(tmp_path / "changed")
+    other = tmp_path / "other"
+    writer = ShardWriter(other, max_samples=5)
+    for i in range(12):
+        writer.write(f"{i + 1001:032x}", {"latents": {"mean": torch.zeros(1)}}, {"bucket": [1, 8, 8 * (1 + i % 2)]})
+    writer.finish_shard()
+    stream = SetStream(ShardSet(folder), 0, seed=1, batch_size=1)
+    steps = stream.batches(0)
+    for _ in range(12):  # the first pass reads (and verifies) every shard
+        next(steps)
+    for ext in ("tar", "idx"):  # another job's shard of the same name and count
+        shutil.copy(other / f"shard-000001.{ext}", folder / f"shard-000001.{ext}")
+    with pytest.raises(UserError, match=f"planned batches could not be read.*delete {folder / INDEX_NAME}"):
+        for _ in range(12):
+            next(steps)
