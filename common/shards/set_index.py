@@ -398,7 +398,7 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
 def write_set_index(folder: Path, manifest: Manifest) -> Path:
     """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`)."""
     target = folder / INDEX_NAME
-    tmp = folder / f".{INDEX_NAME}.{os.getpid()}.tmp"
+    tmp = folder / f".{INDEX_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"  # named for `_remove_leftovers`
     try:
         build_set_index(folder, manifest, tmp)
         os.replace(tmp, target)
@@ -467,10 +467,21 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = B
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me))
+            _remove_leftovers(folder)
             found = _matching(folder / INDEX_NAME, wanted)  # built while this process waited for the lock
             return found if found is not None else SetIndex(write_set_index(folder, manifest))
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Delete the partial indexes (`.set_index.bin.HOST.PID.tmp`) of builders on this host that were killed; those
+    of another host (or named by no host) cannot be checked from here and are left."""
+    host = socket.gethostname()
+    for path in folder.glob(f".{INDEX_NAME}.*.tmp"):
+        named, _, pid = path.name[len(INDEX_NAME) + 2: -len(".tmp")].rpartition(".")
+        if named == host and pid.isdigit() and not alive({"host": host, "pid": int(pid)}):
+            path.unlink(missing_ok=True)
 
 
 def _age(path: Path) -> float:

@@ -247,3 +247,20 @@ def test_a_shard_changed_during_training_names_the_index(tmp_path):
     with pytest.raises(UserError, match=f"planned batches could not be read.*delete {folder / INDEX_NAME}"):
         for _ in range(12):
             next(steps)
+
+
+def test_the_builder_removes_partial_indexes_of_killed_builders_on_its_host(tmp_path):
+    import socket
+    import sys
+
+    folder = write_set(tmp_path / "leftovers")
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host = socket.gethostname()
+    dead = folder / f".{INDEX_NAME}.{host}.{gone}.tmp"
+    kept = [folder / f".{INDEX_NAME}.{host}.{os.getppid()}.tmp",  # a builder still running
+            folder / f".{INDEX_NAME}.another-host.invalid.{gone}.tmp"]  # another host's: cannot be checked
+    for path in (dead, *kept):
+        path.write_bytes(b"\0" * 4096)
+    assert ShardSet(folder).index.samples == 12
+    assert not dead.exists() and all(path.exists() for path in kept)
