@@ -56,7 +56,7 @@ INDEX_NAME = "set_index.bin"
 MAGIC = b"FTSETIX1"
 FORMAT, VERSION = "ft-set-index", 1
 DATA_START = 4096
-BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build (its lock)
+BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build that shows no progress
 KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
 _HEX32 = re.compile(rb"^[0-9a-f]{32}$")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -434,14 +434,15 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = B
     """Build and save the index, one process at a time: the ranks of a node starting on an older set wait for the
     one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over, and so is a lock
     naming no process once older than `TORN_AFTER_S`). A holder on another host cannot be checked from here: after
-    `wait_s` of waiting this process gives up with a UserError naming the lock."""
+    `wait_s` in which its partial index (`.set_index.bin.HOST.PID.tmp`) did not grow or change, this process gives
+    up with a UserError naming the lock (a long build that writes is waited for)."""
     from ..logs import log
 
     lock = folder / (INDEX_NAME + ".lock")
     me = {"what": "an index build", "host": socket.gethostname(), "pid": os.getpid(),
           "process_start": process_start(os.getpid())}
     deadline = time.monotonic() + wait_s
-    told = False
+    told, seen = False, None
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -456,9 +457,13 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = B
                 if not told:
                     log.info(f"waiting for {lock}: {who} builds {INDEX_NAME}")
                     told = True
-                if time.monotonic() > deadline:
-                    raise UserError(f"{folder}: waited {wait_s:.0f} s for {who} to build {INDEX_NAME} (its lock "
-                                    f"{lock}); delete {lock} if no `ft` is building the index; run again.") from None
+                progress = (holder, _stat(folder / f".{INDEX_NAME}.{holder.get('host')}.{holder.get('pid')}.tmp"))
+                if progress != seen:
+                    seen, deadline = progress, time.monotonic() + wait_s
+                elif time.monotonic() > deadline:
+                    raise UserError(f"{folder}: waited {wait_s:.0f} s without progress for {who} to build "
+                                    f"{INDEX_NAME} (its lock {lock}); delete {lock} if no `ft` is building the index; "
+                                    "run again.") from None
                 time.sleep(0.2)
             found = _matching(folder / INDEX_NAME, wanted)
             if found is not None:
@@ -482,6 +487,14 @@ def _remove_leftovers(folder: Path) -> None:
         named, _, pid = path.name[len(INDEX_NAME) + 2: -len(".tmp")].rpartition(".")
         if named == host and pid.isdigit() and not alive({"host": host, "pid": int(pid)}):
             path.unlink(missing_ok=True)
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _age(path: Path) -> float:

@@ -264,3 +264,29 @@ def test_the_builder_removes_partial_indexes_of_killed_builders_on_its_host(tmp_
         path.write_bytes(b"\0" * 4096)
     assert ShardSet(folder).index.samples == 12
     assert not dead.exists() and all(path.exists() for path in kept)
+
+
+def test_a_build_on_another_host_that_makes_progress_is_waited_for(tmp_path):
+    import threading
+
+    folder = write_set(tmp_path / "slow")
+    manifest = load_manifest(folder)
+    lock = folder / (INDEX_NAME + ".lock")
+    lock.write_text(json.dumps({"what": "an index build", "host": "another-host.invalid", "pid": 1}))
+    partial = folder / f".{INDEX_NAME}.another-host.invalid.1.tmp"
+
+    def build_elsewhere():  # the other host's builder: its partial index grows for 2 s, then it is put in place
+        for _ in range(20):
+            with open(partial, "ab") as f:
+                f.write(b"\0" * 4096)
+            time.sleep(0.1)
+        partial.unlink()
+        set_index.write_set_index(folder, manifest)
+        lock.unlink()
+
+    builder = threading.Thread(target=build_elsewhere)
+    started = time.monotonic()
+    builder.start()
+    index = open_set_index(folder, manifest, wait_s=1.0)  # longer than a pause between writes, not the whole build
+    builder.join()
+    assert index.samples == 12 and time.monotonic() - started >= 2.0
