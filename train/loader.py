@@ -44,7 +44,7 @@ from ft.common.shards import (
     stack_tensors,
     tensors_from_bytes,
 )
-from ft.common.shards.set_index import SetIndex, open_set_index
+from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index
 
 from .plan import EpochPlan, mix_seed, plan_epoch
 
@@ -222,7 +222,8 @@ class SetStream:
                 self.set.verified.add(name)
         if emitted < plan.count - taken:
             raise UserError(f"{self.set.folder}: {plan.count - taken - emitted} planned batches could not be read; "
-                            "the shards changed during training. Rerun `ft precompute` and train again.")
+                            "the shards changed during training. Rerun `ft precompute` and train again (or delete "
+                            f"{self.set.folder / INDEX_NAME} to rebuild it, if the shards are as they were).")
 
 
 class DataStream:

@@ -32,6 +32,7 @@ has no view), `duplicates` (groups of rows sharing a key, as lists of row number
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .liveness import alive, process_start, read_lock
+from .liveness import TORN_AFTER_S, alive, describe_holder, process_start, read_lock
 from .manifest import MANIFEST_NAME, Manifest
 from .reader import IndexRow, ShardCorruptError, shard_rows
 
@@ -55,6 +56,7 @@ INDEX_NAME = "set_index.bin"
 MAGIC = b"FTSETIX1"
 FORMAT, VERSION = "ft-set-index", 1
 DATA_START = 4096
+BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build that shows no progress
 KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
 _HEX32 = re.compile(rb"^[0-9a-f]{32}$")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -68,18 +70,23 @@ def active_files(manifest: Manifest) -> list[str]:
 
 
 def source_id(manifest: Manifest, folder: Path) -> str:
-    """What an index describes: the manifest's shards (names, digests, counts, in order) and the training view's
-    key files (name, size, mtime): a stat of each, no read."""
+    """What an index describes: the manifest's shards (names, digests, counts, in order) and the content of the
+    training view's key files (a sha256 of each, read a megabyte at a time: about 0.3 s for 10M keys' 330 MB, and
+    the pages stay cached for the index build). Their size and mtime would not do: a rewrite of the same size
+    that keeps the old mtime (`cp -p`, `rsync -a`) would train on the old view."""
     h = hashlib.sha256()
     for s in manifest.shards:
         h.update(f"{s.name}:{s.sha256}:{s.samples}\n".encode())
     for name in active_files(manifest):
+        content = hashlib.sha256()
         try:
-            st = (folder / name).stat()
+            with open(folder / name, "rb") as f:
+                while block := f.read(1 << 20):
+                    content.update(block)
         except OSError:
-            raise UserError(f"{folder / name} is missing; rerun `ft precompute` with the same --out to rewrite "
-                            "it.") from None
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            raise UserError(f"{folder / name} is missing or unreadable; rerun `ft precompute` with the same --out "
+                            "to rewrite it.") from None
+        h.update(f"{name}:{content.hexdigest()}\n".encode())
     return h.hexdigest()
 
 
@@ -127,7 +134,8 @@ class SetIndex:
             raise ValueError("not a set index")
         offset, length = np.frombuffer(self._map, "<u8", 2, 8).tolist()
         self.header: dict[str, Any] = json.loads(self._map[offset: offset + length])
-        if self.header.get("format") != FORMAT or self.header.get("version") != VERSION:
+        if not isinstance(self.header, dict) or (self.header.get("format"), self.header.get("version")) != (FORMAT,
+                                                                                                          VERSION):
             raise ValueError("another format or version")
         self.samples: int = self.header["samples"]
         self.shards: list[str] = self.header["shards"]
@@ -390,7 +398,7 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
 def write_set_index(folder: Path, manifest: Manifest) -> Path:
     """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`)."""
     target = folder / INDEX_NAME
-    tmp = folder / f".{INDEX_NAME}.{os.getpid()}.tmp"
+    tmp = folder / f".{INDEX_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"  # named for `_remove_leftovers`
     try:
         build_set_index(folder, manifest, tmp)
         os.replace(tmp, target)
@@ -400,28 +408,63 @@ def write_set_index(folder: Path, manifest: Manifest) -> Path:
 
 
 def _matching(path: Path, wanted: str) -> SetIndex | None:
+    """The index at `path` when it describes `wanted` and is sound; None (build it again) when it is missing, of
+    another source, or damaged in any way: a torn, truncated or hand-edited file fails in ways no list of
+    exception types covers (a header of the wrong shape, columns past the file's end, bucket ids out of range)."""
     try:
         index = SetIndex(path)
-    except (OSError, ValueError, KeyError):
+        if index.header.get("source") != wanted:
+            return None
+        _check(index)
+    except Exception:
         return None
-    return index if index.header.get("source") == wanted else None
+    return index
 
 
-def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
+def _check(index: SetIndex) -> None:
+    """Raise ValueError unless the shards' row ranges cover the rows and every bucket id names a bucket."""
+    start = index.shard_start
+    if len(start) != len(index.shards) + 1 or start[0] != 0 or start[-1] != index.samples or (np.diff(start) < 0).any():
+        raise ValueError("shard row ranges that do not cover the rows")
+    if index.samples and int(index.bucket.max()) >= len(index.buckets):
+        raise ValueError("a bucket id past the buckets")
+
+
+def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = BUILD_WAIT_S) -> SetIndex:
     """Build and save the index, one process at a time: the ranks of a node starting on an older set wait for the
-    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over)."""
+    one that builds it (a lock naming host, pid and start; a dead holder's lock is taken over, and so is a lock
+    naming no process once older than `TORN_AFTER_S`). A holder on another host cannot be checked from here: after
+    `wait_s` in which its partial index (`.set_index.bin.HOST.PID.tmp`) did not grow or change, this process gives
+    up with a UserError naming the lock (a long build that writes is waited for)."""
+    from ..logs import log
+
     lock = folder / (INDEX_NAME + ".lock")
     me = {"what": "an index build", "host": socket.gethostname(), "pid": os.getpid(),
           "process_start": process_start(os.getpid())}
+    deadline = time.monotonic() + wait_s
+    told, seen = False, None
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = read_lock(lock)
-            if holder is None or holder == {} or alive(holder):
-                time.sleep(0.2)
-            else:
+            if holder is not None and not holder.get("pid") and not holder.get("torn") and _age(lock) > TORN_AFTER_S:
+                holder = {"torn": True}  # `{}` or a holder naming no process, left long ago: no one builds
+            if holder is not None and not alive(holder):
                 lock.unlink(missing_ok=True)  # its builder is gone
+            elif holder is not None:
+                who = describe_holder(holder) if holder else "a process still writing the lock"
+                if not told:
+                    log.info(f"waiting for {lock}: {who} builds {INDEX_NAME}")
+                    told = True
+                progress = (holder, _stat(folder / f".{INDEX_NAME}.{holder.get('host')}.{holder.get('pid')}.tmp"))
+                if progress != seen:
+                    seen, deadline = progress, time.monotonic() + wait_s
+                elif time.monotonic() > deadline:
+                    raise UserError(f"{folder}: waited {wait_s:.0f} s without progress for {who} to build "
+                                    f"{INDEX_NAME} (its lock {lock}); delete {lock} if no `ft` is building the index; "
+                                    "run again.") from None
+                time.sleep(0.2)
             found = _matching(folder / INDEX_NAME, wanted)
             if found is not None:
                 return found
@@ -429,29 +472,89 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str) -> SetIndex:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me))
+            _remove_leftovers(folder)
             found = _matching(folder / INDEX_NAME, wanted)  # built while this process waited for the lock
             return found if found is not None else SetIndex(write_set_index(folder, manifest))
         finally:
             lock.unlink(missing_ok=True)
 
 
-def open_set_index(folder: str | Path, manifest: Manifest) -> SetIndex:
+def _remove_leftovers(folder: Path) -> None:
+    """Delete the partial indexes (`.set_index.bin.HOST.PID.tmp`) of builders on this host that were killed; those
+    of another host (or named by no host) cannot be checked from here and are left."""
+    host = socket.gethostname()
+    for path in folder.glob(f".{INDEX_NAME}.*.tmp"):
+        named, _, pid = path.name[len(INDEX_NAME) + 2: -len(".tmp")].rpartition(".")
+        if named == host and pid.isdigit() and not alive({"host": host, "pid": int(pid)}):
+            path.unlink(missing_ok=True)
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def open_set_index(folder: str | Path, manifest: Manifest, wait_s: float = BUILD_WAIT_S) -> SetIndex:
     """The set's index, mapped: `set_index.bin` when it describes `manifest` (its shards and training view),
-    else built now and saved beside the manifest (or, for a set this process cannot write, built in a temporary
-    file and mapped, with a warning)."""
+    else built now and saved beside the manifest (or, for a set this process cannot write, or whose disk is full,
+    built in a temporary file and mapped, with a warning)."""
     folder = Path(folder)
+    for path in (folder / INDEX_NAME, folder / (INDEX_NAME + ".lock")):
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is a directory (or another non-file), where ft keeps the set's index; remove "
+                            "it, and ft builds the index again.")
     wanted = source_id(manifest, folder)
     found = _matching(folder / INDEX_NAME, wanted)
     if found is not None:
         return found
     from ..logs import log
 
-    if os.access(folder, os.W_OK):
-        log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
-        return _build_once(folder, manifest, wanted)
-    log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this process; "
-                "`ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
+    if not os.access(folder, os.W_OK):
+        log.warning(f"{folder} is read-only: its index ({INDEX_NAME}) is built in a temporary file for this "
+                    "process; `ft precompute --finalize` by its owner (or a writable copy) saves it for every run")
+        return _temporary_index(folder, manifest)
+    log.info(f"indexing {folder} ({manifest.num_samples} samples): once, saved as {INDEX_NAME}")
+    try:
+        return _build_once(folder, manifest, wanted, wait_s)
+    except OSError as e:
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        log.warning(f"{folder}: its index cannot be saved there ({e.strerror}: {e.filename or folder}); it is built "
+                    f"in a temporary file for this process. Free about {_index_mb(manifest)} MB there (or fix its "
+                    "permissions) to save it for every run.")
+    return _temporary_index(folder, manifest)
+
+
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _index_mb(manifest: Manifest) -> int:
+    """About how large the index of `manifest` is, in MB (hex keys: 83 bytes a sample, and the header)."""
+    header = sum(len(s.name) + 24 for s in manifest.shards)
+    return -(-(DATA_START + 1024 + 83 * manifest.num_samples + header) // (1 << 20))
+
+
+def _temporary_index(folder: Path, manifest: Manifest) -> SetIndex:
+    """The index built in a temporary file, mapped and unlinked (the mapping keeps its pages)."""
     fd, name = tempfile.mkstemp(prefix="ft-set-index-")
     os.close(fd)
-    build_set_index(folder, manifest, Path(name))
+    try:
+        build_set_index(folder, manifest, Path(name))
+    except OSError as e:
+        Path(name).unlink(missing_ok=True)
+        if e.errno not in _CANNOT_WRITE:
+            raise
+        raise UserError(f"{name}: cannot build the index of {folder} there either ({e.strerror}); it needs about "
+                        f"{_index_mb(manifest)} MB. Free that much in {folder} or in {Path(name).parent} (or point "
+                        "TMPDIR at a folder with room), and run again.") from None
     return SetIndex(Path(name), unlink=True)
