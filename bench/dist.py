@@ -67,8 +67,8 @@ def saved_activation_bytes(trainer, batch) -> int:
     parameters and buffers left out), then that backward."""
     import torch
 
-    own = {t.untyped_storage().data_ptr() for t in [*trainer.transformer.parameters(),
-                                                     *trainer.transformer.buffers()]}
+    own = {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()  # FSDP2: DTensors
+           for t in [*trainer.transformer.parameters(), *trainer.transformer.buffers()]}
     saved: dict[int, int] = {}
 
     def pack(tensor):
