@@ -29,7 +29,7 @@ from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
-from ft.common.runtime import pick_device, seed_everything
+from ft.common.runtime import pick_device, seed_everything, steady_malloc
 from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
 from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.image import ImageConditioning, check_image_shards, describe_conditioning, read_model_index
@@ -247,6 +247,7 @@ class Trainer:
         and build the optimizer and the data stream."""
         cfg, world = self.cfg, self.world
         quiet_libraries()
+        steady_malloc()  # no page faults from the allocator in the steps (common/runtime.py says why)
         seed_everything(cfg.seed)  # the same LoRA init on every rank
         self.dtype = parse_dtype(cfg.transformer_dtype, "--transformer-dtype")
         self.autocast = uses_autocast(cfg)
