@@ -41,7 +41,8 @@ def seed_everything(seed: int) -> None:
 # CogVideoX step: ~4,000-8,000 minor page faults per step, each unmapping flushing the other OpenMP thread's TLB).
 # Pinning them at the ceiling glibc's own rule reaches (32 MiB, and 64 MiB to trim) keeps those blocks in the heap
 # from the first step: 0-100 faults per step (from 4,000-9,000), and the step went from 0.92x finetrainers' speed to
-# 1.10x (bench/results/peer_medium_malloc.md). Allocations above 32 MiB still map and unmap as before, so long-lived memory is returned as it was.
+# 1.10x (bench/results/peer_medium_malloc.md). Allocations above 32 MiB still map and unmap as before, so
+# long-lived memory is returned as it was.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
