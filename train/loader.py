@@ -46,7 +46,7 @@ from ft.common.shards import (
 )
 from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index
 
-from .plan import EpochPlan, mix_seed, plan_epoch
+from .plan import EpochPlan, Replay, RowSet, mix_seed, plan_epoch
 
 __all__ = ["Batch", "DataStream", "EpochPlan", "SetStream", "ShardSet", "background", "check_compatible", "collate",
            "eval_batches", "mix_seed", "parse_shard_arg", "plan_epoch"]
@@ -190,15 +190,17 @@ class SetStream:
         return self._verifier[shard] == self.rank
 
     def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
-        """This rank's samples of each step after the first `taken`: a first pass over the plan's batches marks the
-        rows this rank needs and the shards anyone needs; the second reads them in the shards' order."""
+        """This rank's samples of each step after the first `taken`: a first run of the pass's stream marks the
+        rows this rank needs (a bit a row) and the shards anyone needs; the second, from a copy of the stream made
+        at `taken` by the first (`Replay`), is consumed as the shards are read in the plan's order."""
         index = self.set.index
-        needed = np.zeros(index.samples, bool)
+        replay = Replay(plan, taken)
+        needed = RowSet(index.samples)
         used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
-        for chunk in plan.chunks(taken):
-            needed[self.mine(chunk).ravel()] = True
+        for chunk in replay.first():
+            needed.add(self.mine(chunk).ravel())
             used[np.searchsorted(index.shard_start, chunk.ravel(), "right") - 1] = True
-        steps = (rows for chunk in plan.chunks(taken) for rows in self.mine(chunk).tolist())
+        steps = (rows for chunk in replay.again() for rows in self.mine(chunk).tolist())
         next_rows = next(steps, None)
         loaded: dict[int, Sample] = {}
         emitted = 0
@@ -207,7 +209,7 @@ class SetStream:
             shard = index.shard_id[name]
             rows = index.rows(shard)
             verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
-            want = np.flatnonzero(needed[rows.start:rows.stop]) + rows.start
+            want = needed.within(rows.start, rows.stop)
             if not verify and not len(want):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
             row_of = dict(zip(index.keys(want), want.tolist(), strict=True))

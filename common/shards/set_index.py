@@ -283,9 +283,16 @@ def _duplicates(cols: _Columns, n: int) -> list[list[int]]:
     return sorted(g for g in groups.values() if len(g) > 1)
 
 
-def build_set_index(folder: Path, manifest: Manifest, target: Path) -> None:
+def build_set_index(folder: Path, manifest: Manifest, target: Path,
+                    shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
     """Write the index of `manifest`'s shards to `target` (a new file): a pass over the shards' `.idx` files
-    (or tar headers), each shard's rows written straight into the mapped columns."""
+    (or tar headers), each shard's rows written straight into the mapped columns. A caller that holds the rows
+    already (a bench's synthetic set) gives `shard_columns` instead: per shard, in the manifest's order, its
+    columns as the index stores them (the key columns as 16-byte hex digests, bucket ids into the sorted buckets of
+    the manifest, byte spans)."""
+    if shard_columns is not None:
+        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS}, shard_columns)
+        return
     try:
         _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS})
     except _NotHex:  # keys that are not ft's digests (sets written by hand, tests): their text, NUL-padded
@@ -344,7 +351,23 @@ class _Columns:
             yield start, np.frombuffer(raw, dtype).reshape(count, *shape)
 
 
-def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
+def _read_columns(folder: Path, manifest: Manifest, encoding: str, widths: dict[str, int],
+                  buckets: list[str]) -> Iterable[dict[str, np.ndarray]]:
+    """Each shard's columns, from its `.idx` file (or tar headers)."""
+    bucket_id = {b: i for i, b in enumerate(buckets)}
+    for _, rows in _shard_rows(folder, manifest):
+        for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
+            if r.bucket not in bucket_id:
+                raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
+                                        "histogram of its shard; rerun `ft precompute` with the same --out.")
+        yield {**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
+               "bucket": np.array([bucket_id[r.bucket] for r in rows], np.int64),
+               "begin": np.array([r.begin for r in rows], np.int64),
+               "end": np.array([r.end for r in rows], np.int64)}
+
+
+def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int],
+           shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
     n = manifest.num_samples
     buckets = sorted({b for s in manifest.shards for b in s.buckets})
     bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
@@ -356,23 +379,17 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
         layout[name] = {"dtype": dtype, "offset": offset, **({"shape": list(shape)} if shape else {}),
                         **({"encoding": encoding} if name in KEY_COLUMNS else {})}
         offset += -(-n * np.dtype(dtype).itemsize * int(np.prod(shape or (1,))) // 64) * 64
-    bucket_id = {b: i for i, b in enumerate(buckets)}
     starts = [0]
     with open(target, "w+b") as f:
         f.truncate(offset)
         cols = _Columns(f.fileno(), layout, n)
-        for _, rows in _shard_rows(folder, manifest):
-            starts.append(starts[-1] + len(rows))
-            if not rows:
-                continue
-            for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
-                if r.bucket not in bucket_id:
-                    raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
-                                            "histogram of its shard; rerun `ft precompute` with the same --out.")
-            cols.add({**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
-                      "bucket": np.array([bucket_id[r.bucket] for r in rows]),
-                      "begin": np.array([r.begin for r in rows], np.int64),
-                      "end": np.array([r.end for r in rows], np.int64)})
+        if shard_columns is None:
+            shard_columns = _read_columns(folder, manifest, encoding, widths, buckets)
+        for columns in shard_columns:
+            starts.append(starts[-1] + len(columns["bucket"]))
+            if len(columns["bucket"]):
+                cols.add(columns)
+        assert starts[-1] == n, f"{starts[-1]} rows for the manifest's {n} samples"
         cols.flush()
         files = active_files(manifest)
         active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
