@@ -41,8 +41,10 @@ FT = [sys.executable, "-m", "ft.cli.main"]
 TRAIN_STARTUP = """
 import json, sys, time
 import torch, xxhash  # what ft train has imported before it opens its data
+from ft.common.runtime import steady_malloc
 from ft.train.loader import DataStream, ShardSet
 torch.stack([torch.zeros(1), torch.zeros(1)])
+steady_malloc()  # as ft train sets its allocator before it opens the data: freed heap blocks are kept, not trimmed
 
 
 def status():

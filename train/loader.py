@@ -39,7 +39,7 @@ from ft.common.shards import (
     Manifest,
     Sample,
     iter_shard,
-    open_shard_set,
+    load_shard_set,
     parse_bucket,
     stack_tensors,
     tensors_from_bytes,
@@ -90,7 +90,7 @@ class ShardSet:
 
     def __init__(self, folder: str | Path, weight: float = 1.0):
         self.folder, self.weight = Path(folder), weight
-        self.manifest, _ = open_shard_set(self.folder)
+        self.manifest = load_shard_set(self.folder)
         self._index: SetIndex | None = None
         self.verified: set[str] = set()
 
@@ -145,7 +145,7 @@ class SetStream:
         self.set, self.set_index, self.seed = shard_set, set_index, seed
         self.batch_size, self.rank, self.world, self.shuffle_buffer = batch_size, rank, world, shuffle_buffer
         self.accumulation = accumulation
-        self._verifier: dict[str, int] | None = None
+        self._verifier: np.ndarray | None = None
 
     @property
     def samples_per_step(self) -> int:
@@ -181,13 +181,16 @@ class SetStream:
                        for m in range(self.accumulation)]
             epoch, taken = epoch + 1, 0
 
-    def verifies(self, shard: str) -> bool:
-        """Whether this rank hashes `shard` on its first pass: each shard is verified by one rank (in one process,
-        by it), whose failure stops every rank; the others read it without hashing."""
+    def verifies(self, shard: int) -> bool:
+        """Whether this rank hashes shard `shard` (its id in the index) on its first pass: each shard is verified by
+        one rank (in one process, by it), the shards' names taken in turn in sorted order, whose failure stops
+        every rank; the others read it without hashing."""
         if self._verifier is None:
-            names = sorted(s.name for s in self.set.manifest.shards)
-            self._verifier = {name: i % self.world for i, name in enumerate(names)}
-        return self._verifier[shard] == self.rank
+            names = self.set.index.shards
+            by_name = sorted(range(len(names)), key=names.__getitem__)
+            self._verifier = np.empty(len(names), np.int64)
+            self._verifier[by_name] = np.arange(len(names)) % self.world
+        return int(self._verifier[shard]) == self.rank
 
     def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
         """This rank's samples of each step after the first `taken`: a first run of the pass's stream marks the
@@ -204,16 +207,17 @@ class SetStream:
         next_rows = next(steps, None)
         loaded: dict[int, Sample] = {}
         emitted = 0
-        infos = {s.name: s for s in self.set.manifest.shards}
+        infos = self.set.manifest.shards  # in the index's order (its source is the manifest's shards, in order)
         for name in plan.shards:
             shard = index.shard_id[name]
             rows = index.rows(shard)
-            verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
+            verify = name not in self.set.verified and self.verifies(shard) and bool(used[shard])
+            assert infos[shard].name == name, "the index lists the manifest's shards in its order"
             want = needed.within(rows.start, rows.stop)
             if not verify and not len(want):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
             row_of = dict(zip(index.keys(want), want.tolist(), strict=True))
-            for sample in iter_shard(self.set.folder / name, verify=infos[name] if verify else None,
+            for sample in iter_shard(self.set.folder / name, verify=infos[shard] if verify else None,
                                      wanted=lambda key, row_of=row_of: key in row_of and row_of[key] not in loaded):
                 loaded[row_of[sample.key]] = sample
                 while next_rows is not None and all(r in loaded for r in next_rows):

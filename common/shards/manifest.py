@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,9 +94,14 @@ class ShardInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardInfo:
-        """Read a manifest entry, ignoring keys a newer ft may have added."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Read a manifest entry, ignoring keys a newer ft may have added. A bucket's name is one string however
+        many shards name it (`sys.intern`: 39k shards of a 10M set would each hold a copy)."""
+        info = cls(**{k: v for k, v in data.items() if k in _SHARD_FIELDS})
+        info.buckets = {sys.intern(b): n for b, n in info.buckets.items()}
+        return info
+
+
+_SHARD_FIELDS = frozenset(f.name for f in dataclasses.fields(ShardInfo))
 
 
 @dataclass
@@ -232,7 +238,9 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise UserError(f"{path} has schema version {version}; this ft reads version {SCHEMA_VERSION}. "
                             "Re-encode with this version of `ft precompute`.")
-        data["shards"] = [ShardInfo.from_json(s) for s in data.get("shards", [])]
+        shards = data.setdefault("shards", [])
+        for i, entry in enumerate(shards):  # in place: each entry's parsed dict is freed as it is read
+            shards[i] = ShardInfo.from_json(entry)
         guessed = "complete" not in data
         if guessed:  # ft 0.1 recorded the training view only when a run finished
             data["complete"] = bool(data.get("active"))

@@ -140,7 +140,7 @@ class SetIndex:
         self.samples: int = self.header["samples"]
         self.shards: list[str] = self.header["shards"]
         self.shard_id = {name: i for i, name in enumerate(self.shards)}
-        self.shard_start = np.asarray(self.header["shard_start"], np.int64)
+        self.shard_start = np.asarray(self.header.pop("shard_start"), np.int64)  # its 39k ints at 10M held once
         self.buckets: list[str] = self.header["buckets"]
         self.fingerprint: str = self.header["fingerprint"]
         self.duplicates: list[list[int]] = self.header["duplicates"]
