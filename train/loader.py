@@ -187,9 +187,8 @@ class SetStream:
         every rank; the others read it without hashing."""
         if self._verifier is None:
             names = self.set.index.shards
-            by_name = sorted(range(len(names)), key=names.__getitem__)
             self._verifier = np.empty(len(names), np.int64)
-            self._verifier[by_name] = np.arange(len(names)) % self.world
+            self._verifier[np.argsort(np.array(names))] = np.arange(len(names)) % self.world
         return int(self._verifier[shard]) == self.rank
 
     def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
@@ -208,8 +207,7 @@ class SetStream:
         loaded: dict[int, Sample] = {}
         emitted = 0
         infos = self.set.manifest.shards  # in the index's order (its source is the manifest's shards, in order)
-        for name in plan.shards:
-            shard = index.shard_id[name]
+        for shard, name in zip(plan.shard_ids.tolist(), plan.shards, strict=True):
             rows = index.rows(shard)
             verify = name not in self.set.verified and self.verifies(shard) and bool(used[shard])
             assert infos[shard].name == name, "the index lists the manifest's shards in its order"

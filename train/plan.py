@@ -59,7 +59,7 @@ def _set_python_state(rng: random.Random, twister: np.random.MT19937) -> None:
     rng.setstate((3, (*s["key"].tolist(), int(s["pos"])), None))
 
 
-def _skipped(index: SetIndex, shards: list[int]) -> np.ndarray:
+def _skipped(index: SetIndex, shards: list[int] | np.ndarray) -> np.ndarray:
     """The rows of keys met earlier in this pass (a sample on disk twice): all but the first copy in pass order."""
     if not index.duplicates:
         return np.zeros(0, np.int64)
@@ -80,6 +80,9 @@ def bucket_sizes(index: SetIndex, skipped: np.ndarray) -> np.ndarray:
     for start in range(0, index.samples, BLOCK):
         buckets = index.bucket[start: start + BLOCK]
         sizes += np.bincount(buckets[index.active[start: start + BLOCK] != 0], minlength=len(sizes))
+        if start // BLOCK % 16 == 15:
+            index.release("bucket", "active")
+    index.release("bucket", "active")
     if len(skipped):
         sizes -= np.bincount(index.bucket[skipped][index.active[skipped] != 0], minlength=len(sizes))
     return sizes
@@ -89,7 +92,7 @@ class Arrivals:
     """Step 2 as a cursor: the pass's usable rows in arrival order (active; each key once, at its first place in
     the pass), `take`n a few at a time, read a chunk of shards ahead."""
 
-    def __init__(self, index: SetIndex, shards: list[int], skipped: np.ndarray):
+    def __init__(self, index: SetIndex, shards: np.ndarray, skipped: np.ndarray):
         self.index, self.shards, self.skipped = index, shards, skipped
         self.next_shard = 0
         self.carry: list[int] = []
@@ -103,7 +106,7 @@ class Arrivals:
     def _read_ahead(self) -> list[int]:
         index, parts, held = self.index, [], 0
         while held < CHUNK and self.next_shard < len(self.shards):
-            s = self.shards[self.next_shard]
+            s = int(self.shards[self.next_shard])
             self.next_shard += 1
             a, b = int(index.shard_start[s]), int(index.shard_start[s + 1])
             rows = np.flatnonzero(index.active[a:b]) + a
@@ -217,8 +220,8 @@ class PassStream:
     completes ((k, global_batch) index rows, k may be 0), None at the end of the pass; `made` counts the batches
     given so far; `copy()` is an independent cursor at the same place."""
 
-    def __init__(self, buffer: ShuffleBuffer, batcher: Batcher):
-        self.buffer, self.batcher, self.made = buffer, batcher, 0
+    def __init__(self, index: SetIndex, buffer: ShuffleBuffer, batcher: Batcher):
+        self.index, self.buffer, self.batcher, self.made = index, buffer, batcher, 0
 
     def next(self) -> np.ndarray | None:
         part = self.buffer.next()
@@ -226,10 +229,11 @@ class PassStream:
             return None
         batches = self.batcher.add(part)
         self.made += len(batches)
+        self.index.release("bucket", "active")  # the columns' pages it read: in the page cache, shared
         return batches
 
     def copy(self) -> PassStream:
-        other = PassStream(self.buffer.copy(), self.batcher.copy())
+        other = PassStream(self.index, self.buffer.copy(), self.batcher.copy())
         other.made = self.made
         return other
 
@@ -240,7 +244,8 @@ class EpochPlan:
     step batches; the batches themselves are streamed (`stream`, `chunks`), never held."""
 
     index: SetIndex
-    shards: list[str]
+    shards: list[str]  # names, in reading order
+    shard_ids: np.ndarray  # the same shards by their id in the index
     buffer_seed: int
     shuffle_buffer: int
     global_batch: int
@@ -260,10 +265,10 @@ class EpochPlan:
     def stream(self) -> PassStream:
         """A cursor at the start of the pass."""
         index = self.index
-        arrivals = Arrivals(index, [index.shard_id[n] for n in self.shards], self.skipped)
+        arrivals = Arrivals(index, self.shard_ids, self.skipped)
         dtype = np.int32 if index.samples < (1 << 31) else np.int64
         buffer = ShuffleBuffer(arrivals, int(self.usable.sum()), self.buffer_seed, self.shuffle_buffer, dtype)
-        return PassStream(buffer, Batcher(index.bucket, self.full, self.global_batch))
+        return PassStream(index, buffer, Batcher(index.bucket, self.full, self.global_batch))
 
     def chunks(self, skip: int = 0, stream: PassStream | None = None) -> Iterator[np.ndarray]:
         """The step batches after the pass's first `skip`, as (k, global_batch) arrays of index rows, computed as
@@ -299,11 +304,12 @@ class RowSet:
 
 def plan_epoch(index: SetIndex, seed: int, epoch: int, global_batch: int, shuffle_buffer: int) -> EpochPlan:
     """The shard order and what the pass keeps, a pure function of its arguments; its batches are streamed."""
-    names = sorted(index.shards)
-    random.Random(mix_seed(seed, epoch, "shards")).shuffle(names)
-    skipped = _skipped(index, [index.shard_id[n] for n in names])
-    return EpochPlan(index, names, mix_seed(seed, epoch, "buffer"), shuffle_buffer, global_batch, skipped,
-                     bucket_sizes(index, skipped))
+    order = sorted(range(len(index.shards)), key=index.shards.__getitem__)  # the shard ids, their names sorted
+    random.Random(mix_seed(seed, epoch, "shards")).shuffle(order)  # as the names: a shuffle moves places, not values
+    skipped = _skipped(index, order)
+    names = [index.shards[s] for s in order]
+    return EpochPlan(index, names, np.array(order, np.int64), mix_seed(seed, epoch, "buffer"), shuffle_buffer,
+                     global_batch, skipped, bucket_sizes(index, skipped))
 
 
 class Replay:
