@@ -44,7 +44,6 @@ import torch, xxhash  # what ft train has imported before it opens its data
 from ft.common.runtime import steady_malloc
 from ft.train.loader import DataStream, ShardSet
 torch.stack([torch.zeros(1), torch.zeros(1)])
-steady_malloc()  # as ft train sets its allocator before it opens the data: freed heap blocks are kept, not trimmed
 
 
 def status():
@@ -58,7 +57,8 @@ def status():
 
 before = status()
 wall, cpu = time.perf_counter(), time.process_time()
-s = ShardSet(sys.argv[1])
+s = ShardSet(sys.argv[1])  # ft train reads the manifests in its checks, then sets its allocator (Trainer.build:
+steady_malloc()  # freed heap blocks are kept, not trimmed), then maps the index and plans as the data starts
 s.index
 index_s = time.perf_counter() - wall
 stream = DataStream([s], seed=0, batch_size=1, rank=int(sys.argv[2]), world=int(sys.argv[3]))
