@@ -38,6 +38,7 @@ import numpy as np
 from ft.common.shards.set_index import SetIndex
 
 CHUNK = 1 << 14  # samples per step of the buffer loop and of the batches: bounds a pass's transients
+BUCKET_BITS = 16  # a sample in the buffer is `row << BUCKET_BITS | bucket id` (ids are uint8 or uint16)
 BLOCK = 1 << 18  # rows per step of a pass over the whole index (the buckets' sizes)
 
 
@@ -80,9 +81,7 @@ def bucket_sizes(index: SetIndex, skipped: np.ndarray) -> np.ndarray:
     for start in range(0, index.samples, BLOCK):
         buckets = index.bucket[start: start + BLOCK]
         sizes += np.bincount(buckets[index.active[start: start + BLOCK] != 0], minlength=len(sizes))
-        if start // BLOCK % 16 == 15:
-            index.release("bucket", "active")
-    index.release("bucket", "active")
+        index.release("bucket", "active")  # their pages stay in the page cache, shared; this process holds a block
     if len(skipped):
         sizes -= np.bincount(index.bucket[skipped][index.active[skipped] != 0], minlength=len(sizes))
     return sizes
@@ -90,10 +89,15 @@ def bucket_sizes(index: SetIndex, skipped: np.ndarray) -> np.ndarray:
 
 class Arrivals:
     """Step 2 as a cursor: the pass's usable rows in arrival order (active; each key once, at its first place in
-    the pass), `take`n a few at a time, read a chunk of shards ahead."""
+    the pass), `take`n a few at a time, read a chunk of shards ahead; each carries its bucket id
+    (`row << BUCKET_BITS | bucket`), so later steps never go back to the index. The pages of the bucket and view
+    columns it reads, scattered, are released after each chunk (`SetIndex.release`; read one page at a time,
+    `SetIndex.scattered`, not the 64 KB the kernel maps about a read by default: a chunk's 64 shards would map up
+    to 8 MB)."""
 
     def __init__(self, index: SetIndex, shards: np.ndarray, skipped: np.ndarray):
         self.index, self.shards, self.skipped = index, shards, skipped
+        index.scattered("bucket", "active")
         self.next_shard = 0
         self.carry: list[int] = []
 
@@ -109,12 +113,13 @@ class Arrivals:
             s = int(self.shards[self.next_shard])
             self.next_shard += 1
             a, b = int(index.shard_start[s]), int(index.shard_start[s + 1])
-            rows = np.flatnonzero(index.active[a:b]) + a
+            at = np.flatnonzero(index.active[a:b])
             if len(self.skipped):
-                rows = rows[~np.isin(rows, self.skipped)]
-            parts.append(rows)
-            held += len(rows)
+                at = at[~np.isin(at + a, self.skipped)]
+            parts.append((at + a) << BUCKET_BITS | index.bucket[a:b][at])
+            held += len(at)
         assert parts, "the pass has fewer usable rows than counted"
+        index.release("bucket", "active")
         return np.concatenate(parts).tolist()
 
     def copy(self) -> Arrivals:
@@ -127,8 +132,8 @@ class ShuffleBuffer:
     """Step 3 as a cursor: the order samples leave a shuffle buffer of `size` fed with `count` arrivals, a chunk
     of `CHUNK` pops at a time (`next`), then what is left, shuffled; None once the pass is out."""
 
-    def __init__(self, arrivals: Arrivals, count: int, seed: int, size: int, dtype: type):
-        self.size, self.dtype = max(size, 1), dtype
+    def __init__(self, arrivals: Arrivals, count: int, seed: int, size: int):
+        self.size = max(size, 1)
         self.pops_left = max(0, count - self.size + 1)
         self.rng = random.Random(seed)
         self.twister = _numpy_twister(self.rng)
@@ -142,14 +147,14 @@ class ShuffleBuffer:
             draws, came = self._randrange(k), self.arrivals.take(k)
             pop, append = self.buffer.pop, self.buffer.append
             self.pops_left -= k
-            return np.array([pop(j) for a, j in zip(came, draws, strict=True) if not append(a)], self.dtype)
+            return np.array([pop(j) for a, j in zip(came, draws, strict=True) if not append(a)], np.int64)
         if self.emptied:
             return None
         self.emptied = True
         _set_python_state(self.rng, self.twister)
         self.rng.shuffle(self.buffer)
         left, self.buffer = self.buffer, []
-        return np.array(left, self.dtype)
+        return np.array(left, np.int64)
 
     def _randrange(self, k: int) -> list[int]:
         """`k` values of `rng.randrange(size)`, leaving the twister exactly where those calls would."""
@@ -178,17 +183,17 @@ class ShuffleBuffer:
 
 
 class Batcher:
-    """Step 4 as a cursor: a chunk of the order in, the step batches it completes out, as (k, global_batch) rows
-    in the order they fill. A bucket's rows are collected in its own order; a batch is out when its last sample
-    arrives; a bucket's samples past `full` (its remainder) are dropped."""
+    """Step 4 as a cursor: a chunk of the order in (`row << BUCKET_BITS | bucket`), the step batches it completes
+    out, as (k, global_batch) rows in the order they fill. A bucket's rows are collected in its own order; a batch
+    is out when its last sample arrives; a bucket's samples past `full` (its remainder) are dropped."""
 
-    def __init__(self, bucket: np.ndarray, full: np.ndarray, global_batch: int):
-        self.bucket, self.full, self.global_batch = bucket, full, global_batch
+    def __init__(self, full: np.ndarray, global_batch: int):
+        self.full, self.global_batch = full, global_batch
         self.seen = np.zeros(len(full), np.int64)
         self.pending: dict[int, np.ndarray] = {}
 
-    def add(self, part: np.ndarray) -> np.ndarray:
-        g, ids = self.global_batch, self.bucket[part]
+    def add(self, samples: np.ndarray) -> np.ndarray:
+        g, ids, part = self.global_batch, samples & ((1 << BUCKET_BITS) - 1), samples >> BUCKET_BITS
         ends, rows = [], []
         for b in np.unique(ids).tolist():
             at = np.flatnonzero(ids == b)
@@ -220,8 +225,8 @@ class PassStream:
     completes ((k, global_batch) index rows, k may be 0), None at the end of the pass; `made` counts the batches
     given so far; `copy()` is an independent cursor at the same place."""
 
-    def __init__(self, index: SetIndex, buffer: ShuffleBuffer, batcher: Batcher):
-        self.index, self.buffer, self.batcher, self.made = index, buffer, batcher, 0
+    def __init__(self, buffer: ShuffleBuffer, batcher: Batcher):
+        self.buffer, self.batcher, self.made = buffer, batcher, 0
 
     def next(self) -> np.ndarray | None:
         part = self.buffer.next()
@@ -229,11 +234,10 @@ class PassStream:
             return None
         batches = self.batcher.add(part)
         self.made += len(batches)
-        self.index.release("bucket", "active")  # the columns' pages it read: in the page cache, shared
         return batches
 
     def copy(self) -> PassStream:
-        other = PassStream(self.index, self.buffer.copy(), self.batcher.copy())
+        other = PassStream(self.buffer.copy(), self.batcher.copy())
         other.made = self.made
         return other
 
@@ -266,9 +270,8 @@ class EpochPlan:
         """A cursor at the start of the pass."""
         index = self.index
         arrivals = Arrivals(index, self.shard_ids, self.skipped)
-        dtype = np.int32 if index.samples < (1 << 31) else np.int64
-        buffer = ShuffleBuffer(arrivals, int(self.usable.sum()), self.buffer_seed, self.shuffle_buffer, dtype)
-        return PassStream(index, buffer, Batcher(index.bucket, self.full, self.global_batch))
+        buffer = ShuffleBuffer(arrivals, int(self.usable.sum()), self.buffer_seed, self.shuffle_buffer)
+        return PassStream(buffer, Batcher(self.full, self.global_batch))
 
     def chunks(self, skip: int = 0, stream: PassStream | None = None) -> Iterator[np.ndarray]:
         """The step batches after the pass's first `skip`, as (k, global_batch) arrays of index rows, computed as

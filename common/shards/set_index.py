@@ -151,17 +151,26 @@ class SetIndex:
         shape = (self.samples, *spec.get("shape", ()))
         return np.frombuffer(self._map, dtype, int(np.prod(shape)), spec["offset"]).reshape(shape)
 
+    def _advise(self, advice: str, names: tuple[str, ...]) -> None:
+        if not hasattr(self._map, "madvise") or not hasattr(mmap, advice):
+            return
+        for name in names:
+            spec, column = self.header["columns"][name], self.columns[name]
+            start = spec["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(getattr(mmap, advice), start, spec["offset"] + column.nbytes - start)
+
+    def scattered(self, *names: str) -> None:
+        """Say that columns `names` are read from here on in small scattered pieces (a pass in shard order): a read
+        maps its own page (`MADV_RANDOM`), not the 64 KB about it that the kernel maps by default, so what the
+        process holds of them between releases is the pages it read."""
+        self._advise("MADV_RANDOM", names)
+
     def release(self, *names: str) -> None:
         """Drop this process's mapping of the pages of columns `names` it has read (`MADV_DONTNEED`): they stay in
         the page cache, shared, and come back with a minor fault when read again. A pass over a column (planning
         walks the bucket and view columns, 20 MB at 10M rows) then adds a chunk of them to the process's
         resident memory, not the column."""
-        if not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        for name in names:
-            spec, column = self.header["columns"][name], self.columns[name]
-            start = spec["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, spec["offset"] + column.nbytes - start)
+        self._advise("MADV_DONTNEED", names)
 
     @property
     def bucket(self) -> np.ndarray:
@@ -454,9 +463,10 @@ def _check(index: SetIndex) -> None:
     start = index.shard_start
     if len(start) != len(index.shards) + 1 or start[0] != 0 or start[-1] != index.samples or (np.diff(start) < 0).any():
         raise ValueError("shard row ranges that do not cover the rows")
-    if index.samples and int(index.bucket.max()) >= len(index.buckets):
-        raise ValueError("a bucket id past the buckets")
-    index.release("bucket")
+    for at in range(0, index.samples, 1 << 20):  # a block at a time, its pages released: not 10 MB mapped at 10M
+        if int(index.bucket[at: at + (1 << 20)].max()) >= len(index.buckets):
+            raise ValueError("a bucket id past the buckets")
+        index.release("bucket")
 
 
 def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = BUILD_WAIT_S) -> SetIndex:
