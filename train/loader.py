@@ -193,23 +193,26 @@ class SetStream:
 
     def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
         """This rank's samples of each step after the first `taken`: a first run of the pass's stream marks the
-        rows this rank needs (a bit a row) and the shards anyone needs; the second, from a copy of the stream made
-        at `taken` by the first (`Replay`), is consumed as the shards are read in the plan's order."""
+        rows this rank needs and those any rank needs (a bit a row; one set when this rank needs them all); the
+        second, from a copy of the stream made at `taken` by the first (`Replay`), is consumed as the shards are
+        read in the plan's order."""
         index = self.set.index
         replay = Replay(plan, taken)
         needed = RowSet(index.samples)
-        used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
+        anyones = needed if self.world == 1 else RowSet(index.samples)  # the rest of the pass's rows, anyone's
         for chunk in replay.first():
             needed.add(self.mine(chunk).ravel())
-            used[np.searchsorted(index.shard_start, chunk.ravel(), "right") - 1] = True
-        steps = (rows for chunk in replay.again() for rows in self.mine(chunk).tolist())
+            if anyones is not needed:
+                anyones.add(chunk.ravel())
+        steps = (rows.tolist() for chunk in replay.again() for rows in self.mine(chunk))
         next_rows = next(steps, None)
         loaded: dict[int, Sample] = {}
         emitted = 0
         infos = self.set.manifest.shards  # in the index's order (its source is the manifest's shards, in order)
         for shard, name in zip(plan.shard_ids.tolist(), plan.shards, strict=True):
             rows = index.rows(shard)
-            verify = name not in self.set.verified and self.verifies(shard) and bool(used[shard])
+            verify = name not in self.set.verified and self.verifies(shard) and anyones.holds_any(rows.start,
+                                                                                                    rows.stop)
             assert infos[shard].name == name, "the index lists the manifest's shards in its order"
             want = needed.within(rows.start, rows.stop)
             if not verify and not len(want):

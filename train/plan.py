@@ -298,6 +298,10 @@ class RowSet:
         rows = np.asarray(rows, np.int64)
         np.bitwise_or.at(self.bits, rows >> 3, np.left_shift(1, rows & 7).astype(np.uint8))
 
+    def holds_any(self, start: int, stop: int) -> bool:
+        """Whether a row in start..stop-1 is in the set."""
+        return len(self.within(start, stop)) > 0
+
     def within(self, start: int, stop: int) -> np.ndarray:
         """The set's rows in start..stop-1, ascending."""
         low = start >> 3
