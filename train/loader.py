@@ -13,7 +13,9 @@ Reading. The shards are then read in the plan's order, decoding only the samples
 current position on (the others' bytes are seeked over, and a shard with nothing needed is not opened), and each
 batch is emitted once all its samples are in; memory stays what the shuffle buffer holds. A shard is verified
 against its manifest digest the first time this process reads samples from it (its other members' bytes are
-then read and hashed, not decoded). Resuming at a position costs the pass's plan, never tensors, headers or JSON.
+then read and hashed, not decoded). The plan is streamed, never held: a first run of it marks the rows this rank
+reads (a bit a row), a second is consumed as the shards are read. Resuming at a position costs one run of the
+pass's plan up to it (the stream's cursor is copied there), never tensors, headers or JSON.
 
 Several shard sets are mixed per optimizer step: step n comes from set i with probability weight_i / sum, drawn
 from (seed, n). The position (`Batch.position`, saved in checkpoints) is the step count and each set's (epoch,

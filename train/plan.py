@@ -12,7 +12,8 @@ The order is defined by that planner, kept as the reference in tests/train/test_
 4. samples of one bucket collected, in that order, into step batches of `global_batch`; a batch is emitted when
    it fills; a bucket's remainder is dropped.
 
-Here step 1 stays Python (a shuffle of names); step 2 is a numpy gather per shard (`Arrivals`); step 3, the one
+Here step 1 stays Python (the shard ids in their names' sorted order, shuffled: a shuffle moves places, not
+values); step 2 is a numpy gather per shard (`Arrivals`); step 3, the one
 sequential part, draws its random numbers with numpy from the same Mersenne Twister state (`randrange(n)` is
 `getrandbits(n.bit_length())` redrawn until below n, and `getrandbits(k)` for k <= 32 is the top k bits of one
 32-bit output), so only the buffer's pops run as a Python loop over integers (`ShuffleBuffer`); step 4 cuts each
@@ -22,7 +23,10 @@ usable samples rounded down to whole batches (`EpochPlan.full`, one numpy pass o
 Steps 2-4 run as one cursor over the pass (`PassStream`), a chunk of `CHUNK` samples at a time, as its batches
 are consumed: a pass holds chunk-sized transients, the buffer and the buckets' partial batches, never its order.
 A cursor can be copied (`PassStream.copy`): a resume replays the stream once to its position, keeping a copy of
-the cursor there. What a rank reads of a pass is kept as one bit an index row (`RowSet`).
+the cursor there. What a rank reads of a pass is kept as one bit an index row (`RowSet`). A pass reads the index's
+bucket and view columns once (each sample carries its bucket id through the buffer), a page at a time, and releases
+their pages as it goes (`SetIndex.scattered`, `SetIndex.release`): they stay in the page cache, shared by the
+node's processes, and a process holds a chunk's worth of them, not 20 MB at 10M rows.
 """
 
 from __future__ import annotations
