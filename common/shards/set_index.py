@@ -169,9 +169,8 @@ class SetIndex:
 
     def release(self, *names: str) -> None:
         """Drop this process's mapping of the pages of columns `names` it has read (`MADV_DONTNEED`): they stay in
-        the page cache, shared, and come back with a minor fault when read again. A pass over a column (planning
-        walks the bucket and view columns, 20 MB at 10M rows) then adds a chunk of them to the process's
-        resident memory, not the column."""
+        the page cache, shared, and come back with a minor fault when read again. A pass over a column (the bucket
+        and view columns, 20 MB at 10M rows) then holds a chunk of it in the process's memory, not the column."""
         self._advise("MADV_DONTNEED", names)
 
     @property
