@@ -41,6 +41,7 @@ FT = [sys.executable, "-m", "ft.cli.main"]
 TRAIN_STARTUP = """
 import json, sys, time
 import torch, xxhash  # what ft train has imported before it opens its data
+from ft.common.runtime import steady_malloc
 from ft.train.loader import DataStream, ShardSet
 torch.stack([torch.zeros(1), torch.zeros(1)])
 
@@ -56,11 +57,13 @@ def status():
 
 before = status()
 wall, cpu = time.perf_counter(), time.process_time()
-s = ShardSet(sys.argv[1])
+s = ShardSet(sys.argv[1])  # ft train reads the manifests in its checks, then sets its allocator (Trainer.build:
+steady_malloc()  # freed heap blocks are kept, not trimmed), then maps the index and plans as the data starts
 s.index
 index_s = time.perf_counter() - wall
 stream = DataStream([s], seed=0, batch_size=1, rank=int(sys.argv[2]), world=int(sys.argv[3]))
-batch = next(stream.batches())
+taken = int(sys.argv[4])  # a resume at step `taken` of epoch 0 (0: a first start)
+batch = next(stream.batches({"batches": taken, "sets": [{"epoch": 0, "taken": taken}], "samples_per_step": 1}))
 after = status()
 print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "index": index_s,
                   "peak": after["VmHWM"] - before["VmRSS"], "anon": after["RssAnon"] - before["RssAnon"],
@@ -68,10 +71,11 @@ print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time()
 """
 
 
-def train_startup(folder: Path, world: int = 1) -> dict[str, float]:
-    """`ft train`'s data start-up in `world` new processes at once (rank r of world each): the slowest wall and
-    CPU seconds, and the most any of them added to its RSS (peak; private and file-backed at the first batch)."""
-    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_STARTUP, str(folder), str(rank), str(world)],
+def train_startup(folder: Path, world: int = 1, taken: int = 0) -> dict[str, float]:
+    """`ft train`'s data start-up in `world` new processes at once (rank r of world each), from the start of the
+    first epoch or resumed at its step `taken`: the slowest wall and CPU seconds, and the most any of them added
+    to its RSS (peak; private and file-backed at the first batch)."""
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_STARTUP, str(folder), str(rank), str(world), str(taken)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for rank in range(world)]
     found = []

@@ -13,7 +13,9 @@ Reading. The shards are then read in the plan's order, decoding only the samples
 current position on (the others' bytes are seeked over, and a shard with nothing needed is not opened), and each
 batch is emitted once all its samples are in; memory stays what the shuffle buffer holds. A shard is verified
 against its manifest digest the first time this process reads samples from it (its other members' bytes are
-then read and hashed, not decoded). Resuming at a position costs the pass's plan, never tensors, headers or JSON.
+then read and hashed, not decoded). The plan is streamed, never held: a first run of it marks the rows this rank
+reads (a bit a row), a second is consumed as the shards are read. Resuming at a position costs one run of the
+pass's plan up to it (the stream's cursor is copied there), never tensors, headers or JSON.
 
 Several shard sets are mixed per optimizer step: step n comes from set i with probability weight_i / sum, drawn
 from (seed, n). The position (`Batch.position`, saved in checkpoints) is the step count and each set's (epoch,
@@ -39,14 +41,14 @@ from ft.common.shards import (
     Manifest,
     Sample,
     iter_shard,
-    open_shard_set,
+    load_shard_set,
     parse_bucket,
     stack_tensors,
     tensors_from_bytes,
 )
 from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index
 
-from .plan import EpochPlan, mix_seed, plan_epoch
+from .plan import EpochPlan, Replay, RowSet, mix_seed, plan_epoch
 
 __all__ = ["Batch", "DataStream", "EpochPlan", "SetStream", "ShardSet", "background", "check_compatible", "collate",
            "eval_batches", "mix_seed", "parse_shard_arg", "plan_epoch"]
@@ -90,7 +92,7 @@ class ShardSet:
 
     def __init__(self, folder: str | Path, weight: float = 1.0):
         self.folder, self.weight = Path(folder), weight
-        self.manifest, _ = open_shard_set(self.folder)
+        self.manifest = load_shard_set(self.folder)
         self._index: SetIndex | None = None
         self.verified: set[str] = set()
 
@@ -145,7 +147,7 @@ class SetStream:
         self.set, self.set_index, self.seed = shard_set, set_index, seed
         self.batch_size, self.rank, self.world, self.shuffle_buffer = batch_size, rank, world, shuffle_buffer
         self.accumulation = accumulation
-        self._verifier: dict[str, int] | None = None
+        self._verifier: np.ndarray | None = None
 
     @property
     def samples_per_step(self) -> int:
@@ -181,37 +183,44 @@ class SetStream:
                        for m in range(self.accumulation)]
             epoch, taken = epoch + 1, 0
 
-    def verifies(self, shard: str) -> bool:
-        """Whether this rank hashes `shard` on its first pass: each shard is verified by one rank (in one process,
-        by it), whose failure stops every rank; the others read it without hashing."""
+    def verifies(self, shard: int) -> bool:
+        """Whether this rank hashes shard `shard` (its id in the index) on its first pass: each shard is verified by
+        one rank (in one process, by it), the shards' names taken in turn in sorted order, whose failure stops
+        every rank; the others read it without hashing."""
         if self._verifier is None:
-            names = sorted(s.name for s in self.set.manifest.shards)
-            self._verifier = {name: i % self.world for i, name in enumerate(names)}
-        return self._verifier[shard] == self.rank
+            names = self.set.index.shards
+            self._verifier = np.empty(len(names), np.int64)
+            self._verifier[np.argsort(np.array(names))] = np.arange(len(names)) % self.world
+        return int(self._verifier[shard]) == self.rank
 
     def _read(self, plan: EpochPlan, taken: int) -> Iterator[list[Sample]]:
-        """This rank's samples of each step after the first `taken`: a first pass over the plan's batches marks the
-        rows this rank needs and the shards anyone needs; the second reads them in the shards' order."""
+        """This rank's samples of each step after the first `taken`: a first run of the pass's stream marks the
+        rows this rank needs and those any rank needs (a bit a row; one set when this rank needs them all); the
+        second, from a copy of the stream made at `taken` by the first (`Replay`), is consumed as the shards are
+        read in the plan's order."""
         index = self.set.index
-        needed = np.zeros(index.samples, bool)
-        used = np.zeros(len(index.shards), bool)  # shards holding a sample of the rest of the pass, anyone's
-        for chunk in plan.chunks(taken):
-            needed[self.mine(chunk).ravel()] = True
-            used[np.searchsorted(index.shard_start, chunk.ravel(), "right") - 1] = True
-        steps = (rows for chunk in plan.chunks(taken) for rows in self.mine(chunk).tolist())
+        replay = Replay(plan, taken)
+        needed = RowSet(index.samples)
+        anyones = needed if self.world == 1 else RowSet(index.samples)  # the rest of the pass's rows, anyone's
+        for chunk in replay.first():
+            needed.add(self.mine(chunk).ravel())
+            if anyones is not needed:
+                anyones.add(chunk.ravel())
+        steps = (rows.tolist() for chunk in replay.again() for rows in self.mine(chunk))
         next_rows = next(steps, None)
         loaded: dict[int, Sample] = {}
         emitted = 0
-        infos = {s.name: s for s in self.set.manifest.shards}
-        for name in plan.shards:
-            shard = index.shard_id[name]
+        infos = self.set.manifest.shards  # in the index's order (its source is the manifest's shards, in order)
+        for shard, name in zip(plan.shard_ids.tolist(), plan.shards, strict=True):
             rows = index.rows(shard)
-            verify = name not in self.set.verified and self.verifies(name) and bool(used[shard])
-            want = np.flatnonzero(needed[rows.start:rows.stop]) + rows.start
+            verify = name not in self.set.verified and self.verifies(shard) and anyones.holds_any(rows.start,
+                                                                                                    rows.stop)
+            assert infos[shard].name == name, "the index lists the manifest's shards in its order"
+            want = needed.within(rows.start, rows.stop)
             if not verify and not len(want):
                 continue  # fast-forward: nothing of this shard is read, not even to verify it
             row_of = dict(zip(index.keys(want), want.tolist(), strict=True))
-            for sample in iter_shard(self.set.folder / name, verify=infos[name] if verify else None,
+            for sample in iter_shard(self.set.folder / name, verify=infos[shard] if verify else None,
                                      wanted=lambda key, row_of=row_of: key in row_of and row_of[key] not in loaded):
                 loaded[row_of[sample.key]] = sample
                 while next_rows is not None and all(r in loaded for r in next_rows):

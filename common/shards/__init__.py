@@ -27,7 +27,8 @@ The contract is split by concern; this module names it in one place:
 - buckets.py: the `FRAMESxHEIGHTxWIDTH` spelling (`parse_bucket`, `bucket_name`);
 - manifest.py: `Manifest` (`Manifest.read`: the merged manifest alone), `ShardInfo`, `require_complete`;
 - journal.py: the partial manifests of precompute jobs and the merged view of them: `load_manifest` and
-  `open_shard_set`, the set as readers that must see unmerged jobs (`ft train`, `ft inspect`) ask for it;
+  `open_shard_set` (`load_shard_set` without the paths), the set as readers that must see unmerged jobs (`ft train`,
+  `ft inspect`) ask for it;
 - reader.py: `iter_shard`, `shard_index`, the index files (`shard_rows`);
 - set_index.py: the whole-set index (`open_set_index`, `write_set_index`, `SetIndex`), its format documented there;
 - writer.py: `ShardWriter` (and the `kill_point` test hook);
@@ -52,6 +53,7 @@ from .journal import (
     finalize_command,
     job_stem,
     load_manifest,
+    load_shard_set,
     merge_leftovers,
     merged_view,
     open_shard_set,
@@ -97,5 +99,5 @@ __all__ = [
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
     "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "stack_tensors", "TENSOR_GROUPS",
     "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file", "INDEX_NAME", "SetIndex",
-    "open_set_index", "write_set_index"
+    "open_set_index", "write_set_index", "load_shard_set"
 ]

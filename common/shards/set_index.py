@@ -134,13 +134,14 @@ class SetIndex:
             raise ValueError("not a set index")
         offset, length = np.frombuffer(self._map, "<u8", 2, 8).tolist()
         self.header: dict[str, Any] = json.loads(self._map[offset: offset + length])
+        if hasattr(mmap, "MADV_DONTNEED"):  # the header's pages (1.5 MB at 10M rows) are parsed once
+            self._map.madvise(mmap.MADV_DONTNEED, offset // mmap.PAGESIZE * mmap.PAGESIZE)
         if not isinstance(self.header, dict) or (self.header.get("format"), self.header.get("version")) != (FORMAT,
                                                                                                           VERSION):
             raise ValueError("another format or version")
         self.samples: int = self.header["samples"]
         self.shards: list[str] = self.header["shards"]
-        self.shard_id = {name: i for i, name in enumerate(self.shards)}
-        self.shard_start = np.asarray(self.header["shard_start"], np.int64)
+        self.shard_start = np.asarray(self.header.pop("shard_start"), np.int64)  # its 39k ints at 10M held once
         self.buckets: list[str] = self.header["buckets"]
         self.fingerprint: str = self.header["fingerprint"]
         self.duplicates: list[list[int]] = self.header["duplicates"]
@@ -151,6 +152,26 @@ class SetIndex:
         dtype = np.dtype(spec["dtype"])
         shape = (self.samples, *spec.get("shape", ()))
         return np.frombuffer(self._map, dtype, int(np.prod(shape)), spec["offset"]).reshape(shape)
+
+    def _advise(self, advice: str, names: tuple[str, ...]) -> None:
+        if not hasattr(self._map, "madvise") or not hasattr(mmap, advice):
+            return
+        for name in names:
+            spec, column = self.header["columns"][name], self.columns[name]
+            start = spec["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(getattr(mmap, advice), start, spec["offset"] + column.nbytes - start)
+
+    def scattered(self, *names: str) -> None:
+        """Say that columns `names` are read from here on in small scattered pieces (a pass in shard order): a read
+        maps its own page (`MADV_RANDOM`), not the 64 KB about it that the kernel maps by default, so what the
+        process holds of them between releases is the pages it read."""
+        self._advise("MADV_RANDOM", names)
+
+    def release(self, *names: str) -> None:
+        """Drop this process's mapping of the pages of columns `names` it has read (`MADV_DONTNEED`): they stay in
+        the page cache, shared, and come back with a minor fault when read again. A pass over a column (the bucket
+        and view columns, 20 MB at 10M rows) then holds a chunk of it in the process's memory, not the column."""
+        self._advise("MADV_DONTNEED", names)
 
     @property
     def bucket(self) -> np.ndarray:
@@ -283,9 +304,16 @@ def _duplicates(cols: _Columns, n: int) -> list[list[int]]:
     return sorted(g for g in groups.values() if len(g) > 1)
 
 
-def build_set_index(folder: Path, manifest: Manifest, target: Path) -> None:
+def build_set_index(folder: Path, manifest: Manifest, target: Path,
+                    shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
     """Write the index of `manifest`'s shards to `target` (a new file): a pass over the shards' `.idx` files
-    (or tar headers), each shard's rows written straight into the mapped columns."""
+    (or tar headers), each shard's rows written straight into the mapped columns. A caller that holds the rows
+    already (a bench's synthetic set) gives `shard_columns` instead: per shard, in the manifest's order, its
+    columns as the index stores them (the key columns as 16-byte hex digests, bucket ids into the sorted buckets of
+    the manifest, byte spans)."""
+    if shard_columns is not None:
+        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS}, shard_columns)
+        return
     try:
         _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS})
     except _NotHex:  # keys that are not ft's digests (sets written by hand, tests): their text, NUL-padded
@@ -344,7 +372,23 @@ class _Columns:
             yield start, np.frombuffer(raw, dtype).reshape(count, *shape)
 
 
-def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
+def _read_columns(folder: Path, manifest: Manifest, encoding: str, widths: dict[str, int],
+                  buckets: list[str]) -> Iterable[dict[str, np.ndarray]]:
+    """Each shard's columns, from its `.idx` file (or tar headers)."""
+    bucket_id = {b: i for i, b in enumerate(buckets)}
+    for _, rows in _shard_rows(folder, manifest):
+        for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
+            if r.bucket not in bucket_id:
+                raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
+                                        "histogram of its shard; rerun `ft precompute` with the same --out.")
+        yield {**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
+               "bucket": np.array([bucket_id[r.bucket] for r in rows], np.int64),
+               "begin": np.array([r.begin for r in rows], np.int64),
+               "end": np.array([r.end for r in rows], np.int64)}
+
+
+def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int],
+           shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
     n = manifest.num_samples
     buckets = sorted({b for s in manifest.shards for b in s.buckets})
     bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
@@ -356,23 +400,17 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
         layout[name] = {"dtype": dtype, "offset": offset, **({"shape": list(shape)} if shape else {}),
                         **({"encoding": encoding} if name in KEY_COLUMNS else {})}
         offset += -(-n * np.dtype(dtype).itemsize * int(np.prod(shape or (1,))) // 64) * 64
-    bucket_id = {b: i for i, b in enumerate(buckets)}
     starts = [0]
     with open(target, "w+b") as f:
         f.truncate(offset)
         cols = _Columns(f.fileno(), layout, n)
-        for _, rows in _shard_rows(folder, manifest):
-            starts.append(starts[-1] + len(rows))
-            if not rows:
-                continue
-            for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
-                if r.bucket not in bucket_id:
-                    raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
-                                            "histogram of its shard; rerun `ft precompute` with the same --out.")
-            cols.add({**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
-                      "bucket": np.array([bucket_id[r.bucket] for r in rows]),
-                      "begin": np.array([r.begin for r in rows], np.int64),
-                      "end": np.array([r.end for r in rows], np.int64)})
+        if shard_columns is None:
+            shard_columns = _read_columns(folder, manifest, encoding, widths, buckets)
+        for columns in shard_columns:
+            starts.append(starts[-1] + len(columns["bucket"]))
+            if len(columns["bucket"]):
+                cols.add(columns)
+        assert starts[-1] == n, f"{starts[-1]} rows for the manifest's {n} samples"
         cols.flush()
         files = active_files(manifest)
         active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
@@ -426,8 +464,10 @@ def _check(index: SetIndex) -> None:
     start = index.shard_start
     if len(start) != len(index.shards) + 1 or start[0] != 0 or start[-1] != index.samples or (np.diff(start) < 0).any():
         raise ValueError("shard row ranges that do not cover the rows")
-    if index.samples and int(index.bucket.max()) >= len(index.buckets):
-        raise ValueError("a bucket id past the buckets")
+    for at in range(0, index.samples, 1 << 20):  # a block at a time, its pages released: not 10 MB mapped at 10M
+        if int(index.bucket[at: at + (1 << 20)].max()) >= len(index.buckets):
+            raise ValueError("a bucket id past the buckets")
+        index.release("bucket")
 
 
 def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = BUILD_WAIT_S) -> SetIndex:

@@ -290,3 +290,27 @@ def test_a_build_on_another_host_that_makes_progress_is_waited_for(tmp_path):
     index = open_set_index(folder, manifest, wait_s=1.0)  # longer than a pause between writes, not the whole build
     builder.join()
     assert index.samples == 12 and time.monotonic() - started >= 2.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mapping's resident size from /proc")
+def test_released_columns_read_the_same_and_leave_the_process(tmp_path):
+    """`SetIndex.release` drops the process's mapping of a column's pages (they stay in the page cache): the column
+    reads the same afterwards, and its pages no longer count in the process's resident memory."""
+    folder = write_set(tmp_path / "r", n=1200)
+    index = ShardSet(folder).index
+    keys, buckets = index.columns["key"].copy(), index.bucket.copy()  # 19 KB of keys read in
+    resident = _mapped_kb(index.path)
+    index.release("key", "bucket")
+    assert _mapped_kb(index.path) <= resident - 16
+    assert np.array_equal(index.columns["key"], keys) and np.array_equal(index.bucket, buckets)
+
+
+def _mapped_kb(path) -> int:
+    """This process's resident KB of its mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total

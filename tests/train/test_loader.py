@@ -6,13 +6,16 @@ from __future__ import annotations
 import itertools
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from ft.common.errors import UserError
 from ft.common.shards import Manifest, ShardWriter, load_manifest
 from ft.train import loader
+from ft.train import plan as plan_module
 from ft.train.loader import DataStream, SetStream, ShardSet, eval_batches, parse_shard_arg, plan_epoch
+from ft.train.plan import Replay, RowSet
 
 
 def make_set(folder, n=23, buckets=((1, 8, 8), (1, 8, 16)), shard_samples=5, family="cogvideox", channels=2):
@@ -110,6 +113,40 @@ def test_resuming_at_a_position_continues_the_straight_stream_across_epochs(shar
     opened.clear()
     (last,) = next(DataStream([ShardSet(shard_set)], seed=3, batch_size=2).batches(straight[9].position))
     assert last.keys == straight[10].keys and len(opened) <= 2 < len(resumed_set.index.shards)
+
+
+def test_the_streamed_plan_resumes_on_the_same_batch_whatever_its_chunks(tmp_path, monkeypatch):
+    """The pass is streamed a chunk of the order at a time (train/plan.py): chunks of 3 samples give the batches
+    one chunk gives, a replay to any batch continues exactly there (its copied cursor mid-chunk or on a chunk's
+    edge), and a resumed stream reads the same samples as the straight one."""
+    folder = make_set(tmp_path / "c", n=61, buckets=((1, 8, 8), (1, 8, 16), (1, 16, 8)), shard_samples=4)
+    index = ShardSet(folder).index
+    whole = plan_epoch(index, 5, 1, 2, 4).batches
+    monkeypatch.setattr(plan_module, "CHUNK", 3)
+    plan = plan_epoch(index, 5, 1, 2, 4)
+    assert plan.batches.tolist() == whole.tolist() and plan.count == len(whole) > 20
+    for skip in range(plan.count + 1):
+        replay = Replay(plan, skip)
+        first = [b for chunk in replay.first() for b in chunk.tolist()]
+        assert first == whole[skip:].tolist()
+        assert [b for chunk in replay.again() for b in chunk.tolist()] == first
+    stream = DataStream([ShardSet(folder)], seed=5, batch_size=1, world=2, rank=1)
+    straight = [step for (step,) in itertools.islice(stream.batches(), 70)]  # crosses epochs
+    for at in (0, 1, 7, 8, 20, 40):
+        resumed = DataStream([ShardSet(folder)], seed=5, batch_size=1, world=2, rank=1).batches(
+            straight[at].position)
+        assert [b.keys for (b,) in itertools.islice(resumed, 10)] == [b.keys for b in straight[at + 1: at + 11]]
+
+
+def test_the_rows_a_rank_reads_are_kept_as_bits():
+    rng = np.random.default_rng(0)
+    rows = np.unique(rng.integers(0, 1000, 300))
+    kept = RowSet(1000)
+    kept.add(rng.permutation(rows))
+    mask = np.zeros(1000, bool)
+    mask[rows] = True
+    for start, stop in [(0, 1000), (3, 17), (8, 16), (999, 1000), (5, 5), *rng.integers(0, 1000, (20, 2)).tolist()]:
+        assert kept.within(start, stop).tolist() == (np.flatnonzero(mask[start:stop]) + start).tolist()
 
 
 def test_a_sample_on_disk_twice_is_used_once_per_pass(tmp_path):
