@@ -198,3 +198,16 @@ def test_eval_batches_are_chosen_by_key_not_by_the_training_order(shard_set):
     assert keys_of([first]) == keys_of([eval_batches(ShardSet(shard_set), batch_size=2, count=3)])
     every = sorted(k for b in first for k in b.keys)
     assert every == sorted(set(every))
+
+
+def test_a_training_view_with_none_of_the_shards_samples_says_so(tmp_path):
+    """A view whose keys are in no shard leaves the pass empty: the error names the view's file, not the batch size
+    (which no lowering would fix)."""
+    folder = make_set(tmp_path / "v", n=5)
+    manifest = load_manifest(folder)
+    (folder / "active_keys.txt").write_text("f" * 32 + "\n")
+    manifest.active = {"keys_file": "active_keys.txt", "samples": 1, "buckets": {}}
+    manifest.save(folder)
+    with pytest.raises(UserError, match="active_keys.txt") as error:
+        next(DataStream([ShardSet(folder)], seed=0, batch_size=1).batches())
+    assert "lower one of them" not in str(error.value)
