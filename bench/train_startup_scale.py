@@ -132,6 +132,8 @@ def main() -> None:
             "resume mid-pass: wall / CPU, + peak | resume at the last step: wall / CPU, + peak |",
             "|---|---|---|---|---|---|---|---|---|"]
     found = []
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ft-bench-startup-", dir=args.work) as tmp:
         for i, n in enumerate(sizes):
             folder = Path(tmp) / f"set-{n}"

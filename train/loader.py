@@ -46,7 +46,7 @@ from ft.common.shards import (
     stack_tensors,
     tensors_from_bytes,
 )
-from ft.common.shards.set_index import INDEX_NAME, SetIndex, open_set_index
+from ft.common.shards.set_index import INDEX_NAME, SetIndex, active_files, open_set_index
 
 from .plan import EpochPlan, Replay, RowSet, mix_seed, plan_epoch
 
@@ -155,6 +155,11 @@ class SetStream:
 
     def plan(self, epoch: int) -> EpochPlan:
         plan = plan_epoch(self.set.index, self.seed, epoch, self.samples_per_step, self.shuffle_buffer)
+        views = ", ".join(str(self.set.folder / f) for f in active_files(self.set.manifest))
+        if views and not plan.usable.any():  # the view leaves every sample out: no batch size would help
+            raise UserError(f"{self.set.folder}: its training view ({views}) names none of its shards' samples "
+                            f"(the data it was last precomputed from has none: see `ft inspect {self.set.folder}`); "
+                            "rerun `ft precompute` on the data to train on.")
         if not plan.count:
             raise UserError(f"{self.set.folder}: no bucket has {self.samples_per_step} samples for one optimizer "
                             f"step (--batch-size {self.batch_size} x {self.world} processes x "

@@ -198,3 +198,55 @@ def test_eval_batches_are_chosen_by_key_not_by_the_training_order(shard_set):
     assert keys_of([first]) == keys_of([eval_batches(ShardSet(shard_set), batch_size=2, count=3)])
     every = sorted(k for b in first for k in b.keys)
     assert every == sorted(set(every))
+
+
+def test_a_training_view_with_none_of_the_shards_samples_says_so(tmp_path):
+    """A view whose keys are in no shard leaves the pass empty: the error names the view's file, not the batch size
+    (which no lowering would fix)."""
+    folder = make_set(tmp_path / "v", n=5)
+    manifest = load_manifest(folder)
+    (folder / "active_keys.txt").write_text("f" * 32 + "\n")
+    manifest.active = {"keys_file": "active_keys.txt", "samples": 1, "buckets": {}}
+    manifest.save(folder)
+    with pytest.raises(UserError, match="active_keys.txt") as error:
+        next(DataStream([ShardSet(folder)], seed=0, batch_size=1).batches())
+    assert "lower one of them" not in str(error.value)
+
+
+RANK_READER = """
+import itertools, json, os, sys
+from ft.train.loader import DataStream, ShardSet
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def stream():
+    return DataStream([ShardSet(sys.argv[1])], seed=4, batch_size=1, rank=rank, world=world, shuffle_buffer=3,
+                      accumulation=2)
+straight = list(itertools.islice(stream().batches(), 30))
+resumed = {at: [[b.keys for b in step] for step in itertools.islice(stream().batches(straight[at][0].position), 6)]
+           for at in (0, 5, 13, 14, 22)}
+json.dump({"straight": [[b.keys for b in step] for step in straight], "resumed": resumed},
+          open(f"{sys.argv[2]}/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_slices_and_resume_on_the_same_batch(tmp_path):
+    """Under torchrun, 2 processes that open a set without an index at once (one builds it, both map it) each read
+    their slice of every step of the one-process plan, across epochs, and resume on the same batch at any point."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = make_set(tmp_path / "r", n=31, buckets=((1, 8, 8), (1, 8, 16), (1, 16, 8)), shard_samples=4)
+    (tmp_path / "read.py").write_text(RANK_READER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "read.py"), str(folder), str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = DataStream([ShardSet(folder)], seed=4, batch_size=4, shuffle_buffer=3)
+    whole = [step[0].keys for step in itertools.islice(one.batches(), 30)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, got in enumerate(ranks):  # micro-batch m of rank r: sample m * 2 + r of the step
+        assert got["straight"] == [[[keys[m * 2 + r]] for m in range(2)] for keys in whole]
+        for at, steps in got["resumed"].items():
+            assert steps == got["straight"][int(at) + 1: int(at) + 7]
