@@ -255,8 +255,8 @@ def read_index_file(shard_path: str | Path, info: ShardInfo | None = None) -> li
     if info is not None and (header.get("sha256") != info.sha256 or header.get("samples") != info.samples
                              or (info.xxh3_128 and header.get("xxh3_128") != info.xxh3_128)):
         return None
-    try:
-        rows = [IndexRow(*json.loads(line)) for line in lines[1:]]
+    try:  # one JSON array of every row: a parse per shard, not per row
+        rows = [IndexRow(*row) for row in json.loads("[" + ",".join(lines[1:]) + "]")]
     except (ValueError, TypeError):
         return None
     return rows if len(rows) == header.get("samples") else None

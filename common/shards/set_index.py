@@ -59,6 +59,8 @@ DATA_START = 4096
 BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build that shows no progress
 KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_NIBBLE = np.zeros(256, np.uint8)  # a hex character's value (0 for NUL padding)
+_NIBBLE[_HEX_DIGITS] = np.arange(16)
 
 
 def active_files(manifest: Manifest) -> list[str]:
@@ -91,9 +93,7 @@ def source_id(manifest: Manifest, folder: Path) -> str:
 
 def hex_to_bytes(keys: np.ndarray) -> np.ndarray:
     """(n,) S32 lowercase hex -> (n, 16) uint8 digests (all zero for an empty key)."""
-    chars = keys.view(np.uint8).reshape(len(keys), 32)
-    nib = np.where(chars >= ord("a"), chars - (ord("a") - 10), chars - ord("0")).astype(np.uint8)
-    nib[chars == 0] = 0
+    nib = _NIBBLE[keys.view(np.uint8).reshape(len(keys), 32)]
     return (nib[:, 0::2] << 4) | nib[:, 1::2]
 
 

@@ -44,6 +44,7 @@ from .set_index import (
 
 RANGE_ROWS = 1 << 18  # rows a key range holds at most (a first byte's rows may be more): about 20 MB of transients
 CHUNK_ROWS = 1 << 18  # rows of a column read back at once
+BATCH_ROWS = 1 << 14  # rows of the shards' indexes encoded into the columns at once
 _HEX_CHARS = np.zeros(256, bool)
 _HEX_CHARS[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
 
@@ -94,8 +95,7 @@ class _Columns:
 
     def __init__(self, fd: int, layout: dict[str, dict[str, Any]], n: int):
         self.fd, self.layout, self.n = fd, layout, n
-        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
-        self.at = self.rows = 0
+        self.rows = 0
         self.first_bytes = np.zeros(256, np.int64)
 
     def _dtype(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
@@ -107,21 +107,11 @@ class _Columns:
         return dtype.itemsize * int(np.prod(shape or (1,)))
 
     def add(self, values: dict[str, np.ndarray]) -> None:
+        """The next rows, a column's values each."""
         for name, value in values.items():
-            self.pending[name].append(value)
+            self.write(name, self.rows, value)
         self.first_bytes += np.bincount(values["key"][:, 0], minlength=256)
         self.rows += len(values["key"])
-        if self.rows - self.at >= 1 << 16:
-            self.flush()
-
-    def flush(self) -> None:
-        for name, parts in self.pending.items():
-            if parts:
-                dtype, _ = self._dtype(name)
-                data = np.concatenate(parts).astype(dtype, copy=False)
-                os.pwrite(self.fd, data.tobytes(), self.layout[name]["offset"] + self.at * self._row_bytes(name))
-            parts.clear()
-        self.at = self.rows
 
     def write(self, name: str, start: int, values: np.ndarray) -> None:
         dtype, _ = self._dtype(name)
@@ -328,22 +318,30 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
     layout, offset = _layout(n, encoding, widths, bucket_type)
     bucket_id = {b: i for i, b in enumerate(buckets)}
     starts = [0]
+    pending: dict[str, list[Any]] = {name: [] for name in IndexRow._fields}
+
+    def encode() -> None:  # a batch of rows' fields into the columns: numpy's work is per batch, not per shard
+        unknown = set(pending["bucket"]) - bucket_id.keys()
+        if unknown:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
+            raise ShardCorruptError(f"{folder}: a sample of bucket {min(unknown)} is not in {MANIFEST_NAME}'s "
+                                    "histogram of its shard; rerun `ft precompute` with the same --out.")
+        cols.add({**{c: _encode(pending[c], encoding, widths[c]) for c in KEY_COLUMNS},
+                  "bucket": np.array([bucket_id[b] for b in pending["bucket"]]),
+                  "begin": np.array(pending["begin"], np.int64), "end": np.array(pending["end"], np.int64)})
+        for values in pending.values():
+            values.clear()
+
     with open(target, "w+b") as f:
         f.truncate(offset)
         cols = _Columns(f.fileno(), layout, n)
         for _, rows in _shard_rows(folder, manifest):
             starts.append(starts[-1] + len(rows))
-            if not rows:
-                continue
-            for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
-                if r.bucket not in bucket_id:
-                    raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
-                                            "histogram of its shard; rerun `ft precompute` with the same --out.")
-            cols.add({**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
-                      "bucket": np.array([bucket_id[r.bucket] for r in rows]),
-                      "begin": np.array([r.begin for r in rows], np.int64),
-                      "end": np.array([r.end for r in rows], np.int64)})
-        cols.flush()
+            for name, values in zip(IndexRow._fields, zip(*rows, strict=True), strict=False):
+                pending[name].extend(values)
+            if len(pending["key"]) >= BATCH_ROWS:
+                encode()
+        if pending["key"]:
+            encode()
         with tempfile.TemporaryDirectory(prefix=".set-index-spill-", dir=target.parent) as spill:
             done = _finish(folder, manifest, cols, Path(spill))
         cols.write("active", 0, done.active)
