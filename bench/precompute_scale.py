@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ft.common.shards import INDEX_NAME, MANIFEST_NAME
 
@@ -90,18 +91,26 @@ start = time.perf_counter()
 r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - start
 sys.stdout.write(r.stdout)
-sys.stderr.write(r.stderr + f"\\n{wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}\\n")
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+sys.stderr.write(r.stderr + f"\\n{wall} {usage.ru_maxrss / 1024} {usage.ru_utime + usage.ru_stime}\\n")
 sys.exit(r.returncode)
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """Run a process to its end: (wall seconds, its peak RSS in MB, stdout)."""
+class Child(NamedTuple):
+    wall: float  # seconds
+    rss: float  # its peak RSS, MB
+    cpu: float  # user + system seconds
+    stdout: str
+
+
+def run_child(argv: list[str]) -> Child:
+    """Run a process to its end: its wall and CPU seconds, its peak RSS and its output."""
     proc = subprocess.run([sys.executable, "-c", WRAP, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, argv))} failed:\n{proc.stderr[-3000:]}")
-    wall, rss = (float(x) for x in proc.stderr.strip().splitlines()[-1].split())
-    return wall, rss, proc.stdout
+    wall, rss, cpu = (float(x) for x in proc.stderr.strip().splitlines()[-1].split())
+    return Child(wall, rss, cpu, proc.stdout)
 
 
 def synthetic_set(folder: Path, n: int, jobs: int) -> dict[str, float]:
@@ -113,8 +122,8 @@ def synthetic_set(folder: Path, n: int, jobs: int) -> dict[str, float]:
     start = time.perf_counter()
     write_jobs(folder, n, jobs)
     written = time.perf_counter() - start
-    merge, rss, _ = run_child([*FT, "precompute", "--finalize", "--out", str(folder)])
-    return {"write": written, "merge": merge, "merge_rss": rss}
+    merge = run_child([*FT, "precompute", "--finalize", "--out", str(folder)])
+    return {"write": written, "merge": merge.wall, "merge_cpu": merge.cpu, "merge_rss": merge.rss}
 
 
 def free_bytes(folder: Path) -> int:
@@ -135,9 +144,9 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
     out = work / f"clips-{n}-shards"
     argv = [*FT, "precompute", "--model", "cogvideox", "--pretrained", str(model), "--dataset", str(data),
             "--out", str(out), "--buckets", "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
-    first, _, _ = run_child(argv)
-    rerun, rss, _ = run_child(argv)
-    help_s, _, _ = run_child([*FT, "--help"])
+    first = run_child(argv).wall
+    rerun, rss = run_child(argv)[:2]
+    help_s = run_child([*FT, "--help"]).wall
     start = time.perf_counter()
     for path in data.rglob("*"):
         os.stat(path)
@@ -161,9 +170,9 @@ def main() -> None:
     sizes = [int(x) for x in args.samples.split(",") if x]
     clips = [int(x) for x in args.clips.split(",") if x]
     rows = [f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", "",
-            f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index) | its peak RSS | manifest.json | "
-            "train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first batch | "
-            "2 processes: wall / CPU | + peak RSS (each) | old set's first start (builds the index) |",
+            f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index): wall / CPU | its peak RSS | "
+            "manifest.json | train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first "
+            "batch | 2 processes: wall / CPU | + peak RSS (each) | old set's first start (builds the index) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     found = []
     with tempfile.TemporaryDirectory(prefix="ft-bench-scale-", dir=args.work) as tmp:
@@ -179,9 +188,10 @@ def main() -> None:
             (folder / INDEX_NAME).unlink()
             old = train_startup(folder)
             found.append((n, one, made))
-            rows.append(f"| {n:,} | {made['write']:.1f} s | {made['merge']:.1f} s | {made['merge_rss']:.0f} MB | "
-                        f"{(folder / MANIFEST_NAME).stat().st_size / 1e3:.1f} KB | {one['wall']:.2f} / "
-                        f"{one['cpu']:.2f} s | {one['peak']:.0f} MB | {one['anon']:.0f} / {one['file']:.0f} MB | "
+            rows.append(f"| {n:,} | {made['write']:.1f} s | {made['merge']:.1f} / {made['merge_cpu']:.1f} s | "
+                        f"{made['merge_rss']:.0f} MB | {(folder / MANIFEST_NAME).stat().st_size / 1e3:.1f} KB | "
+                        f"{one['wall']:.2f} / {one['cpu']:.2f} s | {one['peak']:.0f} MB | "
+                        f"{one['anon']:.0f} / {one['file']:.0f} MB | "
                         f"{two['wall']:.2f} / {two['cpu']:.2f} s | {two['peak']:.0f} MB | {old['wall']:.1f} s, "
                         f"+{old['peak']:.0f} MB |")
             shutil.rmtree(folder)
