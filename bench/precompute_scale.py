@@ -155,6 +155,61 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
             "manifest": (out / MANIFEST_NAME).stat().st_size}
 
 
+PLAN_ONLY = """
+import json, resource, sys, time
+from ft.cli.commands import invoke
+from ft.precompute.job import PrecomputeJob
+
+
+def plan_only(job):  # the rerun up to its plan: what it found, what it reuses and what is left to encode
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the imports (torch, ...)
+    wall, cpu = time.perf_counter(), time.process_time()
+    job.plan()
+    print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "todo": len(job.todo),
+                      "done": len(job.done), "before": before,
+                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+PrecomputeJob.run = plan_only
+invoke(sys.argv[1:], standalone=False)
+"""
+
+
+def planning_rerun(n: int, work: Path) -> dict[str, float]:
+    """A precompute rerun that has to plan, at n items: a table of n rows naming 10 tiny clips with a caption each
+    (`--out` holds the first 10 rows' samples, encoded by a real first run, so the rerun plans up front as one
+    after a caption edit does), run in a new process up to its plan (`PrecomputeJob.plan`: the items read, probed
+    through the media cache, keyed, checked against the shards held, the halves to reuse found): its wall and CPU
+    seconds and peak RSS. The set holds 10 samples, not n: the keys a rerun of a whole set finds held (a Python
+    set of n keys) are not in this number."""
+    from ft.cli.synthetic import make_shapes_dataset
+    from ft.pipelines.registry import save_tiny_model
+
+    model = work / "model"
+    if not model.exists():
+        save_tiny_model("cogvideox", model, seed=0)
+    clips = work / "plan-clips"
+    if not clips.exists():
+        make_shapes_dataset(clips, num_clips=10, frames=9, seed=1)
+    argv = ["precompute", "--model", "cogvideox", "--pretrained", str(model), "--out", str(work / "plan-shards"),
+            "--buckets", "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
+    if not (work / "plan-shards").exists():
+        run_child([*FT, *argv, "--dataset", str(clips)])
+    videos = (clips / "videos.txt").read_text().splitlines()
+    captions = (clips / "prompts.txt").read_text().splitlines()
+    table = work / f"plan-{n}"
+    table.mkdir(exist_ok=True)
+    if not (table / "videos").exists():
+        (table / "videos").symlink_to(clips / "videos")
+    with open(table / "videos.txt", "w") as v, open(table / "prompts.txt", "w") as c:
+        for start in range(0, n, 1 << 16):
+            rows = range(start, min(n, start + (1 << 16)))
+            v.write("".join(videos[i % 10] + "\n" for i in rows))
+            c.write("".join((captions[i] if i < 10 else f"{captions[i % 10]}, take {i}") + "\n" for i in rows))
+    child = run_child([sys.executable, "-c", PLAN_ONLY, *argv, "--dataset", str(table)])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
