@@ -2,7 +2,7 @@
 samples: start-up in seconds and memory flat whatever the size, on every rank.
 
     python bench/precompute_scale.py [--samples 1000,100000,1000000,10000000] [--jobs 4] [--clips 500,5000]
-                                     [--work DIR] [--no-save]
+                                     [--planning 1000,100000,1000000] [--work DIR] [--no-save]
 
 Synthetic sets (`--samples`): samples with tiny tensors, written as `--jobs` precompute jobs leave them
 (bench/synthetic_set.py: ft's `ShardWriter` for each job's first shard, byte-identical copies with other keys for
@@ -17,6 +17,7 @@ is deleted once measured; a size the disk cannot hold (about 3.6 KB a sample) is
 Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips (N samples: the generated shapes
 repeat, so each caption is numbered) with the test suite's tiny CogVideoX, then the same command again on the
 unchanged data as a new process (its wall time and peak RSS), against `ft --help` plus a stat of every file.
+A planning rerun (`--planning`): `planning_rerun` below, up to its plan, over a table of N rows.
 The growth rows give the ratio between successive sizes.
 """
 
@@ -157,12 +158,13 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
 
 PLAN_ONLY = """
 import json, resource, sys, time
+import diffusers, torch, transformers  # what a planning job imports (its model's configs, its tokenizer)
 from ft.cli.commands import invoke
 from ft.precompute.job import PrecomputeJob
 
 
 def plan_only(job):  # the rerun up to its plan: what it found, what it reuses and what is left to encode
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the imports (torch, ...)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
     wall, cpu = time.perf_counter(), time.process_time()
     job.plan()
     print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "todo": len(job.todo),
@@ -219,11 +221,13 @@ def main() -> None:
     parser.add_argument("--samples", default="1000,100000,1000000")
     parser.add_argument("--jobs", type=int, default=4, help="precompute jobs the synthetic sets are written as")
     parser.add_argument("--clips", default="500,5000")
+    parser.add_argument("--planning", default="", help="items of a planning rerun (planning_rerun), e.g. 1000000")
     parser.add_argument("--work", default=None, help="folder for the sets (default: a temporary one in /tmp)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     sizes = [int(x) for x in args.samples.split(",") if x]
     clips = [int(x) for x in args.clips.split(",") if x]
+    planning = [int(x) for x in args.planning.split(",") if x]
     rows = [f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", "",
             f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index): wall / CPU | its peak RSS | "
             "manifest.json | train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first "
@@ -270,6 +274,13 @@ def main() -> None:
             rows.append(f"| growth {b // a}x clips | {ratio(rb['first'], ra['first'])} | "
                         f"{ratio(rb['rerun'], ra['rerun'])} | {ratio(rb['rss'], ra['rss'])} | "
                         f"{ratio(rb['help+stat'], ra['help+stat'])} | | |")
+        if planning:
+            rows += ["", "| planning rerun: items (10 clips) | plan: wall / CPU | its peak RSS | + over the imports | "
+                     "to encode |", "|---|---|---|---|---|"]
+        for n in planning:
+            r = planning_rerun(n, Path(tmp))
+            rows.append(f"| {n:,} | {r['wall']:.1f} / {r['cpu']:.1f} s | {r['peak']:.0f} MB | "
+                        f"{r['peak'] - r['before']:.0f} MB | {r['todo']:,} |")
     table = "\n".join(rows)
     if args.no_save:
         print(table)
