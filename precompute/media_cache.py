@@ -73,6 +73,10 @@ class MediaCache:
                     self.entries[entry["path"]] = entry
         self.used: dict[str, dict[str, Any]] = {}
 
+    def knows(self, path: Path) -> bool:
+        """Whether an entry names `path` (its stat is checked by `get`): planning it is a stat, not a probe."""
+        return str(Path(path).absolute()) in self.entries
+
     def get(self, path: Path) -> MediaFacts | None:
         key = str(Path(path).absolute())
         entry = self.entries.get(key)
