@@ -179,11 +179,11 @@ invoke(sys.argv[1:], standalone=False)
 
 def planning_rerun(n: int, work: Path) -> dict[str, float]:
     """A precompute rerun that has to plan, at n items: a table of n rows naming 10 tiny clips with a caption each
-    (`--out` holds the first 10 rows' samples, encoded by a real first run, so the rerun plans up front as one
-    after a caption edit does), run in a new process up to its plan (`PrecomputeJob.plan`: the items read, probed
-    through the media cache, keyed, checked against the shards held, the halves to reuse found): its wall and CPU
-    seconds and peak RSS. The set holds 10 samples, not n: the keys a rerun of a whole set finds held (a Python
-    set of n keys) are not in this number."""
+    (`--out` holds the first 10 rows' samples, encoded by a real first run of the same folder, so the rerun plans
+    up front and finds every media file in the media cache, as one after a caption edit does), run in a new process
+    up to its plan (`PrecomputeJob.plan`: the items read, their media facts from the cache, keyed, checked against
+    the shards held, the halves to reuse found): its wall and CPU seconds and peak RSS. The set holds 10 samples,
+    not n: the keys a rerun of a whole set finds held (a Python set of n keys) are not in this number."""
     from ft.cli.synthetic import make_shapes_dataset
     from ft.pipelines.registry import save_tiny_model
 
@@ -193,22 +193,25 @@ def planning_rerun(n: int, work: Path) -> dict[str, float]:
     clips = work / "plan-clips"
     if not clips.exists():
         make_shapes_dataset(clips, num_clips=10, frames=9, seed=1)
-    argv = ["precompute", "--model", "cogvideox", "--pretrained", str(model), "--out", str(work / "plan-shards"),
-            "--buckets", "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
-    if not (work / "plan-shards").exists():
-        run_child([*FT, *argv, "--dataset", str(clips)])
     videos = (clips / "videos.txt").read_text().splitlines()
     captions = (clips / "prompts.txt").read_text().splitlines()
-    table = work / f"plan-{n}"
+    table = work / f"plan-{n}"  # the first run and the rerun read the same folder: the media cache knows its paths
     table.mkdir(exist_ok=True)
     if not (table / "videos").exists():
         (table / "videos").symlink_to(clips / "videos")
+    out = work / f"plan-{n}-shards"
+    argv = ["precompute", "--model", "cogvideox", "--pretrained", str(model), "--out", str(out), "--buckets",
+            "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32", "--dataset", str(table)]
+    if not out.exists():
+        (table / "videos.txt").write_text("".join(v + "\n" for v in videos))
+        (table / "prompts.txt").write_text("".join(c + "\n" for c in captions))
+        run_child([*FT, *argv])
     with open(table / "videos.txt", "w") as v, open(table / "prompts.txt", "w") as c:
         for start in range(0, n, 1 << 16):
             rows = range(start, min(n, start + (1 << 16)))
             v.write("".join(videos[i % 10] + "\n" for i in rows))
             c.write("".join((captions[i] if i < 10 else f"{captions[i % 10]}, take {i}") + "\n" for i in rows))
-    child = run_child([sys.executable, "-c", PLAN_ONLY, *argv, "--dataset", str(table)])
+    child = run_child([sys.executable, "-c", PLAN_ONLY, *argv])
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 

@@ -74,8 +74,10 @@ class MediaCache:
         self.used: dict[str, dict[str, Any]] = {}
 
     def knows(self, path: Path) -> bool:
-        """Whether an entry names `path` (its stat is checked by `get`): planning it is a stat, not a probe."""
-        return str(Path(path).absolute()) in self.entries
+        """Whether an entry names `path`, read or made by this run (its stat is checked by `get`): planning it is a
+        stat, not a probe."""
+        key = str(Path(path).absolute())
+        return key in self.entries or key in self.used
 
     def get(self, path: Path) -> MediaFacts | None:
         key = str(Path(path).absolute())
