@@ -2,7 +2,7 @@
 samples: start-up in seconds and memory flat whatever the size, on every rank.
 
     python bench/precompute_scale.py [--samples 1000,100000,1000000,10000000] [--jobs 4] [--clips 500,5000]
-                                     [--work DIR] [--no-save]
+                                     [--planning 1000,100000,1000000] [--work DIR] [--no-save]
 
 Synthetic sets (`--samples`): samples with tiny tensors, written as `--jobs` precompute jobs leave them
 (bench/synthetic_set.py: ft's `ShardWriter` for each job's first shard, byte-identical copies with other keys for
@@ -17,6 +17,7 @@ is deleted once measured; a size the disk cannot hold (about 3.6 KB a sample) is
 Tiny clips (`--clips`): a real `ft precompute` of N 9x32x32 mp4 clips (N samples: the generated shapes
 repeat, so each caption is numbered) with the test suite's tiny CogVideoX, then the same command again on the
 unchanged data as a new process (its wall time and peak RSS), against `ft --help` plus a stat of every file.
+A planning rerun (`--planning`): `planning_rerun` below, up to its plan, over a table of N rows.
 The growth rows give the ratio between successive sizes.
 """
 
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ft.common.shards import INDEX_NAME, MANIFEST_NAME
 
@@ -94,18 +96,26 @@ start = time.perf_counter()
 r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - start
 sys.stdout.write(r.stdout)
-sys.stderr.write(r.stderr + f"\\n{wall} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}\\n")
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+sys.stderr.write(r.stderr + f"\\n{wall} {usage.ru_maxrss / 1024} {usage.ru_utime + usage.ru_stime}\\n")
 sys.exit(r.returncode)
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """Run a process to its end: (wall seconds, its peak RSS in MB, stdout)."""
+class Child(NamedTuple):
+    wall: float  # seconds
+    rss: float  # its peak RSS, MB
+    cpu: float  # user + system seconds
+    stdout: str
+
+
+def run_child(argv: list[str]) -> Child:
+    """Run a process to its end: its wall and CPU seconds, its peak RSS and its output."""
     proc = subprocess.run([sys.executable, "-c", WRAP, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, argv))} failed:\n{proc.stderr[-3000:]}")
-    wall, rss = (float(x) for x in proc.stderr.strip().splitlines()[-1].split())
-    return wall, rss, proc.stdout
+    wall, rss, cpu = (float(x) for x in proc.stderr.strip().splitlines()[-1].split())
+    return Child(wall, rss, cpu, proc.stdout)
 
 
 def synthetic_set(folder: Path, n: int, jobs: int) -> dict[str, float]:
@@ -117,8 +127,8 @@ def synthetic_set(folder: Path, n: int, jobs: int) -> dict[str, float]:
     start = time.perf_counter()
     write_jobs(folder, n, jobs)
     written = time.perf_counter() - start
-    merge, rss, _ = run_child([*FT, "precompute", "--finalize", "--out", str(folder)])
-    return {"write": written, "merge": merge, "merge_rss": rss}
+    merge = run_child([*FT, "precompute", "--finalize", "--out", str(folder)])
+    return {"write": written, "merge": merge.wall, "merge_cpu": merge.cpu, "merge_rss": merge.rss}
 
 
 def free_bytes(folder: Path) -> int:
@@ -139,15 +149,74 @@ def clips_rows(n: int, work: Path) -> dict[str, float]:
     out = work / f"clips-{n}-shards"
     argv = [*FT, "precompute", "--model", "cogvideox", "--pretrained", str(model), "--dataset", str(data),
             "--out", str(out), "--buckets", "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32"]
-    first, _, _ = run_child(argv)
-    rerun, rss, _ = run_child(argv)
-    help_s, _, _ = run_child([*FT, "--help"])
+    first = run_child(argv).wall
+    rerun, rss = run_child(argv)[:2]
+    help_s = run_child([*FT, "--help"]).wall
     start = time.perf_counter()
     for path in data.rglob("*"):
         os.stat(path)
     stat_s = time.perf_counter() - start
     return {"first": first, "rerun": rerun, "rss": rss, "help+stat": help_s + stat_s,
             "manifest": (out / MANIFEST_NAME).stat().st_size}
+
+
+PLAN_ONLY = """
+import json, resource, sys, time
+import diffusers, torch, transformers  # what a planning job imports (its model's configs, its tokenizer)
+from ft.cli.commands import invoke
+from ft.precompute.job import PrecomputeJob
+
+
+def plan_only(job):  # the rerun up to its plan: what it found, what it reuses and what is left to encode
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
+    wall, cpu = time.perf_counter(), time.process_time()
+    job.plan()
+    print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "todo": len(job.todo),
+                      "done": len(job.done), "before": before,
+                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+PrecomputeJob.run = plan_only
+invoke(sys.argv[1:], standalone=False)
+"""
+
+
+def planning_rerun(n: int, work: Path) -> dict[str, float]:
+    """A precompute rerun that has to plan, at n items: a table of n rows naming 10 tiny clips with a caption each
+    (`--out` holds the first 10 rows' samples, encoded by a real first run of the same folder, so the rerun plans
+    up front and finds every media file in the media cache, as one after a caption edit does), run in a new process
+    up to its plan (`PrecomputeJob.plan`: the items read, their media facts from the cache, keyed, checked against
+    the shards held, the halves to reuse found): its wall and CPU seconds and peak RSS. The set holds 10 samples,
+    not n: the keys a rerun of a whole set finds held (a Python set of n keys) are not in this number."""
+    from ft.cli.synthetic import make_shapes_dataset
+    from ft.pipelines.registry import save_tiny_model
+
+    model = work / "model"
+    if not model.exists():
+        save_tiny_model("cogvideox", model, seed=0)
+    clips = work / "plan-clips"
+    if not clips.exists():
+        make_shapes_dataset(clips, num_clips=10, frames=9, seed=1)
+    videos = (clips / "videos.txt").read_text().splitlines()
+    captions = (clips / "prompts.txt").read_text().splitlines()
+    table = work / f"plan-{n}"  # the first run and the rerun read the same folder: the media cache knows its paths
+    table.mkdir(exist_ok=True)
+    if not (table / "videos").exists():
+        (table / "videos").symlink_to(clips / "videos")
+    out = work / f"plan-{n}-shards"
+    argv = ["precompute", "--model", "cogvideox", "--pretrained", str(model), "--out", str(out), "--buckets",
+            "9x32x32", "--vae-dtype", "fp32", "--text-encoder-dtype", "fp32", "--dataset", str(table)]
+    if not out.exists():
+        (table / "videos.txt").write_text("".join(v + "\n" for v in videos))
+        (table / "prompts.txt").write_text("".join(c + "\n" for c in captions))
+        run_child([*FT, *argv])
+    with open(table / "videos.txt", "w") as v, open(table / "prompts.txt", "w") as c:
+        for start in range(0, n, 1 << 16):
+            rows = range(start, min(n, start + (1 << 16)))
+            v.write("".join(videos[i % 10] + "\n" for i in rows))
+            c.write("".join((captions[i] if i < 10 else f"{captions[i % 10]}, take {i}") + "\n" for i in rows))
+    child = run_child([sys.executable, "-c", PLAN_ONLY, *argv])
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def ratio(a: float, b: float) -> str:
@@ -159,15 +228,17 @@ def main() -> None:
     parser.add_argument("--samples", default="1000,100000,1000000")
     parser.add_argument("--jobs", type=int, default=4, help="precompute jobs the synthetic sets are written as")
     parser.add_argument("--clips", default="500,5000")
+    parser.add_argument("--planning", default="", help="items of a planning rerun (planning_rerun), e.g. 1000000")
     parser.add_argument("--work", default=None, help="folder for the sets (default: a temporary one in /tmp)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     sizes = [int(x) for x in args.samples.split(",") if x]
     clips = [int(x) for x in args.clips.split(",") if x]
+    planning = [int(x) for x in args.planning.split(",") if x]
     rows = [f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores", "",
-            f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index) | its peak RSS | manifest.json | "
-            "train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first batch | "
-            "2 processes: wall / CPU | + peak RSS (each) | old set's first start (builds the index) |",
+            f"| synthetic samples ({args.jobs} jobs) | write | merge (+ set index): wall / CPU | its peak RSS | "
+            "manifest.json | train data start-up: wall / CPU | + peak RSS | + private / file-backed at the first "
+            "batch | 2 processes: wall / CPU | + peak RSS (each) | old set's first start (builds the index) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     found = []
     with tempfile.TemporaryDirectory(prefix="ft-bench-scale-", dir=args.work) as tmp:
@@ -183,9 +254,10 @@ def main() -> None:
             (folder / INDEX_NAME).unlink()
             old = train_startup(folder)
             found.append((n, one, made))
-            rows.append(f"| {n:,} | {made['write']:.1f} s | {made['merge']:.1f} s | {made['merge_rss']:.0f} MB | "
-                        f"{(folder / MANIFEST_NAME).stat().st_size / 1e3:.1f} KB | {one['wall']:.2f} / "
-                        f"{one['cpu']:.2f} s | {one['peak']:.0f} MB | {one['anon']:.0f} / {one['file']:.0f} MB | "
+            rows.append(f"| {n:,} | {made['write']:.1f} s | {made['merge']:.1f} / {made['merge_cpu']:.1f} s | "
+                        f"{made['merge_rss']:.0f} MB | {(folder / MANIFEST_NAME).stat().st_size / 1e3:.1f} KB | "
+                        f"{one['wall']:.2f} / {one['cpu']:.2f} s | {one['peak']:.0f} MB | "
+                        f"{one['anon']:.0f} / {one['file']:.0f} MB | "
                         f"{two['wall']:.2f} / {two['cpu']:.2f} s | {two['peak']:.0f} MB | {old['wall']:.1f} s, "
                         f"+{old['peak']:.0f} MB |")
             shutil.rmtree(folder)
@@ -209,6 +281,13 @@ def main() -> None:
             rows.append(f"| growth {b // a}x clips | {ratio(rb['first'], ra['first'])} | "
                         f"{ratio(rb['rerun'], ra['rerun'])} | {ratio(rb['rss'], ra['rss'])} | "
                         f"{ratio(rb['help+stat'], ra['help+stat'])} | | |")
+        if planning:
+            rows += ["", "| planning rerun: items (10 clips) | plan: wall / CPU | its peak RSS | + over the imports | "
+                     "to encode |", "|---|---|---|---|---|"]
+        for n in planning:
+            r = planning_rerun(n, Path(tmp))
+            rows.append(f"| {n:,} | {r['wall']:.1f} / {r['cpu']:.1f} s | {r['peak']:.0f} MB | "
+                        f"{r['peak'] - r['before']:.0f} MB | {r['todo']:,} |")
     table = "\n".join(rows)
     if args.no_save:
         print(table)

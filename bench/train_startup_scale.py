@@ -39,7 +39,7 @@ from precompute_scale import ratio, train_startup  # noqa: E402
 from synthetic_set import BUCKET, PER_SHARD, ShardTemplate, _write_real, _write_stamped, sample_key  # noqa: E402
 
 from ft.common.shards import ACTIVE_KEYS_NAME, INDEX_NAME, Manifest, ShardInfo  # noqa: E402
-from ft.common.shards.set_index import build_set_index  # noqa: E402
+from ft.common.shards.set_index_build import build_set_index  # noqa: E402
 from ft.train.plan import mix_seed  # noqa: E402
 
 REAL_SHARDS = 6  # the first shards of epoch 0's order written for real: the first batch of rank 0 or 1 of 2 is in them
@@ -104,7 +104,7 @@ def make_set(folder: Path, n: int, check: bool = False) -> None:
             yield {"key": keys, "video_key": keys, "text_key": keys, "image_key": np.zeros_like(keys),
                    "bucket": np.zeros(size, np.int64), "begin": spans[:size, 0], "end": spans[:size, 1]}
 
-    build_set_index(folder, manifest, folder / INDEX_NAME, columns())
+    build_set_index(folder, manifest, folder / INDEX_NAME, shard_columns=columns())
     if check:  # the same bytes as the index built from the `.idx` files (every shard written for real)
         full = folder.with_name(folder.name + "-check")
         full.mkdir()
@@ -113,7 +113,7 @@ def make_set(folder: Path, n: int, check: bool = False) -> None:
                         None)
         shutil.copy(folder / ACTIVE_KEYS_NAME, full)
         build_set_index(full, manifest, full / "from-idx.bin")
-        build_set_index(full, manifest, full / "from-columns.bin", columns())
+        build_set_index(full, manifest, full / "from-columns.bin", shard_columns=columns())
         same = (full / "from-idx.bin").read_bytes() == (full / "from-columns.bin").read_bytes()
         shutil.rmtree(full)
         assert same, "the index built from columns differs from the one built from the .idx files"

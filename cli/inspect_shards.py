@@ -2,7 +2,8 @@
 
 It shows the jobs that wrote a merged set, and a set whose jobs are not merged yet as such, with what to run.
 Listed shards that are missing are named. `--verify` reads every shard (in parallel threads: hashing releases
-the GIL), checks its sha256 and sample count against the manifest, and names each shard that fails.
+the GIL), checks its sha256 and sample count against the manifest, and names each shard that fails; it decodes
+no sample (reader.py `verify_shard`), and the rejected and noted inputs are counted a record at a time.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from pathlib import Path
 from ft.common.runtime import prefetch_map
 from ft.common.shards.journal import load_manifest
 from ft.common.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from ft.common.shards.reader import ShardCorruptError, iter_shard
+from ft.common.shards.reader import ShardCorruptError, verify_shard
 from ft.precompute.rejects import summarize_inputs
 
 
 def _verify(folder: Path, shard: ShardInfo) -> str:
     """"" when the shard's bytes and sample count match its entry, else what is wrong."""
     try:
-        n = sum(1 for _ in iter_shard(folder / shard.name, expected_sha256=shard.sha256))
+        n = verify_shard(folder / shard.name, shard.sha256)
     except (ShardCorruptError, OSError) as e:
         return str(e)
     return "" if n == shard.samples else f"{shard.name}: {n} samples, but {MANIFEST_NAME} says {shard.samples}"
@@ -102,7 +103,7 @@ def _describe(folder: str, verify: bool) -> str:
                      f"{manifest.prompts['folder']}/")
     lines.append(f"rejected       {manifest.input_count('rejected')}, kept with a note "
                  f"{manifest.input_count('warnings')}")
-    summary = summarize_inputs(manifest.rejected, manifest.warnings, first=5)
+    summary = summarize_inputs(manifest.iter_inputs("rejected"), manifest.iter_inputs("warnings"), first=5)
     lines += ["  " + line for line in summary.splitlines()]
     if verify:
         present = [s for s in manifest.shards if s.name not in lost]

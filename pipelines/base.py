@@ -160,6 +160,7 @@ def transformer_blocks(transformer: Any, block_lists: tuple[str, ...]) -> list[A
 
 
 REGEX_CHARACTERS = set("()|*+?[]^$\\")
+TOKEN_STATS_BATCH = 1024  # captions tokenized at once for their counts (a million captions' ids held about 4.7 GB)
 
 
 def peft_targets(target_modules: list[str]) -> str | list[str]:
@@ -520,16 +521,18 @@ class ModelSpec(ABC):
             return []
         unk = getattr(tokenizer, "unk_token_id", None)
         fast = bool(getattr(tokenizer, "is_fast", False))
-        encoded = tokenizer(captions, add_special_tokens=True, truncation=False, return_offsets_mapping=fast)
         out = []
-        for i, ids in enumerate(encoded["input_ids"]):
-            unknown = [j for j, token in enumerate(ids) if unk is not None and token == unk]
-            if fast:
-                spans = {c for j in unknown for c in range(*encoded["offset_mapping"][i][j])}
-                chars = sum(1 for c in spans if not captions[i][c].isspace())
-            else:
-                chars = len(unknown)
-            out.append((len(ids), len(unknown), chars))
+        for start in range(0, len(captions), TOKEN_STATS_BATCH):  # the token ids of a batch at a time, not all
+            batch = captions[start: start + TOKEN_STATS_BATCH]
+            encoded = tokenizer(batch, add_special_tokens=True, truncation=False, return_offsets_mapping=fast)
+            for i, ids in enumerate(encoded["input_ids"]):
+                unknown = [j for j, token in enumerate(ids) if unk is not None and token == unk]
+                if fast:
+                    spans = {c for j in unknown for c in range(*encoded["offset_mapping"][i][j])}
+                    chars = sum(1 for c in spans if not batch[i][c].isspace())
+                else:
+                    chars = len(unknown)
+                out.append((len(ids), len(unknown), chars))
         return out
 
     # ------------------------------------------------------------------------------------------------ stage 1

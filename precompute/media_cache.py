@@ -73,6 +73,12 @@ class MediaCache:
                     self.entries[entry["path"]] = entry
         self.used: dict[str, dict[str, Any]] = {}
 
+    def knows(self, path: Path) -> bool:
+        """Whether an entry names `path`, read or made by this run (its stat is checked by `get`): planning it is a
+        stat, not a probe."""
+        key = str(Path(path).absolute())
+        return key in self.entries or key in self.used
+
     def get(self, path: Path) -> MediaFacts | None:
         key = str(Path(path).absolute())
         entry = self.entries.get(key)

@@ -99,14 +99,16 @@ def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: l
             ) -> Iterator[PlannedSample | Rejected]:
     """Each screened item's plan (planned_sample.plan_item) or its rejection, in the items' order, as soon as it is
     made: `--decode-workers` threads plan ahead of the consumer, so the encode loop can take the first items while
-    the rest are being planned. `cache` spares unchanged files their probe and hash."""
+    the rest are being planned. `cache` spares unchanged files their probe and hash; the items it knows are planned
+    in the caller's thread (a stat and some arithmetic: a pool thread's handoff cost more than the work)."""
     def check(bucket: tuple[int, int, int]) -> str | None:  # why the model cannot take a bucket, None when it can
         return spec.check_bucket(bucket, vae_config, transformer_config)
 
     workers = cfg.decode_workers
+    known = None if cache is None else (lambda it: cache.knows(it.path))  # a stat each: planned in this thread
     return prefetch_map(lambda it: plan_item(it, buckets, cfg.frame_sampling, cfg.frame_stride, cfg.decoder, check,
                                              cfg.max_upscale, cache, images),
-                        items, workers, ahead=max(4, workers * 4))
+                        items, workers, ahead=max(4, workers * 4), inline=known)
 
 
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],

@@ -73,5 +73,6 @@ def write_unique(paths: list[Path], target: Path, identity: Callable[[str], str 
                 chosen[name] = line
             dst.writelines(chosen.values())
             written += len(chosen)
+            del part, chosen  # before the next partition is read: one partition's lines at a time, not two
     os.replace(tmp, target)
     return written, repeated

@@ -54,13 +54,13 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
-def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into tensors that VIEW `buf` (no copy). Pass a bytearray for writable tensors.
+_ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
-    The header is checked against the bytes before any tensor is made: a known dtype, offsets inside the data,
-    and a shape whose size is the span's; anything else raises ValueError (never an out-of-bounds view)."""
-    import torch
 
+def safetensors_layout(buf: bytes | bytearray | memoryview) -> tuple[int, list[tuple[str, str, int, int, list[int]]]]:
+    """The checked header of safetensors bytes: (where the data starts, [(name, dtype, begin, end, shape)]). A known
+    dtype, offsets inside the data, and a shape whose size is the span's; anything else raises ValueError. Makes no
+    tensor (`ft inspect --verify` checks every member with it)."""
     if len(buf) < 8:
         raise ValueError("shorter than a safetensors header")
     (header_len,) = struct.unpack("<Q", bytes(buf[:8]))
@@ -71,24 +71,37 @@ def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.T
         raise ValueError("the header is not a JSON object")
     base = 8 + header_len
     data_len = len(buf) - base
-    out = {}
+    out = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype_name = info.get("dtype") if isinstance(info, dict) else None
         if dtype_name not in _ST_DTYPES:
             raise ValueError(f"tensor {name!r} has an unknown dtype {dtype_name!r}")
-        dtype = getattr(torch, _ST_DTYPES[dtype_name])
         begin, end = (int(x) for x in info["data_offsets"])
         shape = [int(d) for d in info["shape"]]
-        itemsize = torch.empty((), dtype=dtype).element_size()
         if (not 0 <= begin <= end <= data_len or any(d < 0 for d in shape)
-                or end - begin != math.prod(shape) * itemsize):
+                or end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype_name]):
             raise ValueError(f"tensor {name!r}: offsets {begin}..{end} and shape {shape} do not fit the data")
+        out.append((name, dtype_name, begin, end, shape))
+    return base, out
+
+
+def tensors_from_bytes(buf: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes into tensors that VIEW `buf` (no copy). Pass a bytearray for writable tensors.
+
+    The header is checked against the bytes before any tensor is made (`safetensors_layout`): never an
+    out-of-bounds view."""
+    import torch
+
+    base, layout = safetensors_layout(buf)
+    out = {}
+    for name, dtype_name, begin, end, shape in layout:
+        dtype = getattr(torch, _ST_DTYPES[dtype_name])
         if end == begin:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // itemsize,
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // _ST_ITEMSIZE[dtype_name],
                                      offset=base + begin).view(shape)
     return out
 

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,19 +60,23 @@ def input_summary(files: list[str], records: list[dict[str, Any]]) -> dict[str, 
     return {"files": files, "count": len(records), "kinds": dict(sorted(kinds.items()))}
 
 
-def read_records(folder: Path, files: list[str]) -> list[dict[str, Any]]:
-    """The records of rejected/warnings JSON-lines files (a line torn by a kill is skipped)."""
-    out = []
+def iter_records(folder: Path, files: list[str]) -> Iterator[dict[str, Any]]:
+    """The records of rejected/warnings JSON-lines files, a line at a time (a line torn by a kill is skipped)."""
     for name in files:
         path = folder / name
         if not path.is_file():
             continue
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+        with open(path) as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+
+def read_records(folder: Path, files: list[str]) -> list[dict[str, Any]]:
+    """The records of rejected/warnings JSON-lines files (a line torn by a kill is skipped)."""
+    return list(iter_records(folder, files))
 
 
 @dataclass
@@ -181,10 +186,17 @@ class Manifest:
         return sum(self.missing.values())
 
     def _records(self, kind: str) -> list[dict[str, Any]]:
+        return list(self.iter_inputs(kind))
+
+    def iter_inputs(self, kind: str) -> Iterator[dict[str, Any]]:
+        """The records of `kind` ("rejected" or "warnings") one at a time: `ft inspect` of a million notes holds
+        none of them."""
         if self._inline is not None:
-            return self._inline.get(kind, [])
+            yield from self._inline.get(kind, [])
+            return
         files = self.inputs.get(kind, {}).get("files", [])
-        return read_records(self.folder, files) if self.folder is not None and files else []
+        if self.folder is not None and files:
+            yield from iter_records(self.folder, files)
 
     @property
     def rejected(self) -> list[dict[str, Any]]:

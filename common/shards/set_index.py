@@ -5,7 +5,8 @@ per-sample Python object is made, and the ranks of a node share its pages throug
 a private copy). Precompute's merge writes it with the manifest (precompute/merge.py); a set written before it
 existed (or whose index no longer matches the manifest) has it built once from the shards' `<shard>.idx` files
 (or their tar headers) and saved beside the manifest, atomically; a read-only set builds it in a temporary file,
-maps it and warns. A plain WebDataset reader ignores it, as it ignores the `.idx` files.
+maps it and warns. A plain WebDataset reader ignores it, as it ignores the `.idx` files. The build, in flat memory
+whatever the set's size, is set_index_build.py.
 
 The format (little-endian):
 
@@ -37,7 +38,6 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import socket
 import tempfile
 import time
@@ -49,8 +49,8 @@ import numpy as np
 
 from ..errors import UserError
 from .liveness import TORN_AFTER_S, alive, describe_holder, process_start, read_lock
-from .manifest import MANIFEST_NAME, Manifest
-from .reader import IndexRow, ShardCorruptError, shard_rows
+from .manifest import Manifest
+from .reader import IndexRow
 
 INDEX_NAME = "set_index.bin"
 MAGIC = b"FTSETIX1"
@@ -58,8 +58,9 @@ FORMAT, VERSION = "ft-set-index", 1
 DATA_START = 4096
 BUILD_WAIT_S = 600.0  # the longest a process waits for another one's index build that shows no progress
 KEY_COLUMNS = ("key", "video_key", "text_key", "image_key")
-_HEX32 = re.compile(rb"^[0-9a-f]{32}$")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_NIBBLE = np.zeros(256, np.uint8)  # a hex character's value (0 for NUL padding)
+_NIBBLE[_HEX_DIGITS] = np.arange(16)
 
 
 def active_files(manifest: Manifest) -> list[str]:
@@ -90,11 +91,9 @@ def source_id(manifest: Manifest, folder: Path) -> str:
     return h.hexdigest()
 
 
-def _hex_to_bytes(keys: np.ndarray) -> np.ndarray:
+def hex_to_bytes(keys: np.ndarray) -> np.ndarray:
     """(n,) S32 lowercase hex -> (n, 16) uint8 digests (all zero for an empty key)."""
-    chars = keys.view(np.uint8).reshape(len(keys), 32)
-    nib = np.where(chars >= ord("a"), chars - (ord("a") - 10), chars - ord("0")).astype(np.uint8)
-    nib[chars == 0] = 0
+    nib = _NIBBLE[keys.view(np.uint8).reshape(len(keys), 32)]
     return (nib[:, 0::2] << 4) | nib[:, 1::2]
 
 
@@ -104,21 +103,6 @@ def bytes_to_hex(digests: np.ndarray) -> np.ndarray:
     out[:, 0::2] = _HEX_DIGITS[digests >> 4]
     out[:, 1::2] = _HEX_DIGITS[digests & 15]
     return out
-
-
-class _NotHex(Exception):
-    """A key that is not 32 lowercase hex characters: the set is indexed with `ascii` keys instead."""
-
-
-def _encode(values: list[str], encoding: str, width: int) -> np.ndarray:
-    """Keys -> (n, width) uint8 rows in the column's encoding."""
-    if encoding == "hex":
-        raw = np.array([v.encode() for v in values], dtype="S32")
-        if not all(_HEX32.match(v) or not v for v in raw.tolist()):
-            raise _NotHex
-        return _hex_to_bytes(raw)
-    raw = np.array([v.encode() for v in values], dtype=f"S{width}")
-    return raw.view(np.uint8).reshape(len(values), width)
 
 
 class SetIndex:
@@ -169,8 +153,7 @@ class SetIndex:
 
     def release(self, *names: str) -> None:
         """Drop this process's mapping of the pages of columns `names` it has read (`MADV_DONTNEED`): they stay in
-        the page cache, shared, and come back with a minor fault when read again. A pass over a column (the bucket
-        and view columns, 20 MB at 10M rows) then holds a chunk of it in the process's memory, not the column."""
+        the page cache, shared, and come back with a minor fault when read again."""
         self._advise("MADV_DONTNEED", names)
 
     @property
@@ -214,231 +197,15 @@ class SetIndex:
                 for k, v, t, i, b, s, e in zip(*cols, buckets, begin, end, strict=True)]
 
 
-# ------------------------------------------------------------------------------------------------ building
-
-def _shard_rows(folder: Path, manifest: Manifest) -> Iterable[tuple[int, list[IndexRow]]]:
-    for i, info in enumerate(manifest.shards):
-        rows = shard_rows(folder / info.name, info)
-        if len(rows) != info.samples:
-            raise ShardCorruptError(f"{folder / info.name}: {len(rows)} samples on disk, {info.samples} in the "
-                                    "manifest; the shard is damaged. Delete it and rerun `ft precompute` with the "
-                                    "same --out to rebuild it.")
-        yield i, rows
-
-
-def _read_active(folder: Path, files: list[str], hexes: bool) -> tuple[list[str], np.ndarray | None]:
-    """The training view's distinct keys: as sorted 16-byte digests (they sort as their hex does) when `hexes`
-    and every key is hex (one array of 16 bytes a key, filled in place), else as sorted strings."""
-    size = sum((folder / name).stat().st_size for name in files)
-    digests = np.empty(size // 33 + 1, "S16") if hexes else None
-    filled = 0
-    for name in files:
-        with open(folder / name, "rb") as f:
-            while digests is not None and (block := f.read(1 << 20)):
-                words = (block + f.readline()).split()
-                if len(words) > len(digests) - filled or not all(_HEX32.match(w) for w in words):
-                    digests = None  # keys that are not ft's digests: read as text below
-                    break
-                digests[filled: filled + len(words)] = _hex_to_bytes(np.array(words, "S32")).view("S16").ravel()
-                filled += len(words)
-    if digests is None:
-        keys: set[str] = set()
-        for name in files:
-            keys.update((folder / name).read_text().split())
-        return sorted(keys), None
-    digests = digests[:filled]
-    digests.sort()
-    repeated = digests[1:] == digests[:-1]
-    if repeated.any():  # the same key in two jobs' files (an unmerged view)
-        digests = digests[np.concatenate([[True], ~repeated])]
-    return [], digests
-
-
-def _fingerprint(manifest: Manifest, active: list[str], digests: np.ndarray | None) -> str:
-    h = hashlib.sha256()
-    for shard in sorted(manifest.shards, key=lambda s: s.name):
-        h.update(f"{shard.name}:{shard.sha256}\n".encode())
-    if digests is not None:
-        for start in range(0, len(digests), 1 << 20):
-            part = digests[start: start + (1 << 20)].view(np.uint8).reshape(-1, 16)
-            h.update(bytes_to_hex(part).tobytes())
-    else:
-        for key in active:
-            h.update(key.encode())
-    return h.hexdigest()[:16]
-
-
-def _active_column(keys: np.ndarray, active: list[str], digests: np.ndarray | None) -> np.ndarray:
-    """1 where a row's key (rows of the key column, hex digests or NUL-padded text) is in the training view."""
-    if digests is None:
-        wanted = set(active)
-        return np.array([bytes(r).rstrip(b"\0").decode() in wanted for r in keys], np.uint8)
-    if not len(digests):
-        return np.zeros(len(keys), np.uint8)
-    part = np.ascontiguousarray(keys).view("S16").ravel()
-    at = np.searchsorted(digests, part).clip(0, len(digests) - 1)
-    return (digests[at] == part).astype(np.uint8)
-
-
-def _duplicates(cols: _Columns, n: int) -> list[list[int]]:
-    """Groups of rows sharing a key (rare: one media under two names that two jobs encoded): the first 8 bytes of
-    every key, sorted (8 bytes a row), give the repeated prefixes; a second pass finds their rows and compares
-    whole keys."""
-    def heads(keys: np.ndarray) -> np.ndarray:
-        prefix = np.zeros((len(keys), 8), np.uint8)
-        prefix[:, : min(8, keys.shape[1])] = keys[:, :8]
-        return prefix.view(">u8").ravel().astype(np.uint64)
-
-    ordered = np.empty(n, np.uint64)
-    for start, keys in cols.chunks("key"):
-        ordered[start: start + len(keys)] = heads(keys)
-    ordered.sort()
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    del ordered
-    if not len(repeated):
-        return []
-    groups: dict[bytes, list[int]] = {}
-    for start, keys in cols.chunks("key"):
-        for row in np.flatnonzero(np.isin(heads(keys), repeated)).tolist():
-            groups.setdefault(bytes(keys[row]), []).append(start + row)
-    return sorted(g for g in groups.values() if len(g) > 1)
-
-
-def build_set_index(folder: Path, manifest: Manifest, target: Path,
-                    shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
-    """Write the index of `manifest`'s shards to `target` (a new file): a pass over the shards' `.idx` files
-    (or tar headers), each shard's rows written straight into the mapped columns. A caller that holds the rows
-    already (a bench's synthetic set) gives `shard_columns` instead: per shard, in the manifest's order, its
-    columns as the index stores them (the key columns as 16-byte hex digests, bucket ids into the sorted buckets of
-    the manifest, byte spans)."""
-    if shard_columns is not None:
-        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS}, shard_columns)
-        return
-    try:
-        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS})
-    except _NotHex:  # keys that are not ft's digests (sets written by hand, tests): their text, NUL-padded
-        widths = dict.fromkeys(KEY_COLUMNS, 1)
-        for _, rows in _shard_rows(folder, manifest):
-            for row in rows:
-                for c in KEY_COLUMNS:
-                    widths[c] = max(widths[c], len(getattr(row, c).encode()))
-        _build(folder, manifest, target, "ascii", widths)
-
-
-class _Columns:
-    """The columns of a new index file, written with `pwrite` a batch of rows at a time (never mapped while written:
-    dirty mapped pages would count in the building process's memory) and read back in chunks."""
-
-    def __init__(self, fd: int, layout: dict[str, dict[str, Any]], n: int):
-        self.fd, self.layout, self.n = fd, layout, n
-        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
-        self.at = self.rows = 0
-
-    def _dtype(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
-        spec = self.layout[name]
-        return np.dtype(spec["dtype"]), tuple(spec.get("shape", ()))
-
-    def _row_bytes(self, name: str) -> int:
-        dtype, shape = self._dtype(name)
-        return dtype.itemsize * int(np.prod(shape or (1,)))
-
-    def add(self, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            self.pending[name].append(value)
-        self.rows += len(next(iter(values.values())))
-        if self.rows - self.at >= 1 << 16:
-            self.flush()
-
-    def flush(self) -> None:
-        for name, parts in self.pending.items():
-            if parts:
-                dtype, _ = self._dtype(name)
-                data = np.concatenate(parts).astype(dtype, copy=False)
-                os.pwrite(self.fd, data.tobytes(), self.layout[name]["offset"] + self.at * self._row_bytes(name))
-            parts.clear()
-        self.at = self.rows
-
-    def write(self, name: str, start: int, values: np.ndarray) -> None:
-        dtype, _ = self._dtype(name)
-        os.pwrite(self.fd, values.astype(dtype, copy=False).tobytes(),
-                  self.layout[name]["offset"] + start * self._row_bytes(name))
-
-    def chunks(self, name: str, size: int = 1 << 20) -> Iterable[tuple[int, np.ndarray]]:
-        dtype, shape = self._dtype(name)
-        for start in range(0, self.n, size):
-            count = min(size, self.n - start)
-            raw = os.pread(self.fd, count * self._row_bytes(name),
-                           self.layout[name]["offset"] + start * self._row_bytes(name))
-            yield start, np.frombuffer(raw, dtype).reshape(count, *shape)
-
-
-def _read_columns(folder: Path, manifest: Manifest, encoding: str, widths: dict[str, int],
-                  buckets: list[str]) -> Iterable[dict[str, np.ndarray]]:
-    """Each shard's columns, from its `.idx` file (or tar headers)."""
-    bucket_id = {b: i for i, b in enumerate(buckets)}
-    for _, rows in _shard_rows(folder, manifest):
-        for r in rows:  # a bucket the manifest's histogram lacks (a hand-edited manifest)
-            if r.bucket not in bucket_id:
-                raise ShardCorruptError(f"{folder}: a sample of bucket {r.bucket} is not in {MANIFEST_NAME}'s "
-                                        "histogram of its shard; rerun `ft precompute` with the same --out.")
-        yield {**{c: _encode([getattr(r, c) for r in rows], encoding, widths[c]) for c in KEY_COLUMNS},
-               "bucket": np.array([bucket_id[r.bucket] for r in rows], np.int64),
-               "begin": np.array([r.begin for r in rows], np.int64),
-               "end": np.array([r.end for r in rows], np.int64)}
-
-
-def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int],
-           shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
-    n = manifest.num_samples
-    buckets = sorted({b for s in manifest.shards for b in s.buckets})
-    bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
-    layout: dict[str, dict[str, Any]] = {}
-    offset = DATA_START
-    specs = [*((c, "u1", (widths[c],)) for c in KEY_COLUMNS), ("bucket", np.dtype(bucket_type).str, ()),
-             ("begin", "<i8", ()), ("end", "<i8", ()), ("active", "u1", ())]
-    for name, dtype, shape in specs:
-        layout[name] = {"dtype": dtype, "offset": offset, **({"shape": list(shape)} if shape else {}),
-                        **({"encoding": encoding} if name in KEY_COLUMNS else {})}
-        offset += -(-n * np.dtype(dtype).itemsize * int(np.prod(shape or (1,))) // 64) * 64
-    starts = [0]
-    with open(target, "w+b") as f:
-        f.truncate(offset)
-        cols = _Columns(f.fileno(), layout, n)
-        if shard_columns is None:
-            shard_columns = _read_columns(folder, manifest, encoding, widths, buckets)
-        for columns in shard_columns:
-            starts.append(starts[-1] + len(columns["bucket"]))
-            if len(columns["bucket"]):
-                cols.add(columns)
-        assert starts[-1] == n, f"{starts[-1]} rows for the manifest's {n} samples"
-        cols.flush()
-        files = active_files(manifest)
-        active, digests = _read_active(folder, files, encoding == "hex") if files else ([], None)
-        for start, keys in cols.chunks("key"):
-            cols.write("active", start, _active_column(keys, active, digests) if files
-                       else np.ones(len(keys), np.uint8))
-        header = {"format": FORMAT, "version": VERSION, "samples": n, "shards": [s.name for s in manifest.shards],
-                  "shard_start": starts, "buckets": buckets, "source": source_id(manifest, folder),
-                  "fingerprint": _fingerprint(manifest, active, digests),
-                  "active_keys": (len(digests) if digests is not None else len(active)) if files else None,
-                  "columns": layout}
-        del digests
-        header["duplicates"] = _duplicates(cols, n)
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        f.seek(offset)
-        f.write(blob)
-        f.seek(0)
-        f.write(MAGIC + np.array([offset, len(blob)], "<u8").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_set_index(folder: Path, manifest: Manifest) -> Path:
-    """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`)."""
+def write_set_index(folder: Path, manifest: Manifest, previous: Any = None) -> Path:
+    """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`); `previous`: the
+    index being replaced (set_index_build.PreviousIndex), whose rows of the shards kept are copied."""
     target = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"  # named for `_remove_leftovers`
+    from .set_index_build import build_set_index
+
     try:
-        build_set_index(folder, manifest, tmp)
+        build_set_index(folder, manifest, tmp, previous)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -586,6 +353,8 @@ def _index_mb(manifest: Manifest) -> int:
 
 def _temporary_index(folder: Path, manifest: Manifest) -> SetIndex:
     """The index built in a temporary file, mapped and unlinked (the mapping keeps its pages)."""
+    from .set_index_build import build_set_index
+
     fd, name = tempfile.mkstemp(prefix="ft-set-index-")
     os.close(fd)
     try:
