@@ -4,7 +4,11 @@ lines fit one partition or are spilled into many."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +53,19 @@ def test_the_media_cache_keeps_the_newest_entry_of_each_path(tmp_path, monkeypat
     got = [json.loads(line) for line in (folder / CACHE_NAME).read_text().splitlines()]
     assert {e["path"]: e for e in got} == want and len(got) == len(want)
     assert sorted(p.name for p in folder.iterdir()) == [CACHE_NAME]
+
+
+def test_a_merge_killed_while_spilling_leaves_no_spill_files_once_merged_again(tmp_path):
+    keys = [f"{i % 300:032x}" for i in range(500)]
+    (tmp_path / "job0.txt").write_text("".join(k + "\n" for k in keys))
+    code = ("import sys; from pathlib import Path; from ft.precompute import spill; spill.PART_BYTES = 64; "
+            "t = Path(sys.argv[1]); spill.write_unique([t / 'job0.txt'], t / 'active.txt', "
+            "lambda line: line.strip() or None, keep_last=False)")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "FT_TEST_KILL_AT": "spilled"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list(tmp_path.glob(".spill-*"))  # the killed merge's partitions
+    count, _ = spill.write_unique([tmp_path / "job0.txt"], tmp_path / "active.txt", lambda line: line.strip() or None,
+                                  keep_last=False)
+    assert count == 300 and sorted((tmp_path / "active.txt").read_text().split()) == sorted(set(keys))
+    assert not list(tmp_path.glob(".spill-*"))
