@@ -69,20 +69,27 @@ def write_unique(paths: list[Path], target: Path, identity: Callable[[str], str 
     repeated: list[str] = []
     written = 0
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "w") as dst:
-        for part in partitions(paths, identity, target.with_name(f".spill-{target.name}")):
-            chosen: dict[str, str] = {}
-            for line in part:
-                name = identity(line)
-                if name is None:
-                    continue
-                if name in chosen:
-                    repeated.append(name)
-                    if not keep_last:
+    parts = partitions(paths, identity, target.with_name(f".spill-{target.name}"))
+    try:
+        with open(tmp, "w") as dst:
+            for part in parts:
+                chosen: dict[str, str] = {}
+                for line in part:
+                    name = identity(line)
+                    if name is None:
                         continue
-                chosen[name] = line
-            dst.writelines(chosen.values())
-            written += len(chosen)
-            del part, chosen  # before the next partition is read: one partition's lines at a time, not two
-    os.replace(tmp, target)
+                    if name in chosen:
+                        repeated.append(name)
+                        if not keep_last:
+                            continue
+                    chosen[name] = line
+                dst.writelines(chosen.values())
+                written += len(chosen)
+                del part, chosen  # before the next partition is read: one partition's lines at a time, not two
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, say: its partial output is not left on it
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        parts.close()  # its spill folder is removed now, not when the generator is collected
     return written, repeated

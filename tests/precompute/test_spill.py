@@ -69,3 +69,21 @@ def test_a_merge_killed_while_spilling_leaves_no_spill_files_once_merged_again(t
                                   keep_last=False)
     assert count == 300 and sorted((tmp_path / "active.txt").read_text().split()) == sorted(set(keys))
     assert not list(tmp_path.glob(".spill-*"))
+
+
+def test_a_full_disk_leaves_neither_a_partial_file_nor_spill_files(tmp_path, monkeypatch):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        (tmp_path / "job0.txt").write_text("".join(f"{i:032x}\n" for i in range(60000)))  # 2 MB: more than the disk
+        for part_bytes in (1 << 30, 64 << 10):  # one partition (the output fills the disk); spilled (the spill does)
+            monkeypatch.setattr(spill, "PART_BYTES", part_bytes)
+            with pytest.raises(OSError, match="No space left"):
+                spill.write_unique([tmp_path / "job0.txt"], disk / "active.txt", lambda line: line.strip() or None,
+                                   keep_last=False)
+            assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
