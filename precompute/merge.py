@@ -5,7 +5,8 @@ The merge takes `jobs/merge.lock`, reads the jobs' states and journals (common/s
 writes, each atomically: `active_keys.txt` (every job's keys, each once), `rejected.jsonl` and `warnings.jsonl`
 (the jobs' files one after another, summarised in the manifest), the empty caption's conditioning (job 0's),
 `precompute_config.json` (job 0's, as a single run), the media cache, the set's index (`set_index.bin`, which
-`ft train` maps instead of reading every shard's `.idx`: common/shards/set_index.py), and last `manifest.json`,
+`ft train` maps instead of reading every shard's `.idx`: common/shards/set_index.py; the rows of the shards the
+last merge listed are copied from its index, only the new shards' `.idx` files are read), and last `manifest.json`,
 listing every shard and the jobs that wrote them. Then it removes the job files, each state first: a merge killed
 half-way is merged again by the next one (shards are taken by name, so nothing is listed twice).
 
@@ -30,6 +31,7 @@ from ft.common.shards import (
     JOBS_DIR,
     MANIFEST_NAME,
     Manifest,
+    PreviousIndex,
     ShardInfo,
     iter_shard,
     kill_point,
@@ -152,12 +154,17 @@ def finalize(out: Path, allow_incomplete: bool = False, own: JobSlot | None = No
             raise UserError(f"{out} cannot be merged yet: {view.describe_completeness()}. Or pass "
                             "--allow-incomplete to merge what is there (the set is then marked incomplete).")
         check_jobs_agree(out, states, view.unmerged["num_jobs"])
-        return _write_merged(out, view, states)
+        previous = PreviousIndex.open(out, base)  # before the view is rewritten: its rows of the kept shards
+        try:
+            return _write_merged(out, view, states, previous)
+        finally:
+            if previous is not None:
+                previous.close()
     finally:
         lock.release()
 
 
-def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
+def _write_merged(out: Path, view: Manifest, states: list, previous: PreviousIndex | None) -> Manifest:
     run = [s for s in states if s.num_jobs == view.unmerged["num_jobs"]]
     samples, repeated = _merge_active(out, view.active["keys_files"])
     inputs = {}
@@ -189,7 +196,7 @@ def _write_merged(out: Path, view: Manifest, states: list) -> Manifest:
                         empty_caption=view.empty_caption, prompts=view.prompts, complete=view.complete,
                         missing=view.missing,
                         inputs=inputs, jobs=view.jobs, resume_command=resume)
-    write_set_index(out, manifest)  # before the manifest: a reader of the new manifest finds its index in place
+    write_set_index(out, manifest, previous)  # before the manifest: a reader of it finds its index in place
     kill_point("set-index-written")
     manifest.save(out)
     kill_point("merged")

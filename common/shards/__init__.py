@@ -87,6 +87,7 @@ from .reader import (
     write_index_file,
 )
 from .set_index import INDEX_NAME, SetIndex, open_set_index, write_set_index
+from .set_index_build import PreviousIndex
 from .writer import ShardWriter, kill_point, shard_number
 
 __all__ = [
@@ -97,5 +98,5 @@ __all__ = [
     "require_complete", "rows_from_headers", "Sample", "sample_key", "SCHEMA_VERSION", "shard_index", "shard_keys",
     "shard_number", "shard_rows", "ShardCorruptError", "ShardInfo", "ShardWriter", "stack_tensors", "TENSOR_GROUPS",
     "tensors_from_bytes", "tensors_to_bytes", "write_atomic", "write_index_file", "INDEX_NAME", "SetIndex",
-    "open_set_index", "write_set_index"
+    "open_set_index", "write_set_index", "PreviousIndex"
 ]

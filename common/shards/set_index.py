@@ -177,15 +177,16 @@ class SetIndex:
                 for k, v, t, i, b, s, e in zip(*cols, buckets, begin, end, strict=True)]
 
 
-def write_set_index(folder: Path, manifest: Manifest) -> Path:
-    """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`)."""
+def write_set_index(folder: Path, manifest: Manifest, previous: Any = None) -> Path:
+    """Build the index of `folder`'s set and put it in place atomically (`set_index.bin`); `previous`: the
+    index being replaced (set_index_build.PreviousIndex), whose rows of the shards kept are copied."""
     target = folder / INDEX_NAME
     tmp = folder / f".{INDEX_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"  # named for `_remove_leftovers`
     from .set_index_build import build_set_index
 
     _remove_leftovers(folder)  # a killed merge's (the merge builds here, without `_build_once`)
     try:
-        build_set_index(folder, manifest, tmp)
+        build_set_index(folder, manifest, tmp, previous)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ from .reader import IndexRow, ShardCorruptError, shard_rows
 from .set_index import (
     DATA_START,
     FORMAT,
+    INDEX_NAME,
     KEY_COLUMNS,
     MAGIC,
     VERSION,
@@ -79,14 +80,77 @@ def _encode(values: list[str], encoding: str, width: int) -> np.ndarray:
     return raw.view(np.uint8).reshape(len(values), width)
 
 
-def _shard_rows(folder: Path, manifest: Manifest) -> Iterable[tuple[int, list[IndexRow]]]:
-    for i, info in enumerate(manifest.shards):
+def _shard_rows(folder: Path, manifest: Manifest, first: int = 0) -> Iterable[tuple[int, list[IndexRow]]]:
+    for i, info in enumerate(manifest.shards[first:], first):
         rows = shard_rows(folder / info.name, info)
         if len(rows) != info.samples:
             raise ShardCorruptError(f"{folder / info.name}: {len(rows)} samples on disk, {info.samples} in the "
                                     "manifest; the shard is damaged. Delete it and rerun `ft precompute` with the "
                                     "same --out to rebuild it.")
         yield i, rows
+
+
+class PreviousIndex:
+    """The index a merge replaces, when it describes the last merged manifest (`base`): the new index copies its
+    rows of the shards the new manifest keeps at its start (a rerun's merge lists the old shards first) instead
+    of reading their `.idx` files again. Opened (and kept open, by descriptor) before the merge rewrites the
+    training view that its `source` covers: a reader that rebuilds the index meanwhile replaces the file, not these
+    bytes. Read with `pread`, never mapped (mapped pages would count in the merge's memory)."""
+
+    def __init__(self, fd: int, header: dict[str, Any], base: Manifest):
+        self.fd, self.header = fd, header
+        self.base = {s.name: (s.sha256, s.samples) for s in base.shards}
+
+    @classmethod
+    def open(cls, folder: Path, base: Manifest | None) -> PreviousIndex | None:
+        """`folder`'s index when it is sound, of hex keys, and describes `base`; else None (built from the
+        `.idx` files)."""
+        if base is None:
+            return None
+        try:
+            fd = os.open(folder / INDEX_NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            head = os.pread(fd, 24, 0)
+            offset, length = np.frombuffer(head, "<u8", 2, 8).tolist()
+            header = json.loads(os.pread(fd, length, offset))
+            if (head[:8] != MAGIC or (header["format"], header["version"]) != (FORMAT, VERSION)
+                    or any(header["columns"][c]["encoding"] != "hex" for c in KEY_COLUMNS)
+                    or header["source"] != source_id(base, folder)):
+                raise ValueError("another index")
+        except Exception:  # missing, torn, of another set or format: any damage means a build from the shards
+            os.close(fd)
+            return None
+        return cls(fd, header, base)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def kept(self, manifest: Manifest) -> int:
+        """How many of `manifest`'s first shards this index holds as they are (same name, digest and count)."""
+        count = 0
+        for name, info in zip(self.header["shards"], manifest.shards, strict=False):
+            if info.name != name or self.base.get(name) != (info.sha256, info.samples):
+                break
+            count += 1
+        return count
+
+    def chunks(self, rows: int, buckets: list[str]) -> Iterable[dict[str, np.ndarray]]:
+        """Its first `rows` rows' columns (keys, bucket renumbered to `buckets`, byte spans), a chunk at a time."""
+        new_id = {b: i for i, b in enumerate(buckets)}
+        renumber = np.array([new_id.get(b, 0) for b in self.header["buckets"]] or [0], np.int64)
+        for start in range(0, rows, CHUNK_ROWS):
+            count = min(CHUNK_ROWS, rows - start)
+            out = {}
+            for name in (*KEY_COLUMNS, "bucket", "begin", "end"):
+                spec = self.header["columns"][name]
+                dtype, shape = np.dtype(spec["dtype"]), tuple(spec.get("shape", ()))
+                size = dtype.itemsize * int(np.prod(shape or (1,)))
+                raw = os.pread(self.fd, count * size, spec["offset"] + start * size)
+                out[name] = np.frombuffer(raw, dtype).reshape(count, *shape)
+            out["bucket"] = renumber[out["bucket"]]
+            yield out
 
 
 class _Columns:
@@ -291,12 +355,12 @@ def spill_folder(target: Path) -> Path:
     return target.with_name(target.name + ".spill")
 
 
-def build_set_index(folder: Path, manifest: Manifest, target: Path) -> None:
-    """Write the index of `manifest`'s shards to `target` (a new file): a pass over the shards' `.idx` files
-    (or tar headers), each shard's rows written straight into the columns, then the sorted work a key range at a
-    time (spill files in `spill_folder(target)`)."""
+def build_set_index(folder: Path, manifest: Manifest, target: Path, previous: PreviousIndex | None = None) -> None:
+    """Write the index of `manifest`'s shards to `target` (a new file): the rows `previous` holds copied, a pass
+    over the other shards' `.idx` files (or tar headers), each shard's rows written straight into the columns, then
+    the sorted work a key range at a time (spill files in `spill_folder(target)`)."""
     try:
-        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS})
+        _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS}, previous)
     except _NotHex:  # keys that are not ft's digests (sets written by hand, tests): their text, NUL-padded
         widths = dict.fromkeys(KEY_COLUMNS, 1)
         for _, rows in _shard_rows(folder, manifest):
@@ -319,7 +383,8 @@ def _layout(n: int, encoding: str, widths: dict[str, int], bucket_type: type) ->
     return layout, offset
 
 
-def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int]) -> None:
+def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths: dict[str, int],
+           previous: PreviousIndex | None = None) -> None:
     n = manifest.num_samples
     buckets = sorted({b for s in manifest.shards for b in s.buckets})
     bucket_type = np.uint8 if len(buckets) < 255 else np.uint16  # the largest value is never an id: train/plan.py
@@ -342,7 +407,12 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
     with open(target, "w+b") as f:
         f.truncate(offset)
         cols = _Columns(f.fileno(), layout, n)
-        for _, rows in _shard_rows(folder, manifest):
+        kept = previous.kept(manifest) if previous is not None else 0
+        if kept:
+            starts = list(previous.header["shard_start"][: kept + 1])
+            for values in previous.chunks(starts[-1], buckets):
+                cols.add(values)
+        for _, rows in _shard_rows(folder, manifest, kept):
             starts.append(starts[-1] + len(rows))
             for name, values in zip(IndexRow._fields, zip(*rows, strict=True), strict=False):
                 pending[name].extend(values)

@@ -307,3 +307,46 @@ def test_a_build_on_another_host_that_makes_progress_is_waited_for(tmp_path):
     index = open_set_index(folder, manifest, wait_s=1.0)  # longer than a pause between writes, not the whole build
     builder.join()
     assert index.samples == 12 and time.monotonic() - started >= 2.0
+
+
+def test_a_merge_copies_the_rows_of_the_shards_its_last_index_holds(tmp_path):
+    """The index a merge replaces gives the rows of the shards kept (their `.idx` files are not read: here the
+    old shards are moved away while the new index is built); the result is byte for byte a build from the shards."""
+    from ft.common.shards import PreviousIndex
+    from ft.common.shards.set_index_build import build_set_index
+
+    folder = write_set(tmp_path / "grown")
+    base = load_manifest(folder)
+    keys = [r.key for s in base.shards for r in shard_rows(folder / s.name, s)]
+    (folder / "active_keys.txt").write_text("".join(k + "\n" for k in keys[:9]))
+    base.active = {"keys_file": "active_keys.txt", "samples": 9, "buckets": {}}
+    base.save(folder)
+    base = load_manifest(folder)
+    set_index.write_set_index(folder, base)
+    writer = ShardWriter(folder, max_samples=5)  # a rerun's shards, after the old ones
+    for i in range(12, 19):
+        writer.write(f"{i + 1:032x}", {"latents": {"mean": torch.zeros(1)}},
+                     {"bucket": [1, 16, 8], "video_key": f"{i + 100:032x}", "text_key": ""})
+    writer.finish_shard()
+    grown = Manifest("cogvideox", {}, "", {}, {}, shards=[*base.shards, *writer.completed])
+    grown.active = {"keys_file": "active_keys.txt", "samples": 16, "buckets": {}}
+    assert PreviousIndex.open(folder, grown) is None  # an index of other shards is never copied from
+    previous = PreviousIndex.open(folder, base)  # as the merge opens it: before it rewrites the view
+    assert previous is not None and previous.kept(grown) == len(base.shards)
+    (folder / "active_keys.txt").write_text("".join(f"{i + 1:032x}\n" for i in range(3, 19)))
+    assert PreviousIndex.open(folder, base) is None  # nor once the view it covers is rewritten
+    away = tmp_path / "away"
+    away.mkdir()
+    for info in base.shards:
+        for path in (folder / info.name, folder / info.name.replace(".tar", ".idx")):
+            shutil.move(path, away / path.name)
+    try:
+        set_index.write_set_index(folder, grown, previous)
+    finally:
+        previous.close()
+    for path in away.iterdir():
+        shutil.move(path, folder / path.name)
+    build_set_index(folder, grown, tmp_path / "whole.bin")
+    assert (folder / INDEX_NAME).read_bytes() == (tmp_path / "whole.bin").read_bytes()
+    index = SetIndex(folder / INDEX_NAME)
+    assert index.samples == 19 and index.active.sum() == 16 and index.buckets == ["1x16x8", "1x8x16", "1x8x8"]
