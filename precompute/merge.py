@@ -58,16 +58,20 @@ def _concat(out: Path, files: list[str], target: str) -> int:
     """Append the lines of `files` into `target` (a new file, replaced atomically); returns the line count."""
     tmp = out / (target + ".tmp")
     count = 0
-    with open(tmp, "w") as dst:
-        for name in files:
-            path = out / name
-            if path.is_file():
-                with open(path) as src:
-                    for line in src:
-                        if line.strip():
-                            dst.write(line if line.endswith("\n") else line + "\n")
-                            count += 1
-    os.replace(tmp, out / target)
+    try:
+        with open(tmp, "w") as dst:
+            for name in files:
+                path = out / name
+                if path.is_file():
+                    with open(path) as src:
+                        for line in src:
+                            if line.strip():
+                                dst.write(line if line.endswith("\n") else line + "\n")
+                                count += 1
+        os.replace(tmp, out / target)
+    except BaseException:  # a full disk, say: its partial copy is not left on it
+        tmp.unlink(missing_ok=True)
+        raise
     return count
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from ft.precompute import spill
+from ft.precompute import merge, spill
 from ft.precompute.media_cache import CACHE_DIR, CACHE_NAME, merge_cache_files
 
 
@@ -71,7 +71,7 @@ def test_a_merge_killed_while_spilling_leaves_no_spill_files_once_merged_again(t
     assert not list(tmp_path.glob(".spill-*"))
 
 
-def test_a_full_disk_leaves_neither_a_partial_file_nor_spill_files(tmp_path, monkeypatch):
+def test_a_full_disk_leaves_neither_a_partial_file_nor_spill_files_in_a_merge(tmp_path, monkeypatch):
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)],
@@ -85,5 +85,9 @@ def test_a_full_disk_leaves_neither_a_partial_file_nor_spill_files(tmp_path, mon
                 spill.write_unique([tmp_path / "job0.txt"], disk / "active.txt", lambda line: line.strip() or None,
                                    keep_last=False)
             assert list(disk.iterdir()) == []
+        (disk / "job0-warnings.jsonl").symlink_to(tmp_path / "job0.txt")  # the merge's concatenation of job files
+        with pytest.raises(OSError, match="No space left"):
+            merge._concat(disk, ["job0-warnings.jsonl"], "warnings.jsonl")
+        assert [p.name for p in disk.iterdir()] == ["job0-warnings.jsonl"]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
