@@ -1,5 +1,6 @@
 """The merge's flat-memory de-duplication (precompute/spill.py) keeps what a dict of every line kept, whether the
-lines fit one partition or are spilled into many."""
+lines fit one partition or are spilled into many; a merge killed while spilling, or stopped by a full disk, leaves
+no spill or partial file behind, and `--finalize` on a full disk names the set and merges it once there is room."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,5 +91,35 @@ def test_a_full_disk_leaves_neither_a_partial_file_nor_spill_files_in_a_merge(tm
         with pytest.raises(OSError, match="No space left"):
             merge._concat(disk, ["job0-warnings.jsonl"], "warnings.jsonl")
         assert [p.name for p in disk.iterdir()] == ["job0-warnings.jsonl"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_finalize_on_a_full_disk_names_the_set_and_leaves_it_to_be_merged_again(tmp_path):
+    import importlib.util
+
+    from ft.common.errors import UserError
+    from ft.common.shards import load_manifest
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        found = importlib.util.spec_from_file_location("synthetic_set", Path(__file__).parents[2] / "bench" /
+                                                       "synthetic_set.py")
+        synthetic = importlib.util.module_from_spec(found)
+        found.loader.exec_module(synthetic)
+        synthetic.write_jobs(disk / "set", samples=200, num_jobs=2)  # two finished jobs, not merged
+        with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with pytest.raises(UserError, match=f"--out {disk / 'set'}: .*no space left.*--finalize"):
+            merge.finalize_command_line(["--out", str(disk / "set")])
+        (disk / "filler").unlink()
+        assert not [p.name for p in (disk / "set").rglob("*.tmp")]
+        merge.finalize_command_line(["--out", str(disk / "set")])
+        assert load_manifest(disk / "set").num_samples == 200
     finally:
         subprocess.run(["umount", str(disk)], check=True)
