@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ft.common.errors import UserError
+from ft.common.faults import FAULTS, fault_message
 from ft.common.logs import log
 from ft.common.shards import (
     ACTIVE_KEYS_NAME,
@@ -58,16 +59,20 @@ def _concat(out: Path, files: list[str], target: str) -> int:
     """Append the lines of `files` into `target` (a new file, replaced atomically); returns the line count."""
     tmp = out / (target + ".tmp")
     count = 0
-    with open(tmp, "w") as dst:
-        for name in files:
-            path = out / name
-            if path.is_file():
-                with open(path) as src:
-                    for line in src:
-                        if line.strip():
-                            dst.write(line if line.endswith("\n") else line + "\n")
-                            count += 1
-    os.replace(tmp, out / target)
+    try:
+        with open(tmp, "w") as dst:
+            for name in files:
+                path = out / name
+                if path.is_file():
+                    with open(path) as src:
+                        for line in src:
+                            if line.strip():
+                                dst.write(line if line.endswith("\n") else line + "\n")
+                                count += 1
+        os.replace(tmp, out / target)
+    except BaseException:  # a full disk, say: its partial copy is not left on it
+        tmp.unlink(missing_ok=True)
+        raise
     return count
 
 
@@ -249,7 +254,13 @@ def finalize_command_line(argv: list[str]) -> Manifest | None:
     if not (Path(out) / JOBS_DIR).is_dir() and not (Path(out) / MANIFEST_NAME).is_file():  # touch nothing there
         raise UserError(f"--out {out} holds neither {MANIFEST_NAME} nor {JOBS_DIR}/: it is not a shard set written "
                         "by `ft precompute`; pass the --out the jobs wrote.")
-    manifest = finalize(Path(out), allow)
+    try:
+        manifest = finalize(Path(out), allow)
+    except OSError as e:  # a full disk, say: a merge stopped anywhere is finished by the next one
+        if e.errno not in FAULTS:
+            raise
+        raise UserError(f"{fault_message(e, f'--out {out}')} Then run `ft precompute --finalize --out {out}` "
+                        "again: it merges what the jobs wrote (or finishes the merge that was stopped).") from None
     if manifest is not None:
         log.info(f"{out}: {manifest.describe_completeness()}")
     return manifest

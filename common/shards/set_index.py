@@ -204,6 +204,7 @@ def write_set_index(folder: Path, manifest: Manifest, previous: Any = None) -> P
     tmp = folder / f".{INDEX_NAME}.{socket.gethostname()}.{os.getpid()}.tmp"  # named for `_remove_leftovers`
     from .set_index_build import build_set_index
 
+    _remove_leftovers(folder)  # a killed merge's (the merge builds here, without `_build_once`)
     try:
         build_set_index(folder, manifest, tmp, previous)
         os.replace(tmp, target)
@@ -287,13 +288,19 @@ def _build_once(folder: Path, manifest: Manifest, wanted: str, wait_s: float = B
 
 
 def _remove_leftovers(folder: Path) -> None:
-    """Delete the partial indexes (`.set_index.bin.HOST.PID.tmp`) of builders on this host that were killed; those
-    of another host (or named by no host) cannot be checked from here and are left."""
+    """Delete the partial indexes (`.set_index.bin.HOST.PID.tmp`) and spill folders (`<that>.spill`) of builders on
+    this host that were killed; those of another host (or named by no host) cannot be checked from here and are
+    left."""
+    import shutil
+
     host = socket.gethostname()
-    for path in folder.glob(f".{INDEX_NAME}.*.tmp"):
-        named, _, pid = path.name[len(INDEX_NAME) + 2: -len(".tmp")].rpartition(".")
+    for path in [*folder.glob(f".{INDEX_NAME}.*.tmp"), *folder.glob(f".{INDEX_NAME}.*.tmp.spill")]:
+        named, _, pid = path.name[len(INDEX_NAME) + 2:].removesuffix(".spill")[: -len(".tmp")].rpartition(".")
         if named == host and pid.isdigit() and not alive({"host": host, "pid": int(pid)}):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

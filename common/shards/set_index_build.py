@@ -10,7 +10,7 @@ into a file per range; then each range is finished alone, its view keys and its 
 in key order, so the fingerprint hashes the keys in the order one sort of them all gives, and the index is byte
 for byte what a sort of everything in memory wrote. Memory is one range's keys and a byte a row (the `active`
 column, written last), not the 16 bytes a key of the whole view (160 MB at ten million samples) and the 8 bytes a
-row of a global sort; the spill files (about 40 bytes a row) live in a temporary folder beside the index.
+row of a global sort; the spill files (about 40 bytes a row) live in a folder named after the new index, beside it.
 
 A set whose keys are not ft's 32-hex-character digests (written by hand, in tests) is indexed with its keys' text
 (`ascii` columns), and its training view is read into a set of strings: such sets are small.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from .set_index import (
     hex_to_bytes,
     source_id,
 )
+from .writer import kill_point
 
 RANGE_ROWS = 1 << 18  # rows a key range holds at most (a first byte's rows may be more): about 20 MB of transients
 CHUNK_ROWS = 1 << 18  # rows of a column read back at once
@@ -337,6 +338,7 @@ def _finish(folder: Path, manifest: Manifest, cols: _Columns, spill: Path) -> _F
     if files and view is None:
         done.text_view(_text_view(folder, files), cols)
     rows, record = _spill_rows(cols, ranges, spill)
+    kill_point("set-index-spilled")
     for i in range(len(ranges)):
         numbers, keys = _range_rows(rows, i, record)
         done.duplicates += _repeats(numbers, keys)
@@ -347,14 +349,20 @@ def _finish(folder: Path, manifest: Manifest, cols: _Columns, spill: Path) -> _F
     return done
 
 
+def spill_folder(target: Path) -> Path:
+    """Where the build of `target` spills (`<target>.spill`, beside it): named after it, so that what a killed build
+    leaves is found with its partial index (set_index.py `_remove_leftovers`)."""
+    return target.with_name(target.name + ".spill")
+
+
 def build_set_index(folder: Path, manifest: Manifest, target: Path, previous: PreviousIndex | None = None,
                     shard_columns: Iterable[dict[str, np.ndarray]] | None = None) -> None:
     """Write the index of `manifest`'s shards to `target` (a new file): the rows `previous` holds copied, a pass
     over the other shards' `.idx` files (or tar headers), each shard's rows written straight into the columns, then
-    the sorted work a key range at a time (spill files in a temporary folder beside `target`). A caller that holds
-    the rows already (a bench's synthetic set) gives `shard_columns` instead: per shard, in the manifest's order,
-    its columns as the index stores them (the key columns as 16-byte hex digests, bucket ids into the sorted
-    buckets of the manifest, byte spans)."""
+    the sorted work a key range at a time (spill files in `spill_folder(target)`). A caller that holds the rows
+    already (a bench's synthetic set) gives `shard_columns` instead: per shard, in the manifest's order, its
+    columns as the index stores them (the key columns as 16-byte hex digests, bucket ids into the sorted buckets of
+    the manifest, byte spans)."""
     if shard_columns is not None:
         _build(folder, manifest, target, "hex", {c: 16 for c in KEY_COLUMNS}, shard_columns=shard_columns)
         return
@@ -426,8 +434,13 @@ def _build(folder: Path, manifest: Manifest, target: Path, encoding: str, widths
                 encode()
         if pending["key"]:
             encode()
-        with tempfile.TemporaryDirectory(prefix=".set-index-spill-", dir=target.parent) as spill:
-            done = _finish(folder, manifest, cols, Path(spill))
+        spill = spill_folder(target)
+        shutil.rmtree(spill, ignore_errors=True)  # a killed build's, under the same name
+        spill.mkdir()
+        try:
+            done = _finish(folder, manifest, cols, spill)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
         cols.write("active", 0, done.active)
         header = {"format": FORMAT, "version": VERSION, "samples": n, "shards": [s.name for s in manifest.shards],
                   "shard_start": starts, "buckets": buckets, "source": source_id(manifest, folder),

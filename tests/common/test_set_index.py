@@ -112,6 +112,23 @@ def test_a_build_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     assert not (folder / (INDEX_NAME + ".lock")).exists() and (folder / INDEX_NAME).is_file()
 
 
+@pytest.mark.parametrize("builder", ["open_set_index", "write_set_index"])  # training's build; the merge's
+def test_a_build_killed_after_spilling_leaves_nothing_once_the_next_one_is_done(tmp_path, builder):
+    import signal
+    import sys
+
+    folder = write_set(tmp_path / "killed")
+    code = (f"from pathlib import Path; from ft.common.shards import load_manifest, set_index as s; "
+            f"s.{builder}(Path({str(folder)!r}), load_manifest(Path({str(folder)!r})))")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "FT_TEST_KILL_AT": "set-index-spilled"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p for p in folder.iterdir() if p.name.startswith(".")]  # its partial index and its spill files
+    getattr(set_index, builder)(folder, load_manifest(folder))
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    assert SetIndex(folder / INDEX_NAME).samples == 12
+
+
 def test_an_empty_build_lock_left_long_ago_is_taken_over(tmp_path):
     folder = write_set(tmp_path / "torn")
     lock = folder / (INDEX_NAME + ".lock")

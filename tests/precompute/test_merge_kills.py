@@ -46,7 +46,7 @@ def job_0_done(tiny_cog, shapes_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("point", ["empty-caption-moved", "merged", "merge-state-removed:1",
+@pytest.mark.parametrize("point", ["empty-caption-moved", "set-index-spilled", "merged", "merge-state-removed:1",
                                    "merge-files-removed:1"])
 def test_a_merge_killed_at_any_point_is_finished_by_finalize(tiny_cog, shapes_data, job_0_done, tmp_path, point):
     out = tmp_path / "shards"
@@ -63,6 +63,7 @@ def test_a_merge_killed_at_any_point_is_finished_by_finalize(tiny_cog, shapes_da
     run_cli(["precompute", "--finalize", "--out", out])
     assert_merged(out)
     assert "NOT MERGED" not in describe(str(out))
+    assert not [p.name for p in out.rglob(".*") if "lock" not in p.name]  # no partial index, spill or temp file
 
 
 def test_array_tasks_that_finish_first_say_which_run_which_stopped_and_which_never_started(
