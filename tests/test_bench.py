@@ -90,7 +90,8 @@ def test_precompute_bench_prints_its_table():
 
 def test_precompute_scale_bench_prints_its_table():
     out = bench(str(BENCH / "precompute_scale.py"), "--samples", "40,80", "--clips", "", "--no-save")
-    assert "| synthetic samples (4 jobs) | write | merge (+ set index) |" in out and "| growth 40 -> 80 (2x) |" in out
+    assert "| synthetic samples (4 jobs) | write | merge (+ set index): wall / CPU |" in out
+    assert "| growth 40 -> 80 (2x) |" in out
     assert "2 processes: wall / CPU" in out and "old set's first start" in out
 
 
@@ -111,3 +112,15 @@ def test_dist_bench_measures_each_rank():
 def test_dist_bench_sets_context_parallel_against_one_process():
     out = bench(str(BENCH / "dist.py"), "--cp", "--config", "tiny", "--steps", "1", "--warmup", "0", "--no-save")
     assert "| 9x32x32 | 12 + 16 | cp 2 Ulysses | 2 | 1 |" in out and "| cp 2 ring |" in out and "activations" in out
+
+
+def test_train_startup_scale_bench_prints_its_table():
+    out = bench(str(BENCH / "train_startup_scale.py"), "--samples", "1000", "--no-save")
+    assert "| samples | data start-up: wall / CPU | + peak RSS |" in out and "| 1,000 |" in out
+
+
+def test_precompute_scale_bench_plans_a_rerun_over_a_table():
+    out = bench(str(BENCH / "precompute_scale.py"), "--samples", "", "--clips", "", "--planning", "30", "--no-save")
+    row = [line for line in out.splitlines() if line.startswith("| 30 |")]
+    assert "| planning rerun: items (10 clips) |" in out and row, out
+    assert row[0].rstrip().endswith("| 20 |")  # 30 rows, the first 10 held by the first run: 20 to encode
