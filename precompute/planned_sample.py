@@ -51,15 +51,50 @@ class PlannedSample:
     fps: float
     source_frames: int
     media_digest: str
-    key: str = ""
-    video_key: str = ""  # the halves' keys (precompute/reuse.py), set with `key`
-    text_key: str = ""
-    image_key: str = ""  # an image-to-video run's third half: the conditioning frames' encoding (pipelines/image.py)
+    # the sample's key and its halves' keys (precompute/reuse.py; an image-to-video run's third half: the
+    # conditioning frames' encoding, pipelines/image.py), set by `SampleKeys`: held as their 16 bytes, read and
+    # set as the 32 hex characters every file names them by (`key`, `video_key`, `text_key`, `image_key`)
+    key_bytes: bytes = b""
+    video_key_bytes: bytes = b""
+    text_key_bytes: bytes = b""
+    image_key_bytes: bytes = b""
     height: int = 0  # the source's size, for reports
     width: int = 0
     image_digest: str = ""  # the named conditioning image's bytes (`item.image`), when an I2V run uses it
     # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
     notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.key_bytes.hex()
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self.key_bytes = bytes.fromhex(value)
+
+    @property
+    def video_key(self) -> str:
+        return self.video_key_bytes.hex()
+
+    @video_key.setter
+    def video_key(self, value: str) -> None:
+        self.video_key_bytes = bytes.fromhex(value)
+
+    @property
+    def text_key(self) -> str:
+        return self.text_key_bytes.hex()
+
+    @text_key.setter
+    def text_key(self, value: str) -> None:
+        self.text_key_bytes = bytes.fromhex(value)
+
+    @property
+    def image_key(self) -> str:
+        return self.image_key_bytes.hex()
+
+    @image_key.setter
+    def image_key(self, value: str) -> None:
+        self.image_key_bytes = bytes.fromhex(value)
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
         """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
@@ -225,17 +260,17 @@ class SampleKeys:
 
     def __init__(self, encoder_fingerprint: str, encoding: dict[str, Any], halves: tuple[str, str] = ("", "")):
         self.encoder_fingerprint, self.encoding, self.halves = encoder_fingerprint, encoding, halves
-        self.seen: dict[str, str] = {}  # key -> the path that has it
+        self.seen: dict[bytes, Path] = {}  # key (its bytes) -> the path that has it
 
     def assign(self, p: PlannedSample) -> Rejected | None:
         """Key `p`; a Rejected (kind "duplicate") when its key was seen already, else None."""
         p.video_key, p.text_key = p.half_keys(*self.halves, self.encoding)
         p.image_key = p.image_half_key(self.halves[0], self.encoding)
         p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
-        if p.key in self.seen:
-            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key]}; "
+        if p.key_bytes in self.seen:
+            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key_bytes]}; "
                                               "trained once", "duplicate")
-        self.seen[p.key] = str(p.item.path)
+        self.seen[p.key_bytes] = p.item.path
         return None
 
 
