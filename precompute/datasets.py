@@ -41,9 +41,9 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.p
 TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".arrow")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DatasetItem:
-    """One training clip: where its media is and what it shows."""
+    """One training clip: where its media is and what it shows (slots: a rerun holds one per row of the dataset)."""
 
     path: Path
     caption: str

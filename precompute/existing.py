@@ -117,14 +117,16 @@ def _all_rows(out: Path, shards: dict[str, ShardInfo]) -> Iterator[tuple[str, Ro
             yield name, row
 
 
-def half_index(out: Path, shards: dict[str, ShardInfo], video_keys: set[str], text_keys: set[str]) -> HalfIndex:
-    """The second pass: where the wanted video and text halves are cached (the first shard holding each)."""
+def half_index(out: Path, shards: dict[str, ShardInfo], video_keys: set[bytes], text_keys: set[bytes]
+               ) -> HalfIndex:
+    """The second pass: where the wanted video and text halves are cached (the first shard holding each). The
+    wanted keys come as their 16 bytes (PlannedSample.video_key_bytes): a rerun wants up to one of each per item."""
     index = HalfIndex()
     if not video_keys and not text_keys:
         return index
     for name, row in _all_rows(out, shards):
-        if row.video_key in video_keys:
+        if row.video_key and bytes.fromhex(row.video_key) in video_keys:
             index.video.setdefault(row.video_key, (name, row.key))
-        if row.text_key in text_keys:
+        if row.text_key and bytes.fromhex(row.text_key) in text_keys:
             index.text.setdefault(row.text_key, (name, row.key))
     return index

@@ -393,8 +393,8 @@ class PrecomputeJob:
             self.cache.save(slot.stem)
             self.done = {p.key for p in self.planned if p.key in self.found.held}
             self.todo = sorted((p for p in self.planned if p.key not in self.done), key=lambda p: p.bucket)
-            self.index = half_index(out, self.found.shards, {p.video_key for p in self.todo},
-                                    {p.text_key for p in self.todo})
+            self.index = half_index(out, self.found.shards, {p.video_key_bytes for p in self.todo},
+                                    {p.text_key_bytes for p in self.todo})
             self.texts = TextHalves(out, self.found.shards, self.index, self.todo)
             self.reused = [p for p in self.todo if p.video_key in self.index.video]
         # the lists planning fills (streamed: as encode() runs), and encode() adds the clips that fail to decode to
@@ -514,7 +514,7 @@ class PrecomputeJob:
             return self.planning.stream(self.reject_planned, self.planned_all)
         to_decode = sorted((p for p in self.todo if p.video_key not in self.index.video),
                            key=lambda p: self.texts.source(p.text_key))
-        captions = len({p.text_key for p in self.todo if p.text_key not in self.texts})
+        captions = len({p.text_key_bytes for p in self.todo if p.text_key not in self.texts})
         log.info(f"{len(self.todo)} new samples on {self.device} ({len(self.planned) - len(self.todo)} already in "
                  f"{out}): {len(to_decode)} clips to encode ({len(self.reused)} video latents reused from {out}), "
                  f"{captions} captions to encode" + (f", {len(self.todo)} image conditionings to encode"

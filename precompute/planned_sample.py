@@ -13,7 +13,8 @@ videos) show up in seconds, as rejected inputs with reasons, not after the encod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ RESIZE_MODE = "center-crop"
 BucketCheck = Callable[[tuple[int, int, int]], "str | None"]
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedSample:
-    """One item with its bucket and frames chosen; `key` is set once the encoders' fingerprint is known."""
+    """One item with its bucket and frames chosen; `key` is set once the encoders' fingerprint is known. A rerun
+    plans every item of the dataset before it encodes, so this is held once per item: slots, no per-instance dict,
+    and the frame indices and notes shared between samples that have the same (read-only, never mutated)."""
 
     item: DatasetItem
     bucket: tuple[int, int, int]
@@ -48,15 +51,50 @@ class PlannedSample:
     fps: float
     source_frames: int
     media_digest: str
-    key: str = ""
-    video_key: str = ""  # the halves' keys (precompute/reuse.py), set with `key`
-    text_key: str = ""
-    image_key: str = ""  # an image-to-video run's third half: the conditioning frames' encoding (pipelines/image.py)
+    # the sample's key and its halves' keys (precompute/reuse.py; an image-to-video run's third half: the
+    # conditioning frames' encoding, pipelines/image.py), set by `SampleKeys`: held as their 16 bytes, read and
+    # set as the 32 hex characters every file names them by (`key`, `video_key`, `text_key`, `image_key`)
+    key_bytes: bytes = b""
+    video_key_bytes: bytes = b""
+    text_key_bytes: bytes = b""
+    image_key_bytes: bytes = b""
     height: int = 0  # the source's size, for reports
     width: int = 0
     image_digest: str = ""  # the named conditioning image's bytes (`item.image`), when an I2V run uses it
     # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
-    notes: list[tuple[str, str]] = field(default_factory=list)
+    notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.key_bytes.hex()
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self.key_bytes = bytes.fromhex(value)
+
+    @property
+    def video_key(self) -> str:
+        return self.video_key_bytes.hex()
+
+    @video_key.setter
+    def video_key(self, value: str) -> None:
+        self.video_key_bytes = bytes.fromhex(value)
+
+    @property
+    def text_key(self) -> str:
+        return self.text_key_bytes.hex()
+
+    @text_key.setter
+    def text_key(self, value: str) -> None:
+        self.text_key_bytes = bytes.fromhex(value)
+
+    @property
+    def image_key(self) -> str:
+        return self.image_key_bytes.hex()
+
+    @image_key.setter
+    def image_key(self, value: str) -> None:
+        self.image_key_bytes = bytes.fromhex(value)
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
         """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
@@ -171,6 +209,13 @@ def plan_image(item: DatasetItem, bucket: tuple[int, int, int], decoder: str, ca
     return facts.digest, notes
 
 
+@lru_cache(maxsize=4096)
+def shared_frame_indices(num_frames: int, frames: int, sampling: str, stride: int) -> list[int]:
+    """`frame_indices`, one list for every sample with the same source length and bucket frames (most of a large
+    dataset shares a few): a planned sample holds it read-only, and a rerun holds a planned sample per item."""
+    return frame_indices(num_frames, frames, sampling, stride)
+
+
 def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: str, stride: int,
               decoder: str, check: BucketCheck, max_upscale: float = 2.0, cache: MediaCache | None = None,
               images: bool = False) -> PlannedSample | Rejected:
@@ -188,7 +233,7 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
     problem = check(bucket)  # an image's 1-frame bucket may be derived, not one the user gave
     if problem:
         return Rejected(str(item.path), f"no bucket for it: {problem}", "no-bucket")
-    indices = frame_indices(media.num_frames, bucket[0], sampling, stride)
+    indices = shared_frame_indices(media.num_frames, bucket[0], sampling, stride)
     notes = list(media.notes)
     reader = media.reader(item.path)
     fps = reader.span_fps(indices)  # a variable-frame-rate clip: measured from its timestamps
@@ -205,7 +250,7 @@ def plan_item(item: DatasetItem, buckets: list[tuple[int, int, int]], sampling: 
         image_digest, image_notes = found
         notes += image_notes
     return PlannedSample(item, bucket, indices, fps, media.num_frames, media.digest,
-                         height=media.height, width=media.width, notes=notes, image_digest=image_digest)
+                         height=media.height, width=media.width, notes=tuple(notes), image_digest=image_digest)
 
 
 class SampleKeys:
@@ -215,17 +260,17 @@ class SampleKeys:
 
     def __init__(self, encoder_fingerprint: str, encoding: dict[str, Any], halves: tuple[str, str] = ("", "")):
         self.encoder_fingerprint, self.encoding, self.halves = encoder_fingerprint, encoding, halves
-        self.seen: dict[str, str] = {}  # key -> the path that has it
+        self.seen: dict[bytes, Path] = {}  # key (its bytes) -> the path that has it
 
     def assign(self, p: PlannedSample) -> Rejected | None:
         """Key `p`; a Rejected (kind "duplicate") when its key was seen already, else None."""
         p.video_key, p.text_key = p.half_keys(*self.halves, self.encoding)
         p.image_key = p.image_half_key(self.halves[0], self.encoding)
         p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
-        if p.key in self.seen:
-            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key]}; "
+        if p.key_bytes in self.seen:
+            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key_bytes]}; "
                                               "trained once", "duplicate")
-        self.seen[p.key] = str(p.item.path)
+        self.seen[p.key_bytes] = p.item.path
         return None
 
 

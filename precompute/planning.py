@@ -113,30 +113,44 @@ def planner(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: l
 
 def check_dataset(items: list[DatasetItem], cfg: DataArgs, spec: ModelSpec, buckets: list[tuple[int, int, int]],
                   vae_config: dict, transformer_config: dict, seq_len: int, model_args: ModelArgs | None,
-                  cache: MediaCache | None = None, images: bool = False) -> DataCheck:
+                  cache: MediaCache | None = None, images: bool = False, keep_tokens: bool = True) -> DataCheck:
     """Every check that needs no encoder. Token counts come from the family's tokenizer when `model_args` says
-    where it is; `images`: an image-to-video run's conditioning images are checked too."""
+    where it is; `images`: an image-to-video run's conditioning images are checked too; `keep_tokens`: see
+    `finish_check`."""
     usable, rejected, warnings = screen(items, cfg)
     result = DataCheck(items, [], rejected, warnings)
     for planned in planner(usable, cfg, spec, buckets, vae_config, transformer_config, cache, images):
         (result.rejected if isinstance(planned, Rejected) else result.planned).append(planned)
-    return finish_check(result, spec, seq_len, model_args)
+    return finish_check(result, spec, seq_len, model_args, keep_tokens)
 
 
-def finish_check(result: DataCheck, spec: ModelSpec, seq_len: int, model_args: ModelArgs | None) -> DataCheck:
+CHECK_CHUNK = 1 << 16  # planned samples whose captions are counted at once (their lists and counts, then dropped)
+
+
+def finish_check(result: DataCheck, spec: ModelSpec, seq_len: int, model_args: ModelArgs | None,
+                 keep_tokens: bool = True) -> DataCheck:
     """The checks of the planned items as a whole, added to `result.warnings`: the decoders' notes, and (with a
-    tokenizer) captions longer than the text length or mostly unknown tokens."""
+    tokenizer) captions longer than the text length or mostly unknown tokens. The captions are counted a chunk of
+    samples at a time, so a rerun of a million items holds one chunk's lists and counts, not every item's; the
+    warnings come in the same order as from one pass (every long caption, then every unknown-token one).
+    `keep_tokens`: `result.tokens` gets every caption's count (`ft check-data` reports it; a job does not)."""
     planned = result.planned
     result.warnings += [Rejected(str(p.item.path), reason, kind) for p in planned for kind, reason in p.notes]
-    if model_args is not None and planned:
-        captions = sorted({p.item.caption for p in planned})
+    if model_args is None or not planned:
+        return result
+    long: list[Rejected] = []
+    unknown: list[Rejected] = []
+    for start in range(0, len(planned), CHECK_CHUNK):
+        chunk = planned[start: start + CHECK_CHUNK]
+        captions = sorted({p.item.caption for p in chunk})
         stats = dict(zip(captions, spec.caption_token_stats(model_args, captions), strict=True))
-        result.tokens = {caption: counts[0] for caption, counts in stats.items()}
-        result.warnings += long_caption_warnings([str(p.item.path) for p in planned],
-                                                 [result.tokens[p.item.caption] for p in planned], seq_len)
-        result.warnings += unknown_token_warnings([str(p.item.path) for p in planned],
-                                                  [p.item.caption for p in planned],
-                                                  [stats[p.item.caption] for p in planned])
+        if keep_tokens:
+            result.tokens.update((caption, counts[0]) for caption, counts in stats.items())
+        paths = [str(p.item.path) for p in chunk]
+        long += long_caption_warnings(paths, [stats[p.item.caption][0] for p in chunk], seq_len)
+        unknown += unknown_token_warnings(paths, [p.item.caption for p in chunk],
+                                          [stats[p.item.caption] for p in chunk])
+    result.warnings += long + unknown
     return result
 
 
@@ -163,7 +177,8 @@ class JobPlan:
         """Plan every item now, print the summary (before any encoder is loaded), apply `--on-error`, and key
         the samples; returns them without duplicates (those become warnings)."""
         self.check = check_dataset(self.items, self.cfg, self.spec, self.buckets, self.vae_config,
-                                   self.transformer_config, self.seq_len, self.cfg, self.cache, self.images)
+                                   self.transformer_config, self.seq_len, self.cfg, self.cache, self.images,
+                                   keep_tokens=False)
         self._report()  # the same checks and summary as `ft check-data`
         enforce_on_error(self.cfg.on_error, self.check.rejected, self.cfg.dataset)
         planned = []
@@ -198,7 +213,7 @@ class JobPlan:
                 continue
             self.check.planned.append(result)
             yield result
-        finish_check(self.check, self.spec, self.seq_len, self.cfg)
+        finish_check(self.check, self.spec, self.seq_len, self.cfg, keep_tokens=False)
         self._report()
         self.done = True
         finished()

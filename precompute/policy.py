@@ -25,9 +25,10 @@ from .datasets import DatasetItem, outside_folder
 UNKNOWN_SHARE = 0.5  # a caption with more than this share of unknown tokens is noted
 
 
-@dataclass
+@dataclass(slots=True)
 class Rejected:
-    """An input that was not used (or, as a warning, used with a note): where it is, why, and its kind."""
+    """An input that was not used (or, as a warning, used with a note): where it is, why, and its kind (slots: a
+    rerun can hold one per item, a caption cut to the text length on each)."""
 
     path: str
     reason: str
@@ -67,8 +68,11 @@ def screen_items(items: list[DatasetItem], root: Path, allow_empty_captions: boo
 
 
 def long_caption_warnings(paths: list[str], token_counts: list[int], seq_len: int) -> list[Rejected]:
-    """Captions longer than the text length: kept and cut to it, one warning each."""
-    return [Rejected(path, f"caption of {n} tokens is cut to --max-sequence-length {seq_len}", "caption-truncated")
+    """Captions longer than the text length: kept and cut to it, one warning each (its reason shared by the
+    captions of the same length)."""
+    reasons: dict[int, str] = {}
+    return [Rejected(path, reasons.get(n) or reasons.setdefault(
+                n, f"caption of {n} tokens is cut to --max-sequence-length {seq_len}"), "caption-truncated")
             for path, n in zip(paths, token_counts, strict=True) if n > seq_len]
 
 
