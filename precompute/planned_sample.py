@@ -39,6 +39,19 @@ RESIZE_MODE = "center-crop"
 BucketCheck = Callable[[tuple[int, int, int]], "str | None"]
 
 
+class _HexKey:
+    """A key held as 16 bytes in field `field`, read and set as the 32 hex characters the files use."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __get__(self, sample: Any, owner: type | None = None) -> Any:
+        return self if sample is None else getattr(sample, self.field).hex()
+
+    def __set__(self, sample: Any, value: str) -> None:
+        setattr(sample, self.field, bytes.fromhex(value))
+
+
 @dataclass(slots=True)
 class PlannedSample:
     """One item with its bucket and frames chosen; `key` is set once the encoders' fingerprint is known. A rerun
@@ -64,37 +77,10 @@ class PlannedSample:
     # kept with a note: (kind, reason) from decoding (alpha composited, variable frame rate); become warnings
     notes: tuple[tuple[str, str], ...] = ()
 
-    @property
-    def key(self) -> str:
-        return self.key_bytes.hex()
-
-    @key.setter
-    def key(self, value: str) -> None:
-        self.key_bytes = bytes.fromhex(value)
-
-    @property
-    def video_key(self) -> str:
-        return self.video_key_bytes.hex()
-
-    @video_key.setter
-    def video_key(self, value: str) -> None:
-        self.video_key_bytes = bytes.fromhex(value)
-
-    @property
-    def text_key(self) -> str:
-        return self.text_key_bytes.hex()
-
-    @text_key.setter
-    def text_key(self, value: str) -> None:
-        self.text_key_bytes = bytes.fromhex(value)
-
-    @property
-    def image_key(self) -> str:
-        return self.image_key_bytes.hex()
-
-    @image_key.setter
-    def image_key(self, value: str) -> None:
-        self.image_key_bytes = bytes.fromhex(value)
+    key = _HexKey("key_bytes")
+    video_key = _HexKey("video_key_bytes")
+    text_key = _HexKey("text_key_bytes")
+    image_key = _HexKey("image_key_bytes")
 
     def key_parts(self, encoder_fingerprint: str, encoding: dict[str, Any]) -> dict[str, Any]:
         """Everything that determines this sample's tensors; its hash is the sample key. `encoding` is the run's
