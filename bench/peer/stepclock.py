@@ -3,7 +3,7 @@
 usage: python stepclock.py ft <ft args...>
        python stepclock.py peer <finetrainers source dir> <train.py args...>
 
-Writes JSON to $H_PEER_METRICS at exit:
+Writes JSON to $H_PEER_METRICS at exit (under torchrun, rank r > 0 to $H_PEER_METRICS.rank<r>):
   t0            time.time() when this wrapper started (the interpreter is already up)
   steps         time.time() after every optimizer step (a global torch.optim post-step hook)
   cpu           time.process_time() (this process's CPU seconds, all threads) at the same moments
@@ -32,6 +32,8 @@ import time
 
 T0 = time.time()
 OUT = os.environ.get("H_PEER_METRICS", "metrics.json")
+if int(os.environ.get("RANK", "0")):  # under torchrun: rank 0 writes $H_PEER_METRICS, rank r writes it + ".rank<r>"
+    OUT += f".rank{os.environ['RANK']}"
 MID = int(os.environ.get("H_PEER_MID_STEP", "30"))
 M: dict = {"t0": T0, "steps": [], "cpu": [], "rss_kb": [], "hwm_kb": None, "live_mid": None,
            "enc": {"vae_encode_calls": 0, "vae_clips": 0, "t5_calls": 0, "t5_prompts": 0}}
