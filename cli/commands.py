@@ -80,6 +80,10 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
     register_table()
     args, config_path = pop_config_flag(list(argv))
     command = next((a for a in args if not a.startswith("-")), None)
+    if command == "run" and "--help" not in args:  # both stages in this process (cli/run_both.py)
+        from .run_both import run_both
+
+        return run_both(argv[argv.index("run") + 1:])
     configs = command_configs()
     if config_path and command not in configs:
         raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")

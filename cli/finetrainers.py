@@ -140,7 +140,7 @@ class Translation:
     effects: dict[str, str] = field(default_factory=dict)
 
     def info_lines(self) -> list[str]:
-        lines = [f"left to ft {cmd}: {', '.join(flags)}" for cmd, flags in self.left_to.items()]
+        lines = [f"left to ft {cmd}: {', '.join(dict.fromkeys(flags))}" for cmd, flags in self.left_to.items()]
         if self.not_needed:
             lines.append(f"accepted, nothing to do in ft (docs/finetrainers.md says why): {', '.join(self.not_needed)}")
         if self.not_yet:

@@ -3,7 +3,8 @@ dataclass (demo, inspect, models); the rest come from the table in commands.py.
 
 A `UserError` prints its message and exits 2 with no traceback, and so does an environment fault (a full disk, a
 read-only folder: common/faults.py) that no command turned into a message of its own. Heavy libraries (torch,
-diffusers) are imported only inside the commands, so `ft --help` is instant.
+diffusers) are imported only inside the commands, so `ft --help` is instant. `ft run` (run_both.py) runs
+precompute and train in one process.
 
 The command line is the top floor (ft.cli): it reaches into precompute and train lazily, through the one command
 table `COMMANDS`, and nothing below imports it.
@@ -21,6 +22,7 @@ from ft.common.faults import environment_fault, fault_message
 from ft.common.logs import log, setup_logging
 
 from .commands import COMMANDS, app, command_configs, invoke, register_table
+from .run_both import RUN_HELP
 
 __all__ = ["COMMANDS", "app", "command_configs", "invoke", "main"]
 
@@ -37,6 +39,13 @@ def demo(
     from .demo import run_demo
 
     run_demo(workdir, steps=steps, model=model)
+
+
+@app.command("run", help=RUN_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(ctx: typer.Context) -> object:
+    from .run_both import run_both
+
+    return run_both(ctx.args)  # `invoke` runs `ft run` itself; this is its --help and its place in the list
 
 
 @app.command("inspect")

@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ["--workdir"],
     "inspect": ["--verify"],
     "models": [],
+    "run": ["ft precompute ARGS", "ft train ARGS"],
 }
 
 

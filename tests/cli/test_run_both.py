@@ -1,0 +1,67 @@
+"""`ft run`: precompute then train in one process, from one argument list (cli/run_both.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ft.cli.run_both import stage_arguments, without_flag
+from ft.common.errors import UserError
+from helpers import BUCKETS, FP32, run_cli
+
+TRAIN = ["--rank", "4", "--lr", "3e-3", "--lr-warmup-steps", "0", "--train-steps", "3", "--seed", "0"]
+
+
+def test_one_command_precomputes_trains_and_a_rerun_encodes_nothing(tmp_path, tiny_cog, shapes_data, caplog):
+    argv = ["run", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+            "--shards", tmp_path / "shards", *BUCKETS, "--output-dir", tmp_path / "out", *TRAIN]
+    summary = run_cli(argv)
+    assert summary["steps"] == 3
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["active"]["samples"] == 10
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    # the same command into a new output folder: the shards are reused as `ft precompute` reuses them
+    argv[argv.index(tmp_path / "out")] = tmp_path / "out2"
+    with caplog.at_level("INFO", logger="ft"):
+        assert run_cli(argv)["steps"] == 3
+    assert "nothing to encode" in caplog.text
+    assert (tmp_path / "out2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_shard_folder_reaches_both_stages(tmp_path):
+    assert stage_arguments(["--shards", "s"]) == ["--shards", "s", "--out", "s"]
+    assert stage_arguments(["--out", "s"]) == ["--out", "s", "--shards", "s"]
+    assert stage_arguments(["--shards", "s:0.5"])[-2:] == ["--out", "s"]  # a mixing weight is train's alone
+    assert stage_arguments(["--out", "s", "--shards", "./s"]) == ["--out", "s", "--shards", "./s"]
+    config = tmp_path / "run.toml"
+    config.write_text('shards = "from-file"\n')
+    assert stage_arguments(["--config", str(config)])[-2:] == ["--out", "from-file"]
+    assert stage_arguments(["--dataset_config", "training.json"]) == ["--dataset_config", "training.json"]
+
+
+def test_the_batch_size_is_the_training_batch_only():
+    assert without_flag(["--batch-size", "4", "--rank", "8", "--batch-size=2", "--lr", "1"], "--batch-size") == [
+        "--rank", "8", "--lr", "1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "a", "--shards", "b"], "differ"),
+    (["--shards", "a", "b"], "names 2 shard sets"),
+    (["--dataset", "d"], "needs the shard folder: --shards DIR"),
+])
+def test_a_shard_folder_that_cannot_be_both_stages_is_refused(argv, message):
+    with pytest.raises(UserError, match=message):
+        stage_arguments(argv)
+
+
+def test_under_torchrun_it_says_what_to_run_instead(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ft.cli.main", "run", "--shards", str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
+    assert result.returncode == 2
+    assert "ft precompute" in result.stderr and "torchrun ... ft train" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
