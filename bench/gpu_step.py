@@ -40,7 +40,8 @@ import torch
 from ft.cli.estimate import EstimateConfig, conditioning_shapes, estimate
 from ft.cli.main import invoke
 from ft.common.shards import Manifest, ShardWriter, load_manifest, parse_bucket
-from ft.pipelines.base import ModelSpec, import_class
+from ft.pipelines.base import ModelSpec
+from ft.pipelines.loading import import_class
 from ft.pipelines.registry import get_spec, save_tiny_model
 from ft.train.reporting import LOG_NAME
 

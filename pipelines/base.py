@@ -2,7 +2,8 @@
 
 precompute and train never branch on a model's name; they ask the spec. A spec says:
 - loading: which classes make up the family, and how `--pretrained` plus per-component overrides and dtypes
-  (`ModelArgs`) become loaded modules, with a clear error for a folder that is not of this family;
+  (`ModelArgs`) become loaded modules, with a clear error for a folder that is not of this family (the methods
+  that do it are ModelSpec's base class, `ComponentLoading` in loading.py; the fingerprints are fingerprint.py's);
 - stage 1: `encode_video(vae, frames)` (the VAE posterior by default) and `encode_prompts(encoders, prompts)`,
   each returning named tensors that become the `latents` and `cond` groups of a shard sample; the `cond` layout
   is the spec's `conditioning` (CondTensor: name, width, shape), which `check_shards` and `ft estimate` read;
@@ -26,20 +27,15 @@ Adding a family is adding a file with a subclass and a line in registry.py.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ft.common.dtypes import dtype_name, parse_dtype
 from ft.common.errors import UserError
-from ft.common.model_args import COMPONENTS, ModelArgs, is_processor
+from ft.common.model_args import ModelArgs
 
-from .fingerprint import ComponentFiles, clean_config, file_fingerprint, hub_hint, locate
+from .loading import ComponentLoading, import_class
 from .lora_keys import OriginalLayout
 from .real_configs import Checkpoint
 
@@ -49,63 +45,6 @@ if TYPE_CHECKING:
     from ft.common.shards import Manifest
 
     from .image import ImageConditioning
-
-
-def import_class(module: str, name: str) -> type:
-    return getattr(importlib.import_module(module), name)
-
-
-def resolve_source(override: str, component: str) -> tuple[str, str | None]:
-    """Where an override (`--vae-id X`) points: (path or repo id, subfolder or None). See common/model_args.py."""
-    path = Path(override)
-    if path.exists():
-        if path.is_dir() and (path / component).is_dir():
-            return str(path), component
-        return str(path), None
-    parts = override.split("/")
-    if len(parts) > 2:  # owner/name/subfolder on the hub
-        return "/".join(parts[:2]), "/".join(parts[2:])
-    return override, None
-
-
-def _config_dict(module: Any) -> dict[str, Any]:
-    config = getattr(module, "config", None)
-    if config is None:
-        return {}
-    return clean_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-
-
-def weights_digest(module: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:
-    """A digest of a module's weights: every tensor's name, shape and dtype, and up to 64 KiB of its bytes
-    (start, middle, end). Distinguishes finetunes without hashing gigabytes."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if flat.numel() == 0:
-            continue
-        # bytes are sampled where the tensor lives; only the samples cross to the host
-        raw = (flat if tensor.dtype.is_floating_point else flat.to(torch.int64)).view(torch.uint8)
-        third = sample_bytes // 3
-        for start in (0, max(0, raw.numel() // 2 - third // 2), max(0, raw.numel() - third)):
-            h.update(raw[start : start + third].cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def fingerprint(module: Any, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """What identifies an encoder in a manifest: its class, config, weights digest and dtype."""
-    info: dict[str, Any] = {"class": type(module).__name__, "config": _config_dict(module)}
-    if hasattr(module, "state_dict"):
-        info["weights"] = weights_digest(module)
-    if dtype is not None:
-        info["dtype"] = dtype_name(dtype)
-    if hasattr(module, "get_vocab"):  # a tokenizer
-        vocab = module.get_vocab()
-        info["vocab"] = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:32]
-        info["vocab_size"] = len(vocab)
-    return info
 
 
 def randn_per_sample(shape: tuple[int, ...], generators: list[torch.Generator],
@@ -239,7 +178,7 @@ def t5_prompt_embeds(encoders: dict[str, Any], prompts: list[str], max_sequence_
     return embeds, tokens.attention_mask.bool().to(embeds.device)
 
 
-class ModelSpec(ABC):
+class ModelSpec(ComponentLoading, ABC):
     """One model family. Subclasses fill in the class attributes and the stage-1 / stage-2 methods."""
 
     name: ClassVar[str]
@@ -303,33 +242,8 @@ class ModelSpec(ABC):
     cp_modes_why: ClassVar[str] = ""
 
     # ------------------------------------------------------------------------------------------------ loading
-
-    def check_args(self, args: ModelArgs) -> None:
-        """Refuse overrides of components this family does not have (a flag that would silently do nothing), and
-        what `check_pretrained` refuses of --pretrained: every command (precompute and check-data too) refuses a
-        folder that a later stage would, before any work."""
-        for component in COMPONENTS:
-            if component in self.component_classes or component in self.image_component_classes:
-                continue
-            flag = "--" + component.replace("_", "-")
-            if args.source_of(component):
-                raise UserError(f"{flag}-id: {self.display_name} has no {component}; its components are "
-                                f"{', '.join(self.component_classes)}.")
-            if not is_processor(component) and parse_dtype(args.dtype_of(component)) != parse_dtype("bf16"):
-                raise UserError(f"{flag}-dtype: {self.display_name} has no {component}.")
-        if getattr(args, "expert", None) and not self.has_experts:
-            raise UserError(f"--expert: {self.display_name} has one transformer, which trains on the whole schedule; "
-                            "drop --expert (only Wan 2.2 A14B has two experts).")
-        if getattr(args, "first_frame_conditioning_p", 0.0) and not self.first_frame_conditioning:
-            raise UserError(f"--first-frame-conditioning-p: {self.display_name} is not trained with first-frame "
-                            "conditioning; leave it at 0.")
-        for flag in ("image_noise", "noised_image_dropout"):
-            if getattr(args, flag, False) and not self.takes_image_noise:
-                name = "--" + flag.replace("_", "-")
-                raise UserError(f"{name}: ft's {self.display_name} training has no noised conditioning image; "
-                                f"drop {name}.")
-        if getattr(args, "pretrained", None):  # what a later stage would refuse of the folder, refused first
-            self.check_pretrained(args.pretrained, args.revision, args.cache_dir)
+    # How the components load from --pretrained and the overrides (and what of them is refused): ComponentLoading,
+    # in loading.py. Here: which spec of the family a checkpoint needs.
 
     def for_checkpoint_name(self, pretrained: str) -> ModelSpec:
         """The spec of this family whose built-in checkpoints (`checkpoints`) include `pretrained`, for `ft
@@ -340,152 +254,6 @@ class ModelSpec(ABC):
         """The spec of this family that fits `--pretrained` (after `check_args`): itself, or the spec of a checkpoint
         whose components are other classes (HunyuanVideo-I2V's Llava text encoder)."""
         return self
-
-    def component_class(self, component: str) -> type:
-        return import_class(*{**self.component_classes, **self.image_component_classes}[component])
-
-    def _source(self, component: str, args: ModelArgs) -> tuple[str, str | None, str | None]:
-        override = args.source_of(component) if component in COMPONENTS else None
-        if override:
-            return (*resolve_source(override, component), None)
-        root = Path(args.pretrained)
-        if root.exists():
-            if not root.is_dir():
-                raise UserError(f"--pretrained {args.pretrained} is a file; pass a diffusers {self.display_name} "
-                                "folder (with model_index.json) or a hub id.")
-            if not (root / component).is_dir():
-                have = sorted(p.name for p in root.iterdir() if p.is_dir())
-                raise UserError(
-                    f"--pretrained {args.pretrained} has no {component}/ folder (it has: {', '.join(have) or 'none'}). "
-                    f"Pass a diffusers {self.display_name} folder, or name the {component} with "
-                    f"--{component.replace('_', '-')}-id.")
-        return args.pretrained, component, args.revision
-
-    def load_config(self, component: str, args: ModelArgs) -> dict[str, Any]:
-        """A component's config.json only: cheap, no weights."""
-        source, subfolder, revision = self._source(component, args)
-        cls = self.component_class(component)
-        try:
-            config = dict(cls.load_config(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir))
-        except Exception as e:  # OSError, EnvironmentError, huggingface_hub errors
-            raise UserError(f"could not read the {component} config from {source}"
-                            f"{'/' + subfolder if subfolder else ''}: {e}{hub_hint(source)}") from e
-        flag = f"--{component.replace('_', '-')}-id" if args.source_of(component) else "--pretrained"
-        self.check_component_class(component, config, f"{source}{'/' + subfolder if subfolder else ''}", flag)
-        return config
-
-    def check_component_class(self, component: str, config: dict[str, Any], where: str, flag: str = "--pretrained"
-                              ) -> None:
-        """Refuse a transformer or VAE config whose `_class_name` is another class than this family's (another
-        family's folder passed as --pretrained): diffusers would build this family's class from a config it does
-        not fit, and fail deep inside, or not at all."""
-        if component not in ("transformer", "vae") or component not in self.component_classes:
-            return
-        module, expected = self.component_classes[component]
-        found = config.get("_class_name")
-        if module != "diffusers" or not found or found == expected:
-            return
-        owner = family_of_class(component, found)
-        owner = f" (a {owner} model: pass --model {owner})" if owner else ""
-        raise UserError(f"{where}: this {component} is {found}{owner}, not the {expected} of "
-                        f"{self.display_name}; pass a diffusers {self.display_name} "
-                        f"{'folder' if flag == '--pretrained' else component} as {flag}.")
-
-    def check_pretrained(self, pretrained: str, revision: str | None = None, cache_dir: str | None = None) -> None:
-        """What this family refuses in --pretrained's model_index.json before any weight loads (`ft estimate`
-        reads configs only); nothing by default."""
-        return None
-
-    def load_component(self, component: str, args: ModelArgs, device: str | torch.device | None = None) -> Any:
-        """Load one component (`transformer`, `vae`, `text_encoder_2`, `tokenizer`, ...) in its configured dtype."""
-        cls = self.component_class(component)
-        source, subfolder, revision = self._source(component, args)
-        kwargs: dict[str, Any] = {}
-        hub: dict[str, Any] = {"cache_dir": args.cache_dir} if args.cache_dir else {}  # from_pretrained only
-        dtype = None
-        if not is_processor(component):
-            if args.variant:
-                hub["variant"] = args.variant
-            dtype = parse_dtype(args.dtype_of(component), f"--{component.replace('_', '-')}-dtype")
-            kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
-        try:
-            if source.endswith(".safetensors") and hasattr(cls, "from_single_file"):
-                module = cls.from_single_file(source, **kwargs)
-            else:
-                if subfolder:
-                    kwargs["subfolder"] = subfolder
-                module = cls.from_pretrained(source, revision=revision, **kwargs, **hub)
-        except Exception as e:  # from_pretrained raises OSError/ValueError/hub errors for a bad source
-            where = f"{source}/{subfolder}" if subfolder else source
-            raise UserError(f"could not load the {self.display_name} {component} from {where}: {e}"
-                            f"{hub_hint(source)}") from e
-        if device is not None and hasattr(module, "to"):
-            module = module.to(device)
-        if hasattr(module, "eval"):
-            module.eval()
-        return module
-
-    def load_scheduler(self, args: ModelArgs) -> Any:
-        cls = import_class(*self.scheduler_class)
-        source, subfolder, revision = args.pretrained, "scheduler", args.revision
-        try:
-            return cls.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=args.cache_dir)
-        except Exception as e:
-            raise UserError(f"could not load the scheduler from {source}/scheduler: {e}") from e
-
-    def load_text_encoders(self, args: ModelArgs, device: str | torch.device) -> dict[str, Any]:
-        """The tokenizers and text encoders, by component name."""
-        return {name: self.load_component(name, args, device) for name in self.text_components}
-
-    def load_image_encoders(self, args: ModelArgs, device: str | torch.device | None,
-                            conditioning: ImageConditioning | None) -> dict[str, Any]:
-        """The image encoder and its processor of an image-to-video checkpoint that has one, by component name ({}
-        for any other run)."""
-        if conditioning is None or not conditioning.image_encoder:
-            return {}
-        return {name: self.load_component(name, args, device) for name in self.image_component_classes}
-
-    def load_pipeline(self, args: ModelArgs, device: str | torch.device,
-                      conditioning: ImageConditioning | None = None) -> Any:
-        """The diffusers pipeline with every component loaded through `load_component` (so overrides apply): the
-        image-to-video pipeline, with its image encoder, for an image-conditioned run (`conditioning`)."""
-        parts = {name: self.load_component(name, args, device) for name in self.component_classes}
-        parts |= self.load_image_encoders(args, device, conditioning)
-        parts["scheduler"] = self.pipeline_scheduler(args)
-        return import_class(*(conditioning.pipeline_class if conditioning else self.pipeline_class))(**parts)
-
-    def pipeline_scheduler(self, args: ModelArgs) -> Any:
-        """The scheduler the pipeline samples with: the class named in the model's scheduler config."""
-        config = import_class(*self.scheduler_class).load_config(args.pretrained, subfolder="scheduler",
-                                                                 revision=args.revision, cache_dir=args.cache_dir)
-        name = config.get("_class_name")
-        if not name:
-            return self.load_scheduler(args)
-        return import_class("diffusers", name).from_config(config)
-
-    def component_files(self, component: str, args: ModelArgs) -> ComponentFiles:
-        """Where a component's files are on this machine (see fingerprint.py); FilesUnavailable if not readable."""
-        source, subfolder, revision = self._source(component, args)
-        return locate(source, subfolder, revision, args.cache_dir, args.variant, is_processor(component))
-
-    def fingerprints_from_files(self, args: ModelArgs, components: tuple[str, ...] | None = None
-                                ) -> dict[str, Any]:
-        """The stage-1 encoders' fingerprints (text components and VAE) from their files, loading no model.
-        Raises FilesUnavailable when some component cannot be read that way."""
-        out = {}
-        for name in components or (*self.text_components, "vae"):
-            dtype = None if is_processor(name) else dtype_name(parse_dtype(args.dtype_of(name)))
-            out[name] = file_fingerprint(self.component_class(name), self.component_files(name, args), dtype)
-        return out
-
-    def encoder_fingerprints(self, encoders: dict[str, Any], vae: Any, args: ModelArgs) -> dict[str, Any]:
-        """The fallback of `fingerprints_from_files`: fingerprints of loaded modules."""
-        return self.module_fingerprints({**encoders, "vae": vae}, args)
-
-    def module_fingerprints(self, modules: dict[str, Any], args: ModelArgs) -> dict[str, Any]:
-        """Fingerprints of loaded components, by name, each in its configured dtype."""
-        return {name: fingerprint(module, None if is_processor(name) else parse_dtype(args.dtype_of(name)))
-                for name, module in modules.items()}
 
     # ------------------------------------------------------------------------------------------------ facts
 
@@ -758,16 +526,3 @@ class ModelSpec(ABC):
         """(pipeline class, components) of the toy-size `variant` (one of `tiny_variants`)."""
         choices = ", ".join(f"{self.name}:{v}" for v in self.tiny_variants) or "none"
         raise UserError(f"{self.display_name} has no tiny variant {variant!r} (variants: {choices}).")
-
-
-def family_of_class(component: str, class_name: str) -> str | None:
-    """The family whose `component` (transformer, vae) is the diffusers class `class_name`, or None: asked of the
-    families defined, ModelSpec's subclasses (every family's file is imported by registry.py, which a spec does not
-    import: it imports this module)."""
-    found, seen = [], list(ModelSpec.__subclasses__())
-    while seen:
-        spec = seen.pop(0)
-        seen += spec.__subclasses__()
-        if getattr(spec, "name", None) and spec.component_classes.get(component, ("", ""))[1] == class_name:
-            found.append(spec.name)
-    return found[0] if found else None

@@ -1,4 +1,4 @@
-"""The encoders' fingerprint from their files, without instantiating a model.
+"""The encoders' fingerprint from their files, without instantiating a model (or, failing that, from the model).
 
 A shard set names the encoders that made it (`Manifest.encoders`, hashed into every sample key). Loading a T5-XXL
 only to learn that nothing needs encoding cost a rerun most of the first run's time, so the fingerprint is read
@@ -11,7 +11,8 @@ Sources: a local diffusers folder and its component subfolders, a per-component 
 `ModelSpec._source` resolves it, or a hub id whose files are in the Hugging Face cache (fetched there when online:
 configs, tokenizer files and the safetensors the component loads). What cannot be read this way (a single-file
 checkpoint, `.bin` weights, a hub id offline and not cached) raises `FilesUnavailable`, and the caller falls back
-to loading the models and fingerprinting them (`base.fingerprint`), saying so.
+to loading the models and fingerprinting them (`module_fingerprint`, below: the same facts read from the loaded
+module, its weights sampled where they live), saying so.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ft.common.dtypes import dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_BYTES = 1 << 16
 TOKENIZER_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken")
@@ -225,4 +231,45 @@ def file_fingerprint(cls: type, files: ComponentFiles, dtype_name: str | None) -
     info["weights"] = stored_weights_digest(files.weights, files.index)
     if dtype_name is not None:
         info["dtype"] = dtype_name
+    return info
+
+
+def _module_config(module: Any) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    return clean_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def weights_digest(module: torch.nn.Module, sample_bytes: int = SAMPLE_BYTES) -> str:
+    """A digest of a module's weights: every tensor's name, shape and dtype, and up to 64 KiB of its bytes
+    (start, middle, end). Distinguishes finetunes without hashing gigabytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if flat.numel() == 0:
+            continue
+        # bytes are sampled where the tensor lives; only the samples cross to the host
+        raw = (flat if tensor.dtype.is_floating_point else flat.to(torch.int64)).view(torch.uint8)
+        third = sample_bytes // 3
+        for start in (0, max(0, raw.numel() // 2 - third // 2), max(0, raw.numel() - third)):
+            h.update(raw[start : start + third].cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def module_fingerprint(module: Any, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """What identifies a loaded encoder in a manifest: its class, config, weights digest and dtype (the fallback of
+    `file_fingerprint`)."""
+    info: dict[str, Any] = {"class": type(module).__name__, "config": _module_config(module)}
+    if hasattr(module, "state_dict"):
+        info["weights"] = weights_digest(module)
+    if dtype is not None:
+        info["dtype"] = dtype_name(dtype)
+    if hasattr(module, "get_vocab"):  # a tokenizer
+        vocab = module.get_vocab()
+        info["vocab"] = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:32]
+        info["vocab_size"] = len(vocab)
     return info

@@ -53,8 +53,9 @@ from typing import TYPE_CHECKING, Any
 
 from ft.common.errors import UserError
 
-from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, import_class, sample_posterior
+from .base import CondTensor, ModelSpec, StepInputs, TrainOptions, sample_posterior
 from .image import ImageConditioning
+from .loading import import_class
 from .lora_keys import Fused, OriginalLayout, Rename
 from .real_configs import Checkpoint
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from ft.common.errors import UserError
 from ft.common.model_args import ModelArgs
 
-from .base import ModelSpec, import_class
+from .base import ModelSpec
 from .cogvideox import CogVideoXSpec
 from .hunyuan_video import HunyuanVideoSpec
 from .hunyuan_video_1_5 import HunyuanVideo15Spec
+from .loading import import_class
 from .ltx_video import LTXVideoSpec
 from .wan import WanSpec
 

@@ -8,6 +8,8 @@ world size, the degrees and the samples per optimizer step it was saved with. A 
 hidden `.tmp` folder and renamed into place once complete, so a kill mid-save leaves the previous checkpoints usable
 (the leftover is removed by the next save). `--checkpointing-limit K` deletes the oldest beyond K after each save
 (never the one just saved); deleting renames first, so a kill mid-delete leaves no half checkpoint that looks whole.
+What a resume must keep of the run that wrote a checkpoint (the samples per optimizer step) and what it reports
+when it differs (`RESUME_SENSITIVE`) are here too; the trainer's `resume` applies them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ft.common import __version__
 from ft.common.errors import UserError
 from ft.common.logs import log
 from ft.common.shards import kill_point
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "state.json"
@@ -220,3 +225,44 @@ def load_checkpoint(path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+# settings that change what a resumed run computes: a difference from the checkpoint's run is reported
+# (the samples per optimizer step are checked apart: another split of them continues the same data)
+RESUME_SENSITIVE = ("model", "pretrained", "expert", "transformer_id", "shards", "seed", "shuffle_buffer",
+                    "training_type", "rank", "lora_alpha", "target_modules", "caption_dropout_p",
+                    "first_frame_conditioning_p", "image_noise", "noised_image_dropout", "optimizer", "lr",
+                    "lr_scheduler", "lr_warmup_steps", "guidance_scale")
+
+
+def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: TrainConfig, world: int) -> None:
+    """A resume must keep the samples per optimizer step (the data position counts steps of that size); any split
+    of them into processes, batches and accumulation continues the same data."""
+    position = extra.get("data_position") or {}
+    saved = extra.get("samples_per_step", position.get("samples_per_step"))
+    if saved is None:  # an ft 0.1 checkpoint: one process, its position counted micro-batches
+        old = extra.get("config", {})
+        if old.get("gradient_accumulation_steps", 1) != 1:
+            raise UserError(f"{path} was written by an older ft whose data position counts micro-batches of a run "
+                            "with gradient accumulation; it cannot be continued exactly. Start a new run.")
+        saved = old.get("batch_size", cfg.batch_size)
+    if saved == now:
+        return
+    options = []
+    if saved % (world * cfg.gradient_accumulation_steps) == 0:
+        options.append(f"--batch-size {saved // (world * cfg.gradient_accumulation_steps)}")
+    if saved % (world * cfg.batch_size) == 0:
+        options.append(f"--gradient-accumulation-steps {saved // (world * cfg.batch_size)}")
+    hint = (f"; with {world} process(es), {' or '.join(options)} gives that" if options else
+            f"; {saved} samples cannot be split over {world} process(es): use a number of processes that divides it")
+    raise UserError(f"--resume-from-checkpoint: {path} trained {saved} samples per optimizer step, this run "
+                    f"{now} (--batch-size {cfg.batch_size} x {world} process(es) x --gradient-accumulation-steps "
+                    f"{cfg.gradient_accumulation_steps}); the data position counts steps of {saved} samples, so "
+                    f"keep that number{hint}.")
+
+
+def dcp_failure(exc: BaseException | None) -> bool:
+    """Whether `exc` is, or was caused by, a torch.distributed.checkpoint CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    while exc is not None and not isinstance(exc, CheckpointException):
+        exc = exc.__cause__ or exc.__context__
+    return exc is not None

@@ -571,7 +571,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
     spec = spec_for(cfg)
     size = resolve_size(spec, cfg)
     out = check_out(cfg.out)  # before sampling: a read-only or full folder costs no generation
-    from ft.pipelines.base import import_class
+    from ft.pipelines.loading import import_class
 
     conditioning = generation_conditioning(spec, cfg)
     sized = image_sized(spec, cfg) if conditioning is not None else {}

@@ -23,7 +23,7 @@ What the libraries lacked (why this is not one of them):
   blocks offload) handles the backward, but needs a process group even in one process, and it swaps each
   parameter between its sharded DTensor and the gathered tensor around forward and backward, while diffusers'
   layerwise casting (fp8 storage, train/fp8.py) swaps the same parameters' data between fp8 and bf16 around each
-  layer: the reason ft already refuses fp8 storage under FSDP2 (FP8_SEVERAL_PROCESSES in train/trainer.py), and
+  layer: the reason ft already refuses fp8 storage under FSDP2 (FP8_SEVERAL_PROCESSES in train/preflight.py), and
   HunyuanVideo on 24 GB needs fp8 AND offloading. (Read from the code, not tried: no GPU was at hand.)
 Only frozen parameters are offloaded (the LoRA adapters stay on the GPU, where the optimizer updates them); a full
 finetune is refused. On a CPU the mechanism runs as it does on a GPU (the hooks swap in a copy of each block's

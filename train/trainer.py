@@ -11,13 +11,15 @@ ends bitwise equal to a straight one in the same layout, and continues the same 
 
 Under several processes rank 0 alone writes logs, trackers, configs and the exported weights; every rank stops
 with the failing rank's message when one fails where the others would wait for it (train/dist.py).
+
+What the run settles before any weight loads (output folder, shard sets, image conditioning, device) is in
+preflight.py; checkpoints, and what a resume must keep of the run that wrote one, in checkpoints.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -29,16 +31,18 @@ from ft.common.dtypes import parse_dtype
 from ft.common.errors import UserError
 from ft.common.faults import environment_fault
 from ft.common.logs import log, quiet_libraries, quiet_other_ranks
-from ft.common.runtime import pick_device, seed_everything, steady_malloc
-from ft.common.shards import bucket_name, kill_point, parse_bucket, require_complete
-from ft.pipelines.base import ModelSpec, StepInputs, TrainOptions, randn_per_sample, transformer_blocks
-from ft.pipelines.image import ImageConditioning, check_image_shards, describe_conditioning, read_model_index
+from ft.common.runtime import seed_everything, steady_malloc
+from ft.common.shards import bucket_name, kill_point
+from ft.pipelines.base import StepInputs, TrainOptions, randn_per_sample, transformer_blocks
 from ft.pipelines.memory import device_memory
 from ft.pipelines.registry import spec_for
 from ft.train import dist
 
 from .activation_offload import enable as enable_checkpointing
 from .checkpoints import (
+    RESUME_SENSITIVE,
+    check_samples_per_step,
+    dcp_failure,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
@@ -48,7 +52,7 @@ from .checkpoints import (
 from .compile import CompileWatch, apply_compile, compile_summary
 from .config import TRAIN_CONFIG_NAME, TrainConfig
 from .context_parallel import check_context_parallel, enable_context_parallel
-from .loader import Batch, DataStream, ShardSet, background, check_compatible, eval_batches, parse_shard_arg
+from .loader import Batch, DataStream, background, eval_batches
 from .lora import plan_lora, save_lora
 from .objectives import build_objective, sample_generator, uniform_per_sample
 from .parallel import (
@@ -62,27 +66,20 @@ from .parallel import (
     set_gradient_sync,
     trainable_parameters,
 )
+from .preflight import (
+    FP8_SEVERAL_PROCESSES,
+    OFFLOAD_SEVERAL_PROCESSES,
+    open_shard_sets,
+    prepare_output_dir,
+    run_conditioning,
+    training_device,
+)
 from .reporting import LOG_NAME, PLOT_NAME, RunLog, check_wandb_login, plot_losses, stopped_by_fault
 from .state import TrainState
 from .trainable import build_optimizer, load_dtype, make_trainable, save_result, uses_autocast
 from .validation import Validation
 
-FP8_SEVERAL_PROCESSES = (
-    "--layerwise-upcasting-modules (fp8 storage) trains in one process only: diffusers' layerwise casting changes "
-    "each layer's weights between fp8 and --transformer-dtype around its forward, while FSDP2 shards and gathers "
-    "those same weights as flat buffers of one dtype, and DDP broadcasts them at start; fp8 storage is for fitting "
-    "ONE GPU. With several GPUs, train in bf16 with --dp-shards (FSDP2 splits the weights over the processes).")
-OFFLOAD_SEVERAL_PROCESSES = (
-    "--offload-blocks trains in one process only: with several GPUs, shard the transformer over them with "
-    "--dp-shards instead (FSDP2 keeps 1/N of every block on each GPU and gathers one block at a time, which is what "
-    "offloading does with the CPU).")
 EVAL_STEP = -1  # the "global batch" keying the fixed-noise eval draws
-# settings that change what a resumed run computes: a difference from the checkpoint's run is reported
-# (the samples per optimizer step are checked apart: another split of them continues the same data)
-RESUME_SENSITIVE = ("model", "pretrained", "expert", "transformer_id", "shards", "seed", "shuffle_buffer",
-                    "training_type", "rank", "lora_alpha", "target_modules", "caption_dropout_p",
-                    "first_frame_conditioning_p", "image_noise", "noised_image_dropout", "optimizer", "lr",
-                    "lr_scheduler", "lr_warmup_steps", "guidance_scale")
 
 
 def to_device(tensor: Any, device: str) -> Any:
@@ -90,88 +87,6 @@ def to_device(tensor: Any, device: str) -> Any:
     if not str(device).startswith("cuda"):
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """--output-dir, made; a fresh run never writes over an earlier run's checkpoints."""
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {out}: cannot make this folder ({e.strerror}); pass a writable folder.") from e
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--output-dir {out} is not writable; pass a folder you can write to.")
-    existing = list_checkpoints(out)
-    if existing and not cfg.resume_from_checkpoint:
-        steps = ", ".join(str(step) for step, _ in existing)
-        raise UserError(f"--output-dir {out} holds checkpoints of an earlier run (steps {steps}): add "
-                        "--resume-from-checkpoint latest to go on with it, or pass another --output-dir (a fresh run "
-                        "here would mix the two).")
-    return out
-
-
-def open_shard_sets(cfg: TrainConfig, spec: ModelSpec, transformer_config: dict, samples_per_step: int
-                    ) -> list[ShardSet]:
-    """The --shards sets, checked against each other and against the transformer before any weight loads; each
-    bucket is checked against the samples of one optimizer step (every process's batches together)."""
-    need = (f"the {samples_per_step} samples of an optimizer step (--batch-size {cfg.batch_size} x "
-            f"{samples_per_step // (cfg.batch_size * cfg.gradient_accumulation_steps)} processes x "
-            f"--gradient-accumulation-steps {cfg.gradient_accumulation_steps})")
-    sets = [ShardSet(*parse_shard_arg(arg)) for arg in cfg.shards]
-    check_compatible(sets)
-    for s in sets:
-        require_complete(s.manifest, s.folder, cfg.allow_incomplete)
-        spec.check_shards(s.manifest, transformer_config)
-        vae_config = s.manifest.encoders.get("vae", {}).get("config", {})
-        for bucket, count in s.manifest.training_histogram().items():
-            problem = spec.check_bucket(parse_bucket(bucket), vae_config, transformer_config)
-            if problem:
-                raise UserError(f"{s.folder} holds {bucket} samples, which this transformer cannot take: {problem}. "
-                                "Precompute again with --buckets that fit it.")
-            if count < samples_per_step:
-                log.warning(f"{s.folder}: bucket {bucket} has {count} samples, fewer than {need}; it is not used")
-        histogram = s.manifest.training_histogram()
-        if not any(n >= samples_per_step for n in histogram.values()):
-            raise UserError(f"no bucket of {s.folder} holds {need} "
-                            f"({', '.join(f'{b}: {n}' for b, n in histogram.items())}); lower --batch-size or "
-                            "--gradient-accumulation-steps, or train on fewer processes.")
-        if cfg.caption_dropout_p > 0 and not s.manifest.empty_caption:
-            raise UserError(f"--caption-dropout-p needs the empty caption's conditioning, which {s.folder} does not "
-                            "hold (it was written by an older ft). Rerun `ft precompute` with the same --out: it "
-                            "adds it without re-encoding anything else.")
-    return sets
-
-
-def run_conditioning(cfg: TrainConfig, spec: ModelSpec, sets: list[ShardSet], transformer_config: dict
-                     ) -> ImageConditioning | None:
-    """How the run conditions on an image (None: text-to-video), from --mode, the checkpoint and what every shard
-    set holds (pipelines/image.py), before any weight loads."""
-    model_index = read_model_index(cfg.pretrained, cfg.revision, cfg.cache_dir)
-    where = f"--pretrained {cfg.pretrained}" + (f" with --transformer-id {cfg.transformer_id}"
-                                                 if cfg.transformer_id else "")
-    found = [check_image_shards(spec, cfg.mode, s.manifest, transformer_config, model_index, where) for s in sets]
-    if len(set(found)) > 1:
-        kinds = ", ".join(f"{s.folder}: {describe_conditioning(c)}" for s, c in zip(sets, found, strict=True))
-        raise UserError(f"--shards mixes sets of different conditioning ({kinds}); train one kind per run.")
-    return found[0]
-
-
-def training_device(requested: str, world: dist.World) -> str:
-    """--device for this process: under several processes each takes cuda:LOCAL_RANK (or the CPU). A rank past
-    the node's GPU count is the only one to meet that error, so it prints it itself; the others are alike."""
-    device = dist.same_on_every_rank(lambda: pick_device(requested))
-    if world.size == 1 or not device.startswith("cuda"):
-        return device
-    if ":" in requested:
-        raise dist.raised_everywhere(UserError(f"--device {requested}: under {world.launcher}, each process trains "
-                                               "on cuda:LOCAL_RANK; pass --device cuda (or auto)."))
-    import torch
-
-    if world.local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {world.local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
-                        "start at most that many processes per node.")
-    torch.cuda.set_device(world.local_rank)
-    return f"cuda:{world.local_rank}"
 
 
 class Trainer:
@@ -536,7 +451,7 @@ class Trainer:
                                        list_checkpoints(self.out))
             # a DCP save fails on every rank alike (its CheckpointException gathers every rank's failures): rank 0
             # prints the message once
-            raise dist.RankError(message, quiet=self.world.rank != 0 and _dcp_failure(e)) from e
+            raise dist.RankError(message, quiet=self.world.rank != 0 and dcp_failure(e)) from e
         finally:
             if watch:
                 watch.close()
@@ -599,41 +514,6 @@ class Trainer:
         result = dist.run_on_rank_zero(lambda: save_result(self.cfg, self.spec, self.transformer, self.out,
                                                            self.lora_plan, self.state.step, full_state=full))
         return dist.broadcast_object(result)
-
-
-def _dcp_failure(exc: BaseException | None) -> bool:
-    """Whether `exc` is, or was caused by, a torch.distributed.checkpoint CheckpointException."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    while exc is not None and not isinstance(exc, CheckpointException):
-        exc = exc.__cause__ or exc.__context__
-    return exc is not None
-
-
-def check_samples_per_step(path: Path, extra: dict[str, Any], now: int, cfg: TrainConfig, world: int) -> None:
-    """A resume must keep the samples per optimizer step (the data position counts steps of that size); any split
-    of them into processes, batches and accumulation continues the same data."""
-    position = extra.get("data_position") or {}
-    saved = extra.get("samples_per_step", position.get("samples_per_step"))
-    if saved is None:  # an ft 0.1 checkpoint: one process, its position counted micro-batches
-        old = extra.get("config", {})
-        if old.get("gradient_accumulation_steps", 1) != 1:
-            raise UserError(f"{path} was written by an older ft whose data position counts micro-batches of a run "
-                            "with gradient accumulation; it cannot be continued exactly. Start a new run.")
-        saved = old.get("batch_size", cfg.batch_size)
-    if saved == now:
-        return
-    options = []
-    if saved % (world * cfg.gradient_accumulation_steps) == 0:
-        options.append(f"--batch-size {saved // (world * cfg.gradient_accumulation_steps)}")
-    if saved % (world * cfg.batch_size) == 0:
-        options.append(f"--gradient-accumulation-steps {saved // (world * cfg.batch_size)}")
-    hint = (f"; with {world} process(es), {' or '.join(options)} gives that" if options else
-            f"; {saved} samples cannot be split over {world} process(es): use a number of processes that divides it")
-    raise UserError(f"--resume-from-checkpoint: {path} trained {saved} samples per optimizer step, this run "
-                    f"{now} (--batch-size {cfg.batch_size} x {world} process(es) x --gradient-accumulation-steps "
-                    f"{cfg.gradient_accumulation_steps}); the data position counts steps of {saved} samples, so "
-                    f"keep that number{hint}.")
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:

@@ -106,12 +106,12 @@ def test_a_rank_without_a_gpu_says_so_itself(monkeypatch):
     # to rank 0, which has a GPU and goes on to wait for the others) nobody would print it
     import torch
 
-    from ft.train import trainer
+    from ft.train import preflight, trainer
     from ft.train.config import TrainConfig
 
     monkeypatch.setattr(trainer.dist, "world_from_env", lambda: World(1, 2, 1, "torchrun"))
     monkeypatch.setattr(trainer, "quiet_other_ranks", lambda rank: None)
-    monkeypatch.setattr(trainer, "pick_device", lambda requested: "cuda")
+    monkeypatch.setattr(preflight, "pick_device", lambda requested: "cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = TrainConfig(model="cogvideox", pretrained="m", shards=["s"], output_dir="o", device="cuda")
     with pytest.raises(UserError, match="local rank 1 has no GPU") as raised:

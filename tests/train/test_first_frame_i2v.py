@@ -61,7 +61,7 @@ def test_precompute_i2v_stores_the_image_alone_beside_the_video(i2v_shards):
 def test_an_i2v_lora_lowers_the_loss_changes_the_i2v_pipeline_and_generates(family, i2v_shards, tmp_path):
     from PIL import Image
 
-    from ft.pipelines.base import import_class
+    from ft.pipelines.loading import import_class
     from ft.pipelines.registry import get_spec
 
     model, shards = i2v_shards(family)

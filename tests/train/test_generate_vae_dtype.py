@@ -39,7 +39,7 @@ def test_wan_decodes_with_the_vae_dtype_asked_for_as_diffusers_does(tiny_wan):
 def test_which_pipelines_cast_the_latents_to_the_vaes_dtype():
     import inspect
 
-    from ft.pipelines.base import import_class
+    from ft.pipelines.loading import import_class
 
     for name in ("cogvideox", "ltx_video", "hunyuan_video", "wan"):
         spec = get_spec(name)

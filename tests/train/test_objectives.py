@@ -125,7 +125,7 @@ def test_resolution_shift_defaults_are_the_family_schedulers(family):
     import inspect
 
     from ft.common.errors import UserError
-    from ft.pipelines.base import import_class
+    from ft.pipelines.loading import import_class
     from ft.pipelines.registry import get_spec
     from ft.train.config import TrainConfig
 
