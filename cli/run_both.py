@@ -56,8 +56,8 @@ def _folder(shards: str) -> str:
 
 def stage_arguments(args: list[str]) -> list[str]:
     """`args` with the shard folder given to both stages: `--shards` for train and `--out` for precompute, from
-    whichever of the two the user gave (on the command line or in the --config file). A finetrainers
-    `--dataset_config` names the folders itself."""
+    whichever of the two the user gave (on the command line or in the --config file). finetrainers'
+    `--precomputation_dir` is each stage's own name for it, read by each stage."""
     from .flags import read_config_file
 
     config = _values(args, "--config")
@@ -76,8 +76,9 @@ def stage_arguments(args: list[str]) -> list[str]:
         return [*args, "--shards", out]
     if shards and not out:
         return [*args, "--out", shards]
-    if not out and not (_values(args, "--dataset-config") or values.get("dataset_config")):
-        raise UserError("ft run needs the shard folder: --shards DIR (precompute writes it, train reads it).")
+    if not out and not (_values(args, "--precomputation-dir") or values.get("precomputation_dir")):
+        raise UserError("ft run needs the shard folder: --shards DIR (precompute writes it, train reads it; a "
+                        "finetrainers --dataset_config writes one shard set per dataset under it).")
     return args
 
 
@@ -96,15 +97,33 @@ def without_flag(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def check_train_flags(args: list[str]) -> None:
+    """Refuse a bad train flag, or an output folder a fresh run may not use, before precompute spends its time:
+    train's config is built (its checks run) and an existing --output-dir checked as `ft train` checks it."""
+    from pathlib import Path
+
+    from .commands import invoke
+
+    cfg = invoke(["train", *args], standalone=False, check_only=True)
+    if Path(cfg.output_dir).is_dir():  # writable, and no earlier run's checkpoints unless resuming
+        from ft.train.trainer import prepare_output_dir
+
+        prepare_output_dir(cfg)
+
+
 def run_both(args: list[str]) -> object:
     """`ft precompute args`, then `ft train args`, in this process; returns train's result."""
     from .commands import invoke
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit():
+        raise UserError(f"WORLD_SIZE={world!r} is not a number of processes; unset it to run ft run in one process.")
+    if int(world) > 1:
         raise UserError("ft run is one process; under torchrun the shards must be complete before any rank trains. "
                         "Run `ft precompute ...` first (`--num-jobs N --job-index I` spreads it over N processes), "
                         "then `torchrun ... ft train ...` with the same flags.")
     args = stage_arguments(list(args))
+    check_train_flags(args)
     log.info("ft run: stage 1 of 2, ft precompute")
     invoke(["precompute", *without_flag(args, "--batch-size")], standalone=False)
     gc.collect()  # the encoders go before the transformer comes

@@ -40,7 +40,6 @@ def test_the_shard_folder_reaches_both_stages(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('shards = "from-file"\n')
     assert stage_arguments(["--config", str(config)])[-2:] == ["--out", "from-file"]
-    assert stage_arguments(["--dataset_config", "training.json"]) == ["--dataset_config", "training.json"]
 
 
 def test_the_batch_size_is_the_training_batch_only():
@@ -65,3 +64,51 @@ def test_under_torchrun_it_says_what_to_run_instead(tmp_path):
     assert "ft precompute" in result.stderr and "torchrun ... ft train" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def _run_argv(tmp_path, tiny_cog, shapes_data, *extra):
+    return ["run", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", shapes_data,
+            "--shards", tmp_path / "shards", *BUCKETS, "--output-dir", tmp_path / "out", *TRAIN, *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "abc"], "--lr"),  # a value the parser refuses: was a traceback, after precompute had run
+    (["--optimizer", "nope"], "--optimizer 'nope' is not one of"),
+    (["--lr-warmup-steps", "-5"], "--lr-warmup-steps must be >= 0"),
+])
+def test_a_bad_train_flag_is_refused_before_precompute_starts(tmp_path, tiny_cog, shapes_data, extra, message):
+    with pytest.raises(UserError, match=message):
+        run_cli(_run_argv(tmp_path, tiny_cog, shapes_data, *extra))
+    assert not (tmp_path / "shards").exists()
+
+
+def test_an_output_dir_with_an_earlier_run_is_refused_before_precompute_starts(tmp_path, tiny_cog, shapes_data):
+    from ft.train.checkpoints import STATE_NAME
+
+    (tmp_path / "out" / "checkpoints" / "checkpoint-000003").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "checkpoint-000003" / STATE_NAME).write_text("{}")
+    with pytest.raises(UserError, match="--resume-from-checkpoint latest"):
+        run_cli(_run_argv(tmp_path, tiny_cog, shapes_data))
+    assert not (tmp_path / "shards").exists()
+
+
+def test_ctrl_c_in_precompute_stops_ft_run_and_a_rerun_goes_on(tmp_path, tiny_cog, shapes_data):
+    argv = [str(a) for a in _run_argv(tmp_path, tiny_cog, shapes_data)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": "started", "FT_TEST_KILL_SIGNAL": "INT"}
+    result = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], capture_output=True, text=True, env=env)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "stage 2 of 2" not in result.stderr and not (tmp_path / "out").exists()
+    assert run_cli(argv)["steps"] == 3  # the rerun keeps what was encoded and trains
+
+
+def test_a_bad_world_size_is_an_error_not_a_traceback(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="WORLD_SIZE"):
+        run_cli(["run", "--shards", "s"])
+
+
+def test_a_finetrainers_argument_list_is_told_to_add_the_shard_folder(tmp_path):
+    with pytest.raises(UserError, match="needs the shard folder: --shards DIR"):
+        stage_arguments(["--dataset_config", "training.json", "--output_dir", "out"])
+    assert stage_arguments(["--dataset", "d", "--precomputation_dir", "pc"]) == [
+        "--dataset", "d", "--precomputation_dir", "pc"]  # finetrainers' name for the folder: each stage reads it
