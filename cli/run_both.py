@@ -105,10 +105,16 @@ def check_train_flags(args: list[str]) -> None:
     from .commands import invoke
 
     cfg = invoke(["train", *args], standalone=False, check_only=True)
-    if Path(cfg.output_dir).is_dir():  # writable, and no earlier run's checkpoints unless resuming
+    out = Path(cfg.output_dir)
+    if out.is_dir():  # writable, and no earlier run's checkpoints unless resuming
         from ft.train.trainer import prepare_output_dir
 
         prepare_output_dir(cfg)
+        return
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # made by train, after precompute
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--output-dir {out}: cannot make this folder ({existing} is not a writable folder); pass "
+                        "a folder you can write to.")
 
 
 def run_both(args: list[str]) -> object:

@@ -112,3 +112,12 @@ def test_a_finetrainers_argument_list_is_told_to_add_the_shard_folder(tmp_path):
         stage_arguments(["--dataset_config", "training.json", "--output_dir", "out"])
     assert stage_arguments(["--dataset", "d", "--precomputation_dir", "pc"]) == [
         "--dataset", "d", "--precomputation_dir", "pc"]  # finetrainers' name for the folder: each stage reads it
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_before_precompute_starts(tmp_path, tiny_cog, shapes_data):
+    (tmp_path / "a-file").write_text("")
+    argv = _run_argv(tmp_path, tiny_cog, shapes_data)
+    argv[argv.index(tmp_path / "out")] = tmp_path / "a-file" / "out"
+    with pytest.raises(UserError, match="--output-dir .*a-file/out: cannot make this folder"):
+        run_cli(argv)
+    assert not (tmp_path / "shards").exists()
