@@ -97,6 +97,23 @@ def without_flag(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def precompute_arguments(args: list[str]) -> list[str]:
+    """Precompute's arguments: `--batch-size` is the training batch in `ft run`, on the command line or in the
+    --config file (where it is overridden by precompute's default, as a flag overrides a file's key)."""
+    import dataclasses
+
+    from .flags import read_config_file
+
+    out = without_flag(args, "--batch-size")
+    config = _values(args, "--config")
+    if config and "batch-size" in read_config_file(config[0]):  # `batch_size` is left to train by precompute itself
+        from ft.precompute.config import PrecomputeConfig
+
+        default = next(f.default for f in dataclasses.fields(PrecomputeConfig) if f.name == "batch_size")
+        out += ["--batch-size", str(default)]
+    return out
+
+
 def check_train_flags(args: list[str]) -> None:
     """Refuse a bad train flag, or an output folder a fresh run may not use, before precompute spends its time:
     train's config is built (its checks run) and an existing --output-dir checked as `ft train` checks it."""
@@ -131,7 +148,7 @@ def run_both(args: list[str]) -> object:
     args = stage_arguments(list(args))
     check_train_flags(args)
     log.info("ft run: stage 1 of 2, ft precompute")
-    invoke(["precompute", *without_flag(args, "--batch-size")], standalone=False)
+    invoke(["precompute", *precompute_arguments(args)], standalone=False)
     gc.collect()  # the encoders go before the transformer comes
     import torch
 

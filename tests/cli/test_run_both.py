@@ -121,3 +121,12 @@ def test_an_output_dir_that_cannot_be_made_is_refused_before_precompute_starts(t
     with pytest.raises(UserError, match="--output-dir .*a-file/out: cannot make this folder"):
         run_cli(argv)
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_config_files_batch_size_is_the_training_batch_only(tmp_path):
+    from ft.cli.run_both import precompute_arguments
+
+    config = tmp_path / "run.toml"
+    config.write_text('shards = "s"\nbatch-size = 4\n')
+    assert precompute_arguments(["--config", str(config)])[-2:] == ["--batch-size", "1"]  # precompute's default
+    assert precompute_arguments(["--batch-size", "4", "--rank", "8"]) == ["--rank", "8"]
