@@ -6,9 +6,12 @@ experiments. A small job pays for that with a second process that imports torch,
 then `ft train ARGS` in this process. One argument list already drives both stages (each command keeps its own
 flags and names the other stage's once: cli/finetrainers.py), so a finetrainers argument list or a `--config` file
 works here as it does for the two commands. The shard folder is train's `--shards` or precompute's `--out` (give
-one, or both the same); a finetrainers `--dataset_config` names its own. A rerun encodes nothing that is already
-encoded (precompute's own rerun rules). `--batch-size` is the training batch, as finetrainers' `--batch_size` is
-(precompute encodes with its default batch). Between the stages the encoders are released (collected, and the CUDA
+one, or both the same; finetrainers' `--precomputation_dir` too), and is always asked for: a finetrainers
+`--dataset_config` writes one shard set per dataset under it. A rerun encodes nothing that is already encoded
+(precompute's own rerun rules). `--batch-size` is the training batch, as finetrainers' `--batch_size` is, on the
+command line or in the --config file (precompute encodes with its default batch). Train's flags are checked (its
+config built, an existing --output-dir checked) before precompute starts, so a typo costs no encoding. A Ctrl-C
+stops `ft run` (exit 130) in either stage. Between the stages the encoders are released (collected, and the CUDA
 cache emptied) before the transformer is loaded.
 
 One process only: under torchrun it refuses with the two commands to run instead (the shards must be complete
@@ -23,13 +26,15 @@ import os
 from ft.common.errors import UserError
 from ft.common.logs import log
 
-RUN_HELP = """Precompute, then train, in one process (a small job's quickest start).
-
-`ft precompute ARGS` then `ft train ARGS`, without a second start-up (imports, model configs). ARGS are the flags of
-both commands (see `ft precompute --help` and `ft train --help`; finetrainers' spellings and --config FILE work as
-there); the shard folder is --shards (or precompute's --out); --batch-size is the training batch (precompute
-encodes with its default batch). One process only: under torchrun, run
-`ft precompute` first, then `torchrun ... ft train`."""
+RUN_HELP = ("Precompute, then train, in one process (a small job's quickest start).\n\n"
+            # one paragraph, one line: the help reflows it to the terminal's width
+            "`ft precompute ARGS` then `ft train ARGS`, without a second start-up (imports, model configs). ARGS are "
+            "the flags of both commands (see `ft precompute --help` and `ft train --help`; finetrainers' spellings "
+            "and --config FILE work as there); the shard folder is --shards (or precompute's --out); --batch-size is "
+            "the training batch (precompute encodes with its default batch). Train's flags are checked before "
+            "precompute starts. Run the same command again after an interruption: precompute encodes only what is "
+            "missing, and --resume-from-checkpoint latest goes on with the training. One process only: under "
+            "torchrun, run `ft precompute` first, then `torchrun ... ft train`.")
 
 
 def _values(args: list[str], flag: str) -> list[str]:
