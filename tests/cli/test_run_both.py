@@ -92,9 +92,10 @@ def test_an_output_dir_with_an_earlier_run_is_refused_before_precompute_starts(t
     assert not (tmp_path / "shards").exists()
 
 
-def test_ctrl_c_in_precompute_stops_ft_run_and_a_rerun_goes_on(tmp_path, tiny_cog, shapes_data):
+@pytest.mark.parametrize("point", ["started", "encoded"])  # before the first clip; after the last shard, unmerged
+def test_ctrl_c_in_precompute_stops_ft_run_and_a_rerun_goes_on(tmp_path, tiny_cog, shapes_data, point):
     argv = [str(a) for a in _run_argv(tmp_path, tiny_cog, shapes_data)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": "started", "FT_TEST_KILL_SIGNAL": "INT"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": point, "FT_TEST_KILL_SIGNAL": "INT"}
     result = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], capture_output=True, text=True, env=env)
     assert result.returncode == 130, result.stderr[-2000:]
     assert "stage 2 of 2" not in result.stderr and not (tmp_path / "out").exists()
