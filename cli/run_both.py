@@ -120,13 +120,18 @@ def precompute_arguments(args: list[str]) -> list[str]:
 
 
 def check_train_flags(args: list[str]) -> None:
-    """Refuse a bad train flag, or an output folder a fresh run may not use, before precompute spends its time:
-    train's config is built (its checks run) and an existing --output-dir checked as `ft train` checks it."""
+    """Refuse a bad train flag, a checkpoint to resume that is not there, or an output folder a fresh run may not
+    use, before precompute spends its time: train's config is built (its checks run), --resume-from-checkpoint
+    resolved, and --output-dir checked as `ft train` checks it."""
     from pathlib import Path
 
     from .commands import invoke
 
     cfg = invoke(["train", *args], standalone=False, check_only=True)
+    if cfg.resume_from_checkpoint:  # the checkpoint is there now or never: precompute writes none
+        from ft.train.checkpoints import resolve_checkpoint
+
+        resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
     out = Path(cfg.output_dir)
     if out.is_dir():  # writable, and no earlier run's checkpoints unless resuming
         from ft.train.trainer import prepare_output_dir

@@ -131,3 +131,9 @@ def test_a_config_files_batch_size_is_the_training_batch_only(tmp_path):
     config.write_text('shards = "s"\nbatch-size = 4\n')
     assert precompute_arguments(["--config", str(config)])[-2:] == ["--batch-size", "1"]  # precompute's default
     assert precompute_arguments(["--batch-size", "4", "--rank", "8"]) == ["--rank", "8"]
+
+
+def test_a_checkpoint_to_resume_that_is_not_there_is_refused_before_precompute(tmp_path, tiny_cog, shapes_data):
+    with pytest.raises(UserError, match="--resume-from-checkpoint latest: .* holds no checkpoint"):
+        run_cli(_run_argv(tmp_path, tiny_cog, shapes_data, "--resume-from-checkpoint", "latest"))
+    assert not (tmp_path / "shards").exists()
