@@ -24,6 +24,7 @@ import gc
 import os
 
 from ft.common.errors import UserError
+from ft.common.launcher import array_task, world_from_env
 from ft.common.logs import log
 
 RUN_HELP = ("Precompute, then train, in one process (a small job's quickest start).\n\n"
@@ -119,6 +120,23 @@ def precompute_arguments(args: list[str]) -> list[str]:
     return out
 
 
+def check_one_job(args: list[str]) -> None:
+    """Refuse to precompute one job of several (--num-jobs, a SLURM array task): train would refuse the set it
+    leaves incomplete, after precompute had spent its time."""
+    from .commands import invoke
+
+    task = array_task()
+    if task and task[1] > 1:
+        raise UserError(f"ft run precomputes the whole dataset, but this is task {task[0]} of a SLURM array of "
+                        f"{task[1]}: run `ft precompute ...` as the array, then `ft train ...` once it is done.")
+    configs = invoke(["precompute", *precompute_arguments(args)], standalone=False, check_only=True)
+    for cfg in configs if isinstance(configs, list) else [configs]:
+        if (cfg.num_jobs or 1) > 1:
+            raise UserError(f"ft run precomputes the whole dataset, but --num-jobs {cfg.num_jobs} makes this job "
+                            f"{cfg.job_index} of {cfg.num_jobs}: leave --num-jobs out, or run `ft precompute ...` "
+                            "as the N jobs, then `ft train ...`.")
+
+
 def check_train_flags(args: list[str]) -> None:
     """Refuse a bad train flag, a checkpoint to resume that is not there, or an output folder a fresh run may not
     use, before precompute spends its time: train's config is built (its checks run), --resume-from-checkpoint
@@ -148,14 +166,12 @@ def run_both(args: list[str]) -> object:
     """`ft precompute args`, then `ft train args`, in this process; returns train's result."""
     from .commands import invoke
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not world.strip().isdigit():
-        raise UserError(f"WORLD_SIZE={world!r} is not a number of processes; unset it to run ft run in one process.")
-    if int(world) > 1:
+    if world_from_env().size > 1:
         raise UserError("ft run is one process; under torchrun the shards must be complete before any rank trains. "
                         "Run `ft precompute ...` first (`--num-jobs N --job-index I` spreads it over N processes), "
                         "then `torchrun ... ft train ...` with the same flags.")
     args = stage_arguments(list(args))
+    check_one_job(args)
     check_train_flags(args)
     log.info("ft run: stage 1 of 2, ft precompute")
     invoke(["precompute", *precompute_arguments(args)], standalone=False)

@@ -59,7 +59,7 @@ def test_a_shard_folder_that_cannot_be_both_stages_is_refused(argv, message):
 
 def test_under_torchrun_it_says_what_to_run_instead(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ft.cli.main", "run", "--shards", str(tmp_path)],
-                            capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"})
+                            capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
     assert result.returncode == 2
     assert "ft precompute" in result.stderr and "torchrun ... ft train" in result.stderr
     assert "Traceback" not in result.stderr
@@ -136,4 +136,18 @@ def test_a_config_files_batch_size_is_the_training_batch_only(tmp_path):
 def test_a_checkpoint_to_resume_that_is_not_there_is_refused_before_precompute(tmp_path, tiny_cog, shapes_data):
     with pytest.raises(UserError, match="--resume-from-checkpoint latest: .* holds no checkpoint"):
         run_cli(_run_argv(tmp_path, tiny_cog, shapes_data, "--resume-from-checkpoint", "latest"))
+    assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("env, extra, message", [
+    ({"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "0"}, [], "SLURM array"),
+    ({}, ["--num-jobs", "2", "--job-index", "0"], "--num-jobs"),
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}, [], "under torchrun"),  # a plain srun of 2 tasks
+])
+def test_one_job_of_several_is_refused_before_it_leaves_a_set_train_refuses(tmp_path, tiny_cog, shapes_data,
+                                                                          monkeypatch, env, extra, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=message):
+        run_cli(_run_argv(tmp_path, tiny_cog, shapes_data, *extra))
     assert not (tmp_path / "shards").exists()
