@@ -95,7 +95,7 @@ def invoke(argv: list[str], standalone: bool = True, check_only: bool = False) -
     if command == "run" and "--help" not in args and not check_only:  # both stages in this process (cli/run_both.py)
         from .run_both import run_both
 
-        return run_both(argv[argv.index("run") + 1:])
+        return run_both([*args[args.index("run") + 1:], *(["--config", config_path] if config_path else [])])
     configs = command_configs()
     if config_path and command not in configs:
         raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")

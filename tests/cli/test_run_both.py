@@ -151,3 +151,12 @@ def test_one_job_of_several_is_refused_before_it_leaves_a_set_train_refuses(tmp_
     with pytest.raises(UserError, match=message):
         run_cli(_run_argv(tmp_path, tiny_cog, shapes_data, *extra))
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_config_file_before_the_command_name_is_read(tmp_path, tiny_cog, shapes_data):
+    config = tmp_path / "run.toml"  # `ft --config FILE run` as `ft --config FILE train` works: the file is not dropped
+    config.write_text(f'model = "cogvideox"\npretrained = "{tiny_cog}"\ndataset = "{shapes_data}"\n'
+                      f'shards = "{tmp_path / "s"}"\noutput_dir = "{tmp_path / "out"}"\noptimizer = "nope"\n')
+    with pytest.raises(UserError, match="--optimizer 'nope' is not one of"):
+        run_cli(["--config", config, "run"])
+    assert not (tmp_path / "s").exists()
