@@ -74,16 +74,28 @@ def register_table() -> None:
             make_command(config_cls, _runner(name), config_cls.__doc__))
 
 
-def invoke(argv: list[str], standalone: bool = True) -> object:
+def _parser_only() -> typer.Typer:
+    """The table's commands with runners that only build the config: the flags checked, nothing run."""
+    checker = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    for name, config_cls in command_configs().items():
+        checker.command(name)(make_command(config_cls, lambda cfg: cfg, config_cls.__doc__))
+    return checker
+
+
+def invoke(argv: list[str], standalone: bool = True, check_only: bool = False) -> object:
     """Parse `argv` as the `ft` command line would and run it; returns the command's result when not standalone
-    (a list of results when a finetrainers dataset config makes several precompute runs)."""
+    (a list of results when a finetrainers dataset config makes several precompute runs). With `check_only`, the
+    flags are read and the config built (its checks run), and nothing runs: the result is the config.
+
+    Not standalone, a parser error is a `UserError` and a Ctrl-C a `KeyboardInterrupt` (typer returns it as the
+    exit code 130 there), so a caller running two commands (`ft run`) stops as `ft` would."""
     register_table()
     args, config_path = pop_config_flag(list(argv))
     command = next((a for a in args if not a.startswith("-")), None)
-    if command == "run" and "--help" not in args:  # both stages in this process (cli/run_both.py)
+    if command == "run" and "--help" not in args and not check_only:  # both stages in this process (cli/run_both.py)
         from .run_both import run_both
 
-        return run_both(argv[argv.index("run") + 1:])
+        return run_both([*args[args.index("run") + 1:], *(["--config", config_path] if config_path else [])])
     configs = command_configs()
     if config_path and command not in configs:
         raise UserError(f"--config applies to {', '.join(configs)}; put it after one of those commands.")
@@ -94,21 +106,30 @@ def invoke(argv: list[str], standalone: bool = True) -> object:
         args = expand_multi_value_flags(kebab_flags(args), multi)
         return app(args=args, prog_name="ft", standalone_mode=standalone)
     at = args.index(command)
-    if command == "precompute" and "--finalize" in args:  # the merge of N jobs' shard sets needs only --out
+    # the merge of N jobs' shard sets needs only --out
+    if command == "precompute" and "--finalize" in args and not check_only:
         from ft.precompute.merge import finalize_command_line
 
         return finalize_command_line(args[at + 1 :])
     values = read_config_file(config_path) if config_path else None
-    translation = translate(command, args[at + 1 :], values, configs, config_path or "")
-    for line in translation.info_lines() if first_rank() else []:  # the same notes on every rank: said once
+    translation = translate(command, args[at + 1 :], values, configs, config_path or "", before_precompute=check_only)
+    for line in translation.info_lines() if first_rank() and not check_only else []:  # said once, on one rank
         log.info(line)
-    apply_effects(translation.effects)
+    if not check_only:
+        apply_effects(translation.effects)
+    target = _parser_only() if check_only else app
     results = []
     for run in translation.runs:  # a finetrainers dataset config with several datasets: one precompute each
         try:
-            results.append(app(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone))
+            result = target(args=[*args[: at + 1], *run], prog_name="ft", standalone_mode=standalone)
         except SystemExit as e:  # standalone mode exits after each run; only a failure stops the others
             if e.code not in (0, None):
                 raise
-            results.append(None)
+            result = None
+        except typer.TyperException as e:  # not standalone: the parser's error, as one line
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            raise UserError(f"ft {command}: {message}") from e
+        if not standalone and type(result) is int:  # typer's Exit: 130 is a Ctrl-C the command has reported
+            raise KeyboardInterrupt if result == 130 else SystemExit(result)
+        results.append(result)
     return results[0] if len(results) == 1 else results

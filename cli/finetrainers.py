@@ -189,8 +189,11 @@ def _check_value(flag: Flag, entry: Entry) -> None:
 
 
 def translate(command: str, argv: list[str], config: dict[str, Any] | None, configs: dict[str, type],
-              config_path: str = "") -> Translation:
+              config_path: str = "", before_precompute: bool = False) -> Translation:
     """Turn `argv` (after the command name) plus a --config file's keys into the ft runs of `command`.
+
+    `before_precompute`: the flags are checked before the shards are written (`ft run`), so a --dataset_config's
+    shard sets need not exist yet.
 
     Command-line flags override the file's keys; within one of them, a list setting given by several flags (video
     and image buckets) collects them all."""
@@ -210,7 +213,7 @@ def translate(command: str, argv: list[str], config: dict[str, Any] | None, conf
                     settings[name] = values
         by_origin.append(settings)
     settings = {**by_origin[0], **by_origin[1]}
-    _special_cases(command, settings, finetrainers, result, fields.by_command[command])
+    _special_cases(command, settings, finetrainers, result, fields.by_command[command], before_precompute)
     return result
 
 
@@ -277,7 +280,7 @@ def _leave(result: Translation, flag: Flag, entry: Entry, command: str, stages: 
 
 
 def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: dict[str, list[str]],
-                   result: Translation, kinds: dict[str, str]) -> None:
+                   result: Translation, kinds: dict[str, str], before_precompute: bool = False) -> None:
     target = {P: "out", T: "shards"}.get(command)
     if "precomputation_dir" in finetrainers and target:
         given = settings.get(target)
@@ -306,7 +309,8 @@ def _special_cases(command: str, settings: dict[str, list[str]], finetrainers: d
         if command in (P, CHECK):  # check-data checks each dataset as precompute would encode it
             result.runs = _precompute_runs(settings, datasets, kinds, with_out=command == P)
             return
-        _mix_shards(settings, datasets)
+        if not before_precompute:
+            _mix_shards(settings, datasets)
     result.runs = [to_argv(settings, kinds)]
 
 

@@ -6,9 +6,12 @@ experiments. A small job pays for that with a second process that imports torch,
 then `ft train ARGS` in this process. One argument list already drives both stages (each command keeps its own
 flags and names the other stage's once: cli/finetrainers.py), so a finetrainers argument list or a `--config` file
 works here as it does for the two commands. The shard folder is train's `--shards` or precompute's `--out` (give
-one, or both the same); a finetrainers `--dataset_config` names its own. A rerun encodes nothing that is already
-encoded (precompute's own rerun rules). `--batch-size` is the training batch, as finetrainers' `--batch_size` is
-(precompute encodes with its default batch). Between the stages the encoders are released (collected, and the CUDA
+one, or both the same; finetrainers' `--precomputation_dir` too), and is always asked for: a finetrainers
+`--dataset_config` writes one shard set per dataset under it. A rerun encodes nothing that is already encoded
+(precompute's own rerun rules). `--batch-size` is the training batch, as finetrainers' `--batch_size` is, on the
+command line or in the --config file (precompute encodes with its default batch). Train's flags are checked (its
+config built, an existing --output-dir checked) before precompute starts, so a typo costs no encoding. A Ctrl-C
+stops `ft run` (exit 130) in either stage. Between the stages the encoders are released (collected, and the CUDA
 cache emptied) before the transformer is loaded.
 
 One process only: under torchrun it refuses with the two commands to run instead (the shards must be complete
@@ -21,15 +24,18 @@ import gc
 import os
 
 from ft.common.errors import UserError
+from ft.common.launcher import array_task, world_from_env
 from ft.common.logs import log
 
-RUN_HELP = """Precompute, then train, in one process (a small job's quickest start).
-
-`ft precompute ARGS` then `ft train ARGS`, without a second start-up (imports, model configs). ARGS are the flags of
-both commands (see `ft precompute --help` and `ft train --help`; finetrainers' spellings and --config FILE work as
-there); the shard folder is --shards (or precompute's --out); --batch-size is the training batch (precompute
-encodes with its default batch). One process only: under torchrun, run
-`ft precompute` first, then `torchrun ... ft train`."""
+RUN_HELP = ("Precompute, then train, in one process (a small job's quickest start).\n\n"
+            # one paragraph, one line: the help reflows it to the terminal's width
+            "`ft precompute ARGS` then `ft train ARGS`, without a second start-up (imports, model configs). ARGS are "
+            "the flags of both commands (see `ft precompute --help` and `ft train --help`; finetrainers' spellings "
+            "and --config FILE work as there); the shard folder is --shards (or precompute's --out); --batch-size is "
+            "the training batch (precompute encodes with its default batch). Train's flags are checked before "
+            "precompute starts. Run the same command again after an interruption: precompute encodes only what is "
+            "missing, and --resume-from-checkpoint latest goes on with the training. One process only: under "
+            "torchrun, run `ft precompute` first, then `torchrun ... ft train`.")
 
 
 def _values(args: list[str], flag: str) -> list[str]:
@@ -56,8 +62,8 @@ def _folder(shards: str) -> str:
 
 def stage_arguments(args: list[str]) -> list[str]:
     """`args` with the shard folder given to both stages: `--shards` for train and `--out` for precompute, from
-    whichever of the two the user gave (on the command line or in the --config file). A finetrainers
-    `--dataset_config` names the folders itself."""
+    whichever of the two the user gave (on the command line or in the --config file). finetrainers'
+    `--precomputation_dir` is each stage's own name for it, read by each stage."""
     from .flags import read_config_file
 
     config = _values(args, "--config")
@@ -76,8 +82,9 @@ def stage_arguments(args: list[str]) -> list[str]:
         return [*args, "--shards", out]
     if shards and not out:
         return [*args, "--out", shards]
-    if not out and not (_values(args, "--dataset-config") or values.get("dataset_config")):
-        raise UserError("ft run needs the shard folder: --shards DIR (precompute writes it, train reads it).")
+    if not out and not (_values(args, "--precomputation-dir") or values.get("precomputation_dir")):
+        raise UserError("ft run needs the shard folder: --shards DIR (precompute writes it, train reads it; a "
+                        "finetrainers --dataset_config writes one shard set per dataset under it).")
     return args
 
 
@@ -96,17 +103,78 @@ def without_flag(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def precompute_arguments(args: list[str]) -> list[str]:
+    """Precompute's arguments: `--batch-size` is the training batch in `ft run`, on the command line or in the
+    --config file (where it is overridden by precompute's default, as a flag overrides a file's key)."""
+    import dataclasses
+
+    from .flags import read_config_file
+
+    out = without_flag(args, "--batch-size")
+    config = _values(args, "--config")
+    if config and "batch-size" in read_config_file(config[0]):  # `batch_size` is left to train by precompute itself
+        from ft.precompute.config import PrecomputeConfig
+
+        default = next(f.default for f in dataclasses.fields(PrecomputeConfig) if f.name == "batch_size")
+        out += ["--batch-size", str(default)]
+    return out
+
+
+def check_one_job(args: list[str]) -> None:
+    """Refuse to precompute one job of several (--num-jobs, a SLURM array task): train would refuse the set it
+    leaves incomplete, after precompute had spent its time."""
+    from .commands import invoke
+
+    task = array_task()
+    if task and task[1] > 1:
+        raise UserError(f"ft run precomputes the whole dataset, but this is task {task[0]} of a SLURM array of "
+                        f"{task[1]}: run `ft precompute ...` as the array, then `ft train ...` once it is done.")
+    configs = invoke(["precompute", *precompute_arguments(args)], standalone=False, check_only=True)
+    for cfg in configs if isinstance(configs, list) else [configs]:
+        if (cfg.num_jobs or 1) > 1:
+            raise UserError(f"ft run precomputes the whole dataset, but --num-jobs {cfg.num_jobs} makes this job "
+                            f"{cfg.job_index} of {cfg.num_jobs}: leave --num-jobs out, or run `ft precompute ...` "
+                            "as the N jobs, then `ft train ...`.")
+
+
+def check_train_flags(args: list[str]) -> None:
+    """Refuse a bad train flag, a checkpoint to resume that is not there, or an output folder a fresh run may not
+    use, before precompute spends its time: train's config is built (its checks run), --resume-from-checkpoint
+    resolved, and --output-dir checked as `ft train` checks it."""
+    from pathlib import Path
+
+    from .commands import invoke
+
+    cfg = invoke(["train", *args], standalone=False, check_only=True)
+    if cfg.resume_from_checkpoint:  # the checkpoint is there now or never: precompute writes none
+        from ft.train.checkpoints import resolve_checkpoint
+
+        resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+    out = Path(cfg.output_dir)
+    if out.is_dir():  # writable, and no earlier run's checkpoints unless resuming
+        from ft.train.trainer import prepare_output_dir
+
+        prepare_output_dir(cfg)
+        return
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # made by train, after precompute
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--output-dir {out}: cannot make this folder ({existing} is not a writable folder); pass "
+                        "a folder you can write to.")
+
+
 def run_both(args: list[str]) -> object:
     """`ft precompute args`, then `ft train args`, in this process; returns train's result."""
     from .commands import invoke
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_from_env().size > 1:
         raise UserError("ft run is one process; under torchrun the shards must be complete before any rank trains. "
                         "Run `ft precompute ...` first (`--num-jobs N --job-index I` spreads it over N processes), "
                         "then `torchrun ... ft train ...` with the same flags.")
     args = stage_arguments(list(args))
+    check_one_job(args)
+    check_train_flags(args)
     log.info("ft run: stage 1 of 2, ft precompute")
-    invoke(["precompute", *without_flag(args, "--batch-size")], standalone=False)
+    invoke(["precompute", *precompute_arguments(args)], standalone=False)
     gc.collect()  # the encoders go before the transformer comes
     import torch
 

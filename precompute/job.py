@@ -411,11 +411,14 @@ class PrecomputeJob:
         # the prompt table's rows this run adds (job 0 writes them for the set, as the empty caption)
         prompts = PromptWriter(out, self.fingerprints, self.encoding, self.validation if slot.index == 0 else [])
 
+        # the tensors' shapes: the set's, else an unmerged attempt's (killed after its last shard, its shards are
+        # adopted and this attempt may encode nothing that would say them); check_job_start made the encoders alike
+        shapes = base.shapes if base else next((s.header["shapes"] for s in self.states if s.header.get("shapes")), {})
         self.state = state = JobState(
             slot.index, slot.num_jobs, uuid.uuid4().hex, socket.gethostname(), os.getpid(),
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             header={"model_family": spec.name, "encoders": self.fingerprints, "encoder_fingerprint": self.fingerprint,
-                    "encoding": self.encoding, "shapes": base.shapes if base else {},
+                    "encoding": self.encoding, "shapes": shapes,
                     "empty_caption": empty_caption, "prompts": base.prompts if base else {}},
             resume_command=_save_config(cfg, out, slot),
             todo=dict(Counter(bucket_name(*p.bucket) for p in self.todo)), dropped=self.found.dropped)
