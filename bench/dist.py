@@ -4,8 +4,9 @@
     python bench/dist.py --cp [--config medium] [--cp-buckets 17x128x192,33x128x192,33x128x384]
 
 For LoRA and full finetune, each layout is one real torchrun launch (`python -m torch.distributed.run --standalone
---nproc_per_node N bench/dist.py --worker ...`, gloo on the CPU, fp32) of bench/train_step.py's CogVideoX (`medium`:
-4 layers of width 512 at 17x128x192; `tiny`: the test model at 9x32x32), batch 1 per rank. Every rank builds ft's
+--nproc_per_node N bench/dist.py --worker ...`, gloo on the CPU, fp32; the 1-process layout a plain process) of
+bench/train_step.py's CogVideoX (`medium`: 4 layers of width 512 at 17x128x192; `tiny`: the test model at 9x32x32),
+batch 1 per rank. Every rank builds ft's
 own Trainer from a TrainConfig (`--dp-degree`/`--dp-shards` as the layout says), takes `--warmup` + `--steps`
 optimizer steps through `Trainer.optimizer_step` fed by the shard loader, then measures from its live tensors:
 - weights: every parameter of the transformer it holds (under FSDP2 the local shard of each DTensor, `to_local()`),
@@ -141,12 +142,15 @@ def result_stem(args: argparse.Namespace) -> str:
 
 def launch(work: Path, layout: str, training: str, args: argparse.Namespace, bucket: str | None = None
            ) -> list[dict]:
-    """One torchrun launch of the worker; every rank's measurements."""
+    """One launch of the worker (torchrun for several processes); every rank's measurements."""
     label, nproc = (CP_LAYOUTS if bucket else LAYOUTS)[layout][:2]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               __file__, "--worker", "--layout", layout, "--training", training, "--workdir", str(work),
+    # the 1-process rows as a plain process, as bench/train_step.py runs its own: torchrun's agent would add only
+    # its start-up (a torch import) to what the worker measures itself
+    launcher = ([sys.executable] if nproc == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)])
+    command = [*launcher, __file__, "--worker", "--layout", layout, "--training", training, "--workdir", str(work),
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--cp", "--bucket", bucket] if bucket else []
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)

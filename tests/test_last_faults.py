@@ -1,5 +1,6 @@
 """Issue 25's smaller faults, each made for real: wandb installed with no login, regex flags that do not compile,
-flags that would do nothing, a 0-byte lock, advice for several processes, and the notes of short runs."""
+flags that would do nothing, a 0-byte lock, advice for several processes, and the notes of short runs. That a flag's
+note is said once under torchrun is checked on a run of tests/train/test_distributed.py (one launch fewer)."""
 
 from __future__ import annotations
 
@@ -71,17 +72,6 @@ def test_estimate_with_several_shards_does_not_recommend_offloading(tiny_cog):
     one = run_cli(["estimate", "--model", "hunyuan_video", "--pretrained", "hunyuan-video", "--buckets", "49x512x768",
                    "--layerwise-upcasting-modules", "transformer"]).report()
     assert "cards with --offload-blocks" in one
-
-
-@pytest.mark.slow
-def test_under_torchrun_a_flag_note_is_said_once(tiny_cog, cog_shards, tmp_path):
-    from helpers import torchrun
-
-    done = torchrun(2, [*train_argv(tiny_cog, cog_shards, tmp_path / "out", "--batch-size", "1",
-                                    "--report-to", "none", "--validation-steps", "3"), "--pin_memory"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("accepted, nothing to do in ft") == 1
-    assert done.stderr.count("--validation-steps 3 does nothing without --validation-dataset-file") == 1
 
 
 def test_a_resumed_run_removes_a_delete_cut_short_and_says_step_not_steps(tiny_cog, cog_shards, tmp_path):

@@ -42,19 +42,27 @@ def test_a_compiled_run_trains_as_the_eager_one_and_recompiles_each_block_once_p
     assert summary["steady_seconds_per_step"] < summary["first_step_seconds"]
 
 
+@pytest.fixture(scope="module")
+def eager_two_per_step(tiny_cog, cog_shards, tmp_path_factory):
+    """One eager process at 2 samples per optimizer step: the run both layouts below are compared with."""
+    out = tmp_path_factory.mktemp("compile") / "eager"
+    train("cogvideox", tiny_cog, cog_shards, out, *RUN, "--batch-size", "2")
+    return out
+
+
 @pytest.mark.slow  # two torchrun processes; aot_eager (the graph capture, not inductor's code generation, which the
 # one-process test covers): inductor made this about 2 minutes a layout on 2 cores
 @pytest.mark.parametrize("layout", [["--dp-shards", "2"], ["--dp-degree", "2"]], ids=["fsdp2", "ddp"])
-def test_regional_compile_after_wrapping_trains_as_the_eager_run(tiny_cog, cog_shards, tmp_path, layout):
+def test_regional_compile_after_wrapping_trains_as_the_eager_run(tiny_cog, cog_shards, eager_two_per_step, tmp_path,
+                                                                layout):
     """FSDP2 x2 (fully_shard per block, then each block compiled, as torchtitan orders them) and DDP x2
     (replicate, then compile) against one eager process at the same samples per optimizer step: the losses agree
     within the compile tolerance."""
-    train("cogvideox", tiny_cog, cog_shards, tmp_path / "eager", *RUN, "--batch-size", "2")
     out = tmp_path / "fsdp"
     result = torchrun(2, train_args("cogvideox", tiny_cog, cog_shards, out, *RUN, *layout, "--compile-modules",
                                     "transformer", "--compile-backend", "aot_eager"), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled, eager = train_log(out), train_log(tmp_path / "eager")
+    compiled, eager = train_log(out), train_log(eager_two_per_step)
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=LOSS_RTOL)
     assert compiled[0]["graphs_compiled"] >= 1
 

@@ -31,6 +31,9 @@ STEPS = ["--train-steps", "6", "--lr", "3e-3", "--lr-warmup-steps", "1", "--seed
          "--report-to", "none"]
 LORA = ["--rank", "4", "--lora-alpha", "8"]
 FULL = ["--training-type", "full-finetune"]
+# flags that do nothing here, each worth a note: every `launched` run passes them (its curve, compared with the
+# 1-process run's, shows they change nothing), and test_under_torchrun_a_flag_note_is_said_once counts the notes
+NOTED = ["--validation-steps", "3", "--pin_memory"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,8 @@ def reference(tmp_path_factory, tiny_cog, shards):
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_cog, shards):
-    """Runs under torchrun, each started once per module: (processes, layout flags, training type) -> result."""
+    """Runs under torchrun, each started once per module: (processes, layout flags, training type) -> result.
+    Each also passes NOTED."""
     cache = {}
 
     def launch(nproc, layout, training_type):
@@ -92,7 +96,7 @@ def launched(tmp_path_factory, tiny_cog, shards):
             out = tmp_path_factory.mktemp("launched") / "out"
             extra = LORA if training_type == "lora" else FULL
             done = torchrun(nproc, train_args("cogvideox", tiny_cog, shards, out, *STEPS, *extra, "--batch-size", 1,
-                                              *layout))
+                                              *layout, *NOTED))
             assert done.returncode == 0, done.stderr[-3000:]
             cache[key] = out, done
         return cache[key]
@@ -121,6 +125,14 @@ def test_hsdp_on_a_2x2_mesh_follows_the_one_process_curve(tiny_cog, reference, l
     out, done = launched(4, ["--dp-degree", "2", "--dp-shards", "2"], training_type)
     assert "HSDP: 2 replicas x 2 shards" in done.stderr
     assert_same_run(out, reference[training_type, 4], training_type, tiny_cog)
+
+
+def test_under_torchrun_a_flag_note_is_said_once(launched):
+    """A flag that does nothing (finetrainers' --pin_memory) and one that does nothing without another
+    (--validation-steps without --validation-dataset-file) are each noted once, by rank 0, not once per rank."""
+    _, done = launched(2, [], "lora")
+    assert done.stderr.count("accepted, nothing to do in ft") == 1, done.stderr[-3000:]
+    assert done.stderr.count("--validation-steps 3 does nothing without --validation-dataset-file") == 1
 
 
 def test_the_exported_lora_of_two_processes_loads_in_diffusers(tiny_cog, launched):
@@ -261,17 +273,60 @@ def test_a_log_write_failing_on_rank_zero_stops_every_rank_with_its_message(tiny
     assert done.stderr.count("error: --output-dir") == 1  # printed once, by rank 0
 
 
+def live_children(pid):
+    """The processes `pid` started that have not exited (a zombie not yet reaped counts as exited)."""
+    from pathlib import Path
+
+    found = []
+    try:
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except FileNotFoundError:  # it has just exited
+        return found
+    for child in children:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state not in "ZX":
+            found.append(int(child))
+    return found
+
+
 def test_a_rank_that_hangs_ends_the_others_at_the_timeout_with_a_message(tiny_cog, shards, tmp_path):
-    # rank 0 is stopped (SIGSTOP) after its second log line; rank 1 waits at most --nccl-timeout in the next
-    # collective, then says so in one line naming the last checkpoint (not a gloo traceback)
+    """Rank 0 is stopped (SIGSTOP) after its second log line; rank 1 waits at most --nccl-timeout in the next
+    collective, then says so in one line naming the last checkpoint (not a gloo traceback).
+
+    What torchrun does next is not ft's: it sends the stopped rank SIGTERM, which it cannot act on, and SIGKILLs it
+    30 s later (torch 2.13 uses that fixed grace when a worker fails; --shutdown-timeout and
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT apply only to a signal to the agent). The test does that SIGKILL itself once rank
+    1 has exited, instead of waiting the 30 s."""
+    import signal
+
+    from helpers import stopped
+
     env = {"FT_TEST_KILL_AT": "logged:2", "FT_TEST_KILL_SIGNAL": "STOP"}
     argv = train_args("cogvideox", tiny_cog, shards, tmp_path / "out", *STEPS, *LORA, "--batch-size", 1,
                       "--train-steps", 20, "--checkpointing-steps", 1, "--nccl-timeout", 5)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ft.cli.main", *argv]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode != 0
+    with open(tmp_path / "stderr.txt", "w") as err:
+        agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+        deadline = time.monotonic() + 240
+        try:
+            while agent.poll() is None:
+                assert time.monotonic() < deadline, "torchrun did not end"
+                time.sleep(0.2)
+                workers = live_children(agent.pid)
+                if len(workers) == 1 and stopped(workers[0]):  # rank 1 has exited; rank 0 is the stopped one
+                    os.kill(workers[0], signal.SIGKILL)
+                    agent.wait(timeout=60)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert agent.returncode != 0
     assert ("[ft rank 1] error: rank 1 stopped at step 2: another rank stopped answering (a collective timed out "
-            "after --nccl-timeout)") in done.stderr, done.stderr[-3000:]
-    assert "The last checkpoint is step 1" in done.stderr
+            "after --nccl-timeout)") in stderr, stderr[-3000:]
+    assert "The last checkpoint is step 1" in stderr
