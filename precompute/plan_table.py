@@ -180,27 +180,33 @@ class PlanTable:
 
 
 class PlanColumns:
-    """A `PlanTable` built a chunk of planned samples at a time (`add`), then joined (`table`)."""
+    """A `PlanTable` filled a chunk of planned samples at a time (`add`), in columns made once for at most
+    `capacity` samples (the job's items): no array per chunk outlives its chunk, so the memory the chunks' objects
+    used is free for the next chunk's."""
 
-    def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, ...]] = []
+    def __init__(self, capacity: int) -> None:
+        self.table_ = PlanTable(np.empty(capacity, dtype=np.int64), *(np.empty(capacity, dtype=KEY) for _ in range(4)),
+                                np.empty(capacity, dtype=np.int16))
+        self.size = 0
         self.bucket_index: dict[tuple[int, int, int], int] = {}
 
     def add(self, rows: list[int], planned: list) -> None:
         """`planned` (keyed PlannedSamples) and the rows of their items."""
         if not planned:
             return
-        buckets = [self.bucket_index.setdefault(p.bucket, len(self.bucket_index)) for p in planned]
-        self.parts.append((np.asarray(rows, dtype=np.int64), as_keys(p.key_bytes for p in planned),
-                           as_keys(p.video_key_bytes for p in planned), as_keys(p.text_key_bytes for p in planned),
-                           as_keys(p.image_key_bytes for p in planned), np.asarray(buckets, dtype=np.int16)))
+        t, at, end = self.table_, self.size, self.size + len(planned)
+        t.rows[at:end] = rows
+        t.key[at:end] = as_keys(p.key_bytes for p in planned)
+        t.video_key[at:end] = as_keys(p.video_key_bytes for p in planned)
+        t.text_key[at:end] = as_keys(p.text_key_bytes for p in planned)
+        t.image_key[at:end] = as_keys(p.image_key_bytes for p in planned)
+        t.bucket[at:end] = [self.bucket_index.setdefault(p.bucket, len(self.bucket_index)) for p in planned]
+        self.size = end
 
     def table(self) -> PlanTable:
-        if not self.parts:
-            return PlanTable(buckets=list(self.bucket_index))
-        columns = [np.concatenate(column) for column in zip(*self.parts, strict=True)]
-        self.parts = []
-        return PlanTable(*columns, buckets=list(self.bucket_index))
+        n, t = self.size, self.table_
+        return PlanTable(t.rows[:n], t.key[:n], t.video_key[:n], t.text_key[:n], t.image_key[:n], t.bucket[:n],
+                         list(self.bucket_index))
 
 
 def write_keys(path: Path, keys: np.ndarray) -> None:

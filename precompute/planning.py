@@ -221,7 +221,7 @@ class JobPlan:
         sources: dict[int, str] = {}  # the source of each row an later row repeats
         screened, unplanned = RecordList(), RecordList()
         found = tuple(RecordList() for _ in range(4))  # repeated rows, notes, long captions, unknown tokens
-        columns = PlanColumns()
+        columns = PlanColumns(self.survey.count)
         for start, items in self.items.chunks():
             usable, rows = [], []
             for row, item in enumerate(items, start):

@@ -62,7 +62,7 @@ def test_plan_columns_count_samples_per_bucket():
             self.key_bytes = self.video_key_bytes = self.text_key_bytes = key
             self.image_key_bytes, self.bucket = b"", bucket
 
-    columns = PlanColumns()
+    columns = PlanColumns(8)
     keys = [k.tobytes() for k in _keys(5, seed=3)]
     columns.add([0, 2], [Sample(keys[0], (9, 32, 32)), Sample(keys[1], (1, 32, 32))])
     columns.add([5, 6, 9], [Sample(k, (9, 32, 32)) for k in keys[2:]])
