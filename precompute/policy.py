@@ -8,8 +8,9 @@ cut at the text length, a duplicate row dropped) are `warnings`, summarized the 
 Kinds: missing, zero-byte, not-media, truncated, decode-failed (frames failing mid-file), too-short, too-small
 (the bucket would enlarge it more than --max-upscale), no-bucket (the model takes no bucket it fits),
 caption-not-utf8, empty-caption (unless --allow-empty-captions), empty-cell, outside-dataset (unless
---allow-outside-paths); warnings: caption-truncated, duplicate, caption-unknown-tokens (mostly <unk>),
-alpha-composited (transparency flattened on white), variable-frame-rate (fps measured from timestamps).
+--allow-outside-paths), changed (a file changed after a rerun planned it, before it was encoded); warnings:
+caption-truncated, duplicate, caption-unknown-tokens (mostly <unk>), alpha-composited (transparency flattened on
+white), variable-frame-rate (fps measured from timestamps).
 """
 
 from __future__ import annotations
