@@ -284,9 +284,9 @@ class ModelSpec(ComponentLoading, ABC):
         sentencepiece tokenizer folds a run of characters it lacks (CJK, emoji) into one <unk>, hence the
         characters. A byte-level tokenizer (Llama's, CLIP's) has no unknown token: zeros. Families with a prompt
         template override this."""
-        tokenizer = self.load_component(self.text_components[0], args)
         if not captions:
             return []
+        tokenizer = self._stats_tokenizer(args)
         unk = getattr(tokenizer, "unk_token_id", None)
         fast = bool(getattr(tokenizer, "is_fast", False))
         out = []
@@ -302,6 +302,15 @@ class ModelSpec(ComponentLoading, ABC):
                     chars = len(unknown)
                 out.append((len(ids), len(unknown), chars))
         return out
+
+    def _stats_tokenizer(self, args: ModelArgs) -> Any:
+        """The tokenizer `caption_token_stats` counts with, loaded once per source: a rerun checks its captions a
+        chunk of items at a time, and loading it for each chunk cost more than the counting."""
+        where = self._source(self.text_components[0], args)
+        held = self.__dict__.get("_token_stats_tokenizer")
+        if held is None or held[0] != where:
+            held = self.__dict__["_token_stats_tokenizer"] = (where, self.load_component(self.text_components[0], args))
+        return held[1]
 
     # ------------------------------------------------------------------------------------------------ stage 1
 

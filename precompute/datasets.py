@@ -20,12 +20,13 @@ paired up at all (videos.txt and prompts.txt of different lengths) is an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ft.common.errors import UserError
 from ft.common.shards import MANIFEST_NAME
-from ft.common.tables import read_table
+from ft.common.tables import iter_table
 from ft.precompute.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 PATH_COLUMNS = ("video", "video_path", "videos", "path", "file_name", "filename", "file", "media", "image",
@@ -59,38 +60,54 @@ class DatasetItem:
     image: Path | None = None
 
 
+DATASET_CHUNK = 1 << 16  # items per list of `iter_dataset`
+
+
 def load_dataset(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None
                  ) -> list[DatasetItem]:
-    """Read any supported layout into items, in the dataset's own order."""
+    """Read any supported layout into items, in the dataset's own order (`iter_dataset`'s lists, joined)."""
+    return [item for part in iter_dataset(dataset, video_column, caption_column) for item in part]
+
+
+def iter_dataset(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None,
+                 chunk: int = DATASET_CHUNK) -> Iterator[list[DatasetItem]]:
+    """The items of `load_dataset`, in the same order with the same problems and errors, a list of up to `chunk`
+    at a time: the list layout and the tables are read as they are consumed (a rerun of ten million rows holds one
+    list of items, not every row's); WebDataset tars and sidecar captions come as one list. An item's row number is
+    its position in the whole sequence (the items before it, over every list)."""
     root = Path(dataset)
     if not root.exists():
         raise UserError(f"--dataset {dataset}: no such file or folder.")
     if root.is_file():
         if root.suffix.lower() not in TABLE_SUFFIXES:
             raise UserError(f"--dataset {dataset}: a dataset file must be .csv, .json, .jsonl, .parquet or .arrow.")
-        return _from_table(root, video_column, caption_column)
+        yield from _from_table(root, video_column, caption_column, chunk)
+        return
     list_files = _list_files(root, video_column, caption_column)
     tables = [root / name for name in METADATA_NAMES if (root / name).is_file()]
     if list_files:
         if tables:
             _two_layouts(root, f"{list_files[0].name} + {list_files[1].name}", tables[0])
-        return _from_list_files(root, *list_files)
+        yield from _from_list_files(root, *list_files, chunk)
+        return
     if len(tables) > 1:
         _two_layouts(root, tables[0].name, tables[1])
     if tables:
-        return _from_table(tables[0], video_column, caption_column)
+        yield from _from_table(tables[0], video_column, caption_column, chunk)
+        return
     # ft's own shards are not a dataset (an --out inside --dataset)
     if any(t.suffix == ".tar" and not (t.parent / MANIFEST_NAME).is_file() for t in walk_files(root)):
         from .webdataset_media import read_webdataset_folder
 
-        return read_webdataset_folder(root, caption_column)
+        yield read_webdataset_folder(root, caption_column)
+        return
     items = _from_sidecar_captions(root)
-    if items:
-        return items
-    raise UserError(
-        f"--dataset {dataset}: found no dataset in this folder. Give it videos.txt + prompts.txt, a "
-        f"metadata.csv/.json/.jsonl/.parquet with path and caption columns, or media files with same-named .txt "
-        f"captions beside them.")
+    if not items:
+        raise UserError(
+            f"--dataset {dataset}: found no dataset in this folder. Give it videos.txt + prompts.txt, a "
+            f"metadata.csv/.json/.jsonl/.parquet with path and caption columns, or media files with same-named .txt "
+            f"captions beside them.")
+    yield items
 
 
 def _two_layouts(root: Path, used: str, other: Path) -> None:
@@ -143,8 +160,29 @@ def read_lines(path: Path) -> list[tuple[str, str]]:
     raw = path.read_bytes().split(b"\n")
     while raw and not raw[-1].strip():
         raw.pop()
-    return [(text.strip(), problem) for i, line in enumerate(raw)
-            for text, problem in [decode_utf8(line, f"{path.name} line {i + 1}")]]
+    return [_decoded(line, path, i) for i, line in enumerate(raw)]
+
+
+def _decoded(line: bytes, path: Path, index: int) -> tuple[str, str]:
+    text, problem = decode_utf8(line, f"{path.name} line {index + 1}")
+    return text.strip(), problem
+
+
+def _count_lines(path: Path) -> int:
+    """How many lines `read_lines` gives, counted without keeping them."""
+    count = 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                count = i + 1
+    return count
+
+
+def _streamed_lines(path: Path, count: int) -> Iterator[tuple[str, str]]:
+    """The first `count` of `read_lines`, read as they are consumed."""
+    with open(path, "rb") as f:
+        for i, line in zip(range(count), f, strict=False):
+            yield _decoded(line.removesuffix(b"\n"), path, i)
 
 
 def _non_blank(lines: list[tuple[str, str]]) -> list[tuple[int, tuple[str, str]]]:
@@ -155,22 +193,14 @@ def _blank_lines(lines: list[tuple[str, str]]) -> list[int]:
     return [i + 1 for i, (text, problem) in enumerate(lines) if not text and not problem]
 
 
-def _from_list_files(root: Path, videos: Path, prompts: Path) -> list[DatasetItem]:
-    paths, captions = read_lines(videos), read_lines(prompts)
-    if len(paths) != len(captions):  # finetrainers skips blank lines: pair what is left when that pairs up
-        numbered_paths, numbered_captions = _non_blank(paths), _non_blank(captions)
-        if len(numbered_paths) == len(numbered_captions):
-            return [DatasetItem(root / p, c, f"{videos.name} line {i}/{prompts.name} line {j}")
-                    for (i, (p, _)), (j, (c, _)) in zip(numbered_paths, numbered_captions, strict=True)]
-    if len(paths) != len(captions):
-        blanks = [f"{f.name} has blank lines at {', '.join(map(str, b[:5]))}" for f, b in
-                  ((videos, _blank_lines(paths)), (prompts, _blank_lines(captions))) if b]
-        why = (f" ({'; '.join(blanks)}: a blank line counts as a line, an empty caption or path; delete it if it "
-               "is not one)") if blanks else ""
-        raise UserError(f"{videos} has {len(paths)} lines but {prompts} has {len(captions)}: they must pair up "
-                        f"line by line (one caption per video){why}.")
-    items = []
-    for i, ((path, path_problem), (caption, caption_problem)) in enumerate(zip(paths, captions, strict=True)):
+def _from_list_files(root: Path, videos: Path, prompts: Path, chunk: int) -> Iterator[list[DatasetItem]]:
+    count = _count_lines(videos)
+    if count != _count_lines(prompts):  # rare: paired after dropping blank lines, or an error; read whole
+        yield _unequal_lists(root, videos, prompts)
+        return
+    items: list[DatasetItem] = []
+    lines = zip(_streamed_lines(videos, count), _streamed_lines(prompts, count), strict=True)
+    for i, ((path, path_problem), (caption, caption_problem)) in enumerate(lines):
         if not path and not caption and not path_problem and not caption_problem:
             continue  # a blank line in both files pairs up with itself: nothing to read
         item = DatasetItem(root / path, caption, f"{videos.name}/{prompts.name} line {i + 1}")
@@ -180,7 +210,27 @@ def _from_list_files(root: Path, videos: Path, prompts: Path) -> list[DatasetIte
         elif caption_problem:
             item = _with_problem(item, caption_problem, "caption-not-utf8")
         items.append(item)
-    return items
+        if len(items) == chunk:
+            yield items
+            items = []
+    if items:
+        yield items
+
+
+def _unequal_lists(root: Path, videos: Path, prompts: Path) -> list[DatasetItem]:
+    """Lists of different lengths: finetrainers skips blank lines, so they pair when what is left pairs up; else
+    the error says where the blank lines are."""
+    paths, captions = read_lines(videos), read_lines(prompts)
+    numbered_paths, numbered_captions = _non_blank(paths), _non_blank(captions)
+    if len(numbered_paths) == len(numbered_captions):
+        return [DatasetItem(root / p, c, f"{videos.name} line {i}/{prompts.name} line {j}")
+                for (i, (p, _)), (j, (c, _)) in zip(numbered_paths, numbered_captions, strict=True)]
+    blanks = [f"{f.name} has blank lines at {', '.join(map(str, b[:5]))}" for f, b in
+              ((videos, _blank_lines(paths)), (prompts, _blank_lines(captions))) if b]
+    why = (f" ({'; '.join(blanks)}: a blank line counts as a line, an empty caption or path; delete it if it "
+           "is not one)") if blanks else ""
+    raise UserError(f"{videos} has {len(paths)} lines but {prompts} has {len(captions)}: they must pair up "
+                    f"line by line (one caption per video){why}.")
 
 
 def _with_problem(item: DatasetItem, problem: str, kind: str, path: Path | None = None) -> DatasetItem:
@@ -214,34 +264,44 @@ def pick_column(columns: list[str], wanted: str | None, usual: tuple[str, ...], 
     raise UserError(f"{path}: no {what} column found among {', '.join(columns) or '(none)'}; name it with {flag}.")
 
 
-def _from_table(path: Path, video_column: str | None, caption_column: str | None) -> list[DatasetItem]:
-    rows = read_table(path)
-    if not rows:
+def _from_table(path: Path, video_column: str | None, caption_column: str | None, chunk: int
+                ) -> Iterator[list[DatasetItem]]:
+    columns: tuple[str, str, str | None] | None = None
+    number = 0
+    for rows in iter_table(path, chunk):
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise UserError(f"{path} row {number + bad + 1} is {type(rows[bad]).__name__} {str(rows[bad])[:60]!r}, "
+                            "not an object of named columns; every row needs the path and caption columns.")
+        if columns is None and rows:
+            names = list(rows[0].keys())
+            path_col = pick_column(names, video_column, PATH_COLUMNS, "media path", path)
+            caption_col = pick_column(names, caption_column, CAPTION_COLUMNS, "caption", path)
+            columns = (path_col, caption_col,
+                       next((c for c in names if c.lower() in CONDITION_IMAGE_COLUMNS and c != path_col), None))
+        if rows:
+            assert columns is not None
+            yield [_table_item(path, number + i, row, *columns) for i, row in enumerate(rows)]
+        number += len(rows)
+    if not number:
         raise UserError(f"{path} has no rows.")
-    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise UserError(f"{path} row {bad + 1} is {type(rows[bad]).__name__} {str(rows[bad])[:60]!r}, not an object "
-                        "of named columns; every row needs the path and caption columns.")
-    columns = list(rows[0].keys())
-    path_col = pick_column(columns, video_column, PATH_COLUMNS, "media path", path)
-    caption_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", path)
-    image_col = next((c for c in columns if c.lower() in CONDITION_IMAGE_COLUMNS and c != path_col), None)
-    items = []
-    for i, row in enumerate(rows):
-        media, caption = row.get(path_col), row.get(caption_col)
-        image = row.get(image_col) if image_col else None
-        item = DatasetItem(path.parent / str(media), "" if caption is None else str(caption).strip(),
-                           f"{path.name} row {i + 1}",
-                           image=path.parent / image if isinstance(image, str) and image.strip() else None)
-        if media is None or not str(media).strip():
-            item = _with_problem(item, f"{path.name} row {i + 1} has an empty {path_col!r} cell", "empty-cell", path)
-        elif not isinstance(media, str) or not isinstance(caption, (str, type(None))):
-            wrong = path_col if not isinstance(media, str) else caption_col
-            item = _with_problem(item, f"{path.name} row {i + 1}: the {wrong!r} cell is "
-                                 f"{type(row.get(wrong)).__name__} {str(row.get(wrong))[:40]!r}, not text",
-                                 "empty-cell", path)
-        items.append(item)
-    return items
+
+
+def _table_item(path: Path, i: int, row: dict, path_col: str, caption_col: str, image_col: str | None
+                ) -> DatasetItem:
+    media, caption = row.get(path_col), row.get(caption_col)
+    image = row.get(image_col) if image_col else None
+    item = DatasetItem(path.parent / str(media), "" if caption is None else str(caption).strip(),
+                       f"{path.name} row {i + 1}",
+                       image=path.parent / image if isinstance(image, str) and image.strip() else None)
+    if media is None or not str(media).strip():
+        return _with_problem(item, f"{path.name} row {i + 1} has an empty {path_col!r} cell", "empty-cell", path)
+    if not isinstance(media, str) or not isinstance(caption, (str, type(None))):
+        wrong = path_col if not isinstance(media, str) else caption_col
+        return _with_problem(item, f"{path.name} row {i + 1}: the {wrong!r} cell is "
+                             f"{type(row.get(wrong)).__name__} {str(row.get(wrong))[:40]!r}, not text",
+                             "empty-cell", path)
+    return item
 
 
 def walk_files(root: Path) -> list[Path]:

@@ -8,14 +8,14 @@ samples are encoded again). Only a single run (one job, which no other writer ca
 did not write: leftovers of every killed writer (`*.tar.tmp`), and listed shards whose samples all sit in other
 listed shards; a job removes only its own leftovers.
 
-Nothing here holds a sample's JSON: a first pass collects the keys held, a second (only when there is something
-to encode) the locations of the halves the new samples can reuse.
+Nothing here holds a sample's JSON: a first pass collects the keys held (a KeySet: sorted runs of 16-byte keys,
+plan_table.py), a second (only when there is something to encode) the locations of the halves the new samples can
+reuse.
 """
 
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ft.common.shards import (
 )
 
 from .job_slots import JobSlot
+from .plan_table import NO_KEY, KeySet, from_hex
 from .reuse import HalfIndex
 
 
@@ -40,7 +41,7 @@ class Existing:
     """The usable shards (by name), the keys they hold, and what changed on the way."""
 
     shards: dict[str, ShardInfo] = field(default_factory=dict)
-    held: set[str] = field(default_factory=set)  # every key in the usable shards
+    held: KeySet = field(default_factory=KeySet)  # every key in the usable shards
     dropped: list[str] = field(default_factory=list)  # listed shards lost, unreadable or redundant
     adopted: list[ShardInfo] = field(default_factory=list)  # whole shards found unlisted, to record now
 
@@ -70,29 +71,30 @@ def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list
     listed = list(base.shards if base else [])
     names = {s.name for s in listed}
     listed += [s for s in journal if s.name not in names]
-    seen: set[str] = set()
+    seen = KeySet()
     for shard in listed:
         try:
-            keys = {r.key for r in _rows(out, shard, shard.name, exclusive)}
+            keys = from_hex(r.key for r in _rows(out, shard, shard.name, exclusive))
         except (OSError, tarfile.TarError, UserError) as e:
             log.warning(f"{out / shard.name} is listed but cannot be read ({e}); its samples are encoded again")
             found.dropped.append(shard.name)
             continue
-        if exclusive and keys and keys <= seen:
+        if exclusive and len(keys) and seen.mask(keys).all():
             log.info(f"dropping {shard.name}: every sample in it is in another listed shard")
             (out / shard.name).unlink()
             found.dropped.append(shard.name)
             continue
-        seen |= keys
+        seen.add(keys)
         found.shards[shard.name] = shard
     pattern = "shard-*.tar" if exclusive else f"{slot.prefix}-*.tar"
     for path in sorted(out.glob(pattern)):
         if path.name in found.shards or path.name in found.dropped:
             continue
         try:  # renamed into place, then killed before the journal named it
-            keys = {r.key for r in shard_rows(path)}
-            if keys & seen:
-                if keys <= seen:
+            keys = from_hex(r.key for r in shard_rows(path))
+            listed_already = seen.mask(keys)
+            if listed_already.any():
+                if listed_already.all():
                     log.info(f"removing {path.name}: complete but unlisted, and its samples are already listed")
                     path.unlink()
                 else:
@@ -103,7 +105,7 @@ def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list
                 write_index_file(path, info, shard_rows(path))
             found.shards[path.name] = info
             found.adopted.append(info)
-            seen |= keys
+            seen.add(keys)
             log.info(f"adopting {path.name}: complete on disk but not recorded")
         except (OSError, tarfile.TarError, UserError) as e:
             log.warning(f"{path} is unlisted and cannot be read ({e}); ignoring it")
@@ -111,22 +113,19 @@ def scan_existing(out: Path, slot: JobSlot, base: Manifest | None, journal: list
     return found
 
 
-def _all_rows(out: Path, shards: dict[str, ShardInfo]) -> Iterator[tuple[str, Row]]:
-    for name, info in shards.items():
-        for row in shard_rows(out / name, info):
-            yield name, row
-
-
-def half_index(out: Path, shards: dict[str, ShardInfo], video_keys: set[bytes], text_keys: set[bytes]
-               ) -> HalfIndex:
+def half_index(out: Path, shards: dict[str, ShardInfo], video_keys: KeySet, text_keys: KeySet) -> HalfIndex:
     """The second pass: where the wanted video and text halves are cached (the first shard holding each). The
-    wanted keys come as their 16 bytes (PlannedSample.video_key_bytes): a rerun wants up to one of each per item."""
+    wanted keys come as KeySets (a rerun wants up to one of each per item), asked a shard's rows at a time."""
     index = HalfIndex()
-    if not video_keys and not text_keys:
+    if not len(video_keys) and not len(text_keys):
         return index
-    for name, row in _all_rows(out, shards):
-        if row.video_key and bytes.fromhex(row.video_key) in video_keys:
-            index.video.setdefault(row.video_key, (name, row.key))
-        if row.text_key and bytes.fromhex(row.text_key) in text_keys:
-            index.text.setdefault(row.text_key, (name, row.key))
+    for name, info in shards.items():
+        rows = shard_rows(out / name, info)
+        videos = video_keys.mask(from_hex(r.video_key or NO_KEY.hex() for r in rows))
+        texts = text_keys.mask(from_hex(r.text_key or NO_KEY.hex() for r in rows))
+        for row, video, text in zip(rows, videos.tolist(), texts.tolist(), strict=True):
+            if video:
+                index.video.setdefault(row.video_key, (name, row.key))
+            if text:
+                index.text.setdefault(row.text_key, (name, row.key))
     return index

@@ -2,8 +2,8 @@
 that takes the job's slot and runs it (or stops at once when nothing changed since its last run, stamp.py).
 
 `plan` reads the job's items and plans them (planning.py), `open_state` saves the job's state as incomplete,
-`encode` loads the encoders when first needed and encodes in batches into shards and the job's journal, `finish`
-says the job complete and, when it is the last job to finish, merges the set (merge.py).
+`encode` loads the encoders when first needed and encodes in batches (encoder.py) into shards and the job's
+journal, `finish` says the job complete and, when it is the last job to finish, merges the set (merge.py).
 
 A single run is job 0 of 1. Job i of N (job_slots.py) takes the lock of its slot, reads only the items it owns, and
 writes only its own files: shards `shard-j000i-NNNNNN.tar`, and its state, journal, keys and rejects under
@@ -30,10 +30,12 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ft.common.config import to_jsonable
 from ft.common.errors import UserError
@@ -59,23 +61,22 @@ from ft.common.shards import (
 )
 from ft.common.shards.manifest import input_summary
 from ft.common.shards.prompts import PromptWriter, check_condition_rows, check_validation_file
-from ft.pipelines.base import ModelSpec
-from ft.pipelines.fingerprint import FilesUnavailable
-from ft.pipelines.image import ImageConditioning, read_model_index, resolve_conditioning
+from ft.pipelines.image import read_model_index, resolve_conditioning
 from ft.pipelines.memory import largest_gpu
 from ft.pipelines.registry import spec_for
-from ft.precompute.media import MediaError, effective_fps, open_media, resize_to_bucket
+from ft.precompute.media import MediaError, open_media, resize_to_bucket
 
 from .config import PrecomputeConfig
 from .consistency import caption_shaping, check_job_start
-from .dataset_config import apply_caption_options
-from .datasets import dataset_root, load_dataset
+from .encoder import Encoder, Models
 from .existing import half_index, scan_existing
 from .faults import disk_fault_message
-from .job_slots import JobSlot, item_identity, job_config_path, job_device, live_locks, lock_slot, resolve_slot
+from .job_items import JobItems
+from .job_slots import JobSlot, job_config_path, job_device, live_locks, lock_slot, resolve_slot
 from .media_cache import MediaCache
 from .merge import finalize, remove_job_files
-from .planned_sample import PlannedSample, SampleKeys, black_frame_note, sample_encoding
+from .plan_table import KeySet, from_hex, write_keys
+from .planned_sample import PlannedSample, SampleKeys, sample_encoding
 from .planning import JobPlan, check_buckets, sequence_length
 from .policy import Rejected, enforce_on_error
 from .reuse import HalfIndex, TextHalves, with_cached_video
@@ -103,155 +104,6 @@ def _check_reuse(out: Path, existing: Manifest, fingerprints: dict[str, Any], en
                         f"{existing.encoding.get('max_sequence_length')}; use that, or a new --out folder.")
 
 
-class _Encoder:
-    """Batches the samples to write per bucket. A sample's video half is its clip's decoded frames to encode
-    through the VAE, or latents read from the cache; its text half is encoded, or taken from `texts` (cached
-    halves by text_key). The models load on their first use (`models`): a run that needs none loads none."""
-
-    def __init__(self, spec: ModelSpec, models: _Models, writer: ShardWriter, seq_len: int, batch_size: int,
-                 shapes: dict[str, Any], texts: TextHalves, image: ImageConditioning | None = None,
-                 read_frames: Callable[[PlannedSample, list[int]], Any] | None = None):
-        self.spec, self.models, self.writer = spec, models, writer
-        self.seq_len, self.batch_size, self.shapes, self.texts = seq_len, batch_size, dict(shapes), texts
-        # an image-to-video run: how the checkpoint is conditioned, and how a sample whose video latents are reused
-        # gets its conditioning frames (decoded alone)
-        self.image, self.read_frames = image, read_frames
-        self.pending: dict[tuple, list] = defaultdict(list)
-        self.written: set[str] = set()
-        self.images_encoded = 0
-        self.notes: list[Rejected] = []  # warnings found while encoding (a black conditioning frame)
-
-    def add(self, sample: PlannedSample, frames: Any = None, latents: dict | None = None) -> None:
-        self.pending[sample.bucket].append((sample, frames, latents))
-        if len(self.pending[sample.bucket]) >= self.batch_size:
-            self.flush(sample.bucket)
-
-    def flush(self, bucket: tuple) -> None:
-        import torch
-
-        batch = self.pending.pop(bucket, [])
-        if not batch:
-            return
-        latents = [lat for _, _, lat in batch]
-        conds = [self.texts.get(s.text_key) for s, _, _ in batch]
-        clips = [i for i, lat in enumerate(latents) if lat is None]
-        captions = list(dict.fromkeys(s.text_key for (s, _, _), c in zip(batch, conds, strict=True) if c is None))
-        with torch.no_grad():
-            if clips:
-                frames = torch.stack([batch[i][1].permute(1, 0, 2, 3) for i in clips])  # [B, C, F, H, W]
-                encoded = self.spec.encode_video(self.models.vae(), frames)
-                for j, i in enumerate(clips):
-                    latents[i] = {k: v[j].detach().clone() for k, v in encoded.items()}
-            if captions:
-                text = {s.text_key: s.item.caption for s, _, _ in batch}
-                cond = self.spec.encode_prompts(self.models.text_encoders(), [text[k] for k in captions],
-                                                self.seq_len)
-                new = {key: {k: v[j].detach().clone() for k, v in cond.items()} for j, key in enumerate(captions)}
-                conds = [c if c is not None else new[s.text_key] for (s, _, _), c in zip(batch, conds, strict=True)]
-            images = self.encode_images(batch) if self.image is not None else [{}] * len(batch)
-        if not self.shapes:
-            self.shapes = {"latent_channels": int(next(iter(latents[0].values())).shape[0]),
-                                    **{name: list(t.shape) for name, t in conds[0].items()}}
-        for (sample, _, _), lat, con, img in zip(batch, latents, conds, images, strict=True):
-            meta = {
-                "key": sample.key, "caption": sample.item.caption, "source": str(sample.item.path),
-                "source_fps": sample.fps, "source_frames": sample.source_frames, "frame_indices": sample.indices,
-                "fps": effective_fps(sample.fps, sample.indices),
-                "bucket": list(sample.bucket), "latent_shape": list(next(iter(lat.values())).shape),
-                "model_family": self.spec.name, "video_key": sample.video_key, "text_key": sample.text_key,
-            }
-            groups = {"latents": lat, "cond": con}
-            if img:
-                meta["image_key"], meta["image_frames"] = sample.image_key, self.condition_indices(sample)
-                if sample.image_digest:
-                    meta["conditioning_image"] = str(sample.item.image)
-                groups["image"] = img
-            self.writer.write(sample.key, groups, meta)
-            self.written.add(sample.key)
-
-    def condition_indices(self, sample: PlannedSample) -> list[int]:
-        assert self.image is not None
-        return sample.conditioning_frames(self.image.frames)
-
-    def encode_images(self, batch: list) -> list[dict[str, Any]]:
-        """The batch's image halves (`ModelSpec.encode_image`) from its conditioning frames: taken from the decoded
-        clip, or decoded alone where the clip's latents were reused."""
-        import torch
-
-        assert self.image is not None and self.read_frames is not None
-        pixels = []
-        for sample, frames, _ in batch:
-            wanted = [sample.indices.index(i) for i in self.condition_indices(sample)]
-            own = frames[wanted] if frames is not None else self.read_frames(sample, self.condition_indices(sample))
-            if sample.image_digest:  # a named conditioning image in place of the first frame
-                own = torch.cat([self.read_frames(sample, []), own[1:]])
-            note = black_frame_note(sample.item, ((own[0] + 1) * 127.5).round().permute(1, 2, 0))
-            if note:
-                self.notes.append(Rejected(str(sample.item.path), note[1], note[0]))
-            pixels.append(own)
-        stacked = torch.stack([p.permute(1, 0, 2, 3) for p in pixels])  # [B, C, N, H, W]
-        models = {"vae": self.models.vae(), **self.models.image_encoders(self.image)}
-        text: dict[str, Any] = {}
-        if self.image.caption:  # the conditioning reads the caption too (HunyuanVideo-I2V's Llava)
-            models |= self.models.text_encoders()
-            text = {"captions": [s.item.caption for s, _, _ in batch], "max_sequence_length": self.seq_len}
-        encoded = self.spec.encode_image(models, stacked, batch[0][0].bucket[0], self.image, **text)
-        self.images_encoded += len(batch)
-        return [{k: v[j].detach().clone() for k, v in encoded.items()} for j in range(len(batch))]
-
-    def flush_all(self) -> None:
-        for bucket in list(self.pending):
-            self.flush(bucket)
-
-
-class _Models:
-    """The stage-1 models, loaded only when asked for. The fingerprint comes from the files when they can be read
-    (pipelines/fingerprint.py); otherwise every encoder is loaded to fingerprint it, as before."""
-
-    def __init__(self, spec: ModelSpec, cfg: PrecomputeConfig, device: Any):
-        self.spec, self.cfg, self.device = spec, cfg, device
-        self._vae: Any = None
-        self._encoders: dict | None = None
-        self._image_encoders: dict | None = None
-
-    def fingerprints(self) -> dict[str, Any]:
-        try:
-            return self.spec.fingerprints_from_files(self.cfg)
-        except (FilesUnavailable, OSError, ValueError) as e:
-            log.info(f"the encoders' files cannot be fingerprinted without loading them ({e}); loading them to "
-                     "fingerprint them")
-            return self.spec.encoder_fingerprints(self.text_encoders(), self.vae(), self.cfg)
-
-    def vae(self) -> Any:
-        if self._vae is None:
-            self._vae = self.spec.load_component("vae", self.cfg, self.device)
-            if self.cfg.vae_tiling:
-                for method in ("enable_tiling", "enable_slicing"):
-                    getattr(self._vae, method, lambda: None)()
-        return self._vae
-
-    def text_encoders(self) -> dict:
-        if self._encoders is None:
-            self._encoders = self.spec.load_text_encoders(self.cfg, self.device)
-        return self._encoders
-
-    def image_encoders(self, image: ImageConditioning) -> dict:
-        """The image encoder and processor of an image-to-video checkpoint that has one."""
-        if self._image_encoders is None:
-            self._image_encoders = self.spec.load_image_encoders(self.cfg, self.device, image)
-        return self._image_encoders
-
-    def image_fingerprints(self, image: ImageConditioning | None) -> dict[str, Any]:
-        """The image encoder's and processor's fingerprints, from their files (loaded where they cannot be read)."""
-        if image is None or not image.image_encoder:
-            return {}
-        names = tuple(self.spec.image_component_classes)
-        try:
-            return self.spec.fingerprints_from_files(self.cfg, names)
-        except (FilesUnavailable, OSError, ValueError):
-            return self.spec.module_fingerprints(self.image_encoders(image), self.cfg)
-
-
 def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
     """Save this job's resolved config (paths made absolute, its job named) under `jobs/`; returns the command
     that reruns the job."""
@@ -265,8 +117,14 @@ def _save_config(cfg: PrecomputeConfig, out: Path, slot: JobSlot) -> str:
     return f"ft precompute --config {path.resolve()}"
 
 
-def _write_records(out: Path, name: str, records: list[Rejected]) -> None:
-    write_atomic(out / name, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+def _write_records(out: Path, name: str, records: Iterable[Rejected]) -> None:
+    """Records as JSON lines, written a line at a time (there can be one per row), atomically."""
+    path = out / name
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    os.replace(tmp, path)
 
 
 def _append_record(out: Path, name: str, record: Rejected) -> None:
@@ -299,20 +157,14 @@ class PrecomputeJob:
                                                len(self.todo) - len(self.failed), self.state.resume_command)) from e
 
     def read_items(self) -> None:
-        """This job's items, their captions as the caption options make them; refuses an `--out` that holds
-        unmerged jobs of another --num-jobs."""
+        """This job's items (job_items.py: read again a chunk at a time whenever needed), surveyed once;
+        refuses an `--out` that holds unmerged jobs of another --num-jobs."""
         cfg, slot, out = self.cfg, self.slot, self.out
-        items = load_dataset(cfg.dataset, cfg.video_column, cfg.caption_column)  # the user's files first: no waiting
-        root = os.path.abspath(dataset_root(cfg.dataset))
-        # media outside the dataset folder, every job's: each job's stamp stats them all, so a change to any of them
-        # makes every job plan again (a job stopping on its stamp while another replans would leave the set unmerged)
-        self.outside = sorted({os.path.abspath(it.path) for it in items if not it.extracted
-                               and not os.path.abspath(it.path).startswith(root + os.sep)})
+        self.items = JobItems(cfg, slot)
+        self.survey = self.items.survey()  # the user's files first: no waiting
+        self.outside = self.survey.outside
         if slot.num_jobs > 1:  # this job's slice, by a hash of each path: nothing else is probed or hashed
-            total = len(items)
-            items = [it for it in items if slot.owns(item_identity(it, dataset_root(cfg.dataset)))]
-            log.info(f"{slot}: {len(items)} of the dataset's {total} items are this job's")
-        self.items = apply_caption_options(items, cfg.id_token, cfg.strip_llm_prefixes)
+            log.info(f"{slot}: {self.survey.count} of the dataset's {self.survey.total} items are this job's")
         self.states = read_states(out)
         other = [s for s in self.states if s.num_jobs != slot.num_jobs]
         if other:
@@ -334,7 +186,7 @@ class PrecomputeJob:
         self.validation = check_validation_file(cfg.validation_dataset_file, spec, self.vae_config,
                                                 self.transformer_config, self.buckets, largest_gpu())
         check_condition_rows(self.validation, cfg.validation_dataset_file, self.image)
-        log.info(f"dataset {cfg.dataset}: {len(self.items)} items; buckets "
+        log.info(f"dataset {cfg.dataset}: {self.survey.count} items; buckets "
                  f"{', '.join(cfg.buckets or spec.default_buckets)}")
 
     def name_samples(self) -> None:
@@ -362,43 +214,54 @@ class PrecomputeJob:
 
     def plan(self) -> None:
         """What this job must encode. With shards in `--out` to look at (or `--on-error fail`) every item is
-        planned now: the samples already there are done, the video halves found there are reused, the rest is
-        `todo`, sorted by bucket. With nothing to reuse the items are planned while `encode` runs (planning.py):
+        planned now, into columns (plan_table.py): the samples already there are done, the video halves found
+        there are reused, the rest is to do (`todo`: positions in `table`); `encode` plans those again a chunk of
+        the dataset at a time. With nothing to reuse the items are planned while `encode` runs (planning.py):
         `planned` and `todo` are the list planning fills."""
         cfg, slot, out = self.cfg, self.slot, self.out
         self.spec = spec_for(cfg)
         self.read_items()
         self.check_model()
         quiet_libraries()
-        self.cache = MediaCache(out, cfg.decoder, {str(it.path.absolute()) for it in self.items})
+        self.cache = MediaCache(out, cfg.decoder, self.survey.paths)
         self.device = pick_device(job_device(cfg.device))
-        self.models = _Models(self.spec, cfg, self.device)  # the fingerprint from the files: nothing is loaded here
+        self.models = Models(self.spec, cfg, self.device)  # the fingerprint from the files: nothing is loaded here
         self.name_samples()
         if not any(s.index == slot.index for s in self.states):
             remove_job_files(out, slot.stem)  # leftovers of this slot's merged attempt
         journal = [info for _, info in read_journal(out, slot.stem)]
         self.found = scan_existing(out, slot, self.base, journal)
 
-        self.planning = JobPlan(self.items, cfg, self.spec, self.buckets, (self.vae_config, self.transformer_config),
-                                self.seq_len, self.cache, SampleKeys(self.fingerprint, self.encoding, self.halves),
+        self.planning = JobPlan(self.items, self.survey, cfg, self.spec, self.buckets,
+                                (self.vae_config, self.transformer_config), self.seq_len, self.cache,
+                                SampleKeys(self.fingerprint, self.encoding, self.halves),
                                 images=self.image is not None)
         self.streamed = not self.found.shards and cfg.on_error != "fail"  # nothing to reuse: plan while encoding
         if self.streamed:
             self.planned: list[PlannedSample] = self.planning.check.planned  # filled as the items are planned
-            self.todo, self.reused, self.done = self.planned, [], set()
+            self.todo: Sized = self.planned
+            self.done: Sized = set()
             self.index = HalfIndex()
-            self.texts = TextHalves(out, self.found.shards, self.index, [])
+            self.captions = 0
         else:
-            self.planned = self.planning.up_front()
+            self.table = table = self.planning.up_front()
             self.cache.save(slot.stem)
-            self.done = {p.key for p in self.planned if p.key in self.found.held}
-            self.todo = sorted((p for p in self.planned if p.key not in self.done), key=lambda p: p.bucket)
-            self.index = half_index(out, self.found.shards, {p.video_key_bytes for p in self.todo},
-                                    {p.text_key_bytes for p in self.todo})
-            self.texts = TextHalves(out, self.found.shards, self.index, self.todo)
-            self.reused = [p for p in self.todo if p.video_key in self.index.video]
+            self.done_mask = self.found.held.mask(table.key)
+            self.todo_mask = ~self.done_mask
+            self.done, self.todo = np.flatnonzero(self.done_mask), np.flatnonzero(self.todo_mask)
+            wanted_texts = KeySet(table.text_key[self.todo_mask])
+            self.index = half_index(out, self.found.shards, KeySet(table.video_key[self.todo_mask]), wanted_texts)
+            self.reused = int((self.todo_mask & KeySet(from_hex(self.index.video)).mask(table.video_key)).sum())
+            self.captions = len(wanted_texts) - len(self.index.text)  # distinct captions to encode
+        self.texts = TextHalves(out, self.found.shards, self.index)
         # the lists planning fills (streamed: as encode() runs), and encode() adds the clips that fail to decode to
         self.rejected, self.warnings = self.planning.check.rejected, self.planning.check.warnings
+
+    def todo_counts(self) -> dict[str, int]:
+        """The samples to encode per bucket."""
+        if self.streamed:
+            return dict(Counter(bucket_name(*p.bucket) for p in self.planned))
+        return self.table.counts(self.todo_mask)
 
     def open_state(self) -> None:
         """Save this job's state as incomplete (until it finishes, the set says what it lacks and `ft train`
@@ -421,12 +284,12 @@ class PrecomputeJob:
                     "encoding": self.encoding, "shapes": shapes,
                     "empty_caption": empty_caption, "prompts": base.prompts if base else {}},
             resume_command=_save_config(cfg, out, slot),
-            todo=dict(Counter(bucket_name(*p.bucket) for p in self.todo)), dropped=self.found.dropped)
+            todo=self.todo_counts(), dropped=self.found.dropped)
         for info in self.found.adopted:  # recorded, not counted against this attempt's work
             append_journal(out, dataclasses.replace(state, attempt="adopted"), info)
         _write_records(out, state.file(".rejected.jsonl"), self.rejected)
         _write_records(out, state.file(".warnings.jsonl"), self.warnings)
-        self.set_view(self.planned)
+        self.set_view(None)
         if empty_missing:
             import torch
 
@@ -437,8 +300,8 @@ class PrecomputeJob:
                                      state.file(".empty_caption.safetensors"))
             state.header["empty_caption"] = holder.empty_caption
         # the text encoders, when this job encodes text: the prompt table's missing rows (the negative prompt) with it
-        encoders = self.models.text_encoders() if empty_missing or prompts.needed or self.streamed or any(
-            p.text_key not in self.texts for p in self.todo) else None
+        encoders = self.models.text_encoders() if (empty_missing or prompts.needed or self.streamed
+                                                    or self.captions) else None
         state.header["prompts"] = (prompts.write(spec, encoders, self.seq_len, cfg.batch_size)
                                    or state.header["prompts"])
         if self.image is not None and self.validation and slot.index == 0:  # the rows' images, job 0 for the set
@@ -453,15 +316,25 @@ class PrecomputeJob:
         state.save(out)
         kill_point("started")
 
-    def set_view(self, active: list[PlannedSample]) -> None:
-        """The state's view of this job's samples (`active`), and of its rejects and warnings."""
+    def set_view(self, active: np.ndarray | list[PlannedSample] | None) -> None:
+        """The state's view of this job's samples (`active`: a mask of `table`, or the samples streamed; None:
+        every planned sample), and of its rejects and warnings."""
         state = self.state
-        write_atomic(self.out / state.file(".active.txt"), "".join(p.key + "\n" for p in active))
-        state.active = {"file": state.file(".active.txt"), "samples": len(active),
-                        "buckets": dict(sorted(Counter(bucket_name(*p.bucket) for p in active).items()))}
+        path = self.out / state.file(".active.txt")
+        if self.streamed:
+            samples = self.planned if active is None else active
+            assert isinstance(samples, list)
+            write_atomic(path, "".join(p.key + "\n" for p in samples))
+            count, buckets = len(samples), Counter(bucket_name(*p.bucket) for p in samples)
+        else:
+            mask = np.ones(len(self.table), dtype=bool) if active is None else active
+            assert isinstance(mask, np.ndarray)
+            write_keys(path, self.table.key[mask])
+            count, buckets = int(mask.sum()), self.table.counts(mask)
+        state.active = {"file": state.file(".active.txt"), "samples": count, "buckets": dict(sorted(buckets.items()))}
         state.inputs = {
-            "rejected": input_summary([state.file(".rejected.jsonl")], [r.to_dict() for r in self.rejected]),
-            "warnings": input_summary([state.file(".warnings.jsonl")], [w.to_dict() for w in self.warnings])}
+            "rejected": input_summary([state.file(".rejected.jsonl")], (r.to_dict() for r in self.rejected)),
+            "warnings": input_summary([state.file(".warnings.jsonl")], (w.to_dict() for w in self.warnings))}
 
     def encode(self) -> None:
         """Encode `todo` into shards: reused video latents first, then the clips as they are decoded (streamed:
@@ -472,22 +345,22 @@ class PrecomputeJob:
         cfg, out, todo = self.cfg, self.out, self.todo
         self.writer = writer = ShardWriter(out, self.slot.prefix, None, cfg.shard_samples, cfg.shard_max_mb << 20,
                                            on_shard=self.record)
-        self.encoder = _Encoder(self.spec, self.models, writer, self.seq_len, cfg.batch_size,
+        self.encoder = Encoder(self.spec, self.models, writer, self.seq_len, cfg.batch_size,
                                 self.state.header["shapes"], self.texts, self.image, self.read_frames)
-        to_decode = self.to_decode()
         self.failed: set[str] = set()
         try:
             with tqdm(total=None if self.streamed else len(todo), unit="clip", desc="precompute",
-                      disable=not (todo or self.streamed)) as bar:
-                for sample, latents in with_cached_video(out, self.found.shards, self.index, self.reused):
-                    self.encoder.add(sample, latents=latents)
-                    bar.update(1)
-                for sample, frames in prefetch_map(self.decode, to_decode, cfg.decode_workers):
-                    if isinstance(frames, MediaError):
-                        self.reject_clip(sample, frames)
-                    else:
-                        self.encoder.add(sample, frames)
-                    bar.update(1)
+                      disable=not (len(todo) or self.streamed)) as bar:
+                for reused, to_decode in self.work():
+                    for sample, latents in with_cached_video(out, self.found.shards, self.index, reused):
+                        self.encoder.add(sample, latents=latents)
+                        bar.update(1)
+                    for sample, frames in prefetch_map(self.decode, to_decode, cfg.decode_workers):
+                        if isinstance(frames, MediaError):
+                            self.reject_clip(sample, frames)
+                        else:
+                            self.encoder.add(sample, frames)
+                        bar.update(1)
                 self.encoder.flush_all()
                 writer.finish_shard()  # closing the last shard writes its end: a full disk here is reported below
         except KeyboardInterrupt:
@@ -508,21 +381,28 @@ class PrecomputeJob:
             writer.finish_shard()  # keep what was encoded, even on Ctrl-C or an error
         kill_point("encoded")
 
-    def to_decode(self) -> Iterable[PlannedSample]:
-        """The samples whose clips go through the VAE: streamed, each as planning makes it; else the ones whose
-        video half is not in `--out`, in the order of their text halves' sources."""
+    def work(self) -> Iterator[tuple[list[PlannedSample], Iterable[PlannedSample]]]:
+        """The samples to encode as (those whose video half is in `--out`, those whose clips go through the VAE):
+        streamed, each as planning makes it; else the rows to do, planned again a chunk of the dataset at a time
+        (JobPlan.replan), the clips of each chunk in the order of their text halves' sources."""
         out = self.out
         if self.streamed:
             log.info(f"nothing in {out} to reuse: encoding on {self.device} as the items are planned")
-            return self.planning.stream(self.reject_planned, self.planned_all)
-        to_decode = sorted((p for p in self.todo if p.video_key not in self.index.video),
-                           key=lambda p: self.texts.source(p.text_key))
-        captions = len({p.text_key_bytes for p in self.todo if p.text_key not in self.texts})
-        log.info(f"{len(self.todo)} new samples on {self.device} ({len(self.planned) - len(self.todo)} already in "
-                 f"{out}): {len(to_decode)} clips to encode ({len(self.reused)} video latents reused from {out}), "
-                 f"{captions} captions to encode" + (f", {len(self.todo)} image conditionings to encode"
-                                                      if self.image is not None else ""))
-        return to_decode
+            yield [], self.planning.stream(self.reject_planned, self.planned_all)
+            return
+        todo = len(self.todo)
+        log.info(f"{todo} new samples on {self.device} ({len(self.table) - todo} already in {out}): "
+                 f"{todo - self.reused} clips to encode ({self.reused} video latents reused from {out}), "
+                 f"{self.captions} captions to encode" + (f", {todo} image conditionings to encode"
+                                                          if self.image is not None else ""))
+        for chunk in self.planning.replan(self.table, self.todo_mask):
+            reused, to_decode = [], []
+            for key, sample in chunk:
+                if isinstance(sample, Rejected):
+                    self.reject_gone(key, sample)
+                else:
+                    (reused if sample.video_key in self.index.video else to_decode).append(sample)
+            yield reused, sorted(to_decode, key=lambda p: self.texts.source(p.text_key))
 
     def decode(self, sample: PlannedSample) -> tuple[PlannedSample, Any]:
         """A sample's frames resized to its bucket (in a decode worker), or the MediaError that stopped them."""
@@ -550,6 +430,15 @@ class PrecomputeJob:
         log.info(f"rejected {sample.item.path}: {error}")
         enforce_on_error(self.cfg.on_error, self.rejected[-1:], self.cfg.dataset)
 
+    def reject_gone(self, key: str, record: Rejected) -> None:
+        """A sample planned up front whose file changed or went before it was encoded: rejected as a clip that
+        fails to decode is."""
+        self.rejected.append(record)
+        _append_record(self.out, self.state.file(".rejected.jsonl"), record)
+        self.failed.add(key)
+        log.info(f"rejected {record.path}: {record.reason}")
+        enforce_on_error(self.cfg.on_error, [record], self.cfg.dataset)
+
     def reject_planned(self, record: Rejected) -> None:
         """An item planning found bad while the job encodes (streamed), recorded at once."""
         _append_record(self.out, self.state.file(".rejected.jsonl"), record)
@@ -558,8 +447,8 @@ class PrecomputeJob:
         """The last item is planned (streamed): the state now says all this job must encode."""
         self.cache.save(self.slot.stem)
         _write_records(self.out, self.state.file(".warnings.jsonl"), self.warnings)
-        self.state.todo = dict(Counter(bucket_name(*p.bucket) for p in self.todo))
-        self.set_view(self.planned)
+        self.state.todo = self.todo_counts()
+        self.set_view(None)
         self.state.save(self.out)
         log.info(f"planned {len(self.planned)} samples while encoding ({len(self.rejected)} items rejected)")
         kill_point("planned")
@@ -579,7 +468,17 @@ class PrecomputeJob:
         if self.encoder.notes:  # found while encoding: recorded beside the planning's
             self.warnings += self.encoder.notes
             _write_records(out, state.file(".warnings.jsonl"), self.warnings)
-        active = [p for p in self.planned if p.key not in self.failed and (p.key in self.done or p.key in written)]
+        check = self.planning.check
+        if self.streamed:
+            active: Any = [p for p in self.planned if p.key not in self.failed and p.key in written]
+            count = len(active)
+            check.planned = active
+        else:
+            keys = self.table.key
+            active = ((self.done_mask | KeySet(from_hex(written)).mask(keys))
+                      & ~KeySet(from_hex(self.failed)).mask(keys))
+            count = int(active.sum())
+            check.histogram = self.table.counts(active)
         self.set_view(active)
         state.header["shapes"] = state.header["shapes"] or self.encoder.shapes
         state.complete, state.written = True, len(written)
@@ -590,12 +489,11 @@ class PrecomputeJob:
         merged = finalize(out, own=slot)
         manifest = merged or load_manifest(out)
         log.info(f"wrote {len(written)} new samples to {out} in {time.time() - self.started:.1f}s: {slot} is "
-                 f"{len(active)} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
-        check = self.planning.check
-        check.planned, check.rejected, check.warnings = active, self.rejected, self.warnings
+                 f"{count} samples" + ("" if merged else f"; the set is {manifest.describe_completeness()}"))
+        check.rejected, check.warnings = self.rejected, self.warnings
         check.log_summary()
-        if not active and slot.num_jobs == 1:
-            raise UserError(f"no usable clips in {cfg.dataset}: all {len(self.items)} were rejected (reasons above "
+        if not count and slot.num_jobs == 1:
+            raise UserError(f"no usable clips in {cfg.dataset}: all {self.survey.count} were rejected (reasons above "
                             f"and in {out / 'rejected.jsonl'}).")
         return manifest
 

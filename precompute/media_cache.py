@@ -81,7 +81,7 @@ class MediaCache:
 
     def get(self, path: Path) -> MediaFacts | None:
         key = str(Path(path).absolute())
-        entry = self.entries.get(key)
+        entry = self.entries.get(key) or self.used.get(key)  # used: probed by this run (planned again to encode)
         now = signature(path)
         if (entry is None or now is None or entry.get("stat") != now
                 or entry.get("probe_version") != PROBE_VERSION or entry.get("decoder") != self.decoder):

@@ -250,14 +250,22 @@ class SampleKeys:
 
     def assign(self, p: PlannedSample) -> Rejected | None:
         """Key `p`; a Rejected (kind "duplicate") when its key was seen already, else None."""
+        self.key(p)
+        if p.key_bytes in self.seen:
+            return repeated_key(str(p.item.path), str(self.seen[p.key_bytes]))
+        self.seen[p.key_bytes] = p.item.path
+        return None
+
+    def key(self, p: PlannedSample) -> None:
+        """Set `p`'s key and its halves' keys (its duplicates are the caller's to find: plan_table.first_rows)."""
         p.video_key, p.text_key = p.half_keys(*self.halves, self.encoding)
         p.image_key = p.image_half_key(self.halves[0], self.encoding)
         p.key = sample_key(p.key_parts(self.encoder_fingerprint, self.encoding))
-        if p.key_bytes in self.seen:
-            return Rejected(str(p.item.path), f"same media bytes, frames and caption as {self.seen[p.key_bytes]}; "
-                                              "trained once", "duplicate")
-        self.seen[p.key_bytes] = p.item.path
-        return None
+
+
+def repeated_key(path: str, first: str) -> Rejected:
+    """The warning for a sample whose key an earlier sample (of media `first`) has."""
+    return Rejected(path, f"same media bytes, frames and caption as {first}; trained once", "duplicate")
 
 
 def assign_keys(planned: list[PlannedSample], encoder_fingerprint: str, encoding: dict[str, Any],

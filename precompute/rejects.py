@@ -19,6 +19,7 @@ KIND_TITLES = {
     "bad-path": "path line not UTF-8", "empty-caption": "empty caption (--allow-empty-captions keeps them)",
     "empty-cell": "empty cell or blank line for the media path",
     "outside-dataset": "outside the dataset folder (--allow-outside-paths accepts them)",
+    "changed": "changed between planning and encoding: run the job again",
     "caption-truncated": "caption longer than the text length: kept, cut to it",
     "duplicate": "duplicate row: dropped, the first kept",
     "caption-unknown-tokens": "caption mostly unknown to the tokenizer (<unk>): kept",

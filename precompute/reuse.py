@@ -58,11 +58,12 @@ def _read(out: Path, shards: dict[str, ShardInfo], wanted: dict[str, set[str]], 
 
 
 class TextHalves:
-    """The cached text halves that samples of `todo` can take, by text_key, loaded one source shard at a time."""
+    """The cached text halves that the samples to encode can take, by text_key, loaded one source shard at a
+    time."""
 
-    def __init__(self, out: Path, shards: dict[str, ShardInfo], index: HalfIndex, todo: list[PlannedSample]):
+    def __init__(self, out: Path, shards: dict[str, ShardInfo], index: HalfIndex):
         self.out, self.shards = out, shards
-        self.where = {p.text_key: index.text[p.text_key] for p in todo if p.text_key in index.text}
+        self.where = index.text  # the text halves the samples to encode want (existing.half_index)
         self.by_shard: dict[str, set[str]] = defaultdict(set)
         for name, key in self.where.values():
             self.by_shard[name].add(key)

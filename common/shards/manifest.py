@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,10 +54,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-def input_summary(files: list[str], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest's summary of a rejected/warnings file: where it is, how many, how many of each kind."""
+def input_summary(files: list[str], records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's summary of a rejected/warnings file: where it is, how many, how many of each kind (the
+    records read once)."""
     kinds = Counter(r.get("kind") or "not-media" for r in records)
-    return {"files": files, "count": len(records), "kinds": dict(sorted(kinds.items()))}
+    return {"files": files, "count": kinds.total(), "kinds": dict(sorted(kinds.items()))}
 
 
 def iter_records(folder: Path, files: list[str]) -> Iterator[dict[str, Any]]:

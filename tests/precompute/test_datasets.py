@@ -11,7 +11,8 @@ import pytest
 
 from ft.cli.synthetic import LAYOUTS, make_shapes_dataset
 from ft.common.errors import UserError
-from ft.precompute.datasets import DatasetItem, load_dataset, read_table
+from ft.common.tables import read_table
+from ft.precompute.datasets import DatasetItem, iter_dataset, load_dataset
 
 NUM_CLIPS, NUM_IMAGES = 3, 1
 
@@ -320,3 +321,43 @@ def test_ft_shards_inside_the_dataset_folder_are_not_a_webdataset(tmp_path):
     (data / "shards" / "manifest.json").write_text("{}")
     (data / "shards" / "shard-000000.tar").write_bytes(b"")
     assert len(load_dataset(data)) == 2  # the sidecar layout, not "its tars hold no samples"
+
+
+def _chunked(dataset: Path, chunk: int, streamed: bool = True) -> list[DatasetItem]:
+    """The items of `iter_dataset`, joined; `streamed`: the layout is read in lists of up to `chunk` (the list
+    layout and tables; the others come as one list)."""
+    parts = list(iter_dataset(dataset, chunk=chunk))
+    assert all(0 < len(part) <= chunk for part in parts) if streamed else len(parts) == 1
+    return [item for part in parts for item in part]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_same_items_a_chunk_at_a_time(tmp_path: Path, layout: str) -> None:
+    root = _make(tmp_path / "data", layout)
+    items = load_dataset(root)
+    for chunk in (1, 3, 100):
+        assert _chunked(root, chunk, layout != "sidecar") == items
+        assert [i.source for i in _chunked(root, chunk, layout != "sidecar")] == [i.source for i in items]
+
+
+def test_bad_rows_and_an_arrow_table_give_the_same_items_a_chunk_at_a_time(tmp_path: Path) -> None:
+    rows = [{"file_name": "x.mp4", "caption": "a cat"}, {"file_name": "", "caption": "no path"},
+            {"file_name": "y.mp4", "caption": None}, {"file_name": "z.mp4", "caption": " a dog "}]
+    with pa.ipc.new_file(str(tmp_path / "metadata.arrow"), pa.Table.from_pylist(rows).schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows), max_chunksize=3)
+    items = load_dataset(tmp_path / "metadata.arrow")
+    assert [i.source for i in items] == [f"metadata.arrow row {n}" for n in range(1, 5)]
+    assert "row 2 has an empty 'file_name' cell" in items[1].problem
+    for chunk in (1, 2, 5):
+        assert _chunked(tmp_path / "metadata.arrow", chunk) == items
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "videos.txt").write_bytes(b"a.mp4\r\n\nc\xff.mp4\n\nd.mp4\n\n")
+    (lists / "prompts.txt").write_bytes(b"one\n\nthree\nno path\ncaf\xe9\n")
+    items = load_dataset(lists)
+    assert [i.problem_kind for i in items] == ["", "bad-path", "empty-cell", "caption-not-utf8"]
+    for chunk in (1, 2, 10):
+        assert _chunked(lists, chunk) == items
+    (lists / "prompts.txt").write_bytes(b"one\n\nthree\n")  # unequal: paired after the blank lines, read whole
+    with pytest.raises(UserError, match="must pair up"):
+        _chunked(lists, 2)

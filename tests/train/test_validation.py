@@ -42,25 +42,25 @@ def prompts(tmp_path_factory, shapes_data):
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory, tiny_cog, shapes_data, cog_shards, prompts):
     """The session's CogVideoX shards with the validation prompts added by a second precompute run."""
-    from ft.precompute import job
+    from ft.precompute import encoder
 
     out = tmp_path_factory.mktemp("val-shards") / "cog"
     shutil.copytree(cog_shards, out)
     config = json.loads((out / "precompute_config.json").read_text())
     loads = []
-    original = job._Models.vae
+    original = encoder.Models.vae
 
     def counting_vae(self):  # the real loader, counted
         loads.append("vae")
         return original(self)
 
-    job._Models.vae = counting_vae
+    encoder.Models.vae = counting_vae
     try:
         manifest = run_cli(["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset",
                             shapes_data, "--out", out, "--buckets", *config["buckets"], "--batch-size", "2",
                             "--validation-dataset-file", prompts[0]])
     finally:
-        job._Models.vae = original
+        encoder.Models.vae = original
     return out, manifest, loads
 
 
