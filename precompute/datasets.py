@@ -110,6 +110,19 @@ def iter_dataset(dataset: str | Path, video_column: str | None = None, caption_c
     yield items
 
 
+def row_files(dataset: str | Path, video_column: str | None = None, caption_column: str | None = None
+              ) -> list[Path]:
+    """The files `iter_dataset` reads rows from as it goes: the table, or the two lists (none for the layouts it
+    reads whole: WebDataset tars, sidecar captions)."""
+    root = Path(dataset)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    lists = _list_files(root, video_column, caption_column)
+    return list(lists) if lists else [root / name for name in METADATA_NAMES if (root / name).is_file()]
+
+
 def _two_layouts(root: Path, used: str, other: Path) -> None:
     """Two layouts in one folder: the first in the documented order is read, and the log says so."""
     from ft.common.logs import log

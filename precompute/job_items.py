@@ -10,6 +10,11 @@ folder of WebDataset tars, whose members are extracted on reading) is kept and g
 `survey` is the first read: how many items, the media outside the dataset folder (every job's: the stamp stats
 them, stamp.py), and the rows that repeat an earlier row (the same file and caption: the data policy keeps the
 first), found by sorting a 16-byte digest per row (plan_table.first_rows).
+
+Each read must see the dataset the survey saw, or rows would name other items than planned (a row inserted at the
+top shifts every row after it). So the files read a chunk at a time (datasets.row_files) are stat'ed when the
+first read begins and again after each chunk read: a change stops the run with a UserError (what is encoded is
+kept; running again plans the dataset as it now is).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ft.common.errors import UserError
+
 from .config import PrecomputeConfig
 from .dataset_config import apply_caption_options
-from .datasets import DatasetItem, dataset_root, iter_dataset
+from .datasets import DatasetItem, dataset_root, iter_dataset, row_files
 from .job_slots import JobSlot, item_identity
 from .plan_table import as_keys, first_rows, row_digest
 from .policy import screen_item
@@ -48,6 +55,22 @@ class JobItems:
         self.cfg, self.slot = cfg, slot
         self.root = dataset_root(cfg.dataset)
         self._whole: list[DatasetItem] | None = None  # a dataset read as one list, kept
+        self._stat: list[tuple[str, int, int, int]] | None = None  # the row files as the first read found them
+
+    def _row_files_stat(self) -> list[tuple[str, int, int, int]]:
+        cfg, found = self.cfg, []
+        for path in row_files(cfg.dataset, cfg.video_column, cfg.caption_column):
+            st = os.stat(path)
+            found.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+        return found
+
+    def _unchanged(self) -> None:
+        """Refuse to go on when the row files changed since the first read began (see the module's docstring)."""
+        if self._row_files_stat() != self._stat:
+            raise UserError(f"--dataset {self.cfg.dataset}: its rows changed while this run was reading it (ft "
+                            "reads a large dataset more than once, and a row added, removed or edited meanwhile "
+                            "would shift the rows it planned). Wait until nothing writes it, then run the same "
+                            "command again: what is encoded is kept.")
 
     def _own(self, items: list[DatasetItem]) -> list[DatasetItem]:
         if self.slot.num_jobs > 1:
@@ -60,15 +83,22 @@ class JobItems:
             yield self._whole
             return
         cfg = self.cfg
+        if self._stat is None:
+            self._stat = self._row_files_stat()
         parts = iter_dataset(cfg.dataset, cfg.video_column, cfg.caption_column, self.chunk)
         first = next(parts, None)
         second = next(parts, None)
         if first is not None and second is None:
             self._whole = first
+            yield first
+            return
+        self._unchanged()
         for part in (first, second):
             if part is not None:
                 yield part
-        yield from parts
+        for part in parts:
+            self._unchanged()
+            yield part
 
     def chunks(self) -> Iterator[tuple[int, list[DatasetItem]]]:
         """(the row of its first item, the items) for each list of the job's items, in the dataset's order."""

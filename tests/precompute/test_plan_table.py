@@ -9,11 +9,14 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
+from ft.common.errors import UserError
 from ft.common.shards import iter_shard, load_manifest, open_shard_set
 from ft.precompute.job_items import JobItems
 from ft.precompute.plan_table import KeySet, PlanColumns, as_keys, first_rows, hex_keys, sort_keys
+from ft.precompute.planning import JobPlan
 from ft.precompute.policy import RecordList, Rejected
 from ft.precompute.rejects import summarize_inputs
 from helpers import BUCKETS, FP32, run_cli
@@ -138,3 +141,49 @@ def test_a_record_list_keeps_its_order_with_most_records_in_a_file(monkeypatch):
     records.append(Rejected("b.mp4", "gone", "missing"))  # an append while a reading is under way
     assert [r.path for r in records] == [f"clip{i}.mp4" for i in range(10)] + ["a.mp4", "b.mp4"]
     assert summarize_inputs((r.to_dict() for r in records), []).splitlines()[0] == "rejected: 12"
+
+
+@pytest.mark.parametrize("when", ["survey", "up_front"])
+def test_a_dataset_changed_while_a_rerun_reads_it_again_is_refused_not_misread(when, tiny_cog, shapes_data, tmp_path,
+                                                                               monkeypatch):
+    """A rerun reads a large dataset several times (the survey, the plan, the rows the encode loop plans again);
+    a row inserted meanwhile (a pipeline still writing the table) shifts every row after it. That must stop the
+    run with one message naming the dataset, not plan one version against another's rows (a crash, rows dropped
+    as repeats they are not, good files rejected as changed); run again, the set is the new dataset's."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    videos = (data / "videos.txt").read_text().splitlines()
+    captions = (data / "prompts.txt").read_text().splitlines()
+    out = tmp_path / "out"
+    argv = ["precompute", "--model", "cogvideox", "--pretrained", tiny_cog, *FP32, "--dataset", data, "--out", out,
+            *BUCKETS, "--shard-samples", "3"]
+    (data / "videos.txt").write_text("".join(f"{v}\n" for v in videos[:4]))
+    (data / "prompts.txt").write_text("".join(f"{c}\n" for c in captions[:4]))
+    run_cli(argv)
+    (data / "videos.txt").write_text("".join(f"{v}\n" for v in videos))
+    (data / "prompts.txt").write_text("".join(f"{c}\n" for c in captions))
+
+    def insert_a_row() -> None:  # another writer puts a row at the top of both lists
+        (data / "videos.txt").write_text("".join(f"{v}\n" for v in [videos[5], *videos]))
+        (data / "prompts.txt").write_text("".join(f"{c}\n" for c in ["an inserted caption", *captions]))
+
+    owner = JobItems if when == "survey" else JobPlan
+    real = getattr(owner, when)
+
+    def then_insert(self, *args):
+        result = real(self, *args)
+        insert_a_row()
+        return result
+
+    monkeypatch.setattr(JobItems, "chunk", 3)
+    monkeypatch.setattr(owner, when, then_insert)
+    with pytest.raises(UserError, match=f"--dataset {data}: .*changed while this run was reading it.*run the same "
+                                        "command again"):
+        run_cli(argv)
+    monkeypatch.setattr(owner, when, real)
+    manifest = run_cli(argv)
+    assert not [r for r in _records(out, "rejected.jsonl") if r["kind"] == "changed"]
+    fresh = tmp_path / "fresh"
+    run_cli([*argv[:argv.index("--out") + 1], fresh, *BUCKETS, "--shard-samples", "3"])
+    assert manifest.active == load_manifest(fresh).active
+    assert load_manifest(out).active_keys(out) == load_manifest(fresh).active_keys(fresh)
