@@ -11,7 +11,7 @@ import pytest
 
 from ft.cli.run_both import stage_arguments, without_flag
 from ft.common.errors import UserError
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, finish, run_cli, start
 
 TRAIN = ["--rank", "4", "--lr", "3e-3", "--lr-warmup-steps", "0", "--train-steps", "3", "--seed", "0"]
 
@@ -95,10 +95,10 @@ def test_an_output_dir_with_an_earlier_run_is_refused_before_precompute_starts(t
 @pytest.mark.parametrize("point", ["started", "encoded"])  # before the first clip; after the last shard, unmerged
 def test_ctrl_c_in_precompute_stops_ft_run_and_a_rerun_goes_on(tmp_path, tiny_cog, shapes_data, point):
     argv = [str(a) for a in _run_argv(tmp_path, tiny_cog, shapes_data)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FT_TEST_KILL_AT": point, "FT_TEST_KILL_SIGNAL": "INT"}
-    result = subprocess.run([sys.executable, "-m", "ft.cli.main", *argv], capture_output=True, text=True, env=env)
-    assert result.returncode == 130, result.stderr[-2000:]
-    assert "stage 2 of 2" not in result.stderr and not (tmp_path / "out").exists()
+    # SIGINT as by default in the child (helpers.start): a test run started as a background job inherits it ignored
+    code, err = finish(start(argv, FT_TEST_KILL_AT=point, FT_TEST_KILL_SIGNAL="INT"))
+    assert code == 130, err[-2000:]
+    assert "stage 2 of 2" not in err and not (tmp_path / "out").exists()
     assert run_cli(argv)["steps"] == 3  # the rerun keeps what was encoded and trains
 
 
