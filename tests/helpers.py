@@ -144,6 +144,20 @@ def start(args: list[str], **env: str) -> object:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def shard_tensors(out: object) -> dict[str, dict[str, bytes]]:
+    """Every active sample's tensors in the shard set `out`, as bytes by key: the same samples with the same bytes,
+    whatever their order in the shards."""
+    import torch
+
+    from ft.common.shards import iter_shard, open_shard_set
+
+    manifest, paths = open_shard_set(out)
+    active = manifest.active_keys(out)
+    return {s.key: {f"{g}/{n}": t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    for g, named in s.tensors.items() for n, t in named.items()}
+            for path in paths for s in iter_shard(path) if s.key in active}
+
+
 def finish(proc: object) -> tuple[int, str]:
     """Wait for a process from `start`: its exit status and stderr."""
     _, err = proc.communicate(timeout=300)

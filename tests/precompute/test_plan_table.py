@@ -10,16 +10,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from ft.common.errors import UserError
-from ft.common.shards import iter_shard, load_manifest, open_shard_set
+from ft.common.shards import load_manifest
 from ft.precompute.job_items import JobItems
 from ft.precompute.plan_table import KeySet, PlanColumns, as_keys, first_rows, hex_keys, sort_keys
 from ft.precompute.planning import JobPlan
 from ft.precompute.policy import RecordList, Rejected
 from ft.precompute.rejects import summarize_inputs
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, run_cli, shard_tensors
 
 
 def _keys(n: int, seed: int = 0) -> np.ndarray:
@@ -119,15 +118,9 @@ def test_a_rerun_planned_a_few_items_at_a_time_finds_and_writes_what_one_chunk_d
     assert chunked.active == whole.active and chunked.active["samples"] == len(videos) + 1
     assert load_manifest(chunked_out).active_keys(chunked_out) == load_manifest(whole_out).active_keys(whole_out)
     # the same samples with the same bytes (in another order: the encode loop batches each chunk's samples)
-    assert _tensors(chunked_out) == _tensors(whole_out)
+    assert shard_tensors(chunked_out) == shard_tensors(whole_out)
 
 
-def _tensors(out) -> dict[str, dict[str, bytes]]:
-    manifest, paths = open_shard_set(out)
-    active = manifest.active_keys(out)
-    return {s.key: {f"{g}/{n}": t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                    for g, named in s.tensors.items() for n, t in named.items()}
-            for path in paths for s in iter_shard(path) if s.key in active}
 
 
 def test_a_record_list_keeps_its_order_with_most_records_in_a_file(monkeypatch):

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from ft.common.shards import iter_shard, load_manifest, open_shard_set
+from ft.common.shards import load_manifest
 from ft.pipelines.cogvideox import CogVideoXSpec
 from ft.precompute import planned_sample
-from helpers import BUCKETS, FP32, run_cli
+from helpers import BUCKETS, FP32, run_cli, shard_tensors
 
 
 def argv(model, data, out, *extra):
@@ -19,12 +17,6 @@ def argv(model, data, out, *extra):
             *BUCKETS, "--shard-samples", "3", *extra]
 
 
-def tensors(out) -> dict[str, dict[str, bytes]]:
-    manifest, paths = open_shard_set(out)
-    active = manifest.active_keys(out)
-    return {s.key: {f"{g}/{n}": t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                    for g, named in s.tensors.items() for n, t in named.items()}
-            for path in paths for s in iter_shard(path) if s.key in active}
 
 
 def test_a_first_run_encodes_while_it_plans(tiny_cog, shapes_data, tmp_path, monkeypatch, caplog):
@@ -60,7 +52,7 @@ def test_streamed_runs_write_the_same_shards_and_up_front_the_same_samples(tiny_
         assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
     up_front = run_cli(argv(tiny_cog, shapes_data, tmp_path / "c", "--on-error", "fail"))
     assert up_front.active["samples"] == first.active["samples"]
-    assert tensors(tmp_path / "c") == tensors(tmp_path / "a")
+    assert shard_tensors(tmp_path / "c") == shard_tensors(tmp_path / "a")
     # a rerun (shards in --out: planned up front) finds every sample there
     again = run_cli(argv(tiny_cog, shapes_data, tmp_path / "a", "--max-upscale", "2.5"))  # not the stamp's config
     assert [s.name for s in again.shards] == [s.name for s in first.shards]
